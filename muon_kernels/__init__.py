@@ -1,0 +1,13 @@
+"""muon_kernels: a fast, drop-in Muon optimizer for PyTorch.
+
+Swap ``torch.optim.Muon`` for ``muon_kernels.Muon``; parameters that are not matrices are stepped
+by AdamW in the same optimizer.
+"""
+
+from .backends import available_backends
+from .optimizer import Muon
+from .orthogonalize import PRESETS, NSConfig, orthogonalize
+from .param_groups import param_groups
+
+__version__ = "0.1.0"
+__all__ = ["Muon", "NSConfig", "PRESETS", "available_backends", "orthogonalize", "param_groups", "__version__"]

@@ -1,0 +1,67 @@
+"""The AdamW side of ``Muon``: groups with ``use_muon=False`` (biases, norms, embeddings, heads).
+
+State layout is torch.optim.AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``) so checkpoints read
+the same; the math is torch's own functional ``adamw`` (fused kernel where the device has one,
+foreach otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.adamw import adamw
+from torch.optim.optimizer import _default_to_fused_or_foreach
+
+ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+def check_adamw_settings(lr, betas, eps, weight_decay, where: str) -> None:
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"{where}lr must be a float or a 1-element tensor")
+    if not 0.0 <= float(lr):
+        raise ValueError(f"{where}lr must be >= 0, got {float(lr)}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
+        raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
+    if not 0.0 <= eps:
+        raise ValueError(f"{where}eps must be >= 0, got {eps}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"{where}weight_decay must be >= 0, got {weight_decay}")
+
+
+def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
+    """One AdamW step over the parameters of ``group`` that have gradients (validated by the caller)."""
+    if not params:
+        return
+    # torch's own rule: the fused kernel where every parameter's device has one, else foreach.
+    fused, foreach = _default_to_fused_or_foreach(params, False, use_fused=not torch.compiler.is_compiling())
+    exp_avgs, exp_avg_sqs, steps = [], [], []
+    for p in params:
+        st = state[p]
+        if not st:
+            # The fused kernel reads the step count on the parameter's device; foreach keeps it on the host.
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif fused and st["step"].device != p.device:
+            st["step"] = st["step"].to(p.device)
+        exp_avgs.append(st["exp_avg"])
+        exp_avg_sqs.append(st["exp_avg_sq"])
+        steps.append(st["step"])
+    beta1, beta2 = group["betas"]
+    adamw(
+        params,
+        [p.grad for p in params],
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        foreach=foreach,
+        fused=fused,
+        has_complex=any(torch.is_complex(p) for p in params),
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        maximize=False,
+    )

@@ -1,0 +1,296 @@
+"""``Muon``: a drop-in for torch.optim.Muon that also steps non-matrix parameters with AdamW.
+
+Signature, defaults, per-step math and state layout (``state[p]["momentum_buffer"]``) follow
+torch.optim.Muon, so swapping is one import. A step first validates every group (nothing is
+modified if anything is wrong), then runs AdamW on ``use_muon=False`` groups and, for Muon
+groups, one batched orthogonalization per bucket of same-shape matrices.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .adamw import ADAMW_KEYS, adamw_step, check_adamw_settings
+from .backends import BACKEND_NAMES, select_backend
+from .orthogonalize import check_ns_dtype, resolve_ns_config
+from .plan import ADJUST_LR_FNS, Plan, PlanRow, build_buckets, lr_scale, matrix_view
+from .step import MOMENTUM_FORMS, apply_bucket_update, momentum_update, orthogonalize_bucket, stack_bucket
+
+DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Group keys whose values change which buckets exist or how they are iterated; the bucket plan is
+# rebuilt when any of them (or a parameter's identity, dtype, device, shape) changes.
+_PLAN_KEYS = ("ns_coefficients", "ns_steps", "eps", "ns_dtype", "momentum_dtype", "matrix_view", "adjust_lr_fn", "backend")
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _label(group: dict, index: int, p: torch.Tensor) -> str:
+    names = group.get("param_names")
+    return repr(names[index]) if names else f"#{index} of shape {tuple(p.shape)}"
+
+
+def _check_muon_settings(group: dict) -> None:
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("lr must be a float or a 1-element tensor")
+    if not 0.0 <= float(lr):
+        raise ValueError(f"lr must be >= 0, got {float(lr)}")
+    if not 0.0 <= group["weight_decay"]:
+        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+    if not 0.0 <= group["momentum"] < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+    if not isinstance(group["nesterov"], bool):
+        raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
+    resolve_ns_config(group["ns_coefficients"], group["ns_steps"], group["eps"])
+    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
+    check_ns_dtype(group["ns_dtype"])
+    md = group["momentum_dtype"]
+    if md is not None and not (isinstance(md, torch.dtype) and md.is_floating_point):
+        raise ValueError(f"momentum_dtype must be None (the parameter's dtype) or a floating dtype, got {md!r}")
+    if group["momentum_form"] not in MOMENTUM_FORMS:
+        raise ValueError(f"momentum_form must be one of {MOMENTUM_FORMS}, got {group['momentum_form']!r}")
+    if group["backend"] not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {group['backend']!r}")
+
+
+class Muon(Optimizer):
+    """Muon for matrix parameters (2D, conv filters, 3D stacks), AdamW for everything else.
+
+    A param group without ``use_muon`` is split at construction into a Muon group (ndim >= 2) and an
+    AdamW group (the rest); the AdamW part takes the ``adamw_*`` settings, not the Muon ``lr``,
+    ``eps`` and ``weight_decay`` of the group it came from.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients=DEFAULT_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        backend: str = "auto",
+        ns_dtype: torch.dtype = torch.bfloat16,
+        momentum_dtype: torch.dtype | None = None,
+        momentum_form: str = "ema",
+        matrix_view: str | None = None,
+        max_workspace_bytes: int | None = 2**30,
+        adamw_lr: float = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-10,
+        adamw_weight_decay: float = 0.0,
+    ) -> None:
+        check_adamw_settings(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, "adamw_")
+        if max_workspace_bytes is not None and not (isinstance(max_workspace_bytes, int) and max_workspace_bytes > 0):
+            raise ValueError(f"max_workspace_bytes must be None or an int > 0, got {max_workspace_bytes!r}")
+        self.max_workspace_bytes = max_workspace_bytes
+        self._adamw_defaults = {
+            "lr": adamw_lr,
+            "betas": tuple(adamw_betas),
+            "eps": adamw_eps,
+            "weight_decay": adamw_weight_decay,
+        }
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_coefficients": ns_coefficients,
+            "eps": eps,
+            "ns_steps": ns_steps,
+            "adjust_lr_fn": adjust_lr_fn,
+            "use_muon": True,
+            "backend": backend,
+            "ns_dtype": ns_dtype,
+            "momentum_dtype": momentum_dtype,
+            "momentum_form": momentum_form,
+            "matrix_view": matrix_view,
+        }
+        _check_muon_settings(defaults)
+        self._plan_key: tuple | None = None
+        self._buckets: list = []
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else params
+        if isinstance(group["params"], set):
+            raise TypeError("params must be an ordered collection (a list), not a set")
+        group["params"] = list(group["params"])
+        if "use_muon" not in group:
+            for part in self._split_by_ndim(group):
+                self.add_param_group(part)
+            return
+        tensors = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
+        names = [p[0] for p in group["params"] if isinstance(p, tuple)]
+        if group["use_muon"]:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            _check_muon_settings(group)
+            labels = {"param_names": names} if names else {}
+            for i, p in enumerate(tensors):
+                if torch.is_complex(p):
+                    raise ValueError(f"parameter {_label(labels, i, p)}: Muon does not support complex parameters")
+                matrix_view(p.shape, group["matrix_view"], _label(labels, i, p))
+                select_backend(group["backend"], p.device)
+        else:
+            for key in ADAMW_KEYS:
+                group.setdefault(key, self._adamw_defaults[key])
+            check_adamw_settings(group["lr"], group["betas"], group["eps"], group["weight_decay"], "")
+        super().add_param_group(group)
+
+    def _split_by_ndim(self, group: dict) -> list[dict]:
+        """A group without ``use_muon``: matrices (ndim >= 2) to Muon, the rest to AdamW."""
+        muon = {**group, "params": [], "use_muon": True}
+        rest = {k: v for k, v in group.items() if k not in ("lr", "eps", "weight_decay")}
+        rest.update(params=[], use_muon=False)
+        for item in group["params"]:
+            p = item[1] if isinstance(item, tuple) else item
+            (muon if p.ndim >= 2 else rest)["params"].append(item)
+        return [part for part in (muon, rest) if part["params"]]
+
+    # ------------------------------------------------------------------ state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Accepts ours and torch.optim.Muon's; keys an older state_dict lacks keep this optimizer's values."""
+        state_dict = dict(state_dict)
+        saved_groups = deepcopy(state_dict["param_groups"])
+        for current, saved in zip(self.param_groups, saved_groups):
+            for key, value in current.items():
+                saved.setdefault(key, value)
+        state_dict["param_groups"] = saved_groups
+        super().load_state_dict(state_dict)
+        # torch casts every floating state tensor to its parameter's dtype; a momentum buffer kept in
+        # another dtype (momentum_dtype=fp32 for bf16 params) is restored from the saved tensor instead.
+        for group, saved in zip(self.param_groups, saved_groups):
+            if not group["use_muon"]:
+                continue
+            for p, pid in zip(group["params"], saved["params"]):
+                buf = state_dict["state"].get(pid, {}).get("momentum_buffer")
+                if buf is not None:
+                    dtype = group["momentum_dtype"] or p.dtype
+                    self.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=dtype)
+        self._plan_key = None
+
+    # ------------------------------------------------------------------ plan
+    def _muon_items(self, group_index: int, group: dict, params: list[torch.Tensor]):
+        config = resolve_ns_config(group["ns_coefficients"], group["ns_steps"], group["eps"])
+        index = {id(p): i for i, p in enumerate(group["params"])}
+        for p in params:
+            view = matrix_view(p.shape, group["matrix_view"], _label(group, index[id(p)], p))
+            yield (
+                group_index,
+                p,
+                view,
+                lr_scale(view.rows, view.cols, group["adjust_lr_fn"]),
+                group["momentum_dtype"] or p.dtype,
+                config,
+                group["ns_dtype"],
+                group["backend"],
+            )
+
+    def _plan_buckets(self, work: list[tuple[int, dict, list[torch.Tensor]]]):
+        key = tuple(
+            (gi, *(_freeze(group[k]) for k in _PLAN_KEYS), tuple((id(p), p.dtype, p.device, p.shape) for p in params))
+            for gi, group, params in work
+        )
+        if key != self._plan_key:
+            items = [item for gi, group, params in work for item in self._muon_items(gi, group, params)]
+            self._buckets = build_buckets(items)
+            self._plan_key = key
+        return self._buckets
+
+    def plan(self) -> Plan:
+        """Where each parameter goes: Muon or AdamW, matrix view, backend, kernel path, and why."""
+        rows = Plan()
+        work = [
+            (gi, g, [p for p in g["params"] if p.numel() > 0]) for gi, g in enumerate(self.param_groups) if g["use_muon"]
+        ]
+        buckets = build_buckets([it for gi, g, ps in work for it in self._muon_items(gi, g, ps)])
+        where = {id(e.param): (b, e) for b in buckets for e in b.entries}
+        for group in self.param_groups:
+            names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+            for name, p in zip(names, group["params"]):
+                common = (name, tuple(p.shape), p.dtype, p.device)
+                if not group["use_muon"]:
+                    why = f"ndim {p.ndim} < 2" if p.ndim < 2 else "group has use_muon=False"
+                    rows.append(PlanRow(*common, "AdamW", "-", "torch", "fused/foreach adamw", why))
+                elif id(p) not in where:
+                    rows.append(PlanRow(*common, "skip", "-", "-", "-", "zero-size parameter"))
+                else:
+                    b, e = where[id(p)]
+                    path, why = b.backend.kernel_path(b.m, b.n, b.ns_dtype)
+                    why = f"{why}; bucket of {b.matrices} matrices {b.m}×{b.n} {str(b.ns_dtype).removeprefix('torch.')}"
+                    rows.append(PlanRow(*common, "Muon", e.view.describe(), b.backend.NAME, path, why))
+        return rows
+
+    # ------------------------------------------------------------------ step
+    def _check_grads(self) -> list[tuple[int, dict, list[torch.Tensor]]]:
+        """Validate every gradient before anything is modified; return (group index, group, params) to step."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            params = []
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None or (group["use_muon"] and p.numel() == 0):
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"parameter {_label(group, i, p)}: Muon does not support sparse gradients")
+                if group["use_muon"] and torch.is_complex(g):
+                    raise RuntimeError(f"parameter {_label(group, i, p)}: Muon does not support complex gradients")
+                if g.shape != p.shape:
+                    raise RuntimeError(
+                        f"parameter {_label(group, i, p)}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}"
+                    )
+                params.append(p)
+            work.append((gi, group, params))
+        return work
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs a single optimization step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._check_grads()
+        muon_work = [w for w in work if w[1]["use_muon"] and w[2]]
+        buckets = self._plan_buckets(muon_work)
+        for _, group, params in work:
+            if not group["use_muon"]:
+                adamw_step(group, params, self.state)
+        updates: dict[int, torch.Tensor] = {}
+        for _, group, params in muon_work:
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                dtype = group["momentum_dtype"] or p.dtype
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                elif state["momentum_buffer"].dtype != dtype:
+                    state["momentum_buffer"] = state["momentum_buffer"].to(dtype)
+                bufs.append(state["momentum_buffer"])
+            us = momentum_update(
+                bufs,
+                [p.grad for p in params],
+                momentum=group["momentum"],
+                nesterov=group["nesterov"],
+                form=group["momentum_form"],
+            )
+            updates.update(zip(map(id, params), us))
+        for bucket in buckets:
+            ortho = orthogonalize_bucket(bucket, stack_bucket(bucket, updates), self.max_workspace_bytes)
+            apply_bucket_update(bucket, ortho, self.param_groups)
+        return loss

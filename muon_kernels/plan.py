@@ -1,0 +1,172 @@
+"""From parameters to buckets: matrix views, lr scales, bucketing and the printable plan.
+
+The data path is one direction: optimizer → plan (buckets by device, dtype, oriented shape and
+recurrence) → backend. A bucket is a list of matrices that are stacked and orthogonalized by one
+backend call (or a few, when ``max_workspace_bytes`` splits it into chunks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+
+from .backends import select_backend
+from .orthogonalize import NSConfig
+
+MATRIX_VIEWS = ("flatten", "batch")
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
+
+
+@dataclass(frozen=True)
+class MatrixView:
+    """How a parameter is seen as ``batch`` matrices of ``rows × cols`` (DESIGN.md §1)."""
+
+    batch: int
+    rows: int
+    cols: int
+    kind: str  # "2d", "flatten" or "batch"
+
+    @property
+    def transposed(self) -> bool:
+        """Tall matrices are iterated as their transpose, so the Gram matrix is the small side."""
+        return self.rows > self.cols
+
+    @property
+    def oriented(self) -> tuple[int, int]:
+        return (self.cols, self.rows) if self.transposed else (self.rows, self.cols)
+
+    def describe(self) -> str:
+        if self.kind == "batch":
+            return f"batch {self.batch}×({self.rows}×{self.cols})"
+        if self.kind == "flatten":
+            return f"flatten {self.rows}×{self.cols}"
+        return f"{self.rows}×{self.cols}"
+
+
+def matrix_view(shape: torch.Size | tuple[int, ...], view: str | None, name: str) -> MatrixView:
+    """The matrix view of a Muon parameter; raises ValueError when there is none or it is ambiguous."""
+    shape = tuple(shape)
+    if view is not None and view not in MATRIX_VIEWS:
+        raise ValueError(f"matrix_view must be one of {MATRIX_VIEWS} or None, got {view!r} (parameter {name})")
+    if len(shape) < 2:
+        raise ValueError(
+            f"parameter {name} with shape {shape} is in a group with use_muon=True, but Muon only "
+            "orthogonalizes matrices (2D and up); put it in a group with use_muon=False (AdamW), "
+            "e.g. with muon_kernels.param_groups(model)"
+        )
+    if len(shape) == 2:
+        return MatrixView(1, shape[0], shape[1], "2d")
+    if len(shape) == 3 and view is None:
+        raise ValueError(
+            f"parameter {name} has 3D shape {shape}, which is ambiguous: set the group key "
+            f"matrix_view='batch' to orthogonalize it as {shape[0]} matrices of {shape[1]}×{shape[2]} "
+            f"(MoE expert stacks, stacked heads) or matrix_view='flatten' for one "
+            f"{shape[0]}×{shape[1] * shape[2]} matrix (a Conv1d filter); "
+            "muon_kernels.param_groups(model) sets it from the module type"
+        )
+    if view == "batch":
+        return MatrixView(math.prod(shape[:-2]), shape[-2], shape[-1], "batch")
+    return MatrixView(1, shape[0], math.prod(shape[1:]), "flatten")
+
+
+def lr_scale(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
+    """Per-matrix factor on lr (DESIGN.md §1 scale rules), from the matrix view's rows and cols."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr_fn == "spectral":
+        return math.sqrt(rows / cols)
+    raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
+
+
+@dataclass
+class Entry:
+    """One Muon parameter inside a bucket."""
+
+    group: int
+    param: torch.Tensor
+    view: MatrixView
+    scale: float
+
+
+@dataclass
+class Bucket:
+    """Same device, dtype, oriented (m, n) and recurrence: one stacked backend call."""
+
+    device: torch.device
+    dtype: torch.dtype  # dtype of the update U that is stacked (the momentum buffer's)
+    m: int
+    n: int
+    config: NSConfig
+    ns_dtype: torch.dtype
+    backend: ModuleType
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def matrices(self) -> int:
+        return sum(e.view.batch for e in self.entries)
+
+    def matrix_bytes(self) -> int:
+        """Workspace one matrix needs: the fp32 stack, X and X_next (m×n), A and B (m×m)."""
+        ns = torch.finfo(self.ns_dtype).bits // 8
+        return 4 * self.m * self.n + ns * (2 * self.m * self.n + 2 * self.m * self.m)
+
+    def chunks(self, max_workspace_bytes: int | None) -> list[tuple[int, int]]:
+        """[start, stop) ranges of matrices so each chunk's workspace stays under the cap."""
+        total = self.matrices
+        per_chunk = total if not max_workspace_bytes else max(1, max_workspace_bytes // self.matrix_bytes())
+        return [(s, min(s + per_chunk, total)) for s in range(0, total, per_chunk)]
+
+
+def build_buckets(items) -> list[Bucket]:
+    """``items``: (group index, param, view, scale, update dtype, config, ns_dtype, backend name)."""
+    buckets: dict[tuple, Bucket] = {}
+    for group, p, view, scale, dtype, config, ns_dtype, backend in items:
+        m, n = view.oriented
+        key = (p.device, p.dtype, dtype, m, n, config, ns_dtype, backend)
+        if key not in buckets:
+            buckets[key] = Bucket(p.device, dtype, m, n, config, ns_dtype, select_backend(backend, p.device))
+        buckets[key].entries.append(Entry(group, p, view, scale))
+    return list(buckets.values())
+
+
+@dataclass
+class PlanRow:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    method: str
+    view: str
+    backend: str
+    path: str
+    why: str
+
+
+class Plan(list):
+    """A list of ``PlanRow`` that prints as a table."""
+
+    COLUMNS = ("name", "shape", "dtype", "device", "method", "view", "backend", "path", "why")
+
+    def __str__(self) -> str:
+        cells = [
+            [
+                r.name,
+                "×".join(map(str, r.shape)) or "scalar",
+                str(r.dtype).removeprefix("torch."),
+                str(r.device),
+                r.method,
+                r.view,
+                r.backend,
+                r.path,
+                r.why,
+            ]
+            for r in self
+        ]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(self.COLUMNS)]
+        line = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
+        return "\n".join([line(self.COLUMNS), line(["-" * w for w in widths]), *map(line, cells)])

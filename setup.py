@@ -1,0 +1,80 @@
+"""Build: pure Python + Triton always; the CUDA extension ``muon_kernels._C`` when nvcc is found.
+
+The extension is optional. ``MUON_KERNELS_SKIP_CUDA_BUILD=1`` skips it; no nvcc, or a failed
+build, prints a loud warning and installs the pure-Python package (``available_backends()``
+then says why ``cuda`` is off). ``MUON_KERNELS_CUDA_ARCHS`` (default ``75;80;86;89;90``) picks
+the archs; no GPU is needed to build.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "75;80;86;89;90"
+
+
+def _warn(message: str) -> None:
+    bar = "!" * 78
+    print(f"\n{bar}\nmuon_kernels: {message}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def _find_nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and Path(home, "bin", "nvcc").is_file():
+            return str(Path(home, "bin", "nvcc"))
+    return shutil.which("nvcc")
+
+
+class CMakeBuild(build_ext):
+    """Configure and build ``CMakeLists.txt`` with Ninja; the result lands where setuptools expects ``_C``."""
+
+    def run(self):
+        if os.environ.get("MUON_KERNELS_SKIP_CUDA_BUILD", "0") == "1":
+            _warn("MUON_KERNELS_SKIP_CUDA_BUILD=1: skipping the CUDA extension (cuda backend off).")
+            return
+        nvcc = _find_nvcc()
+        if nvcc is None:
+            _warn("nvcc not found (set CUDA_HOME or put nvcc on PATH): installing without the CUDA extension.")
+            return
+        self.nvcc = nvcc
+        try:
+            super().run()
+        except (subprocess.CalledProcessError, OSError) as exc:
+            _warn(f"building the CUDA extension failed ({exc}); installing without it.")
+
+    def build_extension(self, ext):
+        import pybind11
+
+        archs = os.environ.get("MUON_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS)
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        # A persistent build tree keeps rebuilds incremental across `pip install` runs.
+        build_dir = Path(os.environ.get("MUON_KERNELS_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        configure = [
+            "cmake",
+            "-S", str(ROOT),
+            "-B", str(build_dir),
+            "-G", "Ninja",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_CUDA_COMPILER={self.nvcc}",
+            f"-DMUON_KERNELS_CUDA_ARCHS={archs}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+        ]
+        subprocess.run(configure, check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "--target", "_C"], check=True)
+
+
+setup(
+    packages=["muon_kernels", "muon_kernels.backends", "muon_kernels.triton_kernels"],
+    package_dir={"muon_kernels.triton_kernels": "triton_kernels"},
+    ext_modules=[Extension("muon_kernels._C", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
+)
