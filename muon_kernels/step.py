@@ -74,5 +74,7 @@ def apply_bucket_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict])
         lr = float(group["lr"])
         decay = 1.0 - lr * group["weight_decay"]
         if decay != 1.0:
-            torch._foreach_mul_(params, decay)
+            # A 0-dim fp32 tensor, not a Python float: on CPU, torch 2.13's _foreach_mul_ rounds a
+            # Python scalar to the tensors' dtype first (0.998 becomes 0.996 in bf16, doubling the decay).
+            torch._foreach_mul_(params, torch.tensor(decay, dtype=torch.float32, device=bucket.device))
         torch._foreach_add_(params, outs, alpha=-lr * scale)
