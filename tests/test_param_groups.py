@@ -1,0 +1,159 @@
+"""Routing: param_groups(model), the construction-time split, matrix views and their lr scale."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import muon_kernels as mk
+from conftest import reference_ns, rel_err
+
+
+class Experts(nn.Module):
+    def __init__(self, n=4, d=16, f=24):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(n, d, f) / d**0.5)
+        self.gate = nn.Parameter(torch.zeros(n))
+
+
+class Net(nn.Module):
+    def __init__(self, tie=False):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.conv2 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv1 = nn.Conv1d(16, 16, 5, padding=2)
+        self.proj = nn.Linear(16, 16)
+        self.experts = Experts()
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.scale = nn.Parameter(torch.ones(()))
+        if tie:
+            self.head.weight = self.embed.weight
+
+
+def _ids(params):
+    return {id(p) for p in params}
+
+
+def test_routing_of_a_mixed_model():
+    net = Net()
+    groups = mk.param_groups(net, head="head")
+    by_view = {(g["use_muon"], g.get("matrix_view")): _ids(g["params"]) for g in groups}
+    assert by_view[(True, None)] == _ids([net.proj.weight])
+    assert by_view[(True, "flatten")] == _ids([net.conv2.weight, net.conv1.weight])
+    assert by_view[(True, "batch")] == _ids([net.experts.w_in])
+    assert by_view[(False, None)] == _ids(
+        [net.embed.weight, net.conv2.bias, net.conv1.bias, net.proj.bias, net.experts.gate, net.norm.weight,
+         net.norm.bias, net.head.weight, net.scale]
+    )
+    every = [p for g in groups for p in g["params"]]
+    assert len(every) == len(_ids(every)) == len(list(net.parameters()))
+    assert groups[-1]["use_muon"] is False
+
+
+def test_head_by_module_and_by_tying():
+    net = Net()
+    assert id(net.head.weight) in _ids(mk.param_groups(net, head=net.head)[-1]["params"])
+    assert id(net.head.weight) in _ids([p for g in mk.param_groups(net) if g["use_muon"] for p in g["params"]])
+    tied = Net(tie=True)
+    adamw = mk.param_groups(tied)[-1]
+    assert id(tied.head.weight) in _ids(adamw["params"]) and not adamw["use_muon"]
+    with pytest.raises(ValueError, match="head='nope'"):
+        mk.param_groups(net, head="nope")
+
+
+def test_optimizer_steps_every_routed_parameter():
+    net = Net()
+    opt = mk.Muon(mk.param_groups(net, head=net.head), lr=0.02)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(before)
+    rows = {r.shape: r for r in opt.plan()}
+    assert rows[(4, 16, 24)].view == "batch 4×(16×24)" and rows[(4, 16, 24)].method == "Muon"
+    assert rows[(16, 16, 5)].view == "flatten 16×80"
+    assert rows[(50, 16)].method == "AdamW"
+
+
+def test_3d_without_matrix_view_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"3D shape \(4, 16, 24\).*matrix_view='batch'.*matrix_view='flatten'"):
+        mk.Muon([nn.Parameter(torch.randn(4, 16, 24))])
+    with pytest.raises(ValueError, match="matrix_view must be one of"):
+        mk.Muon([nn.Parameter(torch.randn(4, 16, 24))], matrix_view="stack")
+
+
+def test_1d_in_a_muon_group_is_an_error():
+    with pytest.raises(ValueError, match=r"'bias'.*use_muon=True.*use_muon=False"):
+        mk.Muon([{"params": [("bias", nn.Parameter(torch.zeros(5)))], "use_muon": True}])
+
+
+def test_group_without_use_muon_is_split_and_adamw_takes_adamw_settings():
+    net = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    opt = mk.Muon(net.parameters(), lr=0.05, weight_decay=0.2, eps=1e-6, adamw_lr=1e-3, adamw_betas=(0.8, 0.9),
+                  adamw_eps=1e-8, adamw_weight_decay=0.05)
+    muon, adamw = opt.param_groups
+    assert muon["use_muon"] and _ids(muon["params"]) == {id(net[0].weight)}
+    assert (muon["lr"], muon["weight_decay"], muon["eps"]) == (0.05, 0.2, 1e-6)
+    assert not adamw["use_muon"] and len(adamw["params"]) == 3
+    assert (adamw["lr"], adamw["betas"], adamw["eps"], adamw["weight_decay"]) == (1e-3, (0.8, 0.9), 1e-8, 0.05)
+    # A use_muon=False group's own settings win over the adamw_* ones.
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "use_muon": False, "lr": 0.5})
+    assert opt.param_groups[-1]["lr"] == 0.5 and opt.param_groups[-1]["betas"] == (0.8, 0.9)
+
+
+def test_adamw_groups_match_torch_adamw():
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(7)), nn.Parameter(torch.randn(3))]
+    qs = [nn.Parameter(p.detach().clone()) for p in ps]
+    ours = mk.Muon(ps, adamw_lr=1e-2, adamw_weight_decay=0.1)
+    theirs = torch.optim.AdamW(qs, lr=1e-2, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)
+    for _ in range(5):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert set(ours.state[p]) == set(theirs.state[q]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_named_parameters_and_plan_names():
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = mk.Muon(net.named_parameters())
+    text = str(opt.plan())
+    for name in ("0.weight", "0.bias", "2.weight", "2.bias"):
+        assert name in text
+    assert opt.param_groups[0]["param_names"] == ["0.weight", "2.weight"]
+
+
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw", "spectral"])
+def test_conv_scale_uses_the_flattened_view(adjust_lr_fn):
+    """Conv2d(3→16, 3×3): the matrix is 16×27, so 'original' scales by sqrt(16/27) → 1, not sqrt(16/3)."""
+    conv = nn.Conv2d(3, 16, 3)
+    w0 = conv.weight.detach().clone()
+    opt = mk.Muon([conv.weight], lr=0.1, weight_decay=0.0, momentum=0.0, ns_dtype=torch.float32,
+                  adjust_lr_fn=adjust_lr_fn)
+    conv.weight.grad = torch.randn_like(conv.weight)
+    opt.step()
+    rows, cols = 16, 27
+    scale = {None: math.sqrt(max(1, rows / cols)), "match_rms_adamw": 0.2 * math.sqrt(max(rows, cols)),
+             "spectral": math.sqrt(rows / cols)}[adjust_lr_fn]
+    expected = -0.1 * scale * reference_ns(conv.weight.grad.reshape(rows, cols))
+    assert rel_err((conv.weight.detach() - w0).reshape(rows, cols), expected) <= 1e-4
+
+
+def test_batch_view_orthogonalizes_each_expert():
+    experts = nn.Parameter(torch.randn(3, 10, 6))
+    w0 = experts.detach().clone()
+    opt = mk.Muon([{"params": [experts], "matrix_view": "batch"}], lr=0.1, weight_decay=0.0, momentum=0.0,
+                  ns_dtype=torch.float32)
+    experts.grad = torch.randn_like(experts)
+    opt.step()
+    expected = -0.1 * math.sqrt(10 / 6) * reference_ns(experts.grad)
+    assert rel_err(experts.detach() - w0, expected) <= 1e-4

@@ -1,0 +1,119 @@
+"""state_dict: interchange with torch.optim.Muon both ways, exact resume, weights_only loading."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import muon_kernels as mk
+
+
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 24), torch.nn.LayerNorm(24))
+    return model.to(dtype)
+
+
+def _train(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 12, generator=g).to(next(model.parameters()).dtype)
+        opt.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+
+
+def _roundtrip(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "dtype, momentum_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)]
+)
+def test_resume_is_bit_identical(dtype, momentum_dtype):
+    kwargs = dict(lr=0.02, momentum_dtype=momentum_dtype, ns_coefficients="quintic", adamw_weight_decay=0.01)
+    straight = _model(dtype)
+    opt = mk.Muon(straight.parameters(), **kwargs)
+    _train(straight, opt, 3, seed=1)
+    _train(straight, opt, 3, seed=2)
+
+    first = _model(dtype)
+    opt1 = mk.Muon(first.parameters(), **kwargs)
+    _train(first, opt1, 3, seed=1)
+    saved_model, saved_opt = _roundtrip(first.state_dict()), _roundtrip(opt1.state_dict())
+
+    resumed = _model(dtype, seed=99)
+    resumed.load_state_dict(saved_model)
+    opt2 = mk.Muon(resumed.parameters(), **kwargs)
+    opt2.load_state_dict(saved_opt)
+    for p in resumed.parameters():
+        if p.ndim >= 2:
+            assert opt2.state[p]["momentum_buffer"].dtype == (momentum_dtype or dtype)
+    _train(resumed, opt2, 3, seed=2)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        for key, value in opt.state[a].items():
+            assert torch.equal(value, opt2.state[b][key]), key
+
+
+def test_group_settings_survive_weights_only_roundtrip():
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_coefficients=[(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)], ns_dtype=torch.float16,
+                  momentum_dtype=torch.float32, momentum_form="sgd", adjust_lr_fn="spectral", lr=torch.tensor([0.01]))
+    _train(model, opt, 1, seed=0)
+    loaded = _roundtrip(opt.state_dict())
+    fresh = mk.Muon(model.parameters())
+    fresh.load_state_dict(loaded)
+    for g_old, g_new in zip(opt.param_groups, fresh.param_groups):
+        assert set(g_old) == set(g_new)
+        for key in g_old:
+            if key != "params":
+                assert str(g_old[key]) == str(g_new[key]), key
+
+
+def test_torch_optim_muon_state_loads_into_ours_and_back():
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(8, 12) * 0.3) for _ in range(3)]
+    theirs = torch.optim.Muon(weights, lr=0.03, momentum=0.9)
+    for _ in range(2):
+        for w in weights:
+            w.grad = torch.randn_like(w)
+        theirs.step()
+    saved = _roundtrip(theirs.state_dict())
+
+    ours = mk.Muon([torch.nn.Parameter(w.detach().clone()) for w in weights], backend="torch", ns_dtype=torch.float32)
+    ours.load_state_dict(saved)
+    group = ours.param_groups[0]
+    # torch's values win; keys torch does not have keep ours.
+    assert group["lr"] == 0.03 and group["momentum"] == 0.9
+    assert group["use_muon"] is True and group["ns_dtype"] == torch.float32 and group["backend"] == "torch"
+    for p, w in zip(group["params"], weights):
+        assert torch.equal(ours.state[p]["momentum_buffer"], theirs.state[w]["momentum_buffer"])
+
+    back = torch.optim.Muon([torch.nn.Parameter(w.detach().clone()) for w in weights])
+    back.load_state_dict(_roundtrip(ours.state_dict()))
+    assert back.param_groups[0]["lr"] == 0.03
+    for p, w in zip(back.param_groups[0]["params"], weights):
+        assert torch.equal(back.state[p]["momentum_buffer"], theirs.state[w]["momentum_buffer"])
+        p.grad = torch.ones_like(p)
+    back.step()  # torch.optim.Muon steps with our group keys present
+
+
+def test_missing_group_keys_get_this_optimizers_values():
+    model = _model()
+    opt = mk.Muon(model.parameters(), momentum_form="sgd")
+    _train(model, opt, 1, seed=0)
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["momentum_form"], group["use_muon"]
+    fresh = mk.Muon(model.parameters(), momentum_form="sgd")
+    fresh.load_state_dict(old)
+    assert [g["use_muon"] for g in fresh.param_groups] == [True, False]
+    assert fresh.param_groups[0]["momentum_form"] == "sgd"
+    _train(model, fresh, 1, seed=1)

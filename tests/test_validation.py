@@ -1,0 +1,203 @@
+"""Bad input gets a clear error and changes nothing; edge-case gradients and parameters work."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import muon_kernels as mk
+
+
+def _snapshot(opt):
+    return copy.deepcopy([[p.detach().clone() for p in g["params"]] for g in opt.param_groups]), copy.deepcopy(
+        {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": -1.0}, "lr must be >= 0"),
+        ({"lr": torch.tensor([0.1, 0.2])}, "1-element"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"eps": -1e-7}, "eps must be"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"momentum": -0.1}, r"momentum must be in \[0, 1\)"),
+        ({"ns_steps": -1}, "ns_steps must be an int >= 0"),
+        ({"ns_steps": 2.5}, "ns_steps must be an int >= 0"),
+        ({"ns_coefficients": "kj"}, r"unknown preset 'kj'.*keller.*polar_express.*quintic"),
+        ({"ns_coefficients": (1.0, 2.0)}, "three numbers"),
+        ({"ns_coefficients": []}, "non-empty"),
+        ({"adjust_lr_fn": "sqrt"}, r"adjust_lr_fn must be one of \(None, 'original', 'match_rms_adamw', 'spectral'\)"),
+        ({"backend": "jax"}, r"backend must be one of \('auto', 'torch', 'triton', 'cuda'\)"),
+        ({"backend": "triton"}, "triton backend needs a CUDA tensor, got cpu"),
+        ({"ns_dtype": torch.float64}, "ns_dtype must be one of"),
+        ({"momentum_dtype": torch.int32}, "momentum_dtype must be None"),
+        ({"momentum_form": "heavy"}, r"momentum_form must be one of \('ema', 'sgd'\)"),
+        ({"matrix_view": "rows"}, "matrix_view must be one of"),
+        ({"nesterov": "yes"}, "nesterov must be True or False"),
+        ({"max_workspace_bytes": 0}, "max_workspace_bytes"),
+        ({"adamw_lr": -1.0}, "adamw_lr must be >= 0"),
+        ({"adamw_betas": (0.9, 1.0)}, r"adamw_betas must be two numbers in \[0, 1\)"),
+        ({"adamw_eps": -1.0}, "adamw_eps must be >= 0"),
+        ({"adamw_weight_decay": -1.0}, "adamw_weight_decay must be >= 0"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mk.Muon(nn.Linear(4, 6).parameters(), **kwargs)
+
+
+def test_bad_group_values_are_rejected_and_nothing_is_added():
+    opt = mk.Muon([nn.Parameter(torch.randn(4, 4))])
+    with pytest.raises(ValueError, match="ns_steps"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(4, 4))], "ns_steps": -3})
+    with pytest.raises(ValueError, match="betas"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(4))], "use_muon": False, "betas": (2, 0)})
+    assert len(opt.param_groups) == 1
+
+
+def _two_group_optimizer():
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(5, 3))
+    bias = nn.Parameter(torch.randn(6))
+    opt = mk.Muon([{"params": [a, bias]}, {"params": [b], "use_muon": True}], lr=0.05)
+    for p in (a, b, bias):
+        p.grad = torch.randn_like(p)
+    opt.step()  # state exists before the failing step
+    return opt, a, b, bias
+
+
+def test_sparse_gradient_raises_before_anything_changes():
+    opt, a, b, bias = _two_group_optimizer()
+    for p in (a, bias):
+        p.grad = torch.randn_like(p)
+    b.grad = torch.randn(5, 3).to_sparse()  # in the last group: earlier groups must be untouched too
+    before = _snapshot(opt)
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    after = _snapshot(opt)
+    for x, y in zip(before[0], after[0]):
+        for p, q in zip(x, y):
+            assert torch.equal(p, q)
+    assert before[1].keys() == after[1].keys()
+    for key in before[1]:
+        for name in before[1][key]:
+            assert torch.equal(before[1][key][name], after[1][key][name])
+
+
+def test_complex_parameters_are_rejected_at_construction():
+    with pytest.raises(ValueError, match="complex"):
+        mk.Muon([nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))])
+
+
+def test_grad_none_is_skipped_without_state_or_decay():
+    a, b = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(4, 6))
+    opt = mk.Muon([a, b], weight_decay=0.5)
+    b0 = b.detach().clone()
+    a.grad = torch.randn_like(a)
+    opt.step()
+    assert torch.equal(b, b0) and b not in opt.state and a in opt.state
+
+
+def test_grads_are_never_modified():
+    ps = [nn.Parameter(torch.randn(8, 5).bfloat16()), nn.Parameter(torch.randn(5, 8))]
+    opt = mk.Muon(ps, nesterov=False)
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in ps]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        for p, g in zip(ps, grads):
+            assert torch.equal(p.grad, g)
+
+
+def test_zero_gradient_applies_only_weight_decay():
+    p = nn.Parameter(torch.randn(6, 9))
+    p0 = p.detach().clone()
+    opt = mk.Muon([p], lr=0.1, weight_decay=0.1)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p.detach(), p0 * (1 - 0.1 * 0.1))
+
+
+def test_tiny_gradient_still_moves_the_weights_with_eps_zero():
+    p = nn.Parameter(torch.randn(6, 9))
+    p0 = p.detach().clone()
+    opt = mk.Muon([p], lr=0.1, weight_decay=0.0, eps=0.0, momentum=0.0)
+    g = torch.randn(6, 9)
+    p.grad = g / g.norm() * 1e-9
+    opt.step()
+    moved = (p.detach() - p0).norm().item()
+    p.data.copy_(p0)
+    p.grad = g.clone()
+    opt.step()
+    assert abs(moved - (p.detach() - p0).norm().item()) < 1e-2 * moved
+
+
+def test_zero_size_parameters_are_skipped():
+    empty, p = nn.Parameter(torch.zeros(0, 4)), nn.Parameter(torch.randn(3, 4))
+    opt = mk.Muon([empty, p])
+    empty.grad, p.grad = torch.zeros(0, 4), torch.randn(3, 4)
+    opt.step()
+    assert empty not in opt.state and p in opt.state
+    assert any(r.method == "skip" for r in opt.plan())
+
+
+def test_non_contiguous_and_channels_last_parameters():
+    torch.manual_seed(0)
+    base = torch.randn(12, 7)
+    conv = torch.randn(8, 3, 3, 3)
+    grads = [torch.randn(7, 12), torch.randn(8, 3, 3, 3)]
+    plain = [nn.Parameter(base.T.contiguous()), nn.Parameter(conv.clone())]
+    odd = [nn.Parameter(base.T), nn.Parameter(conv.clone().to(memory_format=torch.channels_last))]
+    assert not odd[0].is_contiguous() and not odd[1].is_contiguous()
+    for ps in (plain, odd):
+        opt = mk.Muon(ps, lr=0.05)
+        for _ in range(3):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    for p, q in zip(plain, odd):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_tensor_lr():
+    p, q = nn.Parameter(torch.ones(4, 4)), nn.Parameter(torch.ones(4, 4))
+    a, b = mk.Muon([p], lr=torch.tensor(0.01)), mk.Muon([q], lr=0.01)
+    p.grad = q.grad = torch.eye(4)
+    a.step()
+    b.step()
+    assert torch.equal(p, q)
+
+
+def test_grad_scaler_skips_inf_steps_and_keeps_momentum():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    opt = mk.Muon(model.parameters(), lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(16, 8)
+
+    def step(poison):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(x).float().pow(2).mean()
+        scaler.scale(loss).backward()
+        if poison:
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+    step(poison=False)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    step(poison=True)
+    for p, before in zip(model.parameters(), params):
+        assert torch.equal(p, before)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[id(p)][k])
+    assert scaler.get_scale() == 2.0**9
+    step(poison=False)
+    assert not torch.equal(next(model.parameters()), params[0])
