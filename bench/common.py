@@ -1,0 +1,124 @@
+"""Shared benchmark plumbing: model shape sets, timing, environment facts, result files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+# DESIGN.md §4: nn.Linear.weight shapes (out, in) per layer; Muon parameters only.
+MODELS = {
+    "gpt2-small": {"d": 768, "layers": 12, "ffn": 4 * 768},
+    "gpt2-medium": {"d": 1024, "layers": 24, "ffn": 4 * 1024},
+    "gpt2-xl": {"d": 1600, "layers": 48, "ffn": 4 * 1600},
+    "llama-1b": {"d": 2048, "layers": 16, "ffn": 8192},
+    "llama-7b": {"d": 4096, "layers": 32, "ffn": 11008},
+}
+
+
+def layer_shapes(model: str, width_divisor: int = 1) -> tuple[list[tuple[int, int]], list[int]]:
+    """(matrix shapes, vector sizes) of one layer: Muon matrices, and the biases/norms AdamW steps."""
+    spec = MODELS[model]
+    d, f = spec["d"] // width_divisor, spec["ffn"] // width_divisor
+    if model.startswith("gpt2"):
+        return [(3 * d, d), (d, d), (f, d), (d, f)], [3 * d, d, f, d, d, d, d, d]
+    return [(d, d)] * 4 + [(f, d), (f, d), (d, f)], [d, d]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def time_call(fn, *, device: torch.device, warmup: int, repeat: int) -> list[float]:
+    """Per-repetition milliseconds: CUDA events on a GPU, wall clock (perf_counter) on a CPU."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeat):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop))
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def summarize(samples: list[float]) -> dict:
+    return {"ms": statistics.median(samples), "p20": percentile(samples, 0.2), "p80": percentile(samples, 0.8)}
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: torch.device) -> dict:
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        capability = list(torch.cuda.get_device_capability(device))
+        try:
+            versions["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, check=True
+            ).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            versions["driver"] = None
+    else:
+        name = _cpu_name()
+        capability = None
+        versions["driver"] = None
+    return {"device": name, "capability": capability, "versions": versions, "commit": git_commit()}
+
+
+def write_results(result: dict, out_dir: Path = RESULTS_DIR) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = re.sub(r"[^A-Za-z0-9._-]+", "-", result["device"]).strip("-").lower()
+    date = _dt.date.today().isoformat()
+    path = out_dir / f"{device}-{date}-{result['commit']}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = lambda r: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
