@@ -7,16 +7,23 @@ TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
+# The Triton AOT and interpreter tests also run under triton==$(TRITON_OLD) (the GPU machine's
+# version) in a second environment. Where the host python already has torch (the GPU machine
+# itself, offline) that second environment is not built: the host's Triton is the one to test.
+TRITON_OLD ?= 3.6.0
+
 HOST_HAS_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo yes)
 ifeq ($(HOST_HAS_TORCH),yes)
 PY := $(PYTHON)
 ENV_DEPS :=
+OLD_TRITON_ENV :=
 else
 PY := $(CURDIR)/.venv/bin/python
 ENV_DEPS := .venv/.torch-installed
+OLD_TRITON_ENV := .venv-triton-old/.installed-$(TRITON_OLD)
 endif
 
-.PHONY: bench test wheel install build-tools clean
+.PHONY: bench test test-old-triton wheel install build-tools clean
 
 .venv/.torch-installed:
 	$(PYTHON) -m venv .venv
@@ -31,7 +38,19 @@ build-tools: $(ENV_DEPS)
 install: build-tools
 	$(PY) -m pip install --quiet --no-build-isolation ".[test]"
 
-test: install
+# triton 3.6's interpreter converts 1-element arrays with int(), which numpy >= 2.4 refuses.
+.venv-triton-old/.installed-$(TRITON_OLD):
+	$(PYTHON) -m venv .venv-triton-old
+	.venv-triton-old/bin/pip install --quiet "$(TORCH_SPEC)" "triton==$(TRITON_OLD)" "numpy<2.4" pytest scipy setuptools wheel
+	touch $@
+
+test-old-triton: $(OLD_TRITON_ENV)
+ifneq ($(OLD_TRITON_ENV),)
+	MUON_KERNELS_SKIP_CUDA_BUILD=1 .venv-triton-old/bin/pip install --quiet --no-build-isolation --no-deps .
+	cd tests && ../.venv-triton-old/bin/python -m pytest -q test_triton_aot.py test_triton_interpreter.py
+endif
+
+test: install test-old-triton
 	cd tests && $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
@@ -41,4 +60,4 @@ wheel: build-tools
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
 
 clean:
-	rm -rf build dist *.egg-info .venv
+	rm -rf build dist *.egg-info .venv .venv-triton-old

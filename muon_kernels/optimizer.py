@@ -145,7 +145,7 @@ class Muon(Optimizer):
                 if torch.is_complex(p):
                     raise ValueError(f"parameter {_label(labels, i, p)}: Muon does not support complex parameters")
                 matrix_view(p.shape, group["matrix_view"], _label(labels, i, p))
-                select_backend(group["backend"], p.device)
+                select_backend(group["backend"], p.device)  # raises now if an explicit backend can't run
         else:
             for key in ADAMW_KEYS:
                 group.setdefault(key, self._adamw_defaults[key])
@@ -231,8 +231,9 @@ class Muon(Optimizer):
                     rows.append(PlanRow(*common, "skip", "-", "-", "-", "zero-size parameter"))
                 else:
                     b, e = where[id(p)]
-                    path, why = b.backend.kernel_path(b.m, b.n, b.ns_dtype)
-                    why = f"{why}; bucket of {b.matrices} matrices {b.m}×{b.n} {str(b.ns_dtype).removeprefix('torch.')}"
+                    path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype)
+                    dtype = str(b.ns_dtype).removeprefix("torch.")
+                    why = f"{b.why}; {how}; bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}"
                     rows.append(PlanRow(*common, "Muon", e.view.describe(), b.backend.NAME, path, why))
         return rows
 

@@ -104,6 +104,7 @@ class Bucket:
     config: NSConfig
     ns_dtype: torch.dtype
     backend: ModuleType
+    why: str  # why this backend serves the bucket (the dispatch rule that fired)
     entries: list[Entry] = field(default_factory=list)
 
     @property
@@ -129,7 +130,7 @@ def build_buckets(items) -> list[Bucket]:
         m, n = view.oriented
         key = (p.device, p.dtype, dtype, m, n, config, ns_dtype, backend)
         if key not in buckets:
-            buckets[key] = Bucket(p.device, dtype, m, n, config, ns_dtype, select_backend(backend, p.device))
+            buckets[key] = Bucket(p.device, dtype, m, n, config, ns_dtype, *select_backend(backend, p.device, m))
         buckets[key].entries.append(Entry(group, p, view, scale))
     return list(buckets.values())
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import muon_kernels as mk
-from conftest import controlled_spectrum, plain_recurrence, reference_ns, rel_err
+from oracles import controlled_spectrum, plain_recurrence, reference_ns, rel_err
 from muon_kernels.orthogonalize import PRESETS, resolve_ns_config
 
 # DESIGN.md §5: fp32 iteration ≤ 1e-4 relative to the fp64 recurrence; bf16/fp16 iteration

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import muon_kernels as mk
-from conftest import reference_ns, rel_err
+from oracles import reference_ns, rel_err
 
 
 class Experts(nn.Module):

@@ -10,7 +10,7 @@ import torch
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 import muon_kernels as mk
-from conftest import reference_ns, rel_err
+from oracles import reference_ns, rel_err
 
 SHAPES = [(16, 24), (24, 16), (32, 32), (16, 24), (8, 40)]
 STEPS = 12

@@ -1,14 +1,16 @@
 """Backend registry: which implementations exist, which can run here, and why not.
 
-A backend is a module with ``NAME``, ``status(device) -> (ok, reason)``,
-``kernel_path(m, n, ns_dtype) -> (path, why)`` and ``orthogonalize(stack, config, ns_dtype)``.
-``auto`` picks per device: CUDA with usable Triton → ``triton``; CUDA with the compiled extension
-→ ``cuda``; otherwise ``torch``. An explicitly requested backend that cannot run raises, never
-falls back silently.
+A backend is a module with ``NAME``, ``kernel_path(m, n, ns_dtype) -> (path, why)`` and
+``orthogonalize(stack, config, ns_dtype)``; its availability is probed here. ``auto`` picks per
+bucket: CUDA with usable Triton → ``triton`` where the dispatch table says the kernels win, else
+torch's batched cuBLAS; CUDA with the compiled extension → ``cuda``; otherwise ``torch``. An
+explicitly requested backend that cannot run raises, never falls back silently.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from types import ModuleType
 
 import torch
@@ -18,9 +20,28 @@ from . import torch_backend
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 MIN_TRITON_CAPABILITY = (8, 0)
 MIN_CUDA_CAPABILITY = (7, 5)
-# Runtime modules that can orthogonalize today; the triton and cuda entries join when their
-# kernels land (their availability is already probed below so users see why they are off).
-_RUNNABLE: dict[str, ModuleType] = {torch_backend.NAME: torch_backend}
+# backend="auto" on a CUDA device with usable Triton: the smallest oriented m (rows of the Gram
+# matrix) from which the symmetric Triton kernels serve a bucket; below it, torch's batched cuBLAS
+# does. A conservative default until GPU results are committed under bench/results/: published
+# symmetric kernels beat cuBLAS on H100 only from about m = 2048 (DESIGN.md §3).
+AUTO_TRITON_MIN_M = 2048
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module() -> ModuleType | None:
+    try:
+        from . import triton_backend
+    except ImportError:
+        return None
+    return triton_backend
+
+
+def _runnable(name: str) -> ModuleType | None:
+    if name == "torch":
+        return torch_backend
+    if name == "triton":
+        return _triton_module()
+    return None  # the cuda extension's kernels are not part of this build yet
 
 
 def _capability(device: torch.device | None) -> tuple[int, int] | None:
@@ -34,6 +55,11 @@ def _triton_status(device: torch.device | None) -> tuple[bool, str]:
         import triton  # noqa: F401
     except ImportError as exc:
         return False, f"triton is not importable ({exc})"
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if interpreting and (device is None or device.type == "cpu"):
+        if _triton_module() is None:
+            return False, "muon_kernels.triton_kernels failed to import"
+        return True, f"triton {triton.__version__} interpreter on the CPU (TRITON_INTERPRET=1; slow, for tests)"
     if device is not None and device.type != "cuda":
         return False, f"triton backend needs a CUDA tensor, got {device.type}"
     cc = _capability(device)
@@ -41,8 +67,8 @@ def _triton_status(device: torch.device | None) -> tuple[bool, str]:
         return False, "no CUDA device (torch.cuda.is_available() is False)"
     if cc < MIN_TRITON_CAPABILITY:
         return False, f"compute capability {cc[0]}.{cc[1]} < {MIN_TRITON_CAPABILITY[0]}.{MIN_TRITON_CAPABILITY[1]}"
-    if "triton" not in _RUNNABLE:
-        return False, "the Triton Newton–Schulz kernels are not part of this build yet"
+    if _triton_module() is None:
+        return False, "muon_kernels.triton_kernels failed to import"
     return True, f"triton {triton.__version__} on compute capability {cc[0]}.{cc[1]}"
 
 
@@ -67,7 +93,7 @@ def _cuda_status(device: torch.device | None) -> tuple[bool, str]:
     major, minor = query["capabilities"][index]
     if (major, minor) < MIN_CUDA_CAPABILITY:
         return False, f"compute capability {major}.{minor} < {MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]}"
-    if "cuda" not in _RUNNABLE:
+    if _runnable("cuda") is None:
         return False, (
             f"extension built ({_C.build_info()['archs']}), but its Newton–Schulz kernels are not "
             "part of this build yet"
@@ -88,16 +114,21 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, tu
     return {name: probe(dev) for name, probe in _STATUS.items()}
 
 
-def select_backend(name: str, device: torch.device) -> ModuleType:
-    """The backend module that will orthogonalize tensors on ``device``; raises if ``name`` can't."""
+def select_backend(name: str, device: torch.device, m: int | None = None) -> tuple[ModuleType, str]:
+    """(backend module, why) for an oriented bucket with ``m`` rows on ``device``; raises if ``name`` can't run."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
-    if name == "auto":
-        for candidate in ("triton", "cuda") if device.type == "cuda" else ():
-            if _STATUS[candidate](device)[0]:
-                return _RUNNABLE[candidate]
-        return torch_backend
-    ok, reason = _STATUS[name](device)
-    if not ok:
-        raise ValueError(f"backend={name!r} cannot run on {device}: {reason}")
-    return _RUNNABLE[name]
+    if name != "auto":
+        ok, reason = _STATUS[name](device)
+        if not ok:
+            raise ValueError(f"backend={name!r} cannot run on {device}: {reason}")
+        return _runnable(name), f"backend={name!r} requested"
+    if device.type != "cuda":
+        return torch_backend, f"auto: {device.type} tensors take the torch reference"
+    if _STATUS["triton"](device)[0]:
+        if m is not None and m >= AUTO_TRITON_MIN_M:
+            return _runnable("triton"), f"auto: m={m} >= {AUTO_TRITON_MIN_M}, symmetric kernels beat cuBLAS"
+        return torch_backend, f"auto: m={m} < {AUTO_TRITON_MIN_M}, batched cuBLAS wins below the crossover"
+    if _STATUS["cuda"](device)[0]:
+        return _runnable("cuda"), "auto: no usable Triton, compiled extension available"
+    return torch_backend, "auto: neither Triton nor the extension can run here"

@@ -1,0 +1,162 @@
+"""Compile every Triton kernel ahead of time for an NVIDIA arch and report what the SASS holds.
+
+No GPU is needed: ``triton.compile`` with a ``GPUTarget`` produces the cubin, and the
+``cuobjdump`` that ships inside the triton wheel reads its instructions and resource usage. Each
+kernel is specialized the way the runtime specializes a typical launch (pointers and sizes
+divisible by 16, unit strides as constants), because that is what decides vector loads,
+pipelining and register use.
+
+    python bench/sass_report.py --arch 90 [--json]
+
+One row per kernel × config × dtype: name, arch, dtype, config, is_matmul,
+tensor_core_instructions, shared_bytes, registers, spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from muon_kernels.triton_kernels import config as kcfg
+from muon_kernels.triton_kernels.newton_schulz import _ns_update_kernel, _scale_cast_kernel, _sum_squares_kernel
+from muon_kernels.triton_kernels.symmetric_matmul import _symmetric_matmul_kernel
+
+TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+# Tensor-core instruction families by arch: mma.sync (HMMA) through Ampere/Ada, wgmma (HGMMA) on Hopper.
+TENSOR_CORE_OPCODES = {80: ("HMMA",), 86: ("HMMA",), 89: ("HMMA",), 90: ("HGMMA", "HMMA")}
+
+
+@dataclass
+class Row:
+    name: str
+    arch: int
+    dtype: str
+    config: str
+    is_matmul: bool
+    tensor_core_instructions: int
+    shared_bytes: int
+    registers: int
+    spills: int
+    expects_tensor_cores: bool
+
+
+def _specialize(fn, args: dict, constexprs: dict):
+    """Signature, constexprs and attrs as the JIT would derive them from these argument values."""
+    signature, consts, attrs = {}, dict(constexprs), {}
+    for name, value in args.items():
+        index = (fn.arg_names.index(name),)
+        if isinstance(value, str):  # a pointer to this element type
+            signature[name] = "*" + _TYPES[value]
+            attrs[index] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            consts[name] = 1
+        else:
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[index] = [["tt.divisibility", 16]]
+    for name in consts:
+        signature[name] = "constexpr"
+    return {n: signature[n] for n in fn.arg_names}, consts, attrs
+
+
+def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    signature, consts, attrs = _specialize(fn, args, constexprs)
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": kcfg.FP_FUSION})
+
+
+def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int]:
+    """(tensor-core instruction count, registers, spilled bytes) from cuobjdump."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "kernel.cubin")
+        path.write_bytes(cubin)
+        cuobjdump = str(TRITON_BIN / "cuobjdump")
+        usage = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    tensor_core = sum(len(re.findall(rf"\b{op}\b", sass)) for op in TENSOR_CORE_OPCODES[arch])
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    spills = int(re.search(r"STACK:(\d+)", usage).group(1))
+    return tensor_core, registers, spills
+
+
+def kernel_cases(arch: int):
+    """(name, fn, args, constexprs, config label, dtype, num_warps, num_stages, is_matmul, expects tensor cores)."""
+    matmul = []
+    for label, cfg in kcfg.all_configs(arch).items():
+        if label == "fp32":
+            variants = [("fp32", "ieee", False), ("fp32", "tf32", True)]
+        else:
+            variants = [("bf16", "tf32", True), ("fp16", "tf32", True)]
+        m, n = (1024, 4096) if label != "small16" else (64, 256)
+        for dtype, precision, tensor_cores in variants:
+            cfg_label = f"{label}:{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}:{precision}"
+            common = dict(UPCAST=False, PRECISION=precision)
+            for has_d, name, k in ((False, "symmetric_matmul[X·Xᵀ]", n), (True, "symmetric_matmul[b·A+c·A·A]", m)):
+                args = dict(X=dtype, D=dtype, C=dtype, M=m, K=k, stride_xb=m * k, stride_xm=k, stride_xk=1,
+                            stride_db=m * m, stride_dm=m, stride_dn=1, stride_cb=m * m, stride_cm=m, stride_cn=1,
+                            alpha=1.0, beta=0.0)
+                matmul.append((name, _symmetric_matmul_kernel, args,
+                               dict(HAS_D=has_d, BLOCK=cfg.block_m, BLOCK_K=cfg.block_k, **common),
+                               cfg_label, dtype, cfg.num_warps, cfg.num_stages, True, tensor_cores))
+            args = dict(B=dtype, X=dtype, Out=dtype, M=m, N=n, stride_bb=m * m, stride_bm=m, stride_bk=1,
+                        stride_xb=m * n, stride_xm=n, stride_xn=1, stride_ob=m * n, stride_om=n, stride_on=1, a=1.0)
+            matmul.append(("ns_update[a·X+B·X]", _ns_update_kernel, args,
+                           dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **common),
+                           cfg_label, dtype, cfg.num_warps, cfg.num_stages, True, tensor_cores))
+    elementwise = []
+    r, c = 1024, 4096
+    tiles_c = c // 256
+    for src in ("fp32", "bf16", "fp16"):
+        args = dict(G=src, Partial="fp32", R=r, C=c, tiles_c=tiles_c, tiles=(r // 64) * tiles_c,
+                    stride_gb=r * c, stride_gr=c, stride_gc=1)
+        elementwise.append(("normalize[sum_squares]", _sum_squares_kernel, args, dict(BLOCK_R=64, BLOCK_C=256),
+                            "64x256w4", src, 4, 1, False, False))
+        for dst in ("bf16", "fp16", "fp32"):
+            args2 = dict(args, Out=dst, norm_scale=1.0, norm_offset=0.0, floor=1e-7)
+            elementwise.append(("normalize[scale_cast]", _scale_cast_kernel, args2,
+                                dict(BLOCK_R=64, BLOCK_C=256, BLOCK_P=1024), "64x256w4", f"{src}->{dst}", 4, 1, False, False))
+    return matmul + elementwise
+
+
+def report(arch: int) -> list[Row]:
+    rows = []
+    for name, fn, args, consts, label, dtype, warps, stages, is_matmul, tensor_cores in kernel_cases(arch):
+        compiled = compile_kernel(fn, args, consts, arch, warps, stages)
+        count, registers, spills = inspect_cubin(compiled.asm["cubin"], arch)
+        rows.append(Row(name, arch, dtype, label, is_matmul, count, compiled.metadata.shared, registers, spills, tensor_cores))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, required=True, choices=kcfg.ARCHS)
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    args = parser.parse_args(argv)
+    rows = report(args.arch)
+    if args.json:
+        for row in rows:
+            print(json.dumps(asdict(row)))
+        return 0
+    cols = ["name", "arch", "dtype", "config", "is_matmul", "tensor_core_instructions", "shared_bytes", "registers", "spills"]
+    cells = [[str(getattr(r, c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for x in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(x, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

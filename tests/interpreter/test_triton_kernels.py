@@ -1,0 +1,160 @@
+"""The Triton kernels on the CPU interpreter, against fp64 and the torch reference (DESIGN.md §5).
+
+Shapes are small (the interpreter runs one program at a time) but cover m = 1, n = 1, primes,
+sizes that are not multiples of the 32-wide interpreter tiles, tall and wide, batched, strided.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import muon_kernels as mk
+from muon_kernels.backends import torch_backend, triton_backend
+from muon_kernels.orthogonalize import resolve_ns_config
+from muon_kernels.triton_kernels.config import INTERPRETER_CONFIG
+from muon_kernels.triton_kernels.newton_schulz import newton_schulz, normalize, ns_update
+from muon_kernels.triton_kernels.symmetric_matmul import symmetric_matmul
+from oracles import plain_recurrence, reference_ns, rel_err
+
+FP32_TOL = 1e-4
+# A 16-bit output is the fp32 result rounded once: half an ulp of bf16 / fp16 relative.
+ROUNDING = {torch.float32: 1e-6, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _randn(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 9), (2, 40, 33), (1, 70, 5), (3, 100, 64)])
+def test_symmetric_matmul_x_xt(shape, dtype):
+    X = _randn(*shape, dtype=dtype)
+    out = symmetric_matmul(X)
+    exact = X.double() @ X.double().mT
+    assert out.dtype == dtype
+    assert rel_err(out, exact) <= 2 * ROUNDING[dtype]
+    # Mirrored off-diagonal tiles hold exactly the values of the tile they mirror (interpreter tiles
+    # are 32 wide); diagonal tiles are symmetric up to the accumulation order of the dot.
+    tile = INTERPRETER_CONFIG.block_m
+    assert torch.equal(out[:, :tile, tile:], out[:, tile:, :tile].mT)
+    assert rel_err(out, out.mT) <= 2 * ROUNDING[dtype]
+
+
+def test_symmetric_matmul_xt_x_of_a_tall_view_makes_no_copy():
+    X = _randn(2, 45, 37)
+    out = symmetric_matmul(X.mT)  # XᵀX through strides
+    assert rel_err(out, X.double().mT @ X.double()) <= 2e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_symmetric_matmul_fused_epilogue(dtype):
+    X = _randn(2, 50, 50)
+    A = (X @ X.mT / 50).to(dtype)
+    out = symmetric_matmul(A, alpha=2.0315, D=A, beta=-4.7750)
+    Ad = A.double()
+    exact = 2.0315 * Ad @ Ad - 4.7750 * Ad
+    assert rel_err(out, exact) <= 4 * ROUNDING[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, n", [(1, 7), (33, 70), (40, 40)])
+def test_ns_update(m, n, dtype):
+    B, X = _randn(2, m, m, dtype=dtype, seed=1), _randn(2, m, n, dtype=dtype, seed=2)
+    out = ns_update(B, X, 3.4445)
+    exact = 3.4445 * X.double() + B.double() @ X.double()
+    assert rel_err(out, exact) <= 4 * ROUNDING[dtype]
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("preset", ["keller", "polar_express"])
+def test_normalize_matches_reference(preset, ns_dtype):
+    G = _randn(3, 21, 77, dtype=torch.bfloat16)
+    config = resolve_ns_config(preset, 5, 1e-7)
+    out = normalize(G.mT, config, ns_dtype)  # a transposed view: read through strides
+    ref = torch_backend.normalize(G.mT, config, ns_dtype)
+    assert out.is_contiguous() and out.shape == (3, 77, 21)
+    assert rel_err(out, ref) <= 2 * ROUNDING[ns_dtype]
+
+
+def test_normalize_isolates_nan_and_handles_zero_and_tiny():
+    G = _randn(4, 10, 30)
+    G[1, 2, 3] = float("nan")
+    G[2] = 0.0
+    G[3] = G[3] / G[3].norm() * 1e-9
+    out = normalize(G, resolve_ns_config("keller", 5, 0.0), torch.float32)
+    assert torch.isnan(out[1]).all()
+    assert torch.count_nonzero(out[2]) == 0 and not torch.isnan(out[2]).any()
+    assert abs(out[3].double().norm().item() - 1.0) < 1e-5
+    assert abs(out[0].double().norm().item() - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("preset", ["keller", "quintic", "polar_express"])
+def test_fp32_newton_schulz_matches_fp64_recurrence(preset):
+    G = _randn(3, 24, 53)
+    out = newton_schulz(G, resolve_ns_config(preset, 5, 1e-7), torch.float32)
+    assert rel_err(out, reference_ns(G, preset)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 9), (1, 1, 12), (2, 7, 13), (1, 33, 33)])
+def test_fp32_odd_shapes(shape):
+    G = _randn(*shape)
+    out = newton_schulz(G, resolve_ns_config("keller", 3, 1e-7), torch.float32)
+    assert rel_err(out, reference_ns(G, "keller", 3)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 17, 40), (1, 1, 30)])
+def test_low_precision_within_baseline_error(shape, ns_dtype):
+    G = _randn(*shape)
+    ref = reference_ns(G)
+    out = newton_schulz(G, resolve_ns_config("keller", 5, 1e-7), ns_dtype)
+    assert rel_err(out, ref) <= 2 * rel_err(plain_recurrence(G, ns_dtype), ref) + 1e-2
+
+
+@pytest.mark.parametrize("preset", ["keller", "quintic", "polar_express"])
+def test_scalar_map_on_diagonal_input(preset):
+    sigma = torch.tensor([1.0, 0.7, 0.5, 0.3, 0.1, 0.03, 0.01], dtype=torch.float64)
+    config = resolve_ns_config(preset, 5, 1e-7)
+    s = sigma / (sigma.norm() * config.norm_scale + config.norm_offset)
+    for a, b, c in config.coefficients:
+        s = a * s + b * s**3 + c * s**5
+    out = newton_schulz(torch.diag(sigma).float()[None], config, torch.float32)[0]
+    assert torch.count_nonzero(out - torch.diag(out.diagonal())) == 0
+    torch.testing.assert_close(out.diagonal().double(), s, rtol=0, atol=FP32_TOL)
+
+
+def test_nan_member_does_not_leak():
+    G = _randn(3, 12, 20)
+    G[1, 0, 0] = float("nan")
+    config = resolve_ns_config("keller", 2, 1e-7)
+    out = newton_schulz(G, config, torch.float32)
+    assert torch.isnan(out[1]).all()
+    for i in (0, 2):
+        torch.testing.assert_close(out[i], newton_schulz(G[i : i + 1], config, torch.float32)[0], rtol=0, atol=0)
+
+
+def test_backend_through_the_public_api():
+    assert mk.available_backends("cpu")["triton"][0]
+    G = _randn(2, 30, 12)  # tall: oriented by orthogonalize() as a transposed view
+    out = mk.orthogonalize(G, backend="triton", ns_dtype=torch.float32, ns_steps=2)
+    assert rel_err(out, reference_ns(G, "keller", 2)) <= FP32_TOL
+    assert triton_backend.kernel_path(12, 30, torch.bfloat16)[0] == "symmetric"
+
+
+def test_optimizer_step_on_the_triton_backend_matches_torch():
+    torch.manual_seed(0)
+    shapes = [(20, 12), (12, 20), (16, 16)]
+    a = [torch.nn.Parameter(torch.randn(s) * 0.2) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = mk.Muon(a, lr=0.05, backend="triton", ns_dtype=torch.float32, ns_steps=3)
+    opt_b = mk.Muon(b, lr=0.05, backend="torch", ns_dtype=torch.float32, ns_steps=3)
+    assert {r.backend for r in opt_a.plan()} == {"triton"}
+    for _ in range(2):
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,50 @@
+"""Independent oracles: the fp64 Newton–Schulz recurrence, a plain low-precision baseline, controlled spectra."""
+
+from __future__ import annotations
+
+import torch
+
+from muon_kernels.orthogonalize import resolve_ns_config
+
+
+def reference_ns(G: torch.Tensor, ns_coefficients="keller", ns_steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """The DESIGN.md §1 recurrence in fp64, one matrix at a time, written independently of the package."""
+    config = resolve_ns_config(ns_coefficients, ns_steps, eps)
+    out = []
+    for M in G.reshape(-1, *G.shape[-2:]).to(torch.float64):
+        tall = M.shape[0] > M.shape[1]
+        X = M.T if tall else M
+        denom = max(X.norm().item() * config.norm_scale + config.norm_offset, max(eps, torch.finfo(torch.float32).tiny))
+        X = X / denom
+        for a, b, c in config.coefficients:
+            A = X @ X.T
+            X = a * X + (b * A + c * A @ A) @ X
+        out.append(X.T if tall else X)
+    return torch.stack(out).reshape(G.shape)
+
+
+def plain_recurrence(G: torch.Tensor, dtype: torch.dtype, ns_coefficients="keller", ns_steps: int = 5) -> torch.Tensor:
+    """A plain low-precision torch matmul recurrence (normalize, cast, iterate): the error baseline of DESIGN.md §5."""
+    config = resolve_ns_config(ns_coefficients, ns_steps, 1e-7)
+    out = []
+    for M in G.reshape(-1, *G.shape[-2:]):
+        tall = M.shape[0] > M.shape[1]
+        X = (M.T if tall else M).to(dtype)
+        X = X / (X.norm() * config.norm_scale + config.norm_offset).clamp(min=1e-7)
+        for a, b, c in config.coefficients:
+            A = X @ X.T
+            X = a * X + (b * A + c * A @ A) @ X
+        out.append(X.T if tall else X)
+    return torch.stack(out).reshape(G.shape).to(torch.float64)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def controlled_spectrum(m: int, n: int, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """U·diag(σ)·Vᵀ with random orthonormal U (m×k), V (n×k), k = min(m, n), in fp64."""
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, generator=generator))
+    V, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=generator))
+    return U @ torch.diag(sigma.to(torch.float64)) @ V.T

@@ -1,0 +1,172 @@
+"""Batched Newton–Schulz on a stack of same-shape matrices, a handful of launches per bucket.
+
+Per call: two launches normalize and cast the whole stack (per-matrix sums of squares by tile,
+then a deterministic per-matrix reduction fused with the scale-and-cast into the iteration dtype);
+per step three launches: ``A = X·Xᵀ`` and ``B = b·A + c·A·A`` (symmetric, upper-triangle tiles
+only) and ``X' = a·X + B·X`` (the a·X term in the epilogue, into a second buffer — no copies).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..orthogonalize import NSConfig
+from .config import FP_FUSION, MatmulConfig, is_interpreting, matmul_config, precision_for, upcast_for
+from .symmetric_matmul import symmetric_matmul
+
+# Normalization tiles: 64×256 elements keep the per-matrix partial count small (an 8192² matrix
+# has 4096 partials), and the interpreter gets small tiles so tests cover several of them.
+_NORM_TILE = (64, 256)
+_NORM_TILE_INTERPRETER = (16, 32)
+_PARTIALS_BLOCK = 1024
+
+
+@triton.jit
+def _sum_squares_kernel(
+    G, Partial,
+    R, C, tiles_c, tiles,
+    stride_gb, stride_gr, stride_gc,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    t = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    g = tl.load(G + batch * stride_gb + rows[:, None] * stride_gr + cols[None, :] * stride_gc, mask=mask, other=0.0)
+    g = g.to(tl.float32)
+    tl.store(Partial + batch * tiles + t, tl.sum(tl.sum(g * g, axis=1), axis=0))
+
+
+@triton.jit
+def _scale_cast_kernel(
+    G, Partial, Out,
+    R, C, tiles_c, tiles,
+    stride_gb, stride_gr, stride_gc,
+    norm_scale, norm_offset, floor,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    t = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    # Every program of a matrix reduces the same partials in the same order: one norm per matrix,
+    # bit-identical across programs and runs, with no atomics.
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for p0 in range(0, tiles, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        acc += tl.load(Partial + batch * tiles + p, mask=p < tiles, other=0.0)
+    norm = tl.sqrt(tl.sum(acc, axis=0))
+    # propagate_nan: a NaN norm must stay NaN (like torch's clamp_min), not be replaced by the floor.
+    denom = tl.maximum(norm * tl.cast(norm_scale, tl.float32) + tl.cast(norm_offset, tl.float32),
+                       tl.cast(floor, tl.float32), propagate_nan=tl.PropagateNan.ALL)
+    rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    g = tl.load(G + batch * stride_gb + rows[:, None] * stride_gr + cols[None, :] * stride_gc, mask=mask, other=0.0)
+    x = (g.to(tl.float32) / denom).to(Out.dtype.element_ty)
+    tl.store(Out + batch * R * C + rows[:, None] * C + cols[None, :], x, mask=mask)
+
+
+@triton.jit
+def _ns_update_kernel(
+    B, X, Out,
+    M, N,
+    stride_bb, stride_bm, stride_bk,
+    stride_xb, stride_xm, stride_xn,
+    stride_ob, stride_om, stride_on,
+    a,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Out = a·X + B·X with B (M×M), X (M×N); grouped tile order so B's row panels stay in L2."""
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+    pm = first_m + (pid % per_group) % group_size
+    pn = (pid % per_group) // group_size
+    B += batch * stride_bb
+    X += batch * stride_xb
+    rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, M, BLOCK_K):
+        kk = k0 + ks
+        b = tl.load(B + rows[:, None] * stride_bm + kk[None, :] * stride_bk,
+                    mask=(rows[:, None] < M) & (kk[None, :] < M), other=0.0)
+        x = tl.load(X + kk[:, None] * stride_xm + cols[None, :] * stride_xn,
+                    mask=(kk[:, None] < M) & (cols[None, :] < N), other=0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(b, x, acc, input_precision=PRECISION)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    x_tile = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
+    out = acc + tl.cast(a, tl.float32) * x_tile.to(tl.float32)
+    tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :] * stride_on,
+             out.to(Out.dtype.element_ty), mask=mask)
+
+
+def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+    """``stack / max(norm_scale·‖stack‖_F + norm_offset, floor)`` per matrix into a new contiguous
+    (k, m, n) tensor of ``ns_dtype``; ``stack`` may be any strided view (a transposed one included)."""
+    k, r, c = stack.shape
+    out = torch.empty((k, r, c), dtype=ns_dtype, device=stack.device)
+    if out.numel() == 0:
+        return out
+    br, bc = _NORM_TILE_INTERPRETER if is_interpreting() else _NORM_TILE
+    tiles_c = triton.cdiv(c, bc)
+    tiles = triton.cdiv(r, br) * tiles_c
+    partial = torch.empty((k, tiles), dtype=torch.float32, device=stack.device)
+    grid = (tiles, k)
+    _sum_squares_kernel[grid](stack, partial, r, c, tiles_c, tiles, *stack.stride(), BLOCK_R=br, BLOCK_C=bc,
+                              enable_fp_fusion=FP_FUSION)
+    _scale_cast_kernel[grid](
+        stack, partial, out, r, c, tiles_c, tiles, *stack.stride(),
+        float(config.norm_scale), float(config.norm_offset), float(config.floor),
+        BLOCK_R=br, BLOCK_C=bc, BLOCK_P=_PARTIALS_BLOCK, enable_fp_fusion=FP_FUSION,
+    )
+    return out
+
+
+def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor | None = None,
+              config: MatmulConfig | None = None, fp32_precision: str = "ieee") -> torch.Tensor:
+    """``a·X + B·X`` for stacks B (k, m, m) and X (k, m, n); ``out`` must not alias X."""
+    k, m, n = X.shape
+    if B.shape != (k, m, m):
+        raise ValueError(f"ns_update: B must be {(k, m, m)}, got {tuple(B.shape)}")
+    if out is None:
+        out = torch.empty_like(X)
+    if out.numel() == 0:
+        return out
+    cfg = config or matmul_config(X.device, X.dtype, m, n, m)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k)
+    _ns_update_kernel[grid](
+        B, X, out, m, n, *B.stride(), *X.stride(), *out.stride(), float(a),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        UPCAST=upcast_for(X), PRECISION=precision_for(X.dtype, fp32_precision),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
+    )
+    return out
+
+
+def newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, fp32_precision: str = "ieee") -> torch.Tensor:
+    """The whole recurrence on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor."""
+    X = normalize(stack, config, ns_dtype)
+    if config.steps == 0 or X.numel() == 0:
+        return X
+    k, m, _ = X.shape
+    A = torch.empty((k, m, m), dtype=ns_dtype, device=X.device)
+    B = torch.empty_like(A)
+    Y = torch.empty_like(X)
+    for a, b, c in config.coefficients:
+        symmetric_matmul(X, out=A, fp32_precision=fp32_precision)
+        symmetric_matmul(A, alpha=c, D=A, beta=b, out=B, fp32_precision=fp32_precision)
+        ns_update(B, X, a, out=Y, fp32_precision=fp32_precision)
+        X, Y = Y, X
+    return X
