@@ -24,14 +24,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from muon_kernels.triton_kernels import config as kcfg
+from muon_kernels.triton_kernels import fused_update
 from muon_kernels.triton_kernels.newton_schulz import _ns_update_kernel, _scale_cast_kernel, _sum_squares_kernel
 from muon_kernels.triton_kernels.symmetric_matmul import _symmetric_matmul_kernel
 
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "i32": "i32", "i64": "i64"}
+_TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 # Tensor-core instruction families by arch: mma.sync (HMMA) through Ampere/Ada, wgmma (HGMMA) on Hopper.
 TENSOR_CORE_OPCODES = {80: ("HMMA",), 86: ("HMMA",), 89: ("HMMA",), 90: ("HGMMA", "HMMA")}
 
@@ -127,6 +130,20 @@ def kernel_cases(arch: int):
             args2 = dict(args, Out=dst, norm_scale=1.0, norm_offset=0.0, floor=1e-7)
             elementwise.append(("normalize[scale_cast]", _scale_cast_kernel, args2,
                                 dict(BLOCK_R=64, BLOCK_C=256, BLOCK_P=1024), "64x256w4", f"{src}->{dst}", 4, 1, False, False))
+    tables = dict(Meta="i64", Numels="i64", ChunkTensor="i32", ChunkStart="i64")
+    for param, buf in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16")):
+        for ema in (True, False):
+            args = dict(GradPtrs="i64", BufPtrs="i64", Momenta="fp32", Stack=buf, **tables)
+            consts = dict(GRAD_DTYPE=_TL[param], BUF_DTYPE=_TL[buf], EMA=ema, NESTEROV=True,
+                          BLOCK=fused_update.BLOCK, EMULATE_RN=False)
+            elementwise.append((f"fused_momentum[{'ema' if ema else 'sgd'}]", fused_update._fused_momentum_kernel, args,
+                                consts, f"block{fused_update.BLOCK}w4", f"{param}/{buf}", 4, 1, False, False))
+    for param in ("fp32", "bf16", "fp16"):
+        for ortho in ("bf16", "fp32"):
+            args = dict(ParamPtrs="i64", Alphas="fp32", Decays="fp32", Ortho=ortho, **tables)
+            consts = dict(PARAM_DTYPE=_TL[param], BLOCK=fused_update.BLOCK, EMULATE_RN=False)
+            elementwise.append(("fused_apply_update", fused_update._fused_apply_update_kernel, args, consts,
+                                f"block{fused_update.BLOCK}w4", f"{param}<-{ortho}", 4, 1, False, False))
     return matmul + elementwise
 
 

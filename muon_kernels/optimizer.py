@@ -18,12 +18,15 @@ from .adamw import ADAMW_KEYS, adamw_step, check_adamw_settings
 from .backends import BACKEND_NAMES, select_backend
 from .orthogonalize import check_ns_dtype, resolve_ns_config
 from .plan import ADJUST_LR_FNS, Plan, PlanRow, build_buckets, lr_scale, matrix_view
-from .step import MOMENTUM_FORMS, apply_bucket_update, momentum_update, orthogonalize_bucket, stack_bucket
 
 DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+MOMENTUM_FORMS = ("ema", "sgd")
 # Group keys whose values change which buckets exist or how they are iterated; the bucket plan is
 # rebuilt when any of them (or a parameter's identity, dtype, device, shape) changes.
-_PLAN_KEYS = ("ns_coefficients", "ns_steps", "eps", "ns_dtype", "momentum_dtype", "matrix_view", "adjust_lr_fn", "backend")
+_PLAN_KEYS = (
+    "ns_coefficients", "ns_steps", "eps", "ns_dtype", "momentum_dtype", "matrix_view", "adjust_lr_fn",
+    "nesterov", "momentum_form", "backend",
+)
 
 
 def _freeze(value: Any) -> Any:
@@ -198,6 +201,8 @@ class Muon(Optimizer):
                 group["momentum_dtype"] or p.dtype,
                 config,
                 group["ns_dtype"],
+                group["nesterov"],
+                group["momentum_form"],
                 group["backend"],
             )
 
@@ -259,6 +264,15 @@ class Muon(Optimizer):
             work.append((gi, group, params))
         return work
 
+    def _momentum_buffer(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        state = self.state[p]
+        dtype = group["momentum_dtype"] or p.dtype
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        elif state["momentum_buffer"].dtype != dtype:
+            state["momentum_buffer"] = state["momentum_buffer"].to(dtype)
+        return state["momentum_buffer"]
+
     @torch.no_grad()
     def step(self, closure=None):
         """Performs a single optimization step."""
@@ -272,26 +286,10 @@ class Muon(Optimizer):
         for _, group, params in work:
             if not group["use_muon"]:
                 adamw_step(group, params, self.state)
-        updates: dict[int, torch.Tensor] = {}
-        for _, group, params in muon_work:
-            bufs = []
-            for p in params:
-                state = self.state[p]
-                dtype = group["momentum_dtype"] or p.dtype
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                elif state["momentum_buffer"].dtype != dtype:
-                    state["momentum_buffer"] = state["momentum_buffer"].to(dtype)
-                bufs.append(state["momentum_buffer"])
-            us = momentum_update(
-                bufs,
-                [p.grad for p in params],
-                momentum=group["momentum"],
-                nesterov=group["nesterov"],
-                form=group["momentum_form"],
-            )
-            updates.update(zip(map(id, params), us))
         for bucket in buckets:
-            ortho = orthogonalize_bucket(bucket, stack_bucket(bucket, updates), self.max_workspace_bytes)
-            apply_bucket_update(bucket, ortho, self.param_groups)
+            grads = [e.param.grad for e in bucket.entries]
+            bufs = [self._momentum_buffer(e.param, self.param_groups[e.group]) for e in bucket.entries]
+            stack = bucket.backend.momentum_stack(bucket, grads, bufs, self.param_groups)
+            ortho = bucket.orthogonalize(stack, self.max_workspace_bytes)
+            bucket.backend.apply_update(bucket, ortho, self.param_groups)
         return loss

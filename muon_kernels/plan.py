@@ -103,6 +103,8 @@ class Bucket:
     n: int
     config: NSConfig
     ns_dtype: torch.dtype
+    nesterov: bool
+    momentum_form: str
     backend: ModuleType
     why: str  # why this backend serves the bucket (the dispatch rule that fired)
     entries: list[Entry] = field(default_factory=list)
@@ -122,15 +124,27 @@ class Bucket:
         per_chunk = total if not max_workspace_bytes else max(1, max_workspace_bytes // self.matrix_bytes())
         return [(s, min(s + per_chunk, total)) for s in range(0, total, per_chunk)]
 
+    def orthogonalize(self, stack: torch.Tensor, max_workspace_bytes: int | None) -> torch.Tensor:
+        """One backend call per bucket, or one per chunk when the workspace cap splits it."""
+        chunks = self.chunks(max_workspace_bytes)
+        if len(chunks) == 1:
+            return self.backend.orthogonalize(stack, self.config, self.ns_dtype)
+        out = torch.empty(stack.shape, dtype=self.ns_dtype, device=stack.device)
+        for start, stop in chunks:
+            out[start:stop] = self.backend.orthogonalize(stack[start:stop], self.config, self.ns_dtype)
+        return out
+
 
 def build_buckets(items) -> list[Bucket]:
-    """``items``: (group index, param, view, scale, update dtype, config, ns_dtype, backend name)."""
+    """``items``: (group index, param, view, scale, update dtype, config, ns_dtype, nesterov,
+    momentum form, backend name). Groups that agree on all of these share buckets."""
     buckets: dict[tuple, Bucket] = {}
-    for group, p, view, scale, dtype, config, ns_dtype, backend in items:
+    for group, p, view, scale, dtype, config, ns_dtype, nesterov, form, backend in items:
         m, n = view.oriented
-        key = (p.device, p.dtype, dtype, m, n, config, ns_dtype, backend)
+        key = (p.device, p.dtype, dtype, m, n, config, ns_dtype, nesterov, form, backend)
         if key not in buckets:
-            buckets[key] = Bucket(p.device, dtype, m, n, config, ns_dtype, *select_backend(backend, p.device, m))
+            buckets[key] = Bucket(p.device, dtype, m, n, config, ns_dtype, nesterov, form,
+                                  *select_backend(backend, p.device, m))
         buckets[key].entries.append(Entry(group, p, view, scale))
     return list(buckets.values())
 

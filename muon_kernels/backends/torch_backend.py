@@ -1,21 +1,72 @@
-"""Pure-PyTorch reference backend: batched Newton–Schulz with ``bmm``/``baddbmm``.
+"""Pure-PyTorch reference backend: batched Newton–Schulz with ``bmm``/``baddbmm``, foreach momentum
+and update.
 
 It is the ground truth that every kernel is tested against and the path CPU users run, so it
-does the plainest thing: normalize in fp32, cast once to the iteration dtype, and run the
-recurrence on the whole stack with one batched GEMM per term.
+does the plainest thing: multi-tensor ``_foreach_*`` ops for momentum and the update, one ``cat``
+per bucket, normalization in fp32, one cast to the iteration dtype, and the recurrence on the
+whole stack with one batched GEMM per term.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..orthogonalize import NSConfig
+
+if TYPE_CHECKING:
+    from ..plan import Bucket
 
 NAME = "torch"
 
 
 def status(device: torch.device | None = None) -> tuple[bool, str]:
     return True, "pure PyTorch (batched bmm/baddbmm); runs on every device"
+
+
+def momentum_update(
+    bufs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    *,
+    momentum: float,
+    nesterov: bool,
+    form: str,
+) -> list[torch.Tensor]:
+    """Update the momentum buffers in place and return the update U fed to Newton–Schulz.
+
+    ema: M = μM + (1-μ)G;  U = (1-μ)G + μM (nesterov) or M.
+    sgd: M = μM + G;       U = G + μM (nesterov) or M.
+    The ema form uses lerp exactly as torch.optim.Muon does, so fp32 results agree bit for bit.
+    """
+    grads = [g if g.dtype == b.dtype else g.to(b.dtype) for g, b in zip(grads, bufs)]
+    if form == "ema":
+        torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
+        return torch._foreach_lerp(grads, bufs, momentum) if nesterov else list(bufs)
+    # A 0-dim fp32 tensor: see apply_bucket_update on _foreach_mul_ and Python scalars.
+    torch._foreach_mul_(bufs, torch.tensor(momentum, dtype=torch.float32, device=bufs[0].device))
+    torch._foreach_add_(bufs, grads)
+    return torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else list(bufs)
+
+
+def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Tensor:
+    """Momentum (foreach, per group of the bucket) then a (K, m, n) copy of the updates, tall
+    matrices transposed; the stack never aliases a buffer."""
+    updates: list[torch.Tensor | None] = [None] * len(bucket.entries)
+    by_group: dict[int, list[int]] = defaultdict(list)
+    for i, e in enumerate(bucket.entries):
+        by_group[e.group].append(i)
+    for gi, idx in by_group.items():
+        us = momentum_update([bufs[i] for i in idx], [grads[i] for i in idx], momentum=groups[gi]["momentum"],
+                             nesterov=bucket.nesterov, form=bucket.momentum_form)
+        for i, u in zip(idx, us):
+            updates[i] = u
+    views = []
+    for e, u in zip(bucket.entries, updates):
+        u = u.reshape(e.view.batch, e.view.rows, e.view.cols)
+        views.append(u.mT if e.view.transposed else u)
+    return torch.cat(views, dim=0)
 
 
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype) -> tuple[str, str]:
@@ -40,3 +91,25 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
     return X
+
+
+def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> None:
+    """W *= 1 - lr·wd; W -= lr·scale·O — for every parameter of the bucket, foreach per (group, scale)."""
+    ortho = ortho.to(bucket.entries[0].param.dtype)
+    batches: dict[tuple[int, float], tuple[list, list]] = defaultdict(lambda: ([], []))
+    offset = 0
+    for e in bucket.entries:
+        o = ortho[offset : offset + e.view.batch]
+        offset += e.view.batch
+        params, outs = batches[(e.group, e.scale)]
+        params.append(e.param)
+        outs.append((o.mT if e.view.transposed else o).reshape(e.param.shape))
+    for (gi, scale), (params, outs) in batches.items():
+        group = groups[gi]
+        lr = float(group["lr"])
+        decay = 1.0 - lr * group["weight_decay"]
+        if decay != 1.0:
+            # A 0-dim fp32 tensor, not a Python float: on CPU, torch 2.13's _foreach_mul_ rounds a
+            # Python scalar to the tensors' dtype first (0.998 becomes 0.996 in bf16, doubling the decay).
+            torch._foreach_mul_(params, torch.tensor(decay, dtype=torch.float32, device=bucket.device))
+        torch._foreach_add_(params, outs, alpha=-lr * scale)

@@ -1,24 +1,63 @@
-"""Triton backend: the fused, batched symmetric Newton–Schulz kernels of ``muon_kernels.triton_kernels``.
+"""Triton backend: the fused, batched kernels of ``muon_kernels.triton_kernels``.
 
-Importing this module imports triton; the registry only does so when the backend is asked about.
+Per bucket: one fused momentum → Nesterov → stack launch, the symmetric Newton–Schulz
+(2 + 3·steps launches), one fused decay-and-update launch. Importing this module imports triton;
+the registry only does so when the backend is asked about.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..orthogonalize import NSConfig
+from ..triton_kernels.fused_update import fused_apply_update, fused_momentum
 from ..triton_kernels.newton_schulz import newton_schulz
+from . import torch_backend
+
+if TYPE_CHECKING:
+    from ..plan import Bucket
 
 NAME = "triton"
 
 
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype) -> tuple[str, str]:
     return "symmetric", (
-        "triangular-grid X·Xᵀ and b·A+c·A·A (upper tiles, mirrored store), a·X+B·X epilogue; "
-        "2 + 3·steps launches per bucket"
+        "fused momentum→stack, triangular-grid X·Xᵀ and b·A+c·A·A (upper tiles, mirrored store), "
+        "a·X+B·X epilogue, fused update; 4 + 3·steps launches per bucket"
     )
 
 
 def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
     return newton_schulz(stack, config, ns_dtype)
+
+
+def _views(bucket: Bucket):
+    return [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed) for e in bucket.entries]
+
+
+def _contiguous(tensors) -> bool:
+    return all(t.is_contiguous() for t in tensors)
+
+
+def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Tensor:
+    """One launch: momentum, Nesterov and the (transposing) copy into the stack. Non-contiguous
+    tensors (channels_last filters, strided views) take the torch path."""
+    if not (_contiguous(grads) and _contiguous(bufs)) or len({g.dtype for g in grads}) != 1:
+        return torch_backend.momentum_stack(bucket, grads, bufs, groups)
+    stack = torch.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
+    fused_momentum(grads, bufs, [float(groups[e.group]["momentum"]) for e in bucket.entries], _views(bucket), stack,
+                   ema=bucket.momentum_form == "ema", nesterov=bucket.nesterov)
+    return stack
+
+
+def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> None:
+    """One launch: W = W·(1 - lr·wd) - lr·scale·O for every parameter of the bucket."""
+    params = [e.param for e in bucket.entries]
+    if not _contiguous(params):
+        return torch_backend.apply_update(bucket, ortho, groups)
+    lrs = [float(groups[e.group]["lr"]) for e in bucket.entries]
+    alphas = [-lr * e.scale for lr, e in zip(lrs, bucket.entries)]
+    decays = [1.0 - lr * groups[e.group]["weight_decay"] for lr, e in zip(lrs, bucket.entries)]
+    fused_apply_update(params, alphas, decays, _views(bucket), ortho)

@@ -1,0 +1,163 @@
+"""Multi-tensor fused kernels around Newton–Schulz, one launch per bucket each.
+
+``fused_momentum``: M = μM + (1-μ)G (ema) or μM + G (sgd), then U = Nesterov(G, M) or M, written
+straight into the bucket's (K, m, n) stack — tall matrices transposed on the way — so the momentum
+update, the Nesterov blend and the stacking copy are one pass over memory.
+``fused_apply_update``: W = (W·(1 - lr·wd)) + (-lr·scale)·O, reading each parameter's slice of the
+orthogonalized stack (transposed back where needed), rounding to the parameter's dtype after each
+of the two operations as torch's ``mul_`` then ``add_`` does.
+
+Tensors are reached through tables of addresses (apex's multi-tensor pattern): a program table
+maps each program to (tensor, chunk), so one launch covers every parameter of the bucket. All
+math is fp32 in registers. Parameters, gradients and buffers must be contiguous; the backend
+falls back to torch's foreach path otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import FP_FUSION, is_interpreting
+
+BLOCK = 1024
+_BLOCK_INTERPRETER = 64
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64}
+
+
+@triton.jit
+def _stack_index(Meta, t, idx):
+    """Element ``idx`` of tensor ``t`` (row-major over its (batch, rows, cols) view) → its place in the stack."""
+    offset = tl.load(Meta + t * 4 + 0)
+    rows = tl.load(Meta + t * 4 + 1)
+    cols = tl.load(Meta + t * 4 + 2)
+    transposed = tl.load(Meta + t * 4 + 3)
+    per = rows * cols
+    b = idx // per
+    rem = idx - b * per
+    r = rem // cols
+    c = rem - r * cols
+    return tl.where(transposed != 0, offset + b * per + c * rows + r, offset + idx)
+
+
+@triton.jit
+def _round(x, DTYPE: tl.constexpr, EMULATE_RN: tl.constexpr):
+    """fp32 → DTYPE with round-to-nearest-even. The CPU interpreter truncates fp32 → bf16, so there
+    the rounding is done on the bits first (its truncation is then exact); GPUs round natively."""
+    if EMULATE_RN and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _lerp(a, b, w):
+    """torch's lerp, branch for branch (it switches formula at w = 0.5 for accuracy)."""
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
+def _fused_momentum_kernel(
+    GradPtrs, BufPtrs, Meta, Numels, Momenta, ChunkTensor, ChunkStart, Stack,
+    GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr, EMA: tl.constexpr, NESTEROV: tl.constexpr,
+    BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(ChunkTensor + pid)
+    idx = tl.load(ChunkStart + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = idx < tl.load(Numels + t)
+    grad = tl.load(GradPtrs + t).to(tl.pointer_type(GRAD_DTYPE))
+    buf = tl.load(BufPtrs + t).to(tl.pointer_type(BUF_DTYPE))
+    mu = tl.load(Momenta + t)
+    # The gradient is first rounded to the buffer's dtype, as torch does before lerp.
+    g = _round(tl.load(grad + idx, mask=mask, other=0.0).to(tl.float32), BUF_DTYPE, EMULATE_RN).to(tl.float32)
+    m = tl.load(buf + idx, mask=mask, other=0.0).to(tl.float32)
+    # Same operations and roundings as the torch path: lerp_ / (mul_, add_) on the buffer, then
+    # lerp / add(alpha=μ) for Nesterov, each rounded to the buffer's dtype.
+    if EMA:
+        m = _lerp(m, g, 1.0 - mu)
+    else:
+        m = _round(mu * m, BUF_DTYPE, EMULATE_RN).to(tl.float32) + g
+    m = _round(m, BUF_DTYPE, EMULATE_RN)
+    tl.store(buf + idx, m, mask=mask)
+    if NESTEROV:
+        if EMA:
+            u = _lerp(g, m.to(tl.float32), mu)
+        else:
+            u = g + mu * m.to(tl.float32)
+    else:
+        u = m
+    tl.store(Stack + _stack_index(Meta, t, idx), _round(u.to(tl.float32), Stack.dtype.element_ty, EMULATE_RN), mask=mask)
+
+
+@triton.jit
+def _fused_apply_update_kernel(
+    ParamPtrs, Meta, Numels, Alphas, Decays, ChunkTensor, ChunkStart, Ortho,
+    PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(ChunkTensor + pid)
+    idx = tl.load(ChunkStart + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = idx < tl.load(Numels + t)
+    param = tl.load(ParamPtrs + t).to(tl.pointer_type(PARAM_DTYPE))
+    w = tl.load(param + idx, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(Ortho + _stack_index(Meta, t, idx), mask=mask, other=0.0).to(tl.float32)
+    o = _round(o, PARAM_DTYPE, EMULATE_RN).to(tl.float32)  # O is cast to the parameter's dtype first
+    w = _round(w * tl.load(Decays + t), PARAM_DTYPE, EMULATE_RN).to(tl.float32)  # W *= 1 - lr·wd, like mul_
+    w = w + tl.load(Alphas + t) * o  # then W += (-lr·scale)·O, rounded like add_
+    tl.store(param + idx, _round(w, PARAM_DTYPE, EMULATE_RN), mask=mask)
+
+
+def _block() -> int:
+    return _BLOCK_INTERPRETER if is_interpreting() else BLOCK
+
+
+def _tables(tensors: list[torch.Tensor], device: torch.device):
+    """Per-program (tensor index, chunk start) so that one launch covers every tensor."""
+    block = _block()
+    counts = [triton.cdiv(t.numel(), block) for t in tensors]
+    chunk_tensor = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), torch.tensor(counts))
+    chunk_start = torch.cat([torch.arange(c, dtype=torch.int64) * block for c in counts])
+    numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+    return [x.to(device, non_blocking=True) for x in (chunk_tensor, chunk_start, numels)], len(chunk_tensor)
+
+
+def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
+
+
+def stack_meta(views, device: torch.device) -> torch.Tensor:
+    """(offset in elements, rows, cols, transposed) per tensor, from (batch, rows, cols, transposed) views."""
+    meta, offset = [], 0
+    for batch, rows, cols, transposed in views:
+        meta.append((offset, rows, cols, int(transposed)))
+        offset += batch * rows * cols
+    return torch.tensor(meta, dtype=torch.int64).reshape(-1, 4).to(device, non_blocking=True)
+
+
+def fused_momentum(grads, bufs, momenta, views, stack: torch.Tensor, *, ema: bool, nesterov: bool) -> None:
+    """Update ``bufs`` in place and write U for every tensor into ``stack`` (see module docstring)."""
+    device = stack.device
+    (chunk_tensor, chunk_start, numels), programs = _tables(bufs, device)
+    _fused_momentum_kernel[(programs,)](
+        _addresses(grads, device), _addresses(bufs, device), stack_meta(views, device), numels,
+        torch.tensor(momenta, dtype=torch.float32).to(device, non_blocking=True), chunk_tensor, chunk_start, stack,
+        GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BUF_DTYPE=_TL_DTYPES[bufs[0].dtype], EMA=ema, NESTEROV=nesterov,
+        BLOCK=_block(), EMULATE_RN=is_interpreting(), enable_fp_fusion=FP_FUSION,
+    )
+
+
+def fused_apply_update(params, alphas, decays, views, ortho: torch.Tensor) -> None:
+    """``W = (W·decay) + alpha·O`` for every parameter, O read from its slice of ``ortho``."""
+    device = ortho.device
+    (chunk_tensor, chunk_start, numels), programs = _tables(params, device)
+    _fused_apply_update_kernel[(programs,)](
+        _addresses(params, device), stack_meta(views, device), numels,
+        torch.tensor(alphas, dtype=torch.float32).to(device, non_blocking=True),
+        torch.tensor(decays, dtype=torch.float32).to(device, non_blocking=True),
+        chunk_tensor, chunk_start, ortho,
+        PARAM_DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=_block(), EMULATE_RN=is_interpreting(),
+        enable_fp_fusion=FP_FUSION,
+    )
