@@ -23,12 +23,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from muon_kernels.triton_kernels import config as kcfg
-from muon_kernels.triton_kernels import fused_update
+from muon_kernels.triton_kernels import fused_update, small_newton_schulz
 from muon_kernels.triton_kernels.newton_schulz import _ns_update_kernel, _scale_cast_kernel, _sum_squares_kernel
 from muon_kernels.triton_kernels.symmetric_matmul import _symmetric_matmul_kernel
 
@@ -118,6 +119,21 @@ def kernel_cases(arch: int):
             matmul.append(("ns_update[a·X+B·X]", _ns_update_kernel, args,
                            dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **common),
                            cfg_label, dtype, cfg.num_warps, cfg.num_stages, True, tensor_cores))
+    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for dtype, precision, tensor_cores in (("bf16", "tf32", True), ("fp16", "tf32", True), ("fp32", "ieee", False)):
+        # The largest padded tile the byte budget admits at a 1:4 aspect (the shape of an MLP matrix).
+        budget = small_newton_schulz.budget(torch_dtypes[dtype], arch)
+        elt = 2 if dtype != "fp32" else 4
+        block_m = 16
+        while (2 * block_m) * (8 * block_m) * elt <= budget:
+            block_m *= 2
+        block_n = budget // (block_m * elt)
+        m, n = block_m, block_n
+        warps = small_newton_schulz.num_warps(block_m, block_n)
+        args = dict(X=dtype, Out=dtype, Coefficients="fp32", M=m, N=n, steps=5)
+        matmul.append(("small_newton_schulz", small_newton_schulz._small_newton_schulz_kernel, args,
+                       dict(BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=False, PRECISION=precision),
+                       f"{block_m}x{block_n}w{warps}:{precision}", dtype, warps, 1, True, tensor_cores))
     elementwise = []
     r, c = 1024, 4096
     tiles_c = c // 256

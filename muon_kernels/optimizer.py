@@ -236,7 +236,7 @@ class Muon(Optimizer):
                     rows.append(PlanRow(*common, "skip", "-", "-", "-", "zero-size parameter"))
                 else:
                     b, e = where[id(p)]
-                    path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype)
+                    path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype, b.device)
                     dtype = str(b.ns_dtype).removeprefix("torch.")
                     why = f"{b.why}; {how}; bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}"
                     rows.append(PlanRow(*common, "Muon", e.view.describe(), b.backend.NAME, path, why))

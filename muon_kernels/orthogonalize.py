@@ -159,7 +159,7 @@ def orthogonalize(
     stack = G.reshape(-1, rows, cols)
     if rows > cols:
         stack = stack.mT
-    impl, _ = select_backend(backend, G.device, min(rows, cols))
+    impl, _ = select_backend(backend, G.device, min(rows, cols), max(rows, cols), ns_dtype)
     out = impl.orthogonalize(stack, config, ns_dtype)
     if rows > cols:
         out = out.mT

@@ -144,7 +144,7 @@ def build_buckets(items) -> list[Bucket]:
         key = (p.device, p.dtype, dtype, m, n, config, ns_dtype, nesterov, form, backend)
         if key not in buckets:
             buckets[key] = Bucket(p.device, dtype, m, n, config, ns_dtype, nesterov, form,
-                                  *select_backend(backend, p.device, m))
+                                  *select_backend(backend, p.device, m, n, ns_dtype))
         buckets[key].entries.append(Entry(group, p, view, scale))
     return list(buckets.values())
 

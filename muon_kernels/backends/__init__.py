@@ -1,6 +1,7 @@
 """Backend registry: which implementations exist, which can run here, and why not.
 
-A backend is a module with ``NAME``, ``kernel_path(m, n, ns_dtype) -> (path, why)`` and
+A backend is a module with ``NAME``, ``kernel_path(m, n, ns_dtype, device) -> (path, why)``,
+``momentum_stack(bucket, grads, bufs, groups)``, ``apply_update(bucket, ortho, groups)`` and
 ``orthogonalize(stack, config, ns_dtype)``; its availability is probed here. ``auto`` picks per
 bucket: CUDA with usable Triton → ``triton`` where the dispatch table says the kernels win, else
 torch's batched cuBLAS; CUDA with the compiled extension → ``cuda``; otherwise ``torch``. An
@@ -20,10 +21,13 @@ from . import torch_backend
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 MIN_TRITON_CAPABILITY = (8, 0)
 MIN_CUDA_CAPABILITY = (7, 5)
-# backend="auto" on a CUDA device with usable Triton: the smallest oriented m (rows of the Gram
-# matrix) from which the symmetric Triton kernels serve a bucket; below it, torch's batched cuBLAS
-# does. A conservative default until GPU results are committed under bench/results/: published
-# symmetric kernels beat cuBLAS on H100 only from about m = 2048 (DESIGN.md §3).
+# backend="auto" on a CUDA device with usable Triton, per oriented bucket shape (m <= n):
+#   a matrix that fits one CTA (small_newton_schulz.fits)  → triton, one kernel for all steps;
+#   m >= AUTO_TRITON_MIN_M                                 → triton, symmetric kernels;
+#   otherwise                                              → torch's batched cuBLAS.
+# A conservative default until GPU results are committed under bench/results/: published
+# symmetric kernels beat cuBLAS on H100 only from about m = 2048, and below that launch count
+# dominates, which is what the one-kernel path removes (DESIGN.md §3).
 AUTO_TRITON_MIN_M = 2048
 
 
@@ -114,8 +118,25 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, tu
     return {name: probe(dev) for name, probe in _STATUS.items()}
 
 
-def select_backend(name: str, device: torch.device, m: int | None = None) -> tuple[ModuleType, str]:
-    """(backend module, why) for an oriented bucket with ``m`` rows on ``device``; raises if ``name`` can't run."""
+def _auto_cuda(device: torch.device, m: int | None, n: int | None, ns_dtype: torch.dtype | None) -> tuple[ModuleType, str]:
+    if _STATUS["triton"](device)[0]:
+        triton_backend = _runnable("triton")
+        if m is None:
+            return triton_backend, "auto: CUDA with usable Triton"
+        if triton_backend.small_path(m, n, ns_dtype, device):
+            return triton_backend, f"auto: {m}×{n} fits one CTA, one kernel for all steps"
+        if m >= AUTO_TRITON_MIN_M:
+            return triton_backend, f"auto: m={m} >= {AUTO_TRITON_MIN_M}, symmetric kernels beat cuBLAS"
+        return torch_backend, f"auto: m={m} < {AUTO_TRITON_MIN_M}, batched cuBLAS wins below the crossover"
+    if _STATUS["cuda"](device)[0]:
+        return _runnable("cuda"), "auto: no usable Triton, compiled extension available"
+    return torch_backend, "auto: neither Triton nor the extension can run here"
+
+
+def select_backend(name: str, device: torch.device, m: int | None = None, n: int | None = None,
+                   ns_dtype: torch.dtype | None = None) -> tuple[ModuleType, str]:
+    """(backend module, why) for an oriented m×n bucket iterated in ``ns_dtype`` on ``device``;
+    raises if ``name`` is a backend that cannot run there."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name != "auto":
@@ -125,10 +146,4 @@ def select_backend(name: str, device: torch.device, m: int | None = None) -> tup
         return _runnable(name), f"backend={name!r} requested"
     if device.type != "cuda":
         return torch_backend, f"auto: {device.type} tensors take the torch reference"
-    if _STATUS["triton"](device)[0]:
-        if m is not None and m >= AUTO_TRITON_MIN_M:
-            return _runnable("triton"), f"auto: m={m} >= {AUTO_TRITON_MIN_M}, symmetric kernels beat cuBLAS"
-        return torch_backend, f"auto: m={m} < {AUTO_TRITON_MIN_M}, batched cuBLAS wins below the crossover"
-    if _STATUS["cuda"](device)[0]:
-        return _runnable("cuda"), "auto: no usable Triton, compiled extension available"
-    return torch_backend, "auto: neither Triton nor the extension can run here"
+    return _auto_cuda(device, m, n, ns_dtype)

@@ -69,7 +69,7 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     return torch.cat(views, dim=0)
 
 
-def kernel_path(m: int, n: int, ns_dtype: torch.dtype) -> tuple[str, str]:
+def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
     return "baddbmm", "reference recurrence: one batched GEMM per term, any shape"
 
 

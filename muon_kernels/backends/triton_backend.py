@@ -1,7 +1,8 @@
 """Triton backend: the fused, batched kernels of ``muon_kernels.triton_kernels``.
 
-Per bucket: one fused momentum → Nesterov → stack launch, the symmetric Newton–Schulz
-(2 + 3·steps launches), one fused decay-and-update launch. Importing this module imports triton;
+Per bucket: one fused momentum → Nesterov → stack launch; Newton–Schulz either in one kernel
+(matrices that fit one CTA) or with the symmetric kernels (2 + 3·steps launches); one fused
+decay-and-update launch. Importing this module imports triton;
 the registry only does so when the backend is asked about.
 """
 
@@ -14,6 +15,7 @@ import torch
 from ..orthogonalize import NSConfig
 from ..triton_kernels.fused_update import fused_apply_update, fused_momentum
 from ..triton_kernels.newton_schulz import newton_schulz
+from ..triton_kernels.small_newton_schulz import fits_device, small_newton_schulz
 from . import torch_backend
 
 if TYPE_CHECKING:
@@ -22,7 +24,13 @@ if TYPE_CHECKING:
 NAME = "triton"
 
 
-def kernel_path(m: int, n: int, ns_dtype: torch.dtype) -> tuple[str, str]:
+def small_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> bool:
+    return fits_device(m, n, ns_dtype, device)
+
+
+def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+    if small_path(m, n, ns_dtype, device):
+        return "small", "whole matrix in one CTA: all NS steps in one kernel; fused momentum and update; 5 launches"
     return "symmetric", (
         "fused momentum→stack, triangular-grid X·Xᵀ and b·A+c·A·A (upper tiles, mirrored store), "
         "a·X+B·X epilogue, fused update; 4 + 3·steps launches per bucket"
@@ -30,6 +38,9 @@ def kernel_path(m: int, n: int, ns_dtype: torch.dtype) -> tuple[str, str]:
 
 
 def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+    _, m, n = stack.shape
+    if small_path(m, n, ns_dtype, stack.device):
+        return small_newton_schulz(stack, config, ns_dtype)
     return newton_schulz(stack, config, ns_dtype)
 
 

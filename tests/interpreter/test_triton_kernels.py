@@ -14,6 +14,7 @@ from muon_kernels.backends import torch_backend, triton_backend
 from muon_kernels.orthogonalize import resolve_ns_config
 from muon_kernels.triton_kernels.config import INTERPRETER_CONFIG
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, normalize, ns_update
+from muon_kernels.triton_kernels.small_newton_schulz import fits, small_newton_schulz
 from muon_kernels.triton_kernels.symmetric_matmul import symmetric_matmul
 from oracles import plain_recurrence, reference_ns, rel_err
 
@@ -139,7 +140,9 @@ def test_backend_through_the_public_api():
     G = _randn(2, 30, 12)  # tall: oriented by orthogonalize() as a transposed view
     out = mk.orthogonalize(G, backend="triton", ns_dtype=torch.float32, ns_steps=2)
     assert rel_err(out, reference_ns(G, "keller", 2)) <= FP32_TOL
-    assert triton_backend.kernel_path(12, 30, torch.bfloat16)[0] == "symmetric"
+    cpu = torch.device("cpu")
+    assert triton_backend.kernel_path(12, 30, torch.bfloat16, cpu)[0] == "small"
+    assert triton_backend.kernel_path(200, 300, torch.bfloat16, cpu)[0] == "symmetric"
 
 
 def test_optimizer_step_on_the_triton_backend_matches_torch():
@@ -206,3 +209,48 @@ def test_fused_path_falls_back_for_non_contiguous_parameters():
     a.step()
     b.step()
     assert rel_err(conv, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("preset, ns_steps", [("keller", 5), ("quintic", 5), ("polar_express", 7), ("keller", 0),
+                                              ("keller", 1)])
+@pytest.mark.parametrize("shape", [(1, 1, 9), (3, 7, 13), (2, 16, 16), (1, 20, 64)])
+def test_small_path_fp32_matches_fp64_recurrence(shape, preset, ns_steps):
+    G = _randn(*shape)
+    out = small_newton_schulz(G, resolve_ns_config(preset, ns_steps, 1e-7), torch.float32)
+    assert rel_err(out, reference_ns(G, preset, ns_steps)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float16])
+def test_small_path_low_precision_within_baseline_error(ns_dtype):
+    G = _randn(3, 12, 40)
+    ref = reference_ns(G)
+    out = small_newton_schulz(G, resolve_ns_config("keller", 5, 1e-7), ns_dtype)
+    assert rel_err(out, ref) <= 2 * rel_err(plain_recurrence(G, ns_dtype), ref) + 1e-2
+
+
+@pytest.mark.parametrize("preset", ["keller", "quintic", "polar_express"])
+def test_small_path_scalar_map(preset):
+    sigma = torch.tensor([1.0, 0.7, 0.5, 0.3, 0.1, 0.03, 0.01], dtype=torch.float64)
+    config = resolve_ns_config(preset, 5, 1e-7)
+    s = sigma / (sigma.norm() * config.norm_scale + config.norm_offset)
+    for a, b, c in config.coefficients:
+        s = a * s + b * s**3 + c * s**5
+    out = small_newton_schulz(torch.diag(sigma).float()[None], config, torch.float32)[0]
+    assert torch.count_nonzero(out - torch.diag(out.diagonal())) == 0
+    torch.testing.assert_close(out.diagonal().double(), s, rtol=0, atol=FP32_TOL)
+
+
+def test_small_path_isolates_nan():
+    G = _randn(3, 8, 24)
+    G[0, 1, 1] = float("nan")
+    config = resolve_ns_config("keller", 3, 1e-7)
+    out = small_newton_schulz(G, config, torch.float32)
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1:]).all()
+    torch.testing.assert_close(out[2], small_newton_schulz(G[2:], config, torch.float32)[0], rtol=0, atol=0)
+
+
+def test_small_path_budget_is_bytes_not_a_side_length():
+    assert fits(64, 256, torch.bfloat16, 90) and not fits(64, 256, torch.float32, 90)
+    assert fits(32, 128, torch.float32, 90) and not fits(32, 128, torch.float32, 86)
+    assert not fits(256, 3072, torch.bfloat16, 90)  # 1.5 MB
+    assert fits(128, 128, torch.bfloat16, 80) and not fits(128, 128, torch.bfloat16, 86)
