@@ -55,6 +55,8 @@ def implementations(device: torch.device, quick: bool):
     for name, (ok, _) in mk.available_backends(device).items():
         if ok:
             impls.append((f"ours-{name}", ours(name)))
+    if device.type == "cuda":
+        impls.append(("ours-auto", ours("auto")))  # what a user gets: the dispatch table's choice per bucket
     if device.type == "cpu":
         impls.append(("ours-torch-fp32", ours("torch", ns_dtype=torch.float32)))
     return impls

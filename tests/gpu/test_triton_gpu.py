@@ -1,0 +1,202 @@
+"""The Triton backend on a real GPU (marked ``gpu``; skipped where torch sees no CUDA device).
+
+Same oracles as the CPU tests (fp64 recurrence, DESIGN.md §5 bounds, the torch backend), plus what
+only a device shows: launch counts, torch.compile, and bit-identical resume in a new process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import muon_kernels as mk
+from muon_kernels.orthogonalize import resolve_ns_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from oracles import plain_recurrence, reference_ns, rel_err  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+if torch.cuda.is_available():
+    from muon_kernels.triton_kernels.newton_schulz import newton_schulz
+    from muon_kernels.triton_kernels.small_newton_schulz import small_newton_schulz
+    from muon_kernels.triton_kernels.symmetric_matmul import symmetric_matmul
+
+DEV = torch.device("cuda")
+SHAPES = [(1, 1, 64), (3, 96, 200), (2, 257, 513), (1, 640, 640), (2, 130, 1000)]
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# The one-kernel path only takes matrices that fit one CTA: the first two shapes.
+PATHS = [(shape, "symmetric") for shape in SHAPES] + [(shape, "small") for shape in SHAPES[:2]]
+
+
+@pytest.mark.parametrize("shape, path", PATHS)
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_newton_schulz_against_fp64(shape, path, ns_dtype):
+    G = _randn(*shape)
+    ref = reference_ns(G)
+    fn = newton_schulz if path == "symmetric" else small_newton_schulz
+    out = fn(G.float().to(DEV), resolve_ns_config("keller", 5, 1e-7), ns_dtype).cpu()
+    if ns_dtype == torch.float32:
+        assert rel_err(out, ref) <= 1e-4
+    else:
+        assert rel_err(out, ref) <= 2 * rel_err(plain_recurrence(G, ns_dtype), ref) + 1e-2
+
+
+@pytest.mark.parametrize("preset", ["keller", "quintic", "polar_express"])
+def test_scalar_map_on_device(preset):
+    sigma = torch.tensor([1.0, 0.7, 0.5, 0.3, 0.1, 0.03, 0.01], dtype=torch.float64)
+    config = resolve_ns_config(preset, 5, 1e-7)
+    s = sigma / (sigma.norm() * config.norm_scale + config.norm_offset)
+    for a, b, c in config.coefficients:
+        s = a * s + b * s**3 + c * s**5
+    for fn in (newton_schulz, small_newton_schulz):
+        out = fn(torch.diag(sigma).float()[None].to(DEV), config, torch.float32)[0].cpu()
+        torch.testing.assert_close(out.diagonal().double(), s, rtol=0, atol=1e-4)
+
+
+def test_symmetric_matmul_and_mirrored_tiles_on_device():
+    X = _randn(3, 300, 700).to(DEV, torch.bfloat16)
+    out = symmetric_matmul(X)
+    exact = X.double() @ X.double().mT
+    assert rel_err(out, exact) <= 2 * 2.0**-8
+    assert torch.equal(out[:, :128, 128:256], out[:, 128:256, :128].mT)
+
+
+def test_nan_member_does_not_leak_on_device():
+    G = _randn(4, 200, 300).float().to(DEV)
+    G[2, 5, 5] = float("nan")
+    out = newton_schulz(G, resolve_ns_config("keller", 5, 1e-7), torch.bfloat16)
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3]]).all()
+
+
+def _params(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=g) / s[1] ** 0.5).to(DEV, dtype)) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_matches_torch_backend(dtype):
+    shapes = [(192, 64), (64, 192), (64, 64), (256, 64), (64, 256), (2048, 2048)]
+    a, b = _params(shapes, dtype), _params(shapes, dtype)
+    start = [p.detach().clone() for p in a]
+    opt_a = mk.Muon(a, lr=0.05, backend="triton")
+    opt_b = mk.Muon(b, lr=0.05, backend="torch")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=g).to(DEV, dtype)
+            q.grad = p.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    for p, q, s in zip(a, b, start):
+        assert ((p.double() - q.double()).norm() / (q.double() - s.double()).norm()).item() <= 3e-2
+
+
+def _kernel_launches(opt) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
+               and "memset" not in e.name.lower())
+
+
+def test_launch_count_is_constant_per_bucket():
+    """4 + 3·steps launches per symmetric bucket and 5 per small bucket, whatever the parameter count."""
+    counts = []
+    for layers in (2, 8):
+        shapes = [(2048, 2048), (64, 256)] * layers
+        ps = _params(shapes)
+        opt = mk.Muon(ps, backend="triton", ns_steps=5)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()  # compile
+        counts.append(_kernel_launches(opt))
+    assert counts[0] == counts[1] == (4 + 3 * 5) + 5, counts
+
+
+def test_auto_dispatch_by_shape():
+    ps = _params([(64, 256), (768, 3072), (2048, 2048)])
+    rows = {r.shape: r for r in mk.Muon(ps).plan()}
+    assert (rows[(64, 256)].backend, rows[(64, 256)].path) == ("triton", "small")
+    assert rows[(768, 3072)].backend == "torch"
+    assert (rows[(2048, 2048)].backend, rows[(2048, 2048)].path) == ("triton", "symmetric")
+
+
+def test_compiled_training_step_matches_eager():
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).to(DEV)  # noqa: E731
+    eager_model, compiled_model = make(), make()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    eager_opt = mk.Muon(eager_model.parameters(), backend="triton", ns_dtype=torch.float32)
+    compiled_opt = mk.Muon(compiled_model.parameters(), backend="triton", ns_dtype=torch.float32)
+    x = torch.randn(32, 64, device=DEV)
+
+    def train_step(model, opt):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    compiled_step = torch.compile(train_step)
+    for _ in range(3):
+        train_step(eager_model, eager_opt)
+        compiled_step(compiled_model, compiled_opt)
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+_RESUME = """
+import sys, torch, muon_kernels as mk
+shapes = [(2048, 2048), (256, 64), (64, 256)]
+def params():
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter((torch.randn(s, generator=g) / s[1] ** 0.5).cuda()) for s in shapes]
+def steps(ps, opt, seeds):
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).cuda()
+        opt.step()
+mode, path = sys.argv[1], sys.argv[2]
+ps = params()
+opt = mk.Muon(ps, backend="triton")
+if mode == "first":
+    steps(ps, opt, [1, 2, 3])
+    torch.save({"params": [p.detach() for p in ps], "opt": opt.state_dict()}, path)
+else:
+    saved = torch.load(path, weights_only=True)
+    with torch.no_grad():
+        for p, q in zip(ps, saved["params"]):
+            p.copy_(q)
+    opt.load_state_dict(saved["opt"])
+    steps(ps, opt, [4, 5, 6])
+    torch.save([p.detach() for p in ps], path + ".resumed")
+"""
+
+
+def test_resume_in_a_new_process_is_bit_identical(tmp_path):
+    script = tmp_path / "resume.py"
+    script.write_text(_RESUME)
+    ckpt = str(tmp_path / "ckpt.pt")
+    for mode in ("first", "second"):
+        subprocess.run([sys.executable, str(script), mode, ckpt], check=True, timeout=600)
+    resumed = torch.load(ckpt + ".resumed", weights_only=True)
+    ps = _params([(2048, 2048), (256, 64), (64, 256)])
+    opt = mk.Muon(ps, backend="triton")
+    for seed in range(1, 7):
+        g = torch.Generator().manual_seed(seed)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(DEV)
+        opt.step()
+    for p, q in zip(ps, resumed):
+        assert torch.equal(p.detach().cpu(), q.cpu())
