@@ -48,3 +48,17 @@ def controlled_spectrum(m: int, n: int, sigma: torch.Tensor, generator: torch.Ge
     U, _ = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, generator=generator))
     V, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=generator))
     return U @ torch.diag(sigma.to(torch.float64)) @ V.T
+
+
+def scalar_map(preset, ns_steps: int = 5):
+    """(diag(σ) input in fp32, the scalar recurrence σ ← aσ + bσ³ + cσ⁵ on it in fp64).
+
+    On a diagonal input Newton–Schulz reduces to that scalar map (DESIGN.md §5): coefficients shifted
+    by one step, or one step too many, move the result by 0.02–0.07.
+    """
+    sigma = torch.tensor([1.0, 0.7, 0.5, 0.3, 0.1, 0.03, 0.01], dtype=torch.float64)
+    config = resolve_ns_config(preset, ns_steps, 1e-7)
+    s = sigma / (sigma.norm() * config.norm_scale + config.norm_offset)
+    for a, b, c in config.coefficients:
+        s = a * s + b * s**3 + c * s**5
+    return torch.diag(sigma).float(), s

@@ -16,7 +16,7 @@ from muon_kernels.triton_kernels.config import INTERPRETER_CONFIG
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, normalize, ns_update
 from muon_kernels.triton_kernels.small_newton_schulz import fits, small_newton_schulz
 from muon_kernels.triton_kernels.symmetric_matmul import symmetric_matmul
-from oracles import plain_recurrence, reference_ns, rel_err
+from oracles import plain_recurrence, reference_ns, rel_err, scalar_map
 
 FP32_TOL = 1e-4
 # A 16-bit output is the fp32 result rounded once: half an ulp of bf16 / fp16 relative.
@@ -114,15 +114,13 @@ def test_low_precision_within_baseline_error(shape, ns_dtype):
 
 
 @pytest.mark.parametrize("preset", ["keller", "quintic", "polar_express"])
-def test_scalar_map_on_diagonal_input(preset):
-    sigma = torch.tensor([1.0, 0.7, 0.5, 0.3, 0.1, 0.03, 0.01], dtype=torch.float64)
-    config = resolve_ns_config(preset, 5, 1e-7)
-    s = sigma / (sigma.norm() * config.norm_scale + config.norm_offset)
-    for a, b, c in config.coefficients:
-        s = a * s + b * s**3 + c * s**5
-    out = newton_schulz(torch.diag(sigma).float()[None], config, torch.float32)[0]
+@pytest.mark.parametrize("path", ["symmetric", "small"])
+def test_scalar_map_on_diagonal_input(preset, path):
+    D, expected = scalar_map(preset)
+    fn = newton_schulz if path == "symmetric" else small_newton_schulz
+    out = fn(D[None], resolve_ns_config(preset, 5, 1e-7), torch.float32)[0]
     assert torch.count_nonzero(out - torch.diag(out.diagonal())) == 0
-    torch.testing.assert_close(out.diagonal().double(), s, rtol=0, atol=FP32_TOL)
+    torch.testing.assert_close(out.diagonal().double(), expected, rtol=0, atol=FP32_TOL)
 
 
 def test_nan_member_does_not_leak():
@@ -226,18 +224,6 @@ def test_small_path_low_precision_within_baseline_error(ns_dtype):
     ref = reference_ns(G)
     out = small_newton_schulz(G, resolve_ns_config("keller", 5, 1e-7), ns_dtype)
     assert rel_err(out, ref) <= 2 * rel_err(plain_recurrence(G, ns_dtype), ref) + 1e-2
-
-
-@pytest.mark.parametrize("preset", ["keller", "quintic", "polar_express"])
-def test_small_path_scalar_map(preset):
-    sigma = torch.tensor([1.0, 0.7, 0.5, 0.3, 0.1, 0.03, 0.01], dtype=torch.float64)
-    config = resolve_ns_config(preset, 5, 1e-7)
-    s = sigma / (sigma.norm() * config.norm_scale + config.norm_offset)
-    for a, b, c in config.coefficients:
-        s = a * s + b * s**3 + c * s**5
-    out = small_newton_schulz(torch.diag(sigma).float()[None], config, torch.float32)[0]
-    assert torch.count_nonzero(out - torch.diag(out.diagonal())) == 0
-    torch.testing.assert_close(out.diagonal().double(), s, rtol=0, atol=FP32_TOL)
 
 
 def test_small_path_isolates_nan():
