@@ -225,8 +225,8 @@ class Muon(Optimizer):
         ]
         buckets = build_buckets([it for gi, g, ps in work for it in self._muon_items(gi, g, ps)])
         where = {id(e.param): (b, e) for b in buckets for e in b.entries}
-        for group in self.param_groups:
-            names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [f"group{gi}[{i}]" for i in range(len(group["params"]))]
             for name, p in zip(names, group["params"]):
                 common = (name, tuple(p.shape), p.dtype, p.device)
                 if not group["use_muon"]:

@@ -108,6 +108,7 @@ class Bucket:
     backend: ModuleType
     why: str  # why this backend serves the bucket (the dispatch rule that fired)
     entries: list[Entry] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)  # a backend's per-plan data (e.g. kernel address tables)
 
     @property
     def matrices(self) -> int:

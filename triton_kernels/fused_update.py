@@ -15,6 +15,8 @@ falls back to torch's foreach path otherwise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -114,50 +116,60 @@ def _block() -> int:
     return _BLOCK_INTERPRETER if is_interpreting() else BLOCK
 
 
-def _tables(tensors: list[torch.Tensor], device: torch.device):
-    """Per-program (tensor index, chunk start) so that one launch covers every tensor."""
+@dataclass
+class Layout:
+    """Where each tensor of a bucket lives in its stack, and the program table that covers them all.
+
+    Depends only on the bucket's shapes, so the backend builds it once per plan, not every step.
+    """
+
+    chunk_tensor: torch.Tensor  # int32 per program: which tensor
+    chunk_start: torch.Tensor  # int64 per program: first element of its chunk
+    numels: torch.Tensor  # int64 per tensor
+    meta: torch.Tensor  # int64 per tensor: (offset in the stack, rows, cols, transposed)
+    programs: int
+
+
+def make_layout(views, device: torch.device) -> Layout:
+    """``views``: (batch, rows, cols, transposed) per tensor, in stack order."""
     block = _block()
-    counts = [triton.cdiv(t.numel(), block) for t in tensors]
-    chunk_tensor = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), torch.tensor(counts))
-    chunk_start = torch.cat([torch.arange(c, dtype=torch.int64) * block for c in counts])
-    numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
-    return [x.to(device, non_blocking=True) for x in (chunk_tensor, chunk_start, numels)], len(chunk_tensor)
+    numels = [b * r * c for b, r, c, _ in views]
+    counts = torch.tensor([triton.cdiv(n, block) for n in numels])
+    chunk_tensor = torch.repeat_interleave(torch.arange(len(views), dtype=torch.int32), counts)
+    chunk_start = torch.cat([torch.arange(int(c), dtype=torch.int64) * block for c in counts])
+    offsets = [0]
+    for n in numels[:-1]:
+        offsets.append(offsets[-1] + n)
+    meta = torch.tensor([(o, r, c, int(t)) for o, (_, r, c, t) in zip(offsets, views)], dtype=torch.int64)
+    return Layout(chunk_tensor.to(device), chunk_start.to(device), torch.tensor(numels, dtype=torch.int64).to(device),
+                  meta.to(device), len(chunk_tensor))
 
 
 def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
 
 
-def stack_meta(views, device: torch.device) -> torch.Tensor:
-    """(offset in elements, rows, cols, transposed) per tensor, from (batch, rows, cols, transposed) views."""
-    meta, offset = [], 0
-    for batch, rows, cols, transposed in views:
-        meta.append((offset, rows, cols, int(transposed)))
-        offset += batch * rows * cols
-    return torch.tensor(meta, dtype=torch.int64).reshape(-1, 4).to(device, non_blocking=True)
+def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
 
 
-def fused_momentum(grads, bufs, momenta, views, stack: torch.Tensor, *, ema: bool, nesterov: bool) -> None:
+def fused_momentum(grads, bufs, momenta, layout: Layout, stack: torch.Tensor, *, ema: bool, nesterov: bool) -> None:
     """Update ``bufs`` in place and write U for every tensor into ``stack`` (see module docstring)."""
     device = stack.device
-    (chunk_tensor, chunk_start, numels), programs = _tables(bufs, device)
-    _fused_momentum_kernel[(programs,)](
-        _addresses(grads, device), _addresses(bufs, device), stack_meta(views, device), numels,
-        torch.tensor(momenta, dtype=torch.float32).to(device, non_blocking=True), chunk_tensor, chunk_start, stack,
+    _fused_momentum_kernel[(layout.programs,)](
+        _addresses(grads, device), _addresses(bufs, device), layout.meta, layout.numels, _floats(momenta, device),
+        layout.chunk_tensor, layout.chunk_start, stack,
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BUF_DTYPE=_TL_DTYPES[bufs[0].dtype], EMA=ema, NESTEROV=nesterov,
         BLOCK=_block(), EMULATE_RN=is_interpreting(), enable_fp_fusion=FP_FUSION,
     )
 
 
-def fused_apply_update(params, alphas, decays, views, ortho: torch.Tensor) -> None:
+def fused_apply_update(params, alphas, decays, layout: Layout, ortho: torch.Tensor) -> None:
     """``W = (W·decay) + alpha·O`` for every parameter, O read from its slice of ``ortho``."""
     device = ortho.device
-    (chunk_tensor, chunk_start, numels), programs = _tables(params, device)
-    _fused_apply_update_kernel[(programs,)](
-        _addresses(params, device), stack_meta(views, device), numels,
-        torch.tensor(alphas, dtype=torch.float32).to(device, non_blocking=True),
-        torch.tensor(decays, dtype=torch.float32).to(device, non_blocking=True),
-        chunk_tensor, chunk_start, ortho,
+    _fused_apply_update_kernel[(layout.programs,)](
+        _addresses(params, device), layout.meta, layout.numels, _floats(alphas, device), _floats(decays, device),
+        layout.chunk_tensor, layout.chunk_start, ortho,
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=_block(), EMULATE_RN=is_interpreting(),
         enable_fp_fusion=FP_FUSION,
     )

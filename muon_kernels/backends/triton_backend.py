@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..orthogonalize import NSConfig
-from ..triton_kernels.fused_update import fused_apply_update, fused_momentum
+from ..triton_kernels.fused_update import Layout, fused_apply_update, fused_momentum, make_layout
 from ..triton_kernels.newton_schulz import newton_schulz
 from ..triton_kernels.small_newton_schulz import fits_device, small_newton_schulz
 from . import torch_backend
@@ -44,8 +44,11 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
     return newton_schulz(stack, config, ns_dtype)
 
 
-def _views(bucket: Bucket):
-    return [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed) for e in bucket.entries]
+def _layout(bucket: Bucket) -> Layout:
+    if "layout" not in bucket.cache:
+        views = [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed) for e in bucket.entries]
+        bucket.cache["layout"] = make_layout(views, bucket.device)
+    return bucket.cache["layout"]
 
 
 def _contiguous(tensors) -> bool:
@@ -58,7 +61,7 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     if not (_contiguous(grads) and _contiguous(bufs)) or len({g.dtype for g in grads}) != 1:
         return torch_backend.momentum_stack(bucket, grads, bufs, groups)
     stack = torch.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
-    fused_momentum(grads, bufs, [float(groups[e.group]["momentum"]) for e in bucket.entries], _views(bucket), stack,
+    fused_momentum(grads, bufs, [float(groups[e.group]["momentum"]) for e in bucket.entries], _layout(bucket), stack,
                    ema=bucket.momentum_form == "ema", nesterov=bucket.nesterov)
     return stack
 
@@ -71,4 +74,4 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> Non
     lrs = [float(groups[e.group]["lr"]) for e in bucket.entries]
     alphas = [-lr * e.scale for lr, e in zip(lrs, bucket.entries)]
     decays = [1.0 - lr * groups[e.group]["weight_decay"] for lr, e in zip(lrs, bucket.entries)]
-    fused_apply_update(params, alphas, decays, _views(bucket), ortho)
+    fused_apply_update(params, alphas, decays, _layout(bucket), ortho)
