@@ -15,7 +15,7 @@ falls back to torch's foreach path otherwise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -116,8 +116,7 @@ def _block() -> int:
     return _BLOCK_INTERPRETER if is_interpreting() else BLOCK
 
 
-@dataclass
-class Layout:
+class Layout(NamedTuple):
     """Where each tensor of a bucket lives in its stack, and the program table that covers them all.
 
     Depends only on the bucket's shapes, so the backend builds it once per plan, not every step.
@@ -127,7 +126,6 @@ class Layout:
     chunk_start: torch.Tensor  # int64 per program: first element of its chunk
     numels: torch.Tensor  # int64 per tensor
     meta: torch.Tensor  # int64 per tensor: (offset in the stack, rows, cols, transposed)
-    programs: int
 
 
 def make_layout(views, device: torch.device) -> Layout:
@@ -142,7 +140,7 @@ def make_layout(views, device: torch.device) -> Layout:
         offsets.append(offsets[-1] + n)
     meta = torch.tensor([(o, r, c, int(t)) for o, (_, r, c, t) in zip(offsets, views)], dtype=torch.int64)
     return Layout(chunk_tensor.to(device), chunk_start.to(device), torch.tensor(numels, dtype=torch.int64).to(device),
-                  meta.to(device), len(chunk_tensor))
+                  meta.to(device))
 
 
 def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -156,7 +154,8 @@ def _floats(values: list[float], device: torch.device) -> torch.Tensor:
 def fused_momentum(grads, bufs, momenta, layout: Layout, stack: torch.Tensor, *, ema: bool, nesterov: bool) -> None:
     """Update ``bufs`` in place and write U for every tensor into ``stack`` (see module docstring)."""
     device = stack.device
-    _fused_momentum_kernel[(layout.programs,)](
+    layout = Layout(*layout)
+    _fused_momentum_kernel[(layout.chunk_tensor.numel(),)](
         _addresses(grads, device), _addresses(bufs, device), layout.meta, layout.numels, _floats(momenta, device),
         layout.chunk_tensor, layout.chunk_start, stack,
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BUF_DTYPE=_TL_DTYPES[bufs[0].dtype], EMA=ema, NESTEROV=nesterov,
@@ -167,7 +166,8 @@ def fused_momentum(grads, bufs, momenta, layout: Layout, stack: torch.Tensor, *,
 def fused_apply_update(params, alphas, decays, layout: Layout, ortho: torch.Tensor) -> None:
     """``W = (W·decay) + alpha·O`` for every parameter, O read from its slice of ``ortho``."""
     device = ortho.device
-    _fused_apply_update_kernel[(layout.programs,)](
+    layout = Layout(*layout)
+    _fused_apply_update_kernel[(layout.chunk_tensor.numel(),)](
         _addresses(params, device), layout.meta, layout.numels, _floats(alphas, device), _floats(decays, device),
         layout.chunk_tensor, layout.chunk_start, ortho,
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=_block(), EMULATE_RN=is_interpreting(),

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..orthogonalize import NSConfig
-from ..triton_kernels.fused_update import Layout, fused_apply_update, fused_momentum, make_layout
-from ..triton_kernels.newton_schulz import newton_schulz
-from ..triton_kernels.small_newton_schulz import fits_device, small_newton_schulz
+from ..triton_kernels.fused_update import Layout, make_layout
+from ..triton_kernels.ops import fused_apply_update_op, fused_momentum_op, newton_schulz_op
+from ..triton_kernels.small_newton_schulz import fits_device
 from . import torch_backend
 
 if TYPE_CHECKING:
@@ -39,9 +39,9 @@ def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> 
 
 def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
     _, m, n = stack.shape
-    if small_path(m, n, ns_dtype, stack.device):
-        return small_newton_schulz(stack, config, ns_dtype)
-    return newton_schulz(stack, config, ns_dtype)
+    flat = [float(v) for step in config.coefficients for v in step]
+    return newton_schulz_op(stack, flat, config.eps, config.norm_scale, config.norm_offset, ns_dtype,
+                            small_path(m, n, ns_dtype, stack.device))
 
 
 def _layout(bucket: Bucket) -> Layout:
@@ -61,8 +61,8 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     if not (_contiguous(grads) and _contiguous(bufs)) or len({g.dtype for g in grads}) != 1:
         return torch_backend.momentum_stack(bucket, grads, bufs, groups)
     stack = torch.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
-    fused_momentum(grads, bufs, [float(groups[e.group]["momentum"]) for e in bucket.entries], _layout(bucket), stack,
-                   ema=bucket.momentum_form == "ema", nesterov=bucket.nesterov)
+    fused_momentum_op(grads, bufs, [float(groups[e.group]["momentum"]) for e in bucket.entries], *_layout(bucket),
+                      stack, bucket.momentum_form == "ema", bucket.nesterov)
     return stack
 
 
@@ -74,4 +74,4 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> Non
     lrs = [float(groups[e.group]["lr"]) for e in bucket.entries]
     alphas = [-lr * e.scale for lr, e in zip(lrs, bucket.entries)]
     decays = [1.0 - lr * groups[e.group]["weight_decay"] for lr, e in zip(lrs, bucket.entries)]
-    fused_apply_update(params, alphas, decays, _layout(bucket), ortho)
+    fused_apply_update_op(params, alphas, decays, *_layout(bucket), ortho)

@@ -240,3 +240,45 @@ def test_small_path_budget_is_bytes_not_a_side_length():
     assert fits(32, 128, torch.float32, 90) and not fits(32, 128, torch.float32, 86)
     assert not fits(256, 3072, torch.bfloat16, 90)  # 1.5 MB
     assert fits(128, 128, torch.bfloat16, 80) and not fits(128, 128, torch.bfloat16, 86)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schemas, declared mutations and fake implementations are consistent (torch.library.opcheck)."""
+    from muon_kernels.triton_kernels.fused_update import make_layout
+
+    stack = _randn(2, 12, 20)
+    torch.library.opcheck(torch.ops.muon_kernels.newton_schulz.default,
+                          (stack, [3.4445, -4.775, 2.0315] * 2, 1e-7, 1.0, 0.0, torch.float32, True))
+    torch.library.opcheck(torch.ops.muon_kernels.newton_schulz.default,
+                          (stack, [3.4445, -4.775, 2.0315], 1e-7, 1.0, 0.0, torch.bfloat16, False))
+    views = [(1, 12, 20, False), (1, 20, 12, True)]
+    layout = make_layout(views, torch.device("cpu"))
+    grads = [_randn(12, 20, seed=1), _randn(20, 12, seed=2)]
+    bufs = [torch.zeros(12, 20), torch.zeros(20, 12)]
+    torch.library.opcheck(torch.ops.muon_kernels.fused_momentum.default,
+                          (grads, bufs, [0.9, 0.95], *layout, torch.empty(2, 12, 20), True, True))
+    params = [_randn(12, 20, seed=3), _randn(20, 12, seed=4)]
+    torch.library.opcheck(torch.ops.muon_kernels.fused_apply_update.default,
+                          (params, [-0.01, -0.02], [0.999, 1.0], *layout, _randn(2, 12, 20, seed=5)))
+
+
+def test_compiled_training_step_matches_eager():
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 12))  # noqa: E731
+    eager_model, compiled_model = make(), make()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    kwargs = dict(lr=0.05, backend="triton", ns_dtype=torch.float32, ns_steps=2)
+    eager_opt, compiled_opt = mk.Muon(eager_model.parameters(), **kwargs), mk.Muon(compiled_model.parameters(), **kwargs)
+    x = torch.randn(8, 12)
+
+    def train_step(model, opt):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    compiled_step = torch.compile(train_step)
+    for _ in range(2):
+        train_step(eager_model, eager_opt)
+        compiled_step(compiled_model, compiled_opt)
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,57 @@
+"""The Triton launchers as torch custom ops, so ``torch.compile`` treats each as one opaque call.
+
+Inside an op the tensors are real (the multi-tensor kernels read their addresses), and each op
+declares what it mutates, so a compiled training step orders them correctly. Each op has a fake
+(meta) implementation for tracing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..orthogonalize import NSConfig
+from .fused_update import fused_apply_update, fused_momentum
+from .newton_schulz import newton_schulz
+from .small_newton_schulz import small_newton_schulz
+
+
+def _config(coefficients: list[float], eps: float, norm_scale: float, norm_offset: float) -> NSConfig:
+    steps = tuple(tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3))
+    return NSConfig(steps, eps, norm_scale, norm_offset)
+
+
+@torch.library.custom_op("muon_kernels::newton_schulz", mutates_args=())
+def newton_schulz_op(stack: torch.Tensor, coefficients: list[float], eps: float, norm_scale: float,
+                     norm_offset: float, ns_dtype: torch.dtype, small: bool) -> torch.Tensor:
+    """Newton–Schulz on a (k, m, n) stack; ``coefficients`` is the flattened per-step (a, b, c)."""
+    fn = small_newton_schulz if small else newton_schulz
+    return fn(stack, _config(coefficients, eps, norm_scale, norm_offset), ns_dtype)
+
+
+@newton_schulz_op.register_fake
+def _(stack, coefficients, eps, norm_scale, norm_offset, ns_dtype, small):
+    return torch.empty(stack.shape, dtype=ns_dtype, device=stack.device)
+
+
+@torch.library.custom_op("muon_kernels::fused_momentum", mutates_args=("bufs", "stack"))
+def fused_momentum_op(grads: list[torch.Tensor], bufs: list[torch.Tensor], momenta: list[float],
+                      chunk_tensor: torch.Tensor, chunk_start: torch.Tensor, numels: torch.Tensor, meta: torch.Tensor,
+                      stack: torch.Tensor, ema: bool, nesterov: bool) -> None:
+    fused_momentum(grads, bufs, momenta, (chunk_tensor, chunk_start, numels, meta), stack, ema=ema, nesterov=nesterov)
+
+
+@fused_momentum_op.register_fake
+def _(grads, bufs, momenta, chunk_tensor, chunk_start, numels, meta, stack, ema, nesterov):
+    return None
+
+
+@torch.library.custom_op("muon_kernels::fused_apply_update", mutates_args=("params",))
+def fused_apply_update_op(params: list[torch.Tensor], alphas: list[float], decays: list[float],
+                          chunk_tensor: torch.Tensor, chunk_start: torch.Tensor, numels: torch.Tensor,
+                          meta: torch.Tensor, ortho: torch.Tensor) -> None:
+    fused_apply_update(params, alphas, decays, (chunk_tensor, chunk_start, numels, meta), ortho)
+
+
+@fused_apply_update_op.register_fake
+def _(params, alphas, decays, chunk_tensor, chunk_start, numels, meta, ortho):
+    return None
