@@ -41,6 +41,13 @@ def test_low_precision_iteration_within_baseline_error(shape, ns_dtype, in_dtype
     assert rel_err(out, ref) <= bound
 
 
+def test_fp64_input_keeps_its_dtype(gen):
+    G = _input((3, 9, 14), torch.float64, gen)
+    out = mk.orthogonalize(G, ns_dtype=torch.float32)
+    assert out.dtype == torch.float64
+    assert rel_err(out, reference_ns(G)) <= FP32_TOL
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("ns_steps", [1, 3, 5, 7])
 def test_scalar_map_on_diagonal_input(preset, ns_steps):

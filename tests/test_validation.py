@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import muon_kernels as mk
+from oracles import reference_ns, rel_err
 
 
 def _snapshot(opt):
@@ -201,3 +202,13 @@ def test_grad_scaler_skips_inf_steps_and_keeps_momentum():
     assert scaler.get_scale() == 2.0**9
     step(poison=False)
     assert not torch.equal(next(model.parameters()), params[0])
+
+
+def test_fp64_parameters():
+    p = nn.Parameter(torch.randn(6, 9, dtype=torch.float64))
+    p0 = p.detach().clone()
+    opt = mk.Muon([p], lr=0.1, weight_decay=0.0, momentum=0.0, ns_dtype=torch.float32)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["momentum_buffer"].dtype == torch.float64
+    assert rel_err(p.detach() - p0, -0.1 * reference_ns(p.grad)) <= 1e-4

@@ -25,7 +25,7 @@ from .config import FP_FUSION, is_interpreting
 
 BLOCK = 1024
 _BLOCK_INTERPRETER = 64
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64}
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit

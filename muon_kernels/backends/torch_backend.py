@@ -74,13 +74,15 @@ def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> 
 
 
 def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
-    """``stack / max(norm_scale·‖stack‖_F + norm_offset, floor)`` per matrix, in fp32, cast to ns_dtype.
+    """``stack / max(norm_scale·‖stack‖_F + norm_offset, floor)`` per matrix, in fp32 (fp64 for fp64
+    input), cast to ns_dtype.
 
     Always returns a new tensor: the caller's buffer (a momentum buffer, say) is never scaled in place.
     """
-    norms = torch.linalg.vector_norm(stack, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    acc = torch.promote_types(stack.dtype, torch.float32)  # fp32, or fp64 for fp64 parameters
+    norms = torch.linalg.vector_norm(stack, dim=(-2, -1), keepdim=True, dtype=acc)
     denom = (norms * config.norm_scale + config.norm_offset).clamp_min(config.floor)
-    return (stack.to(torch.float32) / denom).to(ns_dtype)
+    return (stack.to(acc) / denom).to(ns_dtype)
 
 
 def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:

@@ -51,14 +51,18 @@ def _layout(bucket: Bucket) -> Layout:
     return bucket.cache["layout"]
 
 
-def _contiguous(tensors) -> bool:
-    return all(t.is_contiguous() for t in tensors)
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fusable(tensors) -> bool:
+    """The fused kernels address tensors as flat contiguous memory and compute in fp32, so
+    non-contiguous (channels_last, strided) or fp64 tensors take the torch path."""
+    return all(t.is_contiguous() and t.dtype in _FUSED_DTYPES for t in tensors)
 
 
 def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Tensor:
-    """One launch: momentum, Nesterov and the (transposing) copy into the stack. Non-contiguous
-    tensors (channels_last filters, strided views) take the torch path."""
-    if not (_contiguous(grads) and _contiguous(bufs)) or len({g.dtype for g in grads}) != 1:
+    """One launch: momentum, Nesterov and the (transposing) copy into the stack."""
+    if not (_fusable(grads) and _fusable(bufs)) or len({g.dtype for g in grads}) != 1:
         return torch_backend.momentum_stack(bucket, grads, bufs, groups)
     stack = torch.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
     fused_momentum_op(grads, bufs, [float(groups[e.group]["momentum"]) for e in bucket.entries], *_layout(bucket),
@@ -69,7 +73,7 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
 def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> None:
     """One launch: W = W·(1 - lr·wd) - lr·scale·O for every parameter of the bucket."""
     params = [e.param for e in bucket.entries]
-    if not _contiguous(params):
+    if not _fusable(params):
         return torch_backend.apply_update(bucket, ortho, groups)
     lrs = [float(groups[e.group]["lr"]) for e in bucket.entries]
     alphas = [-lr * e.scale for lr, e in zip(lrs, bucket.entries)]

@@ -197,16 +197,19 @@ def test_fused_momentum_and_update_match_the_torch_path(form, nesterov, dtype, m
         assert rel_err(b, a) <= tol
 
 
-def test_fused_path_falls_back_for_non_contiguous_parameters():
-    conv = torch.nn.Parameter(torch.randn(8, 3, 3, 3).to(memory_format=torch.channels_last))
-    ref = torch.nn.Parameter(conv.detach().clone().contiguous())
-    a = mk.Muon([conv], backend="triton", ns_dtype=torch.float32, ns_steps=2)
+@pytest.mark.parametrize("kind", ["channels_last", "fp64"])
+def test_fused_path_falls_back_for_non_contiguous_or_fp64_parameters(kind):
+    w = torch.randn(8, 3, 3, 3, dtype=torch.float64 if kind == "fp64" else torch.float32)
+    g = torch.randn_like(w)
+    if kind == "channels_last":
+        w, g = w.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    param, ref = torch.nn.Parameter(w), torch.nn.Parameter(w.detach().clone().contiguous())
+    a = mk.Muon([param], backend="triton", ns_dtype=torch.float32, ns_steps=2)
     b = mk.Muon([ref], backend="torch", ns_dtype=torch.float32, ns_steps=2)
-    conv.grad = torch.randn(8, 3, 3, 3).to(memory_format=torch.channels_last)
-    ref.grad = conv.grad.contiguous()
+    param.grad, ref.grad = g, g.contiguous()
     a.step()
     b.step()
-    assert rel_err(conv, ref) <= 1e-6
+    assert rel_err(param, ref) <= 1e-6
 
 
 @pytest.mark.parametrize("preset, ns_steps", [("keller", 5), ("quintic", 5), ("polar_express", 7), ("keller", 0),
