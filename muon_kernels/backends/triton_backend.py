@@ -75,7 +75,8 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> Non
     params = [e.param for e in bucket.entries]
     if not _fusable(params):
         return torch_backend.apply_update(bucket, ortho, groups)
-    lrs = [float(groups[e.group]["lr"]) for e in bucket.entries]
-    alphas = [-lr * e.scale for lr, e in zip(lrs, bucket.entries)]
-    decays = [1.0 - lr * groups[e.group]["weight_decay"] for lr, e in zip(lrs, bucket.entries)]
+    # float() once per group: a tensor lr would otherwise synchronize once per parameter.
+    lr = {gi: float(groups[gi]["lr"]) for gi in {e.group for e in bucket.entries}}
+    alphas = [-lr[e.group] * e.scale for e in bucket.entries]
+    decays = [1.0 - lr[e.group] * groups[e.group]["weight_decay"] for e in bucket.entries]
     fused_apply_update_op(params, alphas, decays, *_layout(bucket), ortho)
