@@ -8,6 +8,21 @@ from .backends import available_backends
 from .optimizer import Muon
 from .orthogonalize import PRESETS, NSConfig, orthogonalize
 from .param_groups import param_groups
+from .schedules import (
+    ConstantBatchSize,
+    ConstantLR,
+    CosineLR,
+    DiminishingLR,
+    ExponentialBatchSize,
+    PolynomialLR,
+    ScheduledBatchSampler,
+    split_batch,
+)
 
 __version__ = "0.1.0"
-__all__ = ["Muon", "NSConfig", "PRESETS", "available_backends", "orthogonalize", "param_groups", "__version__"]
+__all__ = [
+    "Muon", "NSConfig", "PRESETS", "available_backends", "orthogonalize", "param_groups",
+    "ConstantLR", "CosineLR", "PolynomialLR", "DiminishingLR",
+    "ConstantBatchSize", "ExponentialBatchSize", "ScheduledBatchSampler", "split_batch",
+    "__version__",
+]
