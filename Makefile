@@ -6,6 +6,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
+REPRODUCE_ARGS ?=
 
 # The Triton AOT and interpreter tests also run under triton==$(TRITON_OLD) (the GPU machine's
 # version) in a second environment. Where the host python already has torch (the GPU machine
@@ -17,13 +18,17 @@ ifeq ($(HOST_HAS_TORCH),yes)
 PY := $(PYTHON)
 ENV_DEPS :=
 OLD_TRITON_ENV :=
+EXTRAS := test
 else
 PY := $(CURDIR)/.venv/bin/python
 ENV_DEPS := .venv/.torch-installed
 OLD_TRITON_ENV := .venv-triton-old/.installed-$(TRITON_OLD)
+# The experiments extra (scikit-learn, matplotlib) is installed where we may download; an offline
+# host environment keeps what it has.
+EXTRAS := test,experiments
 endif
 
-.PHONY: bench test test-old-triton wheel install build-tools clean
+.PHONY: bench test test-old-triton reproduce wheel install build-tools clean
 
 .venv/.torch-installed:
 	$(PYTHON) -m venv .venv
@@ -36,7 +41,7 @@ build-tools: $(ENV_DEPS)
 	@command -v ninja >/dev/null || $(PY) -m pip install --quiet ninja
 
 install: build-tools
-	$(PY) -m pip install --quiet --no-build-isolation ".[test]"
+	$(PY) -m pip install --quiet --no-build-isolation ".[$(EXTRAS)]"
 
 # triton 3.6's interpreter converts 1-element arrays with int(), which numpy >= 2.4 refuses.
 .venv-triton-old/.installed-$(TRITON_OLD):
@@ -55,6 +60,10 @@ test: install test-old-triton
 
 bench: install
 	cd bench && $(PY) step.py $(BENCH_ARGS)
+
+# The convergence experiments (docs/convergence.md); REPRODUCE_ARGS=--quick for the 5-minute version.
+reproduce: install
+	cd bench && $(PY) convergence.py $(REPRODUCE_ARGS)
 
 wheel: build-tools
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .

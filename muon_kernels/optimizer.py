@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from . import distributed as dist_muon
 from .adamw import ADAMW_KEYS, adamw_step, check_adamw_settings
 from .backends import BACKEND_NAMES, select_backend
 from .orthogonalize import check_ns_dtype, resolve_ns_config
@@ -21,6 +22,7 @@ from .plan import ADJUST_LR_FNS, Plan, PlanRow, build_buckets, lr_scale, matrix_
 
 DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 MOMENTUM_FORMS = ("ema", "sgd")
+_DTYPE_KEYS = ("ns_dtype", "momentum_dtype")
 # Group keys whose values change which buckets exist or how they are iterated; the bucket plan is
 # rebuilt when any of them (or a parameter's identity, dtype, device, shape) changes.
 _PLAN_KEYS = (
@@ -89,6 +91,8 @@ class Muon(Optimizer):
         momentum_form: str = "ema",
         matrix_view: str | None = None,
         max_workspace_bytes: int | None = 2**30,
+        distributed: str = "auto",
+        process_group=None,
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
@@ -98,6 +102,9 @@ class Muon(Optimizer):
         if max_workspace_bytes is not None and not (isinstance(max_workspace_bytes, int) and max_workspace_bytes > 0):
             raise ValueError(f"max_workspace_bytes must be None or an int > 0, got {max_workspace_bytes!r}")
         self.max_workspace_bytes = max_workspace_bytes
+        dist_muon.check_process_group(distributed, process_group)
+        self.distributed = distributed
+        self.process_group = process_group
         self._adamw_defaults = {
             "lr": adamw_lr,
             "betas": tuple(adamw_betas),
@@ -123,6 +130,7 @@ class Muon(Optimizer):
         _check_muon_settings(defaults)
         self._plan_key: tuple | None = None
         self._buckets: list = []
+        self._layouts: list = []  # per bucket: (layout, process group, owner rank of each entry)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -166,6 +174,16 @@ class Muon(Optimizer):
         return [part for part in (muon, rest) if part["params"]]
 
     # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout; dtype settings are saved by name ("bfloat16"), because torch.distributed's
+        checkpoint utilities only walk tensors, numbers, strings and containers."""
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            for key in _DTYPE_KEYS:
+                if isinstance(group.get(key), torch.dtype):
+                    group[key] = str(group[key]).removeprefix("torch.")
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Accepts ours and torch.optim.Muon's; keys an older state_dict lacks keep this optimizer's values."""
         state_dict = dict(state_dict)
@@ -173,6 +191,12 @@ class Muon(Optimizer):
         for current, saved in zip(self.param_groups, saved_groups):
             for key, value in current.items():
                 saved.setdefault(key, value)
+            for key in _DTYPE_KEYS:
+                if isinstance(saved.get(key), str):
+                    dtype = getattr(torch, saved[key], None)
+                    if not isinstance(dtype, torch.dtype):
+                        raise ValueError(f"state_dict param group has {key}={saved[key]!r}, which is not a torch dtype")
+                    saved[key] = dtype
         state_dict["param_groups"] = saved_groups
         super().load_state_dict(state_dict)
         # torch casts every floating state tensor to its parameter's dtype; a momentum buffer kept in
@@ -210,12 +234,31 @@ class Muon(Optimizer):
         key = tuple(
             (gi, *(_freeze(group[k]) for k in _PLAN_KEYS), tuple((id(p), p.dtype, p.device, p.shape) for p in params))
             for gi, group, params in work
-        )
+        ) + (id(dist_muon.replicated_group(self.distributed, self.process_group)),)
         if key != self._plan_key:
             items = [item for gi, group, params in work for item in self._muon_items(gi, group, params)]
-            self._buckets = build_buckets(items)
+            buckets = build_buckets(items)
+            self._layouts = self._distribute(buckets)
+            self._buckets = buckets
             self._plan_key = key
         return self._buckets
+
+    def _names(self) -> dict[int, str]:
+        return {id(p): _label(g, i, p) for g in self.param_groups for i, p in enumerate(g["params"])}
+
+    def _distribute(self, buckets) -> list[tuple[str, Any, list[int] | None]]:
+        """Per bucket: how it is computed ("local", "replicated", "sharded"), over which group, and
+        which rank orthogonalizes each entry (ranks are assigned per group, in bucket order)."""
+        names = self._names()
+        replicated = dist_muon.replicated_group(self.distributed, self.process_group)
+        kinds = [dist_muon.bucket_layout(b, names, replicated) for b in buckets]
+        layouts: list = [(kind, group, None) for kind, group in kinds]
+        for group in dict.fromkeys(g for kind, g in kinds if kind != "local"):
+            idx = [i for i, (kind, g) in enumerate(kinds) if kind != "local" and g is group]
+            world = dist_muon.dist.get_world_size(group)
+            for i, owners in zip(idx, dist_muon.assign_owners([buckets[i] for i in idx], world)):
+                layouts[i] = (kinds[i][0], group, owners)
+        return layouts
 
     def plan(self) -> Plan:
         """Where each parameter goes: Muon or AdamW, matrix view, backend, kernel path, and why."""
@@ -224,7 +267,9 @@ class Muon(Optimizer):
             (gi, g, [p for p in g["params"] if p.numel() > 0]) for gi, g in enumerate(self.param_groups) if g["use_muon"]
         ]
         buckets = build_buckets([it for gi, g, ps in work for it in self._muon_items(gi, g, ps)])
-        where = {id(e.param): (b, e) for b in buckets for e in b.entries}
+        layouts = self._distribute(buckets)
+        where = {id(e.param): (b, e, layout, owners[j] if owners else None)
+                 for b, (layout, _, owners) in zip(buckets, layouts) for j, e in enumerate(b.entries)}
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names") or [f"group{gi}[{i}]" for i in range(len(group["params"]))]
             for name, p in zip(names, group["params"]):
@@ -235,11 +280,12 @@ class Muon(Optimizer):
                 elif id(p) not in where:
                     rows.append(PlanRow(*common, "skip", "-", "-", "-", "zero-size parameter"))
                 else:
-                    b, e = where[id(p)]
+                    b, e, layout, owner = where[id(p)]
                     path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype, b.device)
                     dtype = str(b.ns_dtype).removeprefix("torch.")
                     why = f"{b.why}; {how}; bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}"
-                    rows.append(PlanRow(*common, "Muon", e.view.describe(), b.backend.NAME, path, why))
+                    rank = "local" if owner is None else f"{owner} ({layout})"
+                    rows.append(PlanRow(*common, "Muon", e.view.describe(), b.backend.NAME, path, why, rank))
         return rows
 
     # ------------------------------------------------------------------ step
@@ -262,7 +308,24 @@ class Muon(Optimizer):
                     )
                 params.append(p)
             work.append((gi, group, params))
+        self._check_distributed_grads()
         return work
+
+    def _check_distributed_grads(self) -> None:
+        """Where ranks orthogonalize together, a Muon gradient must exist on all ranks or on none."""
+        muon = [p for g in self.param_groups if g["use_muon"] for p in g["params"] if p.numel() > 0]
+        groups: dict[Any, list[torch.Tensor]] = {}
+        replicated = dist_muon.replicated_group(self.distributed, self.process_group)
+        for p in muon:
+            if dist_muon.is_dtensor(p):
+                groups.setdefault(p.device_mesh.get_group() if p.device_mesh.ndim == 1 else None, []).append(p)
+            elif replicated is not None:
+                groups.setdefault(replicated, []).append(p)
+        names = None
+        for group, params in groups.items():
+            if group is not None:  # a multi-dim mesh is refused with its own error when the plan is built
+                names = names or self._names()
+                dist_muon.check_grad_agreement(group, params, names)
 
     def _momentum_buffer(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         state = self.state[p]
@@ -286,10 +349,28 @@ class Muon(Optimizer):
         for _, group, params in work:
             if not group["use_muon"]:
                 adamw_step(group, params, self.state)
-        for bucket in buckets:
-            grads = [e.param.grad for e in bucket.entries]
+        # Collectives are started in the same order on every rank: sharded gathers, replicated
+        # gathers, sharded scatters; local work and later buckets' Newton–Schulz overlap them.
+        gathers, replicated = [], []
+        for bucket, (layout, group, owners) in zip(buckets, self._layouts):
             bufs = [self._momentum_buffer(e.param, self.param_groups[e.group]) for e in bucket.entries]
+            if layout == "sharded":
+                gathers.append((bucket, group, owners, dist_muon.start_sharded_gather(
+                    bucket, owners, group, self.param_groups, self.state)))
+                continue
+            grads = [e.param.grad for e in bucket.entries]
             stack = bucket.backend.momentum_stack(bucket, grads, bufs, self.param_groups)
+            if layout == "replicated":
+                replicated.append((bucket, dist_muon.start_replicated(bucket, owners, group, stack,
+                                                                      self.max_workspace_bytes)))
+                continue
             ortho = bucket.orthogonalize(stack, self.max_workspace_bytes)
             bucket.backend.apply_update(bucket, ortho, self.param_groups)
+        scatters = [(bucket, group, owners, dist_muon.start_sharded_scatter(bucket, owners, group, gathered,
+                                                                            self.max_workspace_bytes))
+                    for bucket, group, owners, gathered in gathers]
+        for bucket, handle in replicated:
+            bucket.backend.apply_update(bucket, dist_muon.finish_replicated(handle), self.param_groups)
+        for bucket, group, owners, handle in scatters:
+            dist_muon.finish_sharded(bucket, owners, group, handle, self.param_groups)
         return loss

@@ -161,12 +161,13 @@ class PlanRow:
     backend: str
     path: str
     why: str
+    rank: str = "-"  # under torch.distributed: the rank that orthogonalizes it, and the layout
 
 
 class Plan(list):
     """A list of ``PlanRow`` that prints as a table."""
 
-    COLUMNS = ("name", "shape", "dtype", "device", "method", "view", "backend", "path", "why")
+    COLUMNS = ("name", "shape", "dtype", "device", "method", "view", "backend", "path", "rank", "why")
 
     def __str__(self) -> str:
         cells = [
@@ -179,6 +180,7 @@ class Plan(list):
                 r.view,
                 r.backend,
                 r.path,
+                r.rank,
                 r.why,
             ]
             for r in self

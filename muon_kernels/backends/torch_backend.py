@@ -107,11 +107,15 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> Non
         params.append(e.param)
         outs.append((o.mT if e.view.transposed else o).reshape(e.param.shape))
     for (gi, scale), (params, outs) in batches.items():
-        group = groups[gi]
-        lr = float(group["lr"])
-        decay = 1.0 - lr * group["weight_decay"]
-        if decay != 1.0:
-            # A 0-dim fp32 tensor, not a Python float: on CPU, torch 2.13's _foreach_mul_ rounds a
-            # Python scalar to the tensors' dtype first (0.998 becomes 0.996 in bf16, doubling the decay).
-            torch._foreach_mul_(params, torch.tensor(decay, dtype=torch.float32, device=bucket.device))
-        torch._foreach_add_(params, outs, alpha=-lr * scale)
+        decay_and_add(params, outs, lr=float(groups[gi]["lr"]), weight_decay=groups[gi]["weight_decay"], scale=scale)
+
+
+def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr: float, weight_decay: float,
+                  scale: float) -> None:
+    """``W *= 1 - lr·wd; W -= lr·scale·O`` for lists of same-device tensors (whole or shards)."""
+    decay = 1.0 - lr * weight_decay
+    if decay != 1.0:
+        # A 0-dim fp32 tensor, not a Python float: on CPU, torch 2.13's _foreach_mul_ rounds a
+        # Python scalar to the tensors' dtype first (0.998 becomes 0.996 in bf16, doubling the decay).
+        torch._foreach_mul_(params, torch.tensor(decay, dtype=torch.float32, device=params[0].device))
+    torch._foreach_add_(params, outs, alpha=-lr * scale)

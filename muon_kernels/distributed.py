@@ -1,0 +1,298 @@
+"""Muon under torch.distributed: each matrix is orthogonalized by one rank of the job.
+
+Two layouts, told apart per bucket:
+
+- **Replicated** (plain tensors under DDP; ``distributed="auto"`` with an initialized process group
+  of more than one rank): every rank keeps the full momentum (so a rank-0 ``state_dict()`` is a
+  complete checkpoint), orthogonalizes only its own contiguous share of each bucket, and one
+  all-gather per bucket hands every rank the whole result; all ranks then apply the same update to
+  the same bits, so parameters stay bit-identical.
+- **Sharded** (FSDP2 DTensors, ``Shard(0)`` on a 1-D mesh): momentum stays sharded like the
+  parameter; one all-to-all per bucket sends each owner the rows of the matrices it
+  orthogonalizes, a second sends each rank back its rows of the result, and the update is local.
+
+The owner of each bucket entry comes from ``assign_owners``: contiguous ranges per bucket, the
+remainder of an uneven split going to the ranks with the least work so far. It depends only on the
+plan (shapes), so every rank computes the same assignment without talking. Collectives are issued
+in bucket order on every rank, asynchronously: the next bucket's Newton–Schulz runs while the
+previous bucket's collective is in flight, and each handle keeps its buffers alive until ``wait()``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from .backends import torch_backend
+
+if TYPE_CHECKING:
+    from .plan import Bucket
+
+DISTRIBUTED_MODES = ("auto", "off")
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def replicated_group(mode: str, process_group):
+    """The group replicated (plain-tensor) buckets are split over, or None to compute locally."""
+    if mode == "off" or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def check_process_group(mode: str, process_group) -> None:
+    if mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES}, got {mode!r}")
+    if process_group is None:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialized: call "
+                         "torch.distributed.init_process_group first, or leave process_group=None")
+    if dist.get_rank(process_group) < 0:
+        raise ValueError(f"process_group does not contain this rank (global rank {dist.get_rank()}): pass a group "
+                         "this rank belongs to, or distributed='off' on ranks outside it")
+
+
+def _shard_rows(rows: int, world: int) -> list[tuple[int, int]]:
+    """[start, stop) of dim 0 per rank under Shard(0), torch.chunk's rule (FSDP2's)."""
+    size = math.ceil(rows / world) if rows else 0
+    return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(world)]
+
+
+def bucket_layout(bucket: Bucket, names: dict[int, str], replicated) -> tuple[str, object]:
+    """("sharded", mesh group) / ("replicated", group) / ("local", None); raises ValueError on a
+    bucket that mixes meshes or DTensors with plain tensors, or a shard layout it cannot handle."""
+    params = [e.param for e in bucket.entries]
+    dt = [is_dtensor(p) for p in params]
+    if not any(dt):
+        return ("replicated", replicated) if replicated is not None else ("local", None)
+    if not all(dt):
+        p = params[dt.index(False)]
+        raise ValueError(f"parameter {names[id(p)]} is a plain tensor in the same bucket as DTensor parameters; "
+                         "shard every parameter of the model (fully_shard the root module too) or put it in its own "
+                         "param group with different Muon settings")
+    mesh = params[0].device_mesh
+    for p in params:
+        if p.device_mesh != mesh:
+            raise ValueError(f"parameters {names[id(params[0])]} and {names[id(p)]} share a bucket but live on "
+                             f"different device meshes ({mesh} vs {p.device_mesh}); Muon gathers a bucket over one "
+                             "mesh: use one mesh for all Muon parameters")
+        placements = tuple(p.placements)
+        if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
+            raise ValueError(f"parameter {names[id(p)]} has placements {placements} on a {mesh.ndim}-D mesh; only "
+                             "Shard(0) on a 1-D mesh (FSDP2's fully_shard default) is supported, not Replicate/HSDP "
+                             "or sharding on another dim")
+        rows = p.shape[0] if p.ndim else 0
+        start, stop = _shard_rows(rows, mesh.size())[mesh.get_local_rank()]
+        if p.to_local().shape[0] != stop - start or tuple(p.to_local().shape[1:]) != tuple(p.shape[1:]):
+            raise ValueError(f"parameter {names[id(p)]}: local shard {tuple(p.to_local().shape)} of {tuple(p.shape)} is "
+                             "not torch.chunk's split of dim 0 over the mesh (uneven custom sharding is not supported)")
+    return "sharded", mesh.get_group()
+
+
+def assign_owners(buckets: list[Bucket], world: int) -> list[list[int]]:
+    """Per bucket, the rank that orthogonalizes each entry: contiguous ranges in rank order, sizes
+    differing by at most one, the larger ranges going to the ranks with the least work so far."""
+    load = [0] * world
+    owners = []
+    for b in buckets:
+        k = len(b.entries)
+        base, extra = divmod(k, world)
+        lucky = set(sorted(range(world), key=lambda r: (load[r], r))[:extra])
+        counts = [base + (r in lucky) for r in range(world)]
+        cost = b.m * b.m * b.n
+        row = []
+        for r, c in enumerate(counts):
+            row += [r] * c
+            load[r] += cost * sum(e.view.batch for e in b.entries[len(row) - c:len(row)])
+        owners.append(row)
+    return owners
+
+
+def _matrix_ranges(bucket: Bucket, owners: list[int], world: int) -> list[tuple[int, int]]:
+    """[start, stop) in the bucket's stack of matrices per rank (owners are contiguous)."""
+    ranges, offset = [], 0
+    for r in range(world):
+        n = sum(e.view.batch for e, o in zip(bucket.entries, owners) if o == r)
+        ranges.append((offset, offset + n))
+        offset += n
+    return ranges
+
+
+def _all_gather_into(out: torch.Tensor, inp: torch.Tensor, group):
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, inp, group=group, async_op=True)
+
+
+def _wire_dtype(dtype: torch.dtype, group) -> torch.dtype:
+    """gloo has no bf16/fp16 reductions or exchanges on every build; ship those as fp32 there."""
+    if dist.get_backend(group) == "gloo" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
+
+
+# -------------------------------------------------------------------------------------- replicated
+
+
+def start_replicated(bucket: Bucket, owners: list[int], group, stack: torch.Tensor, max_workspace_bytes):
+    """Orthogonalize this rank's share of ``stack``; start the all-gather of every share."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    ranges = _matrix_ranges(bucket, owners, world)
+    width = max(stop - start for start, stop in ranges)
+    start, stop = ranges[rank]
+    wire = _wire_dtype(bucket.ns_dtype, group)
+    mine = torch.zeros((width, bucket.m, bucket.n), dtype=wire, device=stack.device)
+    if stop > start:
+        mine[: stop - start] = bucket.orthogonalize(stack[start:stop], max_workspace_bytes)
+    gathered = torch.empty((world * width, bucket.m, bucket.n), dtype=wire, device=stack.device)
+    work = _all_gather_into(gathered, mine, group)
+    return work, (mine, gathered, ranges, width)
+
+
+def finish_replicated(handle) -> torch.Tensor:
+    work, (_, gathered, ranges, width) = handle
+    work.wait()
+    return torch.cat([gathered[r * width: r * width + (stop - start)] for r, (start, stop) in enumerate(ranges)])
+
+
+# -------------------------------------------------------------------------------------- sharded
+
+
+def start_sharded_gather(bucket: Bucket, owners: list[int], group, groups: list[dict], state) -> tuple:
+    """Sharded momentum on the local rows, then the all-to-all that brings each owner its matrices."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    locals_u = []
+    by_group: dict[int, list[int]] = {}
+    for i, e in enumerate(bucket.entries):
+        by_group.setdefault(e.group, []).append(i)
+    updates: list[torch.Tensor | None] = [None] * len(bucket.entries)
+    for gi, idx in by_group.items():
+        bufs = [state[bucket.entries[i].param]["momentum_buffer"].to_local() for i in idx]
+        grads = [bucket.entries[i].param.grad.to_local() for i in idx]
+        us = torch_backend.momentum_update(bufs, grads, momentum=groups[gi]["momentum"], nesterov=bucket.nesterov,
+                                           form=bucket.momentum_form)
+        for i, u in zip(idx, us):
+            updates[i] = u
+    wire = _wire_dtype(bucket.dtype, group)
+    send_parts, send_sizes = [], [0] * world
+    for dest in range(world):
+        for e, o, u in zip(bucket.entries, owners, updates):
+            if o == dest:
+                send_parts.append(u.reshape(-1).to(wire))
+                send_sizes[dest] += u.numel()
+    recv_sizes = [0] * world
+    for e, o in zip(bucket.entries, owners):
+        if o == rank:
+            rows = _shard_rows(e.param.shape[0], world)
+            row_numel = math.prod(e.param.shape[1:])
+            for src, (a, b) in enumerate(rows):
+                recv_sizes[src] += (b - a) * row_numel
+    send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=wire, device=bucket.device)
+    recv = torch.empty(sum(recv_sizes), dtype=wire, device=bucket.device)
+    work = dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
+                                  group=group, async_op=True)
+    return work, (send, recv, recv_sizes)
+
+
+def _assemble(bucket: Bucket, owners: list[int], rank: int, world: int, recv: torch.Tensor,
+              recv_sizes: list[int]) -> torch.Tensor:
+    """The full updates of this rank's entries as a (k, m, n) stack (tall ones transposed)."""
+    mine = [e for e, o in zip(bucket.entries, owners) if o == rank]
+    pieces = {e_i: [None] * world for e_i in range(len(mine))}
+    offset = 0
+    for src in range(world):
+        for i, e in enumerate(mine):
+            a, b = _shard_rows(e.param.shape[0], world)[src]
+            n = (b - a) * math.prod(e.param.shape[1:])
+            pieces[i][src] = recv[offset:offset + n].reshape(b - a, *e.param.shape[1:])
+            offset += n
+        assert offset == sum(recv_sizes[: src + 1])
+    views = []
+    for i, e in enumerate(mine):
+        full = torch.cat(pieces[i]).to(bucket.dtype).reshape(e.view.batch, e.view.rows, e.view.cols)
+        views.append(full.mT if e.view.transposed else full)
+    return torch.cat(views) if views else torch.empty((0, bucket.m, bucket.n), dtype=bucket.dtype,
+                                                      device=bucket.device)
+
+
+def start_sharded_scatter(bucket: Bucket, owners: list[int], group, gathered, max_workspace_bytes) -> tuple:
+    """Orthogonalize this rank's matrices; start the all-to-all that returns each rank its rows."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    work, (_, recv, recv_sizes) = gathered
+    work.wait()
+    stack = _assemble(bucket, owners, rank, world, recv, recv_sizes)
+    ortho = bucket.orthogonalize(stack, max_workspace_bytes) if stack.shape[0] else stack
+    wire = _wire_dtype(bucket.ns_dtype, group)
+    mine = [e for e, o in zip(bucket.entries, owners) if o == rank]
+    fulls, offset = [], 0
+    for e in mine:
+        o = ortho[offset:offset + e.view.batch]
+        offset += e.view.batch
+        fulls.append((o.mT if e.view.transposed else o).reshape(e.param.shape))
+    send_parts, send_sizes = [], [0] * world
+    for dest in range(world):
+        for e, full in zip(mine, fulls):
+            a, b = _shard_rows(e.param.shape[0], world)[dest]
+            send_parts.append(full[a:b].reshape(-1).to(wire))
+            send_sizes[dest] += send_parts[-1].numel()
+    recv_sizes = [0] * world
+    my_rows = {}
+    for e, o in zip(bucket.entries, owners):
+        a, b = _shard_rows(e.param.shape[0], world)[rank]
+        my_rows[id(e)] = (b - a)
+        recv_sizes[o] += (b - a) * math.prod(e.param.shape[1:])
+    send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=wire, device=bucket.device)
+    out = torch.empty(sum(recv_sizes), dtype=wire, device=bucket.device)
+    work = dist.all_to_all_single(out, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
+                                  group=group, async_op=True)
+    return work, (send, out, my_rows)
+
+
+def finish_sharded(bucket: Bucket, owners: list[int], group, scattered, groups: list[dict]) -> None:
+    """Wait for this rank's rows of the result and apply decay + update to the local shards."""
+    world = dist.get_world_size(group)
+    work, (_, out, my_rows) = scattered
+    work.wait()
+    locals_o = {}
+    offset = 0
+    for src in range(world):  # the receive buffer is ordered by source rank, then bucket order
+        for e, o in zip(bucket.entries, owners):
+            if o == src:
+                n = my_rows[id(e)] * math.prod(e.param.shape[1:])
+                locals_o[id(e)] = out[offset:offset + n]
+                offset += n
+    batches: dict[tuple[int, float], tuple[list, list]] = {}
+    for e in bucket.entries:
+        local = e.param.to_local()
+        if local.numel() == 0:
+            continue
+        params, outs = batches.setdefault((e.group, e.scale), ([], []))
+        params.append(local)
+        outs.append(locals_o[id(e)].reshape(local.shape).to(local.dtype))
+    for (gi, scale), (params, outs) in batches.items():
+        torch_backend.decay_and_add(params, outs, lr=float(groups[gi]["lr"]),
+                                    weight_decay=groups[gi]["weight_decay"], scale=scale)
+
+
+# -------------------------------------------------------------------------------------- agreement
+
+
+def check_grad_agreement(group, params: list[torch.Tensor], names: dict[int, str]) -> None:
+    """One all-reduce: a parameter must have a gradient on every rank of ``group`` or on none, else
+    the ranks would issue different collectives and hang. Raises the same error on every rank."""
+    flags = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    if dist.get_backend(group) == "nccl":
+        flags = flags.cuda()
+    dist.all_reduce(flags, group=group)
+    world = dist.get_world_size(group)
+    for p, count in zip(params, flags.tolist()):
+        if 0 < count < world:
+            raise RuntimeError(f"parameter {names[id(p)]} has a gradient on {count} of {world} ranks and None on the "
+                               "others; every rank must produce it (or none): use it in every rank's forward, or "
+                               "zero its grad instead of setting it to None")

@@ -1,0 +1,238 @@
+"""Worker processes for test_distributed.py (module level, so torch.multiprocessing can spawn them).
+
+Each worker joins a gloo group, runs one scenario and saves what the test checks to
+``<out>/rank<r>.pt``; errors are saved too, so the test can assert on every rank's message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import muon_kernels as mk
+from muon_kernels.backends import torch_backend
+
+STEPS = 3
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """Buckets of 1, 2 and 3 matrices; 63 rows (uneven over 2 ranks); a 1-row head (empty shards)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(12, 63), nn.ReLU(),
+        nn.Linear(63, 24), nn.ReLU(),
+        nn.Linear(24, 24), nn.ReLU(),
+        nn.Linear(24, 24), nn.ReLU(),
+        nn.Linear(24, 24, bias=False), nn.ReLU(),
+        nn.Linear(24, 1),
+    )
+
+
+def make_data(world: int, per_rank: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(world * per_rank, 12, generator=g), torch.randn(world * per_rank, 1, generator=g)
+
+
+def make_optimizer(model, ns_dtype, **kw):
+    return mk.Muon(model.parameters(), lr=0.05, weight_decay=0.01, adamw_lr=1e-2, ns_dtype=ns_dtype, **kw)
+
+
+def loss_fn(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def reference(world: int, ns_dtype, steps: int = STEPS):
+    """Single process, the concatenated batch: what every distributed run must reproduce."""
+    model = make_model()
+    opt = make_optimizer(model, ns_dtype)
+    x, y = make_data(world)
+    for _ in range(steps):
+        loss_fn(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class CountMatrices:
+    """Counts the matrices this process orthogonalizes (wraps the torch backend)."""
+
+    def __init__(self):
+        self.count = 0
+        self._inner = torch_backend.orthogonalize
+        torch_backend.orthogonalize = self
+
+    def __call__(self, stack, config, ns_dtype):
+        self.count += stack.shape[0]
+        return self._inner(stack, config, ns_dtype)
+
+
+def _shard(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _full(model) -> dict:
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def _local_batch(rank: int, world: int):
+    x, y = make_data(world)
+    per = x.shape[0] // world
+    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+
+
+def train_ddp(rank, world, ns_dtype, out):
+    from torch.nn.parallel import DistributedDataParallel
+
+    counter = CountMatrices()
+    model = DistributedDataParallel(make_model())
+    opt = make_optimizer(model.module, ns_dtype)
+    x, y = _local_batch(rank, world)
+    for _ in range(STEPS):
+        loss_fn(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"params": _full(model.module), "count": counter.count, "plan": str(opt.plan()),
+            "state": opt.state_dict()}
+
+
+def train_fsdp(rank, world, ns_dtype, out):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    counter = CountMatrices()
+    model = make_model()
+    _shard(model, init_device_mesh("cpu", (world,)))
+    opt = make_optimizer(model, ns_dtype)
+    x, y = _local_batch(rank, world)
+    for _ in range(STEPS):
+        loss_fn(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    bufs = [opt.state[p]["momentum_buffer"] for p in model.parameters() if p.ndim == 2]
+    return {"params": _full(model), "count": counter.count, "plan": str(opt.plan()),
+            "momentum_is_sharded": all(type(b).__name__ == "DTensor" and b.placements == p.placements
+                                       for b, p in zip(bufs, [p for p in model.parameters() if p.ndim == 2]))}
+
+
+def fsdp_resume(rank, world, ns_dtype, out):
+    """Train 2 steps, take full model + optimizer state dicts, restore them into fresh objects,
+    train 2 more; compare with 4 uninterrupted steps."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    x, y = _local_batch(rank, world)
+
+    def fresh():
+        model = make_model()
+        _shard(model, mesh)
+        return model, make_optimizer(model, ns_dtype)
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            loss_fn(model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = fresh()
+    run(model, opt, 4)
+    straight = _full(model)
+
+    model, opt = fresh()
+    run(model, opt, 2)
+    options = StateDictOptions(full_state_dict=True)
+    msd, osd = get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options)
+    model2, opt2 = fresh()
+    set_model_state_dict(model2, msd, options=options)
+    set_optimizer_state_dict(model2, opt2, osd, options=options)
+    run(model2, opt2, 2)
+    return {"straight": straight, "resumed": _full(model2)}
+
+
+def grad_missing_on_one_rank(rank, world, ns_dtype, out):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    opt = make_optimizer(model, ns_dtype)
+    x, y = _local_batch(rank, world)
+    loss_fn(ddp, x, y).backward()
+    if rank == 1:
+        model[2].weight.grad = None
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        opt.step()
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    unchanged = all(torch.equal(before[n], p) for n, p in model.named_parameters()) and not opt.state
+    # A grad that is None everywhere is skipped everywhere (no hang).
+    for p in model.parameters():
+        p.grad = None if p is model[2].weight else torch.ones_like(p)
+    opt.step()
+    return {"error": error, "unchanged": unchanged}
+
+
+def foreign_process_group(rank, world, ns_dtype, out):
+    group = dist.new_group([0])
+    try:
+        make_optimizer(make_model(), ns_dtype, process_group=group)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return {"error": error}
+
+
+def unsupported_layouts(rank, world, ns_dtype, out):
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    errors = {}
+    x, y = _local_batch(rank, world)
+    # HSDP: a 2-D mesh (Replicate, Shard(0)).
+    model = make_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")))
+    opt = make_optimizer(model, ns_dtype)
+    loss_fn(model, x, y).backward()
+    try:
+        opt.step()
+    except ValueError as e:
+        errors["hsdp"] = str(e)
+    # Two meshes (the same ranks, in another order) inside one bucket of 24×24 matrices.
+    model = make_model()
+    fully_shard(model[4], mesh=init_device_mesh("cpu", (world,)))
+    fully_shard(model[6], mesh=DeviceMesh("cpu", list(reversed(range(world)))))
+    opt = make_optimizer(nn.ModuleList([model[4], model[6]]), ns_dtype)
+    for layer in (model[4], model[6]):
+        for p in layer.parameters():
+            p.grad = torch.zeros_like(p)
+    try:
+        opt.step()
+    except ValueError as e:
+        errors["meshes"] = str(e)
+    return {"errors": errors}
+
+
+def run_scenario(rank, world, port, scenario, ns_dtype, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # A timeout, so a rank that fails mid-collective ends the test instead of hanging it.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        result = globals()[scenario](rank, world, ns_dtype, out)
+    except Exception:  # saved for the test to show, instead of a bare non-zero exit
+        result = {"crash": traceback.format_exc()}
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,42 @@
+"""A 20-step smoke run of the convergence experiments writes the documented curves and report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_convergence_smoke_run(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "convergence.py", "--smoke-steps", "20", "--out-dir", str(tmp_path / "results"),
+         "--docs-dir", str(tmp_path / "docs")],
+        cwd=BENCH, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    [path] = (tmp_path / "results").glob("convergence-*.json")
+    result = json.loads(path.read_text())
+    assert result["mode"] == "smoke" and {t["key"] for t in result["tasks"]} == {"digits", "chars"}
+    for task in result["tasks"]:
+        sweep = [r for r in task["runs"] if r["experiment"] == "sweep" and r["view"] == "equal-samples"]
+        configs = {(r["lr_schedule"], r["batch_schedule"], r["nesterov"]) for r in sweep}
+        assert len(configs) == 16  # 4 lr schedules × 2 batch schedules × Nesterov on/off
+        for r in task["runs"]:
+            assert 0 < r["steps"] <= 20 and r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == r["steps"]
+            samples = [p["samples"] for p in r["curve"]]
+            assert samples == sorted(samples) and samples[0] == 0
+            for p in r["curve"]:
+                assert p["grad_norm"] > 0 and p["loss"] > 0
+        for r in sweep:  # an equal-samples run never spends more than the budget
+            assert r["curve"][-1]["samples"] <= task["budget_samples"]
+        growing = [r for r in sweep if r["batch_schedule"] == "growing"]
+        constant = [r for r in sweep if r["batch_schedule"] == "constant"]
+        assert growing and constant
+    assert {row["method"] for row in result["quadratic"]["rows"]} == {"muon", "gd", "sgd-momentum"}
+    doc = (tmp_path / "docs" / "convergence.md").read_text()
+    for claim in ("larger constant batch", "growing batch", "Diminishing lr", "Nesterov", "low-rank"):
+        assert claim in doc
+    assert (tmp_path / "docs" / "convergence-quadratic.png").stat().st_size > 0

@@ -1,0 +1,116 @@
+"""Muon under DDP and FSDP2 on CPU with gloo, 2 and 3 processes: equal to one process on the
+concatenated batch, each matrix orthogonalized once per step across the job, resumable, and clear
+errors for what it cannot do."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import distributed_workers as workers
+
+# Errors are relative to each parameter's displacement over the run. fp32 Newton–Schulz: only the
+# order of the gradient all-reduce differs from one process (fp32 rounding, amplified a little by
+# NS), so the bound is tight. bf16 Newton–Schulz: a gradient that differs in its last fp32 bit can
+# flip a bf16 rounding, which NS amplifies along small singular directions; the bound is torch's
+# own bf16 error on the same trajectory (bf16 vs fp32 NS, one process), as in DESIGN.md §5:
+# 2 × that + 1e-2.
+FP32_TOLERANCE = 1e-4
+
+
+def _displacement_error(got: dict, want: dict, start: dict) -> dict:
+    return {n: ((got[n] - want[n]).norm() / (want[n] - start[n]).norm()).item() for n in want}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(tmp_path, scenario: str, world: int, ns_dtype=torch.float32) -> list[dict]:
+    mp.spawn(workers.run_scenario, args=(world, _port(), scenario, ns_dtype, str(tmp_path)), nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
+    return results
+
+
+def _matrices() -> int:
+    return sum(1 for p in workers.make_model().parameters() if p.ndim == 2)
+
+
+def _assert_matches_reference(results, world, ns_dtype):
+    ref = workers.reference(world, ns_dtype)
+    start = {n: p.detach() for n, p in workers.make_model().named_parameters()}
+    assert all((ref[n] - start[n]).norm() > 0 for n in ref)
+    if ns_dtype == torch.float32:
+        tolerance = FP32_TOLERANCE
+    else:
+        torch_bf16_error = _displacement_error(ref, workers.reference(world, torch.float32), start)
+        tolerance = 2 * max(torch_bf16_error.values()) + 1e-2
+    for r, res in enumerate(results):
+        for name, err in _displacement_error(res["params"], ref, start).items():
+            assert err <= tolerance, f"rank {r} {name}: {err:.2e} of its displacement > {tolerance:.2e}"
+    for name in ref:
+        for res in results[1:]:  # every rank ends with the same bits
+            assert torch.equal(res["params"][name], results[0]["params"][name]), name
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_ddp_equals_one_process(tmp_path, world, ns_dtype):
+    results = _spawn(tmp_path, "train_ddp", world, ns_dtype)
+    _assert_matches_reference(results, world, ns_dtype)
+    # Each matrix orthogonalized once per step in the whole job, and every rank did a share.
+    counts = [res["count"] for res in results]
+    assert sum(counts) == _matrices() * workers.STEPS
+    assert all(c > 0 for c in counts)
+    # Every rank holds the full optimizer state: rank 0's state_dict is a complete checkpoint.
+    for res in results:
+        bufs = [s["momentum_buffer"] for s in res["state"]["state"].values() if "momentum_buffer" in s]
+        assert len(bufs) == _matrices()
+        torch.testing.assert_close(bufs, [s["momentum_buffer"] for s in results[0]["state"]["state"].values()
+                                          if "momentum_buffer" in s], rtol=0, atol=0)
+    assert "(replicated)" in results[0]["plan"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_fsdp2_equals_one_process(tmp_path, world, ns_dtype):
+    results = _spawn(tmp_path, "train_fsdp", world, ns_dtype)
+    _assert_matches_reference(results, world, ns_dtype)
+    counts = [res["count"] for res in results]
+    assert sum(counts) == _matrices() * workers.STEPS
+    assert all(res["momentum_is_sharded"] for res in results)
+    plan = results[0]["plan"]
+    assert "(sharded)" in plan
+    for r in range(world):
+        assert f" {r} (sharded)" in plan
+
+
+def test_fsdp2_full_state_dict_resumes_identically(tmp_path):
+    for res in _spawn(tmp_path, "fsdp_resume", 2):
+        for name, want in res["straight"].items():
+            assert torch.equal(res["resumed"][name], want), name
+
+
+def test_grad_missing_on_some_ranks_is_an_error_everywhere(tmp_path):
+    for res in _spawn(tmp_path, "grad_missing_on_one_rank", 2):
+        assert res["error"] is not None and "1 of 2 ranks" in res["error"] and "'2.weight'" not in res["error"]
+        assert res["unchanged"]
+
+
+def test_process_group_without_this_rank(tmp_path):
+    results = _spawn(tmp_path, "foreign_process_group", 2)
+    assert results[0]["error"] is None
+    assert "does not contain this rank" in results[1]["error"]
+
+
+def test_unsupported_layouts_say_which(tmp_path):
+    for res in _spawn(tmp_path, "unsupported_layouts", 2):
+        assert "2-D mesh" in res["errors"]["hsdp"] and "Replicate" in res["errors"]["hsdp"]
+        assert "different device meshes" in res["errors"]["meshes"]
