@@ -25,7 +25,7 @@ ENV_DEPS := .venv/.torch-installed
 OLD_TRITON_ENV := .venv-triton-old/.installed-$(TRITON_OLD)
 # The experiments extra (scikit-learn, matplotlib) is installed where we may download; an offline
 # host environment keeps what it has.
-EXTRAS := test,experiments
+EXTRAS := test,bench,experiments
 endif
 
 .PHONY: bench test test-old-triton reproduce wheel install build-tools clean
@@ -59,7 +59,7 @@ test: install test-old-triton
 	cd tests && $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
-	cd bench && $(PY) step.py $(BENCH_ARGS)
+	cd bench && $(PY) run.py $(BENCH_ARGS)
 
 # The convergence experiments (docs/convergence.md); REPRODUCE_ARGS=--quick for the 5-minute version.
 reproduce: install

@@ -40,14 +40,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def time_call(fn, *, device: torch.device, warmup: int, repeat: int) -> list[float]:
-    """Per-repetition milliseconds: CUDA events on a GPU, wall clock (perf_counter) on a CPU."""
+def time_call(fn, *, device: torch.device, warmup: int, repeat: int, before=None) -> list[float]:
+    """Per-repetition milliseconds: CUDA events on a GPU, wall clock (perf_counter) on a CPU.
+    ``before`` (e.g. an L2 flush) runs ahead of each repetition, outside the timed region."""
     for _ in range(warmup):
         fn()
     samples = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         for _ in range(repeat):
+            if before is not None:
+                before()
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()

@@ -1,23 +1,17 @@
 """Full optimizer step: muon_kernels.Muon (every backend that can run here) vs torch.optim.Muon + AdamW.
 
 All implementations step the same parameters with the same gradients in one process, so the
-speedup column is a side-by-side ratio. On a GPU the shapes are the real model's; on a CPU this
-is a smoke run (labelled ``quick``): the width is divided by 8 and the CPU's slow bf16 GEMM is
-shown beside an fp32 iteration.
-
-    python bench/step.py [--models gpt2-small ...] [--repeat N] [--quick]
+speedup is a side-by-side ratio. On a GPU the shapes are the real model's; on a CPU this is a
+smoke run (labelled ``quick``): the width is divided by 8 and the CPU's slow bf16 GEMM is shown
+beside an fp32 iteration. Run through bench/run.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import torch
 
 import muon_kernels as mk
-from common import MODELS, RESULTS_DIR, environment, layer_shapes, summarize, table, time_call, write_results
+from common import MODELS, layer_shapes, summarize, time_call
 
 
 def make_params(model: str, layers: int, width_divisor: int, device: torch.device, seed: int = 0):
@@ -62,32 +56,20 @@ def implementations(device: torch.device, quick: bool):
     return impls
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["gpt2-small"], choices=sorted(MODELS))
-    parser.add_argument("--repeat", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="smoke run (always on for a CPU)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the JSON result goes")
-    args = parser.parse_args(argv)
+# LLaMA-7B does not fit three fp32 copies of itself beside torch.optim.Muon's on one 80 GB GPU: it
+# runs on a subset of its layers and the time is scaled by layers / layers run (stated in the row).
+LAYER_LIMIT = {"llama-7b": 4}
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    quick = args.quick or device.type == "cpu"
-    width_divisor = 8 if device.type == "cpu" else 1
-    repeat = args.repeat or (3 if quick else 20)
-    warmup = args.warmup or (1 if quick else 5)
-    env = environment(device)
-    print(f"device: {env['device']}  torch {env['versions']['torch']}  triton {env['versions']['triton']}"
-          f"  commit {env['commit']}  quick={quick}")
-    print("backends:", {k: v[1] for k, v in mk.available_backends(device).items()})
 
-    results, rows = [], []
-    for model in args.models:
+def run(device: torch.device, *, models: list[str], width_divisor: int, quick: bool, warmup: int, repeat: int,
+        progress) -> list[dict]:
+    results = []
+    for model in models:
         layers = MODELS[model]["layers"]
-        label = model if width_divisor == 1 else f"{model}/width÷{width_divisor}"
-        timings = {}
+        run_layers = min(layers, LAYER_LIMIT.get(model, layers))
         for name, build in implementations(device, quick):
-            mats, vecs = make_params(model, layers, width_divisor, device)
+            progress(f"step {model} {name}")
+            mats, vecs = make_params(model, run_layers, width_divisor, device)
             step = build(mats, vecs)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -95,20 +77,16 @@ def main(argv=None) -> int:
                 base = torch.cuda.memory_allocated()
             samples = time_call(step, device=device, warmup=warmup, repeat=repeat)
             extra = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
-            timings[name] = summarize(samples)["ms"]
+            stats = summarize(samples)
+            scale = layers / run_layers
             results.append({"model": model, "impl": name, "width_divisor": width_divisor, "layers": layers,
-                            **summarize(samples), "extra_memory_bytes": extra, "samples": samples})
-            print(f"  {label:>24}  {name:<18} {timings[name]:10.2f} ms", file=sys.stderr, flush=True)
+                            "layers_run": run_layers, **{k: v * scale for k, v in stats.items()},
+                            "extra_memory_bytes": extra, "samples": samples})
             del step, mats, vecs
-        ref = timings["torch.optim.Muon"]
-        for name, ms in timings.items():
-            rows.append([label, name, f"{ms:.2f}", f"{ref / ms:.2f}x"])
-    print()
-    print(table(rows, ["model", "implementation", "ms/step", "speedup vs torch.optim.Muon"]))
-    result = {**env, "quick": quick, "ns": [], "update": [], "step": results}
-    print(f"\nwrote {write_results(result, args.out_dir)}")
-    return 0
+    return results
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def speedups(results: list[dict]) -> list[dict]:
+    ref = {r["model"]: r["ms"] for r in results if r["impl"] == "torch.optim.Muon"}
+    return [{"model": r["model"], "impl": r["impl"], "speedup": ref[r["model"]] / r["ms"]}
+            for r in results if r["impl"] != "torch.optim.Muon" and r["model"] in ref]

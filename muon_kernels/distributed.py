@@ -167,7 +167,6 @@ def finish_replicated(handle) -> torch.Tensor:
 def start_sharded_gather(bucket: Bucket, owners: list[int], group, groups: list[dict], state) -> tuple:
     """Sharded momentum on the local rows, then the all-to-all that brings each owner its matrices."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    locals_u = []
     by_group: dict[int, list[int]] = {}
     for i, e in enumerate(bucket.entries):
         by_group.setdefault(e.group, []).append(i)
@@ -197,11 +196,10 @@ def start_sharded_gather(bucket: Bucket, owners: list[int], group, groups: list[
     recv = torch.empty(sum(recv_sizes), dtype=wire, device=bucket.device)
     work = dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
                                   group=group, async_op=True)
-    return work, (send, recv, recv_sizes)
+    return work, (send, recv)
 
 
-def _assemble(bucket: Bucket, owners: list[int], rank: int, world: int, recv: torch.Tensor,
-              recv_sizes: list[int]) -> torch.Tensor:
+def _assemble(bucket: Bucket, owners: list[int], rank: int, world: int, recv: torch.Tensor) -> torch.Tensor:
     """The full updates of this rank's entries as a (k, m, n) stack (tall ones transposed)."""
     mine = [e for e, o in zip(bucket.entries, owners) if o == rank]
     pieces = {e_i: [None] * world for e_i in range(len(mine))}
@@ -212,7 +210,6 @@ def _assemble(bucket: Bucket, owners: list[int], rank: int, world: int, recv: to
             n = (b - a) * math.prod(e.param.shape[1:])
             pieces[i][src] = recv[offset:offset + n].reshape(b - a, *e.param.shape[1:])
             offset += n
-        assert offset == sum(recv_sizes[: src + 1])
     views = []
     for i, e in enumerate(mine):
         full = torch.cat(pieces[i]).to(bucket.dtype).reshape(e.view.batch, e.view.rows, e.view.cols)
@@ -224,9 +221,9 @@ def _assemble(bucket: Bucket, owners: list[int], rank: int, world: int, recv: to
 def start_sharded_scatter(bucket: Bucket, owners: list[int], group, gathered, max_workspace_bytes) -> tuple:
     """Orthogonalize this rank's matrices; start the all-to-all that returns each rank its rows."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    work, (_, recv, recv_sizes) = gathered
+    work, (_, recv) = gathered
     work.wait()
-    stack = _assemble(bucket, owners, rank, world, recv, recv_sizes)
+    stack = _assemble(bucket, owners, rank, world, recv)
     ortho = bucket.orthogonalize(stack, max_workspace_bytes) if stack.shape[0] else stack
     wire = _wire_dtype(bucket.ns_dtype, group)
     mine = [e for e, o in zip(bucket.entries, owners) if o == rank]
@@ -283,15 +280,47 @@ def finish_sharded(bucket: Bucket, owners: list[int], group, scattered, groups: 
 # -------------------------------------------------------------------------------------- agreement
 
 
-def check_grad_agreement(group, params: list[torch.Tensor], names: dict[int, str]) -> None:
-    """One all-reduce: a parameter must have a gradient on every rank of ``group`` or on none, else
-    the ranks would issue different collectives and hang. Raises the same error on every rank."""
-    flags = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
-    if dist.get_backend(group) == "nccl":
-        flags = flags.cuda()
-    dist.all_reduce(flags, group=group)
+_PLAIN_HINT = ("parameters differ across ranks: distributed='auto' treats plain parameters as replicated (DDP); for "
+               "per-rank models (pipeline stages) pass distributed='off'")
+_MESH_HINT = "the sharded Muon parameters differ across the ranks of their mesh"
+
+
+def check_same_plan(group, buckets: list[Bucket], *, replicated: bool) -> None:
+    """One all-reduce when the plan is (re)built: every rank must have planned the same buckets, or
+    their collectives would not match."""
+    # Ints only: Python salts str hashes per process, but an int tuple hashes the same everywhere.
+    signature = hash(tuple((len(b.entries), b.m, b.n, b.matrices, b.dtype.itemsize) for b in buckets)) % 2**62
+    if _differs_across(group, [signature], buckets[0].device if dist.get_backend(group) == "nccl" else "cpu")[0]:
+        raise RuntimeError(f"ranks planned different Muon buckets: {_PLAIN_HINT if replicated else _MESH_HINT}")
+
+
+def _differs_across(group, values: list[int], device) -> list[bool]:
+    """One MAX all-reduce of (v, -v) pairs: for each value, whether the ranks disagree on it."""
+    both = torch.tensor([x for v in values for x in (v, -v)], dtype=torch.int64, device=device)
+    dist.all_reduce(both, group=group, op=dist.ReduceOp.MAX)
+    pairs = both.tolist()
+    return [pairs[2 * i] != -pairs[2 * i + 1] for i in range(len(values))]
+
+
+def _device(group, tensors) -> torch.device | str:
+    return tensors[0].device if dist.get_backend(group) == "nccl" else "cpu"
+
+
+def check_grad_agreement(group, params: list[torch.Tensor], names: dict[int, str], *, replicated: bool) -> None:
+    """A parameter must have a gradient on every rank of ``group`` or on none, else the ranks would
+    issue different collectives and hang. One small all-reduce per step (a second one only to name
+    the culprit); raises the same error on every rank."""
+    flags = [p.grad is not None for p in params]
+    count_differs, flags_differ = _differs_across(group, [len(params), hash(tuple(flags)) % 2**62],
+                                                  _device(group, params))
+    if count_differs:
+        raise RuntimeError(f"ranks hold different numbers of Muon parameters: {_PLAIN_HINT if replicated else _MESH_HINT}")
+    if not flags_differ:
+        return
+    counts = torch.tensor(flags, dtype=torch.int32, device=_device(group, params))
+    dist.all_reduce(counts, group=group)
     world = dist.get_world_size(group)
-    for p, count in zip(params, flags.tolist()):
+    for p, count in zip(params, counts.tolist()):
         if 0 < count < world:
             raise RuntimeError(f"parameter {names[id(p)]} has a gradient on {count} of {world} ranks and None on the "
                                "others; every rank must produce it (or none): use it in every rank's forward, or "

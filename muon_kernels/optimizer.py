@@ -238,7 +238,7 @@ class Muon(Optimizer):
         if key != self._plan_key:
             items = [item for gi, group, params in work for item in self._muon_items(gi, group, params)]
             buckets = build_buckets(items)
-            self._layouts = self._distribute(buckets)
+            self._layouts = self._distribute(buckets, verify=True)
             self._buckets = buckets
             self._plan_key = key
         return self._buckets
@@ -246,15 +246,19 @@ class Muon(Optimizer):
     def _names(self) -> dict[int, str]:
         return {id(p): _label(g, i, p) for g in self.param_groups for i, p in enumerate(g["params"])}
 
-    def _distribute(self, buckets) -> list[tuple[str, Any, list[int] | None]]:
+    def _distribute(self, buckets, verify: bool = False) -> list[tuple[str, Any, list[int] | None]]:
         """Per bucket: how it is computed ("local", "replicated", "sharded"), over which group, and
-        which rank orthogonalizes each entry (ranks are assigned per group, in bucket order)."""
+        which rank orthogonalizes each entry (ranks are assigned per group, in bucket order).
+        ``verify`` (step only, never plan(), which one rank may call alone): check with one
+        collective per group that every rank planned the same buckets."""
         names = self._names()
         replicated = dist_muon.replicated_group(self.distributed, self.process_group)
         kinds = [dist_muon.bucket_layout(b, names, replicated) for b in buckets]
         layouts: list = [(kind, group, None) for kind, group in kinds]
         for group in dict.fromkeys(g for kind, g in kinds if kind != "local"):
             idx = [i for i, (kind, g) in enumerate(kinds) if kind != "local" and g is group]
+            if verify:
+                dist_muon.check_same_plan(group, [buckets[i] for i in idx], replicated=group is replicated)
             world = dist_muon.dist.get_world_size(group)
             for i, owners in zip(idx, dist_muon.assign_owners([buckets[i] for i in idx], world)):
                 layouts[i] = (kinds[i][0], group, owners)
@@ -325,7 +329,7 @@ class Muon(Optimizer):
         for group, params in groups.items():
             if group is not None:  # a multi-dim mesh is refused with its own error when the plan is built
                 names = names or self._names()
-                dist_muon.check_grad_agreement(group, params, names)
+                dist_muon.check_grad_agreement(group, params, names, replicated=group is replicated)
 
     def _momentum_buffer(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         state = self.state[p]

@@ -224,6 +224,25 @@ def unsupported_layouts(rank, world, ns_dtype, out):
     return {"errors": errors}
 
 
+def per_rank_models(rank, world, ns_dtype, out):
+    """Pipeline-style: each rank owns different layers. "auto" must refuse (and touch nothing);
+    "off" steps each rank's own model."""
+    torch.manual_seed(rank)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(rank + 1)])
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        make_optimizer(model, ns_dtype).step()
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    make_optimizer(model, ns_dtype, distributed="off").step()
+    moved = not any(torch.equal(a, p) for a, p in zip(before, model.parameters()) if p.ndim == 2)
+    return {"error": error, "unchanged": unchanged, "moved": moved}
+
+
 def run_scenario(rank, world, port, scenario, ns_dtype, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

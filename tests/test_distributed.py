@@ -62,34 +62,26 @@ def _assert_matches_reference(results, world, ns_dtype):
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
-def test_ddp_equals_one_process(tmp_path, world, ns_dtype):
-    results = _spawn(tmp_path, "train_ddp", world, ns_dtype)
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_training_equals_one_process(tmp_path, layout, world, ns_dtype):
+    results = _spawn(tmp_path, f"train_{layout}", world, ns_dtype)
     _assert_matches_reference(results, world, ns_dtype)
     # Each matrix orthogonalized once per step in the whole job, and every rank did a share.
     counts = [res["count"] for res in results]
     assert sum(counts) == _matrices() * workers.STEPS
     assert all(c > 0 for c in counts)
-    # Every rank holds the full optimizer state: rank 0's state_dict is a complete checkpoint.
+    kind = "replicated" if layout == "ddp" else "sharded"
+    for r in range(world):  # the plan names the owner of each matrix
+        assert f" {r} ({kind})" in results[0]["plan"]
+    if layout == "fsdp":
+        assert all(res["momentum_is_sharded"] for res in results)
+        return
+    # DDP: every rank holds the full optimizer state, so rank 0's state_dict is a complete checkpoint.
     for res in results:
         bufs = [s["momentum_buffer"] for s in res["state"]["state"].values() if "momentum_buffer" in s]
         assert len(bufs) == _matrices()
         torch.testing.assert_close(bufs, [s["momentum_buffer"] for s in results[0]["state"]["state"].values()
                                           if "momentum_buffer" in s], rtol=0, atol=0)
-    assert "(replicated)" in results[0]["plan"]
-
-
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
-def test_fsdp2_equals_one_process(tmp_path, world, ns_dtype):
-    results = _spawn(tmp_path, "train_fsdp", world, ns_dtype)
-    _assert_matches_reference(results, world, ns_dtype)
-    counts = [res["count"] for res in results]
-    assert sum(counts) == _matrices() * workers.STEPS
-    assert all(res["momentum_is_sharded"] for res in results)
-    plan = results[0]["plan"]
-    assert "(sharded)" in plan
-    for r in range(world):
-        assert f" {r} (sharded)" in plan
 
 
 def test_fsdp2_full_state_dict_resumes_identically(tmp_path):
@@ -114,3 +106,9 @@ def test_unsupported_layouts_say_which(tmp_path):
     for res in _spawn(tmp_path, "unsupported_layouts", 2):
         assert "2-D mesh" in res["errors"]["hsdp"] and "Replicate" in res["errors"]["hsdp"]
         assert "different device meshes" in res["errors"]["meshes"]
+
+
+def test_per_rank_models_need_distributed_off(tmp_path):
+    for res in _spawn(tmp_path, "per_rank_models", 2):
+        assert "distributed='off'" in res["error"] and res["unchanged"]
+        assert res["moved"]

@@ -1,0 +1,166 @@
+"""Newton–Schulz throughput per shape and batch: our backends against the references a user would
+otherwise run, side by side on the same inputs in one process.
+
+Implementations (names as in the JSON):
+- ``ours-<backend>``: the backend's batched orthogonalize on the whole stack (one call per bucket),
+- ``torch.optim.Muon``: torch's own routine, ``torch.optim._muon._zeropower_via_newtonschulz``,
+  one matrix at a time (that is how torch.optim.Muon calls it),
+- ``cublas-recurrence``: the plain recurrence a user writes, ``bmm`` per term on the stack,
+- ``compiled-recurrence``: the same function under ``torch.compile`` (CUDA only: on a CPU the
+  inductor compile time would swamp a smoke run),
+- an installed peer package, when one is importable (never a dependency).
+
+Effective TFLOP/s = naive FLOPs (DESIGN.md §3: 4m²n + 2m³ per step and matrix) / time; "peak" is
+a plain bf16 ``torch.mm`` of an m×n by n×m product (the Gram product of the same shape) measured
+here, so "of peak" says how close the whole iteration comes to the GEMM the device does best.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from common import summarize, time_call
+from muon_kernels.backends import available_backends, select_backend
+from muon_kernels.orthogonalize import resolve_ns_config
+
+COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+STEPS = 5
+CONFIG = resolve_ns_config(COEFFICIENTS, STEPS, 1e-7)
+
+# Oriented shapes (m ≤ n) of DESIGN.md §4's matrices, beside the squares.
+MODEL_SHAPES = [(768, 2304), (768, 3072), (1024, 3072), (1024, 4096), (1600, 4800), (1600, 6400), (2048, 8192),
+                (4096, 11008)]
+SQUARES = [256, 512, 1024, 2048, 4096, 8192]
+BATCHES = [1, 4, 16, 48]
+# A (shape, batch) point is skipped above this many naive FLOPs per call (~1 s on an H100), so the
+# sweep fits the device budget: 8192² runs at batch 1 and 4, LLaMA-7B's (4096, 11008) up to 16.
+MAX_CALL_FLOPS = 1e15
+CPU_SHAPES = [(64, 64), (128, 128), (256, 256), (96, 384)]
+CPU_BATCHES = [1, 4]
+
+# Peers: importable module → function names tried, each called as fn(matrix) on one matrix.
+PEERS = {"gram_newton_schulz": ("gram_newton_schulz", "newton_schulz", "orthogonalize"),
+         "flash_muon": ("fast_newtonschulz", "newton_schulz")}
+
+
+def naive_flops(m: int, n: int, batch: int, steps: int = STEPS) -> float:
+    return batch * steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def plain_recurrence(stack: torch.Tensor) -> torch.Tensor:
+    """What a user writes: normalize, cast to bf16, one bmm per term."""
+    a, b, c = COEFFICIENTS
+    x = stack / stack.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-7)
+    x = x.bfloat16()
+    for _ in range(STEPS):
+        A = x @ x.mT
+        B = b * A + c * (A @ A)
+        x = a * x + B @ x
+    return x
+
+
+def _torch_muon(stack: torch.Tensor) -> torch.Tensor:
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    return torch.stack([_zeropower_via_newtonschulz(g, COEFFICIENTS, STEPS, 1e-7) for g in stack])
+
+
+def _peers() -> tuple[list[tuple[str, object]], list[str]]:
+    found, notes = [], []
+    for module, names in PEERS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        fn = next((getattr(mod, n) for n in names if callable(getattr(mod, n, None))), None)
+        if fn is None:
+            notes.append(f"{module} is installed but has none of {names}")
+            continue
+        found.append((module, lambda stack, fn=fn: torch.stack([fn(g) for g in stack])))
+    return found, notes
+
+
+def implementations(device: torch.device):
+    """(name, fn(stack) -> orthogonalized stack) for everything that runs here, and notes."""
+    impls = []
+    for name, (ok, _) in available_backends(device).items():
+        if ok:
+            backend, _ = select_backend(name, device)
+            impls.append((f"ours-{name}", lambda s, b=backend: b.orthogonalize(s, CONFIG, torch.bfloat16)))
+    impls.append(("torch.optim.Muon", _torch_muon))
+    impls.append(("cublas-recurrence", plain_recurrence))
+    notes = []
+    if device.type == "cuda":
+        impls.append(("compiled-recurrence", torch.compile(plain_recurrence, dynamic=False)))
+    else:
+        notes.append("compiled-recurrence: not run on a CPU (inductor compile time would dominate a smoke run)")
+    peers, peer_notes = _peers()
+    return impls + peers, notes + peer_notes
+
+
+def _flush_l2(device: torch.device):
+    """A write over a buffer larger than any L2, so each NS timing starts from a cold cache."""
+    if device.type != "cuda":
+        return None
+    scratch = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    return scratch.zero_
+
+
+def mm_peak_tflops(m: int, n: int, device: torch.device, warmup: int, repeat: int) -> float:
+    x = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    y = torch.randn(n, m, device=device, dtype=torch.bfloat16)
+    ms = summarize(time_call(lambda: torch.mm(x, y), device=device, warmup=warmup, repeat=repeat))["ms"]
+    return 2 * m * m * n / (ms * 1e-3) / 1e12
+
+
+def points(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
+    if device.type != "cuda":
+        return [(m, n, b) for (m, n) in CPU_SHAPES for b in CPU_BATCHES]
+    shapes = [(s, s) for s in SQUARES] + MODEL_SHAPES
+    batches = BATCHES[:2] if quick else BATCHES
+    return [(m, n, b) for (m, n) in shapes for b in batches if naive_flops(m, n, b) <= MAX_CALL_FLOPS]
+
+
+def run(device: torch.device, *, quick: bool, warmup: int, repeat: int, progress) -> tuple[list[dict], list[str]]:
+    impls, notes = implementations(device)
+    flush = _flush_l2(device)
+    rows = []
+    todo = points(device, quick)
+    peaks: dict[tuple[int, int], float] = {}
+    for i, (m, n, batch) in enumerate(todo):
+        g = torch.Generator(device="cpu").manual_seed(m * 7919 + n * 31 + batch)
+        stack = torch.randn(batch, m, n, generator=g).to(device)
+        if (m, n) not in peaks:
+            peaks[(m, n)] = mm_peak_tflops(m, n, device, warmup, repeat)
+        for name, fn in impls:
+            progress(f"ns {i + 1}/{len(todo)} {m}x{n} batch {batch} {name}")
+            try:
+                samples = time_call(lambda: fn(stack), device=device, warmup=warmup, repeat=repeat, before=flush)
+            except Exception as e:  # a peer with an unexpected signature: recorded, not fatal
+                notes.append(f"{name} failed on {m}x{n} batch {batch}: {type(e).__name__}: {e}")
+                continue
+            stats = summarize(samples)
+            tflops = naive_flops(m, n, batch) / (stats["ms"] * 1e-3) / 1e12
+            rows.append({"shape": [m, n], "batch": batch, "dtype": "bfloat16", "impl": name, **stats,
+                         "tflops": tflops, "mm_peak_tflops": peaks[(m, n)],
+                         "fraction_of_peak": tflops / peaks[(m, n)], "samples": samples})
+    return rows, notes
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """Per (shape, batch): each of ours against the best reference (the fastest non-ours impl)."""
+    out = []
+    keys = sorted({(tuple(r["shape"]), r["batch"]) for r in rows})
+    for key in keys:
+        here = [r for r in rows if (tuple(r["shape"]), r["batch"]) == key]
+        refs = [r for r in here if not r["impl"].startswith("ours-")]
+        if not refs:
+            continue
+        best = min(refs, key=lambda r: r["ms"])
+        for r in here:
+            if r["impl"].startswith("ours-"):
+                out.append({"shape": list(key[0]), "batch": key[1], "impl": r["impl"], "best_reference": best["impl"],
+                            "speedup": best["ms"] / r["ms"]})
+    return out

@@ -1,0 +1,78 @@
+"""Bandwidth of the elementwise half of a Muon step over a whole model's matrices: momentum →
+Nesterov → stack before Newton–Schulz, and decoupled decay + lr·scale update after it.
+
+Both halves are memory-bound, so they are reported in GB/s of compulsory traffic and as a fraction
+of a device-to-device copy measured in the same run. Per element of an fp32 parameter: the
+momentum half reads G and M and writes M and the stacked update (16 B); the update half reads W and
+the bf16 O and writes W (10 B). ``torch.optim.Muon`` is torch's per-parameter sequence of the same
+operations (lerp_, lerp, mul_, add_), Newton–Schulz excluded from every timing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import muon_kernels as mk
+from common import MODELS, summarize, time_call
+from step import make_params
+
+
+def _bytes(mats: list[torch.Tensor]) -> int:
+    elems = sum(p.numel() for p in mats)
+    p = mats[0].element_size()
+    return elems * (4 * p + (2 * p + 2))
+
+
+def _ours(backend: str, mats):
+    opt = mk.Muon(mats, lr=0.02, weight_decay=0.1, backend=backend)
+    work = opt._check_grads()
+    buckets = opt._plan_buckets([w for w in work if w[2]])
+    orthos = [torch.randn(b.matrices, b.m, b.n, device=b.device).bfloat16() for b in buckets]
+
+    @torch.no_grad()
+    def run():
+        for bucket, ortho in zip(buckets, orthos):
+            grads = [e.param.grad for e in bucket.entries]
+            bufs = [opt._momentum_buffer(e.param, opt.param_groups[e.group]) for e in bucket.entries]
+            bucket.backend.momentum_stack(bucket, grads, bufs, opt.param_groups)
+            bucket.backend.apply_update(bucket, ortho, opt.param_groups)
+    return run
+
+
+def _torch_muon(mats):
+    bufs = [torch.zeros_like(p) for p in mats]
+    outs = [torch.randn(p.shape, device=p.device).bfloat16() for p in mats]
+    lr, wd, mu = 0.02, 0.1, 0.95
+
+    @torch.no_grad()
+    def run():
+        for p, buf, o in zip(mats, bufs, outs):
+            buf.lerp_(p.grad, 1 - mu)
+            p.grad.lerp(buf, mu)
+            p.mul_(1 - lr * wd)
+            p.add_(o, alpha=-lr * max(1, p.shape[0] / p.shape[1]) ** 0.5)
+    return run
+
+
+def copy_gbps(nbytes: int, device: torch.device, warmup: int, repeat: int) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = summarize(time_call(lambda: dst.copy_(src), device=device, warmup=warmup, repeat=repeat))["ms"]
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def run(device: torch.device, *, model: str, width_divisor: int, warmup: int, repeat: int, progress) -> list[dict]:
+    mats, _ = make_params(model, MODELS[model]["layers"], width_divisor, device)
+    nbytes = _bytes(mats)
+    copy = copy_gbps(nbytes, device, warmup, repeat)
+    impls = [(f"ours-{name}", _ours(name, mats)) for name, (ok, _) in mk.available_backends(device).items() if ok]
+    impls.append(("torch.optim.Muon", _torch_muon(mats)))
+    rows = []
+    for name, fn in impls:
+        progress(f"update {model} {name}")
+        samples = time_call(fn, device=device, warmup=warmup, repeat=repeat)
+        stats = summarize(samples)
+        gbps = nbytes / (stats["ms"] * 1e-3) / 1e9
+        rows.append({"model": model, "width_divisor": width_divisor, "impl": name, **stats, "bytes": nbytes,
+                     "gbps": gbps, "copy_gbps": copy, "fraction_of_copy": gbps / copy, "samples": samples})
+    return rows
