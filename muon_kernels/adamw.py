@@ -33,15 +33,17 @@ def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
         return
     # torch's own rule: the fused kernel where every parameter's device has one, else foreach.
     fused, foreach = _default_to_fused_or_foreach(params, False, use_fused=not torch.compiler.is_compiling())
+    # capturable only means something (and torch only accepts it) for accelerator tensors.
+    capturable = bool(group.get("capturable", False)) and not fused and params[0].device.type != "cpu"
+    on_device = fused or capturable  # the fused kernel and capturable foreach read the step count on the device
     exp_avgs, exp_avg_sqs, steps = [], [], []
     for p in params:
         st = state[p]
         if not st:
-            # The fused kernel reads the step count on the parameter's device; foreach keeps it on the host.
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif fused and st["step"].device != p.device:
+        elif on_device and st["step"].device != p.device:
             st["step"] = st["step"].to(p.device)
         exp_avgs.append(st["exp_avg"])
         exp_avg_sqs.append(st["exp_avg_sq"])
@@ -64,4 +66,5 @@ def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
         weight_decay=group["weight_decay"],
         eps=group["eps"],
         maximize=False,
+        capturable=capturable,
     )

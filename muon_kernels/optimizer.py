@@ -63,6 +63,8 @@ def _check_muon_settings(group: dict) -> None:
         raise ValueError(f"momentum_form must be one of {MOMENTUM_FORMS}, got {group['momentum_form']!r}")
     if group["backend"] not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {group['backend']!r}")
+    if not isinstance(group["capturable"], bool):
+        raise ValueError(f"capturable must be True or False, got {group['capturable']!r}")
 
 
 class Muon(Optimizer):
@@ -93,6 +95,7 @@ class Muon(Optimizer):
         max_workspace_bytes: int | None = 2**30,
         distributed: str = "auto",
         process_group=None,
+        capturable: bool = False,
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
@@ -126,6 +129,7 @@ class Muon(Optimizer):
             "momentum_dtype": momentum_dtype,
             "momentum_form": momentum_form,
             "matrix_view": matrix_view,
+            "capturable": capturable,
         }
         _check_muon_settings(defaults)
         self._plan_key: tuple | None = None
@@ -160,6 +164,7 @@ class Muon(Optimizer):
         else:
             for key in ADAMW_KEYS:
                 group.setdefault(key, self._adamw_defaults[key])
+            group.setdefault("capturable", self.defaults["capturable"])
             check_adamw_settings(group["lr"], group["betas"], group["eps"], group["weight_decay"], "")
         super().add_param_group(group)
 
@@ -297,6 +302,15 @@ class Muon(Optimizer):
         """Validate every gradient before anything is modified; return (group index, group, params) to step."""
         work = []
         for gi, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if group.get("capturable") and isinstance(lr, torch.Tensor):
+                for i, p in enumerate(group["params"]):
+                    if p.device != lr.device:
+                        raise ValueError(
+                            f"param group {gi} has capturable=True and lr on {lr.device}, but parameter "
+                            f"{_label(group, i, p)} is on {p.device}: put lr on the parameters' device "
+                            "(a host lr would be copied during CUDA-graph capture)"
+                        )
             params = []
             for i, p in enumerate(group["params"]):
                 g = p.grad

@@ -89,7 +89,7 @@ def test_plan_text_and_available_backends():
     opt = mk.Muon(model.named_parameters(), ns_dtype=torch.float16)
     text = str(opt.plan())
     lines = text.splitlines()
-    assert lines[0].split() == ["name", "shape", "dtype", "device", "method", "view", "backend", "path", "why"]
+    assert lines[0].split() == ["name", "shape", "dtype", "device", "method", "view", "backend", "path", "rank", "why"]
     assert any("0.weight" in l and "Muon" in l and "torch" in l and "baddbmm" in l and "float16" in l for l in lines)
     assert any("1.weight" in l and "AdamW" in l and "ndim 1 < 2" in l for l in lines)
     backends = mk.available_backends()

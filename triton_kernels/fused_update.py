@@ -15,6 +15,7 @@ falls back to torch's foreach path otherwise.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -143,32 +144,54 @@ def make_layout(views, device: torch.device) -> Layout:
                   meta.to(device))
 
 
+# Device copies of pointer tables, keyed by (device, pointers). A table only holds numbers, so an
+# entry is never stale; reusing it means a step whose tensors did not move copies nothing to the
+# device, which is what CUDA-graph capture needs (no host-to-device copy may be captured).
+_ADDRESS_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_ADDRESS_TABLES_MAX = 512
+
+
 def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
+    key = (device, tuple(t.data_ptr() for t in tensors))
+    table = _ADDRESS_TABLES.get(key)
+    if table is not None:
+        _ADDRESS_TABLES.move_to_end(key)
+        return table
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "muon_kernels: a parameter, gradient or momentum buffer was reallocated since the last eager step, so its "
+            "address table would have to be copied to the GPU during CUDA-graph capture; run one eager opt.step() with "
+            "the same (static) tensors before capturing, and keep gradients allocated (zero_grad(set_to_none=False))"
+        )
+    table = torch.tensor(key[1], dtype=torch.int64).to(device)
+    _ADDRESS_TABLES[key] = table
+    if len(_ADDRESS_TABLES) > _ADDRESS_TABLES_MAX:
+        _ADDRESS_TABLES.popitem(last=False)
+    return table
 
 
-def _floats(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
-
-
-def fused_momentum(grads, bufs, momenta, layout: Layout, stack: torch.Tensor, *, ema: bool, nesterov: bool) -> None:
-    """Update ``bufs`` in place and write U for every tensor into ``stack`` (see module docstring)."""
+def fused_momentum(grads, bufs, momenta: torch.Tensor, layout: Layout, stack: torch.Tensor, *, ema: bool,
+                   nesterov: bool) -> None:
+    """Update ``bufs`` in place and write U for every tensor into ``stack`` (see module docstring).
+    ``momenta``: fp32 device tensor, μ per tensor."""
     device = stack.device
     layout = Layout(*layout)
     _fused_momentum_kernel[(layout.chunk_tensor.numel(),)](
-        _addresses(grads, device), _addresses(bufs, device), layout.meta, layout.numels, _floats(momenta, device),
+        _addresses(grads, device), _addresses(bufs, device), layout.meta, layout.numels, momenta,
         layout.chunk_tensor, layout.chunk_start, stack,
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BUF_DTYPE=_TL_DTYPES[bufs[0].dtype], EMA=ema, NESTEROV=nesterov,
         BLOCK=_block(), EMULATE_RN=is_interpreting(), enable_fp_fusion=FP_FUSION,
     )
 
 
-def fused_apply_update(params, alphas, decays, layout: Layout, ortho: torch.Tensor) -> None:
-    """``W = (W·decay) + alpha·O`` for every parameter, O read from its slice of ``ortho``."""
+def fused_apply_update(params, alphas: torch.Tensor, decays: torch.Tensor, layout: Layout, ortho: torch.Tensor) -> None:
+    """``W = (W·decay) + alpha·O`` for every parameter, O read from its slice of ``ortho``.
+    ``alphas``/``decays``: fp32 device tensors, one value per parameter (computed on the device from
+    a tensor lr, so a scheduler changing lr needs neither a recompile nor a host round trip)."""
     device = ortho.device
     layout = Layout(*layout)
     _fused_apply_update_kernel[(layout.chunk_tensor.numel(),)](
-        _addresses(params, device), layout.meta, layout.numels, _floats(alphas, device), _floats(decays, device),
+        _addresses(params, device), layout.meta, layout.numels, alphas, decays,
         layout.chunk_tensor, layout.chunk_start, ortho,
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=_block(), EMULATE_RN=is_interpreting(),
         enable_fp_fusion=FP_FUSION,

@@ -34,7 +34,7 @@ def _(stack, coefficients, eps, norm_scale, norm_offset, ns_dtype, small):
 
 
 @torch.library.custom_op("muon_kernels::fused_momentum", mutates_args=("bufs", "stack"))
-def fused_momentum_op(grads: list[torch.Tensor], bufs: list[torch.Tensor], momenta: list[float],
+def fused_momentum_op(grads: list[torch.Tensor], bufs: list[torch.Tensor], momenta: torch.Tensor,
                       chunk_tensor: torch.Tensor, chunk_start: torch.Tensor, numels: torch.Tensor, meta: torch.Tensor,
                       stack: torch.Tensor, ema: bool, nesterov: bool) -> None:
     fused_momentum(grads, bufs, momenta, (chunk_tensor, chunk_start, numels, meta), stack, ema=ema, nesterov=nesterov)
@@ -46,7 +46,7 @@ def _(grads, bufs, momenta, chunk_tensor, chunk_start, numels, meta, stack, ema,
 
 
 @torch.library.custom_op("muon_kernels::fused_apply_update", mutates_args=("params",))
-def fused_apply_update_op(params: list[torch.Tensor], alphas: list[float], decays: list[float],
+def fused_apply_update_op(params: list[torch.Tensor], alphas: torch.Tensor, decays: torch.Tensor,
                           chunk_tensor: torch.Tensor, chunk_start: torch.Tensor, numels: torch.Tensor,
                           meta: torch.Tensor, ortho: torch.Tensor) -> None:
     fused_apply_update(params, alphas, decays, (chunk_tensor, chunk_start, numels, meta), ortho)

@@ -44,8 +44,7 @@ def momentum_update(
     if form == "ema":
         torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
         return torch._foreach_lerp(grads, bufs, momentum) if nesterov else list(bufs)
-    # A 0-dim fp32 tensor: see apply_bucket_update on _foreach_mul_ and Python scalars.
-    torch._foreach_mul_(bufs, torch.tensor(momentum, dtype=torch.float32, device=bufs[0].device))
+    torch._foreach_mul_(bufs, _fp32_scalar(momentum, bufs))
     torch._foreach_add_(bufs, grads)
     return torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else list(bufs)
 
@@ -107,15 +106,29 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> Non
         params.append(e.param)
         outs.append((o.mT if e.view.transposed else o).reshape(e.param.shape))
     for (gi, scale), (params, outs) in batches.items():
-        decay_and_add(params, outs, lr=float(groups[gi]["lr"]), weight_decay=groups[gi]["weight_decay"], scale=scale)
+        decay_and_add(params, outs, lr=groups[gi]["lr"], weight_decay=groups[gi]["weight_decay"], scale=scale)
 
 
-def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr: float, weight_decay: float,
+def _fp32_scalar(value: float, tensors: list[torch.Tensor]):
+    """A scalar that multiplies in fp32: on CPU a 0-dim fp32 tensor, because torch 2.13's CPU
+    ``_foreach_mul_`` first rounds a Python scalar to the tensors' dtype (a bf16 decay of 0.998
+    became 0.996, doubling it); elsewhere the Python float, which foreach kernels apply in fp32 and
+    which needs no host-to-device copy (so a CUDA-graph capture can contain it)."""
+    return torch.tensor(value, dtype=torch.float32) if tensors[0].device.type == "cpu" else value
+
+
+def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr, weight_decay: float,
                   scale: float) -> None:
-    """``W *= 1 - lr·wd; W -= lr·scale·O`` for lists of same-device tensors (whole or shards)."""
+    """``W *= 1 - lr·wd; W -= lr·scale·O`` for lists of same-device tensors (whole or shards).
+    ``lr`` is a float or a 1-element tensor; a tensor on the parameters' device is used there,
+    without reading it back to the host (CUDA-graph capturable)."""
+    if isinstance(lr, torch.Tensor):
+        lr = lr.to(device=params[0].device, dtype=torch.float32).reshape(())
+        if weight_decay != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_add_(params, torch._foreach_mul(outs, -lr * scale))
+        return
     decay = 1.0 - lr * weight_decay
     if decay != 1.0:
-        # A 0-dim fp32 tensor, not a Python float: on CPU, torch 2.13's _foreach_mul_ rounds a
-        # Python scalar to the tensors' dtype first (0.998 becomes 0.996 in bf16, doubling the decay).
-        torch._foreach_mul_(params, torch.tensor(decay, dtype=torch.float32, device=params[0].device))
+        torch._foreach_mul_(params, _fp32_scalar(decay, params))
     torch._foreach_add_(params, outs, alpha=-lr * scale)

@@ -196,3 +196,51 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
         opt.step()
     for p, q in zip(ps, resumed):
         assert torch.equal(p.detach().cpu(), q.cpu())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_graph_capture_of_a_whole_step_matches_eager(backend):
+    """capturable=True with a device lr: warm up eagerly, capture opt.step() once, replay it while a
+    scheduler writes the lr tensor in place; parameters match an eager twin step for step."""
+    shapes = [(256, 64), (64, 256), (96, 96), (2048, 2048)]
+    lr_values = [0.02, 0.015, 0.01, 0.005]
+
+    def make():
+        ps = _params(shapes) + [torch.nn.Parameter(torch.zeros(64, device=DEV))]
+        lr = torch.tensor(lr_values[0], device=DEV)
+        opt = mk.Muon([{"params": ps[:-1], "use_muon": True}, {"params": ps[-1:], "use_muon": False}], lr=lr,
+                      adamw_lr=torch.tensor(1e-3, device=DEV), backend=backend, capturable=True)
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+        return ps, opt, lr
+
+    def fill(ps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for p in ps:
+            p.grad.copy_(torch.randn(p.shape, generator=g))
+
+    eager, eager_opt, eager_lr = make()
+    graphed, graphed_opt, graphed_lr = make()
+    for ps, opt in ((eager, eager_opt), (graphed, graphed_opt)):  # one eager step each: state and tables exist
+        fill(ps, 0)
+        opt.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fill(graphed, 0)
+        graphed_opt.step()  # warm-up on the capture stream, as torch.cuda.graphs recommends
+    torch.cuda.current_stream().wait_stream(side)
+    eager_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_opt.step()
+    for i, lr in enumerate(lr_values):
+        eager_lr.fill_(lr)
+        graphed_lr.fill_(lr)
+        fill(eager, i + 1)
+        fill(graphed, i + 1)
+        eager_opt.step()
+        graph.replay()
+        torch.cuda.synchronize()
+        for p, q in zip(eager, graphed):
+            torch.testing.assert_close(q, p, rtol=0, atol=0)

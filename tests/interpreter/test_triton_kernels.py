@@ -259,10 +259,11 @@ def test_custom_ops_pass_opcheck():
     grads = [_randn(12, 20, seed=1), _randn(20, 12, seed=2)]
     bufs = [torch.zeros(12, 20), torch.zeros(20, 12)]
     torch.library.opcheck(torch.ops.muon_kernels.fused_momentum.default,
-                          (grads, bufs, [0.9, 0.95], *layout, torch.empty(2, 12, 20), True, True))
+                          (grads, bufs, torch.tensor([0.9, 0.95]), *layout, torch.empty(2, 12, 20), True, True))
     params = [_randn(12, 20, seed=3), _randn(20, 12, seed=4)]
     torch.library.opcheck(torch.ops.muon_kernels.fused_apply_update.default,
-                          (params, [-0.01, -0.02], [0.999, 1.0], *layout, _randn(2, 12, 20, seed=5)))
+                          (params, torch.tensor([-0.01, -0.02]), torch.tensor([0.999, 1.0]), *layout,
+                           _randn(2, 12, 20, seed=5)))
 
 
 def test_compiled_training_step_matches_eager():
@@ -285,3 +286,25 @@ def test_compiled_training_step_matches_eager():
         compiled_step(compiled_model, compiled_opt)
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_lr_in_the_fused_update_matches_float_lr():
+    """A tensor lr is combined with each parameter's scale and decay on the device (no host read)."""
+    results = []
+    for lr in (0.05, torch.tensor(0.05)):
+        ps = _bucket_params(torch.float32, seed=5)
+        groups = [{"params": ps[:2], "use_muon": True}, {"params": ps[2:], "use_muon": True, "matrix_view": "batch"}]
+        opt = mk.Muon(groups, lr=lr, weight_decay=0.2, backend="triton", ns_dtype=torch.float32, ns_steps=1)
+        g = torch.Generator().manual_seed(6)
+        for step in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            for group in opt.param_groups:
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(0.02)
+                else:
+                    group["lr"] = 0.02
+        results.append(ps)
+    for a, b in zip(*results):
+        assert rel_err(b, a) <= 1e-6
