@@ -75,6 +75,7 @@ class CMakeBuild(build_ext):
 setup(
     packages=["muon_kernels", "muon_kernels.backends", "muon_kernels.triton_kernels"],
     package_dir={"muon_kernels.triton_kernels": "triton_kernels"},
+    package_data={"muon_kernels.backends": ["crossovers.json"]},
     ext_modules=[Extension("muon_kernels._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
 )

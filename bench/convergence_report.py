@@ -194,15 +194,16 @@ def _plots(result: dict, docs: Path) -> list[str]:
                     runs = [r for r in runs if r["view"] == view or (batch == "constant")]
                     if not runs:
                         continue
-                    xs = [p[x_key] for p in runs[0]["curve"]]
-                    ys = [statistics.fmean(r["curve"][i]["grad_norm"] for r in runs) for i in range(len(xs))]
+                    # From the first evaluation after the start, like the tables' "min" (see _min_grad).
+                    xs = [p[x_key] for p in runs[0]["curve"][1:]]
+                    ys = [statistics.fmean(r["curve"][i + 1]["grad_norm"] for r in runs) for i in range(len(xs))]
                     running = [min(ys[: i + 1]) for i in range(len(ys))]
                     ax.plot(xs, running, label=f"{batch} batch, {'Nesterov' if nest else 'plain'}",
                             linestyle="-" if nest else "--")
                 ax.set_title(f"{lr} lr")
                 ax.set_xlabel(label)
                 ax.set_yscale("log")
-            axes[0][0].set_ylabel("running min ‖∇f(W_t)‖ (full batch)")
+            axes[0][0].set_ylabel("running min ‖∇f(W_t)‖ (full batch, t > 0)")
             axes[0][-1].legend(fontsize=7)
             fig.suptitle(f"{task['task']}: {view}")
             fig.tight_layout()

@@ -37,7 +37,11 @@ TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "i32": "i32", "i64": "i64"}
 _TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 # Tensor-core instruction families by arch: mma.sync (HMMA) through Ampere/Ada, wgmma (HGMMA) on Hopper.
-TENSOR_CORE_OPCODES = {80: ("HMMA",), 86: ("HMMA",), 89: ("HMMA",), 90: ("HGMMA", "HMMA")}
+# sm_100 runs Triton's dots on the 5th-generation tensor cores (tcgen05: UTC*MMA); sm_120 on HMMA.
+TENSOR_CORE_OPCODES = {80: ("HMMA",), 86: ("HMMA",), 89: ("HMMA",), 90: ("HGMMA", "HMMA"),
+                       100: ("UTCHMMA", "UTCQMMA", "UTCOMMA", "UTCIMMA", "HMMA"), 120: ("HMMA",)}
+# Archs every supported Triton (3.6…3.9) must target; newer ones are checked where it does.
+REQUIRED_ARCHS = (80, 86, 89, 90)
 
 
 @dataclass
@@ -95,11 +99,25 @@ def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int]:
     return tensor_core, registers, spills
 
 
+@triton.jit
+def _probe_kernel(X):
+    tl.store(X, tl.load(X) + 1.0)
+
+
+def targets(arch: int) -> bool:
+    """Whether the installed Triton (and the ptxas it ships) can compile for sm_<arch>."""
+    try:
+        compile_kernel(_probe_kernel, {"X": "fp32"}, {}, arch, 1, 1)
+    except Exception:  # an arch this Triton does not know fails in its backend, with varying types
+        return False
+    return True
+
+
 def kernel_cases(arch: int):
     """(name, fn, args, constexprs, config label, dtype, num_warps, num_stages, is_matmul, expects tensor cores)."""
     matmul = []
     for label, cfg in kcfg.all_configs(arch).items():
-        if label == "fp32":
+        if label.startswith(("fp32", "tune32")):
             variants = [("fp32", "ieee", False), ("fp32", "tf32", True)]
         else:
             variants = [("bf16", "tf32", True), ("fp16", "tf32", True)]
@@ -107,7 +125,9 @@ def kernel_cases(arch: int):
         for dtype, precision, tensor_cores in variants:
             cfg_label = f"{label}:{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}:{precision}"
             common = dict(UPCAST=False, PRECISION=precision)
-            for has_d, name, k in ((False, "symmetric_matmul[X·Xᵀ]", n), (True, "symmetric_matmul[b·A+c·A·A]", m)):
+            # The symmetric kernel takes square tiles (BLOCK = block_m); rectangles are ns_update-only.
+            symmetric = ((False, "symmetric_matmul[X·Xᵀ]", n), (True, "symmetric_matmul[b·A+c·A·A]", m))
+            for has_d, name, k in symmetric if cfg.block_m == cfg.block_n else ():
                 args = dict(X=dtype, D=dtype, C=dtype, M=m, K=k, stride_xb=m * k, stride_xm=k, stride_xk=1,
                             stride_db=m * m, stride_dm=m, stride_dn=1, stride_cb=m * m, stride_cm=m, stride_cn=1,
                             alpha=1.0, beta=0.0)

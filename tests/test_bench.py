@@ -62,3 +62,49 @@ def test_benchmark_writes_results(tmp_path):
         assert row["model"] == "gpt2-small" and len(row["samples"]) == 1 and row["ms"] > 0
     pytest.importorskip("matplotlib")
     assert {p.name for p in tmp_path.glob("*.png")} == {path.stem + "-ns.png", path.stem + "-step.png"}
+
+
+def _row(m, n, batch, impl, ms):
+    return {"shape": [m, n], "batch": batch, "impl": impl, "ms": ms}
+
+
+def test_crossover_is_the_smallest_m_from_which_triton_always_wins():
+    import crossovers
+
+    rows = []
+    for m, triton_ms, torch_ms in [(256, 2.0, 1.0), (1024, 0.9, 1.0), (2048, 1.1, 1.0), (4096, 0.5, 1.0),
+                                   (8192, 0.4, 1.0)]:
+        rows += [_row(m, m, 1, "ours-triton", triton_ms), _row(m, m, 1, "ours-torch", torch_ms),
+                 _row(m, m, 1, "torch.optim.Muon", 9.0)]
+    assert crossovers.crossover(rows) == 4096  # 1024 wins but 2048 loses: not monotone there
+    rows.append(_row(4096, 11008, 4, "ours-triton", 3.0))
+    rows.append(_row(4096, 11008, 4, "ours-torch", 2.0))
+    assert crossovers.crossover(rows) == 8192
+    assert crossovers.crossover([_row(64, 64, 1, "ours-triton", 2.0), _row(64, 64, 1, "ours-torch", 1.0)]) is None
+
+
+def test_crossover_table_reaches_the_dispatcher(tmp_path, monkeypatch):
+    import crossovers
+
+    from muon_kernels import backends
+
+    gpu = {"device": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "commit": "abc", "ns": [
+        _row(1024, 1024, 1, "ours-triton", 2.0), _row(1024, 1024, 1, "ours-torch", 1.0),
+        _row(4096, 4096, 1, "ours-triton", 1.0), _row(4096, 4096, 1, "ours-torch", 2.0)]}
+    cpu = {"device": "AMD EPYC", "capability": None, "commit": "abc", "ns": gpu["ns"]}
+    (tmp_path / "nvidia-h100-2026-11-23-abc.json").write_text(json.dumps(gpu))
+    (tmp_path / "amd-epyc-2026-11-23-abc.json").write_text(json.dumps(cpu))
+    (tmp_path / "convergence-2026-11-23.json").write_text("{}")
+    out = tmp_path / "crossovers.json"
+    assert crossovers.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    table = json.loads(out.read_text())["by_capability"]
+    assert list(table) == ["9.0"] and table["9.0"]["triton_min_m"] == 4096
+    monkeypatch.setattr(backends, "CROSSOVERS_FILE", out)
+    backends._crossover_table.cache_clear()
+    try:
+        assert backends.triton_min_m((9, 0))[0] == 4096
+        assert "measured on NVIDIA H100" in backends.triton_min_m((9, 0))[1]
+        assert backends.triton_min_m((8, 0)) == (backends.AUTO_TRITON_MIN_M,
+                                                 "conservative default, no measurement committed for this GPU")
+    finally:
+        backends._crossover_table.cache_clear()

@@ -36,13 +36,16 @@ class MatmulConfig:
 FP_FUSION = True
 
 # Per-block shared-memory limits (bytes) by compute capability (DESIGN.md §5).
-SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# sm_100 (B200) has Hopper's 227 KB, sm_120 (RTX 50xx) the 99 KB of sm_86/89.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024,
+                       120: 99 * 1024}
 ARCHS = tuple(SHARED_MEMORY_LIMIT)
+_DEEP = (80, 90, 100)  # room for three pipeline stages of 128×128×64 16-bit tiles and the epilogue
 
-_LARGE_16 = {80: MatmulConfig(128, 128, 64, 8, 3), 86: MatmulConfig(128, 128, 64, 8, 2),
-             89: MatmulConfig(128, 128, 64, 8, 2), 90: MatmulConfig(128, 128, 64, 8, 3)}
-_SMALL_16 = {arch: MatmulConfig(64, 64, 64, 4, 3 if arch in (80, 90) else 2) for arch in ARCHS}
-_FP32 = {arch: MatmulConfig(64, 64, 16, 4, 2) for arch in ARCHS}
+_LARGE_16 = {arch: MatmulConfig(128, 128, 64, 8, 3 if arch in _DEEP else 2) for arch in ARCHS}
+_SMALL_16 = {arch: MatmulConfig(64, 64, 64, 4, 3 if arch in _DEEP else 2) for arch in ARCHS}
+# sm_120's ptxas spills 8 bytes from the tf32 a·X + B·X kernel at 4 warps (80 registers); 8 warps do not.
+_FP32 = {arch: MatmulConfig(64, 64, 16, 8 if arch == 120 else 4, 2) for arch in ARCHS}
 # The interpreter runs programs one at a time on the CPU: small tiles exercise the multi-tile,
 # masked and mirrored paths on the small shapes the tests can afford.
 INTERPRETER_CONFIG = MatmulConfig(32, 32, 32, 4, 1, group_m=2)
@@ -82,6 +85,32 @@ def matmul_config(device: torch.device, dtype: torch.dtype, m: int, n: int, k: i
     return (_LARGE_16 if min(m, n) >= 128 else _SMALL_16)[arch]
 
 
+# Opt-in autotuning (autotune.py) chooses among these and the table's own configs; see there why.
+_EXTRA_16 = [(128, 128, 32, 8), (128, 64, 64, 4), (64, 128, 64, 4)]
+_EXTRA_32 = [(32, 64, 16, 4), (64, 32, 16, 4)]
+
+
+def _shared_bytes(cfg: MatmulConfig, itemsize: int) -> int:
+    return cfg.num_stages * (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * itemsize
+
+
+def tuning_space(arch: int, dtype: torch.dtype, kind: str | None = None) -> list[MatmulConfig]:
+    """The configs autotuning may choose among on ``arch`` (``kind`` "symmetric": square tiles only)."""
+    if dtype == torch.float32:
+        base, extra, stages, itemsize = [_FP32[arch]], _EXTRA_32, 2, 4
+    else:
+        base, extra, stages, itemsize = [_LARGE_16[arch], _SMALL_16[arch]], _EXTRA_16, 3 if arch in _DEEP else 2, 2
+    space = base + [MatmulConfig(bm, bn, bk, w, stages) for bm, bn, bk, w in extra]
+    space = [c for c in dict.fromkeys(space) if _shared_bytes(c, itemsize) <= SHARED_MEMORY_LIMIT[arch]]
+    return [c for c in space if kind != "symmetric" or c.block_m == c.block_n]
+
+
 def all_configs(arch: int) -> dict[str, MatmulConfig]:
-    """Every distinct config the heuristic can pick on ``arch`` (for AOT compile checks)."""
-    return {"large16": _LARGE_16[arch], "small16": _SMALL_16[arch], "fp32": _FP32[arch]}
+    """Every distinct config the heuristic or autotuning can pick on ``arch`` (for AOT compile
+    checks); labels starting with "fp32" or "tune32" are fp32 configs, the rest 16-bit."""
+    configs = {"large16": _LARGE_16[arch], "small16": _SMALL_16[arch], "fp32": _FP32[arch]}
+    for bits, dtype in (("16", torch.bfloat16), ("32", torch.float32)):
+        for c in tuning_space(arch, dtype):
+            if c not in configs.values():
+                configs[f"tune{bits}:{c.block_m}x{c.block_n}x{c.block_k}"] = c
+    return configs

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from ..orthogonalize import NSConfig
-from .config import FP_FUSION, MatmulConfig, is_interpreting, matmul_config, precision_for, upcast_for
+from . import autotune
+from .config import FP_FUSION, MatmulConfig, is_interpreting, precision_for, upcast_for
 from .symmetric_matmul import symmetric_matmul
 
 # Normalization tiles: 64×256 elements keep the per-matrix partial count small (an 8192² matrix
@@ -144,7 +145,8 @@ def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor |
         out = torch.empty_like(X)
     if out.numel() == 0:
         return out
-    cfg = config or matmul_config(X.device, X.dtype, m, n, m)
+    cfg = config or autotune.choose("ns_update", X.device, X.dtype, m, n, m,
+                                    lambda c: ns_update(B, X, a, config=c, fp32_precision=fp32_precision))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k)
     _ns_update_kernel[grid](
         B, X, out, m, n, *B.stride(), *X.stride(), *out.stride(), float(a),

@@ -19,7 +19,7 @@ from .newton_schulz import normalize
 
 # Bytes of one padded matrix (BLOCK_M × BLOCK_N in the iteration dtype) that one program may hold:
 # X, the fp32 accumulators and the dot operands staged in shared memory must fit beside it.
-SMALL_BYTES = {80: 32 * 1024, 86: 16 * 1024, 89: 16 * 1024, 90: 32 * 1024}
+SMALL_BYTES = {80: 32 * 1024, 86: 16 * 1024, 89: 16 * 1024, 90: 32 * 1024, 100: 32 * 1024, 120: 16 * 1024}
 _MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 
 
@@ -73,7 +73,7 @@ def fits(m: int, n: int, ns_dtype: torch.dtype, arch: int) -> bool:
 
 def fits_device(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> bool:
     if is_interpreting() or device.type != "cuda":
-        return fits(m, n, ns_dtype, max(SMALL_BYTES))
+        return fits(m, n, ns_dtype, max(SMALL_BYTES, key=SMALL_BYTES.get))
     return fits(m, n, ns_dtype, arch_of(device.index if device.index is not None else torch.cuda.current_device()))
 
 

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import FP_FUSION, MatmulConfig, matmul_config, precision_for, upcast_for
+from . import autotune
+from .config import FP_FUSION, MatmulConfig, precision_for, upcast_for
 
 
 @triton.jit
@@ -96,7 +97,9 @@ def symmetric_matmul(
         raise ValueError(f"symmetric_matmul: D must be {(batch, m, m)}, got {tuple(D.shape)}")
     if batch == 0 or m == 0:
         return out
-    cfg = config or matmul_config(X.device, X.dtype, m, m, k)
+    cfg = config or autotune.choose(
+        "symmetric", X.device, X.dtype, m, m, k,
+        lambda c: symmetric_matmul(X, alpha=alpha, D=D, beta=beta, config=c, fp32_precision=fp32_precision))
     tiles = triton.cdiv(m, cfg.block_m)
     dummy = D if D is not None else out  # never read when HAS_D is False
     _symmetric_matmul_kernel[(tiles * (tiles + 1) // 2, batch)](

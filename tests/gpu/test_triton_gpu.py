@@ -244,3 +244,20 @@ def test_cuda_graph_capture_of_a_whole_step_matches_eager(backend):
         torch.cuda.synchronize()
         for p, q in zip(eager, graphed):
             torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_opt_in_autotuning_persists_its_choice(tmp_path, monkeypatch):
+    from muon_kernels.triton_kernels import autotune
+
+    monkeypatch.setenv(autotune.ENV, "1")
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "tune.json"))
+    G = _randn(2, 512, 1536).to(DEV)
+    config = resolve_ns_config("keller", 5, 1e-7)
+    first = newton_schulz(G, config, torch.bfloat16)
+    saved = (tmp_path / "tune.json").read_text()
+    assert "symmetric|" in saved and "ns_update|" in saved
+    again = newton_schulz(G, config, torch.bfloat16)
+    assert torch.equal(first, again)  # the persisted configs, so the same bits
+    assert (tmp_path / "tune.json").read_text() == saved
+    ref = reference_ns(G.cpu())
+    assert rel_err(first.cpu(), ref) <= 2 * rel_err(plain_recurrence(G.cpu(), torch.bfloat16), ref) + 1e-2

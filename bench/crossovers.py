@@ -1,0 +1,77 @@
+"""Regenerate backend="auto"'s measured crossovers from committed GPU benchmark results.
+
+For each compute capability with a committed bench/results JSON (the newest per capability), the
+crossover is the smallest oriented m from which ``ours-triton`` beats ``ours-torch`` (batched
+cuBLAS) at every measured shape and batch with that m or larger; it is written to
+muon_kernels/backends/crossovers.json, which the dispatcher reads (a capability without an entry
+keeps the conservative default). CPU results and convergence curves are ignored.
+
+    python bench/crossovers.py [--results bench/results] [--out muon_kernels/backends/crossovers.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common import REPO, RESULTS_DIR
+
+OUT = REPO / "muon_kernels" / "backends" / "crossovers.json"
+
+
+def crossover(ns_rows: list[dict]) -> int | None:
+    """Smallest m such that ours-triton is faster than ours-torch at every (shape, batch) with m' >= m;
+    None when it never wins at the largest measured m."""
+    ms: dict[tuple, dict[str, float]] = {}
+    for r in ns_rows:
+        if r["impl"] in ("ours-triton", "ours-torch"):
+            ms.setdefault((tuple(r["shape"]), r["batch"]), {})[r["impl"]] = r["ms"]
+    wins = sorted((shape[0], t["ours-triton"] < t["ours-torch"]) for (shape, _), t in ms.items() if len(t) == 2)
+    best = None
+    for m in sorted({m for m, _ in wins}, reverse=True):
+        if all(win for m2, win in wins if m2 >= m):
+            best = m
+        else:
+            break
+    return best
+
+
+def table(results_dir: Path) -> dict:
+    newest: dict[str, tuple[str, dict, str]] = {}
+    for path in sorted(results_dir.glob("*.json")):
+        if path.name.startswith("convergence-"):
+            continue
+        result = json.loads(path.read_text())
+        if not result.get("capability") or not result.get("ns"):
+            continue
+        key = "{}.{}".format(*result["capability"])
+        stamp = path.stem.rsplit("-", 1)[0]  # <device>-<date>
+        if key not in newest or stamp >= newest[key][0]:
+            newest[key] = (stamp, result, path.name)
+    out = {}
+    for key, (_, result, name) in sorted(newest.items()):
+        m = crossover(result["ns"])
+        if m is not None:
+            out[key] = {"triton_min_m": m, "device": result["device"], "source": f"bench/results/{name}",
+                        "commit": result["commit"]}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    by_capability = table(args.results)
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+    doc.update({"generated_by": "bench/crossovers.py", "by_capability": by_capability})
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"{args.out}: " + (", ".join(f"sm_{k.replace('.', '')} m >= {v['triton_min_m']}"
+                                      for k, v in by_capability.items()) or "no GPU results, defaults kept"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
