@@ -61,10 +61,13 @@ def plain_recurrence(stack: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _torch_muon(stack: torch.Tensor) -> torch.Tensor:
-    from torch.optim._muon import _zeropower_via_newtonschulz
-
-    return torch.stack([_zeropower_via_newtonschulz(g, COEFFICIENTS, STEPS, 1e-7) for g in stack])
+def _torch_muon_routine():
+    """torch.optim.Muon's private NS routine, or None on a torch whose layout differs."""
+    try:
+        from torch.optim._muon import _zeropower_via_newtonschulz
+    except ImportError:
+        return None
+    return lambda stack: torch.stack([_zeropower_via_newtonschulz(g, COEFFICIENTS, STEPS, 1e-7) for g in stack])
 
 
 def _peers() -> tuple[list[tuple[str, object]], list[str]]:
@@ -89,9 +92,13 @@ def implementations(device: torch.device):
         if ok:
             backend, _ = select_backend(name, device)
             impls.append((f"ours-{name}", lambda s, b=backend: b.orthogonalize(s, CONFIG, torch.bfloat16)))
-    impls.append(("torch.optim.Muon", _torch_muon))
-    impls.append(("cublas-recurrence", plain_recurrence))
     notes = []
+    torch_muon = _torch_muon_routine()
+    if torch_muon is not None:
+        impls.append(("torch.optim.Muon", torch_muon))
+    else:
+        notes.append(f"torch.optim.Muon: torch {torch.__version__} has no torch.optim._muon._zeropower_via_newtonschulz")
+    impls.append(("cublas-recurrence", plain_recurrence))
     if device.type == "cuda":
         impls.append(("compiled-recurrence", torch.compile(plain_recurrence, dynamic=False)))
     else:
