@@ -33,7 +33,11 @@ class DigitsTask:
     max_batch = 10_000  # growing batches may reach the whole training set (full-batch gradient)
 
     def __init__(self):
-        from sklearn.datasets import load_digits
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:
+            raise RuntimeError("the digits task reads scikit-learn's bundled dataset: pip install '.[experiments]', "
+                               "or run only the other task with --tasks chars") from e
 
         x, y = load_digits(return_X_y=True)
         x = torch.tensor(x, dtype=torch.float32) / 16.0
