@@ -331,6 +331,8 @@ class Muon(Optimizer):
 
     def _check_distributed_grads(self) -> None:
         """Where ranks orthogonalize together, a Muon gradient must exist on all ranks or on none."""
+        if not (dist_muon.dist.is_available() and dist_muon.dist.is_initialized()):
+            return  # single process (DTensors need an initialized process group too): nothing to agree on
         muon = [p for g in self.param_groups if g["use_muon"] for p in g["params"] if p.numel() > 0]
         groups: dict[Any, list[torch.Tensor]] = {}
         replicated = dist_muon.replicated_group(self.distributed, self.process_group)
