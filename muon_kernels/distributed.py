@@ -290,7 +290,7 @@ def check_same_plan(group, buckets: list[Bucket], *, replicated: bool) -> None:
     their collectives would not match."""
     # Ints only: Python salts str hashes per process, but an int tuple hashes the same everywhere.
     signature = hash(tuple((len(b.entries), b.m, b.n, b.matrices, b.dtype.itemsize) for b in buckets)) % 2**62
-    if _differs_across(group, [signature], buckets[0].device if dist.get_backend(group) == "nccl" else "cpu")[0]:
+    if _differs_across(group, [signature], _device(group, buckets))[0]:
         raise RuntimeError(f"ranks planned different Muon buckets: {_PLAIN_HINT if replicated else _MESH_HINT}")
 
 
@@ -302,8 +302,9 @@ def _differs_across(group, values: list[int], device) -> list[bool]:
     return [pairs[2 * i] != -pairs[2 * i + 1] for i in range(len(values))]
 
 
-def _device(group, tensors) -> torch.device | str:
-    return tensors[0].device if dist.get_backend(group) == "nccl" else "cpu"
+def _device(group, items) -> torch.device | str:
+    """Where a small control tensor for ``group`` lives: the device of ``items`` (tensors or buckets) for NCCL."""
+    return items[0].device if dist.get_backend(group) == "nccl" else "cpu"
 
 
 def check_grad_agreement(group, params: list[torch.Tensor], names: dict[int, str], *, replicated: bool) -> None:
