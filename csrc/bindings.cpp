@@ -1,19 +1,67 @@
-// The one file that talks to Python. Entry points take plain values (and, as kernels land, raw
-// device pointers as uintptr_t plus an explicit cudaStream_t), so the module never links torch.
+// The one file that talks to Python. Entry points take plain values: device pointers as integers
+// (tensor.data_ptr()), sizes, dtype codes and the stream (torch.cuda.current_stream().cuda_stream),
+// so the module never links torch and one build serves every torch version. Argument errors raise
+// ValueError before anything is launched.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
+
 #include "device_query.h"
+#include "kernels.h"
 
 #ifndef MUON_KERNELS_CUDA_ARCHS
 #error "MUON_KERNELS_CUDA_ARCHS must be defined by the build (CMakeLists.txt)"
 #endif
 
 namespace py = pybind11;
+using namespace muon_kernels;
+
+namespace {
+
+template <typename T = void>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+cudaStream_t stream_of(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+DType dtype_of(int code) { return static_cast<DType>(code); }
+CodePath path_of(int code) { return static_cast<CodePath>(code); }
+
+NormalizeParams normalize_params(uintptr_t in, int in_dtype, std::array<int64_t, 3> in_strides, int64_t batch,
+                                 int64_t rows, int64_t cols, uintptr_t partial, uintptr_t denom, float norm_scale,
+                                 float norm_offset, float floor) {
+  NormalizeParams p;
+  p.in = ptr(in);
+  p.in_dtype = dtype_of(in_dtype);
+  p.in_stride_batch = in_strides[0];
+  p.in_stride_row = in_strides[1];
+  p.in_stride_col = in_strides[2];
+  p.batch = batch;
+  p.rows = rows;
+  p.cols = cols;
+  p.partial = ptr<float>(partial);
+  p.denom = ptr<float>(denom);
+  p.norm_scale = norm_scale;
+  p.norm_offset = norm_offset;
+  p.floor = floor;
+  return p;
+}
+
+TensorList tensor_list(std::vector<uintptr_t> grads, std::vector<uintptr_t> tensors, std::vector<int64_t> numels,
+                       std::vector<int64_t> stack_offsets, std::vector<int64_t> rows, std::vector<int64_t> cols,
+                       std::vector<uint8_t> transposed) {
+  return TensorList{std::move(grads), std::move(tensors), std::move(numels), std::move(stack_offsets),
+                    std::move(rows),  std::move(cols),    std::move(transposed)};
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "muon_kernels CUDA extension (torch-free; CUDA runtime only)";
+  m.attr("PAD") = kPad;
+  m.attr("NORM_TILE") = py::make_tuple(kNormTileRows, kNormTileCols);
+
   m.def("build_info", [] {
     py::dict info;
     info["archs"] = MUON_KERNELS_CUDA_ARCHS;
@@ -21,7 +69,7 @@ PYBIND11_MODULE(_C, m) {
     return info;
   }, "The CUDA archs and runtime version this module was compiled for.");
   m.def("device_query", [] {
-    muon_kernels::DeviceQuery q = muon_kernels::query_devices();
+    DeviceQuery q = query_devices();
     py::dict out;
     out["device_count"] = q.device_count;
     out["driver_version"] = q.driver_version;
@@ -31,4 +79,95 @@ PYBIND11_MODULE(_C, m) {
     out["names"] = q.names;
     return out;
   }, "Device count, driver/runtime versions and compute capabilities, or the CUDA error that prevented them.");
+
+  m.def("normalize",
+        [](uintptr_t in, int in_dtype, std::array<int64_t, 3> in_strides, int64_t batch, int64_t rows, int64_t cols,
+           uintptr_t out, int out_dtype, int64_t out_rows, int64_t out_cols, uintptr_t partial, uintptr_t denom,
+           float norm_scale, float norm_offset, float floor, uintptr_t stream) {
+          NormalizeParams p = normalize_params(in, in_dtype, in_strides, batch, rows, cols, partial, denom, norm_scale,
+                                               norm_offset, floor);
+          p.out = ptr(out);
+          p.out_dtype = dtype_of(out_dtype);
+          p.out_rows = out_rows;
+          p.out_cols = out_cols;
+          normalize(p, stream_of(stream));
+        },
+        py::arg("input"), py::arg("in_dtype"), py::arg("in_strides"), py::arg("batch"), py::arg("rows"),
+        py::arg("cols"), py::arg("out"), py::arg("out_dtype"), py::arg("out_rows"), py::arg("out_cols"),
+        py::arg("partial"), py::arg("denom"), py::arg("norm_scale"), py::arg("norm_offset"), py::arg("floor"),
+        py::arg("stream"),
+        "out = cast(input / max(norm_scale·‖input‖_F + norm_offset, floor)) per matrix; zeros in out's padding.");
+
+  m.def("symmetric_matmul",
+        [](uintptr_t p, uintptr_t d, uintptr_t c, int dtype, int64_t batch, int64_t rows, int64_t k, float alpha,
+           float beta, int path, uintptr_t stream) {
+          symmetric_matmul({ptr(p), ptr(d), ptr(c), dtype_of(dtype), batch, rows, k, alpha, beta}, path_of(path),
+                           stream_of(stream));
+        },
+        py::arg("p"), py::arg("d"), py::arg("c"), py::arg("dtype"), py::arg("batch"), py::arg("m"), py::arg("k"),
+        py::arg("alpha"), py::arg("beta"), py::arg("path"), py::arg("stream"),
+        "c = alpha·p·pᵀ + beta·d on padded stacks (d may be 0: none); upper tiles only, mirrored store.");
+
+  m.def("ns_update",
+        [](uintptr_t b, uintptr_t x, uintptr_t out, int dtype, int out_dtype, int64_t batch, int64_t rows, int64_t n,
+           int64_t out_rows, int64_t out_cols, float a, int path, uintptr_t stream) {
+          ns_update({ptr(b), ptr(x), ptr(out), dtype_of(dtype), dtype_of(out_dtype), batch, rows, n, out_rows,
+                     out_cols, a},
+                    path_of(path), stream_of(stream));
+        },
+        py::arg("b"), py::arg("x"), py::arg("out"), py::arg("dtype"), py::arg("out_dtype"), py::arg("batch"),
+        py::arg("m"), py::arg("n"), py::arg("out_rows"), py::arg("out_cols"), py::arg("a"), py::arg("path"),
+        py::arg("stream"), "out = a·x + b·x on padded stacks; out may be the unpadded result.");
+
+  m.def("newton_schulz",
+        [](uintptr_t in, int in_dtype, std::array<int64_t, 3> in_strides, int64_t batch, int64_t rows, int64_t cols,
+           uintptr_t x, uintptr_t y, uintptr_t a, uintptr_t b, int work_dtype, uintptr_t out, int out_dtype,
+           uintptr_t partial, uintptr_t denom, std::vector<float> coefficients, float norm_scale, float norm_offset,
+           float floor, int path, uintptr_t stream) {
+          NewtonSchulzParams p;
+          p.normalize = normalize_params(in, in_dtype, in_strides, batch, rows, cols, partial, denom, norm_scale,
+                                         norm_offset, floor);
+          p.x = ptr(x);
+          p.y = ptr(y);
+          p.a = ptr(a);
+          p.b = ptr(b);
+          p.work_dtype = dtype_of(work_dtype);
+          p.out = ptr(out);
+          p.out_dtype = dtype_of(out_dtype);
+          p.coefficients = std::move(coefficients);
+          newton_schulz(p, path_of(path), stream_of(stream));
+        },
+        py::arg("input"), py::arg("in_dtype"), py::arg("in_strides"), py::arg("batch"), py::arg("rows"),
+        py::arg("cols"), py::arg("x"), py::arg("y"), py::arg("a"), py::arg("b"), py::arg("work_dtype"),
+        py::arg("out"), py::arg("out_dtype"), py::arg("partial"), py::arg("denom"), py::arg("coefficients"),
+        py::arg("norm_scale"), py::arg("norm_offset"), py::arg("floor"), py::arg("path"), py::arg("stream"),
+        "The whole recurrence: normalize, then per step A = x·xᵀ, B = b·A + c·A·A, x = a·x + B·x.");
+
+  m.def("fused_momentum",
+        [](std::vector<uintptr_t> grads, std::vector<uintptr_t> bufs, std::vector<int64_t> numels,
+           std::vector<int64_t> stack_offsets, std::vector<int64_t> rows, std::vector<int64_t> cols,
+           std::vector<uint8_t> transposed, int grad_dtype, int buf_dtype, uintptr_t momenta, uintptr_t stack,
+           bool ema, bool nesterov, uintptr_t stream) {
+          fused_momentum(tensor_list(std::move(grads), std::move(bufs), std::move(numels), std::move(stack_offsets),
+                                     std::move(rows), std::move(cols), std::move(transposed)),
+                         dtype_of(grad_dtype), dtype_of(buf_dtype), ptr<const float>(momenta), ptr(stack), ema,
+                         nesterov, stream_of(stream));
+        },
+        py::arg("grads"), py::arg("bufs"), py::arg("numels"), py::arg("stack_offsets"), py::arg("rows"),
+        py::arg("cols"), py::arg("transposed"), py::arg("grad_dtype"), py::arg("buf_dtype"), py::arg("momenta"),
+        py::arg("stack"), py::arg("ema"), py::arg("nesterov"), py::arg("stream"),
+        "Momentum (+ Nesterov) on every buffer, the update written into the stack; one launch per 32 tensors.");
+
+  m.def("fused_apply_update",
+        [](std::vector<uintptr_t> params, std::vector<int64_t> numels, std::vector<int64_t> stack_offsets,
+           std::vector<int64_t> rows, std::vector<int64_t> cols, std::vector<uint8_t> transposed, int param_dtype,
+           uintptr_t alphas, uintptr_t decays, uintptr_t stack, int stack_dtype, uintptr_t stream) {
+          fused_apply_update(tensor_list({}, std::move(params), std::move(numels), std::move(stack_offsets),
+                                         std::move(rows), std::move(cols), std::move(transposed)),
+                             dtype_of(param_dtype), ptr<const float>(alphas), ptr<const float>(decays),
+                             ptr<const void>(stack), dtype_of(stack_dtype), stream_of(stream));
+        },
+        py::arg("params"), py::arg("numels"), py::arg("stack_offsets"), py::arg("rows"), py::arg("cols"),
+        py::arg("transposed"), py::arg("param_dtype"), py::arg("alphas"), py::arg("decays"), py::arg("stack"),
+        py::arg("stack_dtype"), py::arg("stream"), "W = round(W·decay) + alpha·round(O) for every parameter.");
 }

@@ -47,3 +47,19 @@ def test_extension_carries_sass_for_every_requested_arch():
     listing = subprocess.run([str(cuobjdump), "--list-elf", _C.__file__], capture_output=True, text=True, check=True)
     archs = {line.rsplit(".sm_", 1)[1].split(".")[0] for line in listing.stdout.splitlines() if ".sm_" in line}
     assert archs == set(EXPECTED_ARCHS)
+
+
+@pytest.mark.skipif(NVCC is None or SKIPPED, reason="nvcc is not on this machine, so _C is not built")
+def test_wheel_carries_the_extension(tmp_path):
+    """What `make wheel` runs: the wheel holds _C and the dispatch table next to the Python package."""
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("muon_kernels-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("muon_kernels/_C.") and n.endswith(".so") for n in names)
+    assert {"muon_kernels/backends/cuda_backend.py", "muon_kernels/backends/crossovers.json",
+            "muon_kernels/triton_kernels/newton_schulz.py"} <= set(names)

@@ -11,6 +11,7 @@ explicitly requested backend that cannot run raises, never falls back silently.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 from pathlib import Path
@@ -53,20 +54,16 @@ def triton_min_m(capability: tuple[int, int] | None) -> tuple[int, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_module() -> ModuleType | None:
+def _backend_module(name: str) -> ModuleType | None:
+    """``<name>_backend``, imported on first use (it imports triton, or the extension); None if that fails."""
     try:
-        from . import triton_backend
+        return importlib.import_module(f".{name}_backend", __name__)
     except ImportError:
         return None
-    return triton_backend
 
 
 def _runnable(name: str) -> ModuleType | None:
-    if name == "torch":
-        return torch_backend
-    if name == "triton":
-        return _triton_module()
-    return None  # the cuda extension's kernels are not part of this build yet
+    return torch_backend if name == "torch" else _backend_module(name)
 
 
 def _capability(device: torch.device | None) -> tuple[int, int] | None:
@@ -82,7 +79,7 @@ def _triton_status(device: torch.device | None) -> tuple[bool, str]:
         return False, f"triton is not importable ({exc})"
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if interpreting and (device is None or device.type == "cpu"):
-        if _triton_module() is None:
+        if _backend_module("triton") is None:
             return False, "muon_kernels.triton_kernels failed to import"
         return True, f"triton {triton.__version__} interpreter on the CPU (TRITON_INTERPRET=1; slow, for tests)"
     if device is not None and device.type != "cuda":
@@ -92,7 +89,7 @@ def _triton_status(device: torch.device | None) -> tuple[bool, str]:
         return False, "no CUDA device (torch.cuda.is_available() is False)"
     if cc < MIN_TRITON_CAPABILITY:
         return False, f"compute capability {cc[0]}.{cc[1]} < {MIN_TRITON_CAPABILITY[0]}.{MIN_TRITON_CAPABILITY[1]}"
-    if _triton_module() is None:
+    if _backend_module("triton") is None:
         return False, "muon_kernels.triton_kernels failed to import"
     return True, f"triton {triton.__version__} on compute capability {cc[0]}.{cc[1]}"
 
@@ -118,12 +115,19 @@ def _cuda_status(device: torch.device | None) -> tuple[bool, str]:
     major, minor = query["capabilities"][index]
     if (major, minor) < MIN_CUDA_CAPABILITY:
         return False, f"compute capability {major}.{minor} < {MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]}"
+    archs = _C.build_info()["archs"]
+    if not _extension_runs_on((major, minor), archs):
+        return False, (f"extension built for sm_{archs.replace(',', ', sm_')} only, which compute capability "
+                       f"{major}.{minor} cannot run: reinstall with MUON_KERNELS_CUDA_ARCHS including {major}{minor}")
     if _runnable("cuda") is None:
-        return False, (
-            f"extension built ({_C.build_info()['archs']}), but its Newton–Schulz kernels are not "
-            "part of this build yet"
-        )
-    return True, f"extension on compute capability {major}.{minor}"
+        return False, "muon_kernels.backends.cuda_backend failed to import"
+    return True, f"extension (sm_{archs.replace(',', ', sm_')}) on compute capability {major}.{minor}"
+
+
+def _extension_runs_on(capability: tuple[int, int], archs: str) -> bool:
+    """SASS for sm_XY runs on X.Z with Z >= Y; the PTX of the newest arch JIT-compiles for anything newer."""
+    built = [(int(a) // 10, int(a) % 10) for a in archs.split(",")]
+    return capability >= max(built) or any(a[0] == capability[0] and a[1] <= capability[1] for a in built)
 
 
 _STATUS = {

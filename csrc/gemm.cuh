@@ -1,0 +1,260 @@
+// The block-level GEMM main loops behind every Newton–Schulz matmul: one block computes a
+// kBlockM × kBlockN fp32 tile of A·B over the whole K extent and hands each element to an
+// epilogue functor (which adds, rounds and stores, mirrored or not).
+//
+// Operands are padded buffers (dims multiples of kPad, zeros in the padding), so nothing here
+// checks bounds. A is always k-contiguous rows (row-major); B is either
+//   K-major: rows of a row-major matrix, i.e. B = Pᵀ for P·Pᵀ, or
+//   N-major: a k×n row-major panel, as in B·X.
+#pragma once
+
+#include <mma.h>
+
+#include "common.cuh"
+
+namespace muon_kernels {
+
+// Tensor cores through WMMA (mma.sync on sm_75+): fp16/bf16 operands, fp32 accumulators.
+template <typename T, CodePath PATH, bool B_KMAJOR>
+struct TensorCoreGemm {
+  using Tiles = TensorCoreTiles<PATH>;
+  static constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN, BK = Tiles::kBlockK;
+  static constexpr int kWarps = Tiles::kWarpsM * Tiles::kWarpsN;
+  static constexpr int kThreads = 32 * kWarps;
+  // Rows in shared memory are padded by 16 bytes: every row stays 16-byte aligned for cp.async,
+  // every 16th row 32-byte aligned for wmma loads, and consecutive rows start in other banks.
+  static constexpr int kSkew = 16 / sizeof(T);
+  static constexpr int LDA = BK + kSkew;
+  static constexpr int LDB = B_KMAJOR ? BK + kSkew : BN + kSkew;
+  static constexpr int A_STAGE = BM * LDA;
+  static constexpr int B_STAGE = B_KMAJOR ? BN * LDB : BK * LDB;
+  static constexpr int kStageBytes = (A_STAGE + B_STAGE) * static_cast<int>(sizeof(T));
+  static constexpr int kSmemBytes = Tiles::kStages * kStageBytes;
+  static constexpr int WARP_M = BM / Tiles::kWarpsM, WARP_N = BN / Tiles::kWarpsN;
+  static constexpr int FRAG_M = WARP_M / 16, FRAG_N = WARP_N / 16;
+  static constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte copy
+  static constexpr int A_COPIES = BM * BK / kVec / kThreads;
+  static constexpr int B_COPIES = BN * BK / kVec / kThreads;
+  static_assert(BM * BK % (kVec * kThreads) == 0 && BN * BK % (kVec * kThreads) == 0, "tiles must split evenly");
+  static_assert(kStageBytes % 32 == 0 && A_STAGE * sizeof(T) % 32 == 0, "stages must stay 32-byte aligned");
+  static_assert(kSmemBytes >= kWarps * 256 * static_cast<int>(sizeof(float)), "epilogue scratch reuses the stages");
+
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
+  using LayoutB = typename std::conditional<B_KMAJOR, nvcuda::wmma::col_major, nvcuda::wmma::row_major>::type;
+  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, LayoutB>;
+  using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+  // Copy `c` of a tile (16 bytes): its global source at k offset k0 and its shared offset.
+  __device__ static const T* a_src(const T* a, int64_t lda, int c, int64_t k0) {
+    return a + (c / (BK / kVec)) * lda + k0 + (c % (BK / kVec)) * kVec;
+  }
+  __device__ static int a_dst(int c) { return (c / (BK / kVec)) * LDA + (c % (BK / kVec)) * kVec; }
+  __device__ static const T* b_src(const T* b, int64_t ldb, int c, int64_t k0) {
+    if (B_KMAJOR) return b + (c / (BK / kVec)) * ldb + k0 + (c % (BK / kVec)) * kVec;
+    return b + (k0 + c / (BN / kVec)) * ldb + (c % (BN / kVec)) * kVec;
+  }
+  __device__ static int b_dst(int c) {
+    if (B_KMAJOR) return (c / (BK / kVec)) * LDB + (c % (BK / kVec)) * kVec;
+    return (c / (BN / kVec)) * LDB + (c % (BN / kVec)) * kVec;
+  }
+
+  __device__ static void mma_stage(const T* As, const T* Bs, int wm, int wn, FragC (&acc)[FRAG_M][FRAG_N]) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      FragA fa[FRAG_M];
+      FragB fb[FRAG_N];
+#pragma unroll
+      for (int i = 0; i < FRAG_M; ++i) nvcuda::wmma::load_matrix_sync(fa[i], As + (wm * WARP_M + i * 16) * LDA + kk, LDA);
+#pragma unroll
+      for (int j = 0; j < FRAG_N; ++j) {
+        const T* tile = B_KMAJOR ? Bs + (wn * WARP_N + j * 16) * LDB + kk : Bs + kk * LDB + wn * WARP_N + j * 16;
+        nvcuda::wmma::load_matrix_sync(fb[j], tile, LDB);
+      }
+#pragma unroll
+      for (int i = 0; i < FRAG_M; ++i)
+#pragma unroll
+        for (int j = 0; j < FRAG_N; ++j) nvcuda::wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+
+  // a: first row of this block's A panel; b: first row (K-major) or first column (N-major) of its
+  // B panel; k: the shared extent (a multiple of BK). row0/col0 place the tile for the epilogue.
+  template <typename Epilogue>
+  __device__ static void run(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t k, unsigned char* smem,
+                             int64_t batch, int64_t row0, int64_t col0, const Epilogue& epilogue) {
+    T* stages = reinterpret_cast<T*>(smem);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int wm = warp / Tiles::kWarpsN, wn = warp % Tiles::kWarpsN;
+    FragC acc[FRAG_M][FRAG_N];
+#pragma unroll
+    for (int i = 0; i < FRAG_M; ++i)
+#pragma unroll
+      for (int j = 0; j < FRAG_N; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+    const int ktiles = static_cast<int>(k / BK);
+    auto As = [&](int s) { return stages + s * (A_STAGE + B_STAGE); };
+    auto Bs = [&](int s) { return stages + s * (A_STAGE + B_STAGE) + A_STAGE; };
+
+    if constexpr (Tiles::kAsync) {
+      // kStages-deep cp.async pipeline: tile kt+kStages-1 is in flight while tile kt is multiplied.
+      auto issue = [&](int kt, int s) {
+#pragma unroll
+        for (int i = 0; i < A_COPIES; ++i) {
+          const int c = tid + i * kThreads;
+          cp_async_16(As(s) + a_dst(c), a_src(a, lda, c, int64_t(kt) * BK));
+        }
+#pragma unroll
+        for (int i = 0; i < B_COPIES; ++i) {
+          const int c = tid + i * kThreads;
+          cp_async_16(Bs(s) + b_dst(c), b_src(b, ldb, c, int64_t(kt) * BK));
+        }
+      };
+#pragma unroll
+      for (int s = 0; s < Tiles::kStages - 1; ++s) {
+        if (s < ktiles) issue(s, s);
+        cp_async_commit();  // empty groups keep the group count in step with kt
+      }
+      for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<Tiles::kStages - 2>();
+        __syncthreads();  // tile kt is visible to all; everyone is done with the stage refilled next
+        const int next = kt + Tiles::kStages - 1;
+        if (next < ktiles) issue(next, next % Tiles::kStages);
+        cp_async_commit();
+        mma_stage(As(kt % Tiles::kStages), Bs(kt % Tiles::kStages), wm, wn, acc);
+      }
+      cp_async_wait<0>();
+    } else {
+      // Two stages staged through registers: the next tile's global loads are in flight while the
+      // current stage is multiplied, then land in the other stage.
+      uint4 ra[A_COPIES], rb[B_COPIES];
+      auto load = [&](int kt) {
+#pragma unroll
+        for (int i = 0; i < A_COPIES; ++i)
+          ra[i] = *reinterpret_cast<const uint4*>(a_src(a, lda, tid + i * kThreads, int64_t(kt) * BK));
+#pragma unroll
+        for (int i = 0; i < B_COPIES; ++i)
+          rb[i] = *reinterpret_cast<const uint4*>(b_src(b, ldb, tid + i * kThreads, int64_t(kt) * BK));
+      };
+      auto store = [&](int s) {
+#pragma unroll
+        for (int i = 0; i < A_COPIES; ++i) *reinterpret_cast<uint4*>(As(s) + a_dst(tid + i * kThreads)) = ra[i];
+#pragma unroll
+        for (int i = 0; i < B_COPIES; ++i) *reinterpret_cast<uint4*>(Bs(s) + b_dst(tid + i * kThreads)) = rb[i];
+      };
+      load(0);
+      store(0);
+      __syncthreads();
+      for (int kt = 0; kt < ktiles; ++kt) {
+        if (kt + 1 < ktiles) load(kt + 1);
+        mma_stage(As(kt % 2), Bs(kt % 2), wm, wn, acc);
+        if (kt + 1 < ktiles) store((kt + 1) % 2);
+        __syncthreads();
+      }
+    }
+    __syncthreads();  // the stages become per-warp epilogue scratch
+
+    // Accumulator fragments have no documented element layout, so each goes through a 16×16 fp32
+    // scratch tile and every lane takes 8 consecutive elements of a row.
+    float* scratch = reinterpret_cast<float*>(smem) + warp * 256;
+#pragma unroll
+    for (int i = 0; i < FRAG_M; ++i) {
+#pragma unroll
+      for (int j = 0; j < FRAG_N; ++j) {
+        nvcuda::wmma::store_matrix_sync(scratch, acc[i][j], 16, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int idx = lane * 8 + e;
+          epilogue(batch, row0 + wm * WARP_M + i * 16 + idx / 16, col0 + wn * WARP_N + j * 16 + idx % 16, scratch[idx]);
+        }
+        __syncwarp();
+      }
+    }
+  }
+};
+
+// fp32 operands on the FMA units (the `ieee` precision the torch reference uses): 16×16 threads,
+// each an 8×8 register tile; operands staged through registers into two shared stages.
+template <bool B_KMAJOR>
+struct SimtGemm {
+  static constexpr int BM = SimtTiles::kBlockM, BN = SimtTiles::kBlockN, BK = SimtTiles::kBlockK;
+  static constexpr int kThreads = SimtTiles::kThreads, TM = SimtTiles::kPerThread;
+  static constexpr int LDS = BM + 4;  // shared rows are k-major: [k][m] and [k][n]
+  static constexpr int kStage = BK * LDS;
+  static constexpr int kSmemBytes = 2 * 2 * kStage * static_cast<int>(sizeof(float));
+  static_assert(BM == BN && BM * BK == 4 * kThreads && BM == 16 * TM, "one float4 per thread per operand");
+
+  template <typename Epilogue>
+  __device__ static void run(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k,
+                             unsigned char* smem, int64_t batch, int64_t row0, int64_t col0,
+                             const Epilogue& epilogue) {
+    float* As = reinterpret_cast<float*>(smem);  // [2][BK][LDS]
+    float* Bs = As + 2 * kStage;
+    const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+    // This thread's copies: A (and K-major B) rows r, k offsets q..q+3; N-major B row rb, cols qb..qb+3.
+    const int r = tid / 2, q = (tid % 2) * 4, rb = tid / 32, qb = (tid % 32) * 4;
+    float4 ra, rbv;
+    auto load = [&](int kt) {
+      const int64_t k0 = int64_t(kt) * BK;
+      ra = *reinterpret_cast<const float4*>(a + r * lda + k0 + q);
+      rbv = B_KMAJOR ? *reinterpret_cast<const float4*>(b + r * ldb + k0 + q)
+                     : *reinterpret_cast<const float4*>(b + (k0 + rb) * ldb + qb);
+    };
+    auto store = [&](int s) {
+      float* as = As + s * kStage;
+      float* bs = Bs + s * kStage;
+      as[(q + 0) * LDS + r] = ra.x;
+      as[(q + 1) * LDS + r] = ra.y;
+      as[(q + 2) * LDS + r] = ra.z;
+      as[(q + 3) * LDS + r] = ra.w;
+      if (B_KMAJOR) {
+        bs[(q + 0) * LDS + r] = rbv.x;
+        bs[(q + 1) * LDS + r] = rbv.y;
+        bs[(q + 2) * LDS + r] = rbv.z;
+        bs[(q + 3) * LDS + r] = rbv.w;
+      } else {
+        *reinterpret_cast<float4*>(bs + rb * LDS + qb) = rbv;
+      }
+    };
+    float acc[TM][TM] = {};
+    const int ktiles = static_cast<int>(k / BK);
+    load(0);
+    store(0);
+    __syncthreads();
+    for (int kt = 0; kt < ktiles; ++kt) {
+      if (kt + 1 < ktiles) load(kt + 1);
+      const float* as = As + (kt % 2) * kStage;
+      const float* bs = Bs + (kt % 2) * kStage;
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        float av[TM], bv[TM];
+#pragma unroll
+        for (int i = 0; i < TM; i += 4) {
+          *reinterpret_cast<float4*>(av + i) = *reinterpret_cast<const float4*>(as + kk * LDS + ty * TM + i);
+          *reinterpret_cast<float4*>(bv + i) = *reinterpret_cast<const float4*>(bs + kk * LDS + tx * TM + i);
+        }
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+          for (int j = 0; j < TM; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+      }
+      if (kt + 1 < ktiles) store((kt + 1) % 2);
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TM; ++j) epilogue(batch, row0 + ty * TM + i, col0 + tx * TM + j, acc[i][j]);
+  }
+};
+
+// The GEMM that runs operands of type T on a code path: tensor cores for 16-bit types, FMA for fp32.
+template <typename T, CodePath PATH, bool B_KMAJOR>
+struct GemmFor {
+  using type = TensorCoreGemm<T, PATH, B_KMAJOR>;
+};
+template <CodePath PATH, bool B_KMAJOR>
+struct GemmFor<float, PATH, B_KMAJOR> {
+  using type = SimtGemm<B_KMAJOR>;
+};
+
+}  // namespace muon_kernels

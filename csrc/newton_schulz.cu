@@ -1,0 +1,369 @@
+// Batched Newton–Schulz: normalization (three deterministic passes), the symmetric X·Xᵀ and
+// b·A + c·A·A kernel (upper-triangle tiles, mirrored store), the a·X + B·X kernel, and the host
+// driver that runs the recurrence with launches only (no allocation, no synchronization).
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "common.cuh"
+#include "gemm.cuh"
+
+namespace muon_kernels {
+namespace {
+
+constexpr int kNormThreads = 256;
+
+// Deterministic block sum (fixed shuffle tree, then the warps' sums in order); valid in thread 0.
+__device__ float block_sum(float v) {
+  __shared__ float warp_sums[32];
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = 0.f;
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : 0.f;
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// Pass 1: one partial sum of squares per input tile.
+template <typename Tin>
+__global__ void __launch_bounds__(kNormThreads) sum_squares_kernel(NormalizeParams p, int64_t batch_offset) {
+  const int64_t batch = batch_offset + blockIdx.y;
+  const int64_t tiles_c = (p.cols + kNormTileCols - 1) / kNormTileCols;
+  const int64_t r0 = (blockIdx.x / tiles_c) * kNormTileRows, c0 = (blockIdx.x % tiles_c) * kNormTileCols;
+  const Tin* in = static_cast<const Tin*>(p.in) + batch * p.in_stride_batch;
+  float s = 0.f;
+  for (int e = threadIdx.x; e < kNormTileRows * kNormTileCols; e += kNormThreads) {
+    const int64_t r = r0 + e / kNormTileCols, c = c0 + e % kNormTileCols;
+    if (r < p.rows && c < p.cols) {
+      const float v = to_float(in[r * p.in_stride_row + c * p.in_stride_col]);
+      s = fmaf(v, v, s);
+    }
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) p.partial[batch * gridDim.x + blockIdx.x] = s;
+}
+
+// Pass 2: one divisor per matrix, from its partials in a fixed order.
+__global__ void __launch_bounds__(kNormThreads) norm_divisor_kernel(NormalizeParams p, int64_t tiles,
+                                                                     int64_t batch_offset) {
+  const int64_t batch = batch_offset + blockIdx.x;
+  float s = 0.f;
+  for (int64_t t = threadIdx.x; t < tiles; t += kNormThreads) s += p.partial[batch * tiles + t];
+  s = block_sum(s);
+  if (threadIdx.x == 0) {
+    const float d = sqrtf(s) * p.norm_scale + p.norm_offset;
+    p.denom[batch] = d < p.floor ? p.floor : d;  // a NaN norm fails the comparison and stays NaN
+  }
+}
+
+// Pass 3: scale and cast into the (padded) output; zeros outside the input.
+template <typename Tin, typename Tout>
+__global__ void __launch_bounds__(kNormThreads) scale_cast_kernel(NormalizeParams p, int64_t batch_offset) {
+  const int64_t batch = batch_offset + blockIdx.y;
+  const int64_t tiles_c = (p.out_cols + kNormTileCols - 1) / kNormTileCols;
+  const int64_t r0 = (blockIdx.x / tiles_c) * kNormTileRows, c0 = (blockIdx.x % tiles_c) * kNormTileCols;
+  const Tin* in = static_cast<const Tin*>(p.in) + batch * p.in_stride_batch;
+  Tout* out = static_cast<Tout*>(p.out) + batch * p.out_rows * p.out_cols;
+  const float denom = p.denom[batch];
+  for (int e = threadIdx.x; e < kNormTileRows * kNormTileCols; e += kNormThreads) {
+    const int64_t r = r0 + e / kNormTileCols, c = c0 + e % kNormTileCols;
+    if (r < p.out_rows && c < p.out_cols) {
+      const float v = r < p.rows && c < p.cols ? to_float(in[r * p.in_stride_row + c * p.in_stride_col]) / denom : 0.f;
+      out[r * p.out_cols + c] = from_float<Tout>(v);
+    }
+  }
+}
+
+// c[i][j] = c[j][i] = alpha·acc + beta·d[i][j] for i <= j (elements below the diagonal of a
+// diagonal tile are the mirror of ones above it, so they are skipped).
+template <typename T>
+struct SymmetricEpilogue {
+  T* c;
+  const T* d;
+  int64_t m;
+  float alpha, beta;
+  __device__ void operator()(int64_t batch, int64_t i, int64_t j, float acc) const {
+    if (i > j) return;
+    const int64_t base = batch * m * m;
+    float v = alpha * acc;
+    if (d != nullptr) v = fmaf(beta, to_float(d[base + i * m + j]), v);
+    const T out = from_float<T>(v);
+    c[base + i * m + j] = out;
+    if (i != j) c[base + j * m + i] = out;
+  }
+};
+
+// out[i][j] = acc + a·x[i][j], in bounds of out only.
+template <typename T, typename OutT>
+struct UpdateEpilogue {
+  const T* x;
+  OutT* out;
+  int64_t m, n, out_rows, out_cols;
+  float a;
+  __device__ void operator()(int64_t batch, int64_t i, int64_t j, float acc) const {
+    if (i >= out_rows || j >= out_cols) return;
+    const float v = fmaf(a, to_float(x[batch * m * n + i * n + j]), acc);
+    out[batch * out_rows * out_cols + i * out_cols + j] = from_float<OutT>(v);
+  }
+};
+
+// Block t of a triangular grid → tile (ti, tj), ti <= tj, column by column: tj = ⌊(√(8t+1)-1)/2⌋.
+__device__ __forceinline__ void triangular_tile(int64_t t, int64_t& ti, int64_t& tj) {
+  int64_t j = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(t) + 1.0) - 1.0) * 0.5);
+  while (j * (j + 1) / 2 > t) --j;
+  while ((j + 1) * (j + 2) / 2 <= t) ++j;
+  tj = j;
+  ti = t - j * (j + 1) / 2;
+}
+
+template <typename T, CodePath PATH>
+__global__ void __launch_bounds__(GemmFor<T, PATH, true>::type::kThreads)
+    symmetric_matmul_kernel(SymmetricMatmulParams p, int64_t batch_offset) {
+  if constexpr (arch_supports<T, PATH>()) {
+    using Gemm = typename GemmFor<T, PATH, true>::type;
+    extern __shared__ __align__(128) unsigned char smem[];
+    int64_t ti, tj;
+    triangular_tile(blockIdx.x, ti, tj);
+    const int64_t batch = batch_offset + blockIdx.y;
+    const T* P = static_cast<const T*>(p.p) + batch * p.m * p.k;
+    const SymmetricEpilogue<T> epilogue{static_cast<T*>(p.c), static_cast<const T*>(p.d), p.m, p.alpha, p.beta};
+    Gemm::run(P + ti * Gemm::BM * p.k, p.k, P + tj * Gemm::BN * p.k, p.k, p.k, smem, batch, ti * Gemm::BM,
+              tj * Gemm::BN, epilogue);
+  } else {
+    __trap();
+  }
+}
+
+template <typename T, typename OutT, CodePath PATH>
+__global__ void __launch_bounds__(GemmFor<T, PATH, false>::type::kThreads)
+    ns_update_kernel(NsUpdateParams p, int64_t batch_offset) {
+  if constexpr (arch_supports<T, PATH>()) {
+    using Gemm = typename GemmFor<T, PATH, false>::type;
+    extern __shared__ __align__(128) unsigned char smem[];
+    // Consecutive blocks walk along a row panel of B, which stays in L2 while X streams by.
+    const int64_t tiles_n = p.n / Gemm::BN;
+    const int64_t pm = blockIdx.x / tiles_n, pn = blockIdx.x % tiles_n;
+    const int64_t batch = batch_offset + blockIdx.y;
+    const T* B = static_cast<const T*>(p.b) + batch * p.m * p.m;
+    const T* X = static_cast<const T*>(p.x);
+    const UpdateEpilogue<T, OutT> epilogue{X, static_cast<OutT*>(p.out), p.m, p.n, p.out_rows, p.out_cols, p.a};
+    Gemm::run(B + pm * Gemm::BM * p.m, p.m, X + batch * p.m * p.n + pn * Gemm::BN, p.n, p.m, smem, batch,
+              pm * Gemm::BM, pn * Gemm::BN, epilogue);
+  } else {
+    __trap();
+  }
+}
+
+// ---- host side ---------------------------------------------------------------------------------
+
+const char* dtype_name(DType d) {
+  return d == DType::kFloat32 ? "float32" : d == DType::kFloat16 ? "float16" : "bfloat16";
+}
+
+void require_dtype(DType d, const char* what) {
+  const int code = static_cast<int>(d);
+  require(code >= 0 && code <= 2, std::string(what) + ": unknown dtype code " + std::to_string(code) +
+                                      " (0 = float32, 1 = float16, 2 = bfloat16)");
+}
+
+void require_buffer(const void* ptr, const char* what, const char* name) {
+  require(ptr != nullptr, std::string(what) + ": " + name + " is a null pointer");
+  require(reinterpret_cast<uintptr_t>(ptr) % 16 == 0,
+          std::string(what) + ": " + name + " must be 16-byte aligned (a fresh torch allocation is)");
+}
+
+void require_padded(int64_t size, const char* what, const char* name) {
+  require(size > 0 && size % kPad == 0, std::string(what) + ": " + name + " = " + std::to_string(size) +
+                                            " must be a positive multiple of " + std::to_string(kPad) +
+                                            " (pad the buffer; the padding must hold zeros)");
+}
+
+// The sm80 path needs sm_80; bf16 operands need the sm80 path.
+void require_path(CodePath path, DType dtype, const char* what) {
+  const int code = static_cast<int>(path);
+  require(path == CodePath::kSm75 || path == CodePath::kSm80,
+          std::string(what) + ": unknown code path " + std::to_string(code) + " (75 or 80)");
+  require(!(dtype == DType::kBFloat16 && path == CodePath::kSm75),
+          std::string(what) + ": bfloat16 operands need the sm80 path; the sm75 path iterates in float16");
+  if (path == CodePath::kSm80) {
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess) {
+      require(major >= 8, std::string(what) + ": the sm80 path (cp.async, bf16 mma) needs compute capability 8.0+, "
+                                              "this device is " + std::to_string(major) + ".x: use the sm75 path");
+    }
+  }
+}
+
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, int bytes, const char* what) {
+  if (bytes <= 48 * 1024) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess) check_launch(what);
+}
+
+// Launches kernel over grid.x blocks per matrix, the batch split into grid.y-sized pieces.
+template <typename Kernel, typename Params>
+void launch_batched(Kernel kernel, int64_t grid_x, int threads, int smem, int64_t batch, const Params& params,
+                    cudaStream_t stream, const char* what) {
+  for (int64_t offset = 0; offset < batch; offset += kMaxGridY) {
+    const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(std::min(kMaxGridY, batch - offset)));
+    kernel<<<grid, threads, smem, stream>>>(params, offset);
+  }
+  check_launch(what);
+}
+
+template <typename T, CodePath PATH>
+void launch_symmetric_matmul(const SymmetricMatmulParams& p, cudaStream_t stream) {
+  using Gemm = typename GemmFor<T, PATH, true>::type;
+  const int64_t tiles = p.m / Gemm::BM;
+  auto kernel = symmetric_matmul_kernel<T, PATH>;
+  allow_shared_memory(kernel, Gemm::kSmemBytes, "symmetric_matmul");
+  launch_batched(kernel, tiles * (tiles + 1) / 2, Gemm::kThreads, Gemm::kSmemBytes, p.batch, p, stream,
+                 "symmetric_matmul");
+}
+
+template <typename T, typename OutT, CodePath PATH>
+void launch_ns_update(const NsUpdateParams& p, cudaStream_t stream) {
+  using Gemm = typename GemmFor<T, PATH, false>::type;
+  auto kernel = ns_update_kernel<T, OutT, PATH>;
+  allow_shared_memory(kernel, Gemm::kSmemBytes, "ns_update");
+  launch_batched(kernel, (p.m / Gemm::BM) * (p.n / Gemm::BN), Gemm::kThreads, Gemm::kSmemBytes, p.batch, p, stream,
+                 "ns_update");
+}
+
+template <typename Tin, typename Tout>
+void launch_normalize(const NormalizeParams& p, cudaStream_t stream) {
+  const int64_t tiles = norm_tiles(p.rows, p.cols);
+  launch_batched(sum_squares_kernel<Tin>, tiles, kNormThreads, 0, p.batch, p, stream, "normalize");
+  for (int64_t offset = 0; offset < p.batch; offset += kMaxGridY) {
+    const unsigned blocks = static_cast<unsigned>(std::min(kMaxGridY, p.batch - offset));
+    norm_divisor_kernel<<<blocks, kNormThreads, 0, stream>>>(p, tiles, offset);
+  }
+  check_launch("normalize");
+  launch_batched(scale_cast_kernel<Tin, Tout>, norm_tiles(p.out_rows, p.out_cols), kNormThreads, 0, p.batch, p,
+                 stream, "normalize");
+}
+
+}  // namespace
+
+void normalize(const NormalizeParams& p, cudaStream_t stream) {
+  require_dtype(p.in_dtype, "normalize");
+  require_dtype(p.out_dtype, "normalize");
+  require(p.in != nullptr && p.out != nullptr && p.partial != nullptr && p.denom != nullptr,
+          "normalize: in, out, partial and denom must be device pointers, got a null pointer");
+  require(p.batch > 0 && p.rows > 0 && p.cols > 0, "normalize: batch, rows and cols must be positive");
+  require(p.out_rows >= p.rows && p.out_cols >= p.cols,
+          "normalize: the output (" + std::to_string(p.out_rows) + "×" + std::to_string(p.out_cols) +
+              ") must cover the input (" + std::to_string(p.rows) + "×" + std::to_string(p.cols) + ")");
+  dispatch_dtype(p.in_dtype, "normalize", [&](auto in) {
+    dispatch_dtype(p.out_dtype, "normalize", [&](auto out) {
+      launch_normalize<decltype(in), decltype(out)>(p, stream);
+    });
+  });
+}
+
+void symmetric_matmul(const SymmetricMatmulParams& p, CodePath path, cudaStream_t stream) {
+  const char* what = "symmetric_matmul";
+  require_dtype(p.dtype, what);
+  require_buffer(p.p, what, "p");
+  require_buffer(p.c, what, "c");
+  require(p.d == nullptr || reinterpret_cast<uintptr_t>(p.d) % 16 == 0, "symmetric_matmul: d must be 16-byte aligned");
+  require(p.d != p.c || p.d == nullptr, "symmetric_matmul: c must not alias d (write into another buffer)");
+  require(p.batch > 0, "symmetric_matmul: batch must be positive");
+  require_padded(p.m, what, "m");
+  require_padded(p.k, what, "k");
+  require_path(path, p.dtype, what);
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_symmetric_matmul<float, CodePath::kSm75>(p, stream);
+    case DType::kFloat16:
+      return path == CodePath::kSm80 ? launch_symmetric_matmul<__half, CodePath::kSm80>(p, stream)
+                                     : launch_symmetric_matmul<__half, CodePath::kSm75>(p, stream);
+    case DType::kBFloat16: return launch_symmetric_matmul<__nv_bfloat16, CodePath::kSm80>(p, stream);
+  }
+}
+
+void ns_update(const NsUpdateParams& p, CodePath path, cudaStream_t stream) {
+  const char* what = "ns_update";
+  require_dtype(p.dtype, what);
+  require_dtype(p.out_dtype, what);
+  require_buffer(p.b, what, "b");
+  require_buffer(p.x, what, "x");
+  require(p.out != nullptr, "ns_update: out is a null pointer");
+  require(p.out != p.x, "ns_update: out must not alias x (other blocks still read it)");
+  require(p.batch > 0, "ns_update: batch must be positive");
+  require_padded(p.m, what, "m");
+  require_padded(p.n, what, "n");
+  require(p.out_rows > 0 && p.out_rows <= p.m && p.out_cols > 0 && p.out_cols <= p.n,
+          "ns_update: out_rows × out_cols must lie within m × n");
+  require(p.out_dtype == p.dtype || (p.dtype == DType::kFloat16 && p.out_dtype == DType::kBFloat16),
+          std::string("ns_update: a ") + dtype_name(p.dtype) + " iteration writes " + dtype_name(p.dtype) +
+              " (or bfloat16 from float16 on the sm75 path), not " + dtype_name(p.out_dtype));
+  require_path(path, p.dtype, what);
+  const bool sm80 = path == CodePath::kSm80;
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_ns_update<float, float, CodePath::kSm75>(p, stream);
+    case DType::kFloat16:
+      if (p.out_dtype == DType::kBFloat16) {
+        return sm80 ? launch_ns_update<__half, __nv_bfloat16, CodePath::kSm80>(p, stream)
+                    : launch_ns_update<__half, __nv_bfloat16, CodePath::kSm75>(p, stream);
+      }
+      return sm80 ? launch_ns_update<__half, __half, CodePath::kSm80>(p, stream)
+                  : launch_ns_update<__half, __half, CodePath::kSm75>(p, stream);
+    case DType::kBFloat16: return launch_ns_update<__nv_bfloat16, __nv_bfloat16, CodePath::kSm80>(p, stream);
+  }
+}
+
+void newton_schulz(const NewtonSchulzParams& p, CodePath path, cudaStream_t stream) {
+  require(p.coefficients.size() % 3 == 0,
+          "newton_schulz: coefficients must hold 3 numbers (a, b, c) per step, got " +
+              std::to_string(p.coefficients.size()));
+  const NormalizeParams& in = p.normalize;
+  NormalizeParams norm = in;
+  const size_t steps = p.coefficients.size() / 3;
+  if (steps == 0) {
+    norm.out = p.out;
+    norm.out_dtype = p.out_dtype;
+    norm.out_rows = in.rows;
+    norm.out_cols = in.cols;
+    return normalize(norm, stream);
+  }
+  const int64_t m = padded(in.rows), n = padded(in.cols);
+  for (auto [ptr, name] : {std::pair<const void*, const char*>{p.x, "x"}, {p.y, "y"}, {p.a, "a"}, {p.b, "b"}}) {
+    require_buffer(ptr, "newton_schulz", name);
+  }
+  require(p.out != nullptr, "newton_schulz: out is a null pointer");
+  require(p.x != p.y && p.a != p.b, "newton_schulz: x and y, and a and b, must be distinct buffers");
+  // Validate every launch's arguments before the first one runs, so a bad call launches nothing.
+  require_dtype(p.work_dtype, "newton_schulz");
+  require_dtype(p.out_dtype, "newton_schulz");
+  require_path(path, p.work_dtype, "newton_schulz");
+  norm.out = p.x;
+  norm.out_dtype = p.work_dtype;
+  norm.out_rows = m;
+  norm.out_cols = n;
+  NsUpdateParams last{p.b, p.x, p.out, p.work_dtype, p.out_dtype, in.batch, m, n, in.rows, in.cols, 0.f};
+  require(last.out_dtype == last.dtype || (last.dtype == DType::kFloat16 && last.out_dtype == DType::kBFloat16),
+          "newton_schulz: out_dtype must equal work_dtype (or be bfloat16 with a float16 work dtype)");
+  normalize(norm, stream);
+  void* x = p.x;
+  void* y = p.y;
+  for (size_t s = 0; s < steps; ++s) {
+    const float a = p.coefficients[3 * s], b = p.coefficients[3 * s + 1], c = p.coefficients[3 * s + 2];
+    symmetric_matmul({x, nullptr, p.a, p.work_dtype, in.batch, m, n, 1.f, 0.f}, path, stream);
+    symmetric_matmul({p.a, p.a, p.b, p.work_dtype, in.batch, m, m, c, b}, path, stream);
+    if (s + 1 == steps) {
+      last.x = x;
+      last.a = a;
+      ns_update(last, path, stream);
+    } else {
+      ns_update({p.b, x, y, p.work_dtype, p.work_dtype, in.batch, m, n, m, n, a}, path, stream);
+      std::swap(x, y);
+    }
+  }
+}
+
+}  // namespace muon_kernels

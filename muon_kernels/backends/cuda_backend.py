@@ -1,0 +1,227 @@
+"""CUDA C++ backend: the hand-written kernels of the compiled extension ``muon_kernels._C``.
+
+For GPUs Triton does not serve (Turing sm_75, or no working Triton) and as a second opinion on
+the Triton kernels elsewhere. Per bucket: one fused momentum → Nesterov → stack launch per 32
+tensors; Newton–Schulz as 3 normalization launches then 3 per step (symmetric X·Xᵀ and
+b·A + c·A·A on tensor cores, upper-triangle tiles, mirrored store; a·X + B·X); one fused
+decay-and-update launch per 32 tensors. The extension is torch-free: this module hands it data
+pointers, sizes, dtype codes and the current stream, and allocates every buffer with torch (so
+the caching allocator and stream order apply).
+
+Code paths: ``sm80`` (compute capability 8.0+: bf16 or fp16 mma, cp.async 3-stage pipeline) and
+``sm75`` (fp16 mma, plain loads, 2 stages; a bf16 iteration runs in fp16 after normalization,
+safe because normalized values lie in [-1, 1]). ``MUON_KERNELS_CUDA_PATH=sm75`` forces the sm75
+path on newer GPUs so the oldest path can be tested on the GPUs we can get. fp32 iterations run
+on the FMA units (ieee fp32, like the torch reference).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import _C
+from ..orthogonalize import NSConfig
+from . import torch_backend
+from .fused import fusable, momenta, update_scalars
+
+if TYPE_CHECKING:
+    from ..plan import Bucket
+
+NAME = "cuda"
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ALL = tuple(DTYPE_CODES)
+PATH_ENV = "MUON_KERNELS_CUDA_PATH"
+SM75, SM80 = 75, 80
+
+
+def code_path(device: torch.device) -> int:
+    """The tensor-core code path for ``device``: ``sm80`` from compute capability 8.0, else ``sm75``;
+    ``MUON_KERNELS_CUDA_PATH=sm75`` forces the sm75 path."""
+    forced = os.environ.get(PATH_ENV, "").strip().lower()
+    if forced not in ("", "native", "sm75"):
+        raise ValueError(f"{PATH_ENV}={forced!r} is not a code path: set it to 'sm75' (force the Turing path: fp16 "
+                         "mma, no cp.async) or 'native', or unset it")
+    if forced == "sm75":
+        return SM75
+    return SM80 if torch.cuda.get_device_capability(device)[0] >= 8 else SM75
+
+
+def work_dtype(ns_dtype: torch.dtype, path: int) -> torch.dtype:
+    """The dtype the iteration runs in: ``ns_dtype``, except fp16 for bf16 on the sm75 path."""
+    return torch.float16 if path == SM75 and ns_dtype == torch.bfloat16 else ns_dtype
+
+
+def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+    if ns_dtype == torch.float32:
+        return "simt", "fp32 (ieee) on the FMA units, 128×128 tiles; upper-triangle X·Xᵀ and A·A, mirrored store"
+    path = code_path(device) if device.type == "cuda" and torch.cuda.is_available() else SM80
+    if path == SM80:
+        return "sm80", (f"{_name(ns_dtype)} mma.sync tensor cores, cp.async 3-stage pipeline; upper-triangle tiles, "
+                        "mirrored store; fused momentum and update; 5 + 3·steps launches")
+    return "sm75", ("fp16 mma.sync tensor cores (bf16 iterates in fp16 after normalization), register-staged "
+                    "double buffering; upper-triangle tiles, mirrored store; 5 + 3·steps launches")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _padded(size: int) -> int:
+    return -(-size // _C.PAD) * _C.PAD
+
+
+def _require(*specs) -> None:
+    """Raise a ValueError naming the first tensor the kernels cannot take; each spec is
+    ``(tensor, name, dtypes, contiguous)``. Dtypes are checked for all, then layout, then device,
+    all before anything is launched."""
+    for t, name, dtypes, _ in specs:
+        if t.dtype not in dtypes:
+            raise ValueError(f"cuda backend: {name} has dtype {_name(t.dtype)}; its kernels take "
+                             f"{', '.join(_name(d) for d in dtypes)} here (use backend='torch' for other dtypes)")
+    for t, name, _, contiguous in specs:
+        if contiguous and not t.is_contiguous():
+            raise ValueError(f"cuda backend: {name} is not contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
+                             "pass t.contiguous() (the kernels address it as dense row-major memory)")
+    for t, name, _, _ in specs:
+        if t.device.type != "cuda":
+            raise ValueError(f"cuda backend: {name} is on {t.device}; the extension's kernels need CUDA tensors")
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _zero_padded(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous (k, rows, cols) copy of x with zeros around it (the kernels' padding contract)."""
+    out = torch.zeros((x.shape[0], rows, cols), dtype=x.dtype, device=x.device)
+    out[:, : x.shape[1], : x.shape[2]] = x
+    return out
+
+
+def symmetric_matmul(x: torch.Tensor, *, alpha: float = 1.0, d: torch.Tensor | None = None,
+                     beta: float = 0.0) -> torch.Tensor:
+    """``alpha·x·xᵀ + beta·d`` for a (k, m, n) stack (d: (k, m, m), symmetric), with the extension's
+    symmetric kernel on zero-padded copies; returns (k, m, m) in x's dtype."""
+    _require((x, "x", ALL, True), *([(d, "d", (x.dtype,), True)] if d is not None else []))
+    if d is not None:
+        if d.shape != (x.shape[0], x.shape[1], x.shape[1]):
+            raise ValueError(f"cuda backend: d must have shape {(x.shape[0], x.shape[1], x.shape[1])}, got {tuple(d.shape)}")
+    k, m, n = x.shape
+    out = torch.empty((k, _padded(m), _padded(m)), dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out[:, :m, :m]
+    xp = _zero_padded(x, _padded(m), _padded(n))
+    dp = _zero_padded(d, _padded(m), _padded(m)) if d is not None else None
+    with torch.cuda.device(x.device):
+        _C.symmetric_matmul(p=xp.data_ptr(), d=dp.data_ptr() if dp is not None else 0, c=out.data_ptr(),
+                            dtype=DTYPE_CODES[x.dtype], batch=k, m=_padded(m), k=_padded(n), alpha=float(alpha),
+                            beta=float(beta), path=code_path(x.device), stream=_stream(x.device))
+    return out[:, :m, :m]
+
+
+def ns_update(b: torch.Tensor, x: torch.Tensor, a: float) -> torch.Tensor:
+    """``a·x + b·x`` for b (k, m, m) and x (k, m, n) with the extension's kernel; returns (k, m, n)."""
+    _require((x, "x", ALL, True), (b, "b", (x.dtype,), True))
+    k, m, n = x.shape
+    if b.shape != (k, m, m):
+        raise ValueError(f"cuda backend: b must have shape {(k, m, m)}, got {tuple(b.shape)}")
+    out = torch.empty((k, m, n), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    xp, bp = _zero_padded(x, _padded(m), _padded(n)), _zero_padded(b, _padded(m), _padded(m))
+    with torch.cuda.device(x.device):
+        _C.ns_update(b=bp.data_ptr(), x=xp.data_ptr(), out=out.data_ptr(), dtype=DTYPE_CODES[x.dtype],
+                     out_dtype=DTYPE_CODES[x.dtype], batch=k, m=_padded(m), n=_padded(n), out_rows=m, out_cols=n,
+                     a=float(a), path=code_path(x.device), stream=_stream(x.device))
+    return out
+
+
+def _norm_workspace(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k, m, n = stack.shape
+    tiles = -(-m // _C.NORM_TILE[0]) * -(-n // _C.NORM_TILE[1])
+    return (torch.empty((k, tiles), dtype=torch.float32, device=stack.device),
+            torch.empty((k,), dtype=torch.float32, device=stack.device))
+
+
+def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+    """Newton–Schulz on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor.
+    ``stack`` may be any strided view (normalization reads it through its strides); an fp64 stack
+    (fp64 parameters) is normalized from an fp32 copy, since the iteration is at most fp32 anyway."""
+    if stack.dtype == torch.float64:
+        stack = stack.float()
+    _require((stack, "stack", ALL, False))
+    if ns_dtype not in DTYPE_CODES:
+        raise ValueError(f"cuda backend: ns_dtype must be one of float32, float16, bfloat16, got {ns_dtype}")
+    k, m, n = stack.shape
+    out = torch.empty((k, m, n), dtype=ns_dtype, device=stack.device)
+    if out.numel() == 0:
+        return out
+    path = code_path(stack.device)
+    work = work_dtype(ns_dtype, path)
+    mp, np_ = _padded(m), _padded(n)
+    steps = config.steps
+    x = torch.empty((k, mp, np_) if steps else (0,), dtype=work, device=stack.device)
+    y = torch.empty_like(x)
+    a = torch.empty((k, mp, mp) if steps else (0,), dtype=work, device=stack.device)
+    b = torch.empty_like(a)
+    partial, denom = _norm_workspace(stack)
+    with torch.cuda.device(stack.device):
+        _C.newton_schulz(
+            input=stack.data_ptr(), in_dtype=DTYPE_CODES[stack.dtype], in_strides=stack.stride(), batch=k, rows=m,
+            cols=n, x=x.data_ptr(), y=y.data_ptr(), a=a.data_ptr(), b=b.data_ptr(), work_dtype=DTYPE_CODES[work],
+            out=out.data_ptr(), out_dtype=DTYPE_CODES[ns_dtype], partial=partial.data_ptr(), denom=denom.data_ptr(),
+            coefficients=[float(v) for step in config.coefficients for v in step], norm_scale=float(config.norm_scale),
+            norm_offset=float(config.norm_offset), floor=float(config.floor), path=path,
+            stream=_stream(stack.device),
+        )
+    return out
+
+
+def _layout(bucket: Bucket) -> dict:
+    """Per tensor: numel, offset in the stack, matrix view and orientation; fixed for a plan."""
+    if "cuda_layout" not in bucket.cache:
+        offsets, offset = [], 0
+        for e in bucket.entries:
+            offsets.append(offset)
+            offset += e.view.batch * e.view.rows * e.view.cols
+        bucket.cache["cuda_layout"] = dict(
+            numels=[e.view.batch * e.view.rows * e.view.cols for e in bucket.entries], stack_offsets=offsets,
+            rows=[e.view.rows for e in bucket.entries], cols=[e.view.cols for e in bucket.entries],
+            transposed=[int(e.view.transposed) for e in bucket.entries],
+        )
+    return bucket.cache["cuda_layout"]
+
+
+def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Tensor:
+    """One launch per 32 tensors: momentum, Nesterov and the (transposing) copy into the stack."""
+    buf_dtypes, grad_dtypes = {b.dtype for b in bufs}, {g.dtype for g in grads}
+    if (not (fusable(grads) and fusable(bufs)) or len(grad_dtypes) != 1 or buf_dtypes != {bucket.dtype}
+            or bucket.dtype not in (grads[0].dtype, torch.float32)):
+        return torch_backend.momentum_stack(bucket, grads, bufs, groups)
+    stack = torch.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
+    with torch.cuda.device(bucket.device):
+        _C.fused_momentum(
+            grads=[g.data_ptr() for g in grads], bufs=[b.data_ptr() for b in bufs], **_layout(bucket),
+            grad_dtype=DTYPE_CODES[grads[0].dtype], buf_dtype=DTYPE_CODES[bucket.dtype],
+            momenta=momenta(bucket, groups).data_ptr(), stack=stack.data_ptr(), ema=bucket.momentum_form == "ema",
+            nesterov=bucket.nesterov, stream=_stream(bucket.device),
+        )
+    return stack
+
+
+def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> None:
+    """One launch per 32 tensors: W = W·(1 - lr·wd) - lr·scale·O for every parameter of the bucket."""
+    params = [e.param for e in bucket.entries]
+    if not fusable(params) or len({p.dtype for p in params}) != 1 or ortho.dtype not in DTYPE_CODES:
+        return torch_backend.apply_update(bucket, ortho, groups)
+    ortho = ortho.contiguous()
+    alphas, decays = update_scalars(bucket, groups)
+    with torch.cuda.device(bucket.device):
+        _C.fused_apply_update(
+            params=[p.data_ptr() for p in params], **_layout(bucket), param_dtype=DTYPE_CODES[params[0].dtype],
+            alphas=alphas.data_ptr(), decays=decays.data_ptr(), stack=ortho.data_ptr(),
+            stack_dtype=DTYPE_CODES[ortho.dtype], stream=_stream(bucket.device),
+        )

@@ -1,0 +1,271 @@
+"""The CUDA C++ kernels without a GPU: what nvcc made of them (registers, spills, shared memory,
+tensor-core instructions in the PTX, every kernel in every arch's SASS) and argument validation
+that fires before anything could launch.
+
+On this machine any CUDA call fails (no driver), so a ValueError from a bad call — rather than a
+RuntimeError about the driver — shows the check ran before the first CUDA call.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from muon_kernels.backends import available_backends, select_backend
+from muon_kernels.orthogonalize import NSConfig, KELLER
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
+BUILT = NVCC is not None and os.environ.get("MUON_KERNELS_SKIP_CUDA_BUILD") != "1"
+ARCHS = os.environ.get("MUON_KERNELS_CUDA_ARCHS", "75;80;86;89;90").split(";")
+needs_build = pytest.mark.skipif(not BUILT, reason="nvcc is not on this machine, so _C was not built")
+
+# Every kernel the extension must carry, by the name nvcc mangles into its symbol.
+KERNELS = ("sum_squares_kernel", "norm_divisor_kernel", "scale_cast_kernel", "symmetric_matmul_kernel",
+           "ns_update_kernel", "fused_momentum_kernel", "fused_apply_update_kernel")
+MATMUL_KERNELS = ("symmetric_matmul_kernel", "ns_update_kernel")
+
+
+def _cuobjdump() -> Path:
+    local = Path(NVCC).parent / "cuobjdump"
+    if local.is_file():
+        return local
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _family(symbol: str) -> str | None:
+    return next((k for k in KERNELS if k in symbol), None)
+
+
+# ---- what the build contains ------------------------------------------------------------------
+
+@needs_build
+def test_every_kernel_is_compiled_for_every_arch_without_spills():
+    from muon_kernels import _C
+
+    listing = subprocess.run([str(_cuobjdump()), "-res-usage", _C.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    # cuobjdump prints, per cubin, "arch = sm_XX" and per function "Function NAME:" then
+    # "REG:n STACK:n SHARED:n LOCAL:n ...".
+    found: dict[str, set[str]] = {}
+    arch = None
+    for line in listing.splitlines():
+        if m := re.search(r"arch = sm_(\d+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            symbol = m.group(1)
+        elif m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line):
+            family = _family(symbol)
+            if family is None:
+                continue
+            found.setdefault(arch, set()).add(family)
+            reg, stack, local = int(m.group(1)), int(m.group(2)), int(m.group(4))
+            assert stack == 0 and local == 0, f"sm_{arch} {symbol}: STACK:{stack} LOCAL:{local} (spilled registers)"
+            assert reg <= 255, f"sm_{arch} {symbol}: {reg} registers"
+    assert set(found) == set(ARCHS)
+    for arch, families in found.items():
+        assert families == set(KERNELS), f"sm_{arch} lacks {set(KERNELS) - families}"
+
+
+@pytest.fixture(scope="module")
+def ptxas_report(tmp_path_factory) -> str:
+    """nvcc --resource-usage for the oldest and newest default archs (one compile, both archs)."""
+    out = tmp_path_factory.mktemp("ptxas") / "newton_schulz.o"
+    archs = ("75", "90")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    result = subprocess.run([NVCC, "-std=c++17", "-O3", "--resource-usage", *gencode, "-c",
+                             str(CSRC / "newton_schulz.cu"), "-o", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+@needs_build
+def test_ptxas_reports_no_spills_and_bounded_shared_memory_for_the_matmul_kernels(ptxas_report):
+    # ptxas prints, per entry: "Compiling entry function 'SYM' for 'sm_XX'", then
+    # "N bytes stack frame, N bytes spill stores, N bytes spill loads", then "Used N registers, ...".
+    entries = re.findall(r"Compiling entry function '(\S+)' for 'sm_(\d+)'\n"
+                         r".*?Function properties.*?\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads\n.*?Used (\d+) registers(.*?)\n", ptxas_report)
+    matmuls = [e for e in entries if _family(e[0]) in MATMUL_KERNELS]
+    # Per arch: fp32 + fp16 and bf16 instantiations of both kernels (trap stubs included on sm_75).
+    assert {e[1] for e in matmuls} == {"75", "90"}
+    assert len(matmuls) == 2 * 10  # per arch: 4 symmetric and 6 update instantiations
+    for symbol, arch, frame, spill_st, spill_ld, regs, rest in matmuls:
+        assert (int(frame), int(spill_st), int(spill_ld)) == (0, 0, 0), f"sm_{arch} {symbol} spills"
+        assert int(regs) <= 255
+        smem = re.search(r"(\d+) bytes smem", rest)
+        # Dynamic shared memory (the pipeline stages) is not in this number; static use stays small.
+        assert smem is None or int(smem.group(1)) <= 48 * 1024
+
+
+def _operand(name: str) -> str:
+    """The operand type of a matmul kernel: its first template argument in the mangled name."""
+    args = name.split("kernelI", 1)[1]
+    return "bf16" if args.startswith("13__nv_bfloat16") else "fp16" if args.startswith("6__half") else "fp32"
+
+
+def _ptx_entries(ptx: str) -> dict[str, str]:
+    """.entry name → body, from a PTX file."""
+    parts = re.split(r"(?:\.visible\s+)?\.entry\s+", ptx)[1:]
+    return {p.split("(", 1)[0].strip(): p for p in parts}
+
+
+@pytest.fixture(scope="module")
+def ptx(tmp_path_factory) -> dict[str, dict[str, str]]:
+    out = {}
+    for arch in ("75", "80"):
+        path = tmp_path_factory.mktemp(f"ptx{arch}") / "newton_schulz.ptx"
+        subprocess.run([NVCC, "-std=c++17", "-O3", f"-arch=compute_{arch}", "-ptx", str(CSRC / "newton_schulz.cu"),
+                        "-o", str(path)], check=True, capture_output=True)
+        out[arch] = _ptx_entries(path.read_text())
+    return out
+
+
+@needs_build
+def test_sm80_ptx_runs_the_16_bit_matmuls_on_mma_sync_with_cp_async(ptx):
+    kernels = {name: body for name, body in ptx["80"].items() if _family(name) in MATMUL_KERNELS}
+    tensor_core = {n: b for n, b in kernels.items() if _operand(n) != "fp32"}
+    simt = {n: b for n, b in kernels.items() if _operand(n) == "fp32"}
+    assert len(tensor_core) == 8 and len(simt) == 2  # symmetric 3 + update 5; fp32 of each kernel
+    for name, body in tensor_core.items():
+        assert "mma.sync" in body, f"{name}: no mma.sync"
+        assert ("cp.async" in body) == ("CodePathE80" in name), f"{name}: cp.async only on the sm80 path"
+        # The mma's operand type is the kernel's: wmma.mma.sync...m16n16k16.f32.bf16.bf16.f32 for bf16.
+        assert ("f32.bf16.bf16.f32" in body) == (_operand(name) == "bf16"), name
+    for name, body in simt.items():
+        assert "mma.sync" not in body and "fma.rn.f32" in body, f"{name}: fp32 runs on the FMA units"
+
+
+@needs_build
+def test_sm75_ptx_has_fp16_mma_and_no_cp_async(ptx):
+    sm75_path = {n: b for n, b in ptx["75"].items() if _family(n) in MATMUL_KERNELS and "CodePathE75" in n
+                 and "__half" in n}
+    assert len(sm75_path) == 3  # symmetric fp16; update fp16 → fp16 and fp16 → bf16
+    for name, body in sm75_path.items():
+        assert re.search(r"wmma\.mma\.sync\.aligned\.\w+\.\w+\.m16n16k16\.f32\.f32", body), name
+        assert "cp.async" not in body and ".bf16.bf16" not in body, name
+
+
+# ---- availability -----------------------------------------------------------------------------
+
+def test_cuda_backend_reports_why_it_cannot_run_here():
+    ok, reason = available_backends()["cuda"]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device; tests/gpu covers it")
+    assert not ok
+    assert reason.startswith(("extension not built", "no CUDA device", "driver too old"))
+    with pytest.raises(ValueError, match=r"backend='cuda' cannot run on cpu: cuda backend needs a CUDA tensor"
+                       if BUILT else r"backend='cuda' cannot run on cpu: extension not built"):
+        select_backend("cuda", torch.device("cpu"))
+
+
+# ---- argument validation before launch --------------------------------------------------------
+
+@needs_build
+@pytest.mark.parametrize("call, message", [
+    (lambda C: C.symmetric_matmul(p=0, d=0, c=256, dtype=1, batch=1, m=128, k=128, alpha=1, beta=0, path=80,
+                                  stream=0), "symmetric_matmul: p is a null pointer"),
+    (lambda C: C.symmetric_matmul(p=256, d=0, c=512, dtype=5, batch=1, m=128, k=128, alpha=1, beta=0, path=80,
+                                  stream=0), "unknown dtype code 5"),
+    (lambda C: C.symmetric_matmul(p=256, d=0, c=512, dtype=1, batch=1, m=100, k=128, alpha=1, beta=0, path=80,
+                                  stream=0), "m = 100 must be a positive multiple of 128"),
+    (lambda C: C.symmetric_matmul(p=264, d=0, c=512, dtype=1, batch=1, m=128, k=128, alpha=1, beta=0, path=80,
+                                  stream=0), "p must be 16-byte aligned"),
+    (lambda C: C.symmetric_matmul(p=256, d=512, c=512, dtype=1, batch=1, m=128, k=128, alpha=1, beta=0, path=80,
+                                  stream=0), "c must not alias d"),
+    (lambda C: C.symmetric_matmul(p=256, d=0, c=512, dtype=2, batch=1, m=128, k=128, alpha=1, beta=0, path=75,
+                                  stream=0), "bfloat16 operands need the sm80 path"),
+    (lambda C: C.symmetric_matmul(p=256, d=0, c=512, dtype=1, batch=1, m=128, k=128, alpha=1, beta=0, path=70,
+                                  stream=0), "unknown code path 70"),
+    (lambda C: C.ns_update(b=256, x=512, out=512, dtype=1, out_dtype=1, batch=1, m=128, n=128, out_rows=128,
+                           out_cols=128, a=1, path=75, stream=0), "out must not alias x"),
+    (lambda C: C.ns_update(b=256, x=512, out=768, dtype=0, out_dtype=2, batch=1, m=128, n=128, out_rows=128,
+                           out_cols=128, a=1, path=75, stream=0), "a float32 iteration writes float32"),
+    (lambda C: C.ns_update(b=256, x=512, out=768, dtype=1, out_dtype=1, batch=1, m=128, n=128, out_rows=129,
+                           out_cols=128, a=1, path=75, stream=0), "out_rows × out_cols must lie within m × n"),
+    (lambda C: C.normalize(input=256, in_dtype=0, in_strides=(6, 3, 1), batch=1, rows=2, cols=3, out=512,
+                           out_dtype=0, out_rows=1, out_cols=3, partial=768, denom=1024, norm_scale=1,
+                           norm_offset=0, floor=1e-7, stream=0), "must cover the input"),
+    (lambda C: C.newton_schulz(input=256, in_dtype=0, in_strides=(6, 3, 1), batch=1, rows=2, cols=3, x=512,
+                               y=512, a=768, b=1024, work_dtype=0, out=2048, out_dtype=0, partial=4096,
+                               denom=8192, coefficients=[3.4, -4.7, 2.0], norm_scale=1, norm_offset=0,
+                               floor=1e-7, path=80, stream=0), "x and y, and a and b, must be distinct"),
+    (lambda C: C.newton_schulz(input=256, in_dtype=0, in_strides=(6, 3, 1), batch=1, rows=2, cols=3, x=512,
+                               y=640, a=768, b=1024, work_dtype=0, out=2048, out_dtype=0, partial=4096,
+                               denom=8192, coefficients=[3.4, -4.7], norm_scale=1, norm_offset=0, floor=1e-7,
+                               path=80, stream=0), "3 numbers \\(a, b, c\\) per step, got 2"),
+    (lambda C: C.newton_schulz(input=256, in_dtype=1, in_strides=(6, 3, 1), batch=1, rows=2, cols=3, x=512,
+                               y=640, a=768, b=1024, work_dtype=1, out=2048, out_dtype=0, partial=4096,
+                               denom=8192, coefficients=[3.4, -4.7, 2.0], norm_scale=1, norm_offset=0,
+                               floor=1e-7, path=75, stream=0), "out_dtype must equal work_dtype"),
+    (lambda C: C.fused_momentum(grads=[256], bufs=[512, 768], numels=[6], stack_offsets=[0], rows=[2], cols=[3],
+                                transposed=[0], grad_dtype=0, buf_dtype=0, momenta=1024, stack=2048, ema=True,
+                                nesterov=True, stream=0), "one entry per tensor \\(2\\)"),
+    (lambda C: C.fused_momentum(grads=[256], bufs=[512], numels=[7], stack_offsets=[0], rows=[2], cols=[3],
+                                transposed=[0], grad_dtype=0, buf_dtype=0, momenta=1024, stack=2048, ema=True,
+                                nesterov=True, stream=0), "numel 7 is not a whole number of 2×3 matrices"),
+    (lambda C: C.fused_momentum(grads=[256], bufs=[512], numels=[6], stack_offsets=[0], rows=[2], cols=[3],
+                                transposed=[0], grad_dtype=2, buf_dtype=1, momenta=1024, stack=2048, ema=True,
+                                nesterov=True, stream=0), "gradients' dtype or float32"),
+    (lambda C: C.fused_apply_update(params=[0], numels=[6], stack_offsets=[0], rows=[2], cols=[3], transposed=[0],
+                                    param_dtype=0, alphas=256, decays=512, stack=768, stack_dtype=0, stream=0),
+     "tensor 0 is a null pointer"),
+])
+def test_extension_rejects_bad_arguments_before_any_cuda_call(call, message):
+    from muon_kernels import _C
+
+    with pytest.raises(ValueError, match=message):
+        call(_C)
+
+
+@needs_build
+def test_backend_wrappers_name_the_bad_tensor_before_launch():
+    from muon_kernels.backends import cuda_backend
+
+    x = torch.randn(2, 8, 16)
+    with pytest.raises(ValueError, match=r"cuda backend: x has dtype float64; its kernels take float32, float16, "
+                                         r"bfloat16 here \(use backend='torch'"):
+        cuda_backend.symmetric_matmul(x.double())
+    with pytest.raises(ValueError, match=r"cuda backend: x is not contiguous \(shape \(2, 16, 8\), strides "
+                                         r"\(128, 1, 16\)\); pass t.contiguous\(\)"):
+        cuda_backend.symmetric_matmul(x.mT)
+    with pytest.raises(ValueError, match=r"cuda backend: x is on cpu; the extension's kernels need CUDA tensors"):
+        cuda_backend.symmetric_matmul(x)
+    # Every tensor's dtype is checked before any tensor's device.
+    with pytest.raises(ValueError, match=r"cuda backend: b has dtype float16; its kernels take float32 here"):
+        cuda_backend.ns_update(torch.randn(2, 8, 8, dtype=torch.float16), x, 1.0)
+    with pytest.raises(ValueError, match=r"cuda backend: stack is on cpu"):
+        cuda_backend.orthogonalize(x.mT, NSConfig(KELLER * 5, 1e-7), torch.bfloat16)
+
+
+@needs_build
+def test_code_path_switch_is_validated(monkeypatch):
+    from muon_kernels.backends import cuda_backend
+
+    monkeypatch.setenv("MUON_KERNELS_CUDA_PATH", "sm70")
+    with pytest.raises(ValueError, match=r"MUON_KERNELS_CUDA_PATH='sm70' is not a code path: set it to 'sm75'"):
+        cuda_backend.code_path(torch.device("cuda"))
+    monkeypatch.setenv("MUON_KERNELS_CUDA_PATH", "sm75")
+    assert cuda_backend.code_path(torch.device("cuda")) == cuda_backend.SM75
+    assert cuda_backend.work_dtype(torch.bfloat16, cuda_backend.SM75) == torch.float16
+    assert cuda_backend.work_dtype(torch.bfloat16, cuda_backend.SM80) == torch.bfloat16
+    assert cuda_backend.work_dtype(torch.float32, cuda_backend.SM75) == torch.float32
+
+
+def test_extension_arch_coverage_rule():
+    from muon_kernels.backends import _extension_runs_on
+
+    assert _extension_runs_on((8, 6), "75,80,86,89,90")
+    assert _extension_runs_on((8, 7), "80")  # sm_80 SASS runs on 8.x
+    assert _extension_runs_on((12, 0), "75,90")  # newest PTX JIT-compiles forward
+    assert not _extension_runs_on((8, 6), "90")  # built on the GPU machine for sm_90 only
+    assert not _extension_runs_on((7, 5), "80,90")
