@@ -82,7 +82,8 @@ __device__ __forceinline__ void cp_async_wait() {
 template <typename T, CodePath PATH>
 __device__ constexpr bool arch_supports() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  return std::is_same<T, float>::value || (PATH == CodePath::kSm75 && !std::is_same<T, __nv_bfloat16>::value);
+  return std::is_same<T, float>::value ||
+         (PATH == CodePath::kSm75 && !std::is_same<T, __nv_bfloat16>::value);
 #else
   return true;
 #endif

@@ -179,7 +179,8 @@ void fused_apply_update(const TensorList& list, DType param_dtype, const float* 
       using P = decltype(p);
       using S = decltype(s);
       for_each_launch(list, false, [&](const MultiTensorArgs& args, int blocks) {
-        fused_apply_update_kernel<P, S><<<blocks, kThreads, 0, stream>>>(args, alphas, decays, static_cast<const S*>(stack));
+        fused_apply_update_kernel<P, S><<<blocks, kThreads, 0, stream>>>(args, alphas, decays,
+                                                                         static_cast<const S*>(stack));
       });
     });
   });

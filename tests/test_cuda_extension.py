@@ -76,6 +76,36 @@ def test_every_kernel_is_compiled_for_every_arch_without_spills():
         assert families == set(KERNELS), f"sm_{arch} lacks {set(KERNELS) - families}"
 
 
+@needs_build
+def test_sass_runs_16_bit_matmuls_on_tensor_cores_for_every_arch():
+    """What the GPU executes: HMMA in every runnable 16-bit matmul kernel, FFMA (no HMMA) in the fp32
+    ones; kernels an arch cannot run (bf16 or the sm80 path on sm_75) are trap stubs there."""
+    from muon_kernels import _C
+
+    sass = subprocess.run([str(_cuobjdump()), "-sass", _C.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    checked: dict[str, int] = {}
+    for section in re.split(r"\n(?=\s*arch = sm_)", sass):
+        if not (m := re.search(r"arch = sm_(\d+)", section)):
+            continue
+        arch = m.group(1)
+        for function in re.split(r"\n\s*Function : ", section)[1:]:
+            name, body = function.split("\n", 1)
+            if _family(name) not in MATMUL_KERNELS:
+                continue
+            operand = _operand(name)
+            stub = arch == "75" and (operand == "bf16" or (operand == "fp16" and "CodePathE80" in name))
+            if stub:
+                assert "HMMA" not in body and "BPT.TRAP" in body, f"sm_{arch} {name}"
+            elif operand == "fp32":
+                assert "HMMA" not in body and "FFMA" in body, f"sm_{arch} {name}"
+            else:
+                assert "HMMA.16816.F32" in body or "HMMA.1688.F32" in body, f"sm_{arch} {name}: no tensor cores"
+                assert ("HMMA.16816.F32.BF16" in body) == (operand == "bf16"), f"sm_{arch} {name}"
+            checked[arch] = checked.get(arch, 0) + 1
+    assert checked == {arch: 10 for arch in ARCHS}
+
+
 @pytest.fixture(scope="module")
 def ptxas_report(tmp_path_factory) -> str:
     """nvcc --resource-usage for the oldest and newest default archs (one compile, both archs)."""
@@ -269,3 +299,18 @@ def test_extension_arch_coverage_rule():
     assert _extension_runs_on((12, 0), "75,90")  # newest PTX JIT-compiles forward
     assert not _extension_runs_on((8, 6), "90")  # built on the GPU machine for sm_90 only
     assert not _extension_runs_on((7, 5), "80,90")
+
+
+@needs_build
+def test_auto_takes_the_extension_where_triton_cannot_run(monkeypatch):
+    """A Turing GPU (or no Triton): backend='auto' routes every bucket to the extension, not to torch."""
+    import muon_kernels.backends as backends
+    from muon_kernels.backends import cuda_backend
+
+    monkeypatch.setitem(backends._STATUS, "triton", lambda device: (False, "compute capability 7.5 < 8.0"))
+    monkeypatch.setitem(backends._STATUS, "cuda", lambda device: (True, "extension on compute capability 7.5"))
+    module, why = select_backend("auto", torch.device("cuda"), 768, 3072, torch.bfloat16)
+    assert module is cuda_backend and why == "auto: no usable Triton, compiled extension available"
+    monkeypatch.setitem(backends._STATUS, "cuda", lambda device: (False, "extension not built"))
+    module, why = select_backend("auto", torch.device("cuda"), 768, 3072, torch.bfloat16)
+    assert module.NAME == "torch" and why == "auto: neither Triton nor the extension can run here"

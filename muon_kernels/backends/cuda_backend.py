@@ -108,7 +108,8 @@ def symmetric_matmul(x: torch.Tensor, *, alpha: float = 1.0, d: torch.Tensor | N
     _require((x, "x", ALL, True), *([(d, "d", (x.dtype,), True)] if d is not None else []))
     if d is not None:
         if d.shape != (x.shape[0], x.shape[1], x.shape[1]):
-            raise ValueError(f"cuda backend: d must have shape {(x.shape[0], x.shape[1], x.shape[1])}, got {tuple(d.shape)}")
+            raise ValueError(f"cuda backend: d must have shape {(x.shape[0], x.shape[1], x.shape[1])}, "
+                             f"got {tuple(d.shape)}")
     k, m, n = x.shape
     out = torch.empty((k, _padded(m), _padded(m)), dtype=x.dtype, device=x.device)
     if x.numel() == 0:

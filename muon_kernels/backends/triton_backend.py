@@ -57,7 +57,8 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     if not (fusable(grads) and fusable(bufs)) or len({g.dtype for g in grads}) != 1:
         return torch_backend.momentum_stack(bucket, grads, bufs, groups)
     stack = torch.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
-    fused_momentum_op(grads, bufs, momenta(bucket, groups), *_layout(bucket), stack, bucket.momentum_form == "ema", bucket.nesterov)
+    fused_momentum_op(grads, bufs, momenta(bucket, groups), *_layout(bucket), stack, bucket.momentum_form == "ema",
+                      bucket.nesterov)
     return stack
 
 
