@@ -314,3 +314,19 @@ def test_auto_takes_the_extension_where_triton_cannot_run(monkeypatch):
     monkeypatch.setitem(backends._STATUS, "cuda", lambda device: (False, "extension not built"))
     module, why = select_backend("auto", torch.device("cuda"), 768, 3072, torch.bfloat16)
     assert module.NAME == "torch" and why == "auto: neither Triton nor the extension can run here"
+
+
+@needs_build
+def test_workspace_cap_counts_the_padding():
+    """max_workspace_bytes chunks a bucket by what the backend really allocates: the cuda backend's
+    work buffers are padded to multiples of 128, the torch backend's are not."""
+    from muon_kernels.backends import cuda_backend, torch_backend
+    from muon_kernels.plan import Bucket
+
+    def bucket(backend):
+        return Bucket(torch.device("cpu"), torch.float32, 100, 300, NSConfig(KELLER * 5, 1e-7), torch.bfloat16,
+                      True, "ema", backend, "test")
+
+    assert cuda_backend.padded(100) == 128 and cuda_backend.padded(256) == 256
+    assert bucket(torch_backend).matrix_bytes() == 4 * 100 * 300 + 2 * (2 * 100 * 300 + 2 * 100 * 100)
+    assert bucket(cuda_backend).matrix_bytes() == 4 * 100 * 300 + 2 * (2 * 128 * 384 + 2 * 128 * 128)

@@ -69,7 +69,8 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _padded(size: int) -> int:
+def padded(size: int) -> int:
+    """The size of a work-buffer dimension: the next multiple of the extension's tile padding."""
     return -(-size // _C.PAD) * _C.PAD
 
 
@@ -111,14 +112,14 @@ def symmetric_matmul(x: torch.Tensor, *, alpha: float = 1.0, d: torch.Tensor | N
             raise ValueError(f"cuda backend: d must have shape {(x.shape[0], x.shape[1], x.shape[1])}, "
                              f"got {tuple(d.shape)}")
     k, m, n = x.shape
-    out = torch.empty((k, _padded(m), _padded(m)), dtype=x.dtype, device=x.device)
+    out = torch.empty((k, padded(m), padded(m)), dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out[:, :m, :m]
-    xp = _zero_padded(x, _padded(m), _padded(n))
-    dp = _zero_padded(d, _padded(m), _padded(m)) if d is not None else None
+    xp = _zero_padded(x, padded(m), padded(n))
+    dp = _zero_padded(d, padded(m), padded(m)) if d is not None else None
     with torch.cuda.device(x.device):
         _C.symmetric_matmul(p=xp.data_ptr(), d=dp.data_ptr() if dp is not None else 0, c=out.data_ptr(),
-                            dtype=DTYPE_CODES[x.dtype], batch=k, m=_padded(m), k=_padded(n), alpha=float(alpha),
+                            dtype=DTYPE_CODES[x.dtype], batch=k, m=padded(m), k=padded(n), alpha=float(alpha),
                             beta=float(beta), path=code_path(x.device), stream=_stream(x.device))
     return out[:, :m, :m]
 
@@ -132,10 +133,10 @@ def ns_update(b: torch.Tensor, x: torch.Tensor, a: float) -> torch.Tensor:
     out = torch.empty((k, m, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    xp, bp = _zero_padded(x, _padded(m), _padded(n)), _zero_padded(b, _padded(m), _padded(m))
+    xp, bp = _zero_padded(x, padded(m), padded(n)), _zero_padded(b, padded(m), padded(m))
     with torch.cuda.device(x.device):
         _C.ns_update(b=bp.data_ptr(), x=xp.data_ptr(), out=out.data_ptr(), dtype=DTYPE_CODES[x.dtype],
-                     out_dtype=DTYPE_CODES[x.dtype], batch=k, m=_padded(m), n=_padded(n), out_rows=m, out_cols=n,
+                     out_dtype=DTYPE_CODES[x.dtype], batch=k, m=padded(m), n=padded(n), out_rows=m, out_cols=n,
                      a=float(a), path=code_path(x.device), stream=_stream(x.device))
     return out
 
@@ -162,7 +163,7 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
         return out
     path = code_path(stack.device)
     work = work_dtype(ns_dtype, path)
-    mp, np_ = _padded(m), _padded(n)
+    mp, np_ = padded(m), padded(n)
     steps = config.steps
     x = torch.empty((k, mp, np_) if steps else (0,), dtype=work, device=stack.device)
     y = torch.empty_like(x)
