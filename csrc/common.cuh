@@ -102,16 +102,21 @@ inline void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
 }
 
+inline void require_dtype(DType dtype, const char* what) {
+  const int code = static_cast<int>(dtype);
+  require(code >= 0 && code <= 2, std::string(what) + ": unknown dtype code " + std::to_string(code) +
+                                      " (0 = float32, 1 = float16, 2 = bfloat16)");
+}
+
 // Calls f(T{}) with T the C++ type of `dtype`.
 template <typename F>
 void dispatch_dtype(DType dtype, const char* what, F&& f) {
+  require_dtype(dtype, what);
   switch (dtype) {
     case DType::kFloat32: f(float{}); return;
     case DType::kFloat16: f(__half{}); return;
     case DType::kBFloat16: f(__nv_bfloat16{}); return;
   }
-  throw std::invalid_argument(std::string(what) + ": unknown dtype code " + std::to_string(static_cast<int>(dtype)) +
-                              " (0 = float32, 1 = float16, 2 = bfloat16)");
 }
 
 }  // namespace muon_kernels

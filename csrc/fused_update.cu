@@ -149,8 +149,8 @@ void fused_momentum(const TensorList& list, DType grad_dtype, DType buf_dtype, c
   const char* what = "fused_momentum";
   validate(list, true, what);
   require(momenta != nullptr && stack != nullptr, "fused_momentum: momenta and stack must be device pointers");
-  require(static_cast<int>(grad_dtype) >= 0 && static_cast<int>(grad_dtype) <= 2 &&
-              (buf_dtype == grad_dtype || buf_dtype == DType::kFloat32),
+  require_dtype(grad_dtype, what);
+  require(buf_dtype == grad_dtype || buf_dtype == DType::kFloat32,
           "fused_momentum: momentum buffers must have the gradients' dtype or float32 (codes " +
               std::to_string(static_cast<int>(grad_dtype)) + ", " + std::to_string(static_cast<int>(buf_dtype)) + ")");
   dispatch_dtype(grad_dtype, what, [&](auto g) {

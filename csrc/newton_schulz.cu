@@ -164,11 +164,8 @@ const char* dtype_name(DType d) {
   return d == DType::kFloat32 ? "float32" : d == DType::kFloat16 ? "float16" : "bfloat16";
 }
 
-void require_dtype(DType d, const char* what) {
-  const int code = static_cast<int>(d);
-  require(code >= 0 && code <= 2, std::string(what) + ": unknown dtype code " + std::to_string(code) +
-                                      " (0 = float32, 1 = float16, 2 = bfloat16)");
-}
+// An iteration writes its own dtype, or bf16 from fp16 (the sm75 path's last step of a bf16 run).
+bool update_writes(DType in, DType out) { return out == in || (in == DType::kFloat16 && out == DType::kBFloat16); }
 
 void require_buffer(const void* ptr, const char* what, const char* name) {
   require(ptr != nullptr, std::string(what) + ": " + name + " is a null pointer");
@@ -248,6 +245,32 @@ void launch_normalize(const NormalizeParams& p, cudaStream_t stream) {
                  stream, "normalize");
 }
 
+// The launches behind symmetric_matmul and ns_update, for arguments already validated.
+void run_symmetric_matmul(const SymmetricMatmulParams& p, CodePath path, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_symmetric_matmul<float, CodePath::kSm75>(p, stream);
+    case DType::kFloat16:
+      return path == CodePath::kSm80 ? launch_symmetric_matmul<__half, CodePath::kSm80>(p, stream)
+                                     : launch_symmetric_matmul<__half, CodePath::kSm75>(p, stream);
+    case DType::kBFloat16: return launch_symmetric_matmul<__nv_bfloat16, CodePath::kSm80>(p, stream);
+  }
+}
+
+void run_ns_update(const NsUpdateParams& p, CodePath path, cudaStream_t stream) {
+  const bool sm80 = path == CodePath::kSm80;
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_ns_update<float, float, CodePath::kSm75>(p, stream);
+    case DType::kFloat16:
+      if (p.out_dtype == DType::kBFloat16) {
+        return sm80 ? launch_ns_update<__half, __nv_bfloat16, CodePath::kSm80>(p, stream)
+                    : launch_ns_update<__half, __nv_bfloat16, CodePath::kSm75>(p, stream);
+      }
+      return sm80 ? launch_ns_update<__half, __half, CodePath::kSm80>(p, stream)
+                  : launch_ns_update<__half, __half, CodePath::kSm75>(p, stream);
+    case DType::kBFloat16: return launch_ns_update<__nv_bfloat16, __nv_bfloat16, CodePath::kSm80>(p, stream);
+  }
+}
+
 }  // namespace
 
 void normalize(const NormalizeParams& p, cudaStream_t stream) {
@@ -277,13 +300,7 @@ void symmetric_matmul(const SymmetricMatmulParams& p, CodePath path, cudaStream_
   require_padded(p.m, what, "m");
   require_padded(p.k, what, "k");
   require_path(path, p.dtype, what);
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_symmetric_matmul<float, CodePath::kSm75>(p, stream);
-    case DType::kFloat16:
-      return path == CodePath::kSm80 ? launch_symmetric_matmul<__half, CodePath::kSm80>(p, stream)
-                                     : launch_symmetric_matmul<__half, CodePath::kSm75>(p, stream);
-    case DType::kBFloat16: return launch_symmetric_matmul<__nv_bfloat16, CodePath::kSm80>(p, stream);
-  }
+  run_symmetric_matmul(p, path, stream);
 }
 
 void ns_update(const NsUpdateParams& p, CodePath path, cudaStream_t stream) {
@@ -299,22 +316,11 @@ void ns_update(const NsUpdateParams& p, CodePath path, cudaStream_t stream) {
   require_padded(p.n, what, "n");
   require(p.out_rows > 0 && p.out_rows <= p.m && p.out_cols > 0 && p.out_cols <= p.n,
           "ns_update: out_rows × out_cols must lie within m × n");
-  require(p.out_dtype == p.dtype || (p.dtype == DType::kFloat16 && p.out_dtype == DType::kBFloat16),
+  require(update_writes(p.dtype, p.out_dtype),
           std::string("ns_update: a ") + dtype_name(p.dtype) + " iteration writes " + dtype_name(p.dtype) +
               " (or bfloat16 from float16 on the sm75 path), not " + dtype_name(p.out_dtype));
   require_path(path, p.dtype, what);
-  const bool sm80 = path == CodePath::kSm80;
-  switch (p.dtype) {
-    case DType::kFloat32: return launch_ns_update<float, float, CodePath::kSm75>(p, stream);
-    case DType::kFloat16:
-      if (p.out_dtype == DType::kBFloat16) {
-        return sm80 ? launch_ns_update<__half, __nv_bfloat16, CodePath::kSm80>(p, stream)
-                    : launch_ns_update<__half, __nv_bfloat16, CodePath::kSm75>(p, stream);
-      }
-      return sm80 ? launch_ns_update<__half, __half, CodePath::kSm80>(p, stream)
-                  : launch_ns_update<__half, __half, CodePath::kSm75>(p, stream);
-    case DType::kBFloat16: return launch_ns_update<__nv_bfloat16, __nv_bfloat16, CodePath::kSm80>(p, stream);
-  }
+  run_ns_update(p, path, stream);
 }
 
 void newton_schulz(const NewtonSchulzParams& p, CodePath path, cudaStream_t stream) {
@@ -337,30 +343,29 @@ void newton_schulz(const NewtonSchulzParams& p, CodePath path, cudaStream_t stre
   }
   require(p.out != nullptr, "newton_schulz: out is a null pointer");
   require(p.x != p.y && p.a != p.b, "newton_schulz: x and y, and a and b, must be distinct buffers");
-  // Validate every launch's arguments before the first one runs, so a bad call launches nothing.
+  require(p.out != p.x && p.out != p.y, "newton_schulz: out must not alias x or y (other blocks still read them)");
+  // Everything the launches below need is validated here, once, so a bad call launches nothing
+  // and the loop launches without re-checking (m and n are padded by construction).
   require_dtype(p.work_dtype, "newton_schulz");
   require_dtype(p.out_dtype, "newton_schulz");
+  require(update_writes(p.work_dtype, p.out_dtype),
+          "newton_schulz: out_dtype must equal work_dtype (or be bfloat16 with a float16 work dtype)");
   require_path(path, p.work_dtype, "newton_schulz");
   norm.out = p.x;
   norm.out_dtype = p.work_dtype;
   norm.out_rows = m;
   norm.out_cols = n;
-  NsUpdateParams last{p.b, p.x, p.out, p.work_dtype, p.out_dtype, in.batch, m, n, in.rows, in.cols, 0.f};
-  require(last.out_dtype == last.dtype || (last.dtype == DType::kFloat16 && last.out_dtype == DType::kBFloat16),
-          "newton_schulz: out_dtype must equal work_dtype (or be bfloat16 with a float16 work dtype)");
   normalize(norm, stream);
   void* x = p.x;
   void* y = p.y;
   for (size_t s = 0; s < steps; ++s) {
     const float a = p.coefficients[3 * s], b = p.coefficients[3 * s + 1], c = p.coefficients[3 * s + 2];
-    symmetric_matmul({x, nullptr, p.a, p.work_dtype, in.batch, m, n, 1.f, 0.f}, path, stream);
-    symmetric_matmul({p.a, p.a, p.b, p.work_dtype, in.batch, m, m, c, b}, path, stream);
-    if (s + 1 == steps) {
-      last.x = x;
-      last.a = a;
-      ns_update(last, path, stream);
+    run_symmetric_matmul({x, nullptr, p.a, p.work_dtype, in.batch, m, n, 1.f, 0.f}, path, stream);
+    run_symmetric_matmul({p.a, p.a, p.b, p.work_dtype, in.batch, m, m, c, b}, path, stream);
+    if (s + 1 == steps) {  // the last step writes the unpadded result in the output dtype
+      run_ns_update({p.b, x, p.out, p.work_dtype, p.out_dtype, in.batch, m, n, in.rows, in.cols, a}, path, stream);
     } else {
-      ns_update({p.b, x, y, p.work_dtype, p.work_dtype, in.batch, m, n, m, n, a}, path, stream);
+      run_ns_update({p.b, x, y, p.work_dtype, p.work_dtype, in.batch, m, n, m, n, a}, path, stream);
       std::swap(x, y);
     }
   }
