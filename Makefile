@@ -46,7 +46,7 @@ install: build-tools
 # triton 3.6's interpreter converts 1-element arrays with int(), which numpy >= 2.4 refuses.
 .venv-triton-old/.installed-$(TRITON_OLD):
 	$(PYTHON) -m venv .venv-triton-old
-	.venv-triton-old/bin/pip install --quiet "$(TORCH_SPEC)" "triton==$(TRITON_OLD)" "numpy<2.4" pytest scipy setuptools wheel
+	.venv-triton-old/bin/pip install --quiet "$(TORCH_SPEC)" "triton==$(TRITON_OLD)" "numpy<2.4" pytest scipy hypothesis setuptools wheel
 	touch $@
 
 test-old-triton: $(OLD_TRITON_ENV)

@@ -23,7 +23,7 @@ import torch
 
 from common import summarize, time_call
 from muon_kernels.backends import available_backends, select_backend
-from muon_kernels.orthogonalize import resolve_ns_config
+from muon_kernels.ns_config import resolve_ns_config
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 STEPS = 5

@@ -55,11 +55,12 @@ __global__ void __launch_bounds__(kThreads) fused_momentum_kernel(MultiTensorArg
   const int64_t end = min(start + kChunk, args.numel[slot]);
   const G* grad = static_cast<const G*>(args.in[slot]);
   M* buf = static_cast<M*>(args.inout[slot]);
-  const float mu = momenta[args.scalar_index[slot]];
+  const float mu = momenta[2 * args.scalar_index[slot]];
+  const float weight = momenta[2 * args.scalar_index[slot] + 1];  // fp32(1 - μ), rounded on the host as torch does
   for (int64_t idx = start + threadIdx.x; idx < end; idx += kThreads) {
     const float g = round_to<M>(to_float(grad[idx]));
     float m = to_float(buf[idx]);
-    m = ema ? lerp(m, g, 1.f - mu) : round_to<M>(mu * m) + g;
+    m = ema ? lerp(m, g, weight) : round_to<M>(mu * m) + g;
     const M stored = from_float<M>(m);
     buf[idx] = stored;
     m = to_float(stored);

@@ -22,7 +22,7 @@ enum class CodePath : int { kSm75 = 75, kSm80 = 80 };
 // holds zeros, so the GEMM main loops need no bounds checks (zeros add nothing to X·Xᵀ, A·A or
 // B·X). kPad is a multiple of every tile edge in tiles.cuh.
 constexpr int kPad = 128;
-// Normalization reads its input in tiles of this many rows × columns, one partial sum per tile.
+// Normalization reads its input in tiles of this many rows × columns, one scaled partial sum per tile.
 constexpr int kNormTileRows = 64;
 constexpr int kNormTileCols = 256;
 
@@ -42,8 +42,8 @@ struct NormalizeParams {
   void* out = nullptr;
   DType out_dtype = DType::kFloat32;
   int64_t out_rows = 0, out_cols = 0;
-  float* partial = nullptr;  // (batch, norm_tiles(rows, cols)) fp32 scratch
-  float* denom = nullptr;    // (batch,) fp32 scratch: the divisor per matrix
+  float* partial = nullptr;  // (batch, 2, norm_tiles(rows, cols)) fp32 scratch: tile scales, scaled sums
+  float* denom = nullptr;    // (batch, 2) fp32 scratch: 1/S and the divisor in units of S per matrix
   int64_t batch = 0;
   float norm_scale = 1.f, norm_offset = 0.f, floor = 0.f;
 };
@@ -106,7 +106,7 @@ struct TensorList {
 };
 
 // M = μM + (1-μ)G (ema) or μM + G; U = Nesterov(G, M) or M, written into the stack (stack dtype
-// = buffer dtype, which is the gradients' or float32). momenta: fp32 device array, μ per tensor.
+// = buffer dtype, which is the gradients' or float32). momenta: fp32 device array, (μ, 1 - μ) per tensor.
 void fused_momentum(const TensorList& list, DType grad_dtype, DType buf_dtype, const float* momenta,
                     void* stack, bool ema, bool nesterov, cudaStream_t stream);
 // W = round(W·decay) + alpha·round(O) per parameter, O read from its slice of the stack.

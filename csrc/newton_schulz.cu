@@ -13,50 +13,94 @@ namespace {
 
 constexpr int kNormThreads = 256;
 
-// Deterministic block sum (fixed shuffle tree, then the warps' sums in order); valid in thread 0.
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[32];
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+struct Add {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Deterministic block reduction of non-negative values (a fixed shuffle tree, then the warps'
+// results in order), returned to every thread. Safe to call repeatedly in one kernel.
+template <typename Op>
+__device__ float block_reduce(float v, Op op) {
+  __shared__ float warp_values[32];
+  __shared__ float result;
+  for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = v;
+  if (lane == 0) warp_values[warp] = v;
   __syncthreads();
-  v = 0.f;
   if (warp == 0) {
-    v = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : 0.f;
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    v = lane < static_cast<int>(blockDim.x / 32) ? warp_values[lane] : 0.f;
+    for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    if (lane == 0) result = v;
   }
-  return v;
+  __syncthreads();
+  const float out = result;
+  __syncthreads();  // the next call may overwrite warp_values and result
+  return out;
 }
 
-// Pass 1: one partial sum of squares per input tile.
+// The biased exponent of x >= 0, clamped to [1, 253] so that 2^e and 2^-e are both normal floats.
+__device__ __forceinline__ int exponent_field(float x) { return min(max((__float_as_int(x) >> 23) & 0xFF, 1), 253); }
+// 2^(field - 127), exactly.
+__device__ __forceinline__ float power_of_two(int field) { return __int_as_float(field << 23); }
+
+// Pass 1: per input tile, a power of two s near its largest |x| and Σ(x/s)² (BLAS nrm2's scaled
+// sum of squares: nothing overflows at |x| up to fp32's max or underflows down to 1e-38).
+// partial is (batch, 2, tiles): the scales, then the scaled sums.
 template <typename Tin>
 __global__ void __launch_bounds__(kNormThreads) sum_squares_kernel(NormalizeParams p, int64_t batch_offset) {
   const int64_t batch = batch_offset + blockIdx.y;
   const int64_t tiles_c = (p.cols + kNormTileCols - 1) / kNormTileCols;
   const int64_t r0 = (blockIdx.x / tiles_c) * kNormTileRows, c0 = (blockIdx.x % tiles_c) * kNormTileCols;
   const Tin* in = static_cast<const Tin*>(p.in) + batch * p.in_stride_batch;
+  float amax = 0.f;
+  for (int e = threadIdx.x; e < kNormTileRows * kNormTileCols; e += kNormThreads) {
+    const int64_t r = r0 + e / kNormTileCols, c = c0 + e % kNormTileCols;
+    if (r < p.rows && c < p.cols) amax = fmaxf(amax, fabsf(to_float(in[r * p.in_stride_row + c * p.in_stride_col])));
+  }
+  const int field = exponent_field(block_reduce(amax, Max()));
+  const float inv = power_of_two(254 - field);  // exact scaling
   float s = 0.f;
   for (int e = threadIdx.x; e < kNormTileRows * kNormTileCols; e += kNormThreads) {
     const int64_t r = r0 + e / kNormTileCols, c = c0 + e % kNormTileCols;
     if (r < p.rows && c < p.cols) {
-      const float v = to_float(in[r * p.in_stride_row + c * p.in_stride_col]);
+      const float v = to_float(in[r * p.in_stride_row + c * p.in_stride_col]) * inv;
       s = fmaf(v, v, s);
     }
   }
-  s = block_sum(s);
-  if (threadIdx.x == 0) p.partial[batch * gridDim.x + blockIdx.x] = s;
+  s = block_reduce(s, Add());
+  if (threadIdx.x == 0) {
+    float* partial = p.partial + batch * 2 * gridDim.x;
+    partial[blockIdx.x] = power_of_two(field);
+    partial[gridDim.x + blockIdx.x] = s;
+  }
 }
 
-// Pass 2: one divisor per matrix, from its partials in a fixed order.
+// Pass 2: per matrix, from its partials in a fixed order: the tiles' sums rescaled to the largest
+// tile scale S (powers of two: exact), and the divisor in units of S, so it never overflows.
+// denom is (batch, 2): 1/S, then the scaled divisor.
 __global__ void __launch_bounds__(kNormThreads) norm_divisor_kernel(NormalizeParams p, int64_t tiles,
                                                                      int64_t batch_offset) {
   const int64_t batch = batch_offset + blockIdx.x;
+  const float* scales = p.partial + batch * 2 * tiles;
+  const float* sums = scales + tiles;
+  float top = 0.f;
+  for (int64_t t = threadIdx.x; t < tiles; t += kNormThreads) top = fmaxf(top, scales[t]);
+  const float inv = power_of_two(254 - exponent_field(block_reduce(top, Max())));
   float s = 0.f;
-  for (int64_t t = threadIdx.x; t < tiles; t += kNormThreads) s += p.partial[batch * tiles + t];
-  s = block_sum(s);
+  for (int64_t t = threadIdx.x; t < tiles; t += kNormThreads) {
+    const float ratio = scales[t] * inv;
+    s = fmaf(sums[t], ratio * ratio, s);
+  }
+  s = block_reduce(s, Add());
   if (threadIdx.x == 0) {
-    const float d = sqrtf(s) * p.norm_scale + p.norm_offset;
-    p.denom[batch] = d < p.floor ? p.floor : d;  // a NaN norm fails the comparison and stays NaN
+    // Round-to-nearest sqrt, whatever the compiler flags (torch's sqrt is IEEE).
+    const float d = fmaf(__fsqrt_rn(s), p.norm_scale, p.norm_offset * inv);
+    const float floor = p.floor * inv;
+    p.denom[2 * batch] = inv;
+    p.denom[2 * batch + 1] = d < floor ? floor : d;  // a NaN norm fails the comparison and stays NaN
   }
 }
 
@@ -68,11 +112,12 @@ __global__ void __launch_bounds__(kNormThreads) scale_cast_kernel(NormalizeParam
   const int64_t r0 = (blockIdx.x / tiles_c) * kNormTileRows, c0 = (blockIdx.x % tiles_c) * kNormTileCols;
   const Tin* in = static_cast<const Tin*>(p.in) + batch * p.in_stride_batch;
   Tout* out = static_cast<Tout*>(p.out) + batch * p.out_rows * p.out_cols;
-  const float denom = p.denom[batch];
+  const float inv = p.denom[2 * batch], denom = p.denom[2 * batch + 1];
   for (int e = threadIdx.x; e < kNormTileRows * kNormTileCols; e += kNormThreads) {
     const int64_t r = r0 + e / kNormTileCols, c = c0 + e % kNormTileCols;
     if (r < p.out_rows && c < p.out_cols) {
-      const float v = r < p.rows && c < p.cols ? to_float(in[r * p.in_stride_row + c * p.in_stride_col]) / denom : 0.f;
+      const float v =
+          r < p.rows && c < p.cols ? __fdiv_rn(to_float(in[r * p.in_stride_row + c * p.in_stride_col]) * inv, denom) : 0.f;
       out[r * p.out_cols + c] = from_float<Tout>(v);
     }
   }

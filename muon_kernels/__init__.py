@@ -6,7 +6,8 @@ by AdamW in the same optimizer.
 
 from .backends import available_backends
 from .optimizer import Muon
-from .orthogonalize import PRESETS, NSConfig, orthogonalize
+from .ns_config import PRESETS, NSConfig
+from .orthogonalize import orthogonalize
 from .param_groups import param_groups
 from .schedules import (
     ConstantBatchSize,

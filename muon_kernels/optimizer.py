@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from . import distributed as dist_muon
 from .adamw import ADAMW_KEYS, adamw_step, check_adamw_settings
 from .backends import BACKEND_NAMES, select_backend
-from .orthogonalize import check_ns_dtype, resolve_ns_config
+from .ns_config import check_ns_dtype, resolve_ns_config
 from .plan import ADJUST_LR_FNS, Plan, PlanRow, build_buckets, lr_scale, matrix_view
 
 DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -31,8 +31,27 @@ _PLAN_KEYS = (
 )
 
 
+# Settings a user can rewrite in ``param_groups`` between steps; a step re-validates a group whose
+# values changed since its last check, before anything is modified.
+_MUON_SETTINGS = (
+    "lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn", "backend",
+    "ns_dtype", "momentum_dtype", "momentum_form", "matrix_view", "capturable",
+)
+_ADAMW_SETTINGS = (*ADAMW_KEYS, "capturable")
+
+
 def _freeze(value: Any) -> Any:
     return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _settings_key(group: dict) -> tuple:
+    """What a group's validation depends on. A tensor lr counts by identity and shape: its value is
+    the scheduler's to change in place, and reading it back would cost a host sync every step."""
+    keys = _MUON_SETTINGS if group["use_muon"] else _ADAMW_SETTINGS
+    return tuple(
+        ("tensor", id(v), tuple(v.shape)) if isinstance(v, torch.Tensor) else _freeze(v)
+        for v in (group.get(k) for k in keys)
+    )
 
 
 def _label(group: dict, index: int, p: torch.Tensor) -> str:
@@ -133,22 +152,31 @@ class Muon(Optimizer):
         }
         _check_muon_settings(defaults)
         self._plan_key: tuple | None = None
+        self._validated: dict[int, tuple] = {}  # group index → settings key of its last successful check
         self._buckets: list = []
         self._layouts: list = []  # per bucket: (layout, process group, owner rank of each entry)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds the group — or, for a group without ``use_muon``, its Muon and AdamW halves — all or
+        nothing: if either half is refused, neither is added (torch's optimizers add nothing either)."""
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if isinstance(params, torch.Tensor) else params
         if isinstance(group["params"], set):
             raise TypeError("params must be an ordered collection (a list), not a set")
         group["params"] = list(group["params"])
-        if "use_muon" not in group:
-            for part in self._split_by_ndim(group):
-                self.add_param_group(part)
-            return
+        parts = self._split_by_ndim(group) if "use_muon" not in group else [group]
+        count = len(self.param_groups)
+        try:
+            for part in parts:
+                self._add_group(part)
+        except BaseException:
+            del self.param_groups[count:]
+            raise
+
+    def _add_group(self, group: dict[str, Any]) -> None:
         tensors = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
         names = [p[0] for p in group["params"] if isinstance(p, tuple)]
         if group["use_muon"]:
@@ -298,8 +326,26 @@ class Muon(Optimizer):
         return rows
 
     # ------------------------------------------------------------------ step
+    def _check_settings(self) -> None:
+        """Re-validate every group whose settings changed since its last check (values written into
+        ``param_groups`` after construction: a scheduler's, a user's), naming the group."""
+        for gi, group in enumerate(self.param_groups):
+            key = _settings_key(group)
+            if self._validated.get(gi) == key:
+                continue
+            try:
+                if group["use_muon"]:
+                    _check_muon_settings(group)
+                else:
+                    check_adamw_settings(group["lr"], group["betas"], group["eps"], group["weight_decay"], "")
+            except ValueError as exc:
+                raise ValueError(f"param group {gi}: {exc}; nothing was modified") from None
+            self._validated[gi] = key
+
     def _check_grads(self) -> list[tuple[int, dict, list[torch.Tensor]]]:
-        """Validate every gradient before anything is modified; return (group index, group, params) to step."""
+        """Validate settings and every gradient before anything is modified; return (group index,
+        group, params) to step."""
+        self._check_settings()
         work = []
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]

@@ -14,7 +14,7 @@ from types import ModuleType
 import torch
 
 from .backends import select_backend
-from .orthogonalize import NSConfig
+from .ns_config import NSConfig
 
 MATRIX_VIEWS = ("flatten", "batch")
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
@@ -47,7 +47,12 @@ class MatrixView:
 
 
 def matrix_view(shape: torch.Size | tuple[int, ...], view: str | None, name: str) -> MatrixView:
-    """The matrix view of a Muon parameter; raises ValueError when there is none or it is ambiguous."""
+    """The matrix view of a Muon parameter; raises ValueError when there is none or it is ambiguous.
+
+    A group's ``matrix_view`` decides 3D tensors only: a 4D+ tensor is a convolution filter, always
+    one ``out × in·kh·kw`` matrix, so a group that mixes MoE expert stacks (``"batch"``) and convs
+    orthogonalizes each the right way.
+    """
     shape = tuple(shape)
     if view is not None and view not in MATRIX_VIEWS:
         raise ValueError(f"matrix_view must be one of {MATRIX_VIEWS} or None, got {view!r} (parameter {name})")
@@ -67,8 +72,8 @@ def matrix_view(shape: torch.Size | tuple[int, ...], view: str | None, name: str
             f"{shape[0]}×{shape[1] * shape[2]} matrix (a Conv1d filter); "
             "muon_kernels.param_groups(model) sets it from the module type"
         )
-    if view == "batch":
-        return MatrixView(math.prod(shape[:-2]), shape[-2], shape[-1], "batch")
+    if len(shape) == 3 and view == "batch":
+        return MatrixView(shape[0], shape[1], shape[2], "batch")
     return MatrixView(1, shape[0], math.prod(shape[1:]), "flatten")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from muon_kernels.orthogonalize import resolve_ns_config
+from muon_kernels.ns_config import resolve_ns_config
 
 
 def reference_ns(G: torch.Tensor, ns_coefficients="keller", ns_steps: int = 5, eps: float = 1e-7) -> torch.Tensor:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from muon_kernels.backends import available_backends, select_backend
-from muon_kernels.orthogonalize import NSConfig, KELLER
+from muon_kernels.ns_config import NSConfig, KELLER
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"

@@ -7,7 +7,7 @@ import torch
 
 import muon_kernels as mk
 from oracles import controlled_spectrum, plain_recurrence, reference_ns, rel_err, scalar_map
-from muon_kernels.orthogonalize import PRESETS, resolve_ns_config
+from muon_kernels.ns_config import PRESETS, resolve_ns_config
 
 # DESIGN.md §5: fp32 iteration ≤ 1e-4 relative to the fp64 recurrence; bf16/fp16 iteration
 # ≤ 2 × (error of a plain torch matmul recurrence in that dtype) + 1e-2.

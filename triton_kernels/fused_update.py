@@ -56,9 +56,21 @@ def _round(x, DTYPE: tl.constexpr, EMULATE_RN: tl.constexpr):
 
 
 @triton.jit
-def _lerp(a, b, w):
-    """torch's lerp, branch for branch (it switches formula at w = 0.5 for accuracy)."""
-    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+def _fma(a, b, c, EMULATE_RN: tl.constexpr):
+    """a·b + c rounded once. The CPU interpreter has no fused multiply-add: there the fp32 product
+    is formed exactly in fp64 and the sum rounded from it (equal to the fused result but for rare
+    double-rounding ties)."""
+    if EMULATE_RN:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    return tl.fma(a, b, c)
+
+
+@triton.jit
+def _lerp(a, b, w, EMULATE_RN: tl.constexpr):
+    """torch's lerp, branch for branch and rounding for rounding: it switches formula at |w| = 0.5
+    for accuracy, and its CPU and CUDA kernels both fuse each multiply-add."""
+    diff = b - a
+    return tl.where(tl.abs(w) < 0.5, _fma(w, diff, a, EMULATE_RN), _fma(-diff, 1.0 - w, b, EMULATE_RN))
 
 
 @triton.jit
@@ -73,21 +85,22 @@ def _fused_momentum_kernel(
     mask = idx < tl.load(Numels + t)
     grad = tl.load(GradPtrs + t).to(tl.pointer_type(GRAD_DTYPE))
     buf = tl.load(BufPtrs + t).to(tl.pointer_type(BUF_DTYPE))
-    mu = tl.load(Momenta + t)
+    mu = tl.load(Momenta + 2 * t)
+    weight = tl.load(Momenta + 2 * t + 1)  # fp32(1 - μ), rounded on the host as torch does
     # The gradient is first rounded to the buffer's dtype, as torch does before lerp.
     g = _round(tl.load(grad + idx, mask=mask, other=0.0).to(tl.float32), BUF_DTYPE, EMULATE_RN).to(tl.float32)
     m = tl.load(buf + idx, mask=mask, other=0.0).to(tl.float32)
     # Same operations and roundings as the torch path: lerp_ / (mul_, add_) on the buffer, then
     # lerp / add(alpha=μ) for Nesterov, each rounded to the buffer's dtype.
     if EMA:
-        m = _lerp(m, g, 1.0 - mu)
+        m = _lerp(m, g, weight, EMULATE_RN)
     else:
         m = _round(mu * m, BUF_DTYPE, EMULATE_RN).to(tl.float32) + g
     m = _round(m, BUF_DTYPE, EMULATE_RN)
     tl.store(buf + idx, m, mask=mask)
     if NESTEROV:
         if EMA:
-            u = _lerp(g, m.to(tl.float32), mu)
+            u = _lerp(g, m.to(tl.float32), mu, EMULATE_RN)
         else:
             u = g + mu * m.to(tl.float32)
     else:
@@ -173,7 +186,7 @@ def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
 def fused_momentum(grads, bufs, momenta: torch.Tensor, layout: Layout, stack: torch.Tensor, *, ema: bool,
                    nesterov: bool) -> None:
     """Update ``bufs`` in place and write U for every tensor into ``stack`` (see module docstring).
-    ``momenta``: fp32 device tensor, μ per tensor."""
+    ``momenta``: fp32 device tensor, (μ, 1 - μ) per tensor."""
     device = stack.device
     layout = Layout(*layout)
     _fused_momentum_kernel[(layout.chunk_tensor.numel(),)](

@@ -1,7 +1,7 @@
 """Batched Newton–Schulz on a stack of same-shape matrices, a handful of launches per bucket.
 
-Per call: two launches normalize and cast the whole stack (per-matrix sums of squares by tile,
-then a deterministic per-matrix reduction fused with the scale-and-cast into the iteration dtype);
+Per call: two launches normalize and cast the whole stack (per-tile scaled sums of squares, then a
+deterministic per-matrix reduction fused with the scale-and-cast into the iteration dtype);
 per step three launches: ``A = X·Xᵀ`` and ``B = b·A + c·A·A`` (symmetric, upper-triangle tiles
 only) and ``X' = a·X + B·X`` (the a·X term in the epilogue, into a second buffer — no copies).
 """
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..orthogonalize import NSConfig
+from ..ns_config import NSConfig
 from . import autotune
 from .config import FP_FUSION, MatmulConfig, is_interpreting, precision_for, upcast_for
 from .symmetric_matmul import symmetric_matmul
@@ -25,20 +25,39 @@ _PARTIALS_BLOCK = 1024
 
 
 @triton.jit
+def _exponent_field(x):
+    """The biased exponent of fp32 ``x`` >= 0, clamped to [1, 253] so that 2^e and 2^-e are both normal."""
+    e = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return tl.minimum(tl.maximum(e, 1), 253)
+
+
+@triton.jit
+def _power_of_two(field):
+    """2^(field - 127) from a biased exponent field, exactly."""
+    return (field << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _sum_squares_kernel(
     G, Partial,
     R, C, tiles_c, tiles,
     stride_gb, stride_gr, stride_gc,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
+    """Per tile: (s, Σ(x/s)²) with s a power of two near the tile's largest |x| — BLAS nrm2's scaled
+    sum of squares, so no tile overflows (|x| up to fp32's max) or underflows (|x| down to 1e-38)."""
+    pid = tl.program_id(0).to(tl.int64)  # the batch is folded into axis 0: axis 1 stops at 65,535
+    batch = pid // tiles
+    t = pid - batch * tiles
     rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     g = tl.load(G + batch * stride_gb + rows[:, None] * stride_gr + cols[None, :] * stride_gc, mask=mask, other=0.0)
     g = g.to(tl.float32)
-    tl.store(Partial + batch * tiles + t, tl.sum(tl.sum(g * g, axis=1), axis=0))
+    field = _exponent_field(tl.max(tl.max(tl.abs(g), axis=1), axis=0))
+    y = g * _power_of_two(254 - field)  # exact: a power-of-two scale
+    tl.store(Partial + batch * 2 * tiles + t, _power_of_two(field))
+    tl.store(Partial + batch * 2 * tiles + tiles + t, tl.sum(tl.sum(y * y, axis=1), axis=0))
 
 
 @triton.jit
@@ -49,23 +68,34 @@ def _scale_cast_kernel(
     norm_scale, norm_offset, floor,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    batch = pid // tiles
+    t = pid - batch * tiles
     # Every program of a matrix reduces the same partials in the same order: one norm per matrix,
-    # bit-identical across programs and runs, with no atomics.
+    # bit-identical across programs and runs, with no atomics. The tiles' sums are rescaled to the
+    # matrix's largest tile scale S (powers of two: exact), and the divisor stays in units of S.
+    base = Partial + batch * 2 * tiles
+    top = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for p0 in range(0, tiles, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        top = tl.maximum(top, tl.load(base + p, mask=p < tiles, other=0.0))
+    inv = _power_of_two(254 - _exponent_field(tl.max(top, axis=0)))  # 1/S
     acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for p0 in range(0, tiles, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        acc += tl.load(Partial + batch * tiles + p, mask=p < tiles, other=0.0)
-    norm = tl.sqrt(tl.sum(acc, axis=0))
+        ratio = tl.load(base + p, mask=p < tiles, other=0.0) * inv
+        acc += tl.load(base + tiles + p, mask=p < tiles, other=0.0) * (ratio * ratio)
+    # Round-to-nearest sqrt and division, as torch computes them (tl.sqrt and / compile to the
+    # approximate sqrt.approx / div.full on a GPU, which the CPU interpreter cannot show).
+    norm = tl.math.sqrt_rn(tl.sum(acc, axis=0))
     # propagate_nan: a NaN norm must stay NaN (like torch's clamp_min), not be replaced by the floor.
-    denom = tl.maximum(norm * tl.cast(norm_scale, tl.float32) + tl.cast(norm_offset, tl.float32),
-                       tl.cast(floor, tl.float32), propagate_nan=tl.PropagateNan.ALL)
+    denom = tl.maximum(norm * tl.cast(norm_scale, tl.float32) + tl.cast(norm_offset, tl.float32) * inv,
+                       tl.cast(floor, tl.float32) * inv, propagate_nan=tl.PropagateNan.ALL)
     rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     g = tl.load(G + batch * stride_gb + rows[:, None] * stride_gr + cols[None, :] * stride_gc, mask=mask, other=0.0)
-    x = (g.to(tl.float32) / denom).to(Out.dtype.element_ty)
+    x = tl.math.div_rn(g.to(tl.float32) * inv, denom).to(Out.dtype.element_ty)
     tl.store(Out + batch * R * C + rows[:, None] * C + cols[None, :], x, mask=mask)
 
 
@@ -123,8 +153,8 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
     br, bc = _NORM_TILE_INTERPRETER if is_interpreting() else _NORM_TILE
     tiles_c = triton.cdiv(c, bc)
     tiles = triton.cdiv(r, br) * tiles_c
-    partial = torch.empty((k, tiles), dtype=torch.float32, device=stack.device)
-    grid = (tiles, k)
+    partial = torch.empty((k, 2, tiles), dtype=torch.float32, device=stack.device)
+    grid = (tiles * k,)
     _sum_squares_kernel[grid](stack, partial, r, c, tiles_c, tiles, *stack.stride(), BLOCK_R=br, BLOCK_C=bc,
                               enable_fp_fusion=FP_FUSION)
     _scale_cast_kernel[grid](

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..orthogonalize import NSConfig
+from ..ns_config import NSConfig
 from .fused_update import fused_apply_update, fused_momentum
 from .newton_schulz import newton_schulz
 from .small_newton_schulz import small_newton_schulz

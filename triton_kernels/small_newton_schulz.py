@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..orthogonalize import NSConfig
+from ..ns_config import NSConfig
 from .config import FP_FUSION, arch_of, is_interpreting, precision_for, upcast_for
 from .newton_schulz import normalize
 

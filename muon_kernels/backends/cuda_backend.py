@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import _C
-from ..orthogonalize import NSConfig
+from ..ns_config import NSConfig
 from . import torch_backend
 from .fused import fusable, momenta, update_scalars
 
@@ -144,8 +144,8 @@ def ns_update(b: torch.Tensor, x: torch.Tensor, a: float) -> torch.Tensor:
 def _norm_workspace(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k, m, n = stack.shape
     tiles = -(-m // _C.NORM_TILE[0]) * -(-n // _C.NORM_TILE[1])
-    return (torch.empty((k, tiles), dtype=torch.float32, device=stack.device),
-            torch.empty((k,), dtype=torch.float32, device=stack.device))
+    return (torch.empty((k, 2, tiles), dtype=torch.float32, device=stack.device),
+            torch.empty((k, 2), dtype=torch.float32, device=stack.device))
 
 
 def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:

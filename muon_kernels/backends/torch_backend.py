@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..orthogonalize import NSConfig
+from ..ns_config import NSConfig
 
 if TYPE_CHECKING:
     from ..plan import Bucket
@@ -44,7 +44,7 @@ def momentum_update(
     if form == "ema":
         torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
         return torch._foreach_lerp(grads, bufs, momentum) if nesterov else list(bufs)
-    torch._foreach_mul_(bufs, _fp32_scalar(momentum, bufs))
+    torch._foreach_mul_(bufs, _scalar(momentum, bufs))
     torch._foreach_add_(bufs, grads)
     return torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else list(bufs)
 
@@ -72,16 +72,41 @@ def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> 
     return "baddbmm", "reference recurrence: one batched GEMM per term, any shape"
 
 
+# Largest power-of-two exponent e with 2^e and 2^-e both normal, per accumulation dtype.
+_MAX_EXPONENT = {torch.float32: 126, torch.float64: 1022}
+# (mantissa bits, exponent bias, integer type of the same width)
+_FLOAT_LAYOUT = {torch.float32: (23, 127, torch.int32), torch.float64: (52, 1023, torch.int64)}
+
+
+def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^exponent built from its bits (exact; ``torch.ldexp`` goes through fp32 ``pow``)."""
+    shift, bias, int_dtype = _FLOAT_LAYOUT[dtype]
+    return ((exponent.to(int_dtype) + bias) << shift).view(dtype)
+
+
 def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
     """``stack / max(norm_scale·‖stack‖_F + norm_offset, floor)`` per matrix, in fp32 (fp64 for fp64
-    input), cast to ns_dtype.
+    input), cast to ns_dtype, in one canonical (contiguous) layout.
 
-    Always returns a new tensor: the caller's buffer (a momentum buffer, say) is never scaled in place.
+    The norm is overflow- and underflow-safe and accurate: each matrix is first scaled by a power of
+    two near its largest |x| (exact, so the result is bitwise what the unscaled formula gives
+    whenever that one neither overflows nor underflows), and the sum of squares is taken in two
+    stages (row norms, then their norm), because a one-pass fp32 ``vector_norm`` over a whole matrix
+    loses up to 6e-4 on a CPU. The divisor is never formed unscaled, so ``‖U‖²`` beyond fp32's
+    range still normalizes (1e30 gradients) and eps = 0 still orthogonalizes 1e-30 ones.
+    The output is always a new contiguous tensor, so results do not depend on the input's strides.
     """
     acc = torch.promote_types(stack.dtype, torch.float32)  # fp32, or fp64 for fp64 parameters
-    norms = torch.linalg.vector_norm(stack, dim=(-2, -1), keepdim=True, dtype=acc)
-    denom = (norms * config.norm_scale + config.norm_offset).clamp_min(config.floor)
-    return (stack.to(acc) / denom).to(ns_dtype)
+    k, m, n = stack.shape
+    amax = torch.maximum(stack.amax(dim=(-2, -1)), -stack.amin(dim=(-2, -1))).to(acc)
+    _, exponent = torch.frexp(amax)  # amax = f·2^e, f in [0.5, 1); 0, inf and NaN give e = 0
+    limit = _MAX_EXPONENT[acc]
+    inv = _power_of_two(-exponent.clamp(-limit, limit), acc)  # 2^-e: scaled |x| < 1
+    y = torch.mul(stack, inv.view(k, 1, 1), out=torch.empty((k, m, n), dtype=acc, device=stack.device))
+    norms = torch.linalg.vector_norm(torch.linalg.vector_norm(y, dim=-1), dim=-1)
+    # Everything in the scaled domain: ‖y‖ = ‖x‖·2^-e, so the divisor is denom·2^-e.
+    denom = torch.maximum(norms * config.norm_scale + config.norm_offset * inv, config.floor * inv)
+    return y.div_(denom.view(k, 1, 1)).to(ns_dtype)
 
 
 def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
@@ -109,12 +134,16 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> Non
         decay_and_add(params, outs, lr=groups[gi]["lr"], weight_decay=groups[gi]["weight_decay"], scale=scale)
 
 
-def _fp32_scalar(value: float, tensors: list[torch.Tensor]):
-    """A scalar that multiplies in fp32: on CPU a 0-dim fp32 tensor, because torch 2.13's CPU
-    ``_foreach_mul_`` first rounds a Python scalar to the tensors' dtype (a bf16 decay of 0.998
-    became 0.996, doubling it); elsewhere the Python float, which foreach kernels apply in fp32 and
-    which needs no host-to-device copy (so a CUDA-graph capture can contain it)."""
-    return torch.tensor(value, dtype=torch.float32) if tensors[0].device.type == "cpu" else value
+def _scalar(value: float, tensors: list[torch.Tensor]):
+    """A scalar that multiplies in fp32 or in the tensors' precision, whichever is wider. For 16-bit
+    tensors on CPU a 0-dim fp32 tensor, because torch 2.13's CPU ``_foreach_mul_`` first rounds a
+    Python scalar to the tensors' dtype (a bf16 decay of 0.998 became 0.996, doubling it);
+    otherwise the Python float: fp32 and fp64 tensors apply it at their own precision (an fp64
+    decay of 1 - 1e-8 must not round to 1), and on a GPU it needs no host-to-device copy (so a
+    CUDA-graph capture can contain it)."""
+    if tensors[0].device.type == "cpu" and tensors[0].dtype.itemsize < 4:
+        return torch.tensor(value, dtype=torch.float32)
+    return value
 
 
 def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr, weight_decay: float,
@@ -123,12 +152,13 @@ def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr, w
     ``lr`` is a float or a 1-element tensor; a tensor on the parameters' device is used there,
     without reading it back to the host (CUDA-graph capturable)."""
     if isinstance(lr, torch.Tensor):
-        lr = lr.to(device=params[0].device, dtype=torch.float32).reshape(())
+        # fp32 for 16-bit and fp32 parameters, fp64 for fp64 ones
+        lr = lr.to(device=params[0].device, dtype=torch.promote_types(params[0].dtype, torch.float32)).reshape(())
         if weight_decay != 0.0:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)
         torch._foreach_add_(params, torch._foreach_mul(outs, -lr * scale))
         return
     decay = 1.0 - lr * weight_decay
     if decay != 1.0:
-        torch._foreach_mul_(params, _fp32_scalar(decay, params))
+        torch._foreach_mul_(params, _scalar(decay, params))
     torch._foreach_add_(params, outs, alpha=-lr * scale)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..orthogonalize import NSConfig
+from ..ns_config import NSConfig
 from ..triton_kernels.fused_update import Layout, make_layout
 from ..triton_kernels.ops import fused_apply_update_op, fused_momentum_op, newton_schulz_op
 from ..triton_kernels.small_newton_schulz import fits_device

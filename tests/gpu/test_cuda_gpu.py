@@ -16,7 +16,7 @@ import torch
 
 import muon_kernels as mk
 from muon_kernels.backends import available_backends, torch_backend
-from muon_kernels.orthogonalize import resolve_ns_config
+from muon_kernels.ns_config import resolve_ns_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from oracles import plain_recurrence, reference_ns, rel_err, scalar_map  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 
 import muon_kernels as mk
 from muon_kernels.backends import torch_backend, triton_backend
-from muon_kernels.orthogonalize import resolve_ns_config
+from muon_kernels.ns_config import resolve_ns_config
 from muon_kernels.triton_kernels.config import INTERPRETER_CONFIG
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, normalize, ns_update
 from muon_kernels.triton_kernels.small_newton_schulz import fits, small_newton_schulz
@@ -259,7 +259,7 @@ def test_custom_ops_pass_opcheck():
     grads = [_randn(12, 20, seed=1), _randn(20, 12, seed=2)]
     bufs = [torch.zeros(12, 20), torch.zeros(20, 12)]
     torch.library.opcheck(torch.ops.muon_kernels.fused_momentum.default,
-                          (grads, bufs, torch.tensor([0.9, 0.95]), *layout, torch.empty(2, 12, 20), True, True))
+                          (grads, bufs, torch.tensor([0.9, 0.1, 0.95, 0.05]), *layout, torch.empty(2, 12, 20), True, True))
     params = [_randn(12, 20, seed=3), _randn(20, 12, seed=4)]
     torch.library.opcheck(torch.ops.muon_kernels.fused_apply_update.default,
                           (params, torch.tensor([-0.01, -0.02]), torch.tensor([0.999, 1.0]), *layout,

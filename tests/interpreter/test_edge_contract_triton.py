@@ -1,0 +1,78 @@
+"""The edge contract on the Triton kernels (CPU interpreter): extreme gradient scales in both
+Newton–Schulz paths, torch's rounding of the EMA weight, torch's lerp branch for negative weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import muon_kernels as mk
+from muon_kernels.ns_config import resolve_ns_config
+from muon_kernels.triton_kernels.fused_update import _lerp
+from muon_kernels.triton_kernels.newton_schulz import newton_schulz, normalize
+from muon_kernels.triton_kernels.small_newton_schulz import small_newton_schulz
+from oracles import reference_ns, rel_err
+
+FP32_TOL = 1e-4
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("path", ["symmetric", "small"])
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e30])
+@pytest.mark.parametrize("shape", [(2, 1, 3), (1, 1, 1), (2, 37, 70)])
+def test_extreme_scales_orthogonalize_like_unit_ones(shape, scale, storage, path):
+    G = (_randn(*shape) * scale).to(storage)
+    config = resolve_ns_config("keller", 5, 0.0)
+    run = newton_schulz if path == "symmetric" else small_newton_schulz
+    out = run(G, config, torch.float32)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference_ns(G.double(), eps=0.0)) <= FP32_TOL
+
+
+def test_huge_and_tiny_norms_are_exact_to_fp32_rounding():
+    config = resolve_ns_config("keller", 0, 0.0)
+    for scale in (1e-38, 1e-30, 1.0, 1e30, 1e37):
+        G = (_randn(3, 70, 300, seed=1) * scale).float()
+        out = normalize(G, config, torch.float32)
+        exact = G.double() / G.double().norm(dim=(-2, -1), keepdim=True)
+        assert rel_err(out, exact) <= 4 * 2.0**-24, scale
+
+
+def test_public_api_with_eps_zero_and_a_1e_minus_30_gradient():
+    out = mk.orthogonalize(torch.randn(1, 3) * 1e-30, eps=0.0, ns_dtype=torch.float32, backend="triton")
+    assert torch.isfinite(out).all() and out.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("momentum", [0.95, 0.9, 0.37])
+def test_fused_ema_momentum_rounds_like_torch_bit_for_bit(momentum, nesterov):
+    buffers = {}
+    for backend in ("torch", "triton"):
+        p = torch.nn.Parameter(torch.zeros(24, 40))
+        opt = mk.Muon([p], backend=backend, momentum=momentum, nesterov=nesterov, ns_dtype=torch.float32, ns_steps=1)
+        for step in range(3):
+            p.grad = torch.ones(24, 40) if step == 0 else _randn(24, 40, seed=step).float()
+            opt.step()
+        buffers[backend] = opt.state[p]["momentum_buffer"]
+    assert torch.equal(buffers["triton"], buffers["torch"])
+
+
+@triton.jit
+def _lerp_kernel(A, B, W, Out, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Out + i, _lerp(tl.load(A + i), tl.load(B + i), tl.load(W + i), EMULATE_RN=True))
+
+
+def test_lerp_switches_formula_at_absolute_weight_one_half_like_torch():
+    n = 64
+    a, b = _randn(n, seed=1).float() * 3, _randn(n, seed=2).float() * 3
+    w = torch.linspace(-2.0, 2.0, n)
+    out = torch.empty(n)
+    _lerp_kernel[(1,)](a, b, w, out, N=n)
+    assert torch.equal(out, torch.lerp(a, b, w))
