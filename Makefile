@@ -18,17 +18,21 @@ ifeq ($(HOST_HAS_TORCH),yes)
 PY := $(PYTHON)
 ENV_DEPS :=
 OLD_TRITON_ENV :=
-EXTRAS := test
+# A host environment (a user's CUDA setup, the offline GPU machine) keeps the packages it has:
+# nothing is resolved or downloaded. make test then needs pytest and scipy there (hypothesis too,
+# or the property tests are skipped).
+INSTALL_SPEC := --no-deps .
 else
 PY := $(CURDIR)/.venv/bin/python
 ENV_DEPS := .venv/.torch-installed
 OLD_TRITON_ENV := .venv-triton-old/.installed-$(TRITON_OLD)
-# The experiments extra (scikit-learn, matplotlib) is installed where we may download; an offline
-# host environment keeps what it has.
-EXTRAS := test,bench,experiments
+INSTALL_SPEC := ".[test,bench,experiments]"
 endif
+# make gpu-check: where its results go, and its whole time budget (tests + bench) in minutes.
+OUT ?= gpu-check
+GPU_CHECK_MINUTES ?= 8.5
 
-.PHONY: bench test test-old-triton reproduce wheel install build-tools clean
+.PHONY: bench test test-old-triton reproduce wheel install build-tools clean gpu-check
 
 .venv/.torch-installed:
 	$(PYTHON) -m venv .venv
@@ -41,7 +45,7 @@ build-tools: $(ENV_DEPS)
 	@command -v ninja >/dev/null || $(PY) -m pip install --quiet ninja
 
 install: build-tools
-	$(PY) -m pip install --quiet --no-build-isolation ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-build-isolation $(INSTALL_SPEC)
 
 # triton 3.6's interpreter converts 1-element arrays with int(), which numpy >= 2.4 refuses.
 .venv-triton-old/.installed-$(TRITON_OLD):
@@ -56,7 +60,17 @@ ifneq ($(OLD_TRITON_ENV),)
 endif
 
 test: install test-old-triton
+	@$(PY) -c "import pytest, scipy" 2>/dev/null || { echo "make test needs pytest and scipy in $(PY)'s environment (pip install pytest scipy hypothesis)"; exit 2; }
 	cd tests && $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# One prepared command for a lent GPU (README, GPU section): _C built for this device's arch only,
+# tests/gpu with NaN-filled work buffers and compute-sanitizer, the budgeted bench, a summary in $(OUT).
+gpu-check: build-tools
+	@arch=$$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '.[:space:]'); \
+	if [ -z "$$arch" ]; then echo "make gpu-check needs an NVIDIA GPU (nvidia-smi found none)"; exit 2; fi; \
+	echo "building _C for sm_$$arch"; \
+	MUON_KERNELS_CUDA_ARCHS=$$arch $(PY) -m pip install --quiet --no-build-isolation $(INSTALL_SPEC)
+	$(PY) bench/gpu_check.py --out "$(OUT)" --minutes $(GPU_CHECK_MINUTES)
 
 bench: install
 	cd bench && $(PY) run.py $(BENCH_ARGS)
@@ -69,4 +83,4 @@ wheel: build-tools
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
 
 clean:
-	rm -rf build dist *.egg-info .venv .venv-triton-old
+	rm -rf build dist *.egg-info .venv .venv-triton-old gpu-check

@@ -130,11 +130,13 @@ def points(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
     return [(m, n, b) for (m, n) in shapes for b in batches if naive_flops(m, n, b) <= MAX_CALL_FLOPS]
 
 
-def run(device: torch.device, *, quick: bool, warmup: int, repeat: int, progress) -> tuple[list[dict], list[str]]:
+def run(device: torch.device, *, quick: bool, warmup: int, repeat: int, progress,
+        todo: list[tuple[int, int, int]] | None = None) -> tuple[list[dict], list[str]]:
+    """Every (m, n, batch) of ``todo`` (default: the whole sweep, ``points``) for every implementation."""
     impls, notes = implementations(device)
     flush = _flush_l2(device)
     rows = []
-    todo = points(device, quick)
+    todo = points(device, quick) if todo is None else todo
     peaks: dict[tuple[int, int], float] = {}
     for i, (m, n, batch) in enumerate(todo):
         g = torch.Generator(device="cpu").manual_seed(m * 7919 + n * 31 + batch)

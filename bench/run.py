@@ -6,6 +6,13 @@ with matplotlib installed, PNG plots beside it (bench/plots.py). On a CPU it is 
 (``quick: true``): small shapes, widths divided by 8, wall-clock medians.
 
     python bench/run.py [--sections ns update step] [--models gpt2-small ...] [--repeat N] [--quick]
+                        [--budget-minutes M]
+
+Work runs in a fixed priority order (``work_plan``): the GPT-2 small step, the NS points the GPU
+targets name (4096², 1024×4096, 48 × 768²), the LLaMA-1B step, the update section, then the rest
+of the sweep. The JSON is rewritten after every item, so it is valid whenever the run stops; with
+``--budget-minutes`` no new item starts once the budget is spent, and the JSON says what was
+skipped (``complete: false``, ``skipped``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,40 @@ from common import MODELS, RESULTS_DIR, environment, table, write_results
 
 SECTIONS = ("ns", "update", "step")
 GPU_MODELS = ["gpt2-small", "gpt2-medium", "gpt2-xl", "llama-1b", "llama-7b"]
+# What a short GPU session must bring back first (bench/targets.json names them): oriented (m, n, batch).
+PRIORITY_NS_POINTS = [(4096, 4096, 1), (1024, 4096, 1), (768, 768, 48)]
+PRIORITY_MODELS = ["gpt2-small", "llama-1b"]
+
+
+class Budget:
+    """Wall-clock budget for starting work items; ``clock`` is injectable for tests."""
+
+    def __init__(self, minutes: float | None, clock=time.monotonic):
+        self.clock = clock
+        self.deadline = None if minutes is None else clock() + 60.0 * minutes
+
+    def spent(self) -> bool:
+        return self.deadline is not None and self.clock() >= self.deadline
+
+
+def work_plan(device: torch.device, sections, models: list[str], quick: bool) -> list[tuple[str, object]]:
+    """(section, what) items in priority order; each runs on its own and leaves a valid result."""
+    items: list[tuple[str, object]] = []
+    step_models = [m for m in models if "step" in sections]
+    ns_points = newton_schulz.points(device, quick) if "ns" in sections else []
+    first_ns = [p for p in PRIORITY_NS_POINTS if device.type == "cuda" and "ns" in sections]
+    for model in PRIORITY_MODELS[:1]:
+        if model in step_models:
+            items.append(("step", model))
+    items += [("ns", p) for p in first_ns]
+    for model in PRIORITY_MODELS[1:]:
+        if model in step_models:
+            items.append(("step", model))
+    if "update" in sections:
+        items += [("update", m) for m in models]
+    items += [("ns", p) for p in ns_points if p not in first_ns]
+    items += [("step", m) for m in step_models if m not in PRIORITY_MODELS]
+    return items
 
 
 class Progress:
@@ -61,7 +102,7 @@ def _ns_table(rows, speedups) -> str:
     return table(out, ["shape", "batch", *impls, "ours vs best reference", "bf16 mm TF"])
 
 
-def main(argv=None) -> int:
+def main(argv=None, clock=time.monotonic) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS),
@@ -70,6 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer points and repetitions (always on for a CPU)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the JSON and plots go")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="start no new item after this many minutes (the JSON lists what was skipped)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,20 +128,32 @@ def main(argv=None) -> int:
 
     progress = Progress()
     result = {**env, "quick": quick, "ns": [], "ns_speedups": [], "update": [], "step": [], "step_speedups": [],
-              "notes": []}
-    if "ns" in args.sections:
-        result["ns"], notes = newton_schulz.run(device, quick=quick, warmup=warmup, repeat=repeat, progress=progress)
-        result["ns_speedups"] = newton_schulz.speedups(result["ns"])
-        result["notes"] += notes
-    if "update" in args.sections:
-        for model in models:
-            result["update"] += update.run(device, model=model, width_divisor=width_divisor, warmup=warmup,
+              "notes": [], "budget_minutes": args.budget_minutes, "complete": False, "skipped": []}
+    budget = Budget(args.budget_minutes, clock)
+    path = None
+    for section, what in work_plan(device, args.sections, models, quick):
+        if budget.spent():
+            result["skipped"].append([section, list(what) if isinstance(what, tuple) else what])
+            continue
+        if section == "ns":
+            rows, notes = newton_schulz.run(device, quick=quick, warmup=warmup, repeat=repeat, progress=progress,
+                                            todo=[what])
+            result["ns"] += rows
+            result["ns_speedups"] = newton_schulz.speedups(result["ns"])
+            result["notes"] += [n for n in notes if n not in result["notes"]]
+        elif section == "update":
+            result["update"] += update.run(device, model=what, width_divisor=width_divisor, warmup=warmup,
                                            repeat=repeat, progress=progress)
-    if "step" in args.sections:
-        result["step"] = step.run(device, models=models, width_divisor=width_divisor, quick=quick, warmup=warmup,
-                                  repeat=repeat, progress=progress)
-        result["step_speedups"] = step.speedups(result["step"])
+        else:
+            result["step"] += step.run(device, models=[what], width_divisor=width_divisor, quick=quick, warmup=warmup,
+                                       repeat=repeat, progress=progress)
+            result["step_speedups"] = step.speedups(result["step"])
+        path = write_results(result, args.out_dir)  # valid JSON after every item
+    result["complete"] = not result["skipped"]
     progress.done()
+    if result["skipped"]:
+        print(f"budget of {args.budget_minutes} min spent: skipped {len(result['skipped'])} items "
+              f"(listed under 'skipped' in the JSON)")
 
     if result["ns"]:
         print("\nNewton–Schulz (5 keller steps, bf16 iteration; TF = effective TFLOP/s, naive FLOPs)")

@@ -52,6 +52,7 @@ class Row:
     config: str
     is_matmul: bool
     tensor_core_instructions: int
+    warpgroup_mma_instructions: int  # Hopper's HGMMA alone (wgmma), a subset of the above
     shared_bytes: int
     registers: int
     spills: int
@@ -85,8 +86,8 @@ def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, 
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": kcfg.FP_FUSION})
 
 
-def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int]:
-    """(tensor-core instruction count, registers, spilled bytes) from cuobjdump."""
+def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int, int]:
+    """(tensor-core instruction count, HGMMA count, registers, spilled bytes) from cuobjdump."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "kernel.cubin")
         path.write_bytes(cubin)
@@ -94,9 +95,10 @@ def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int]:
         usage = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
     tensor_core = sum(len(re.findall(rf"\b{op}\b", sass)) for op in TENSOR_CORE_OPCODES[arch])
+    warpgroup = len(re.findall(r"\bHGMMA\b", sass))
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     spills = int(re.search(r"STACK:(\d+)", usage).group(1))
-    return tensor_core, registers, spills
+    return tensor_core, warpgroup, registers, spills
 
 
 @triton.jit
@@ -187,8 +189,9 @@ def report(arch: int) -> list[Row]:
     rows = []
     for name, fn, args, consts, label, dtype, warps, stages, is_matmul, tensor_cores in kernel_cases(arch):
         compiled = compile_kernel(fn, args, consts, arch, warps, stages)
-        count, registers, spills = inspect_cubin(compiled.asm["cubin"], arch)
-        rows.append(Row(name, arch, dtype, label, is_matmul, count, compiled.metadata.shared, registers, spills, tensor_cores))
+        count, warpgroup, registers, spills = inspect_cubin(compiled.asm["cubin"], arch)
+        rows.append(Row(name, arch, dtype, label, is_matmul, count, warpgroup, compiled.metadata.shared, registers,
+                        spills, tensor_cores))
     return rows
 
 
@@ -202,7 +205,8 @@ def main(argv=None) -> int:
         for row in rows:
             print(json.dumps(asdict(row)))
         return 0
-    cols = ["name", "arch", "dtype", "config", "is_matmul", "tensor_core_instructions", "shared_bytes", "registers", "spills"]
+    cols = ["name", "arch", "dtype", "config", "is_matmul", "tensor_core_instructions", "warpgroup_mma_instructions",
+            "shared_bytes", "registers", "spills"]
     cells = [[str(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

@@ -43,11 +43,15 @@ struct TensorCoreTiles {
   static constexpr int kWarpsM = 2, kWarpsN = 4;
   static constexpr int kStages = PATH == CodePath::kSm80 ? 3 : 2;
   static constexpr bool kAsync = PATH == CodePath::kSm80;
+  // 0: no occupancy hint (a hint of 1 lets ptxas take 255 registers, and it then spills).
+  static constexpr int kMinBlocksPerSM = 0;
 };
 // fp32 (ieee) runs on the FMA units: 16×16 threads, each an 8×8 register tile of a 128×128 block.
+// Two 256-thread blocks per SM cap it at 128 registers per thread (65536 / 512): without the cap
+// ptxas used 129 on sm_80, one too many for a second block.
 struct SimtTiles {
   static constexpr int kBlockM = 128, kBlockN = 128, kBlockK = 8;
-  static constexpr int kThreads = 256, kPerThread = 8;
+  static constexpr int kThreads = 256, kPerThread = 8, kMinBlocksPerSM = 2;
 };
 static_assert(kPad % TensorCoreTiles<CodePath::kSm80>::kBlockM == 0 && kPad % SimtTiles::kBlockM == 0,
               "kPad must be a multiple of every tile edge");
@@ -59,20 +63,22 @@ constexpr int64_t kMaxGridY = 65535;
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+  // "memory": the compiler must not move shared-memory accesses across the copy, the commit or the
+  // wait (ordering must not rest on the surrounding barriers alone).
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
 #else
   __trap();  // never launched: the host picks the sm75 path below sm_80
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 

@@ -21,6 +21,7 @@ struct TensorCoreGemm {
   static constexpr int BM = Tiles::kBlockM, BN = Tiles::kBlockN, BK = Tiles::kBlockK;
   static constexpr int kWarps = Tiles::kWarpsM * Tiles::kWarpsN;
   static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kMinBlocksPerSM = Tiles::kMinBlocksPerSM;
   // Rows in shared memory are padded by 16 bytes: every row stays 16-byte aligned for cp.async,
   // every 16th row 32-byte aligned for wmma loads, and consecutive rows start in other banks.
   static constexpr int kSkew = 16 / sizeof(T);
@@ -178,6 +179,7 @@ template <bool B_KMAJOR>
 struct SimtGemm {
   static constexpr int BM = SimtTiles::kBlockM, BN = SimtTiles::kBlockN, BK = SimtTiles::kBlockK;
   static constexpr int kThreads = SimtTiles::kThreads, TM = SimtTiles::kPerThread;
+  static constexpr int kMinBlocksPerSM = SimtTiles::kMinBlocksPerSM;
   static constexpr int LDS = BM + 4;  // shared rows are k-major: [k][m] and [k][n]
   static constexpr int kStage = BK * LDS;
   static constexpr int kSmemBytes = 2 * 2 * kStage * static_cast<int>(sizeof(float));
@@ -193,11 +195,16 @@ struct SimtGemm {
     // This thread's copies: A (and K-major B) rows r, k offsets q..q+3; N-major B row rb, cols qb..qb+3.
     const int r = tid / 2, q = (tid % 2) * 4, rb = tid / 32, qb = (tid % 32) * 4;
     float4 ra, rbv;
-    auto load = [&](int kt) {
-      const int64_t k0 = int64_t(kt) * BK;
-      ra = *reinterpret_cast<const float4*>(a + r * lda + k0 + q);
-      rbv = B_KMAJOR ? *reinterpret_cast<const float4*>(b + r * ldb + k0 + q)
-                     : *reinterpret_cast<const float4*>(b + (k0 + rb) * ldb + qb);
+    // Source pointers advance by one k tile per load, so the loop keeps two pointers and one step
+    // live instead of re-deriving 64-bit offsets from lda/ldb (registers are the limit here).
+    const float* a_src = a + r * lda + q;
+    const float* b_src = B_KMAJOR ? b + r * ldb + q : b + rb * ldb + qb;
+    const int64_t b_step = B_KMAJOR ? BK : BK * ldb;
+    auto load = [&]() {
+      ra = *reinterpret_cast<const float4*>(a_src);
+      rbv = *reinterpret_cast<const float4*>(b_src);
+      a_src += BK;
+      b_src += b_step;
     };
     auto store = [&](int s) {
       float* as = As + s * kStage;
@@ -217,11 +224,11 @@ struct SimtGemm {
     };
     float acc[TM][TM] = {};
     const int ktiles = static_cast<int>(k / BK);
-    load(0);
+    load();
     store(0);
     __syncthreads();
     for (int kt = 0; kt < ktiles; ++kt) {
-      if (kt + 1 < ktiles) load(kt + 1);
+      if (kt + 1 < ktiles) load();
       const float* as = As + (kt % 2) * kStage;
       const float* bs = Bs + (kt % 2) * kStage;
 #pragma unroll

@@ -2,6 +2,8 @@
 // b·A + c·A·A kernel (upper-triangle tiles, mirrored store), the a·X + B·X kernel, and the host
 // driver that runs the recurrence with launches only (no allocation, no synchronization).
 #include <algorithm>
+#include <mutex>
+#include <set>
 #include <string>
 #include <utility>
 
@@ -166,7 +168,7 @@ __device__ __forceinline__ void triangular_tile(int64_t t, int64_t& ti, int64_t&
 }
 
 template <typename T, CodePath PATH>
-__global__ void __launch_bounds__(GemmFor<T, PATH, true>::type::kThreads)
+__global__ void __launch_bounds__(GemmFor<T, PATH, true>::type::kThreads, GemmFor<T, PATH, true>::type::kMinBlocksPerSM)
     symmetric_matmul_kernel(SymmetricMatmulParams p, int64_t batch_offset) {
   if constexpr (arch_supports<T, PATH>()) {
     using Gemm = typename GemmFor<T, PATH, true>::type;
@@ -184,7 +186,8 @@ __global__ void __launch_bounds__(GemmFor<T, PATH, true>::type::kThreads)
 }
 
 template <typename T, typename OutT, CodePath PATH>
-__global__ void __launch_bounds__(GemmFor<T, PATH, false>::type::kThreads)
+__global__ void __launch_bounds__(GemmFor<T, PATH, false>::type::kThreads,
+                                  GemmFor<T, PATH, false>::type::kMinBlocksPerSM)
     ns_update_kernel(NsUpdateParams p, int64_t batch_offset) {
   if constexpr (arch_supports<T, PATH>()) {
     using Gemm = typename GemmFor<T, PATH, false>::type;
@@ -241,10 +244,20 @@ void require_path(CodePath path, DType dtype, const char* what) {
   }
 }
 
+// Opting a kernel into more than 48 KB of dynamic shared memory is a per-(function, device)
+// attribute: set it once for each, not before every launch.
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, int bytes, const char* what) {
   if (bytes <= 48 * 1024) return;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) check_launch(what);
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (done.count(key)) return;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess) check_launch(what);
+  done.insert(key);
 }
 
 // Launches kernel over grid.x blocks per matrix, the batch split into grid.y-sized pieces.

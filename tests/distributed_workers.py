@@ -7,6 +7,7 @@ Each worker joins a gloo group, runs one scenario and saves what the test checks
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import traceback
 
@@ -253,5 +254,13 @@ def run_scenario(rank, world, port, scenario, ns_dtype, out):
     except Exception:  # saved for the test to show, instead of a bare non-zero exit
         result = {"crash": traceback.format_exc()}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    # A scenario's DDP wrapper sits in reference cycles (its hooks close over it), so it and the
+    # reference it holds to the gloo process group would otherwise die in the interpreter's final
+    # collection, after destroy_process_group: the group's worker threads are then destroyed
+    # while joinable, std::terminate, SIGABRT ("terminate called without an active exception"),
+    # a rare failure of whichever test's rank happened to exit that way. Collect them now, while
+    # the group is alive, then tear it down after every rank is done with it.
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    gc.collect()

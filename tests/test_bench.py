@@ -108,3 +108,120 @@ def test_crossover_table_reaches_the_dispatcher(tmp_path, monkeypatch):
                                                  "conservative default, no measurement committed for this GPU")
     finally:
         backends._crossover_table.cache_clear()
+
+
+# ---------------------------------------------------------------- budgeted runs and make gpu-check
+def test_work_plan_puts_the_gpu_targets_first():
+    import torch
+
+    import run
+
+    plan = run.work_plan(torch.device("cuda"), run.SECTIONS, run.GPU_MODELS, quick=True)
+    assert plan[:5] == [("step", "gpt2-small"), ("ns", (4096, 4096, 1)), ("ns", (1024, 4096, 1)),
+                        ("ns", (768, 768, 48)), ("step", "llama-1b")]
+    assert len(plan) == len(set(plan))  # nothing twice
+    assert {m for s, m in plan if s == "step"} == set(run.GPU_MODELS)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_budget_stops_cleanly_with_a_valid_json(tmp_path, monkeypatch):
+    import run
+
+    clock = FakeClock()
+    done = []
+
+    def fake_ns(device, *, todo, **kw):
+        done.append(("ns", todo[0]))
+        clock.now += 60.0
+        m, n, b = todo[0]
+        return [{"shape": [m, n], "batch": b, "impl": impl, "ms": ms, "samples": [ms], "tflops": 1.0 / ms,
+                 "mm_peak_tflops": 2.0, "fraction_of_peak": 0.5 / ms}
+                for impl, ms in (("ours-torch", 1.0), ("cublas-recurrence", 2.0))], []
+
+    def fake_step(device, *, models, **kw):
+        done.append(("step", models[0]))
+        clock.now += 60.0
+        return [{"model": models[0], "impl": impl, "ms": ms, "width_divisor": 8, "layers": 12, "layers_run": 12,
+                 "extra_memory_bytes": None, "samples": [ms]} for impl, ms in (("torch.optim.Muon", 3.0),
+                                                                               ("ours-torch", 1.0))]
+
+    monkeypatch.setattr(run.newton_schulz, "run", fake_ns)
+    monkeypatch.setattr(run.step, "run", fake_step)
+    monkeypatch.setattr(run.update, "run", lambda *a, **k: pytest.fail("update is not in this run's sections"))
+    monkeypatch.setitem(sys.modules, "plots", type(sys)("plots"))  # no drawing of fake numbers
+    sys.modules["plots"].draw = lambda result, stem: []
+    argv = ["--sections", "ns", "step", "--out-dir", str(tmp_path), "--budget-minutes", "2.5"]
+    assert run.main(argv, clock=clock) == 0
+    assert len(done) == 3  # started at 0, 60 and 120 s; none at 180 s
+    [path] = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["complete"] is False and result["budget_minutes"] == 2.5
+    assert result["skipped"] and all(item[0] in ("ns", "step") for item in result["skipped"])
+    assert [r["impl"] for r in result["step"]] == ["torch.optim.Muon", "ours-torch"]
+    assert result["step_speedups"] == [{"model": "gpt2-small", "impl": "ours-torch", "speedup": 3.0}]
+
+
+def test_targets_parse_and_measure():
+    import gpu_check
+
+    targets = gpu_check.load_targets()
+    assert {t["kind"] for t in targets} == set(gpu_check.TARGET_KINDS)
+    result = {
+        "step_speedups": [{"model": "gpt2-small", "impl": "ours-triton", "speedup": 3.4},
+                          {"model": "gpt2-small", "impl": "ours-torch", "speedup": 1.1}],
+        "ns": [{"shape": [4096, 4096], "batch": 1, "impl": "cublas-recurrence", "ms": 13.0},
+               {"shape": [4096, 4096], "batch": 1, "impl": "ours-triton", "ms": 10.0}],
+        "update": [{"model": "gpt2-small", "impl": "ours-triton", "fraction_of_copy": 0.7}],
+    }
+    measured = {t["name"]: gpu_check.measure(t, result) for t in targets}
+    by_kind = {t["kind"] + t.get("model", ""): measured[t["name"]] for t in targets}
+    assert by_kind["step_speedupgpt2-small"] == (3.4, "ours-triton")
+    assert by_kind["step_speedupllama-1b"] == (None, "not measured")
+    assert by_kind["ns_speedup"] == (pytest.approx(1.3), "ours-triton")
+    assert by_kind["update_fractiongpt2-small"] == (0.7, "ours-triton")
+
+
+def test_bad_target_list_is_refused(tmp_path):
+    import gpu_check
+
+    bad = tmp_path / "targets.json"
+    bad.write_text(json.dumps({"targets": [{"name": "x", "kind": "ns_speedup", "min": 1.0}]}))
+    with pytest.raises(ValueError, match="lacks"):
+        gpu_check.load_targets(bad)
+
+
+def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
+    import gpu_check
+
+    clock = FakeClock()
+    calls = []
+
+    def runner(cmd, log, timeout, env):
+        calls.append((cmd, timeout, env.get("MUON_KERNELS_DEBUG_FILL")))
+        clock.now += 100.0
+        if "pytest" in cmd:
+            (tmp_path / "pytest-gpu.xml").write_text(
+                '<testsuites><testsuite tests="5" failures="1" errors="0" skipped="1"/></testsuites>')
+        else:
+            (tmp_path / "nvidia-h200-2026-12-03-abc.json").write_text(json.dumps(
+                {"device": "NVIDIA H200", "complete": False, "skipped": [["step", "gpt2-xl"]],
+                 "step_speedups": [{"model": "gpt2-small", "impl": "ours-triton", "speedup": 3.2}]}))
+        log.write_text("log")
+        return 0
+
+    assert gpu_check.main(["--out", str(tmp_path), "--minutes", "8"], runner=runner, clock=clock) == 0
+    (tests_cmd, tests_timeout, fill), (bench_cmd, bench_timeout, bench_fill) = calls
+    assert "tests/gpu" in tests_cmd and fill == "nan" and tests_timeout == pytest.approx(0.45 * 480)
+    assert bench_fill is None  # timings without the debug fill
+    budget = float(bench_cmd[bench_cmd.index("--budget-minutes") + 1])
+    assert budget == pytest.approx((480 - 100) / 60 - 1.5, abs=0.01)
+    text = (tmp_path / "summary.md").read_text()
+    assert "5 tests, 1 failures, 0 errors, 1 skipped" in text
+    assert "| 3.2 | ours-triton | met |" in text and "not measured" in text

@@ -108,9 +108,9 @@ def test_sass_runs_16_bit_matmuls_on_tensor_cores_for_every_arch():
 
 @pytest.fixture(scope="module")
 def ptxas_report(tmp_path_factory) -> str:
-    """nvcc --resource-usage for the oldest and newest default archs (one compile, both archs)."""
+    """nvcc --resource-usage for the oldest, the cp.async and the newest default archs (one compile)."""
     out = tmp_path_factory.mktemp("ptxas") / "newton_schulz.o"
-    archs = ("75", "90")
+    archs = ("75", "80", "90")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     result = subprocess.run([NVCC, "-std=c++17", "-O3", "--resource-usage", *gencode, "-c",
                              str(CSRC / "newton_schulz.cu"), "-o", str(out)], capture_output=True, text=True)
@@ -127,14 +127,26 @@ def test_ptxas_reports_no_spills_and_bounded_shared_memory_for_the_matmul_kernel
                          r"(\d+) bytes spill loads\n.*?Used (\d+) registers(.*?)\n", ptxas_report)
     matmuls = [e for e in entries if _family(e[0]) in MATMUL_KERNELS]
     # Per arch: fp32 + fp16 and bf16 instantiations of both kernels (trap stubs included on sm_75).
-    assert {e[1] for e in matmuls} == {"75", "90"}
-    assert len(matmuls) == 2 * 10  # per arch: 4 symmetric and 6 update instantiations
+    assert {e[1] for e in matmuls} == {"75", "80", "90"}
+    assert len(matmuls) == 3 * 10  # per arch: 4 symmetric and 6 update instantiations
     for symbol, arch, frame, spill_st, spill_ld, regs, rest in matmuls:
         assert (int(frame), int(spill_st), int(spill_ld)) == (0, 0, 0), f"sm_{arch} {symbol} spills"
         assert int(regs) <= 255
+        if _operand(symbol) == "fp32":  # the SIMT kernels run two 256-thread blocks per SM: 128 registers
+            assert int(regs) <= 128, f"sm_{arch} {symbol}: {regs} registers > 128"
         smem = re.search(r"(\d+) bytes smem", rest)
         # Dynamic shared memory (the pipeline stages) is not in this number; static use stays small.
         assert smem is None or int(smem.group(1)) <= 48 * 1024
+
+
+def test_inline_cp_async_asm_clobbers_memory():
+    """Shared-memory accesses must not be reordered across cp.async / commit / wait by the compiler."""
+    source = (CSRC / "common.cuh").read_text()
+    statements = re.findall(r'asm volatile\((".*?)\);', source, flags=re.S)
+    cp_async = [s for s in statements if "cp.async" in s]
+    assert len(cp_async) == 3
+    for statement in cp_async:
+        assert statement.rstrip().endswith('"memory"'), statement
 
 
 def _operand(name: str) -> str:

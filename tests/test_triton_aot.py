@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,10 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
     # Hopper runs the 16-bit products on warpgroup MMA, Blackwell (sm_100) on tcgen05.
     if arch in (90, 100):
         assert all(r.tensor_core_instructions > 0 for r in rows if r.is_matmul and r.dtype in ("bf16", "fp16"))
+    if arch == 90:  # HMMA (mma.sync) would also count above: the large configs must be on HGMMA (wgmma)
+        large = [r for r in rows if r.is_matmul and r.dtype in ("bf16", "fp16") and r.config.startswith("large16")]
+        assert large and all(r.warpgroup_mma_instructions > 0 for r in large), \
+            [(r.name, r.dtype) for r in large if not r.warpgroup_mma_instructions]
 
 
 def test_sass_report_cli_prints_json_rows():
@@ -49,5 +54,51 @@ def test_sass_report_cli_prints_json_rows():
     rows = [json.loads(line) for line in run.stdout.splitlines()]
     assert rows
     for row in rows:
-        assert {"name", "arch", "dtype", "config", "is_matmul", "tensor_core_instructions", "shared_bytes",
+        assert {"name", "arch", "dtype", "config", "is_matmul", "tensor_core_instructions",
+                "warpgroup_mma_instructions", "shared_bytes",
                 "registers", "spills"} <= set(row)
+
+
+# A 65536×32768 view: every stride and size fits int32, so Triton passes them as i32, and inside
+# one matrix row × stride reaches 2^31. The matmul kernels must form those products in int64.
+_HUGE = dict(M=65536, K=32768, N=32768)
+
+
+def _ttir(fn, args, consts):
+    return sass_report.compile_kernel(fn, args, consts, 90, 8, 3).asm["ttir"]
+
+
+def test_matmul_offsets_are_int64_for_a_65536x32768_view():
+    from muon_kernels.triton_kernels.newton_schulz import _ns_update_kernel
+    from muon_kernels.triton_kernels.symmetric_matmul import _symmetric_matmul_kernel
+
+    m, k = _HUGE["M"], _HUGE["K"]
+    common = dict(UPCAST=False, PRECISION="tf32")
+    symmetric = _ttir(_symmetric_matmul_kernel,
+                      dict(X="bf16", D="bf16", C="bf16", M=m, K=k, stride_xb=m * k, stride_xm=k, stride_xk=1,
+                           stride_db=m * m, stride_dm=m, stride_dn=1, stride_cb=m * m, stride_cm=m, stride_cn=1,
+                           alpha=1.0, beta=0.0),
+                      dict(HAS_D=True, BLOCK=128, BLOCK_K=64, **common))
+    update = _ttir(_ns_update_kernel,
+                   dict(B="bf16", X="bf16", Out="bf16", M=m, N=k, stride_bb=m * m, stride_bm=m, stride_bk=1,
+                        stride_xb=m * k, stride_xm=k, stride_xn=1, stride_ob=m * k, stride_om=k, stride_on=1, a=1.0),
+                      dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, **common))
+    for name, ttir in (("symmetric_matmul", symmetric), ("ns_update", update)):
+        # An index × stride product on an i32 tensor would wrap past 2^31 elements.
+        i32_products = re.findall(r"arith\.muli [^\n]*: tensor<[0-9x]+xi32>", ttir)
+        assert not i32_products, f"{name}: {i32_products[:3]}"
+        assert re.search(r"arith\.muli [^\n]*: tensor<[0-9x]+xi64>", ttir), f"{name}: no int64 index products"
+
+
+def test_normalization_divides_and_takes_square_roots_round_to_nearest():
+    from muon_kernels.triton_kernels.newton_schulz import _scale_cast_kernel
+
+    r, c = 1024, 4096
+    tiles_c = c // 256
+    ptx = sass_report.compile_kernel(
+        _scale_cast_kernel,
+        dict(G="fp32", Partial="fp32", Out="bf16", R=r, C=c, tiles_c=tiles_c, tiles=(r // 64) * tiles_c,
+             stride_gb=r * c, stride_gr=c, stride_gc=1, norm_scale=1.0, norm_offset=0.0, floor=1e-7),
+        dict(BLOCK_R=64, BLOCK_C=256, BLOCK_P=1024), 90, 4, 1).asm["ptx"]
+    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
+    assert not re.search(r"sqrt\.approx|div\.full|div\.approx|rcp\.approx", ptx)

@@ -45,10 +45,25 @@ _DEEP = (80, 90, 100)  # room for three pipeline stages of 128×128×64 16-bit t
 _LARGE_16 = {arch: MatmulConfig(128, 128, 64, 8, 3 if arch in _DEEP else 2) for arch in ARCHS}
 _SMALL_16 = {arch: MatmulConfig(64, 64, 64, 4, 3 if arch in _DEEP else 2) for arch in ARCHS}
 # On sm_100/sm_120 the tf32 a·X + B·X kernel spills at 4 warps (8–16 bytes, Triton 3.6 and 3.9); 8 warps do not.
-_FP32 = {arch: MatmulConfig(64, 64, 16, 8 if arch >= 100 else 4, 2) for arch in ARCHS}
+# On sm_120 the ieee X·Xᵀ kernel with int64 row offsets spills 8 bytes with two stages; one does not.
+_FP32 = {arch: MatmulConfig(64, 64, 16, 8 if arch >= 100 else 4, 1 if arch == 120 else 2) for arch in ARCHS}
 # The interpreter runs programs one at a time on the CPU: small tiles exercise the multi-tile,
 # masked and mirrored paths on the small shapes the tests can afford.
 INTERPRETER_CONFIG = MatmulConfig(32, 32, 32, 4, 1, group_m=2)
+
+
+# CUDA's grid limits: axis 0 up to 2^31 - 1 blocks, axes 1 and 2 up to 65,535. Every launcher folds
+# its batch into axis 0, so only axis 0 can grow with the input; the interpreter enforces neither.
+GRID_X_MAX = 2**31 - 1
+GRID_YZ_MAX = 65535
+
+
+def checked_grid(programs: int, kernel: str) -> int:
+    """``programs`` for grid axis 0, or a clear error before a launch CUDA would refuse."""
+    if programs > GRID_X_MAX:
+        raise ValueError(f"{kernel}: {programs} programs exceed CUDA's grid limit of {GRID_X_MAX} on axis 0; "
+                         "lower max_workspace_bytes so the bucket runs in chunks")
+    return programs
 
 
 def is_interpreting() -> bool:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import FP_FUSION, is_interpreting
+from .config import FP_FUSION, checked_grid, is_interpreting
 
 BLOCK = 1024
 _BLOCK_INTERPRETER = 64
@@ -159,18 +159,32 @@ def make_layout(views, device: torch.device) -> Layout:
 
 # Device copies of pointer tables, keyed by (device, pointers). A table only holds numbers, so an
 # entry is never stale; reusing it means a step whose tensors did not move copies nothing to the
-# device, which is what CUDA-graph capture needs (no host-to-device copy may be captured).
+# device, which is what CUDA-graph capture needs (no host-to-device copy may be captured). Eager
+# steps whose gradients are reallocated every step (zero_grad(set_to_none=True)) make new tables,
+# so those live in a bounded LRU; a table used while a CUDA graph is being captured is pinned for
+# the life of the process instead, because the graph replays with its address baked in.
 _ADDRESS_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _ADDRESS_TABLES_MAX = 512
+_PINNED_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     key = (device, tuple(t.data_ptr() for t in tensors))
-    table = _ADDRESS_TABLES.get(key)
+    capturing = _capturing(device)
+    table = _PINNED_TABLES.get(key)
+    if table is None:
+        table = _ADDRESS_TABLES.get(key)
+        if table is not None:
+            _ADDRESS_TABLES.move_to_end(key)
     if table is not None:
-        _ADDRESS_TABLES.move_to_end(key)
+        if capturing:
+            _PINNED_TABLES[key] = table
         return table
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing:
         raise RuntimeError(
             "muon_kernels: a parameter, gradient or momentum buffer was reallocated since the last eager step, so its "
             "address table would have to be copied to the GPU during CUDA-graph capture; run one eager opt.step() with "
@@ -189,7 +203,7 @@ def fused_momentum(grads, bufs, momenta: torch.Tensor, layout: Layout, stack: to
     ``momenta``: fp32 device tensor, (μ, 1 - μ) per tensor."""
     device = stack.device
     layout = Layout(*layout)
-    _fused_momentum_kernel[(layout.chunk_tensor.numel(),)](
+    _fused_momentum_kernel[(checked_grid(layout.chunk_tensor.numel(), "fused_momentum"),)](
         _addresses(grads, device), _addresses(bufs, device), layout.meta, layout.numels, momenta,
         layout.chunk_tensor, layout.chunk_start, stack,
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BUF_DTYPE=_TL_DTYPES[bufs[0].dtype], EMA=ema, NESTEROV=nesterov,
@@ -203,7 +217,7 @@ def fused_apply_update(params, alphas: torch.Tensor, decays: torch.Tensor, layou
     a tensor lr, so a scheduler changing lr needs neither a recompile nor a host round trip)."""
     device = ortho.device
     layout = Layout(*layout)
-    _fused_apply_update_kernel[(layout.chunk_tensor.numel(),)](
+    _fused_apply_update_kernel[(checked_grid(layout.chunk_tensor.numel(), "fused_apply_update"),)](
         _addresses(params, device), layout.meta, layout.numels, alphas, decays,
         layout.chunk_tensor, layout.chunk_start, ortho,
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=_block(), EMULATE_RN=is_interpreting(),

@@ -12,9 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import workspace
 from ..ns_config import NSConfig
 from . import autotune
-from .config import FP_FUSION, MatmulConfig, is_interpreting, precision_for, upcast_for
+from .config import FP_FUSION, MatmulConfig, checked_grid, is_interpreting, precision_for, upcast_for
 from .symmetric_matmul import symmetric_matmul
 
 # Normalization tiles: 64×256 elements keep the per-matrix partial count small (an 8192² matrix
@@ -46,9 +47,12 @@ def _sum_squares_kernel(
 ):
     """Per tile: (s, Σ(x/s)²) with s a power of two near the tile's largest |x| — BLAS nrm2's scaled
     sum of squares, so no tile overflows (|x| up to fp32's max) or underflows (|x| down to 1e-38)."""
-    pid = tl.program_id(0).to(tl.int64)  # the batch is folded into axis 0: axis 1 stops at 65,535
+    # The batch is folded into axis 0 (axis 1 stops at 65,535). Program ids fit int32, so the
+    # division stays 32-bit (a 64-bit one is a called routine with a stack frame); offsets are int64.
+    pid = tl.program_id(0)
     batch = pid // tiles
-    t = pid - batch * tiles
+    t = (pid - batch * tiles).to(tl.int64)
+    batch = batch.to(tl.int64)
     rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
@@ -68,9 +72,10 @@ def _scale_cast_kernel(
     norm_scale, norm_offset, floor,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     batch = pid // tiles
-    t = pid - batch * tiles
+    t = (pid - batch * tiles).to(tl.int64)
+    batch = batch.to(tl.int64)
     # Every program of a matrix reduces the same partials in the same order: one norm per matrix,
     # bit-identical across programs and runs, with no atomics. The tiles' sums are rescaled to the
     # matrix's largest tile scale S (powers of two: exact), and the divisor stays in units of S.
@@ -111,10 +116,14 @@ def _ns_update_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Out = a·X + B·X with B (M×M), X (M×N); grouped tile order so B's row panels stay in L2."""
-    pid = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
+    # The batch is folded into grid axis 0 (axis 1 stops at 65,535 on a GPU); program ids fit int32,
+    # so this division stays 32-bit (a 64-bit one is a called routine with a stack frame).
+    pid = tl.program_id(0)
+    batch = pid // (tiles_m * tiles_n)
+    pid = pid - batch * tiles_m * tiles_n
+    batch = batch.to(tl.int64)
     per_group = GROUP_M * tiles_n
     first_m = (pid // per_group) * GROUP_M
     group_size = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -122,9 +131,10 @@ def _ns_update_kernel(
     pn = (pid % per_group) // group_size
     B += batch * stride_bb
     X += batch * stride_xb
-    rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
+    # int64 indices: row × stride passes 2^31 inside one large matrix.
+    rows = (pm * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pn * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, M, BLOCK_K):
         kk = k0 + ks
@@ -147,14 +157,14 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
     """``stack / max(norm_scale·‖stack‖_F + norm_offset, floor)`` per matrix into a new contiguous
     (k, m, n) tensor of ``ns_dtype``; ``stack`` may be any strided view (a transposed one included)."""
     k, r, c = stack.shape
-    out = torch.empty((k, r, c), dtype=ns_dtype, device=stack.device)
+    out = workspace.empty((k, r, c), dtype=ns_dtype, device=stack.device)
     if out.numel() == 0:
         return out
     br, bc = _NORM_TILE_INTERPRETER if is_interpreting() else _NORM_TILE
     tiles_c = triton.cdiv(c, bc)
     tiles = triton.cdiv(r, br) * tiles_c
-    partial = torch.empty((k, 2, tiles), dtype=torch.float32, device=stack.device)
-    grid = (tiles * k,)
+    partial = workspace.empty((k, 2, tiles), dtype=torch.float32, device=stack.device)
+    grid = (checked_grid(tiles * k, "normalize"),)
     _sum_squares_kernel[grid](stack, partial, r, c, tiles_c, tiles, *stack.stride(), BLOCK_R=br, BLOCK_C=bc,
                               enable_fp_fusion=FP_FUSION)
     _scale_cast_kernel[grid](
@@ -172,12 +182,12 @@ def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor |
     if B.shape != (k, m, m):
         raise ValueError(f"ns_update: B must be {(k, m, m)}, got {tuple(B.shape)}")
     if out is None:
-        out = torch.empty_like(X)
+        out = workspace.empty_like(X)
     if out.numel() == 0:
         return out
     cfg = config or autotune.choose("ns_update", X.device, X.dtype, m, n, m,
                                     lambda c: ns_update(B, X, a, config=c, fp32_precision=fp32_precision))
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k)
+    grid = (checked_grid(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) * k, "ns_update"),)
     _ns_update_kernel[grid](
         B, X, out, m, n, *B.stride(), *X.stride(), *out.stride(), float(a),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -193,9 +203,9 @@ def newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     if config.steps == 0 or X.numel() == 0:
         return X
     k, m, _ = X.shape
-    A = torch.empty((k, m, m), dtype=ns_dtype, device=X.device)
-    B = torch.empty_like(A)
-    Y = torch.empty_like(X)
+    A = workspace.empty((k, m, m), dtype=ns_dtype, device=X.device)
+    B = workspace.empty_like(A)
+    Y = workspace.empty_like(X)
     for a, b, c in config.coefficients:
         symmetric_matmul(X, out=A, fp32_precision=fp32_precision)
         symmetric_matmul(A, alpha=c, D=A, beta=b, out=B, fp32_precision=fp32_precision)

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import workspace
 from ..ns_config import NSConfig
-from .config import FP_FUSION, arch_of, is_interpreting, precision_for, upcast_for
+from .config import FP_FUSION, arch_of, checked_grid, is_interpreting, precision_for, upcast_for
 from .newton_schulz import normalize
 
 # Bytes of one padded matrix (BLOCK_M × BLOCK_N in the iteration dtype) that one program may hold:
@@ -77,6 +78,24 @@ def fits_device(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> 
     return fits(m, n, ns_dtype, arch_of(device.index if device.index is not None else torch.cuda.current_device()))
 
 
+# Device copies of coefficient tables, one per (device, coefficients): built on first use, so a
+# steady-state step copies nothing from the host (a pageable copy per call would also break
+# CUDA-graph capture). The key space is the presets and lists a program uses: a handful of entries.
+_COEFFICIENT_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _coefficient_table(coefficients: tuple, device: torch.device) -> torch.Tensor:
+    key = (device, coefficients)
+    table = _COEFFICIENT_TABLES.get(key)
+    if table is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("muon_kernels: new Newton–Schulz coefficients during CUDA-graph capture; run one "
+                               "eager opt.step() with the same settings before capturing")
+        table = torch.tensor(coefficients, dtype=torch.float32).to(device)
+        _COEFFICIENT_TABLES[key] = table
+    return table
+
+
 def small_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype,
                         fp32_precision: str = "ieee") -> torch.Tensor:
     """Newton–Schulz on a (k, m, n) stack (m <= n) of small matrices: 2 normalization launches and
@@ -85,10 +104,10 @@ def small_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.d
     k, m, n = X.shape
     if config.steps == 0 or X.numel() == 0:
         return X
-    coefficients = torch.tensor(config.coefficients, dtype=torch.float32).to(X.device, non_blocking=True)
-    out = torch.empty_like(X)
+    coefficients = _coefficient_table(config.coefficients, X.device)
+    out = workspace.empty_like(X)
     block_m, block_n = _blocks(m, n)
-    _small_newton_schulz_kernel[(k,)](
+    _small_newton_schulz_kernel[(checked_grid(k, "small_newton_schulz"),)](
         X, out, coefficients, m, n, config.steps,
         BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=upcast_for(X), PRECISION=precision_for(ns_dtype, fp32_precision),
         num_warps=num_warps(block_m, block_n), enable_fp_fusion=FP_FUSION,

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import workspace
 from . import autotune
-from .config import FP_FUSION, MatmulConfig, precision_for, upcast_for
+from .config import FP_FUSION, MatmulConfig, checked_grid, precision_for, upcast_for
 
 
 @triton.jit
@@ -41,13 +42,21 @@ def _symmetric_matmul_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    ti, tj = _triangle_coords(tl.program_id(0))
-    batch = tl.program_id(1).to(tl.int64)  # int64: batch × stride overflows int32 for big stacks
+    # The batch is folded into grid axis 0 (axis 1 stops at 65,535 on a GPU; the interpreter never says so).
+    # Program ids fit int32, so the division stays 32-bit (a 64-bit one is a called routine with a
+    # stack frame); the batch offset is int64: batch × stride overflows int32 for big stacks.
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(M, BLOCK)
+    per_matrix = tiles * (tiles + 1) // 2
+    batch = pid // per_matrix
+    ti, tj = _triangle_coords(pid - batch * per_matrix)
+    batch = batch.to(tl.int64)
     X += batch * stride_xb
     C += batch * stride_cb
-    rows_i = ti * BLOCK + tl.arange(0, BLOCK)
-    rows_j = tj * BLOCK + tl.arange(0, BLOCK)
-    ks = tl.arange(0, BLOCK_K)
+    # int64 row and column indices: row × stride passes 2^31 inside one large matrix (65536×32768).
+    rows_i = (ti * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    rows_j = (tj * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)  # a transposed view's k stride is a row stride
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + ks
@@ -92,7 +101,7 @@ def symmetric_matmul(
         raise ValueError(f"symmetric_matmul: X must be (batch, m, k), got shape {tuple(X.shape)}")
     batch, m, k = X.shape
     if out is None:
-        out = torch.empty((batch, m, m), dtype=X.dtype, device=X.device)
+        out = workspace.empty((batch, m, m), dtype=X.dtype, device=X.device)
     if D is not None and D.shape != (batch, m, m):
         raise ValueError(f"symmetric_matmul: D must be {(batch, m, m)}, got {tuple(D.shape)}")
     if batch == 0 or m == 0:
@@ -102,7 +111,7 @@ def symmetric_matmul(
         lambda c: symmetric_matmul(X, alpha=alpha, D=D, beta=beta, config=c, fp32_precision=fp32_precision))
     tiles = triton.cdiv(m, cfg.block_m)
     dummy = D if D is not None else out  # never read when HAS_D is False
-    _symmetric_matmul_kernel[(tiles * (tiles + 1) // 2, batch)](
+    _symmetric_matmul_kernel[(checked_grid(tiles * (tiles + 1) // 2 * batch, "symmetric_matmul"),)](
         X, dummy, out,
         m, k,
         *X.stride(), *dummy.stride(), *out.stride(),

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import _C
+from .. import _C, workspace
 from ..ns_config import NSConfig
 from . import torch_backend
 from .fused import fusable, momenta, update_scalars
@@ -112,7 +112,7 @@ def symmetric_matmul(x: torch.Tensor, *, alpha: float = 1.0, d: torch.Tensor | N
             raise ValueError(f"cuda backend: d must have shape {(x.shape[0], x.shape[1], x.shape[1])}, "
                              f"got {tuple(d.shape)}")
     k, m, n = x.shape
-    out = torch.empty((k, padded(m), padded(m)), dtype=x.dtype, device=x.device)
+    out = workspace.empty((k, padded(m), padded(m)), dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out[:, :m, :m]
     xp = _zero_padded(x, padded(m), padded(n))
@@ -130,7 +130,7 @@ def ns_update(b: torch.Tensor, x: torch.Tensor, a: float) -> torch.Tensor:
     k, m, n = x.shape
     if b.shape != (k, m, m):
         raise ValueError(f"cuda backend: b must have shape {(k, m, m)}, got {tuple(b.shape)}")
-    out = torch.empty((k, m, n), dtype=x.dtype, device=x.device)
+    out = workspace.empty((k, m, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     xp, bp = _zero_padded(x, padded(m), padded(n)), _zero_padded(b, padded(m), padded(m))
@@ -144,8 +144,8 @@ def ns_update(b: torch.Tensor, x: torch.Tensor, a: float) -> torch.Tensor:
 def _norm_workspace(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k, m, n = stack.shape
     tiles = -(-m // _C.NORM_TILE[0]) * -(-n // _C.NORM_TILE[1])
-    return (torch.empty((k, 2, tiles), dtype=torch.float32, device=stack.device),
-            torch.empty((k, 2), dtype=torch.float32, device=stack.device))
+    return (workspace.empty((k, 2, tiles), dtype=torch.float32, device=stack.device),
+            workspace.empty((k, 2), dtype=torch.float32, device=stack.device))
 
 
 def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
@@ -158,17 +158,17 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
     if ns_dtype not in DTYPE_CODES:
         raise ValueError(f"cuda backend: ns_dtype must be one of float32, float16, bfloat16, got {ns_dtype}")
     k, m, n = stack.shape
-    out = torch.empty((k, m, n), dtype=ns_dtype, device=stack.device)
+    out = workspace.empty((k, m, n), dtype=ns_dtype, device=stack.device)
     if out.numel() == 0:
         return out
     path = code_path(stack.device)
     work = work_dtype(ns_dtype, path)
     mp, np_ = padded(m), padded(n)
     steps = config.steps
-    x = torch.empty((k, mp, np_) if steps else (0,), dtype=work, device=stack.device)
-    y = torch.empty_like(x)
-    a = torch.empty((k, mp, mp) if steps else (0,), dtype=work, device=stack.device)
-    b = torch.empty_like(a)
+    x = workspace.empty((k, mp, np_) if steps else (0,), dtype=work, device=stack.device)
+    y = workspace.empty_like(x)
+    a = workspace.empty((k, mp, mp) if steps else (0,), dtype=work, device=stack.device)
+    b = workspace.empty_like(a)
     partial, denom = _norm_workspace(stack)
     with torch.cuda.device(stack.device):
         _C.newton_schulz(
@@ -203,7 +203,7 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     if (not (fusable(grads) and fusable(bufs)) or len(grad_dtypes) != 1 or buf_dtypes != {bucket.dtype}
             or bucket.dtype not in (grads[0].dtype, torch.float32)):
         return torch_backend.momentum_stack(bucket, grads, bufs, groups)
-    stack = torch.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
+    stack = workspace.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
     with torch.cuda.device(bucket.device):
         _C.fused_momentum(
             grads=[g.data_ptr() for g in grads], bufs=[b.data_ptr() for b in bufs], **_layout(bucket),

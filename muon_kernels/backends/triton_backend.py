@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import workspace
 from ..ns_config import NSConfig
 from ..triton_kernels.fused_update import Layout, make_layout
 from ..triton_kernels.ops import fused_apply_update_op, fused_momentum_op, newton_schulz_op
@@ -56,7 +57,7 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     """One launch: momentum, Nesterov and the (transposing) copy into the stack."""
     if not (fusable(grads) and fusable(bufs)) or len({g.dtype for g in grads}) != 1:
         return torch_backend.momentum_stack(bucket, grads, bufs, groups)
-    stack = torch.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
+    stack = workspace.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
     fused_momentum_op(grads, bufs, momenta(bucket, groups), *_layout(bucket), stack, bucket.momentum_form == "ema",
                       bucket.nesterov)
     return stack

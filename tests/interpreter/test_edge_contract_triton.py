@@ -76,3 +76,25 @@ def test_lerp_switches_formula_at_absolute_weight_one_half_like_torch():
     out = torch.empty(n)
     _lerp_kernel[(1,)](a, b, w, out, N=n)
     assert torch.equal(out, torch.lerp(a, b, w))
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 40), (2, 40, 130)])  # the small and the symmetric path
+def test_nan_filled_work_buffers_change_no_bit(shape, monkeypatch):
+    """MUON_KERNELS_DEBUG_FILL=nan poisons every torch.empty work buffer: a kernel that read an
+    element nobody wrote would now produce NaN; the results must be bitwise the same."""
+    def step_results():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(shape[1:])) for _ in range(shape[0])]
+        opt = mk.Muon(ps, backend="triton", ns_dtype=torch.bfloat16, ns_steps=3)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return [p.detach().clone() for p in ps]
+
+    monkeypatch.delenv("MUON_KERNELS_DEBUG_FILL", raising=False)
+    clean = step_results()
+    monkeypatch.setenv("MUON_KERNELS_DEBUG_FILL", "nan")
+    poisoned = step_results()
+    for a, b in zip(clean, poisoned):
+        assert torch.isfinite(b).all() and torch.equal(a, b)

@@ -1,0 +1,128 @@
+"""`make gpu-check OUT=<dir>`: everything a lent GPU must run, as one command under a time budget.
+
+1. the GPU tests (``tests/gpu``) with every kernel work buffer NaN-filled
+   (``MUON_KERNELS_DEBUG_FILL=nan``), compute-sanitizer included where it is installed, reported to
+   ``<dir>/pytest-gpu.xml`` and ``pytest-gpu.txt``;
+2. ``bench/run.py --budget-minutes`` into ``<dir>`` (priority order, valid JSON when stopped early)
+   and its plots;
+3. ``<dir>/summary.md``: test counts, every target of ``bench/targets.json`` with its measured
+   value (met, missed, or not measured), and what to commit.
+
+The Makefile target builds ``_C`` for the device's own arch first. Nothing is downloaded.
+
+    python bench/gpu_check.py --out DIR [--minutes 8.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+TARGETS = BENCH / "targets.json"
+TARGET_KINDS = ("step_speedup", "ns_speedup", "update_fraction")
+
+
+def load_targets(path: Path = TARGETS) -> list[dict]:
+    """The target list, checked: every entry has a name, a known kind, its keys and a number to meet."""
+    targets = json.loads(path.read_text())["targets"]
+    needs = {"step_speedup": ("model",), "ns_speedup": ("shape", "batch", "reference"), "update_fraction": ("model",)}
+    for t in targets:
+        if t.get("kind") not in TARGET_KINDS:
+            raise ValueError(f"{path}: target {t.get('name')!r} has kind {t.get('kind')!r}, not one of {TARGET_KINDS}")
+        missing = [k for k in ("name", "min", *needs[t["kind"]]) if k not in t]
+        if missing or not isinstance(t["min"], (int, float)):
+            raise ValueError(f"{path}: target {t.get('name')!r} lacks {missing or ['a numeric min']}")
+    return targets
+
+
+def measure(target: dict, result: dict) -> tuple[float | None, str]:
+    """(value, what it is) of a target in a bench result; None where that run did not measure it."""
+    if target["kind"] == "step_speedup":
+        rows = [r for r in result.get("step_speedups", []) if r["model"] == target["model"]]
+        best = max(rows, key=lambda r: r["speedup"], default=None)
+        return (best["speedup"], best["impl"]) if best else (None, "not measured")
+    if target["kind"] == "ns_speedup":
+        here = [r for r in result.get("ns", []) if r["shape"] == target["shape"] and r["batch"] == target["batch"]]
+        ref = next((r for r in here if r["impl"] == target["reference"]), None)
+        ours = min((r for r in here if r["impl"].startswith("ours-")), key=lambda r: r["ms"], default=None)
+        if ref is None or ours is None:
+            return None, "not measured"
+        return ref["ms"] / ours["ms"], ours["impl"]
+    rows = [r for r in result.get("update", []) if r["model"] == target["model"] and r["impl"].startswith("ours-")]
+    best = max(rows, key=lambda r: r["fraction_of_copy"], default=None)
+    return (best["fraction_of_copy"], best["impl"]) if best else (None, "not measured")
+
+
+def test_counts(junit: Path) -> dict:
+    if not junit.is_file():
+        return {"tests": 0, "failures": 0, "errors": 1, "skipped": 0, "note": f"{junit.name} missing"}
+    root = ET.parse(junit).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    return {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+
+
+def summary(out: Path, targets: list[dict]) -> str:
+    counts = test_counts(out / "pytest-gpu.xml")
+    results = sorted(out.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    result = json.loads(results[-1].read_text()) if results else {}
+    lines = [f"# gpu-check: {result.get('device', 'no bench result')}", "",
+             "tests/gpu: " + ", ".join(f"{v} {k}" for k, v in counts.items()), ""]
+    if result:
+        lines.append(f"bench: {results[-1].name}, complete={result.get('complete')}, "
+                     f"skipped {len(result.get('skipped', []))} items")
+    lines += ["", "| target | needs | measured | by | verdict |", "|---|---|---|---|---|"]
+    for t in targets:
+        value, by = measure(t, result)
+        verdict = "not measured" if value is None else ("met" if value >= t["min"] else "MISSED")
+        shown = "-" if value is None else f"{value:.3g}"
+        lines.append(f"| {t['name']} | >= {t['min']} | {shown} | {by} | {verdict} |")
+    lines += ["", "Commit under bench/results/: the JSON, the PNGs, pytest-gpu.xml/txt and this summary; then run",
+              "`python bench/crossovers.py` and summarise in bench/README.md (misses included)."]
+    return "\n".join(lines) + "\n"
+
+
+def _run(cmd: list[str], log: Path, timeout: float, env: dict) -> int:
+    with log.open("w") as f:
+        try:
+            return subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"\n[gpu-check] stopped after {timeout:.0f} s (its share of the budget)\n")
+            return 124
+
+
+def main(argv=None, runner=_run, clock=time.monotonic) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=8.5, help="whole budget, tests and bench together")
+    args = parser.parse_args(argv)
+    targets = load_targets()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    start = clock()
+    total = 60.0 * args.minutes
+    env = dict(os.environ, MUON_KERNELS_DEBUG_FILL="nan")
+    # Tests first (correctness before speed), at most 45% of the budget; the bench gets what is left
+    # less a reserve for the item that is running when its budget ends, the plots and this summary.
+    tests_rc = runner([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+                       f"--junitxml={out / 'pytest-gpu.xml'}"], out / "pytest-gpu.txt", 0.45 * total, env)
+    bench_env = dict(os.environ)  # timings without the debug fill
+    bench_minutes = max(0.5, (total - (clock() - start)) / 60.0 - 1.5)
+    bench_rc = runner([sys.executable, str(BENCH / "run.py"), "--out-dir", str(out), "--budget-minutes",
+                       f"{bench_minutes:.2f}"], out / "bench.txt", 60.0 * (bench_minutes + 1.0), bench_env)
+    text = summary(out, targets)
+    (out / "summary.md").write_text(text)
+    print(text)
+    print(f"[gpu-check] tests exit {tests_rc}, bench exit {bench_rc}, {clock() - start:.0f} s; files in {out}")
+    return 0 if tests_rc == 0 and bench_rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

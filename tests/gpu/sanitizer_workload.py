@@ -1,0 +1,24 @@
+"""A small run of every CUDA and Triton kernel, for compute-sanitizer (tests/gpu/test_sanitizer.py)."""
+
+import torch
+
+import muon_kernels as mk
+from muon_kernels.backends import available_backends, select_backend
+from muon_kernels.ns_config import resolve_ns_config
+
+DEV = torch.device("cuda")
+config = resolve_ns_config("keller", 2, 1e-7)
+for name in ("triton", "cuda"):
+    assert available_backends(DEV)[name][0], available_backends(DEV)[name][1]
+    backend = select_backend(name, DEV)[0]
+    for shape in ((2, 24, 40), (1, 130, 300)):  # the one-kernel and the symmetric Triton paths
+        for ns_dtype in (torch.bfloat16, torch.float32):
+            backend.orthogonalize(torch.randn(shape, device=DEV), config, ns_dtype)
+    ps = [torch.nn.Parameter(torch.randn(s, device=DEV)) for s in ((40, 24), (24, 40), (130, 300))]
+    opt = mk.Muon(ps, backend=name, ns_steps=2)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+torch.cuda.synchronize()
+print("workload done")

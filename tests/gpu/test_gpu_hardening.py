@@ -1,0 +1,115 @@
+"""What a first GPU run must prove beyond the per-kernel tests (marked ``gpu``): the shapes that
+matter, element-wise bounds beside the Frobenius ones (a few corrupted elements fail them),
+bit-identical repeats (a cheap race detector: both paths are deterministic by design), batches past
+grid axis 1's 65,535, a fused-update tensor cut between multi-tensor launches, and the one-kernel
+path at its real per-arch byte boundary. ``make gpu-check`` runs these with NaN-filled work buffers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import muon_kernels as mk
+from muon_kernels.backends import available_backends, select_backend
+from muon_kernels.ns_config import resolve_ns_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from oracles import plain_recurrence, reference_ns, rel_err  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEV = torch.device("cuda")
+KELLER = resolve_ns_config("keller", 5, 1e-7)
+BACKENDS = ["triton", "cuda"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    ok, why = available_backends(DEV)[request.param]
+    assert ok, f"{request.param} cannot run on this GPU: {why}"
+    return select_backend(request.param, DEV)[0]
+
+
+def _randn(*shape, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEV)
+
+
+def _check_against_fp64(out, G, ns_dtype):
+    """Frobenius bound of DESIGN.md §5 and an element-wise one, both tied to torch's own error:
+    a plain torch recurrence at the same precision, run on the same device."""
+    ref = reference_ns(G.double())
+    plain = plain_recurrence(G, ns_dtype)
+    frobenius = 1e-4 if ns_dtype == torch.float32 else 2 * rel_err(plain, ref) + 1e-2
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) <= frobenius
+    worst = (out.double() - ref).abs().max().item()
+    assert worst <= 2 * (plain - ref).abs().max().item() + 1e-6 * ref.abs().max().item(), worst
+
+
+@pytest.mark.parametrize("shape", [(1, 4096, 4096), (1, 1024, 4096), (48, 768, 768)])
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_the_shapes_that_matter(backend, shape, ns_dtype):
+    G = _randn(*shape)
+    _check_against_fp64(backend.orthogonalize(G, KELLER, ns_dtype), G, ns_dtype)
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_the_same_call_twenty_times_gives_the_same_bits(backend, ns_dtype):
+    G = _randn(3, 257, 513, seed=1)
+    first = backend.orthogonalize(G, KELLER, ns_dtype)
+    for _ in range(19):
+        assert torch.equal(backend.orthogonalize(G, KELLER, ns_dtype), first)
+
+
+def test_a_batch_past_grid_axis_one_limit(backend):
+    G = _randn(70_000, 4, 8, seed=2)
+    out = backend.orthogonalize(G, KELLER, torch.float32)
+    ref = select_backend("torch", DEV)[0].orthogonalize(G, KELLER, torch.float32)
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-5
+    for i in (0, 65_535, 69_999):  # both sides of the old axis-1 limit, against fp64
+        assert rel_err(out[i], reference_ns(G[i].double())) <= 1e-4
+
+
+def _train(shapes, backend_name, steps=2):
+    g = torch.Generator(device="cpu").manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(DEV) / s[1] ** 0.5) for s in shapes]
+    start = [p.detach().clone() for p in ps]
+    opt = mk.Muon(ps, lr=0.02, backend=backend_name, ns_dtype=torch.float32)
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(DEV)
+        opt.step()
+    return ps, start, opt
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_a_fused_update_tensor_cut_between_launches(backend_name):
+    """Three 3000×2048 tensors: 6.1M elements each, more than one multi-tensor launch covers
+    (256 chunks of 16,384 in the cuda backend), so tensors are cut between launches."""
+    shapes = [(3000, 2048)] * 3
+    ours, start, opt = _train(shapes, backend_name)
+    ref, _, ref_opt = _train(shapes, "torch")
+    for p, q, s in zip(ours, ref, start):
+        assert ((p.double() - q.double()).norm() / (q.double() - s.double()).norm()).item() <= 1e-4
+        m, r = opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]
+        torch.testing.assert_close(m, r, rtol=2 * torch.finfo(torch.float32).eps, atol=1e-7)
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_the_one_kernel_path_at_its_real_byte_boundary(ns_dtype):
+    from muon_kernels.backends import triton_backend
+    from muon_kernels.triton_kernels.config import arch_of
+    from muon_kernels.triton_kernels.small_newton_schulz import budget
+
+    elements = budget(ns_dtype, arch_of(torch.cuda.current_device())) // torch.finfo(ns_dtype).bits * 8
+    m = 32
+    inside, outside = (m, elements // m), (m, elements // m + 1)
+    assert triton_backend.small_path(*inside, ns_dtype, DEV) and not triton_backend.small_path(*outside, ns_dtype, DEV)
+    for (rows, cols), path in ((inside, "small"), (outside, "symmetric")):
+        assert triton_backend.kernel_path(rows, cols, ns_dtype, DEV)[0] == path
+        G = _randn(2, rows, cols, seed=4)
+        _check_against_fp64(triton_backend.orthogonalize(G, KELLER, ns_dtype), G, ns_dtype)

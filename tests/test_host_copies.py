@@ -1,0 +1,34 @@
+"""A steady-state step copies nothing from the host (torch backend; the Triton paths are trapped
+the same way in tests/interpreter/test_host_copies_triton.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import muon_kernels as mk
+from host_copies import HostCopy, no_host_to_device_copies
+
+
+def test_the_trap_catches_a_host_copy():
+    with no_host_to_device_copies(), pytest.raises(HostCopy):
+        torch.tensor([1.0, 2.0])
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+@pytest.mark.parametrize("form, nesterov", [("ema", True), ("sgd", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_backend_steady_state_step_makes_no_host_copy(tensor_lr, form, nesterov, dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 4)).to(dtype)
+    lr = torch.tensor(0.02, dtype=dtype) if tensor_lr else 0.02
+    adamw_lr = torch.tensor(3e-4, dtype=dtype) if tensor_lr else 3e-4
+    opt = mk.Muon(mk.param_groups(model), lr=lr, adamw_lr=adamw_lr, momentum_form=form, nesterov=nesterov,
+                  backend="torch", ns_dtype=torch.float32)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()  # the warm-up step builds the plan and its tables
+    with no_host_to_device_copies():
+        for _ in range(2):
+            opt.step()
