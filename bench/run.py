@@ -111,13 +111,16 @@ def main(argv=None, clock=time.monotonic) -> int:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer points and repetitions (always on for a CPU)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the JSON and plots go")
+    parser.add_argument("--width-divisor", type=int, default=None,
+                        help="divide model widths by this for the update and step sections (default: 8 on a CPU, "
+                             "1 on a GPU); 1 on a CPU measures full-width shapes (minutes per model)")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="start no new item after this many minutes (the JSON lists what was skipped)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
-    width_divisor = 8 if device.type == "cpu" else 1
+    width_divisor = args.width_divisor or (8 if device.type == "cpu" else 1)
     repeat = args.repeat or (3 if quick else 20)
     warmup = args.warmup or (1 if quick else 5)
     models = args.models or (GPU_MODELS if device.type == "cuda" else ["gpt2-small"])

@@ -128,9 +128,13 @@ class Bucket:
         return 4 * self.m * self.n + ns * (2 * m * n + 2 * m * m)
 
     def chunks(self, max_workspace_bytes: int | None) -> list[tuple[int, int]]:
-        """[start, stop) ranges of matrices so each chunk's workspace stays under the cap."""
+        """[start, stop) ranges of matrices so each chunk's workspace stays under the cap and under
+        the backend's own per-call limit (the torch backend's on a CPU)."""
         total = self.matrices
         per_chunk = total if not max_workspace_bytes else max(1, max_workspace_bytes // self.matrix_bytes())
+        per_call = getattr(self.backend, "matrices_per_call", lambda *args: None)(self.m, self.n, self.ns_dtype,
+                                                                                  self.device)
+        per_chunk = min(per_chunk, per_call or total)
         return [(s, min(s + per_chunk, total)) for s in range(0, total, per_chunk)]
 
     def orthogonalize(self, stack: torch.Tensor, max_workspace_bytes: int | None) -> torch.Tensor:

@@ -33,34 +33,80 @@ def momentum_update(
     momentum: float,
     nesterov: bool,
     form: str,
+    outs: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Update the momentum buffers in place and return the update U fed to Newton–Schulz.
 
     ema: M = μM + (1-μ)G;  U = (1-μ)G + μM (nesterov) or M.
     sgd: M = μM + G;       U = G + μM (nesterov) or M.
     The ema form uses lerp exactly as torch.optim.Muon does, so fp32 results agree bit for bit.
+    With ``outs`` (views of the same shapes), U is written there instead of into new tensors.
     """
     grads = [g if g.dtype == b.dtype else g.to(b.dtype) for g, b in zip(grads, bufs)]
     if form == "ema":
         torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
-        return torch._foreach_lerp(grads, bufs, momentum) if nesterov else list(bufs)
-    torch._foreach_mul_(bufs, _scalar(momentum, bufs))
-    torch._foreach_add_(bufs, grads)
-    return torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else list(bufs)
+    else:
+        torch._foreach_mul_(bufs, _scalar(momentum, bufs))
+        torch._foreach_add_(bufs, grads)
+    if outs is None:
+        if not nesterov:
+            return list(bufs)
+        if form == "ema":
+            return torch._foreach_lerp(grads, bufs, momentum)
+        return torch._foreach_add(grads, bufs, alpha=momentum)
+    for g, b, out in zip(grads, bufs, outs):
+        if not nesterov:
+            out.copy_(b)
+        elif form == "ema":
+            torch.lerp(g, b, momentum, out=out)
+        else:
+            torch.add(g, b, alpha=momentum, out=out)
+    return outs
+
+
+def _stack_view(stack: torch.Tensor, offset: int, e) -> torch.Tensor | None:
+    """The slice of ``stack`` that holds entry ``e``, seen in its parameter's shape, or None when
+    that is not a view (a transposed conv filter)."""
+    part = stack[offset : offset + e.view.batch]
+    if e.view.transposed:
+        part = part.mT
+    try:
+        return part.view(e.param.shape)
+    except RuntimeError:
+        return None
 
 
 def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Tensor:
-    """Momentum (foreach, per group of the bucket) then a (K, m, n) copy of the updates, tall
-    matrices transposed; the stack never aliases a buffer."""
-    updates: list[torch.Tensor | None] = [None] * len(bucket.entries)
+    """Momentum (foreach, per group of the bucket) and a (K, m, n) stack of the updates, tall
+    matrices transposed; the stack never aliases a buffer.
+
+    On a CPU the Nesterov blend is written straight into the stack (one pass over memory fewer
+    than blending into new tensors and concatenating them, measured in bench/README.md); elsewhere
+    multi-tensor (foreach) ops and one ``cat`` keep the launch count low.
+    """
     by_group: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(bucket.entries):
         by_group[e.group].append(i)
+    offsets, offset = [], 0
+    for e in bucket.entries:
+        offsets.append(offset)
+        offset += e.view.batch
+    stack = None
+    targets: list[torch.Tensor | None] = [None] * len(bucket.entries)
+    if bucket.device.type == "cpu":
+        stack = torch.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
+        targets = [_stack_view(stack, o, e) for o, e in zip(offsets, bucket.entries)]
+        if any(t is None for t in targets):
+            stack, targets = None, [None] * len(bucket.entries)
+    updates: list[torch.Tensor | None] = [None] * len(bucket.entries)
     for gi, idx in by_group.items():
         us = momentum_update([bufs[i] for i in idx], [grads[i] for i in idx], momentum=groups[gi]["momentum"],
-                             nesterov=bucket.nesterov, form=bucket.momentum_form)
+                             nesterov=bucket.nesterov, form=bucket.momentum_form,
+                             outs=None if stack is None else [targets[i] for i in idx])
         for i, u in zip(idx, us):
             updates[i] = u
+    if stack is not None:
+        return stack
     views = []
     for e, u in zip(bucket.entries, updates):
         u = u.reshape(e.view.batch, e.view.rows, e.view.cols)
@@ -68,8 +114,23 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     return torch.cat(views, dim=0)
 
 
+# On a CPU a batched GEMM over many large matrices runs slower than a few matrices at a time (their
+# working set leaves the caches): one call takes at most this many elements' worth of matrices
+# (bench/README.md, CPU strategy).
+CPU_CALL_ELEMENTS = 2**21
+
+
+def matrices_per_call(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> int | None:
+    """How many m×n matrices one orthogonalization call takes (None: the whole bucket)."""
+    return max(1, CPU_CALL_ELEMENTS // (m * n)) if device.type == "cpu" else None
+
+
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
-    return "baddbmm", "reference recurrence: one batched GEMM per term, any shape"
+    per_call = matrices_per_call(m, n, ns_dtype, device)
+    if per_call is None:
+        return "baddbmm", "reference recurrence: one batched GEMM per term, any shape"
+    return "baddbmm", (f"CPU: up to {per_call} matrices per call (≤ {CPU_CALL_ELEMENTS // 2**20}M elements), "
+                       "momentum written straight into the stack")
 
 
 # Largest power-of-two exponent e with 2^e and 2^-e both normal, per accumulation dtype.
@@ -84,6 +145,11 @@ def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((exponent.to(int_dtype) + bias) << shift).view(dtype)
 
 
+# On a CPU, norms inside this range take the direct formula: no square can overflow or underflow
+# there, so the power-of-two scaling (two more passes over memory) would change no bit.
+_DIRECT_NORM_RANGE = (2.0**-40, 2.0**40)
+
+
 def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
     """``stack / max(norm_scale·‖stack‖_F + norm_offset, floor)`` per matrix, in fp32 (fp64 for fp64
     input), cast to ns_dtype, in one canonical (contiguous) layout.
@@ -93,11 +159,21 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
     whenever that one neither overflows nor underflows), and the sum of squares is taken in two
     stages (row norms, then their norm), because a one-pass fp32 ``vector_norm`` over a whole matrix
     loses up to 6e-4 on a CPU. The divisor is never formed unscaled, so ``‖U‖²`` beyond fp32's
-    range still normalizes (1e30 gradients) and eps = 0 still orthogonalizes 1e-30 ones.
-    The output is always a new contiguous tensor, so results do not depend on the input's strides.
+    range still normalizes (1e30 gradients) and eps = 0 still orthogonalizes 1e-30 ones. On a CPU,
+    where checking the norms costs no device sync, a stack whose norms all lie in a safe range skips
+    the scaling and divides and casts in one pass. The input is made contiguous first and the
+    output is a new contiguous tensor, so results do not depend on the input's strides.
     """
     acc = torch.promote_types(stack.dtype, torch.float32)  # fp32, or fp64 for fp64 parameters
+    stack = stack.contiguous()
     k, m, n = stack.shape
+    if stack.device.type == "cpu":
+        norms = torch.linalg.vector_norm(torch.linalg.vector_norm(stack, dim=-1, dtype=acc), dim=-1)
+        low, high = _DIRECT_NORM_RANGE
+        if bool(((norms >= low) & (norms <= high)).all()):
+            denom = (norms * config.norm_scale + config.norm_offset).clamp_min(config.floor)
+            out = torch.empty((k, m, n), dtype=ns_dtype, device=stack.device)
+            return torch.div(stack, denom.view(k, 1, 1), out=out)  # computed in acc, rounded once
     amax = torch.maximum(stack.amax(dim=(-2, -1)), -stack.amin(dim=(-2, -1))).to(acc)
     _, exponent = torch.frexp(amax)  # amax = f·2^e, f in [0.5, 1); 0, inf and NaN give e = 0
     limit = _MAX_EXPONENT[acc]

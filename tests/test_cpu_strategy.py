@@ -1,0 +1,74 @@
+"""The torch backend's CPU strategy: matrices per Newton–Schulz call, momentum written straight into
+the stack, the one-pass normalization for norms in the safe range — each equal to the plain way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import muon_kernels as mk
+from muon_kernels.backends import torch_backend
+from muon_kernels.ns_config import resolve_ns_config
+
+
+def test_matrices_per_call_follow_the_element_budget_on_cpu_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    budget = torch_backend.CPU_CALL_ELEMENTS
+    assert torch_backend.matrices_per_call(768, 3072, torch.bfloat16, cpu) == 1
+    assert torch_backend.matrices_per_call(768, 768, torch.bfloat16, cpu) == budget // (768 * 768)
+    assert torch_backend.matrices_per_call(64, 64, torch.float32, cpu) == budget // 4096
+    assert torch_backend.matrices_per_call(4096, 4096, torch.float32, cpu) == 1
+    assert torch_backend.matrices_per_call(768, 3072, torch.bfloat16, cuda) is None
+
+
+def test_plan_says_the_cpu_strategy_and_buckets_are_called_in_chunks(monkeypatch):
+    model = nn.Sequential(*[nn.Linear(256, 1024) for _ in range(5)])  # oriented 256×1024: 8 per call
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    rows = [r for r in opt.plan() if r.method == "Muon"]
+    assert all("CPU: up to 8 matrices per call" in r.why for r in rows)
+    seen = []
+    original = torch_backend.orthogonalize
+    monkeypatch.setattr(torch_backend, "orthogonalize", lambda s, c, d: seen.append(s.shape[0]) or original(s, c, d))
+    monkeypatch.setattr(torch_backend, "CPU_CALL_ELEMENTS", 2 * 256 * 1024)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert seen == [2, 2, 1]
+
+
+@pytest.mark.parametrize("form, nesterov", [("ema", True), ("ema", False), ("sgd", True), ("sgd", False)])
+def test_momentum_written_into_the_stack_equals_blend_then_concatenate(form, nesterov):
+    torch.manual_seed(0)
+    shapes = [(24, 40), (40, 24), (24, 40)]  # wide, tall (transposed into the stack), wide
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = mk.Muon(params, momentum_form=form, nesterov=nesterov, momentum=0.9)
+    [bucket] = opt._plan_buckets([(0, opt.param_groups[0], params)])
+    grads = [torch.randn(s) for s in shapes]
+    bufs = [torch.randn(s) for s in shapes]
+    want_bufs = [b.clone() for b in bufs]
+    stack = torch_backend.momentum_stack(bucket, grads, bufs, opt.param_groups)
+    mu = 0.9
+    blended = []
+    for g, b in zip(grads, want_bufs):  # independent: torch's per-tensor ops, then transpose and cat
+        if form == "ema":
+            b.lerp_(g, 1 - mu)
+            u = torch.lerp(g, b, mu) if nesterov else b
+        else:
+            b.mul_(mu).add_(g)
+            u = torch.add(g, b, alpha=mu) if nesterov else b
+        blended.append(u if u.shape[0] <= u.shape[1] else u.mT)
+    assert torch.equal(stack, torch.stack(blended))
+    for b, w in zip(bufs, want_bufs):
+        assert torch.equal(b, w)
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["keller", "polar_express"])
+def test_one_pass_normalization_equals_the_scaled_one_bit_for_bit(ns_dtype, preset, monkeypatch):
+    G = torch.randn(5, 33, 70, generator=torch.Generator().manual_seed(1)) * torch.logspace(-8, 8, 5).view(5, 1, 1)
+    config = resolve_ns_config(preset, 5, 1e-7)
+    direct = torch_backend.normalize(G, config, ns_dtype)
+    monkeypatch.setattr(torch_backend, "_DIRECT_NORM_RANGE", (float("inf"), float("inf")))  # never direct
+    scaled = torch_backend.normalize(G, config, ns_dtype)
+    assert torch.equal(direct, scaled)
