@@ -59,6 +59,9 @@ def implementations(device: torch.device, quick: bool):
 # LLaMA-7B does not fit three fp32 copies of itself beside torch.optim.Muon's on one 80 GB GPU: it
 # runs on a subset of its layers and the time is scaled by layers / layers run (stated in the row).
 LAYER_LIMIT = {"llama-7b": 4}
+# A CPU at full width runs LLaMA's shape set on one layer (a step of 16 would take minutes); the
+# time is scaled the same way and the row says so.
+CPU_FULL_WIDTH_LAYER_LIMIT = {"llama-1b": 1, "llama-7b": 1}
 
 
 def run(device: torch.device, *, models: list[str], width_divisor: int, quick: bool, warmup: int, repeat: int,
@@ -67,6 +70,8 @@ def run(device: torch.device, *, models: list[str], width_divisor: int, quick: b
     for model in models:
         layers = MODELS[model]["layers"]
         run_layers = min(layers, LAYER_LIMIT.get(model, layers))
+        if device.type == "cpu" and width_divisor == 1:
+            run_layers = min(run_layers, CPU_FULL_WIDTH_LAYER_LIMIT.get(model, layers))
         for name, build in implementations(device, quick):
             progress(f"step {model} {name}")
             mats, vecs = make_params(model, run_layers, width_divisor, device)

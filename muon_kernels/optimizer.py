@@ -198,6 +198,7 @@ class Muon(Optimizer):
 
     def _split_by_ndim(self, group: dict) -> list[dict]:
         """A group without ``use_muon``: matrices (ndim >= 2) to Muon, the rest to AdamW."""
+        group = {k: v for k, v in group.items() if k != "param_reasons"}  # per-parameter lists would misalign
         muon = {**group, "params": [], "use_muon": True}
         rest = {k: v for k, v in group.items() if k not in ("lr", "eps", "weight_decay")}
         rest.update(params=[], use_muon=False)
@@ -254,7 +255,7 @@ class Muon(Optimizer):
                 group_index,
                 p,
                 view,
-                lr_scale(view.rows, view.cols, group["adjust_lr_fn"]),
+                lr_scale(*view.lr_shape, group["adjust_lr_fn"]),
                 group["momentum_dtype"] or p.dtype,
                 config,
                 group["ns_dtype"],
@@ -309,10 +310,12 @@ class Muon(Optimizer):
                  for b, (layout, _, owners) in zip(buckets, layouts) for j, e in enumerate(b.entries)}
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names") or [f"group{gi}[{i}]" for i in range(len(group["params"]))]
-            for name, p in zip(names, group["params"]):
+            reasons = group.get("param_reasons") or [None] * len(group["params"])
+            rows.notes += [n for n in group.get("routing_notes", ()) if n not in rows.notes]
+            for name, p, reason in zip(names, group["params"], reasons):
                 common = (name, tuple(p.shape), p.dtype, p.device)
                 if not group["use_muon"]:
-                    why = f"ndim {p.ndim} < 2" if p.ndim < 2 else "group has use_muon=False"
+                    why = reason or (f"ndim {p.ndim} < 2" if p.ndim < 2 else "group has use_muon=False")
                     rows.append(PlanRow(*common, "AdamW", "-", "torch", "fused/foreach adamw", why))
                 elif id(p) not in where:
                     rows.append(PlanRow(*common, "skip", "-", "-", "-", "zero-size parameter"))
@@ -320,7 +323,7 @@ class Muon(Optimizer):
                     b, e, layout, owner = where[id(p)]
                     path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype, b.device)
                     dtype = str(b.ns_dtype).removeprefix("torch.")
-                    why = f"{b.why}; {how}; bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}"
+                    why = (f"{reason}; " if reason else "") + f"{b.why}; {how}; bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}"
                     rank = "local" if owner is None else f"{owner} ({layout})"
                     rows.append(PlanRow(*common, "Muon", e.view.describe(), b.backend.NAME, path, why, rank))
         return rows

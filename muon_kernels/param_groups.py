@@ -1,69 +1,125 @@
-"""``param_groups(model)``: which parameters Muon orthogonalizes and which AdamW steps.
+"""``param_groups(model)``: which parameters Muon orthogonalizes and which AdamW steps, with names.
 
-Decided from the module that owns each parameter, because the shape alone cannot tell an
-embedding table from a hidden Linear, or a Conv1d filter from a stack of MoE experts.
+Decided from the module that owns each parameter and from the layout metadata the module carries,
+never from shapes alone: an embedding table and a hidden Linear, a Conv1d filter and a stack of MoE
+experts, a weight stored (out, in) and one stored (in, out) can all have the same shape.
 """
 
 from __future__ import annotations
+
+import sys
 
 from torch import nn
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _EMBEDDING = (nn.Embedding, nn.EmbeddingBag)
+# The note plan() shows when neither head= nor the model names an output head.
+NO_HEAD_NOTE = ("no output head identified: the model has no get_output_embeddings() and head= was not given; "
+                "if the model ends in a Linear onto the outputs, pass head=<its name> so AdamW steps it")
 
 
-def _head_modules(model: nn.Module, head) -> set[int]:
+def _transformers_conv1d():
+    """transformers' Conv1D class (a Linear stored (in, out)) if transformers is loaded; never imported here."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def _head_modules(model: nn.Module, head) -> tuple[dict[int, str], list[str]]:
+    """{id(param): why} for every parameter under the output head, and notes for plan()."""
     if head is None:
-        return set()
-    heads = head if isinstance(head, (list, tuple)) else [head]
-    found = set()
+        get = getattr(model, "get_output_embeddings", None)
+        found = get() if callable(get) else None
+        if found is None:
+            return {}, [NO_HEAD_NOTE]
+        heads = [found]
+    else:
+        heads = list(head) if isinstance(head, (list, tuple)) else [head]
     modules = dict(model.named_modules())
+    out: dict[int, str] = {}
     for h in heads:
-        if isinstance(h, nn.Module):
-            found.add(id(h))
-        elif isinstance(h, str) and h in modules:
-            found.add(id(modules[h]))
-        else:
+        if isinstance(h, str):
+            if h not in modules:
+                raise ValueError(f"head={h!r} is not the name of a submodule of the model")
+            h = modules[h]
+        if not isinstance(h, nn.Module):
             raise ValueError(f"head={h!r} is neither a module nor the name of a submodule of the model")
-    return found
+        for p in h.parameters():  # a container head covers every parameter under it
+            out[id(p)] = "output head"
+    return out, []
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return isinstance(module, _CONV) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _route(module: nn.Module, pname: str, p, conv1d_cls) -> tuple[str, str]:
+    """(group, why) for a parameter that is neither an embedding, a head nor tied to either."""
+    if pname == "bias" or pname.endswith("_bias"):
+        return "adamw", "bias"
+    if p.ndim < 2:
+        kind = "norm" if "norm" in type(module).__name__.lower() else f"{p.ndim}-D parameter"
+        return "adamw", kind
+    if _depthwise(module):
+        return "adamw", f"depthwise conv ({'×'.join(map(str, p.shape))}): per-channel filters, not one matrix"
+    if p.ndim == 2:
+        if conv1d_cls is not None and isinstance(module, conv1d_cls):
+            return "transposed", "Conv1D stored (in, out)"
+        return "plain", "matrix (out, in)"
+    if isinstance(module, _CONV):
+        return "flatten", "conv filter"
+    if p.ndim == 3:
+        if getattr(module, "is_transposed", None) is True:  # transformers' fused experts say so
+            return "batch_transposed", "experts (E, in, out)"
+        return "batch", "experts / stacked matrices (E, out, in)"
+    return "flatten", f"{p.ndim}-D tensor, flattened"
+
+
+_GROUP_KEYS = {
+    "plain": {"use_muon": True},
+    "transposed": {"use_muon": True, "matrix_view": "transposed"},
+    "flatten": {"use_muon": True, "matrix_view": "flatten"},
+    "batch": {"use_muon": True, "matrix_view": "batch"},
+    "batch_transposed": {"use_muon": True, "matrix_view": "batch_transposed"},
+    "adamw": {"use_muon": False},
+}
 
 
 def param_groups(model: nn.Module, *, head=None) -> list[dict]:
-    """Split ``model``'s trainable parameters into Muon and AdamW groups for ``Muon(...)``.
+    """Split ``model``'s trainable parameters into named Muon and AdamW groups for ``Muon(...)``.
 
-    Muon: hidden ``Linear`` weights and other 2D matrices; conv filters (``matrix_view="flatten"``
-    on 3D Conv1d filters); 3D parameters of other modules, taken as stacks of matrices
-    (``matrix_view="batch"``, MoE experts, stacked heads); 4D+ non-conv tensors, flattened.
-    AdamW: embeddings, the output head (``head=`` a module, a module name, or a list of them, and any
-    ``Linear`` whose weight is tied to an embedding), biases, norms and scalars.
-    Every parameter lands in exactly one group; empty groups are left out.
+    Muon: hidden ``Linear`` weights and other 2D matrices (transformers' ``Conv1D``, stored
+    (in, out), with ``matrix_view="transposed"`` so its lr scale uses (out, in)); conv filters
+    (``"flatten"``); 3D parameters of other modules as stacks of matrices (``"batch"``, or
+    ``"batch_transposed"`` where the module says ``is_transposed=True``, as transformers' fused
+    (E, in, out) experts do); 4D+ non-conv tensors, flattened.
+    AdamW: embeddings; the output head (``head=`` a module, a module name, or a list of them — a
+    container covers every parameter under it; by default ``model.get_output_embeddings()`` where
+    the model has it) and any weight tied to an embedding; biases of any ndim (``bias``, ``*_bias``);
+    norms and other vectors; depthwise convolutions (docs/param_groups.md says why).
+    Each parameter is passed with its name, and each group carries ``param_reasons``, which
+    ``Muon.plan()`` shows. Every parameter lands in exactly one group; empty groups are left out.
     """
-    heads = _head_modules(model, head)
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, _EMBEDDING)}
-    plain, flatten, batch, adamw = [], [], [], []
+    heads, notes = _head_modules(model, head)
+    embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, _EMBEDDING)}
+    conv1d_cls = _transformers_conv1d()
+    groups: dict[str, dict] = {k: {"params": [], "param_reasons": [], **keys} for k, keys in _GROUP_KEYS.items()}
     seen: set[int] = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            if (
-                p.ndim < 2
-                or isinstance(module, _EMBEDDING)
-                or id(module) in heads
-                or id(p) in embedding_weights
-            ):
-                adamw.append(p)
-            elif p.ndim == 2:
-                plain.append(p)
-            elif p.ndim == 3:
-                (flatten if isinstance(module, _CONV) else batch).append(p)
+            if isinstance(module, _EMBEDDING):
+                key, why = "adamw", "embedding"
+            elif id(p) in embeddings:
+                key, why = "adamw", f"output head (tied to {embeddings[id(p)]})"
+            elif id(p) in heads:
+                key, why = "adamw", heads[id(p)]
             else:
-                flatten.append(p)
-    groups = [
-        {"params": plain, "use_muon": True},
-        {"params": flatten, "use_muon": True, "matrix_view": "flatten"},
-        {"params": batch, "use_muon": True, "matrix_view": "batch"},
-        {"params": adamw, "use_muon": False},
-    ]
-    return [g for g in groups if g["params"]]
+                key, why = _route(module, pname, p, conv1d_cls)
+            groups[key]["params"].append((f"{mname}.{pname}" if mname else pname, p))
+            groups[key]["param_reasons"].append(why)
+    out = [g for g in groups.values() if g["params"]]
+    if out and notes:
+        out[0]["routing_notes"] = notes
+    return out

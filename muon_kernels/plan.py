@@ -16,7 +16,10 @@ import torch
 from .backends import select_backend
 from .ns_config import NSConfig
 
-MATRIX_VIEWS = ("flatten", "batch")
+MATRIX_VIEWS = ("flatten", "batch", "transposed", "batch_transposed")
+# Views of weights stored (in, out) — transformers' Conv1D, fused (E, in, out) experts: the same
+# orthogonalization (the polar factor of Wᵀ is that of W, transposed), the lr scale from (out, in).
+_STORED_TRANSPOSED = ("transposed", "batch_transposed")
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
 
 
@@ -27,12 +30,18 @@ class MatrixView:
     batch: int
     rows: int
     cols: int
-    kind: str  # "2d", "flatten" or "batch"
+    kind: str  # "2d", "flatten", "batch", "transposed" or "batch_transposed"
 
     @property
     def transposed(self) -> bool:
         """Tall matrices are iterated as their transpose, so the Gram matrix is the small side."""
         return self.rows > self.cols
+
+    @property
+    def lr_shape(self) -> tuple[int, int]:
+        """(out, in) of each matrix, which the lr scale is taken from: the stored (rows, cols), or
+        (cols, rows) for weights stored (in, out)."""
+        return (self.cols, self.rows) if self.kind in _STORED_TRANSPOSED else (self.rows, self.cols)
 
     @property
     def oriented(self) -> tuple[int, int]:
@@ -41,6 +50,10 @@ class MatrixView:
     def describe(self) -> str:
         if self.kind == "batch":
             return f"batch {self.batch}×({self.rows}×{self.cols})"
+        if self.kind == "batch_transposed":
+            return f"batch {self.batch}×({self.rows}×{self.cols}) stored (in, out)"
+        if self.kind == "transposed":
+            return f"{self.rows}×{self.cols} stored (in, out)"
         if self.kind == "flatten":
             return f"flatten {self.rows}×{self.cols}"
         return f"{self.rows}×{self.cols}"
@@ -49,9 +62,11 @@ class MatrixView:
 def matrix_view(shape: torch.Size | tuple[int, ...], view: str | None, name: str) -> MatrixView:
     """The matrix view of a Muon parameter; raises ValueError when there is none or it is ambiguous.
 
-    A group's ``matrix_view`` decides 3D tensors only: a 4D+ tensor is a convolution filter, always
-    one ``out × in·kh·kw`` matrix, so a group that mixes MoE expert stacks (``"batch"``) and convs
-    orthogonalizes each the right way.
+    A group's ``matrix_view`` applies by ndim. 2D: ``"transposed"`` marks a weight stored
+    (in, out); anything else is a plain (out, in) matrix. 3D: ``"batch"`` (E matrices),
+    ``"batch_transposed"`` (E matrices stored (in, out)) or ``"flatten"`` (a Conv1d filter) must
+    be said. 4D+: a convolution filter, always one ``out × in·kh·kw`` matrix, so a group that mixes
+    MoE expert stacks (``"batch"``) and convs orthogonalizes each the right way.
     """
     shape = tuple(shape)
     if view is not None and view not in MATRIX_VIEWS:
@@ -63,17 +78,17 @@ def matrix_view(shape: torch.Size | tuple[int, ...], view: str | None, name: str
             "e.g. with muon_kernels.param_groups(model)"
         )
     if len(shape) == 2:
-        return MatrixView(1, shape[0], shape[1], "2d")
-    if len(shape) == 3 and view is None:
+        return MatrixView(1, shape[0], shape[1], "transposed" if view == "transposed" else "2d")
+    if len(shape) == 3 and view in (None, "transposed"):
         raise ValueError(
             f"parameter {name} has 3D shape {shape}, which is ambiguous: set the group key "
             f"matrix_view='batch' to orthogonalize it as {shape[0]} matrices of {shape[1]}×{shape[2]} "
-            f"(MoE expert stacks, stacked heads) or matrix_view='flatten' for one "
-            f"{shape[0]}×{shape[1] * shape[2]} matrix (a Conv1d filter); "
-            "muon_kernels.param_groups(model) sets it from the module type"
+            f"(MoE expert stacks, stacked heads; 'batch_transposed' if each is stored (in, out)) or "
+            f"matrix_view='flatten' for one {shape[0]}×{shape[1] * shape[2]} matrix (a Conv1d filter); "
+            "muon_kernels.param_groups(model) sets it from the module"
         )
-    if len(shape) == 3 and view == "batch":
-        return MatrixView(shape[0], shape[1], shape[2], "batch")
+    if len(shape) == 3 and view in ("batch", "batch_transposed"):
+        return MatrixView(shape[0], shape[1], shape[2], view)
     return MatrixView(1, shape[0], math.prod(shape[1:]), "flatten")
 
 
@@ -137,12 +152,25 @@ class Bucket:
         per_chunk = min(per_chunk, per_call or total)
         return [(s, min(s + per_chunk, total)) for s in range(0, total, per_chunk)]
 
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A work buffer that lives as long as the plan and is reused every step (a CPU's large
+        allocations are fresh mmaps that page-fault on first touch, every time)."""
+        buf = self.cache.get(name)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
+            self.cache[name] = buf
+        return buf
+
     def orthogonalize(self, stack: torch.Tensor, max_workspace_bytes: int | None) -> torch.Tensor:
-        """One backend call per bucket, or one per chunk when the workspace cap splits it."""
+        """One backend call per bucket, or one per chunk when the workspace cap (or the backend's
+        per-call limit) splits it."""
         chunks = self.chunks(max_workspace_bytes)
         if len(chunks) == 1:
             return self.backend.orthogonalize(stack, self.config, self.ns_dtype)
-        out = torch.empty(stack.shape, dtype=self.ns_dtype, device=stack.device)
+        if stack.device.type == "cpu" and stack.shape[0] == self.matrices:
+            out = self.buffer("orthogonalized", tuple(stack.shape), self.ns_dtype)
+        else:
+            out = torch.empty(stack.shape, dtype=self.ns_dtype, device=stack.device)
         for start, stop in chunks:
             out[start:stop] = self.backend.orthogonalize(stack[start:stop], self.config, self.ns_dtype)
         return out
@@ -181,6 +209,10 @@ class Plan(list):
 
     COLUMNS = ("name", "shape", "dtype", "device", "method", "view", "backend", "path", "rank", "why")
 
+    def __init__(self, rows=(), notes=()):
+        super().__init__(rows)
+        self.notes = list(notes)  # routing notes (e.g. no output head identified), printed below the table
+
     def __str__(self) -> str:
         cells = [
             [
@@ -199,4 +231,5 @@ class Plan(list):
         ]
         widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(self.COLUMNS)]
         line = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
-        return "\n".join([line(self.COLUMNS), line(["-" * w for w in widths]), *map(line, cells)])
+        return "\n".join([line(self.COLUMNS), line(["-" * w for w in widths]), *map(line, cells),
+                          *(f"note: {n}" for n in self.notes)])

@@ -12,29 +12,57 @@ from muon_kernels.backends import torch_backend
 from muon_kernels.ns_config import resolve_ns_config
 
 
-def test_matrices_per_call_follow_the_element_budget_on_cpu_only():
+def test_matrices_per_call_follow_the_byte_budget_on_cpu_only():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    budget = torch_backend.CPU_CALL_ELEMENTS
-    assert torch_backend.matrices_per_call(768, 3072, torch.bfloat16, cpu) == 1
-    assert torch_backend.matrices_per_call(768, 768, torch.bfloat16, cpu) == budget // (768 * 768)
-    assert torch_backend.matrices_per_call(64, 64, torch.float32, cpu) == budget // 4096
-    assert torch_backend.matrices_per_call(4096, 4096, torch.float32, cpu) == 1
-    assert torch_backend.matrices_per_call(768, 3072, torch.bfloat16, cuda) is None
+    budget = torch_backend.CPU_CALL_BYTES
+    per = torch_backend.matrices_per_call
+    assert per(768, 3072, torch.bfloat16, cpu) == budget // (2 * (2 * 768 * 3072 + 2 * 768 * 768)) == 2
+    assert per(768, 768, torch.bfloat16, cpu) == budget // (2 * 4 * 768 * 768) == 5
+    assert per(768, 3072, torch.float32, cpu) == per(384, 1536, torch.float32, cpu) == 1  # large fp32: one each
+    assert per(64, 64, torch.float32, cpu) == budget // (4 * 4 * 64 * 64)
+    assert per(8192, 8192, torch.bfloat16, cpu) == 1
+    assert per(768, 3072, torch.bfloat16, cuda) is None
 
 
 def test_plan_says_the_cpu_strategy_and_buckets_are_called_in_chunks(monkeypatch):
-    model = nn.Sequential(*[nn.Linear(256, 1024) for _ in range(5)])  # oriented 256×1024: 8 per call
-    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    model = nn.Sequential(*[nn.Linear(256, 1024) for _ in range(5)])  # oriented 256×1024
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.bfloat16)
     rows = [r for r in opt.plan() if r.method == "Muon"]
-    assert all("CPU: up to 8 matrices per call" in r.why for r in rows)
+    per = torch_backend.matrices_per_call(256, 1024, torch.bfloat16, torch.device("cpu"))
+    assert all(f"CPU: up to {per} matrices per call" in r.why for r in rows)
     seen = []
     original = torch_backend.orthogonalize
     monkeypatch.setattr(torch_backend, "orthogonalize", lambda s, c, d: seen.append(s.shape[0]) or original(s, c, d))
-    monkeypatch.setattr(torch_backend, "CPU_CALL_ELEMENTS", 2 * 256 * 1024)
+    monkeypatch.setattr(torch_backend, "CPU_CALL_BYTES", 2 * 2 * (2 * 256 * 1024 + 2 * 256 * 256))
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()
     assert seen == [2, 2, 1]
+
+
+def test_reused_cpu_buffers_give_the_same_steps_as_fresh_ones(monkeypatch):
+    """The stack and the orthogonalized output are the bucket's buffers, reused every step: a
+    twin optimizer rebuilt before every step (fresh buffers) must take the same steps."""
+    monkeypatch.setattr(torch_backend, "CPU_CALL_BYTES", 2**14)  # several chunks per bucket
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 40), nn.Linear(40, 24))
+    b = nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 40), nn.Linear(40, 24))
+    b.load_state_dict(a.state_dict())
+    opt = mk.Muon(mk.param_groups(a))
+    state = None
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for p, q in zip(a.parameters(), b.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        fresh = mk.Muon(mk.param_groups(b))
+        if state is not None:
+            fresh.load_state_dict(state)
+        fresh.step()
+        state = fresh.state_dict()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("form, nesterov", [("ema", True), ("ema", False), ("sgd", True), ("sgd", False)])

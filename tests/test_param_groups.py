@@ -35,7 +35,8 @@ class Net(nn.Module):
 
 
 def _ids(params):
-    return {id(p) for p in params}
+    """ids of the tensors of a params list (param_groups passes (name, tensor) pairs)."""
+    return {id(p[1] if isinstance(p, tuple) else p) for p in params}
 
 
 def test_routing_of_a_mixed_model():
@@ -51,6 +52,10 @@ def test_routing_of_a_mixed_model():
     )
     every = [p for g in groups for p in g["params"]]
     assert len(every) == len(_ids(every)) == len(list(net.parameters()))
+    names = {name for g in groups for name, _ in g["params"]}
+    assert names == {name for name, _ in net.named_parameters()}
+    for g in groups:
+        assert len(g["param_reasons"]) == len(g["params"])
     assert groups[-1]["use_muon"] is False
 
 
@@ -61,7 +66,7 @@ def test_head_by_module_and_by_tying():
     tied = Net(tie=True)
     adamw = mk.param_groups(tied)[-1]
     assert id(tied.head.weight) in _ids(adamw["params"]) and not adamw["use_muon"]
-    with pytest.raises(ValueError, match="head='nope'"):
+    with pytest.raises(ValueError, match="head='nope' is not the name"):
         mk.param_groups(net, head="nope")
 
 
@@ -157,3 +162,27 @@ def test_batch_view_orthogonalizes_each_expert():
     opt.step()
     expected = -0.1 * math.sqrt(10 / 6) * reference_ns(experts.grad)
     assert rel_err(experts.detach() - w0, expected) <= 1e-4
+
+
+def test_transposed_views_change_the_lr_scale_only():
+    """A weight stored (in, out): the same orthogonalized update as its (out, in) twin, transposed,
+    scaled from (out, in)."""
+    torch.manual_seed(0)
+    linear = nn.Parameter(torch.randn(24, 6))  # (out, in) = (24, 6)
+    stored = nn.Parameter(linear.detach().mT.clone())  # the same layer stored (in, out)
+    experts = nn.Parameter(torch.randn(3, 6, 24))  # (E, in, out)
+    experts_out_in = nn.Parameter(experts.detach().mT.clone())
+    kw = dict(lr=0.1, weight_decay=0.0, momentum=0.0, ns_dtype=torch.float32)
+    opt = mk.Muon([{"params": [linear]}, {"params": [stored], "matrix_view": "transposed"},
+                   {"params": [experts], "matrix_view": "batch_transposed"},
+                   {"params": [experts_out_in], "matrix_view": "batch"}], **kw)
+    g, ge = torch.randn(24, 6), torch.randn(3, 24, 6)
+    linear.grad, stored.grad = g, g.mT.clone()
+    experts_out_in.grad, experts.grad = ge, ge.mT.clone()
+    opt.step()
+    torch.testing.assert_close(stored.detach().mT, linear.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(experts.detach().mT, experts_out_in.detach(), rtol=0, atol=1e-6)
+    views = {r.shape: r.view for r in opt.plan()}
+    assert views[(6, 24)] == "6×24 stored (in, out)" and views[(3, 6, 24)] == "batch 3×(6×24) stored (in, out)"
+    with pytest.raises(ValueError, match="3D shape"):
+        mk.Muon([{"params": [nn.Parameter(torch.randn(2, 3, 4))], "matrix_view": "transposed"}])

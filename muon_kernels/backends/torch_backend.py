@@ -81,8 +81,9 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     matrices transposed; the stack never aliases a buffer.
 
     On a CPU the Nesterov blend is written straight into the stack (one pass over memory fewer
-    than blending into new tensors and concatenating them, measured in bench/README.md); elsewhere
-    multi-tensor (foreach) ops and one ``cat`` keep the launch count low.
+    than blending into new tensors and concatenating them), and the stack is the bucket's own
+    buffer, reused every step (bench/README.md, CPU strategy); elsewhere multi-tensor (foreach) ops
+    and one ``cat`` keep the launch count low.
     """
     by_group: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(bucket.entries):
@@ -94,7 +95,7 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     stack = None
     targets: list[torch.Tensor | None] = [None] * len(bucket.entries)
     if bucket.device.type == "cpu":
-        stack = torch.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
+        stack = bucket.buffer("stack", (bucket.matrices, bucket.m, bucket.n), bucket.dtype)
         targets = [_stack_view(stack, o, e) for o, e in zip(offsets, bucket.entries)]
         if any(t is None for t in targets):
             stack, targets = None, [None] * len(bucket.entries)
@@ -114,23 +115,30 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     return torch.cat(views, dim=0)
 
 
-# On a CPU a batched GEMM over many large matrices runs slower than a few matrices at a time (their
-# working set leaves the caches): one call takes at most this many elements' worth of matrices
-# (bench/README.md, CPU strategy).
-CPU_CALL_ELEMENTS = 2**21
+# The CPU strategy (bench/README.md): a Newton–Schulz call's temporaries (X, the next X, A, B) stay
+# under CPU_CALL_BYTES, because larger allocations are fresh mmaps that page-fault on every step
+# (a 24-matrix 768×3072 call spent more time faulting in its copies than a per-matrix loop spends
+# on its whole elementwise half); and fp32 matrices of at least CPU_FP32_SINGLE_ELEMENTS go one per
+# call, where batched fp32 GEMMs ran 20–35% slower than single ones.
+CPU_CALL_BYTES = 24 * 2**20
+CPU_FP32_SINGLE_ELEMENTS = 2**19
 
 
 def matrices_per_call(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> int | None:
     """How many m×n matrices one orthogonalization call takes (None: the whole bucket)."""
-    return max(1, CPU_CALL_ELEMENTS // (m * n)) if device.type == "cpu" else None
+    if device.type != "cpu":
+        return None
+    if ns_dtype == torch.float32 and m * n >= CPU_FP32_SINGLE_ELEMENTS:
+        return 1
+    return max(1, CPU_CALL_BYTES // (torch.finfo(ns_dtype).bits // 8 * (2 * m * n + 2 * m * m)))
 
 
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
     per_call = matrices_per_call(m, n, ns_dtype, device)
     if per_call is None:
         return "baddbmm", "reference recurrence: one batched GEMM per term, any shape"
-    return "baddbmm", (f"CPU: up to {per_call} matrices per call (≤ {CPU_CALL_ELEMENTS // 2**20}M elements), "
-                       "momentum written straight into the stack")
+    return "baddbmm", (f"CPU: up to {per_call} matrices per call (temporaries under "
+                       f"{CPU_CALL_BYTES // 2**20} MiB; large fp32 matrices one at a time), stack reused across steps")
 
 
 # Largest power-of-two exponent e with 2^e and 2^-e both normal, per accumulation dtype.
@@ -196,8 +204,11 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
 
 
 def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> None:
-    """W *= 1 - lr·wd; W -= lr·scale·O — for every parameter of the bucket, foreach per (group, scale)."""
-    ortho = ortho.to(bucket.entries[0].param.dtype)
+    """W *= 1 - lr·wd; W -= lr·scale·O — for every parameter of the bucket, foreach per (group, scale).
+    On a CPU, O is added in its own dtype (torch's add_ computes in the parameter's precision, so the
+    bits are those of converting first) instead of converting the whole stack first."""
+    if bucket.device.type != "cpu":
+        ortho = ortho.to(bucket.entries[0].param.dtype)
     batches: dict[tuple[int, float], tuple[list, list]] = defaultdict(lambda: ([], []))
     offset = 0
     for e in bucket.entries:
@@ -232,6 +243,7 @@ def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr, w
         lr = lr.to(device=params[0].device, dtype=torch.promote_types(params[0].dtype, torch.float32)).reshape(())
         if weight_decay != 0.0:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        outs = [o if o.dtype == p.dtype else o.to(p.dtype) for o, p in zip(outs, params)]
         torch._foreach_add_(params, torch._foreach_mul(outs, -lr * scale))
         return
     decay = 1.0 - lr * weight_decay
