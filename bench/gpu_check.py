@@ -90,9 +90,13 @@ def summary(out: Path, targets: list[dict]) -> str:
 
 
 def _run(cmd: list[str], log: Path, timeout: float, env: dict) -> int:
+    # From tests/: `python -m pytest` puts its working directory on sys.path, and from the repository
+    # root that would import the source tree's muon_kernels (no _C, no triton_kernels) instead of
+    # the installed package.
     with log.open("w") as f:
         try:
-            return subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+            return subprocess.run(cmd, cwd=REPO / "tests", stdout=f, stderr=subprocess.STDOUT, env=env,
+                                  timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             f.write(f"\n[gpu-check] stopped after {timeout:.0f} s (its share of the budget)\n")
             return 124
@@ -111,7 +115,7 @@ def main(argv=None, runner=_run, clock=time.monotonic) -> int:
     env = dict(os.environ, MUON_KERNELS_DEBUG_FILL="nan")
     # Tests first (correctness before speed), at most 45% of the budget; the bench gets what is left
     # less a reserve for the item that is running when its budget ends, the plots and this summary.
-    tests_rc = runner([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+    tests_rc = runner([sys.executable, "-m", "pytest", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
                        f"--junitxml={out / 'pytest-gpu.xml'}"], out / "pytest-gpu.txt", 0.45 * total, env)
     bench_env = dict(os.environ)  # timings without the debug fill
     bench_minutes = max(0.5, (total - (clock() - start)) / 60.0 - 1.5)

@@ -218,7 +218,7 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
 
     assert gpu_check.main(["--out", str(tmp_path), "--minutes", "8"], runner=runner, clock=clock) == 0
     (tests_cmd, tests_timeout, fill), (bench_cmd, bench_timeout, bench_fill) = calls
-    assert "tests/gpu" in tests_cmd and fill == "nan" and tests_timeout == pytest.approx(0.45 * 480)
+    assert "gpu" in tests_cmd and "pytest" in tests_cmd and fill == "nan" and tests_timeout == pytest.approx(0.45 * 480)
     assert bench_fill is None  # timings without the debug fill
     budget = float(bench_cmd[bench_cmd.index("--budget-minutes") + 1])
     assert budget == pytest.approx((480 - 100) / 60 - 1.5, abs=0.01)

@@ -43,7 +43,8 @@ ARCHS = tuple(SHARED_MEMORY_LIMIT)
 _DEEP = (80, 90, 100)  # room for three pipeline stages of 128×128×64 16-bit tiles and the epilogue
 
 _LARGE_16 = {arch: MatmulConfig(128, 128, 64, 8, 3 if arch in _DEEP else 2) for arch in ARCHS}
-_SMALL_16 = {arch: MatmulConfig(64, 64, 64, 4, 3 if arch in _DEEP else 2) for arch in ARCHS}
+# sm_100: 8 warps; with 4, Triton 3.6's a·X + B·X (int64 tile offsets) spills 8 bytes at 72 registers.
+_SMALL_16 = {arch: MatmulConfig(64, 64, 64, 8 if arch == 100 else 4, 3 if arch in _DEEP else 2) for arch in ARCHS}
 # On sm_100/sm_120 the tf32 a·X + B·X kernel spills at 4 warps (8–16 bytes, Triton 3.6 and 3.9); 8 warps do not.
 # On sm_120 the ieee X·Xᵀ kernel with int64 row offsets spills 8 bytes with two stages; one does not.
 _FP32 = {arch: MatmulConfig(64, 64, 16, 8 if arch >= 100 else 4, 1 if arch == 120 else 2) for arch in ARCHS}
