@@ -22,11 +22,15 @@ OLD_TRITON_ENV :=
 # nothing is resolved or downloaded. make test then needs pytest and scipy there (hypothesis too,
 # or the property tests are skipped).
 INSTALL_SPEC := --no-deps .
+PEER_SPEC :=
 else
 PY := $(CURDIR)/.venv/bin/python
 ENV_DEPS := .venv/.torch-installed
 OLD_TRITON_ENV := .venv-triton-old/.installed-$(TRITON_OLD)
 INSTALL_SPEC := ".[test,bench,experiments]"
+# Peer oracle for the Gram Newton–Schulz tests and bench rows, without its GPU-only dependencies
+# (quack-kernels, cutlass-dsl): its torch path runs on a CPU.
+PEER_SPEC := gram-newton-schulz==0.1.6
 endif
 # make gpu-check: where its results go, and its whole time budget (tests + bench) in minutes.
 OUT ?= gpu-check
@@ -46,6 +50,7 @@ build-tools: $(ENV_DEPS)
 
 install: build-tools
 	$(PY) -m pip install --quiet --no-build-isolation $(INSTALL_SPEC)
+	$(if $(PEER_SPEC),$(PY) -m pip install --quiet --no-deps $(PEER_SPEC))
 
 # triton 3.6's interpreter converts 1-element arrays with int(), which numpy >= 2.4 refuses.
 .venv-triton-old/.installed-$(TRITON_OLD):

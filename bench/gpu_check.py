@@ -45,14 +45,17 @@ def load_targets(path: Path = TARGETS) -> list[dict]:
 
 def measure(target: dict, result: dict) -> tuple[float | None, str]:
     """(value, what it is) of a target in a bench result; None where that run did not measure it."""
-    if target["kind"] == "step_speedup":
-        rows = [r for r in result.get("step_speedups", []) if r["model"] == target["model"]]
+    if target["kind"] == "step_speedup":  # default math: not the ns_algorithm="auto" (-gram) rows
+        rows = [r for r in result.get("step_speedups", []) if r["model"] == target["model"]
+                and not r["impl"].endswith("-gram")]
         best = max(rows, key=lambda r: r["speedup"], default=None)
         return (best["speedup"], best["impl"]) if best else (None, "not measured")
     if target["kind"] == "ns_speedup":
         here = [r for r in result.get("ns", []) if r["shape"] == target["shape"] and r["batch"] == target["batch"]]
         ref = next((r for r in here if r["impl"] == target["reference"]), None)
-        ours = min((r for r in here if r["impl"].startswith("ours-")), key=lambda r: r["ms"], default=None)
+        # Same work as the reference: the standard recurrence (no -gram/-aol rows, which change the algorithm).
+        ours = min((r for r in here if r["impl"].startswith("ours-") and not r["impl"].endswith(("-gram", "-aol"))),
+                   key=lambda r: r["ms"], default=None)
         if ref is None or ours is None:
             return None, "not measured"
         return ref["ms"] / ours["ms"], ours["impl"]

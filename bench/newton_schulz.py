@@ -3,12 +3,19 @@ otherwise run, side by side on the same inputs in one process.
 
 Implementations (names as in the JSON):
 - ``ours-<backend>``: the backend's batched orthogonalize on the whole stack (one call per bucket),
+- ``ours-<backend>-gram``: the same with Gram Newton–Schulz (same coefficients and steps, default
+  restarts); ``ours-<backend>-aol``: the ``turbo`` preset (AOL preconditioning, 4 steps) — its
+  TFLOP/s column still counts the 5 standard steps, so it reads as the speed of reaching the result,
 - ``torch.optim.Muon``: torch's own routine, ``torch.optim._muon._zeropower_via_newtonschulz``,
   one matrix at a time (that is how torch.optim.Muon calls it),
 - ``cublas-recurrence``: the plain recurrence a user writes, ``bmm`` per term on the stack,
 - ``compiled-recurrence``: the same function under ``torch.compile`` (CUDA only: on a CPU the
   inductor compile time would swamp a smoke run),
-- an installed peer package, when one is importable (never a dependency).
+- ``gram-newton-schulz`` (Dao-AILab, PyPI 0.1.6) when importable: its ``GramNewtonSchulz`` on the
+  same coefficients and restart [2], kernels only where its ``quack`` dependency imports, no
+  torch.compile (it iterates in fp16 whatever the input; on a CPU fp16 GEMMs are slow, so that row
+  shows the package's CPU cost, not its GPU one),
+- another installed peer package, when one is importable (never a dependency).
 
 Effective TFLOP/s = naive FLOPs (DESIGN.md §3: 4m²n + 2m³ per step and matrix) / time; "peak" is
 a plain bf16 ``torch.mm`` of an m×n by n×m product (the Gram product of the same shape) measured
@@ -18,6 +25,7 @@ here, so "of peak" says how close the whole iteration comes to the GEMM the devi
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import torch
 
@@ -28,6 +36,8 @@ from muon_kernels.ns_config import resolve_ns_config
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 STEPS = 5
 CONFIG = resolve_ns_config(COEFFICIENTS, STEPS, 1e-7)
+VARIANTS = {"": CONFIG, "-gram": resolve_ns_config(COEFFICIENTS, STEPS, 1e-7, "gram"),
+            "-aol": resolve_ns_config("turbo", None, 1e-7)}
 
 # Oriented shapes (m ≤ n) of DESIGN.md §4's matrices, beside the squares.
 MODEL_SHAPES = [(768, 2304), (768, 3072), (1024, 3072), (1024, 4096), (1600, 4800), (1600, 6400), (2048, 8192),
@@ -41,8 +51,7 @@ CPU_SHAPES = [(64, 64), (128, 128), (256, 256), (96, 384)]
 CPU_BATCHES = [1, 4]
 
 # Peers: importable module → function names tried, each called as fn(matrix) on one matrix.
-PEERS = {"gram_newton_schulz": ("gram_newton_schulz", "newton_schulz", "orthogonalize"),
-         "flash_muon": ("fast_newtonschulz", "newton_schulz")}
+PEERS = {"flash_muon": ("fast_newtonschulz", "newton_schulz")}
 
 
 def naive_flops(m: int, n: int, batch: int, steps: int = STEPS) -> float:
@@ -70,8 +79,22 @@ def _torch_muon_routine():
     return lambda stack: torch.stack([_zeropower_via_newtonschulz(g, COEFFICIENTS, STEPS, 1e-7) for g in stack])
 
 
-def _peers() -> tuple[list[tuple[str, object]], list[str]]:
+def gram_newton_schulz_peer(coefficients, restarts, device: torch.device):
+    """Dao-AILab's GramNewtonSchulz on ``coefficients`` (per-step list) and ``restarts``, or None."""
+    try:
+        from gram_newton_schulz import GramNewtonSchulz
+    except ImportError:
+        return None
+    kernels = device.type == "cuda" and importlib.util.find_spec("quack") is not None
+    return GramNewtonSchulz(ns_use_kernels=kernels, ns_coefficients=[list(c) for c in coefficients],
+                            gram_newton_schulz_reset_iterations=list(restarts), compile_kwargs=None)
+
+
+def _peers(device: torch.device) -> tuple[list[tuple[str, object]], list[str]]:
     found, notes = [], []
+    gns = gram_newton_schulz_peer(CONFIG.coefficients, (2,), device)
+    if gns is not None:
+        found.append(("gram-newton-schulz", gns))
     for module, names in PEERS.items():
         try:
             mod = importlib.import_module(module)
@@ -91,7 +114,8 @@ def implementations(device: torch.device):
     for name, (ok, _) in available_backends(device).items():
         if ok:
             backend, _ = select_backend(name, device)
-            impls.append((f"ours-{name}", lambda s, b=backend: b.orthogonalize(s, CONFIG, torch.bfloat16)))
+            for suffix, config in VARIANTS.items():
+                impls.append((f"ours-{name}{suffix}", lambda s, b=backend, c=config: b.orthogonalize(s, c, torch.bfloat16)))
     notes = []
     torch_muon = _torch_muon_routine()
     if torch_muon is not None:
@@ -103,7 +127,7 @@ def implementations(device: torch.device):
         impls.append(("compiled-recurrence", torch.compile(plain_recurrence, dynamic=False)))
     else:
         notes.append("compiled-recurrence: not run on a CPU (inductor compile time would dominate a smoke run)")
-    peers, peer_notes = _peers()
+    peers, peer_notes = _peers(device)
     return impls + peers, notes + peer_notes
 
 
@@ -159,7 +183,8 @@ def run(device: torch.device, *, quick: bool, warmup: int, repeat: int, progress
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """Per (shape, batch): each of ours against the best reference (the fastest non-ours impl)."""
+    """Per (shape, batch): each of ours against the best reference (the fastest non-ours impl); the
+    -gram/-aol rows count too (a user may pick them), each named by its own impl."""
     out = []
     keys = sorted({(tuple(r["shape"]), r["batch"]) for r in rows})
     for key in keys:

@@ -5,7 +5,7 @@ Writes bench/results/<device>-<date>-<commit>.json (every raw repetition under `
 with matplotlib installed, PNG plots beside it (bench/plots.py). On a CPU it is a smoke run
 (``quick: true``): small shapes, widths divided by 8, wall-clock medians.
 
-    python bench/run.py [--sections ns update step] [--models gpt2-small ...] [--repeat N] [--quick]
+    python bench/run.py [--sections ns algorithms update step] [--models gpt2-small ...] [--repeat N] [--quick]
                         [--budget-minutes M]
 
 Work runs in a fixed priority order (``work_plan``): the GPT-2 small step, the NS points the GPU
@@ -26,11 +26,12 @@ import torch
 
 import muon_kernels as mk
 import newton_schulz
+import ns_algorithms
 import step
 import update
 from common import MODELS, RESULTS_DIR, environment, table, write_results
 
-SECTIONS = ("ns", "update", "step")
+SECTIONS = ("ns", "algorithms", "update", "step")
 GPU_MODELS = ["gpt2-small", "gpt2-medium", "gpt2-xl", "llama-1b", "llama-7b"]
 # What a short GPU session must bring back first (bench/targets.json names them): oriented (m, n, batch).
 PRIORITY_NS_POINTS = [(4096, 4096, 1), (1024, 4096, 1), (768, 768, 48)]
@@ -63,6 +64,8 @@ def work_plan(device: torch.device, sections, models: list[str], quick: bool) ->
             items.append(("step", model))
     if "update" in sections:
         items += [("update", m) for m in models]
+    if "algorithms" in sections:
+        items += [("algorithms", p) for p in ns_algorithms.points(device)]
     items += [("ns", p) for p in ns_points if p not in first_ns]
     items += [("step", m) for m in step_models if m not in PRIORITY_MODELS]
     return items
@@ -130,7 +133,8 @@ def main(argv=None, clock=time.monotonic) -> int:
     print("backends:", {k: v[1] for k, v in mk.available_backends(device).items()})
 
     progress = Progress()
-    result = {**env, "quick": quick, "ns": [], "ns_speedups": [], "update": [], "step": [], "step_speedups": [],
+    result = {**env, "quick": quick, "ns": [], "ns_speedups": [], "ns_algorithms": [], "update": [], "step": [],
+              "step_speedups": [],
               "notes": [], "budget_minutes": args.budget_minutes, "complete": False, "skipped": []}
     budget = Budget(args.budget_minutes, clock)
     path = None
@@ -144,6 +148,9 @@ def main(argv=None, clock=time.monotonic) -> int:
             result["ns"] += rows
             result["ns_speedups"] = newton_schulz.speedups(result["ns"])
             result["notes"] += [n for n in notes if n not in result["notes"]]
+        elif section == "algorithms":
+            result["ns_algorithms"] += ns_algorithms.run(device, warmup=warmup, repeat=repeat, progress=progress,
+                                                         todo=[what])
         elif section == "update":
             result["update"] += update.run(device, model=what, width_divisor=width_divisor, warmup=warmup,
                                            repeat=repeat, progress=progress)
@@ -161,6 +168,12 @@ def main(argv=None, clock=time.monotonic) -> int:
     if result["ns"]:
         print("\nNewton–Schulz (5 keller steps, bf16 iteration; TF = effective TFLOP/s, naive FLOPs)")
         print(_ns_table(result["ns"], result["ns_speedups"]))
+    if result["ns_algorithms"]:
+        print("\nNewton–Schulz algorithms (speed-up vs the same backend's standard NS; errors vs fp64)")
+        print(table([[f"{r['shape'][0]}x{r['shape'][1]}", r["dtype"], r["backend"], r["algorithm"], f"{r['ms']:.3g}",
+                      f"{r['speedup']:.2f}x", f"{r['flops'] / 1e9:.3g}", f"{r['polar_error']:.3f}",
+                      f"{r['recurrence_error']:.2e}"] for r in result["ns_algorithms"]],
+                    ["shape", "dtype", "backend", "algorithm", "ms", "speedup", "GFLOP", "polar err", "vs recurrence"]))
     if result["update"]:
         print("\nElementwise half of the step (momentum → stack, decay + update)")
         print(table([[r["model"], r["impl"], f"{r['ms']:.3g}", f"{r['gbps']:.3g}", f"{r['fraction_of_copy']:.2f}"]

@@ -51,8 +51,12 @@ def implementations(device: torch.device, quick: bool):
             impls.append((f"ours-{name}", ours(name)))
     if device.type == "cuda":
         impls.append(("ours-auto", ours("auto")))  # what a user gets: the dispatch table's choice per bucket
+        # ns_algorithm="auto": Gram NS on the buckets whose aspect ratio clears the threshold
+        impls.append(("ours-auto-gram", ours("auto", ns_algorithm="auto")))
     if device.type == "cpu":
+        impls.append(("ours-torch-gram", ours("torch", ns_algorithm="auto")))
         impls.append(("ours-torch-fp32", ours("torch", ns_dtype=torch.float32)))
+        impls.append(("ours-torch-fp32-gram", ours("torch", ns_dtype=torch.float32, ns_algorithm="auto")))
     return impls
 
 

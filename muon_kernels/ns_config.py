@@ -3,12 +3,14 @@
 Every backend runs the same recurrence on a stack ``X`` of shape (k, m, n) with m <= n:
 
     X = U / max(norm_scale * ||U||_F + norm_offset, floor)
+    (normalization "aol": then X = diag(s) X with s_i = (Σ_j |X Xᵀ|_ij)^-1/2, docs/newton_schulz.md)
     for (a, b, c) in coefficients:
         A = X Xᵀ;  B = b A + c A A;  X = a X + B X
 
-``NSConfig`` carries everything that defines that recurrence, resolved once per param group, so
-backends never see preset names. It imports nothing of this package, so it cannot be part of an
-import cycle.
+computed either as written (algorithm "standard") or on the m×m Gram matrix (algorithm "gram",
+restarted after the steps in ``restarts``; muon_kernels/recurrence.py). ``NSConfig`` carries
+everything that defines the recurrence, resolved once per param group, so backends never see preset
+names. It imports nothing of this package, so it cannot be part of an import cycle.
 """
 
 from __future__ import annotations
@@ -38,16 +40,46 @@ POLAR_EXPRESS: tuple[Coefficients, ...] = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+# Turbo-Muon (Boissin et al. 2025, arXiv 2512.04632): 4 steps after AOL preconditioning; the
+# coefficients of thib-s/flash-newton-schulz at commit cdb03db ("updated poly params"). Chosen over
+# Polar Express's last four steps by measurement (docs/newton_schulz.md).
+TURBO: tuple[Coefficients, ...] = (
+    (4.6051, -9.6552, 5.6769),
+    (4.7505, -6.0861, 2.1790),
+    (2.7763, -2.3190, 0.5523),
+    (2.4231, -2.2861, 0.8193),
+)
 PRESETS: dict[str, tuple[Coefficients, ...]] = {
     "keller": KELLER,
     "quintic": QUINTIC,
     "polar_express": POLAR_EXPRESS,
+    "turbo": TURBO,
 }
 # (norm_scale, norm_offset) of the normalization each preset was derived for.
 PRESET_NORMALIZATION: dict[str, tuple[float, float]] = {
     "keller": (1.0, 0.0),
     "quintic": (1.0, 0.0),
     "polar_express": (1.02, 1e-6),
+    "turbo": (1.0, 0.0),
+}
+# Steps a preset runs when ns_steps is None: its own length; keller (one fixed tuple) runs 5.
+PRESET_STEPS: dict[str, int] = {"keller": 5, "quintic": 5, "polar_express": 5, "turbo": 4}
+# The normalization a preset was derived for, used when ns_normalization is None.
+PRESET_PRECONDITIONING: dict[str, str] = {"keller": "frobenius", "quintic": "frobenius",
+                                          "polar_express": "frobenius", "turbo": "aol"}
+DEFAULT_STEPS = 5
+NS_ALGORITHMS = ("standard", "gram", "auto")
+NS_NORMALIZATIONS = ("frobenius", "aol")
+# Default Gram restarts, per iteration dtype: (first, every) — restart before steps first,
+# first + every, ... (0-based). Measured (docs/newton_schulz.md): in 16 bits R's rounding noise in
+# small or null directions is amplified ~a² per step with nothing re-anchoring it to X, so one
+# restart (before step 2, gram-newton-schulz's default) let rank-deficient and condition-1e6 spectra
+# reach errors of 0.4–14 where standard NS has 0.03–0.3; restarting every 2 steps (before 1, 3, ...)
+# keeps them at standard NS's level. In fp32 five unrestarted steps stay within 2.5e-3 of the fp64
+# recurrence on those spectra (30× closer than standard NS in bf16, the default) and eight do not
+# (0.12), so fp32 restarts every 5 steps.
+RESTART_SCHEDULE: dict[torch.dtype, tuple[int, int]] = {
+    torch.bfloat16: (1, 2), torch.float16: (1, 2), torch.float32: (5, 5), torch.float64: (5, 5),
 }
 NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # eps = 0 must still orthogonalize tiny gradients and map a zero matrix to zeros (0 / tiny = 0),
@@ -63,6 +95,9 @@ class NSConfig:
     eps: float
     norm_scale: float = 1.0
     norm_offset: float = 0.0
+    normalization: str = "frobenius"  # or "aol": diagonal preconditioning after the Frobenius scaling
+    algorithm: str = "standard"  # "gram" (m×m iteration), or "auto" until a plan resolves it per bucket
+    restarts: tuple[int, ...] | None = None  # Gram restarts; None: RESTART_SCHEDULE for the iteration dtype
 
     @property
     def steps(self) -> int:
@@ -71,6 +106,13 @@ class NSConfig:
     @property
     def floor(self) -> float:
         return max(self.eps, NORM_FLOOR)
+
+    def gram_restarts(self, ns_dtype: torch.dtype) -> tuple[int, ...]:
+        """The steps before which a Gram iteration in ``ns_dtype`` restarts (0-based)."""
+        if self.restarts is not None:
+            return self.restarts
+        first, every = RESTART_SCHEDULE[ns_dtype]
+        return tuple(range(first, self.steps, every))
 
 
 def _as_triple(value, where: str) -> Coefficients:
@@ -86,15 +128,27 @@ def _as_triple(value, where: str) -> Coefficients:
     return triple  # type: ignore[return-value]
 
 
-def resolve_ns_config(ns_coefficients: CoefficientSpec, ns_steps: int, eps: float) -> NSConfig:
-    """Turn a group's ``ns_coefficients``/``ns_steps``/``eps`` into an ``NSConfig``.
+def resolve_ns_config(ns_coefficients: CoefficientSpec, ns_steps: int | None, eps: float,
+                      ns_algorithm: str = "standard", ns_normalization: str | None = None,
+                      ns_gram_restarts: Sequence[int] | None = None) -> NSConfig:
+    """Turn a group's Newton–Schulz settings into an ``NSConfig``.
 
-    A preset or a list of per-step tuples shorter than ``ns_steps`` repeats its last tuple
-    (a single (a, b, c) is the one-element case); a longer list is cut to ``ns_steps``.
+    ``ns_steps=None`` runs a preset's own number of steps (``PRESET_STEPS``), a per-step list's
+    length, or 5 for a single tuple. A preset or a list of per-step tuples shorter than ``ns_steps``
+    repeats its last tuple (a single (a, b, c) is the one-element case); a longer list is cut to
+    ``ns_steps``. ``ns_normalization=None`` is the preset's own ("aol" for "turbo", else
+    "frobenius"). ``ns_gram_restarts`` (Gram only) lists the 0-based steps before which the Gram
+    iteration restarts from X; None picks ``RESTART_SCHEDULE`` by iteration dtype.
     """
-    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 0:
-        raise ValueError(f"ns_steps must be an int >= 0, got {ns_steps!r}")
+    if ns_steps is not None and (isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 0):
+        raise ValueError(f"ns_steps must be an int >= 0 (or None: the preset's own count), got {ns_steps!r}")
+    if ns_algorithm not in NS_ALGORITHMS:
+        raise ValueError(f"ns_algorithm must be one of {NS_ALGORITHMS}, got {ns_algorithm!r}")
+    if ns_normalization is not None and ns_normalization not in NS_NORMALIZATIONS:
+        raise ValueError(f"ns_normalization must be None (the preset's own) or one of {NS_NORMALIZATIONS}, "
+                         f"got {ns_normalization!r}")
     norm = (1.0, 0.0)
+    natural_steps, preconditioning = DEFAULT_STEPS, "frobenius"
     if isinstance(ns_coefficients, str):
         if ns_coefficients not in PRESETS:
             raise ValueError(
@@ -103,12 +157,15 @@ def resolve_ns_config(ns_coefficients: CoefficientSpec, ns_steps: int, eps: floa
             )
         per_step = PRESETS[ns_coefficients]
         norm = PRESET_NORMALIZATION[ns_coefficients]
+        natural_steps = PRESET_STEPS[ns_coefficients]
+        preconditioning = PRESET_PRECONDITIONING[ns_coefficients]
     elif isinstance(ns_coefficients, (tuple, list)) and ns_coefficients and all(
         isinstance(v, (int, float)) for v in ns_coefficients
     ):
         per_step = (_as_triple(ns_coefficients, "the tuple"),)
     elif isinstance(ns_coefficients, (tuple, list)) and ns_coefficients:
         per_step = tuple(_as_triple(t, f"step {i}") for i, t in enumerate(ns_coefficients))
+        natural_steps = len(per_step)
     else:
         raise ValueError(
             f"ns_coefficients must be a preset name {sorted(PRESETS)}, a tuple (a, b, c) or a "
@@ -116,8 +173,28 @@ def resolve_ns_config(ns_coefficients: CoefficientSpec, ns_steps: int, eps: floa
         )
     if not isinstance(eps, (int, float)) or not eps >= 0.0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    if ns_steps is None:
+        ns_steps = natural_steps
     steps = tuple(per_step[min(i, len(per_step) - 1)] for i in range(ns_steps))
-    return NSConfig(steps, float(eps), *norm)
+    restarts = _check_restarts(ns_gram_restarts, ns_coefficients, per_step, ns_steps)
+    return NSConfig(steps, float(eps), *norm, ns_normalization or preconditioning, ns_algorithm, restarts)
+
+
+def _check_restarts(restarts, ns_coefficients, per_step, steps: int) -> tuple[int, ...] | None:
+    if restarts is None:
+        return None
+    if isinstance(restarts, (str, bytes)) or not isinstance(restarts, (tuple, list)) or not all(
+            isinstance(r, int) and not isinstance(r, bool) for r in restarts):
+        raise ValueError(f"ns_gram_restarts must be None or a list of step indices, got {restarts!r}")
+    restarts = tuple(sorted(set(restarts)))
+    listed = len(per_step) if isinstance(ns_coefficients, (tuple, list)) and len(per_step) > 1 else steps
+    last = min(steps, listed)
+    if restarts and (restarts[0] < 1 or restarts[-1] >= last):
+        what = (f"the per-step coefficient list has {listed} tuples" if listed < steps
+                else f"ns_steps is {steps}")
+        raise ValueError(f"ns_gram_restarts={list(restarts)}: a restart goes before one of the steps 1..{last - 1}, "
+                         f"but {what}; pass restarts inside that range (or more per-step tuples)")
+    return restarts
 
 
 def check_ns_dtype(ns_dtype) -> torch.dtype:

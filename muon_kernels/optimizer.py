@@ -26,7 +26,7 @@ _DTYPE_KEYS = ("ns_dtype", "momentum_dtype")
 # Group keys whose values change which buckets exist or how they are iterated; the bucket plan is
 # rebuilt when any of them (or a parameter's identity, dtype, device, shape) changes.
 _PLAN_KEYS = (
-    "ns_coefficients", "ns_steps", "eps", "ns_dtype", "momentum_dtype", "matrix_view", "adjust_lr_fn",
+    "ns_coefficients", "ns_steps", "eps", "ns_algorithm", "ns_normalization", "ns_gram_restarts", "ns_dtype", "momentum_dtype", "matrix_view", "adjust_lr_fn",
     "nesterov", "momentum_form", "backend",
 )
 
@@ -35,7 +35,7 @@ _PLAN_KEYS = (
 # values changed since its last check, before anything is modified.
 _MUON_SETTINGS = (
     "lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn", "backend",
-    "ns_dtype", "momentum_dtype", "momentum_form", "matrix_view", "capturable",
+    "ns_algorithm", "ns_normalization", "ns_gram_restarts", "ns_dtype", "momentum_dtype", "momentum_form", "matrix_view", "capturable",
 )
 _ADAMW_SETTINGS = (*ADAMW_KEYS, "capturable")
 
@@ -59,6 +59,11 @@ def _label(group: dict, index: int, p: torch.Tensor) -> str:
     return repr(names[index]) if names else f"#{index} of shape {tuple(p.shape)}"
 
 
+def _ns_config(group: dict):
+    return resolve_ns_config(group["ns_coefficients"], group["ns_steps"], group["eps"], group["ns_algorithm"],
+                             group["ns_normalization"], group["ns_gram_restarts"])
+
+
 def _check_muon_settings(group: dict) -> None:
     lr = group["lr"]
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -71,7 +76,7 @@ def _check_muon_settings(group: dict) -> None:
         raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
     if not isinstance(group["nesterov"], bool):
         raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
-    resolve_ns_config(group["ns_coefficients"], group["ns_steps"], group["eps"])
+    _ns_config(group)
     if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
         raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
     check_ns_dtype(group["ns_dtype"])
@@ -92,6 +97,11 @@ class Muon(Optimizer):
     A param group without ``use_muon`` is split at construction into a Muon group (ndim >= 2) and an
     AdamW group (the rest); the AdamW part takes the ``adamw_*`` settings, not the Muon ``lr``,
     ``eps`` and ``weight_decay`` of the group it came from.
+
+    ``ns_algorithm`` ("standard", "gram", "auto"), ``ns_normalization`` (None: the preset's own,
+    "frobenius", "aol") and ``ns_gram_restarts`` choose how each bucket is orthogonalized
+    (docs/newton_schulz.md); ``ns_steps=None`` runs the preset's own number of steps. All are group
+    keys, saved in ``state_dict()``; a checkpoint without them loads with this optimizer's values.
     """
 
     def __init__(
@@ -103,10 +113,13 @@ class Muon(Optimizer):
         nesterov: bool = True,
         ns_coefficients=DEFAULT_COEFFICIENTS,
         eps: float = 1e-7,
-        ns_steps: int = 5,
+        ns_steps: int | None = None,
         adjust_lr_fn: str | None = None,
         *,
         backend: str = "auto",
+        ns_algorithm: str = "standard",
+        ns_normalization: str | None = None,
+        ns_gram_restarts: tuple[int, ...] | None = None,
         ns_dtype: torch.dtype = torch.bfloat16,
         momentum_dtype: torch.dtype | None = None,
         momentum_form: str = "ema",
@@ -142,6 +155,9 @@ class Muon(Optimizer):
             "eps": eps,
             "ns_steps": ns_steps,
             "adjust_lr_fn": adjust_lr_fn,
+            "ns_algorithm": ns_algorithm,
+            "ns_normalization": ns_normalization,
+            "ns_gram_restarts": ns_gram_restarts,
             "use_muon": True,
             "backend": backend,
             "ns_dtype": ns_dtype,
@@ -247,7 +263,7 @@ class Muon(Optimizer):
 
     # ------------------------------------------------------------------ plan
     def _muon_items(self, group_index: int, group: dict, params: list[torch.Tensor]):
-        config = resolve_ns_config(group["ns_coefficients"], group["ns_steps"], group["eps"])
+        config = _ns_config(group)
         index = {id(p): i for i, p in enumerate(group["params"])}
         for p in params:
             view = matrix_view(p.shape, group["matrix_view"], _label(group, index[id(p)], p))
@@ -321,9 +337,9 @@ class Muon(Optimizer):
                     rows.append(PlanRow(*common, "skip", "-", "-", "-", "zero-size parameter"))
                 else:
                     b, e, layout, owner = where[id(p)]
-                    path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype, b.device)
+                    path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype, b.device, b.config)
                     dtype = str(b.ns_dtype).removeprefix("torch.")
-                    why = (f"{reason}; " if reason else "") + f"{b.why}; {how}; bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}"
+                    why = (f"{reason}; " if reason else "") + f"{b.why}; {b.algorithm}; {how}; bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}"
                     rank = "local" if owner is None else f"{owner} ({layout})"
                     rows.append(PlanRow(*common, "Muon", e.view.describe(), b.backend.NAME, path, why, rank))
         return rows

@@ -6,16 +6,20 @@ import torch
 
 from .backends import select_backend
 from .ns_config import CoefficientSpec, check_ns_dtype, resolve_ns_config
+from .recurrence import choose_algorithm
 
 
 def orthogonalize(
     G: torch.Tensor,
     *,
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     ns_coefficients: CoefficientSpec = "keller",
     eps: float = 1e-7,
     ns_dtype: torch.dtype = torch.bfloat16,
     backend: str = "auto",
+    ns_algorithm: str = "standard",
+    ns_normalization: str | None = None,
+    ns_gram_restarts: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Approximate the polar factor of ``G`` by Newton–Schulz; same shape and dtype as ``G``.
 
@@ -24,6 +28,12 @@ def orthogonalize(
     transpose (m <= n). The norm is overflow/underflow-safe (eps = 0 orthogonalizes a 1e-30
     gradient; a 1e30 one is not zeroed), and the iteration starts from one canonical contiguous
     layout, so the result does not depend on ``G``'s strides.
+
+    ``ns_steps=None`` runs the preset's own number of steps (5; "turbo": 4). ``ns_algorithm``:
+    "standard", "gram" (Gram Newton–Schulz: iterate on the m×m Gram matrix, restarted before the
+    steps in ``ns_gram_restarts``; None: per-dtype defaults) or "auto" (Gram from a measured aspect
+    ratio). ``ns_normalization``: "frobenius" or "aol" (Turbo-Muon's diagonal preconditioning);
+    None: the preset's own. docs/newton_schulz.md has the math and the measurements.
     """
     if not isinstance(G, torch.Tensor) or G.ndim < 2:
         raise ValueError(
@@ -32,7 +42,7 @@ def orthogonalize(
         )
     if G.is_complex() or not G.is_floating_point():
         raise ValueError(f"orthogonalize: G must be a real floating-point tensor, got {G.dtype}")
-    config = resolve_ns_config(ns_coefficients, ns_steps, eps)
+    config = resolve_ns_config(ns_coefficients, ns_steps, eps, ns_algorithm, ns_normalization, ns_gram_restarts)
     check_ns_dtype(ns_dtype)
     rows, cols = G.shape[-2:]
     if G.numel() == 0:
@@ -41,6 +51,7 @@ def orthogonalize(
     if rows > cols:
         stack = stack.mT
     impl, _ = select_backend(backend, G.device, min(rows, cols), max(rows, cols), ns_dtype)
+    config, _ = choose_algorithm(config, min(rows, cols), max(rows, cols), ns_dtype, G.device)
     out = impl.orthogonalize(stack, config, ns_dtype)
     if rows > cols:
         out = out.mT

@@ -15,6 +15,7 @@ import torch
 
 from .backends import select_backend
 from .ns_config import NSConfig
+from .recurrence import choose_algorithm
 
 MATRIX_VIEWS = ("flatten", "batch", "transposed", "batch_transposed")
 # Views of weights stored (in, out) — transformers' Conv1D, fused (E, in, out) experts: the same
@@ -127,6 +128,7 @@ class Bucket:
     momentum_form: str
     backend: ModuleType
     why: str  # why this backend serves the bucket (the dispatch rule that fired)
+    algorithm: str = ""  # the Newton–Schulz algorithm and normalization, and why (ns_algorithm="auto")
     entries: list[Entry] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # a backend's per-plan data (e.g. kernel address tables)
 
@@ -184,8 +186,11 @@ def build_buckets(items) -> list[Bucket]:
         m, n = view.oriented
         key = (p.device, p.dtype, dtype, m, n, config, ns_dtype, nesterov, form, backend)
         if key not in buckets:
-            buckets[key] = Bucket(p.device, dtype, m, n, config, ns_dtype, nesterov, form,
-                                  *select_backend(backend, p.device, m, n, ns_dtype))
+            resolved, why = choose_algorithm(config, m, n, ns_dtype, p.device)
+            if resolved.normalization == "aol":
+                why += ", AOL preconditioning"
+            buckets[key] = Bucket(p.device, dtype, m, n, resolved, ns_dtype, nesterov, form,
+                                  *select_backend(backend, p.device, m, n, ns_dtype), why)
         buckets[key].entries.append(Entry(group, p, view, scale))
     return list(buckets.values())
 

@@ -47,10 +47,14 @@ def loss_fn(model, x, y):
     return ((model(x) - y) ** 2).mean()
 
 
-def reference(world: int, ns_dtype, steps: int = STEPS):
+# Gram NS with AOL preconditioning: the options whose recurrence differs most from the default.
+GRAM_AOL = {"ns_algorithm": "gram", "ns_normalization": "aol"}
+
+
+def reference(world: int, ns_dtype, steps: int = STEPS, options: dict | None = None):
     """Single process, the concatenated batch: what every distributed run must reproduce."""
     model = make_model()
-    opt = make_optimizer(model, ns_dtype)
+    opt = make_optimizer(model, ns_dtype, **(options or {}))
     x, y = make_data(world)
     for _ in range(steps):
         loss_fn(model, x, y).backward()
@@ -91,12 +95,12 @@ def _local_batch(rank: int, world: int):
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
 
 
-def train_ddp(rank, world, ns_dtype, out):
+def train_ddp(rank, world, ns_dtype, out, options=None):
     from torch.nn.parallel import DistributedDataParallel
 
     counter = CountMatrices()
     model = DistributedDataParallel(make_model())
-    opt = make_optimizer(model.module, ns_dtype)
+    opt = make_optimizer(model.module, ns_dtype, **(options or {}))
     x, y = _local_batch(rank, world)
     for _ in range(STEPS):
         loss_fn(model, x, y).backward()
@@ -106,13 +110,13 @@ def train_ddp(rank, world, ns_dtype, out):
             "state": opt.state_dict()}
 
 
-def train_fsdp(rank, world, ns_dtype, out):
+def train_fsdp(rank, world, ns_dtype, out, options=None):
     from torch.distributed.device_mesh import init_device_mesh
 
     counter = CountMatrices()
     model = make_model()
     _shard(model, init_device_mesh("cpu", (world,)))
-    opt = make_optimizer(model, ns_dtype)
+    opt = make_optimizer(model, ns_dtype, **(options or {}))
     x, y = _local_batch(rank, world)
     for _ in range(STEPS):
         loss_fn(model, x, y).backward()
@@ -122,6 +126,14 @@ def train_fsdp(rank, world, ns_dtype, out):
     return {"params": _full(model), "count": counter.count, "plan": str(opt.plan()),
             "momentum_is_sharded": all(type(b).__name__ == "DTensor" and b.placements == p.placements
                                        for b, p in zip(bufs, [p for p in model.parameters() if p.ndim == 2]))}
+
+
+def train_ddp_gram_aol(rank, world, ns_dtype, out):
+    return train_ddp(rank, world, ns_dtype, out, GRAM_AOL)
+
+
+def train_fsdp_gram_aol(rank, world, ns_dtype, out):
+    return train_fsdp(rank, world, ns_dtype, out, GRAM_AOL)
 
 
 def fsdp_resume(rank, world, ns_dtype, out):

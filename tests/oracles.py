@@ -7,20 +7,43 @@ import torch
 from muon_kernels.ns_config import resolve_ns_config
 
 
-def reference_ns(G: torch.Tensor, ns_coefficients="keller", ns_steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """The DESIGN.md §1 recurrence in fp64, one matrix at a time, written independently of the package."""
-    config = resolve_ns_config(ns_coefficients, ns_steps, eps)
+def reference_ns(G: torch.Tensor, ns_coefficients="keller", ns_steps: int | None = None, eps: float = 1e-7,
+                 ns_normalization: str | None = None) -> torch.Tensor:
+    """The DESIGN.md §1 recurrence in fp64, one matrix at a time, written independently of the package.
+    With AOL (Turbo-Muon, arXiv 2512.04632 / thib-s/flash-newton-schulz): after the Frobenius scaling
+    each row i of X is divided by sqrt(Σ_j |(X·Xᵀ)_ij|) (at least the floor)."""
+    config = resolve_ns_config(ns_coefficients, ns_steps, eps, "standard", ns_normalization)
+    floor = max(eps, torch.finfo(torch.float32).tiny)
     out = []
     for M in G.reshape(-1, *G.shape[-2:]).to(torch.float64):
         tall = M.shape[0] > M.shape[1]
         X = M.T if tall else M
-        denom = max(X.norm().item() * config.norm_scale + config.norm_offset, max(eps, torch.finfo(torch.float32).tiny))
-        X = X / denom
+        X = X / max(X.norm().item() * config.norm_scale + config.norm_offset, floor)
+        if config.normalization == "aol" and config.steps:
+            X = X / (X @ X.T).abs().sum(dim=1).clamp_min(floor).sqrt()[:, None]
         for a, b, c in config.coefficients:
             A = X @ X.T
             X = a * X + (b * A + c * A @ A) @ X
         out.append(X.T if tall else X)
     return torch.stack(out).reshape(G.shape)
+
+
+def reference_gram_ns(X: torch.Tensor, coefficients, restarts, dtype: torch.dtype) -> torch.Tensor:
+    """Gram Newton–Schulz as the Dao-AILab README states it (R = X·Xᵀ, Q = I; per step Z = b·R + c·R²,
+    Q = Q·Z + a·Q, RZ = R·Z + a·R, R = Z·RZ + a·RZ; before a restart step X = Q·X, R = X·Xᵀ, Q = I;
+    X = Q·X at the end), on one already-normalized wide matrix, every product in ``dtype``."""
+    X = X.to(dtype)
+    eye = torch.eye(X.shape[0], dtype=dtype)
+    R, Q = X @ X.T, eye
+    for i, (a, b, c) in enumerate(coefficients):
+        if i in restarts:
+            X = Q @ X
+            R, Q = X @ X.T, eye
+        Z = b * R + c * R @ R
+        Q = Q @ Z + a * Q
+        RZ = R @ Z + a * R
+        R = Z @ RZ + a * RZ
+    return Q @ X
 
 
 def plain_recurrence(G: torch.Tensor, dtype: torch.dtype, ns_coefficients="keller", ns_steps: int = 5) -> torch.Tensor:
@@ -50,15 +73,18 @@ def controlled_spectrum(m: int, n: int, sigma: torch.Tensor, generator: torch.Ge
     return U @ torch.diag(sigma.to(torch.float64)) @ V.T
 
 
-def scalar_map(preset, ns_steps: int = 5):
+def scalar_map(preset, ns_steps: int | None = None):
     """(diag(σ) input in fp32, the scalar recurrence σ ← aσ + bσ³ + cσ⁵ on it in fp64).
 
     On a diagonal input Newton–Schulz reduces to that scalar map (DESIGN.md §5): coefficients shifted
-    by one step, or one step too many, move the result by 0.02–0.07.
+    by one step, or one step too many, move the result by 0.02–0.07. AOL divides row i of diag(σ)
+    by sqrt(σ_i²) = σ_i, so every σ starts at 1.
     """
     sigma = torch.tensor([1.0, 0.7, 0.5, 0.3, 0.1, 0.03, 0.01], dtype=torch.float64)
     config = resolve_ns_config(preset, ns_steps, 1e-7)
     s = sigma / (sigma.norm() * config.norm_scale + config.norm_offset)
+    if config.normalization == "aol":
+        s = s / s
     for a, b, c in config.coefficients:
         s = a * s + b * s**3 + c * s**5
     return torch.diag(sigma).float(), s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -47,12 +48,21 @@ def test_benchmark_writes_results(tmp_path):
     assert {"driver", "cuda", "torch", "triton"} <= set(result["versions"])
     assert result["quick"] is True
     ns_impls = {row["impl"] for row in result["ns"]}
-    assert {"ours-torch", "torch.optim.Muon", "cublas-recurrence"} <= ns_impls
+    assert {"ours-torch", "ours-torch-gram", "ours-torch-aol", "torch.optim.Muon", "cublas-recurrence"} <= ns_impls
+    # The peer row wherever the peer is installed (make test installs it, except on an offline host).
+    assert ("gram-newton-schulz" in ns_impls) == (importlib.util.find_spec("gram_newton_schulz") is not None)
     for row in result["ns"]:
         m, n = row["shape"]
         assert len(row["samples"]) == 1 and row["ms"] > 0 and row["dtype"] == "bfloat16"
         assert row["tflops"] == pytest.approx(newton_schulz.naive_flops(m, n, row["batch"]) / row["ms"] / 1e9)
-    assert {s["impl"] for s in result["ns_speedups"]} == {"ours-torch"}
+    assert {s["impl"] for s in result["ns_speedups"]} == {"ours-torch", "ours-torch-gram", "ours-torch-aol"}
+    algorithms = {(tuple(r["shape"]), r["dtype"], r["algorithm"]): r for r in result["ns_algorithms"]}
+    assert {a for _, _, a in algorithms} == {"standard", "gram", "turbo", "standard-4"}
+    for (shape, dtype, algorithm), r in algorithms.items():
+        assert r["ms"] > 0 and r["speedup"] == pytest.approx(algorithms[(shape, dtype, "standard")]["ms"] / r["ms"])
+        if algorithm == "gram":  # the same map: only rounding apart from the fp64 recurrence
+            assert r["recurrence_error"] <= (1e-4 if dtype == "float32" else 5e-2)
+    assert "Newton–Schulz algorithms" in run.stdout
     for row in result["update"]:
         assert {"impl", "gbps", "copy_gbps", "samples"} <= set(row) and row["gbps"] > 0 and row["copy_gbps"] > 0
     assert {row["impl"] for row in result["update"]} == {"ours-torch", "torch.optim.Muon"}

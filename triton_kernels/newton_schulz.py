@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import workspace
+from .. import recurrence, workspace
 from ..ns_config import NSConfig
 from . import autotune
 from .config import FP_FUSION, MatmulConfig, checked_grid, is_interpreting, precision_for, upcast_for
@@ -197,18 +197,17 @@ def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor |
     return out
 
 
+def matmul_ops(fp32_precision: str = "ieee") -> recurrence.MatmulOps:
+    """The three products of every recurrence on these kernels: X·Xᵀ and b·A + c·A·A on the
+    symmetric (upper-tile, mirrored) kernel, a·X + B·X on the fused-epilogue one."""
+    return recurrence.MatmulOps(
+        gram=lambda X: symmetric_matmul(X, fp32_precision=fp32_precision),
+        poly=lambda A, b, c: symmetric_matmul(A, alpha=c, D=A, beta=b, fp32_precision=fp32_precision),
+        apply=lambda B, X, a: ns_update(B, X, a, fp32_precision=fp32_precision),
+    )
+
+
 def newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, fp32_precision: str = "ieee") -> torch.Tensor:
-    """The whole recurrence on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor."""
-    X = normalize(stack, config, ns_dtype)
-    if config.steps == 0 or X.numel() == 0:
-        return X
-    k, m, _ = X.shape
-    A = workspace.empty((k, m, m), dtype=ns_dtype, device=X.device)
-    B = workspace.empty_like(A)
-    Y = workspace.empty_like(X)
-    for a, b, c in config.coefficients:
-        symmetric_matmul(X, out=A, fp32_precision=fp32_precision)
-        symmetric_matmul(A, alpha=c, D=A, beta=b, out=B, fp32_precision=fp32_precision)
-        ns_update(B, X, a, out=Y, fp32_precision=fp32_precision)
-        X, Y = Y, X
-    return X
+    """The whole recurrence on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor.
+    Standard NS, Gram NS and AOL preconditioning all run on the same three kernels (``matmul_ops``)."""
+    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, matmul_ops(fp32_precision))

@@ -15,21 +15,20 @@ from .newton_schulz import newton_schulz
 from .small_newton_schulz import small_newton_schulz
 
 
-def _config(coefficients: list[float], eps: float, norm_scale: float, norm_offset: float) -> NSConfig:
-    steps = tuple(tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3))
-    return NSConfig(steps, eps, norm_scale, norm_offset)
-
-
 @torch.library.custom_op("muon_kernels::newton_schulz", mutates_args=())
 def newton_schulz_op(stack: torch.Tensor, coefficients: list[float], eps: float, norm_scale: float,
-                     norm_offset: float, ns_dtype: torch.dtype, small: bool) -> torch.Tensor:
-    """Newton–Schulz on a (k, m, n) stack; ``coefficients`` is the flattened per-step (a, b, c)."""
+                     norm_offset: float, ns_dtype: torch.dtype, small: bool, normalization: str,
+                     algorithm: str, restarts: list[int]) -> torch.Tensor:
+    """Newton–Schulz on a (k, m, n) stack; ``coefficients`` is the flattened per-step (a, b, c), the
+    rest the fields of an ``NSConfig`` (custom ops take only plain types)."""
+    steps = tuple(tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3))
+    config = NSConfig(steps, eps, norm_scale, norm_offset, normalization, algorithm, tuple(restarts))
     fn = small_newton_schulz if small else newton_schulz
-    return fn(stack, _config(coefficients, eps, norm_scale, norm_offset), ns_dtype)
+    return fn(stack, config, ns_dtype)
 
 
 @newton_schulz_op.register_fake
-def _(stack, coefficients, eps, norm_scale, norm_offset, ns_dtype, small):
+def _(stack, coefficients, eps, norm_scale, norm_offset, ns_dtype, small, normalization, algorithm, restarts):
     return torch.empty(stack.shape, dtype=ns_dtype, device=stack.device)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import _C, workspace
+from .. import _C, recurrence, workspace
 from ..ns_config import NSConfig
 from . import torch_backend
 from .fused import fusable, momenta, update_scalars
@@ -54,7 +54,22 @@ def work_dtype(ns_dtype: torch.dtype, path: int) -> torch.dtype:
     return torch.float16 if path == SM75 and ns_dtype == torch.bfloat16 else ns_dtype
 
 
-def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+def _driver(config: NSConfig | None) -> bool:
+    """The C++ driver runs the standard recurrence after Frobenius scaling in one call; Gram NS and
+    AOL run the same kernels from Python, one launch per product (``_padded_ops``)."""
+    return config is None or (config.algorithm == "standard" and config.normalization == "frobenius")
+
+
+def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
+                config: NSConfig | None = None) -> tuple[str, str]:
+    path, how = _kernel_path(m, n, ns_dtype, device)
+    if _driver(config):
+        return path, how
+    what = "Gram NS" if config.algorithm == "gram" else "AOL-preconditioned NS"
+    return f"{path}-ops", f"{what} on the same kernels, one launch per product on zero-padded buffers; {how}"
+
+
+def _kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
     if ns_dtype == torch.float32:
         return "simt", "fp32 (ieee) on the FMA units, 128×128 tiles; upper-triangle X·Xᵀ and A·A, mirrored store"
     path = code_path(device) if device.type == "cuda" and torch.cuda.is_available() else SM80
@@ -148,10 +163,41 @@ def _norm_workspace(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             workspace.empty((k, 2), dtype=torch.float32, device=stack.device))
 
 
+def _padded_ops(dtype: torch.dtype, path: int, device: torch.device) -> recurrence.MatmulOps:
+    """The recurrence's three products on zero-padded (k, 128·i, 128·j) stacks, padding kept zero
+    (every product of zero rows/columns is zero), with the extension's kernels on the current stream."""
+    code, stream = DTYPE_CODES[dtype], _stream(device)
+
+    def gram(x):
+        k, mp, kp = x.shape
+        out = workspace.empty((k, mp, mp), dtype=dtype, device=device)
+        _C.symmetric_matmul(p=x.data_ptr(), d=0, c=out.data_ptr(), dtype=code, batch=k, m=mp, k=kp, alpha=1.0,
+                            beta=0.0, path=path, stream=stream)
+        return out
+
+    def poly(a, b, c):
+        k, mp, _ = a.shape
+        out = workspace.empty_like(a)
+        _C.symmetric_matmul(p=a.data_ptr(), d=a.data_ptr(), c=out.data_ptr(), dtype=code, batch=k, m=mp, k=mp,
+                            alpha=float(c), beta=float(b), path=path, stream=stream)
+        return out
+
+    def apply(b, x, a):
+        k, mp, np_ = x.shape
+        out = workspace.empty_like(x)
+        _C.ns_update(b=b.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), dtype=code, out_dtype=code, batch=k, m=mp,
+                     n=np_, out_rows=mp, out_cols=np_, a=float(a), path=path, stream=stream)
+        return out
+
+    return recurrence.MatmulOps(gram, poly, apply)
+
+
 def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
     """Newton–Schulz on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor.
     ``stack`` may be any strided view (normalization reads it through its strides); an fp64 stack
-    (fp64 parameters) is normalized from an fp32 copy, since the iteration is at most fp32 anyway."""
+    (fp64 parameters) is normalized from an fp32 copy, since the iteration is at most fp32 anyway.
+    The standard recurrence runs in the C++ driver (one call); Gram NS and AOL run the recurrence
+    module over ``_padded_ops``."""
     if stack.dtype == torch.float64:
         stack = stack.float()
     _require((stack, "stack", ALL, False))
@@ -164,6 +210,8 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
     path = code_path(stack.device)
     work = work_dtype(ns_dtype, path)
     mp, np_ = padded(m), padded(n)
+    if not _driver(config):
+        return _orthogonalize_ops(stack, config, ns_dtype, work, path)
     steps = config.steps
     x = workspace.empty((k, mp, np_) if steps else (0,), dtype=work, device=stack.device)
     y = workspace.empty_like(x)
@@ -180,6 +228,22 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
             stream=_stream(stack.device),
         )
     return out
+
+
+def _orthogonalize_ops(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, work: torch.dtype,
+                       path: int) -> torch.Tensor:
+    k, m, n = stack.shape
+    x = workspace.empty((k, padded(m), padded(n)), dtype=work, device=stack.device)
+    partial, denom = _norm_workspace(stack)
+    with torch.cuda.device(stack.device):
+        _C.normalize(input=stack.data_ptr(), in_dtype=DTYPE_CODES[stack.dtype], in_strides=stack.stride(), batch=k,
+                     rows=m, cols=n, out=x.data_ptr(), out_dtype=DTYPE_CODES[work], out_rows=x.shape[1],
+                     out_cols=x.shape[2], partial=partial.data_ptr(), denom=denom.data_ptr(),
+                     norm_scale=float(config.norm_scale), norm_offset=float(config.norm_offset),
+                     floor=float(config.floor), stream=_stream(stack.device))
+        x = recurrence.run(x, config, ns_dtype, _padded_ops(work, path, stack.device))
+    out = workspace.empty((k, m, n), dtype=ns_dtype, device=stack.device)
+    return out.copy_(x[:, :m, :n])
 
 
 def _layout(bucket: Bucket) -> dict:

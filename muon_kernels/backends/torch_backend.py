@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import recurrence
 from ..ns_config import NSConfig
 
 if TYPE_CHECKING:
@@ -133,7 +134,8 @@ def matrices_per_call(m: int, n: int, ns_dtype: torch.dtype, device: torch.devic
     return max(1, CPU_CALL_BYTES // (torch.finfo(ns_dtype).bits // 8 * (2 * m * n + 2 * m * m)))
 
 
-def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
+                config: NSConfig | None = None) -> tuple[str, str]:
     per_call = matrices_per_call(m, n, ns_dtype, device)
     if per_call is None:
         return "baddbmm", "reference recurrence: one batched GEMM per term, any shape"
@@ -193,14 +195,18 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
     return y.div_(denom.view(k, 1, 1)).to(ns_dtype)
 
 
+# One batched GEMM per product: X·Xᵀ; b·A + c·A·A; a·X + B·X (beta=0 ignores X, NaN included).
+MATMUL_OPS = recurrence.MatmulOps(
+    gram=lambda X: torch.bmm(X, X.mT),
+    poly=lambda A, b, c: torch.baddbmm(A, A, A, beta=b, alpha=c),
+    apply=lambda B, X, a: torch.baddbmm(X, B, X, beta=a),
+)
+
+
 def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
-    """Newton–Schulz on a (k, m, n) stack with m <= n; returns (k, m, n) in ``ns_dtype``."""
-    X = normalize(stack, config, ns_dtype)
-    for a, b, c in config.coefficients:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
-    return X
+    """Newton–Schulz on a (k, m, n) stack with m <= n; returns (k, m, n) in ``ns_dtype``. The
+    algorithm (standard or Gram) and normalization (Frobenius or AOL) are the config's."""
+    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, MATMUL_OPS)
 
 
 def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> None:

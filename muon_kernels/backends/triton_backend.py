@@ -30,8 +30,19 @@ def small_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> b
     return fits_device(m, n, ns_dtype, device)
 
 
-def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
-    if small_path(m, n, ns_dtype, device):
+def _one_kernel(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, config: NSConfig | None) -> bool:
+    """The one-kernel small path runs the standard recurrence with Frobenius scaling only; Gram and
+    AOL go through the symmetric kernels at every size."""
+    plain = config is None or (config.algorithm == "standard" and config.normalization == "frobenius")
+    return plain and small_path(m, n, ns_dtype, device)
+
+
+def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
+                config: NSConfig | None = None) -> tuple[str, str]:
+    if config is not None and config.algorithm == "gram":
+        return "symmetric-gram", ("Gram NS on the symmetric kernels: X·Xᵀ and b·R + c·R·R (upper tiles, mirrored "
+                                  "store), Q and R updates and the final Q·X through the a·X + B·X kernel")
+    if _one_kernel(m, n, ns_dtype, device, config):
         return "small", "whole matrix in one CTA: all NS steps in one kernel; fused momentum and update; 5 launches"
     return "symmetric", (
         "fused momentum→stack, triangular-grid X·Xᵀ and b·A+c·A·A (upper tiles, mirrored store), "
@@ -43,7 +54,8 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
     _, m, n = stack.shape
     flat = [float(v) for step in config.coefficients for v in step]
     return newton_schulz_op(stack, flat, config.eps, config.norm_scale, config.norm_offset, ns_dtype,
-                            small_path(m, n, ns_dtype, stack.device))
+                            _one_kernel(m, n, ns_dtype, stack.device, config), config.normalization,
+                            config.algorithm, list(config.gram_restarts(ns_dtype)))
 
 
 def _layout(bucket: Bucket) -> Layout:

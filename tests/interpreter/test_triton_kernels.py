@@ -251,9 +251,14 @@ def test_custom_ops_pass_opcheck():
 
     stack = _randn(2, 12, 20)
     torch.library.opcheck(torch.ops.muon_kernels.newton_schulz.default,
-                          (stack, [3.4445, -4.775, 2.0315] * 2, 1e-7, 1.0, 0.0, torch.float32, True))
+                          (stack, [3.4445, -4.775, 2.0315] * 2, 1e-7, 1.0, 0.0, torch.float32, True, "frobenius",
+                           "standard", []))
     torch.library.opcheck(torch.ops.muon_kernels.newton_schulz.default,
-                          (stack, [3.4445, -4.775, 2.0315], 1e-7, 1.0, 0.0, torch.bfloat16, False))
+                          (stack, [3.4445, -4.775, 2.0315], 1e-7, 1.0, 0.0, torch.bfloat16, False, "frobenius",
+                           "standard", []))
+    torch.library.opcheck(torch.ops.muon_kernels.newton_schulz.default,
+                          (stack, [3.4445, -4.775, 2.0315] * 3, 1e-7, 1.0, 0.0, torch.float32, False, "aol", "gram",
+                           [1]))
     views = [(1, 12, 20, False), (1, 20, 12, True)]
     layout = make_layout(views, torch.device("cpu"))
     grads = [_randn(12, 20, seed=1), _randn(20, 12, seed=2)]

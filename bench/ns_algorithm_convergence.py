@@ -1,0 +1,70 @@
+"""Training with each Newton–Schulz algorithm on the tiny character transformer
+(bench/convergence_tasks.py): standard NS (keller, 5 steps), Gram NS (the same coefficients and
+steps, default restarts) and Turbo (AOL preconditioning, 4 steps), bf16 iteration (the default),
+the same seeds, batches and learning rate for each. Writes the final train/test losses per seed
+and their mean and spread to bench/results/cpu/ns_algorithm_convergence.json.
+
+    python bench/ns_algorithm_convergence.py [--steps 400] [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import muon_kernels as mk
+from convergence_tasks import CharTransformerTask
+
+CONFIGS = {
+    "standard": {"ns_coefficients": "keller"},
+    "gram": {"ns_coefficients": "keller", "ns_algorithm": "gram"},
+    "turbo-aol-4": {"ns_coefficients": "turbo"},
+}
+OUT = Path(__file__).resolve().parent / "results" / "cpu" / "ns_algorithm_convergence.json"
+
+
+def train(task: CharTransformerTask, config: dict, seed: int, steps: int) -> dict:
+    model = task.make_model(seed)
+    opt = mk.Muon(task.param_groups(model), lr=task.lr, weight_decay=0.0, adamw_lr=task.adamw_lr, backend="torch",
+                  **config)
+    g = torch.Generator().manual_seed(1000 + seed)
+    for _ in range(steps):
+        idx = torch.randint(0, task.num_samples, (task.base_batch,), generator=g)
+        task.loss(model, idx).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        return {"seed": seed, "train_loss": task.full_loss(model).item(), **task.test_metrics(model)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    task = CharTransformerTask()
+    results = {}
+    for name, config in CONFIGS.items():
+        start = time.perf_counter()
+        runs = [train(task, config, seed, args.steps) for seed in args.seeds]
+        summary = {}
+        for key in ("train_loss", "test_loss"):
+            values = [r[key] for r in runs]
+            summary[key] = {"mean": statistics.mean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+                            "min": min(values), "max": max(values)}
+        results[name] = {"config": config, "runs": runs, "summary": summary, "seconds": time.perf_counter() - start}
+        print(name, json.dumps(summary), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"task": task.name, "steps": args.steps, "batch": task.base_batch,
+                                    "lr": task.lr, "ns_dtype": "bfloat16", "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

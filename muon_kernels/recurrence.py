@@ -1,0 +1,142 @@
+"""The Newton–Schulz recurrences, written once over a backend's three matrix products.
+
+Every backend supplies ``MatmulOps`` — ``gram(X) = X·Xᵀ``, ``poly(A, b, c) = b·A + c·A·A`` (A
+symmetric) and ``apply(B, X, a) = a·X + B·X`` — with its own kernels (torch: bmm/baddbmm; Triton:
+the symmetric kernels and the fused a·X + B·X; CUDA: the extension's kernels on zero-padded
+buffers). This module turns them into:
+
+- ``standard``: per step ``A = X·Xᵀ; B = b·A + c·A·A; X = a·X + B·X`` (4m²n + 2m³ FLOPs).
+- ``gram`` (Gram Newton–Schulz, Zhang, Amsel, Chen, Dao 2026): every step is X ← p(R)·X with
+  R = X·Xᵀ and p(t) = a + b·t + c·t², and all p(R) are polynomials in the same R, so the m×n matrix
+  is touched only to form R and at the end: Z = b·R + c·R², Q ← Q·Z + a·Q (the accumulated p's),
+  R ← p(R)·R·p(R) = Z·(R·Z + a·R) + a·(R·Z + a·R), and X = Q·X once. In 16 bits R drifts from
+  the X it describes, so at each step listed in ``restarts`` X ← Q·X and R ← X·Xᵀ are recomputed
+  from the matrix (docs/newton_schulz.md has the FLOP counts and the measurements behind the
+  default restarts).
+- ``aol`` preconditioning (Turbo-Muon): after the Frobenius scaling, X ← diag(s)·X with
+  s_i = (Σ_j |X·Xᵀ|_ij)^-1/2, which bounds ‖X‖₂ ≤ 1 (AOL, Prach & Lampert 2022) and pulls small
+  singular values up; the Gram matrix it needs is the first step's A (or R), rescaled as
+  diag(s)·A·diag(s), so it costs one m×n scaling pass.
+
+``choose_algorithm`` resolves ``"auto"`` per bucket shape and dtype from measured thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, NamedTuple
+
+import torch
+
+from .ns_config import NSConfig
+
+
+class MatmulOps(NamedTuple):
+    gram: Callable[[torch.Tensor], torch.Tensor]  # X (k, m, n) -> X·Xᵀ (k, m, m)
+    poly: Callable[[torch.Tensor, float, float], torch.Tensor]  # A, b, c -> b·A + c·A·A
+    apply: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # B, X, a -> a·X + B·X
+
+
+def aol(X: torch.Tensor, A: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AOL rescaling of X (k, m, n) given A = X·Xᵀ: (diag(s)·X, diag(s)·A·diag(s)) with
+    s = max(Σ_j |A_ij|, floor)^-1/2, computed in fp32 and rounded once to X's dtype. X is already
+    Frobenius-normalized (AOL is scale-invariant, so that changes nothing but keeps 16-bit A finite),
+    which makes the floor relative to ‖U‖²: a row whose squared norm is below it is not blown up.
+    Zero rows (a zero matrix, or the cuda backend's zero padding) stay zero."""
+    acc = torch.promote_types(X.dtype, torch.float32)
+    s = A.to(acc).abs().sum(dim=-1).clamp_min(floor).rsqrt()
+    X = (X.to(acc) * s.unsqueeze(-1)).to(X.dtype)
+    A = (A.to(acc) * s.unsqueeze(-1) * s.unsqueeze(-2)).to(A.dtype)
+    return X, A
+
+
+def standard(X: torch.Tensor, coefficients, ops: MatmulOps, A: torch.Tensor | None = None) -> torch.Tensor:
+    """The standard recurrence; ``A`` (= X·Xᵀ) is used for the first step when given (AOL formed it)."""
+    for i, (a, b, c) in enumerate(coefficients):
+        if A is None or i > 0:
+            A = ops.gram(X)
+        X = ops.apply(ops.poly(A, b, c), X, a)
+    return X
+
+
+def gram(X: torch.Tensor, coefficients, restarts: tuple[int, ...], ops: MatmulOps,
+         R: torch.Tensor | None = None) -> torch.Tensor:
+    """Gram Newton–Schulz: the same polynomial map as ``standard`` iterated on R = X·Xᵀ (m×m) and an
+    accumulated m×m factor Q, restarted from X before each step in ``restarts``; X = Q·X at the end."""
+    steps = len(coefficients)
+    if steps == 0:
+        return X
+    if R is None:
+        R = ops.gram(X)
+    Q = None
+    for i, (a, b, c) in enumerate(coefficients):
+        if i in restarts:
+            X = ops.apply(Q, X, 0.0)
+            R = ops.gram(X)
+            Q = None
+        Z = ops.poly(R, b, c)
+        if Q is None:  # first step after a (re)start: Q = p(R) = Z + a·I, a diagonal add, no product
+            Q = Z.clone()
+            Q.diagonal(dim1=-2, dim2=-1).add_(a)
+        else:
+            Q = ops.apply(Z, Q, a)  # Z·Q + a·Q = Q·p(R)
+        if i + 1 < steps and i + 1 not in restarts:
+            RZ = ops.apply(Z, R, a)  # R·Z + a·R (Z and R commute: polynomials in one R)
+            R = ops.apply(Z, RZ, a)  # Z·RZ + a·RZ = p(R)·R·p(R)
+    return ops.apply(Q, X, 0.0)
+
+
+def run(X: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, ops: MatmulOps) -> torch.Tensor:
+    """The recurrence ``config`` describes (algorithm resolved: "standard" or "gram") on a normalized X."""
+    if config.steps == 0 or X.numel() == 0:
+        return X
+    A = None
+    if config.normalization == "aol":
+        X, A = aol(X, ops.gram(X), config.floor)
+    if config.algorithm == "gram":
+        return gram(X, config.coefficients, config.gram_restarts(ns_dtype), ops, A)
+    return standard(X, config.coefficients, ops, A)
+
+
+def flops(m: int, n: int, config: NSConfig, ns_dtype: torch.dtype) -> int:
+    """Naive FLOPs of one m×n (m <= n) orthogonalization under ``config`` (algorithm resolved); an AOL
+    Gram matrix is reused by the first step, so it adds nothing but an m×n scaling."""
+    steps = config.steps
+    if config.algorithm != "gram":
+        return steps * (4 * m * m * n + 2 * m**3)
+    restarts = config.gram_restarts(ns_dtype)
+    total = 2 * m * m * n + 2 * m * m * n  # R = X·Xᵀ, final Q·X
+    for i in range(steps):
+        total += 4 * m * m * n if i in restarts else 0  # X = Q·X, R = X·Xᵀ
+        total += 2 * m**3  # Z
+        total += 0 if i == 0 or i in restarts else 2 * m**3  # Q·Z
+        total += 4 * m**3 if i + 1 < steps and i + 1 not in restarts else 0  # R update
+    return total
+
+
+# "auto" picks Gram when n/m reaches this, per device type and iteration dtype. CPU: measured on a
+# 2-core EPYC (bench/results/cpu/ns_algorithms.json, torch backend, default restarts): fp32 Gram is
+# 1.12× at n/m = 1.5, 1.57× at 3, 1.8× at 4; bf16 (two restarts) 1.05× at 1.5, 1.22× at 3; fp16
+# never (CPU fp16 GEMMs are ~80× slower than bf16). GPUs, not measured yet (no GPU lent): where
+# ``flops`` makes Gram 20% cheaper than standard NS (fp32 unrestarted: n/m >= 2; 16-bit with two
+# restarts: n/m >= 3), leaving room for Gram's extra launches.
+AUTO_GRAM_ASPECT: dict[tuple[str, torch.dtype], float] = {
+    ("cpu", torch.float32): 1.5,
+    ("cpu", torch.bfloat16): 2.0,
+    ("cpu", torch.float16): float("inf"),
+    ("cuda", torch.float32): 2.0,
+    ("cuda", torch.bfloat16): 3.0,
+    ("cuda", torch.float16): 3.0,
+}
+
+
+def choose_algorithm(config: NSConfig, m: int, n: int, ns_dtype: torch.dtype,
+                     device: torch.device) -> tuple[NSConfig, str]:
+    """Resolve ``config.algorithm`` for an m×n (m <= n) bucket; returns the config and why."""
+    if config.algorithm != "auto":
+        why = "Gram NS (ns_algorithm='gram')" if config.algorithm == "gram" else "standard NS"
+        return config, why
+    threshold = AUTO_GRAM_ASPECT.get((device.type, ns_dtype), AUTO_GRAM_ASPECT[("cuda", ns_dtype)])
+    if n >= threshold * m:
+        return replace(config, algorithm="gram"), f"auto: Gram NS (n/m = {n / m:.2f} >= {threshold:g})"
+    return replace(config, algorithm="standard"), f"auto: standard NS (n/m = {n / m:.2f} < {threshold:g})"
