@@ -137,12 +137,14 @@ class Bucket:
         return sum(e.view.batch for e in self.entries)
 
     def matrix_bytes(self) -> int:
-        """Workspace one matrix needs: the fp32 stack, X and X_next (m×n), A and B (m×m) — at the
-        sizes the backend allocates them (the cuda backend pads each dimension to a multiple of 128)."""
+        """Workspace one matrix needs: the fp32 stack, X and X_next (m×n), and the m×m temporaries —
+        A and B, or for Gram NS R, Z, Q, R·Z and the next R — at the sizes the backend allocates them
+        (the cuda backend pads each dimension to a multiple of 128)."""
         ns = torch.finfo(self.ns_dtype).bits // 8
         pad = getattr(self.backend, "padded", lambda size: size)
         m, n = pad(self.m), pad(self.n)
-        return 4 * self.m * self.n + ns * (2 * m * n + 2 * m * m)
+        squares = 5 if self.config.algorithm == "gram" else 2
+        return 4 * self.m * self.n + ns * (2 * m * n + squares * m * m)
 
     def chunks(self, max_workspace_bytes: int | None) -> list[tuple[int, int]]:
         """[start, stop) ranges of matrices so each chunk's workspace stays under the cap and under

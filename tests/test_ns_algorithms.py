@@ -330,3 +330,37 @@ def test_compiled_and_capturable_steps_match_eager():
     for kind in ("compiled", "capturable"):
         for p, q in zip(eager, run(kind)):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_and_batch_views_with_gram_and_aol(gen):
+    """A conv filter (out, in·kh·kw) and a (E, rows, cols) expert stack take Gram + AOL like their
+    matrices do one by one through orthogonalize."""
+    conv = nn.Parameter(_input((8, 4, 3, 3), gen))
+    experts = nn.Parameter(_input((3, 8, 40), gen))
+    opt = mk.Muon([{"params": [conv], "use_muon": True}, {"params": [experts], "use_muon": True, "matrix_view": "batch"}],
+                  lr=0.1, weight_decay=0.0, ns_dtype=torch.float32, ns_algorithm="gram", ns_normalization="aol",
+                  adjust_lr_fn="spectral")
+    conv.grad, experts.grad = _input(conv.shape, gen), _input(experts.shape, gen)
+    before = conv.detach().clone(), experts.detach().clone()
+    opt.step()
+    options = dict(ns_dtype=torch.float32, ns_algorithm="gram", ns_normalization="aol")
+    U = conv.grad.reshape(8, 36) * 0.05  # first step: M = (1-μ)G, U = (1-μ)G + μM = (1-μ)(1+μ)G ∝ G
+    want_conv = before[0] - 0.1 * (8 / 36) ** 0.5 * mk.orthogonalize(U, **options).reshape(conv.shape)
+    want_experts = before[1] - 0.1 * (8 / 40) ** 0.5 * mk.orthogonalize(experts.grad, **options)
+    torch.testing.assert_close(conv.detach(), want_conv, rtol=0, atol=1e-6)
+    torch.testing.assert_close(experts.detach(), want_experts, rtol=0, atol=1e-6)
+    assert "Gram NS (ns_algorithm='gram'), AOL preconditioning" in str(opt.plan())
+
+
+def test_workspace_cap_counts_gram_temporaries():
+    """Gram NS keeps five m×m temporaries (R, Z, Q, R·Z, the next R) where standard NS keeps two, and
+    max_workspace_bytes chunks by that."""
+    from muon_kernels.plan import Bucket
+
+    def bucket(algorithm):
+        config = resolve_ns_config("keller", None, 1e-7, algorithm)
+        return Bucket(torch.device("cpu"), torch.float32, 100, 300, config, torch.bfloat16, True, "ema",
+                      mk.backends.torch_backend, "test")
+
+    assert bucket("standard").matrix_bytes() == 4 * 100 * 300 + 2 * (2 * 100 * 300 + 2 * 100 * 100)
+    assert bucket("gram").matrix_bytes() == 4 * 100 * 300 + 2 * (2 * 100 * 300 + 5 * 100 * 100)
