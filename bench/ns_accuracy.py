@@ -78,8 +78,8 @@ AOL_CANDIDATES = {
     "standard keller, 5 steps": (resolve_ns_config("keller", 5, 1e-7), "frobenius"),
     "standard polar_express, 5 steps": (resolve_ns_config("polar_express", 5, 1e-7), "frobenius"),
     "standard keller, 4 steps": (resolve_ns_config("keller", 4, 1e-7), "frobenius"),
-    "AOL + turbo (flash-newton-schulz), 4 steps": (resolve_ns_config(list(TURBO), None, 1e-7), "aol"),
-    "AOL + polar_express steps 2-5, 4 steps": (resolve_ns_config(list(POLAR_EXPRESS[1:]), None, 1e-7), "aol"),
+    "AOL + turbo (flash-newton-schulz), 4 steps": (resolve_ns_config(list(TURBO), 4, 1e-7), "aol"),
+    "AOL + polar_express steps 2-5, 4 steps": (resolve_ns_config(list(POLAR_EXPRESS[1:]), 4, 1e-7), "aol"),
     "AOL + keller, 4 steps": (resolve_ns_config("keller", 4, 1e-7), "aol"),
 }
 

@@ -8,7 +8,7 @@ Every backend runs the same recurrence on a stack ``X`` of shape (k, m, n) with 
         A = X Xᵀ;  B = b A + c A A;  X = a X + B X
 
 computed either as written (algorithm "standard") or on the m×m Gram matrix (algorithm "gram",
-restarted after the steps in ``restarts``; muon_kernels/recurrence.py). ``NSConfig`` carries
+restarted before the steps in ``restarts``; muon_kernels/recurrence.py). ``NSConfig`` carries
 everything that defines the recurrence, resolved once per param group, so backends never see preset
 names. It imports nothing of this package, so it cannot be part of an import cycle.
 """
@@ -62,7 +62,7 @@ PRESET_NORMALIZATION: dict[str, tuple[float, float]] = {
     "polar_express": (1.02, 1e-6),
     "turbo": (1.0, 0.0),
 }
-# Steps a preset runs when ns_steps is None: its own length; keller (one fixed tuple) runs 5.
+# Steps a preset runs when ns_steps is None (a tuple or a per-step list runs DEFAULT_STEPS).
 PRESET_STEPS: dict[str, int] = {"keller": 5, "quintic": 5, "polar_express": 5, "turbo": 4}
 # The normalization a preset was derived for, used when ns_normalization is None.
 PRESET_PRECONDITIONING: dict[str, str] = {"keller": "frobenius", "quintic": "frobenius",
@@ -76,7 +76,7 @@ NS_NORMALIZATIONS = ("frobenius", "aol")
 # restart (before step 2, gram-newton-schulz's default) let rank-deficient and condition-1e6 spectra
 # reach errors of 0.4–14 where standard NS has 0.03–0.3; restarting every 2 steps (before 1, 3, ...)
 # keeps them at standard NS's level. In fp32 five unrestarted steps stay within 2.5e-3 of the fp64
-# recurrence on those spectra (30× closer than standard NS in bf16, the default) and eight do not
+# recurrence on those spectra (50× closer than standard NS in bf16, the default) and eight do not
 # (0.12), so fp32 restarts every 5 steps.
 RESTART_SCHEDULE: dict[torch.dtype, tuple[int, int]] = {
     torch.bfloat16: (1, 2), torch.float16: (1, 2), torch.float32: (5, 5), torch.float64: (5, 5),
@@ -133,8 +133,8 @@ def resolve_ns_config(ns_coefficients: CoefficientSpec, ns_steps: int | None, ep
                       ns_gram_restarts: Sequence[int] | None = None) -> NSConfig:
     """Turn a group's Newton–Schulz settings into an ``NSConfig``.
 
-    ``ns_steps=None`` runs a preset's own number of steps (``PRESET_STEPS``), a per-step list's
-    length, or 5 for a single tuple. A preset or a list of per-step tuples shorter than ``ns_steps``
+    ``ns_steps=None`` runs a preset's own number of steps (``PRESET_STEPS``: 5, "turbo" 4), and 5
+    for a tuple or a per-step list (as torch.optim.Muon's default ``ns_steps=5`` did). A preset or a list of per-step tuples shorter than ``ns_steps``
     repeats its last tuple (a single (a, b, c) is the one-element case); a longer list is cut to
     ``ns_steps``. ``ns_normalization=None`` is the preset's own ("aol" for "turbo", else
     "frobenius"). ``ns_gram_restarts`` (Gram only) lists the 0-based steps before which the Gram
@@ -165,7 +165,6 @@ def resolve_ns_config(ns_coefficients: CoefficientSpec, ns_steps: int | None, ep
         per_step = (_as_triple(ns_coefficients, "the tuple"),)
     elif isinstance(ns_coefficients, (tuple, list)) and ns_coefficients:
         per_step = tuple(_as_triple(t, f"step {i}") for i, t in enumerate(ns_coefficients))
-        natural_steps = len(per_step)
     else:
         raise ValueError(
             f"ns_coefficients must be a preset name {sorted(PRESETS)}, a tuple (a, b, c) or a "

@@ -189,7 +189,9 @@ def test_presets_and_steps():
     assert turbo.steps == 4 and turbo.normalization == "aol"
     assert resolve_ns_config("turbo", None, 1e-7, ns_normalization="frobenius").normalization == "frobenius"
     assert resolve_ns_config("keller", None, 1e-7).coefficients == KELLER * 5
-    assert resolve_ns_config([(1, 2, 3), (4, 5, 6)], None, 1e-7).steps == 2
+    # Lists and tuples keep torch.optim.Muon's 5 steps (a shorter list repeats its last tuple).
+    assert resolve_ns_config([(1, 2, 3), (4, 5, 6)], None, 1e-7).steps == 5
+    assert resolve_ns_config((1, 2, 3), None, 1e-7).steps == 5
 
 
 @pytest.mark.parametrize("kwargs, match", [
