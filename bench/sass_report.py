@@ -178,10 +178,12 @@ def kernel_cases(arch: int):
                                 consts, f"block{fused_update.BLOCK}w4", f"{param}/{buf}", 4, 1, False, False))
     for param in ("fp32", "bf16", "fp16"):
         for ortho in ("bf16", "fp32"):
-            args = dict(ParamPtrs="i64", Alphas="fp32", Decays="fp32", Ortho=ortho, **tables)
-            consts = dict(PARAM_DTYPE=_TL[param], BLOCK=fused_update.BLOCK, EMULATE_RN=False)
-            elementwise.append(("fused_apply_update", fused_update._fused_apply_update_kernel, args, consts,
-                                f"block{fused_update.BLOCK}w4", f"{param}<-{ortho}", 4, 1, False, False))
+            for cautious in (False, True):
+                args = dict(ParamPtrs="i64", Alphas="fp32", Decays="fp32", Ortho=ortho, **tables)
+                consts = dict(PARAM_DTYPE=_TL[param], BLOCK=fused_update.BLOCK, EMULATE_RN=False, CAUTIOUS=cautious)
+                elementwise.append((f"fused_apply_update{'[cautious]' if cautious else ''}",
+                                    fused_update._fused_apply_update_kernel, args, consts,
+                                    f"block{fused_update.BLOCK}w4", f"{param}<-{ortho}", 4, 1, False, False))
     return matmul + elementwise
 
 

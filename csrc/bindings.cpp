@@ -161,13 +161,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_apply_update",
         [](std::vector<uintptr_t> params, std::vector<int64_t> numels, std::vector<int64_t> stack_offsets,
            std::vector<int64_t> rows, std::vector<int64_t> cols, std::vector<uint8_t> transposed, int param_dtype,
-           uintptr_t alphas, uintptr_t decays, uintptr_t stack, int stack_dtype, uintptr_t stream) {
+           uintptr_t alphas, uintptr_t decays, uintptr_t stack, int stack_dtype, bool cautious, uintptr_t stream) {
           fused_apply_update(tensor_list({}, std::move(params), std::move(numels), std::move(stack_offsets),
                                          std::move(rows), std::move(cols), std::move(transposed)),
                              dtype_of(param_dtype), ptr<const float>(alphas), ptr<const float>(decays),
-                             ptr<const void>(stack), dtype_of(stack_dtype), stream_of(stream));
+                             ptr<const void>(stack), dtype_of(stack_dtype), cautious, stream_of(stream));
         },
         py::arg("params"), py::arg("numels"), py::arg("stack_offsets"), py::arg("rows"), py::arg("cols"),
         py::arg("transposed"), py::arg("param_dtype"), py::arg("alphas"), py::arg("decays"), py::arg("stack"),
-        py::arg("stack_dtype"), py::arg("stream"), "W = round(W·decay) + alpha·round(O) for every parameter.");
+        py::arg("stack_dtype"), py::arg("cautious"), py::arg("stream"),
+        "W = round(W·decay) + alpha·round(O) for every parameter; cautious: the decay only where W·O >= 0.");
 }

@@ -70,9 +70,11 @@ __global__ void __launch_bounds__(kThreads) fused_momentum_kernel(MultiTensorArg
 }
 
 // W = round(W·decay) + alpha·round(O): O cast to the parameter's dtype first, then mul_ and add_.
+// cautious: the decay only where W·O >= 0 (signs agree or either is zero), elsewhere a factor of 1.
 template <typename P, typename S>
 __global__ void __launch_bounds__(kThreads) fused_apply_update_kernel(MultiTensorArgs args, const float* alphas,
-                                                                      const float* decays, const S* stack) {
+                                                                      const float* decays, const S* stack,
+                                                                      bool cautious) {
   const int slot = args.block_tensor[blockIdx.x];
   const int64_t start = int64_t(args.block_chunk[blockIdx.x]) * kChunk;
   const int64_t end = min(start + kChunk, args.numel[slot]);
@@ -80,7 +82,9 @@ __global__ void __launch_bounds__(kThreads) fused_apply_update_kernel(MultiTenso
   const float alpha = alphas[args.scalar_index[slot]], decay = decays[args.scalar_index[slot]];
   for (int64_t idx = start + threadIdx.x; idx < end; idx += kThreads) {
     const float o = round_to<P>(to_float(stack[stack_index(args, slot, idx)]));
-    const float w = round_to<P>(to_float(param[idx]) * decay);
+    const float w0 = to_float(param[idx]);
+    const bool agree = (w0 >= 0.f) == (o >= 0.f) || w0 == 0.f || o == 0.f;
+    const float w = round_to<P>(w0 * (cautious && !agree ? 1.f : decay));
     param[idx] = from_float<P>(w + alpha * o);
   }
 }
@@ -170,7 +174,7 @@ void fused_momentum(const TensorList& list, DType grad_dtype, DType buf_dtype, c
 }
 
 void fused_apply_update(const TensorList& list, DType param_dtype, const float* alphas, const float* decays,
-                        const void* stack, DType stack_dtype, cudaStream_t stream) {
+                        const void* stack, DType stack_dtype, bool cautious, cudaStream_t stream) {
   const char* what = "fused_apply_update";
   validate(list, false, what);
   require(alphas != nullptr && decays != nullptr && stack != nullptr,
@@ -181,7 +185,7 @@ void fused_apply_update(const TensorList& list, DType param_dtype, const float* 
       using S = decltype(s);
       for_each_launch(list, false, [&](const MultiTensorArgs& args, int blocks) {
         fused_apply_update_kernel<P, S><<<blocks, kThreads, 0, stream>>>(args, alphas, decays,
-                                                                         static_cast<const S*>(stack));
+                                                                         static_cast<const S*>(stack), cautious);
       });
     });
   });

@@ -109,8 +109,9 @@ struct TensorList {
 // = buffer dtype, which is the gradients' or float32). momenta: fp32 device array, (μ, 1 - μ) per tensor.
 void fused_momentum(const TensorList& list, DType grad_dtype, DType buf_dtype, const float* momenta,
                     void* stack, bool ema, bool nesterov, cudaStream_t stream);
-// W = round(W·decay) + alpha·round(O) per parameter, O read from its slice of the stack.
+// W = round(W·decay) + alpha·round(O) per parameter, O read from its slice of the stack; cautious:
+// the decay only where W·O >= 0 (cautious weight decay).
 void fused_apply_update(const TensorList& list, DType param_dtype, const float* alphas, const float* decays,
-                        const void* stack, DType stack_dtype, cudaStream_t stream);
+                        const void* stack, DType stack_dtype, bool cautious, cudaStream_t stream);
 
 }  // namespace muon_kernels

@@ -274,7 +274,7 @@ def finish_sharded(bucket: Bucket, owners: list[int], group, scattered, groups: 
         outs.append(locals_o[id(e)].reshape(local.shape).to(local.dtype))
     for (gi, scale), (params, outs) in batches.items():
         torch_backend.decay_and_add(params, outs, lr=float(groups[gi]["lr"]),
-                                    weight_decay=groups[gi]["weight_decay"], scale=scale)
+                                    weight_decay=groups[gi]["weight_decay"], scale=scale, cautious=bucket.cautious)
 
 
 # -------------------------------------------------------------------------------------- agreement

@@ -22,11 +22,14 @@ from .plan import ADJUST_LR_FNS, Plan, PlanRow, build_buckets, lr_scale, matrix_
 
 DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 MOMENTUM_FORMS = ("ema", "sgd")
+# "cautious" (Chen et al. 2025, arXiv 2510.12402): decay only where the parameter and the update
+# direction O agree in sign (W·O >= 0); the step is W -= lr·(scale·O + wd·[W·O >= 0]·W).
+WEIGHT_DECAY_MODES = ("decoupled", "cautious")
 _DTYPE_KEYS = ("ns_dtype", "momentum_dtype")
 # Group keys whose values change which buckets exist or how they are iterated; the bucket plan is
 # rebuilt when any of them (or a parameter's identity, dtype, device, shape) changes.
 _PLAN_KEYS = (
-    "ns_coefficients", "ns_steps", "eps", "ns_algorithm", "ns_normalization", "ns_gram_restarts", "ns_dtype", "momentum_dtype", "matrix_view", "adjust_lr_fn",
+    "ns_coefficients", "ns_steps", "eps", "ns_algorithm", "ns_normalization", "ns_gram_restarts", "weight_decay_mode", "ns_dtype", "momentum_dtype", "matrix_view", "adjust_lr_fn",
     "nesterov", "momentum_form", "backend",
 )
 
@@ -35,7 +38,7 @@ _PLAN_KEYS = (
 # values changed since its last check, before anything is modified.
 _MUON_SETTINGS = (
     "lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn", "backend",
-    "ns_algorithm", "ns_normalization", "ns_gram_restarts", "ns_dtype", "momentum_dtype", "momentum_form", "matrix_view", "capturable",
+    "ns_algorithm", "ns_normalization", "ns_gram_restarts", "weight_decay_mode", "ns_dtype", "momentum_dtype", "momentum_form", "matrix_view", "capturable",
 )
 _ADAMW_SETTINGS = (*ADAMW_KEYS, "capturable")
 
@@ -72,6 +75,8 @@ def _check_muon_settings(group: dict) -> None:
         raise ValueError(f"lr must be >= 0, got {float(lr)}")
     if not 0.0 <= group["weight_decay"]:
         raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+    if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
+        raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {group['weight_decay_mode']!r}")
     if not 0.0 <= group["momentum"] < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
     if not isinstance(group["nesterov"], bool):
@@ -102,6 +107,7 @@ class Muon(Optimizer):
     "frobenius", "aol") and ``ns_gram_restarts`` choose how each bucket is orthogonalized
     (docs/newton_schulz.md); ``ns_steps=None`` runs the preset's own number of steps. All are group
     keys, saved in ``state_dict()``; a checkpoint without them loads with this optimizer's values.
+    ``weight_decay_mode="cautious"`` decays only the entries where W and the update O agree in sign.
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class Muon(Optimizer):
         ns_algorithm: str = "standard",
         ns_normalization: str | None = None,
         ns_gram_restarts: tuple[int, ...] | None = None,
+        weight_decay_mode: str = "decoupled",
         ns_dtype: torch.dtype = torch.bfloat16,
         momentum_dtype: torch.dtype | None = None,
         momentum_form: str = "ema",
@@ -158,6 +165,7 @@ class Muon(Optimizer):
             "ns_algorithm": ns_algorithm,
             "ns_normalization": ns_normalization,
             "ns_gram_restarts": ns_gram_restarts,
+            "weight_decay_mode": weight_decay_mode,
             "use_muon": True,
             "backend": backend,
             "ns_dtype": ns_dtype,
@@ -278,6 +286,7 @@ class Muon(Optimizer):
                 group["nesterov"],
                 group["momentum_form"],
                 group["backend"],
+                group["weight_decay_mode"] == "cautious",
             )
 
     def _plan_buckets(self, work: list[tuple[int, dict, list[torch.Tensor]]]):
@@ -339,7 +348,8 @@ class Muon(Optimizer):
                     b, e, layout, owner = where[id(p)]
                     path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype, b.device, b.config)
                     dtype = str(b.ns_dtype).removeprefix("torch.")
-                    why = (f"{reason}; " if reason else "") + f"{b.why}; {b.algorithm}; {how}; bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}"
+                    variant = "; cautious weight decay" if b.cautious else ""
+                    why = (f"{reason}; " if reason else "") + f"{b.why}; {b.algorithm}{variant}; {how}; bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}"
                     rank = "local" if owner is None else f"{owner} ({layout})"
                     rows.append(PlanRow(*common, "Muon", e.view.describe(), b.backend.NAME, path, why, rank))
         return rows

@@ -129,6 +129,7 @@ class Bucket:
     backend: ModuleType
     why: str  # why this backend serves the bucket (the dispatch rule that fired)
     algorithm: str = ""  # the Newton–Schulz algorithm and normalization, and why (ns_algorithm="auto")
+    cautious: bool = False  # weight_decay_mode="cautious": decay only where W·O >= 0
     entries: list[Entry] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # a backend's per-plan data (e.g. kernel address tables)
 
@@ -182,17 +183,17 @@ class Bucket:
 
 def build_buckets(items) -> list[Bucket]:
     """``items``: (group index, param, view, scale, update dtype, config, ns_dtype, nesterov,
-    momentum form, backend name). Groups that agree on all of these share buckets."""
+    momentum form, backend name, cautious weight decay). Groups that agree on all of these share buckets."""
     buckets: dict[tuple, Bucket] = {}
-    for group, p, view, scale, dtype, config, ns_dtype, nesterov, form, backend in items:
+    for group, p, view, scale, dtype, config, ns_dtype, nesterov, form, backend, cautious in items:
         m, n = view.oriented
-        key = (p.device, p.dtype, dtype, m, n, config, ns_dtype, nesterov, form, backend)
+        key = (p.device, p.dtype, dtype, m, n, config, ns_dtype, nesterov, form, backend, cautious)
         if key not in buckets:
             resolved, why = choose_algorithm(config, m, n, ns_dtype, p.device)
             if resolved.normalization == "aol":
                 why += ", AOL preconditioning"
             buckets[key] = Bucket(p.device, dtype, m, n, resolved, ns_dtype, nesterov, form,
-                                  *select_backend(backend, p.device, m, n, ns_dtype), why)
+                                  *select_backend(backend, p.device, m, n, ns_dtype), why, cautious)
         buckets[key].entries.append(Entry(group, p, view, scale))
     return list(buckets.values())
 

@@ -49,6 +49,8 @@ def loss_fn(model, x, y):
 
 # Gram NS with AOL preconditioning: the options whose recurrence differs most from the default.
 GRAM_AOL = {"ns_algorithm": "gram", "ns_normalization": "aol"}
+# Cautious weight decay: elementwise on each rank's local rows, so sharding must not change it.
+CAUTIOUS = {"weight_decay_mode": "cautious"}
 
 
 def reference(world: int, ns_dtype, steps: int = STEPS, options: dict | None = None):
@@ -134,6 +136,14 @@ def train_ddp_gram_aol(rank, world, ns_dtype, out):
 
 def train_fsdp_gram_aol(rank, world, ns_dtype, out):
     return train_fsdp(rank, world, ns_dtype, out, GRAM_AOL)
+
+
+def train_ddp_cautious(rank, world, ns_dtype, out):
+    return train_ddp(rank, world, ns_dtype, out, CAUTIOUS)
+
+
+def train_fsdp_cautious(rank, world, ns_dtype, out):
+    return train_fsdp(rank, world, ns_dtype, out, CAUTIOUS)
 
 
 def fsdp_resume(rank, world, ns_dtype, out):

@@ -67,7 +67,7 @@ def test_benchmark_writes_results(tmp_path):
         assert {"impl", "gbps", "copy_gbps", "samples"} <= set(row) and row["gbps"] > 0 and row["copy_gbps"] > 0
     assert {row["impl"] for row in result["update"]} == {"ours-torch", "torch.optim.Muon"}
     impls = {row["impl"] for row in result["step"]}
-    assert {"torch.optim.Muon", "ours-torch"} <= impls
+    assert {"torch.optim.Muon", "ours-torch", "ours-torch-cautious", "ours-torch-gram"} <= impls
     for row in result["step"]:
         assert row["model"] == "gpt2-small" and len(row["samples"]) == 1 and row["ms"] > 0
     pytest.importorskip("matplotlib")
@@ -235,3 +235,34 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "5 tests, 1 failures, 0 errors, 1 skipped" in text
     assert "| 3.2 | ours-triton | met |" in text and "not measured" in text
+
+
+# ---------------------------------------------------------------- option measurements (docs/newton_schulz.md)
+def test_accuracy_script_backs_the_default_restarts(tmp_path):
+    """bench/ns_accuracy.py reruns the restart table; its data must show what the defaults claim:
+    unrestarted 16-bit Gram blows up somewhere (error > 1), the default schedule never strays past
+    2× standard NS's own error + 1e-2 at the same dtype (5-step rows), and fp32 stays within 5e-3."""
+    out = tmp_path / "acc.json"
+    subprocess.run([sys.executable, "ns_accuracy.py", "--out", str(out)], cwd=BENCH, check=True, timeout=600,
+                   capture_output=True)
+    data = json.loads(out.read_text())
+    rows = [r for r in data["restarts"] if r["steps"] == 5]
+    assert any(r["gram"]["[]"] > 1 for r in rows if r["dtype"] != "float32")
+    for r in rows:
+        default = next(v for k, v in r["gram"].items() if k.startswith("default"))
+        if r["dtype"] == "float32":
+            assert default <= 5e-3, r
+        else:
+            assert default <= 2 * r["standard"] + 1e-2, r
+    methods = {r["method"] for r in data["aol"]}
+    assert "AOL + turbo (flash-newton-schulz), 4 steps" in methods and len(methods) == 6
+
+
+def test_option_convergence_script_runs(tmp_path):
+    out = tmp_path / "conv.json"
+    subprocess.run([sys.executable, "option_convergence.py", "--steps", "3", "--seeds", "0", "1", "--configs",
+                    "gram", "cautious-wd0.1", "--out", str(out)], cwd=BENCH, check=True, timeout=600, capture_output=True)
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"gram", "cautious-wd0.1"}
+    for result in data["results"].values():
+        assert len(result["runs"]) == 2 and result["summary"]["train_loss"]["mean"] > 0

@@ -259,7 +259,8 @@ def test_cuda_backend_reports_why_it_cannot_run_here():
                                 transposed=[0], grad_dtype=2, buf_dtype=1, momenta=1024, stack=2048, ema=True,
                                 nesterov=True, stream=0), "gradients' dtype or float32"),
     (lambda C: C.fused_apply_update(params=[0], numels=[6], stack_offsets=[0], rows=[2], cols=[3], transposed=[0],
-                                    param_dtype=0, alphas=256, decays=512, stack=768, stack_dtype=0, stream=0),
+                                    param_dtype=0, alphas=256, decays=512, stack=768, stack_dtype=0, cautious=False,
+                                    stream=0),
      "tensor 0 is a null pointer"),
 ])
 def test_extension_rejects_bad_arguments_before_any_cuda_call(call, message):

@@ -101,6 +101,13 @@ def test_gram_aol_training_equals_one_process(tmp_path, layout):
     assert "Gram NS (ns_algorithm='gram'), AOL preconditioning" in results[0]["plan"]
 
 
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_cautious_weight_decay_training_equals_one_process(tmp_path, layout):
+    results = _spawn(tmp_path, f"train_{layout}_cautious", 2, torch.float32)
+    _assert_matches_reference(results, 2, torch.float32, workers.CAUTIOUS)
+    assert "cautious weight decay" in results[0]["plan"]
+
+
 def test_fsdp2_full_state_dict_resumes_identically(tmp_path):
     for res in _spawn(tmp_path, "fsdp_resume", 2):
         for name, want in res["straight"].items():

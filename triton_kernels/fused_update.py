@@ -111,7 +111,7 @@ def _fused_momentum_kernel(
 @triton.jit
 def _fused_apply_update_kernel(
     ParamPtrs, Meta, Numels, Alphas, Decays, ChunkTensor, ChunkStart, Ortho,
-    PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr, CAUTIOUS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(ChunkTensor + pid)
@@ -121,7 +121,10 @@ def _fused_apply_update_kernel(
     w = tl.load(param + idx, mask=mask, other=0.0).to(tl.float32)
     o = tl.load(Ortho + _stack_index(Meta, t, idx), mask=mask, other=0.0).to(tl.float32)
     o = _round(o, PARAM_DTYPE, EMULATE_RN).to(tl.float32)  # O is cast to the parameter's dtype first
-    w = _round(w * tl.load(Decays + t), PARAM_DTYPE, EMULATE_RN).to(tl.float32)  # W *= 1 - lr·wd, like mul_
+    decay = tl.load(Decays + t)
+    if CAUTIOUS:  # decay only where W·O >= 0 (cautious weight decay), from the signs: no underflow
+        decay = tl.where(((w >= 0) == (o >= 0)) | (w == 0) | (o == 0), decay, 1.0)
+    w = _round(w * decay, PARAM_DTYPE, EMULATE_RN).to(tl.float32)  # W *= 1 - lr·wd, like mul_
     w = w + tl.load(Alphas + t) * o  # then W += (-lr·scale)·O, rounded like add_
     tl.store(param + idx, _round(w, PARAM_DTYPE, EMULATE_RN), mask=mask)
 
@@ -211,8 +214,10 @@ def fused_momentum(grads, bufs, momenta: torch.Tensor, layout: Layout, stack: to
     )
 
 
-def fused_apply_update(params, alphas: torch.Tensor, decays: torch.Tensor, layout: Layout, ortho: torch.Tensor) -> None:
-    """``W = (W·decay) + alpha·O`` for every parameter, O read from its slice of ``ortho``.
+def fused_apply_update(params, alphas: torch.Tensor, decays: torch.Tensor, layout: Layout, ortho: torch.Tensor,
+                       cautious: bool = False) -> None:
+    """``W = (W·decay) + alpha·O`` for every parameter, O read from its slice of ``ortho``; with
+    ``cautious``, the decay only where W·O >= 0.
     ``alphas``/``decays``: fp32 device tensors, one value per parameter (computed on the device from
     a tensor lr, so a scheduler changing lr needs neither a recompile nor a host round trip)."""
     device = ortho.device
@@ -220,6 +225,6 @@ def fused_apply_update(params, alphas: torch.Tensor, decays: torch.Tensor, layou
     _fused_apply_update_kernel[(checked_grid(layout.chunk_tensor.numel(), "fused_apply_update"),)](
         _addresses(params, device), layout.meta, layout.numels, alphas, decays,
         layout.chunk_tensor, layout.chunk_start, ortho,
-        PARAM_DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=_block(), EMULATE_RN=is_interpreting(),
+        PARAM_DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=_block(), EMULATE_RN=is_interpreting(), CAUTIOUS=cautious,
         enable_fp_fusion=FP_FUSION,
     )

@@ -47,10 +47,10 @@ def _(grads, bufs, momenta, chunk_tensor, chunk_start, numels, meta, stack, ema,
 @torch.library.custom_op("muon_kernels::fused_apply_update", mutates_args=("params",))
 def fused_apply_update_op(params: list[torch.Tensor], alphas: torch.Tensor, decays: torch.Tensor,
                           chunk_tensor: torch.Tensor, chunk_start: torch.Tensor, numels: torch.Tensor,
-                          meta: torch.Tensor, ortho: torch.Tensor) -> None:
-    fused_apply_update(params, alphas, decays, (chunk_tensor, chunk_start, numels, meta), ortho)
+                          meta: torch.Tensor, ortho: torch.Tensor, cautious: bool) -> None:
+    fused_apply_update(params, alphas, decays, (chunk_tensor, chunk_start, numels, meta), ortho, cautious)
 
 
 @fused_apply_update_op.register_fake
-def _(params, alphas, decays, chunk_tensor, chunk_start, numels, meta, ortho):
+def _(params, alphas, decays, chunk_tensor, chunk_start, numels, meta, ortho, cautious):
     return None

@@ -279,7 +279,8 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
 
 
 def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> None:
-    """One launch per 32 tensors: W = W·(1 - lr·wd) - lr·scale·O for every parameter of the bucket."""
+    """One launch per 32 tensors: W = W·(1 - lr·wd) - lr·scale·O for every parameter of the bucket
+    (the decay only where W·O >= 0 with cautious weight decay)."""
     params = [e.param for e in bucket.entries]
     if not fusable(params) or len({p.dtype for p in params}) != 1 or ortho.dtype not in DTYPE_CODES:
         return torch_backend.apply_update(bucket, ortho, groups)
@@ -289,5 +290,5 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> Non
         _C.fused_apply_update(
             params=[p.data_ptr() for p in params], **_layout(bucket), param_dtype=DTYPE_CODES[params[0].dtype],
             alphas=alphas.data_ptr(), decays=decays.data_ptr(), stack=ortho.data_ptr(),
-            stack_dtype=DTYPE_CODES[ortho.dtype], stream=_stream(bucket.device),
+            stack_dtype=DTYPE_CODES[ortho.dtype], cautious=bucket.cautious, stream=_stream(bucket.device),
         )

@@ -224,7 +224,8 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> Non
         params.append(e.param)
         outs.append((o.mT if e.view.transposed else o).reshape(e.param.shape))
     for (gi, scale), (params, outs) in batches.items():
-        decay_and_add(params, outs, lr=groups[gi]["lr"], weight_decay=groups[gi]["weight_decay"], scale=scale)
+        decay_and_add(params, outs, lr=groups[gi]["lr"], weight_decay=groups[gi]["weight_decay"], scale=scale,
+                      cautious=bucket.cautious)
 
 
 def _scalar(value: float, tensors: list[torch.Tensor]):
@@ -240,19 +241,35 @@ def _scalar(value: float, tensors: list[torch.Tensor]):
 
 
 def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr, weight_decay: float,
-                  scale: float) -> None:
+                  scale: float, cautious: bool = False) -> None:
     """``W *= 1 - lr·wd; W -= lr·scale·O`` for lists of same-device tensors (whole or shards).
     ``lr`` is a float or a 1-element tensor; a tensor on the parameters' device is used there,
-    without reading it back to the host (CUDA-graph capturable)."""
-    if isinstance(lr, torch.Tensor):
-        # fp32 for 16-bit and fp32 parameters, fp64 for fp64 ones
-        lr = lr.to(device=params[0].device, dtype=torch.promote_types(params[0].dtype, torch.float32)).reshape(())
-        if weight_decay != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    without reading it back to the host (CUDA-graph capturable). ``cautious``: the decay applies
+    only where W·O >= 0 (signs agree, or either is zero; O taken in W's dtype), elsewhere W keeps
+    its value."""
+    device = params[0].device
+    acc = torch.promote_types(params[0].dtype, torch.float32)  # fp32 for 16-bit and fp32 parameters, fp64 for fp64 ones
+    tensor_lr = isinstance(lr, torch.Tensor)
+    if tensor_lr:
+        lr = lr.to(device=device, dtype=acc).reshape(())
+    decay = 1.0 - lr * weight_decay
+    if weight_decay != 0.0 and cautious:
+        # Device scalars made by fill kernels: no host-to-device copy, so capturable.
+        decay = decay if tensor_lr else torch.full((), decay, dtype=acc, device=device)
+        one = torch.ones((), dtype=acc, device=device)
+        for p, o in zip(params, outs):
+            p.mul_(torch.where(_signs_agree(p, o if o.dtype == p.dtype else o.to(p.dtype)), decay, one))
+    elif tensor_lr and weight_decay != 0.0:
+        torch._foreach_mul_(params, decay)
+    elif not tensor_lr and decay != 1.0:
+        torch._foreach_mul_(params, _scalar(decay, params))
+    if tensor_lr:
         outs = [o if o.dtype == p.dtype else o.to(p.dtype) for o, p in zip(outs, params)]
         torch._foreach_add_(params, torch._foreach_mul(outs, -lr * scale))
-        return
-    decay = 1.0 - lr * weight_decay
-    if decay != 1.0:
-        torch._foreach_mul_(params, _scalar(decay, params))
-    torch._foreach_add_(params, outs, alpha=-lr * scale)
+    else:
+        torch._foreach_add_(params, outs, alpha=-lr * scale)
+
+
+def _signs_agree(w: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """W·O >= 0 elementwise, from the signs (a product of tiny values would underflow to 0)."""
+    return ((w >= 0) == (o >= 0)) | (w == 0) | (o == 0)

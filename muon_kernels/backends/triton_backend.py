@@ -76,8 +76,9 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
 
 
 def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> None:
-    """One launch: W = W·(1 - lr·wd) - lr·scale·O for every parameter of the bucket."""
+    """One launch: W = W·(1 - lr·wd) - lr·scale·O for every parameter of the bucket (the decay only
+    where W·O >= 0 with cautious weight decay)."""
     params = [e.param for e in bucket.entries]
     if not fusable(params):
         return torch_backend.apply_update(bucket, ortho, groups)
-    fused_apply_update_op(params, *update_scalars(bucket, groups), *_layout(bucket), ortho)
+    fused_apply_update_op(params, *update_scalars(bucket, groups), *_layout(bucket), ortho, bucket.cautious)

@@ -266,9 +266,10 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.muon_kernels.fused_momentum.default,
                           (grads, bufs, torch.tensor([0.9, 0.1, 0.95, 0.05]), *layout, torch.empty(2, 12, 20), True, True))
     params = [_randn(12, 20, seed=3), _randn(20, 12, seed=4)]
-    torch.library.opcheck(torch.ops.muon_kernels.fused_apply_update.default,
-                          (params, torch.tensor([-0.01, -0.02]), torch.tensor([0.999, 1.0]), *layout,
-                           _randn(2, 12, 20, seed=5)))
+    for cautious in (False, True):
+        torch.library.opcheck(torch.ops.muon_kernels.fused_apply_update.default,
+                              (params, torch.tensor([-0.01, -0.02]), torch.tensor([0.999, 1.0]), *layout,
+                               _randn(2, 12, 20, seed=5), cautious))
 
 
 def test_compiled_training_step_matches_eager():

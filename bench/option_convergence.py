@@ -1,10 +1,14 @@
-"""Training with each Newton–Schulz algorithm on the tiny character transformer
-(bench/convergence_tasks.py): standard NS (keller, 5 steps), Gram NS (the same coefficients and
-steps, default restarts) and Turbo (AOL preconditioning, 4 steps), bf16 iteration (the default),
-the same seeds, batches and learning rate for each. Writes the final train/test losses per seed
-and their mean and spread to bench/results/cpu/ns_algorithm_convergence.json.
+"""Training with each optimizer option on the tiny character transformer (bench/convergence_tasks.py),
+the same seeds, batches and learning rate for each, bf16 iteration (the default):
 
-    python bench/ns_algorithm_convergence.py [--steps 400] [--seeds 0 1 2]
+- Newton–Schulz algorithms (weight decay 0): standard NS (keller, 5 steps), Gram NS (the same
+  coefficients and steps, default restarts), Turbo (AOL preconditioning, 4 steps);
+- weight decay 0.1: decoupled (torch.optim.Muon's) and cautious (arXiv 2510.12402).
+
+Writes the final train/test losses per seed and their mean and spread to
+bench/results/cpu/option_convergence.json.
+
+    python bench/option_convergence.py [--steps 600] [--seeds 0 1 2] [--configs standard gram ...]
 """
 
 from __future__ import annotations
@@ -21,17 +25,18 @@ import muon_kernels as mk
 from convergence_tasks import CharTransformerTask
 
 CONFIGS = {
-    "standard": {"ns_coefficients": "keller"},
-    "gram": {"ns_coefficients": "keller", "ns_algorithm": "gram"},
-    "turbo-aol-4": {"ns_coefficients": "turbo"},
+    "standard": {"ns_coefficients": "keller", "weight_decay": 0.0},
+    "gram": {"ns_coefficients": "keller", "ns_algorithm": "gram", "weight_decay": 0.0},
+    "turbo-aol-4": {"ns_coefficients": "turbo", "weight_decay": 0.0},
+    "decoupled-wd0.1": {"weight_decay": 0.1},
+    "cautious-wd0.1": {"weight_decay": 0.1, "weight_decay_mode": "cautious"},
 }
-OUT = Path(__file__).resolve().parent / "results" / "cpu" / "ns_algorithm_convergence.json"
+OUT = Path(__file__).resolve().parent / "results" / "cpu" / "option_convergence.json"
 
 
 def train(task: CharTransformerTask, config: dict, seed: int, steps: int) -> dict:
     model = task.make_model(seed)
-    opt = mk.Muon(task.param_groups(model), lr=task.lr, weight_decay=0.0, adamw_lr=task.adamw_lr, backend="torch",
-                  **config)
+    opt = mk.Muon(task.param_groups(model), lr=task.lr, adamw_lr=task.adamw_lr, backend="torch", **config)
     g = torch.Generator().manual_seed(1000 + seed)
     for _ in range(steps):
         idx = torch.randint(0, task.num_samples, (task.base_batch,), generator=g)
@@ -44,13 +49,15 @@ def train(task: CharTransformerTask, config: dict, seed: int, steps: int) -> dic
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     task = CharTransformerTask()
     results = {}
-    for name, config in CONFIGS.items():
+    for name in args.configs:
+        config = CONFIGS[name]
         start = time.perf_counter()
         runs = [train(task, config, seed, args.steps) for seed in args.seeds]
         summary = {}
