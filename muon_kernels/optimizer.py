@@ -29,8 +29,9 @@ _DTYPE_KEYS = ("ns_dtype", "momentum_dtype")
 # Group keys whose values change which buckets exist or how they are iterated; the bucket plan is
 # rebuilt when any of them (or a parameter's identity, dtype, device, shape) changes.
 _PLAN_KEYS = (
-    "ns_coefficients", "ns_steps", "eps", "ns_algorithm", "ns_normalization", "ns_gram_restarts", "weight_decay_mode", "ns_dtype", "momentum_dtype", "matrix_view", "adjust_lr_fn",
-    "nesterov", "momentum_form", "backend",
+    "ns_coefficients", "ns_steps", "eps", "ns_algorithm", "ns_normalization", "ns_gram_restarts",
+    "weight_decay_mode", "ns_dtype", "momentum_dtype", "matrix_view", "adjust_lr_fn", "nesterov", "momentum_form",
+    "backend",
 )
 
 
@@ -38,7 +39,8 @@ _PLAN_KEYS = (
 # values changed since its last check, before anything is modified.
 _MUON_SETTINGS = (
     "lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn", "backend",
-    "ns_algorithm", "ns_normalization", "ns_gram_restarts", "weight_decay_mode", "ns_dtype", "momentum_dtype", "momentum_form", "matrix_view", "capturable",
+    "ns_algorithm", "ns_normalization", "ns_gram_restarts", "weight_decay_mode", "ns_dtype", "momentum_dtype",
+    "momentum_form", "matrix_view", "capturable",
 )
 _ADAMW_SETTINGS = (*ADAMW_KEYS, "capturable")
 
@@ -349,7 +351,8 @@ class Muon(Optimizer):
                     path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype, b.device, b.config)
                     dtype = str(b.ns_dtype).removeprefix("torch.")
                     variant = "; cautious weight decay" if b.cautious else ""
-                    why = (f"{reason}; " if reason else "") + f"{b.why}; {b.algorithm}{variant}; {how}; bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}"
+                    why = (f"{reason}; " if reason else "") + (f"{b.why}; {b.algorithm}{variant}; {how}; "
+                                                               f"bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}")
                     rank = "local" if owner is None else f"{owner} ({layout})"
                     rows.append(PlanRow(*common, "Muon", e.view.describe(), b.backend.NAME, path, why, rank))
         return rows
