@@ -24,6 +24,7 @@ import torch
 from common import summarize, time_call
 from muon_kernels import recurrence
 from muon_kernels.backends import available_backends, select_backend
+from muon_kernels.backends.torch_backend import MATMUL_OPS, normalize
 from muon_kernels.ns_config import resolve_ns_config
 from newton_schulz import gram_newton_schulz_peer
 
@@ -50,11 +51,9 @@ def _references(G: torch.Tensor) -> dict[str, torch.Tensor]:
     """fp64 polar factor (SVD) and fp64 standard recurrence of one m×n (m <= n) matrix."""
     G64 = G.double().cpu()
     U, _, Vh = torch.linalg.svd(G64, full_matrices=False)
-    X = G64 / G64.norm()
-    for a, b, c in CONFIGS["standard"].coefficients:
-        A = X @ X.T
-        X = a * X + (b * A + c * A @ A) @ X
-    return {"polar": U @ Vh, "recurrence": X}
+    standard = CONFIGS["standard"]
+    X = normalize(G64[None], standard, torch.float64)
+    return {"polar": U @ Vh, "recurrence": recurrence.standard(X, standard.coefficients, MATMUL_OPS)[0]}
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -107,6 +107,12 @@ class NSConfig:
     def floor(self) -> float:
         return max(self.eps, NORM_FLOOR)
 
+    @property
+    def plain(self) -> bool:
+        """The standard recurrence after Frobenius scaling only: what the one-call drivers (Triton's
+        one-kernel path, the C++ driver) run; Gram NS and AOL go through muon_kernels.recurrence."""
+        return self.algorithm == "standard" and self.normalization == "frobenius"
+
     def gram_restarts(self, ns_dtype: torch.dtype) -> tuple[int, ...]:
         """The steps before which a Gram iteration in ``ns_dtype`` restarts (0-based)."""
         if self.restarts is not None:

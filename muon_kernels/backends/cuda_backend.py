@@ -54,16 +54,10 @@ def work_dtype(ns_dtype: torch.dtype, path: int) -> torch.dtype:
     return torch.float16 if path == SM75 and ns_dtype == torch.bfloat16 else ns_dtype
 
 
-def _driver(config: NSConfig | None) -> bool:
-    """The C++ driver runs the standard recurrence after Frobenius scaling in one call; Gram NS and
-    AOL run the same kernels from Python, one launch per product (``_padded_ops``)."""
-    return config is None or (config.algorithm == "standard" and config.normalization == "frobenius")
-
-
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
                 config: NSConfig | None = None) -> tuple[str, str]:
     path, how = _kernel_path(m, n, ns_dtype, device)
-    if _driver(config):
+    if config is None or config.plain:  # the C++ driver, one call
         return path, how
     what = "Gram NS" if config.algorithm == "gram" else "AOL-preconditioned NS"
     return f"{path}-ops", f"{what} on the same kernels, one launch per product on zero-padded buffers; {how}"
@@ -210,8 +204,8 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
     path = code_path(stack.device)
     work = work_dtype(ns_dtype, path)
     mp, np_ = padded(m), padded(n)
-    if not _driver(config):
-        return _orthogonalize_ops(stack, config, ns_dtype, work, path)
+    if not config.plain:  # Gram NS and AOL: the same kernels from Python, one launch per product
+        return _orthogonalize_ops(stack, config, ns_dtype, work, path, out)
     steps = config.steps
     x = workspace.empty((k, mp, np_) if steps else (0,), dtype=work, device=stack.device)
     y = workspace.empty_like(x)
@@ -231,7 +225,9 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
 
 
 def _orthogonalize_ops(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, work: torch.dtype,
-                       path: int) -> torch.Tensor:
+                       path: int, out: torch.Tensor) -> torch.Tensor:
+    """Normalize into a zero-padded work buffer, run ``recurrence`` over ``_padded_ops``, copy the
+    unpadded result into ``out``."""
     k, m, n = stack.shape
     x = workspace.empty((k, padded(m), padded(n)), dtype=work, device=stack.device)
     partial, denom = _norm_workspace(stack)
@@ -242,7 +238,6 @@ def _orthogonalize_ops(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dt
                      norm_scale=float(config.norm_scale), norm_offset=float(config.norm_offset),
                      floor=float(config.floor), stream=_stream(stack.device))
         x = recurrence.run(x, config, ns_dtype, _padded_ops(work, path, stack.device))
-    out = workspace.empty((k, m, n), dtype=ns_dtype, device=stack.device)
     return out.copy_(x[:, :m, :n])
 
 

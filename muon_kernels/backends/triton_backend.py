@@ -31,10 +31,9 @@ def small_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) -> b
 
 
 def _one_kernel(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, config: NSConfig | None) -> bool:
-    """The one-kernel small path runs the standard recurrence with Frobenius scaling only; Gram and
-    AOL go through the symmetric kernels at every size."""
-    plain = config is None or (config.algorithm == "standard" and config.normalization == "frobenius")
-    return plain and small_path(m, n, ns_dtype, device)
+    """The one-kernel small path runs only the plain recurrence; Gram and AOL go through the
+    symmetric kernels at every size."""
+    return (config is None or config.plain) and small_path(m, n, ns_dtype, device)
 
 
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
