@@ -29,13 +29,13 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from muon_kernels.triton_kernels import config as kcfg
-from muon_kernels.triton_kernels import fused_update, small_newton_schulz
+from muon_kernels.triton_kernels import fused_update, small_newton_schulz, variant_statistics
 from muon_kernels.triton_kernels.newton_schulz import _ns_update_kernel, _scale_cast_kernel, _sum_squares_kernel
 from muon_kernels.triton_kernels.symmetric_matmul import _symmetric_matmul_kernel
 
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "i32": "i32", "i64": "i64"}
-_TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "i8": "i8", "i32": "i32", "i64": "i64"}
+_TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "i8": tl.int8}
 # Tensor-core instruction families by arch: mma.sync (HMMA) through Ampere/Ada, wgmma (HGMMA) on Hopper.
 # sm_100 runs Triton's dots on the 5th-generation tensor cores (tcgen05: UTC*MMA); sm_120 on HMMA.
 TENSOR_CORE_OPCODES = {80: ("HMMA",), 86: ("HMMA",), 89: ("HMMA",), 90: ("HGMMA", "HMMA"),
@@ -169,21 +169,39 @@ def kernel_cases(arch: int):
             elementwise.append(("normalize[scale_cast]", _scale_cast_kernel, args2,
                                 dict(BLOCK_R=64, BLOCK_C=256, BLOCK_P=1024), "64x256w4", f"{src}->{dst}", 4, 1, False, False))
     tables = dict(Meta="i64", Numels="i64", ChunkTensor="i32", ChunkStart="i64")
-    for param, buf in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16")):
+    # (param, buffer, stack, int8, stochastic): plain buffers, then low-precision momentum
+    momentum_cases = [(p, b, b, False, False) for p, b in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"),
+                                                           ("fp16", "fp16"))]
+    momentum_cases += [("fp32", "bf16", "bf16", False, True), ("bf16", "bf16", "bf16", False, True),
+                       ("fp32", "i8", "fp32", True, False), ("bf16", "i8", "bf16", True, True)]
+    for param, buf, stack, int8, stochastic in momentum_cases:
         for ema in (True, False):
-            args = dict(GradPtrs="i64", BufPtrs="i64", Momenta="fp32", Stack=buf, **tables)
+            args = dict(GradPtrs="i64", BufPtrs="i64", Momenta="fp32", Stack=stack, Seeds="i64", StepPtrs="i64",
+                        ScalePtrs="i64", **tables)
             consts = dict(GRAD_DTYPE=_TL[param], BUF_DTYPE=_TL[buf], EMA=ema, NESTEROV=True,
-                          BLOCK=fused_update.BLOCK, EMULATE_RN=False)
-            elementwise.append((f"fused_momentum[{'ema' if ema else 'sgd'}]", fused_update._fused_momentum_kernel, args,
-                                consts, f"block{fused_update.BLOCK}w4", f"{param}/{buf}", 4, 1, False, False))
+                          BLOCK=fused_update.BLOCK, EMULATE_RN=False, INT8=int8, STOCHASTIC=stochastic)
+            kind = "int8" if int8 else "bf16-stochastic" if stochastic else ""
+            name = f"fused_momentum[{'ema' if ema else 'sgd'}{', ' + kind if kind else ''}]"
+            elementwise.append((name, fused_update._fused_momentum_kernel, args, consts,
+                                f"block{fused_update.BLOCK}w4", f"{param}/{buf}", 4, 1, False, False))
+    variants = {"": (False, False, False), "[cautious]": (True, False, False),
+                "[normuon+hyperball]": (False, True, True)}
     for param in ("fp32", "bf16", "fp16"):
         for ortho in ("bf16", "fp32"):
-            for cautious in (False, True):
-                args = dict(ParamPtrs="i64", Alphas="fp32", Decays="fp32", Ortho=ortho, **tables)
-                consts = dict(PARAM_DTYPE=_TL[param], BLOCK=fused_update.BLOCK, EMULATE_RN=False, CAUTIOUS=cautious)
-                elementwise.append((f"fused_apply_update{'[cautious]' if cautious else ''}",
-                                    fused_update._fused_apply_update_kernel, args, consts,
-                                    f"block{fused_update.BLOCK}w4", f"{param}<-{ortho}", 4, 1, False, False))
+            for suffix, (cautious, normuon, hyperball) in variants.items():
+                args = dict(ParamPtrs="i64", Alphas="fp32", Decays="fp32", Ortho=ortho, RowScale="fp32",
+                            Gains="fp32", Shrink="fp32", NMAX=4096, **tables)
+                consts = dict(PARAM_DTYPE=_TL[param], BLOCK=fused_update.BLOCK, EMULATE_RN=False, CAUTIOUS=cautious,
+                              NORMUON=normuon, HYPERBALL=hyperball)
+                elementwise.append((f"fused_apply_update{suffix}", fused_update._fused_apply_update_kernel, args,
+                                    consts, f"block{fused_update.BLOCK}w4", f"{param}<-{ortho}", 4, 1, False, False))
+            args = dict(Ortho=ortho, Table="i64", RowScale="fp32", Partials="fp32", MN=1024 * 4096, NMAX=4096,
+                        BLOCKS=128, weight=0.05, eps=1e-10)
+            consts = dict(PARAM_DTYPE=_TL[param], NORMUON=True, HYPERBALL=True, BLOCK_N=variant_statistics.BLOCK_N,
+                          BLOCK_J=variant_statistics.BLOCK_J, EMULATE_RN=False)
+            elementwise.append(("variant_statistics", variant_statistics._variant_statistics_kernel, args, consts,
+                                f"{variant_statistics.BLOCK_N}x{variant_statistics.BLOCK_J}w4", f"{param}/{ortho}",
+                                4, 1, False, False))
     return matmul + elementwise
 
 

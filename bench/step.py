@@ -49,8 +49,11 @@ def implementations(device: torch.device, quick: bool):
     for name, (ok, _) in mk.available_backends(device).items():
         if ok:
             impls.append((f"ours-{name}", ours(name)))
-            # A variant on, so its cost is visible per backend (cautious weight decay: one fused branch).
+            # Variants on, so their cost is visible per backend: cautious weight decay (one fused
+            # branch); NorMuon + hyperball (one statistics pass, factors in the fused update).
             impls.append((f"ours-{name}-cautious", ours(name, weight_decay_mode="cautious")))
+            impls.append((f"ours-{name}-normuon-hyperball",
+                          ours(name, adaptive="normuon", constraint="hyperball", weight_decay=0.0)))
     if device.type == "cuda":
         impls.append(("ours-auto", ours("auto")))  # what a user gets: the dispatch table's choice per bucket
         # ns_algorithm="auto": Gram NS on the buckets whose aspect ratio clears the threshold

@@ -50,9 +50,9 @@ NormalizeParams normalize_params(uintptr_t in, int in_dtype, std::array<int64_t,
 
 TensorList tensor_list(std::vector<uintptr_t> grads, std::vector<uintptr_t> tensors, std::vector<int64_t> numels,
                        std::vector<int64_t> stack_offsets, std::vector<int64_t> rows, std::vector<int64_t> cols,
-                       std::vector<uint8_t> transposed) {
-  return TensorList{std::move(grads), std::move(tensors), std::move(numels), std::move(stack_offsets),
-                    std::move(rows),  std::move(cols),    std::move(transposed)};
+                       std::vector<uint8_t> transposed, std::vector<uint8_t> neuron_cols = {}) {
+  return TensorList{std::move(grads), std::move(tensors), std::move(numels),     std::move(stack_offsets),
+                    std::move(rows),  std::move(cols),    std::move(transposed), std::move(neuron_cols)};
 }
 
 }  // namespace
@@ -158,17 +158,69 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stack"), py::arg("ema"), py::arg("nesterov"), py::arg("stream"),
         "Momentum (+ Nesterov) on every buffer, the update written into the stack; one launch per 32 tensors.");
 
+  m.def("low_precision_momentum",
+        [](std::vector<uintptr_t> grads, std::vector<uintptr_t> bufs, std::vector<int64_t> numels,
+           std::vector<int64_t> stack_offsets, std::vector<int64_t> rows, std::vector<int64_t> cols,
+           std::vector<uint8_t> transposed, int grad_dtype, uintptr_t momenta, uintptr_t stack, bool ema,
+           bool nesterov, bool int8, bool stochastic, std::vector<uintptr_t> scales, std::vector<uintptr_t> steps,
+           std::vector<uint32_t> seeds, uintptr_t stream) {
+          TensorList list = tensor_list(std::move(grads), std::move(bufs), std::move(numels), std::move(stack_offsets),
+                                        std::move(rows), std::move(cols), std::move(transposed));
+          list.scales = std::move(scales);
+          list.steps = std::move(steps);
+          list.seeds = std::move(seeds);
+          low_precision_momentum(list, dtype_of(grad_dtype), ptr<const float>(momenta), ptr(stack), ema, nesterov,
+                                 LowPrecisionMomentum{int8, stochastic}, stream_of(stream));
+        },
+        py::arg("grads"), py::arg("bufs"), py::arg("numels"), py::arg("stack_offsets"), py::arg("rows"),
+        py::arg("cols"), py::arg("transposed"), py::arg("grad_dtype"), py::arg("momenta"), py::arg("stack"),
+        py::arg("ema"), py::arg("nesterov"), py::arg("int8"), py::arg("stochastic"), py::arg("scales"),
+        py::arg("steps"), py::arg("seeds"), py::arg("stream"),
+        "Momentum stored as int8 + block scales or stochastically rounded bf16; U into the stack (gradients' dtype "
+        "for int8, bf16 otherwise).");
+
   m.def("fused_apply_update",
         [](std::vector<uintptr_t> params, std::vector<int64_t> numels, std::vector<int64_t> stack_offsets,
            std::vector<int64_t> rows, std::vector<int64_t> cols, std::vector<uint8_t> transposed, int param_dtype,
-           uintptr_t alphas, uintptr_t decays, uintptr_t stack, int stack_dtype, bool cautious, uintptr_t stream) {
+           uintptr_t alphas, uintptr_t decays, uintptr_t stack, int stack_dtype, bool cautious, uintptr_t stream,
+           std::vector<uint8_t> neuron_cols, uintptr_t row_scale, uintptr_t gains, uintptr_t shrink, int64_t nmax) {
+          VariantFactors variant{ptr<const float>(row_scale), ptr<const float>(gains), ptr<const float>(shrink), nmax};
           fused_apply_update(tensor_list({}, std::move(params), std::move(numels), std::move(stack_offsets),
-                                         std::move(rows), std::move(cols), std::move(transposed)),
+                                         std::move(rows), std::move(cols), std::move(transposed), std::move(neuron_cols)),
                              dtype_of(param_dtype), ptr<const float>(alphas), ptr<const float>(decays),
-                             ptr<const void>(stack), dtype_of(stack_dtype), cautious, stream_of(stream));
+                             ptr<const void>(stack), dtype_of(stack_dtype), cautious, variant, stream_of(stream));
         },
         py::arg("params"), py::arg("numels"), py::arg("stack_offsets"), py::arg("rows"), py::arg("cols"),
         py::arg("transposed"), py::arg("param_dtype"), py::arg("alphas"), py::arg("decays"), py::arg("stack"),
-        py::arg("stack_dtype"), py::arg("cautious"), py::arg("stream"),
-        "W = round(W·decay) + alpha·round(O) for every parameter; cautious: the decay only where W·O >= 0.");
+        py::arg("stack_dtype"), py::arg("cautious"), py::arg("stream"), py::arg("neuron_cols") = std::vector<uint8_t>{},
+        py::arg("row_scale") = 0, py::arg("gains") = 0, py::arg("shrink") = 0, py::arg("nmax") = 0,
+        "W = round(W·decay) + alpha·round(O) for every parameter; cautious: the decay only where W·O >= 0; "
+        "variants (gains, row_scale, shrink: device pointers or 0) as in VariantFactors.");
+
+  m.attr("VARIANT_NEURONS") = kVariantNeurons;
+  m.attr("VARIANT_TABLE_COLUMNS") = kVariantTableColumns;
+  m.def("variant_statistics",
+        [](uintptr_t ortho, int ortho_dtype, int param_dtype, uintptr_t table, int64_t matrices, int64_t m_,
+           int64_t n, uintptr_t row_scale, uintptr_t partials, float weight, float eps, bool normuon, bool hyperball,
+           uintptr_t stream) {
+          VariantStatisticsParams p;
+          p.ortho = ptr<const void>(ortho);
+          p.ortho_dtype = dtype_of(ortho_dtype);
+          p.param_dtype = dtype_of(param_dtype);
+          p.table = ptr<const int64_t>(table);
+          p.matrices = matrices;
+          p.m = m_;
+          p.n = n;
+          p.row_scale = ptr<float>(row_scale);
+          p.partials = ptr<float>(partials);
+          p.weight = weight;
+          p.eps = eps;
+          p.normuon = normuon;
+          p.hyperball = hyperball;
+          variant_statistics(p, stream_of(stream));
+        },
+        py::arg("ortho"), py::arg("ortho_dtype"), py::arg("param_dtype"), py::arg("table"), py::arg("matrices"),
+        py::arg("m"), py::arg("n"), py::arg("row_scale"), py::arg("partials"), py::arg("weight"), py::arg("eps"),
+        py::arg("normuon"), py::arg("hyperball"), py::arg("stream"),
+        "Per-neuron statistics of the variants (NorMuon's v and s, hyperball sums) into (matrices, blocks, 4) partials.");
 }

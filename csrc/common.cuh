@@ -33,6 +33,11 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <typename T>
 __device__ __forceinline__ float round_to(float x) { return to_float(from_float<T>(x)); }
 
+// torch's lerp, branch for branch (it switches formula at |w| = 0.5 for accuracy).
+__device__ __forceinline__ float lerp(float a, float b, float w) {
+  return fabsf(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w);
+}
+
 // ---- the tile table ---------------------------------------------------------------------------
 // One row per code path. 8 warps as 2×4, each warp a 64×32 tile of 16×16×16 mma fragments.
 // sm_75 has 64 KB of shared memory per block and no cp.async: 2 stages staged through registers.

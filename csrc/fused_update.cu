@@ -24,6 +24,10 @@ struct MultiTensorArgs {
   int64_t cols[kMaxTensors];
   int32_t scalar_index[kMaxTensors];  // index into the per-tensor fp32 scalar arrays
   uint8_t transposed[kMaxTensors];
+  uint8_t neuron_cols[kMaxTensors];
+  float* scales[kMaxTensors];          // low-precision momentum: int8 block scales
+  const int64_t* steps[kMaxTensors];   // and stochastic rounding's step counters and seeds
+  uint32_t seeds[kMaxTensors];
   uint8_t block_tensor[kMaxBlocks];
   int32_t block_chunk[kMaxBlocks];
 };
@@ -37,11 +41,6 @@ __device__ __forceinline__ int64_t stack_index(const MultiTensorArgs& args, int 
   const int64_t rows = args.rows[slot], cols = args.cols[slot], per = rows * cols;
   const int64_t b = idx / per, rem = idx - b * per, r = rem / cols, c = rem - r * cols;
   return offset + b * per + c * rows + r;
-}
-
-// torch's lerp, branch for branch (it switches formula at |w| = 0.5 for accuracy).
-__device__ __forceinline__ float lerp(float a, float b, float w) {
-  return fabsf(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w);
 }
 
 // The same operations and roundings as the torch reference: the gradient rounded to the buffer's
@@ -69,30 +68,111 @@ __global__ void __launch_bounds__(kThreads) fused_momentum_kernel(MultiTensorArg
   }
 }
 
+// lowbias32: the integer hash of muon_kernels/momentum_precision.py, on uint32.
+__device__ __forceinline__ uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+constexpr int kQuantBlock = 256;  // int8 momentum: one fp32 scale per 256 values
+static_assert(kChunk % kQuantBlock == 0 && kThreads % kQuantBlock == 0, "chunks must hold whole quantization blocks");
+
+// Low-precision momentum (M: int8_t or __nv_bfloat16): the reference's arithmetic
+// (muon_kernels/momentum_precision.py), stored bits identical to it. The loop runs the same number
+// of times in every thread, because int8 needs a block-wide max per 256 values each iteration.
+template <typename G, typename M>
+__global__ void __launch_bounds__(kThreads) low_precision_momentum_kernel(MultiTensorArgs args, const float* momenta,
+                                                                          void* stack_out, bool ema, bool nesterov,
+                                                                          bool stochastic) {
+  constexpr bool kInt8 = std::is_same<M, int8_t>::value;
+  using S = typename std::conditional<kInt8, G, M>::type;  // the stack: gradients' dtype for int8
+  const int slot = args.block_tensor[blockIdx.x];
+  const int64_t start = int64_t(args.block_chunk[blockIdx.x]) * kChunk;
+  const int64_t end = min(start + kChunk, args.numel[slot]);
+  const G* grad = static_cast<const G*>(args.in[slot]);
+  M* buf = static_cast<M*>(args.inout[slot]);
+  S* stack = static_cast<S*>(stack_out);
+  float* scales = args.scales[slot];
+  const float mu = momenta[2 * args.scalar_index[slot]];
+  const float weight = momenta[2 * args.scalar_index[slot] + 1];
+  const uint32_t key = stochastic ? hash32(hash32(static_cast<uint32_t>(*args.steps[slot])) ^ args.seeds[slot]) : 0u;
+  __shared__ float warp_max[kThreads / 32];
+  for (int64_t base = start; base < end; base += kThreads) {
+    const int64_t idx = base + threadIdx.x;
+    const bool valid = idx < end;
+    const float g = valid ? to_float(grad[idx]) : 0.f;
+    float old = 0.f;
+    if (valid) old = kInt8 ? static_cast<float>(buf[idx]) * scales[idx / kQuantBlock] : to_float(buf[idx]);
+    const float m = ema ? lerp(old, g, weight) : mu * old + g;
+    const uint32_t bits = stochastic ? hash32(static_cast<uint32_t>(idx) ^ key) : 0u;
+    float stored;
+    if constexpr (kInt8) {
+      float a = valid ? fabsf(m) : 0.f;
+      for (int offset = 16; offset > 0; offset /= 2) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, offset));
+      if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = a;
+      __syncthreads();
+      const int first = threadIdx.x / kQuantBlock * (kQuantBlock / 32);
+      float amax = 0.f;
+      for (int w = first; w < first + kQuantBlock / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+      __syncthreads();  // warp_max is rewritten next iteration
+      const float scale = amax / 127.f;
+      float y = m / (scale > 0.f ? scale : 1.f);
+      y = stochastic ? floorf(y + static_cast<float>(bits >> 8) * 5.9604644775390625e-08f) : floorf(y + 0.5f);
+      y = fminf(fmaxf(y, -127.f), 127.f);
+      if (valid) {
+        buf[idx] = static_cast<int8_t>(y);
+        if (threadIdx.x % kQuantBlock == 0) scales[idx / kQuantBlock] = scale;
+      }
+      stored = y * scale;
+    } else {
+      // bf16: round up in magnitude with probability (dropped bits) / 2^16, NaN stays NaN
+      const uint32_t raw = __float_as_uint(m);
+      stored = m != m ? m : __uint_as_float((raw + (bits & 0xFFFFu)) & 0xFFFF0000u);
+      if (valid) buf[idx] = from_float<M>(stored);
+    }
+    const float u = !nesterov ? stored : ema ? lerp(g, stored, mu) : g + mu * stored;
+    if (valid) stack[stack_index(args, slot, idx)] = from_float<S>(u);
+  }
+}
+
 // W = round(W·decay) + alpha·round(O): O cast to the parameter's dtype first, then mul_ and add_.
 // cautious: the decay only where W·O >= 0 (signs agree or either is zero), elsewhere a factor of 1.
+// variant: O first becomes gains[k]·row_scale[k, neuron]·O; the hyperball then rounds W and
+// multiplies it by shrink[k] (torch's add_ then mul_).
 template <typename P, typename S>
 __global__ void __launch_bounds__(kThreads) fused_apply_update_kernel(MultiTensorArgs args, const float* alphas,
                                                                       const float* decays, const S* stack,
-                                                                      bool cautious) {
+                                                                      bool cautious, VariantFactors variant) {
   const int slot = args.block_tensor[blockIdx.x];
   const int64_t start = int64_t(args.block_chunk[blockIdx.x]) * kChunk;
   const int64_t end = min(start + kChunk, args.numel[slot]);
   P* param = static_cast<P*>(args.inout[slot]);
   const float alpha = alphas[args.scalar_index[slot]], decay = decays[args.scalar_index[slot]];
+  const int64_t per = args.rows[slot] * args.cols[slot], first = args.stack_offset[slot] / per;
   for (int64_t idx = start + threadIdx.x; idx < end; idx += kThreads) {
-    const float o = round_to<P>(to_float(stack[stack_index(args, slot, idx)]));
+    float o = to_float(stack[stack_index(args, slot, idx)]);
+    const int64_t k = first + idx / per;
+    if (variant.gains != nullptr) o *= variant.gains[k];
+    if (variant.row_scale != nullptr) {
+      const int64_t rc = idx % per;
+      o *= variant.row_scale[k * variant.nmax + (args.neuron_cols[slot] ? rc % args.cols[slot] : rc / args.cols[slot])];
+    }
+    o = round_to<P>(o);
     const float w0 = to_float(param[idx]);
     const bool agree = (w0 >= 0.f) == (o >= 0.f) || w0 == 0.f || o == 0.f;
     const float w = round_to<P>(w0 * (cautious && !agree ? 1.f : decay));
-    param[idx] = from_float<P>(w + alpha * o);
+    param[idx] = from_float<P>(variant.shrink != nullptr ? round_to<P>(w + alpha * o) * variant.shrink[k] : w + alpha * o);
   }
 }
 
 void validate(const TensorList& list, bool with_grads, const char* what) {
   const size_t n = list.tensors.size();
   require(list.numels.size() == n && list.stack_offsets.size() == n && list.rows.size() == n &&
-              list.cols.size() == n && list.transposed.size() == n && (!with_grads || list.grads.size() == n),
+              list.cols.size() == n && list.transposed.size() == n && (!with_grads || list.grads.size() == n) &&
+              (list.neuron_cols.empty() || list.neuron_cols.size() == n),
           std::string(what) + ": every per-tensor list must have one entry per tensor (" + std::to_string(n) + ")");
   for (size_t t = 0; t < n; ++t) {
     const std::string where = std::string(what) + ": tensor " + std::to_string(t);
@@ -121,6 +201,10 @@ void for_each_launch(const TensorList& list, bool with_grads, Launch&& launch) {
     args.cols[s] = list.cols[t];
     args.scalar_index[s] = static_cast<int32_t>(t);
     args.transposed[s] = list.transposed[t];
+    args.neuron_cols[s] = list.neuron_cols.empty() ? 0 : list.neuron_cols[t];
+    args.scales[s] = list.scales.empty() ? nullptr : reinterpret_cast<float*>(list.scales[t]);
+    args.steps[s] = list.steps.empty() ? nullptr : reinterpret_cast<const int64_t*>(list.steps[t]);
+    args.seeds[s] = list.seeds.empty() ? 0u : list.seeds[t];
   };
   for (size_t t = 0; t < list.tensors.size(); ++t) {
     if (list.numels[t] == 0) continue;
@@ -173,19 +257,49 @@ void fused_momentum(const TensorList& list, DType grad_dtype, DType buf_dtype, c
   check_launch(what);
 }
 
+void low_precision_momentum(const TensorList& list, DType grad_dtype, const float* momenta, void* stack, bool ema,
+                            bool nesterov, LowPrecisionMomentum low, cudaStream_t stream) {
+  const char* what = "low_precision_momentum";
+  validate(list, true, what);
+  const size_t n = list.tensors.size();
+  require(momenta != nullptr && stack != nullptr, "low_precision_momentum: momenta and stack must be device pointers");
+  require(!low.int8 || list.scales.size() == n, "low_precision_momentum: int8 needs one scale array per tensor");
+  require(!low.stochastic || (list.steps.size() == n && list.seeds.size() == n),
+          "low_precision_momentum: stochastic rounding needs a step counter and a seed per tensor");
+  require(low.int8 || low.stochastic, "low_precision_momentum: neither int8 nor stochastic: use fused_momentum");
+  dispatch_dtype(grad_dtype, what, [&](auto g) {
+    using G = decltype(g);
+    for_each_launch(list, true, [&](const MultiTensorArgs& args, int blocks) {
+      if (low.int8) {
+        low_precision_momentum_kernel<G, int8_t><<<blocks, kThreads, 0, stream>>>(args, momenta, stack, ema, nesterov,
+                                                                                  low.stochastic);
+      } else {
+        low_precision_momentum_kernel<G, __nv_bfloat16><<<blocks, kThreads, 0, stream>>>(args, momenta, stack, ema,
+                                                                                         nesterov, true);
+      }
+    });
+  });
+  check_launch(what);
+}
+
 void fused_apply_update(const TensorList& list, DType param_dtype, const float* alphas, const float* decays,
-                        const void* stack, DType stack_dtype, bool cautious, cudaStream_t stream) {
+                        const void* stack, DType stack_dtype, bool cautious, const VariantFactors& variant,
+                        cudaStream_t stream) {
   const char* what = "fused_apply_update";
   validate(list, false, what);
   require(alphas != nullptr && decays != nullptr && stack != nullptr,
           "fused_apply_update: alphas, decays and stack must be device pointers");
+  require(variant.row_scale == nullptr || (variant.gains != nullptr && variant.nmax > 0 && !list.neuron_cols.empty()),
+          "fused_apply_update: row_scale needs gains, nmax > 0 and neuron_cols");
+  require(variant.shrink == nullptr || variant.gains != nullptr, "fused_apply_update: shrink needs gains");
   dispatch_dtype(param_dtype, what, [&](auto p) {
     dispatch_dtype(stack_dtype, what, [&](auto s) {
       using P = decltype(p);
       using S = decltype(s);
       for_each_launch(list, false, [&](const MultiTensorArgs& args, int blocks) {
         fused_apply_update_kernel<P, S><<<blocks, kThreads, 0, stream>>>(args, alphas, decays,
-                                                                         static_cast<const S*>(stack), cautious);
+                                                                         static_cast<const S*>(stack), cautious,
+                                                                         variant);
       });
     });
   });

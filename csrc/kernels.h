@@ -103,15 +103,65 @@ struct TensorList {
   std::vector<int64_t> stack_offsets; // element offset of each tensor's first matrix in the stack
   std::vector<int64_t> rows, cols;    // the (batch, rows, cols) matrix view of each tensor
   std::vector<uint8_t> transposed;    // 1: the stack holds each matrix transposed
+  std::vector<uint8_t> neuron_cols;   // update with a variant: 1 where the neurons are the view's columns
+  // low-precision momentum (muon_kernels/momentum_precision.py): int8 block scales (fp32, one per 256
+  // values), int64 step counters and 31-bit seeds for stochastic rounding; empty when unused.
+  std::vector<uintptr_t> scales, steps;
+  std::vector<uint32_t> seeds;
 };
+
+// How fused_momentum stores the momentum: int8 (+ scales; the stack then has the gradients' dtype)
+// or bf16, rounded to nearest or stochastically.
+struct LowPrecisionMomentum {
+  bool int8 = false;
+  bool stochastic = false;
+};
+
+// Post-orthogonalization variants (muon_kernels/variants.py), applied by fused_apply_update: O is
+// multiplied by gains[k] (matrix k of the stack) and, for NorMuon, by row_scale[k·nmax + neuron];
+// the hyperball then multiplies W by shrink[k]. Null pointers switch each part off.
+struct VariantFactors {
+  const float* row_scale = nullptr;
+  const float* gains = nullptr;
+  const float* shrink = nullptr;
+  int64_t nmax = 0;
+};
+
+// The statistics pass of the variants: per output neuron i of matrix k, q_i = Σ_j O_ij² and, with
+// the hyperball, Σ_j W_ij·O_ij and Σ_j W_ij²; NorMuon's v_i ← lerp(v_i, q_i / inputs, weight) in
+// place and s_i = 1 / (√v_i + eps) into row_scale; per (matrix, block of kVariantNeurons neurons)
+// the partial sums (Σq, Σs²q, Σs·(W·O), ΣW²). The table (device, kVariantTableColumns int64 per
+// matrix) holds: parameter address of the matrix, its v address (0 without NorMuon), rows, cols,
+// transposed (in the stack), neurons on the view's columns.
+constexpr int kVariantNeurons = 8;
+constexpr int kVariantTableColumns = 6;
+struct VariantStatisticsParams {
+  const void* ortho = nullptr;  // (matrices, m, n) stack
+  DType ortho_dtype = DType::kBFloat16;
+  DType param_dtype = DType::kFloat32;
+  const int64_t* table = nullptr;
+  int64_t matrices = 0, m = 0, n = 0;
+  float* row_scale = nullptr;  // (matrices, n) fp32; NorMuon only
+  float* partials = nullptr;   // (matrices, ceil(n / kVariantNeurons), 4) fp32
+  float weight = 0.f;          // 1 - β2
+  float eps = 0.f;
+  bool normuon = false, hyperball = false;
+};
+void variant_statistics(const VariantStatisticsParams& params, cudaStream_t stream);
 
 // M = μM + (1-μ)G (ema) or μM + G; U = Nesterov(G, M) or M, written into the stack (stack dtype
 // = buffer dtype, which is the gradients' or float32). momenta: fp32 device array, (μ, 1 - μ) per tensor.
 void fused_momentum(const TensorList& list, DType grad_dtype, DType buf_dtype, const float* momenta,
                     void* stack, bool ema, bool nesterov, cudaStream_t stream);
+// The same with a low-precision momentum: M in fp32 from the stored M and G at its own precision,
+// stored back as int8 + block scales or stochastically rounded bf16 (buf_dtype is then ignored).
+void low_precision_momentum(const TensorList& list, DType grad_dtype, const float* momenta, void* stack,
+                            bool ema, bool nesterov, LowPrecisionMomentum low, cudaStream_t stream);
 // W = round(W·decay) + alpha·round(O) per parameter, O read from its slice of the stack; cautious:
 // the decay only where W·O >= 0 (cautious weight decay).
+// variant: see VariantFactors (all null: the plain update).
 void fused_apply_update(const TensorList& list, DType param_dtype, const float* alphas, const float* decays,
-                        const void* stack, DType stack_dtype, bool cautious, cudaStream_t stream);
+                        const void* stack, DType stack_dtype, bool cautious, const VariantFactors& variant,
+                        cudaStream_t stream);
 
 }  // namespace muon_kernels

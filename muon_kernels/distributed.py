@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from . import momentum_precision, variants
 from .backends import torch_backend
+from .backends.fused import update_scalars
 
 if TYPE_CHECKING:
     from .plan import Bucket
@@ -77,6 +79,15 @@ def bucket_layout(bucket: Bucket, names: dict[int, str], replicated) -> tuple[st
         raise ValueError(f"parameter {names[id(p)]} is a plain tensor in the same bucket as DTensor parameters; "
                          "shard every parameter of the model (fully_shard the root module too) or put it in its own "
                          "param group with different Muon settings")
+    if bucket.low_precision.int8:
+        raise ValueError(f"parameter {names[id(params[0])]} is an FSDP2 shard with momentum_dtype='int8': its "
+                         "blocks of 256 would straddle the ranks' rows; use momentum_dtype=torch.bfloat16 (with "
+                         "momentum_rounding='stochastic') for sharded parameters")
+    split = next((e for e in bucket.entries if e.part is not None), None)
+    if split is not None:
+        raise ValueError(f"parameter {names[id(split.param)]} is an FSDP2 shard and its group splits it "
+                         "(split_sizes/num_heads): a piece's rows are spread over ranks differently from the "
+                         "parameter's; leave sharded parameters unsplit (DDP and single-process training split)")
     mesh = params[0].device_mesh
     for p in params:
         if p.device_mesh != mesh:
@@ -174,8 +185,16 @@ def start_sharded_gather(bucket: Bucket, owners: list[int], group, groups: list[
     for gi, idx in by_group.items():
         bufs = [state[bucket.entries[i].param]["momentum_buffer"].to_local() for i in idx]
         grads = [bucket.entries[i].param.grad.to_local() for i in idx]
-        us = torch_backend.momentum_update(bufs, grads, momentum=groups[gi]["momentum"], nesterov=bucket.nesterov,
-                                           form=bucket.momentum_form)
+        if bucket.low_precision.stochastic:  # each shard draws its own rows' bits of the parameter's stream
+            entries = [bucket.entries[i] for i in idx]
+            offsets = [_shard_rows(e.param.shape[0], world)[rank][0] * math.prod(e.param.shape[1:]) for e in entries]
+            us = momentum_precision.momentum_update(
+                bufs, grads, [], [state[e.param]["momentum_step"] for e in entries], [e.seed for e in entries],
+                momentum=groups[gi]["momentum"], nesterov=bucket.nesterov, form=bucket.momentum_form,
+                mode=bucket.low_precision, offsets=offsets)
+        else:
+            us = torch_backend.momentum_update(bufs, grads, momentum=groups[gi]["momentum"],
+                                               nesterov=bucket.nesterov, form=bucket.momentum_form)
         for i, u in zip(idx, us):
             updates[i] = u
     wire = _wire_dtype(bucket.dtype, group)
@@ -251,8 +270,9 @@ def start_sharded_scatter(bucket: Bucket, owners: list[int], group, gathered, ma
     return work, (send, out, my_rows)
 
 
-def finish_sharded(bucket: Bucket, owners: list[int], group, scattered, groups: list[dict]) -> None:
-    """Wait for this rank's rows of the result and apply decay + update to the local shards."""
+def finish_sharded(bucket: Bucket, owners: list[int], group, scattered, groups: list[dict], state) -> None:
+    """Wait for this rank's rows of the result and apply decay + update to the local shards (with a
+    variant, after one all-reduce of its per-neuron statistics: muon_kernels/variants.py)."""
     world = dist.get_world_size(group)
     work, (_, out, my_rows) = scattered
     work.wait()
@@ -264,6 +284,9 @@ def finish_sharded(bucket: Bucket, owners: list[int], group, scattered, groups: 
                 n = my_rows[id(e)] * math.prod(e.param.shape[1:])
                 locals_o[id(e)] = out[offset:offset + n]
                 offset += n
+    if bucket.variant.active:
+        _finish_variant(bucket, locals_o, group, groups, state)
+        return
     batches: dict[tuple[int, float], tuple[list, list]] = {}
     for e in bucket.entries:
         local = e.param.to_local()
@@ -275,6 +298,65 @@ def finish_sharded(bucket: Bucket, owners: list[int], group, scattered, groups: 
     for (gi, scale), (params, outs) in batches.items():
         torch_backend.decay_and_add(params, outs, lr=float(groups[gi]["lr"]),
                                     weight_decay=groups[gi]["weight_decay"], scale=scale, cautious=bucket.cautious)
+
+
+def _finish_variant(bucket: Bucket, local_o: dict, group, groups: list[dict], state) -> None:
+    """The variant update of FSDP2 shards (``Shard(0)``): each rank sums its rows' contributions to
+    every neuron's q, Σ W·O and Σ W² (zeros elsewhere), one all-reduce makes the full-matrix
+    statistics, and every rank then updates the same (replicated) v and applies g, s and c to its
+    own rows. ``local_o``: this rank's rows of O per entry (by id)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    v = bucket.variant
+    stats, places = [], []
+    for e in bucket.entries:
+        local = e.param.to_local()
+        a, b = _shard_rows(e.param.shape[0], world)[rank]
+        count, on_cols = variants.neurons(e.view)
+        full = torch.zeros(e.view.batch, count, 3, dtype=torch.float32, device=local.device)
+        batched = e.view.kind in ("batch", "batch_transposed")
+        # this rank's rows as (matrices, rows, cols) of the view, and where they sit in `full`
+        shape = (b - a, e.view.rows, e.view.cols) if batched else (1, b - a, e.view.cols)
+        target = full[a:b] if batched else (full if on_cols else full[:, a:b])
+        places.append((a, b, batched, on_cols, shape))
+        if local.numel():
+            o = local_o[id(e)].reshape(shape).to(torch.float32)
+            w = local.reshape(shape).to(torch.float32)
+            axis = 1 if on_cols else 2
+            target += torch.stack([(o * o).sum(dim=axis), (w * o).sum(dim=axis), (w * w).sum(dim=axis)], dim=-1)
+        stats.append(full)
+    flat = torch.cat([t.reshape(-1) for t in stats])
+    dist.all_reduce(flat, group=group)
+    vs, radii = variants.state_tensors(bucket, state)
+    sums, scales, offset = [], [], 0
+    for i, (e, t) in enumerate(zip(bucket.entries, stats)):
+        t = flat[offset: offset + t.numel()].view(t.shape)
+        offset += t.numel()
+        q, wo, w2 = t.unbind(-1)
+        s = torch.ones_like(q)
+        if v.normuon:
+            state_v = vs[i].view(e.view.batch, -1)
+            state_v.lerp_(q / (e.view.rows * e.view.cols // q.shape[1]), 1.0 - v.beta2)
+            s = 1.0 / (state_v.sqrt() + v.normuon_eps)
+        sums.append(torch.stack([q.sum(dim=1), (s * s * q).sum(dim=1), (s * wo).sum(dim=1), w2.sum(dim=1)], dim=1))
+        scales.append(s)
+    alphas = update_scalars(bucket, groups)[0]
+    g, shrink = variants.gains(bucket, torch.cat(sums), alphas, radii)
+    first = 0
+    for e, s, (a, b, batched, on_cols, shape) in zip(bucket.entries, scales, places):
+        local = e.param.to_local()
+        ks = slice(first + a, first + b) if batched else slice(first, first + 1)
+        rows = slice(None) if batched or on_cols else slice(a, b)
+        first += e.view.batch
+        if not local.numel():
+            continue
+        s = s[a:b] if batched else s[:, rows]
+        factor = g[ks].view(-1, 1, 1) * (s.unsqueeze(1) if on_cols else s.unsqueeze(2))
+        o = (local_o[id(e)].reshape(shape).to(torch.float32) * factor).to(local.dtype).reshape(local.shape)
+        gi = e.group
+        torch_backend.decay_and_add([local], [o], lr=float(groups[gi]["lr"]), weight_decay=groups[gi]["weight_decay"],
+                      scale=e.scale, cautious=bucket.cautious)
+        if shrink is not None:
+            local.mul_(shrink[ks].view(-1, *[1] * (local.ndim - 1)) if batched else shrink[ks].reshape(()))
 
 
 # -------------------------------------------------------------------------------------- agreement

@@ -15,6 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import distributed as dist_muon
+from . import momentum_precision, splits, variants
 from .adamw import ADAMW_KEYS, adamw_step, check_adamw_settings
 from .backends import BACKEND_NAMES, select_backend
 from .ns_config import check_ns_dtype, resolve_ns_config
@@ -31,7 +32,7 @@ _DTYPE_KEYS = ("ns_dtype", "momentum_dtype")
 _PLAN_KEYS = (
     "ns_coefficients", "ns_steps", "eps", "ns_algorithm", "ns_normalization", "ns_gram_restarts",
     "weight_decay_mode", "ns_dtype", "momentum_dtype", "matrix_view", "adjust_lr_fn", "nesterov", "momentum_form",
-    "backend",
+    "backend", "momentum_rounding", *variants.DEFAULTS, *splits.DEFAULTS,
 )
 
 
@@ -40,7 +41,7 @@ _PLAN_KEYS = (
 _MUON_SETTINGS = (
     "lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn", "backend",
     "ns_algorithm", "ns_normalization", "ns_gram_restarts", "weight_decay_mode", "ns_dtype", "momentum_dtype",
-    "momentum_form", "matrix_view", "capturable",
+    "momentum_form", "matrix_view", "capturable", "momentum_rounding", *variants.DEFAULTS, *splits.DEFAULTS,
 )
 _ADAMW_SETTINGS = (*ADAMW_KEYS, "capturable")
 
@@ -87,15 +88,15 @@ def _check_muon_settings(group: dict) -> None:
     if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
         raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
     check_ns_dtype(group["ns_dtype"])
-    md = group["momentum_dtype"]
-    if md is not None and not (isinstance(md, torch.dtype) and md.is_floating_point):
-        raise ValueError(f"momentum_dtype must be None (the parameter's dtype) or a floating dtype, got {md!r}")
     if group["momentum_form"] not in MOMENTUM_FORMS:
         raise ValueError(f"momentum_form must be one of {MOMENTUM_FORMS}, got {group['momentum_form']!r}")
     if group["backend"] not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {group['backend']!r}")
     if not isinstance(group["capturable"], bool):
         raise ValueError(f"capturable must be True or False, got {group['capturable']!r}")
+    variants.check_settings(group)
+    splits.check_settings(group)
+    momentum_precision.check_settings(group)
 
 
 class Muon(Optimizer):
@@ -110,6 +111,14 @@ class Muon(Optimizer):
     (docs/newton_schulz.md); ``ns_steps=None`` runs the preset's own number of steps. All are group
     keys, saved in ``state_dict()``; a checkpoint without them loads with this optimizer's values.
     ``weight_decay_mode="cautious"`` decays only the entries where W and the update O agree in sign.
+    ``adaptive="normuon"`` (``normuon_beta2``, ``normuon_eps``) rescales O per output neuron by a
+    second-moment EMA and back to its norm; ``constraint="hyperball"`` (``hyperball_eps``; needs
+    ``weight_decay=0``) keeps each matrix on the sphere of its initial Frobenius norm
+    (muon_kernels/variants.py). A state_dict saved with other variant names refuses to load.
+    ``split_sizes``/``num_heads`` orthogonalize the pieces of a fused projection on their own
+    (muon_kernels/splits.py); ``momentum_dtype="int8"`` or ``torch.bfloat16`` with
+    ``momentum_rounding="stochastic"`` keep the momentum in low precision
+    (muon_kernels/momentum_precision.py).
     """
 
     def __init__(
@@ -129,8 +138,16 @@ class Muon(Optimizer):
         ns_normalization: str | None = None,
         ns_gram_restarts: tuple[int, ...] | None = None,
         weight_decay_mode: str = "decoupled",
+        adaptive: str = "none",
+        normuon_beta2: float = 0.95,
+        normuon_eps: float = 1e-10,
+        constraint: str = "none",
+        hyperball_eps: float = 1e-8,
+        split_sizes: tuple[int, ...] | None = None,
+        num_heads: int | None = None,
         ns_dtype: torch.dtype = torch.bfloat16,
-        momentum_dtype: torch.dtype | None = None,
+        momentum_dtype: torch.dtype | str | None = None,
+        momentum_rounding: str = "nearest",
         momentum_form: str = "ema",
         matrix_view: str | None = None,
         max_workspace_bytes: int | None = 2**30,
@@ -168,10 +185,18 @@ class Muon(Optimizer):
             "ns_normalization": ns_normalization,
             "ns_gram_restarts": ns_gram_restarts,
             "weight_decay_mode": weight_decay_mode,
+            "adaptive": adaptive,
+            "normuon_beta2": normuon_beta2,
+            "normuon_eps": normuon_eps,
+            "constraint": constraint,
+            "hyperball_eps": hyperball_eps,
+            "split_sizes": split_sizes,
+            "num_heads": num_heads,
             "use_muon": True,
             "backend": backend,
             "ns_dtype": ns_dtype,
             "momentum_dtype": momentum_dtype,
+            "momentum_rounding": momentum_rounding,
             "momentum_form": momentum_form,
             "matrix_view": matrix_view,
             "capturable": capturable,
@@ -213,7 +238,8 @@ class Muon(Optimizer):
             for i, p in enumerate(tensors):
                 if torch.is_complex(p):
                     raise ValueError(f"parameter {_label(labels, i, p)}: Muon does not support complex parameters")
-                matrix_view(p.shape, group["matrix_view"], _label(labels, i, p))
+                view = matrix_view(p.shape, group["matrix_view"], _label(labels, i, p))
+                splits.pieces(view, group["split_sizes"], group["num_heads"], _label(labels, i, p))
                 select_backend(group["backend"], p.device)  # raises now if an explicit backend can't run
         else:
             for key in ADAMW_KEYS:
@@ -248,48 +274,63 @@ class Muon(Optimizer):
         """Accepts ours and torch.optim.Muon's; keys an older state_dict lacks keep this optimizer's values."""
         state_dict = dict(state_dict)
         saved_groups = deepcopy(state_dict["param_groups"])
-        for current, saved in zip(self.param_groups, saved_groups):
+        for index, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if current["use_muon"]:
+                variants.check_checkpoint(saved, current, index)
             for key, value in current.items():
                 saved.setdefault(key, value)
             for key in _DTYPE_KEYS:
-                if isinstance(saved.get(key), str):
+                if isinstance(saved.get(key), str) and saved[key] != momentum_precision.INT8:
                     dtype = getattr(torch, saved[key], None)
                     if not isinstance(dtype, torch.dtype):
                         raise ValueError(f"state_dict param group has {key}={saved[key]!r}, which is not a torch dtype")
                     saved[key] = dtype
         state_dict["param_groups"] = saved_groups
         super().load_state_dict(state_dict)
-        # torch casts every floating state tensor to its parameter's dtype; a momentum buffer kept in
-        # another dtype (momentum_dtype=fp32 for bf16 params) is restored from the saved tensor instead.
+        # torch casts every state tensor to its parameter's dtype; a momentum buffer kept in another
+        # dtype (momentum_dtype=fp32 for bf16 params, int8), the int8 scales, the stochastic-rounding
+        # step counter and the variants' fp32 state are restored from the saved tensors instead.
         for group, saved in zip(self.param_groups, saved_groups):
             if not group["use_muon"]:
                 continue
             for p, pid in zip(group["params"], saved["params"]):
-                buf = state_dict["state"].get(pid, {}).get("momentum_buffer")
-                if buf is not None:
-                    dtype = group["momentum_dtype"] or p.dtype
-                    self.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=dtype)
+                dtypes = {"momentum_buffer": momentum_precision.buffer_dtype(group, p.dtype),
+                          "momentum_scale": torch.float32, "momentum_step": torch.int64, "normuon_v": torch.float32,
+                          "hyperball_radius": torch.float32}
+                for key, dtype in dtypes.items():
+                    value = state_dict["state"].get(pid, {}).get(key)
+                    if value is not None:
+                        self.state[p][key] = value.to(device=p.device, dtype=dtype)
         self._plan_key = None
 
     # ------------------------------------------------------------------ plan
     def _muon_items(self, group_index: int, group: dict, params: list[torch.Tensor]):
         config = _ns_config(group)
         index = {id(p): i for i, p in enumerate(group["params"])}
+        variant = variants.variant(group)
+        low = momentum_precision.mode(group)
         for p in params:
-            view = matrix_view(p.shape, group["matrix_view"], _label(group, index[id(p)], p))
-            yield (
-                group_index,
-                p,
-                view,
-                lr_scale(*view.lr_shape, group["adjust_lr_fn"]),
-                group["momentum_dtype"] or p.dtype,
-                config,
-                group["ns_dtype"],
-                group["nesterov"],
-                group["momentum_form"],
-                group["backend"],
-                group["weight_decay_mode"] == "cautious",
-            )
+            name = _label(group, index[id(p)], p)
+            whole = matrix_view(p.shape, group["matrix_view"], name)
+            for part, view in splits.pieces(whole, group["split_sizes"], group["num_heads"], name) or [(None, whole)]:
+                yield (
+                    group_index,
+                    p,
+                    view,
+                    # the hyperball normalizes the update, so a scale on it would have no effect
+                    1.0 if variant.hyperball else lr_scale(*view.lr_shape, group["adjust_lr_fn"]),
+                    momentum_precision.stack_dtype(group, p.dtype),
+                    config,
+                    group["ns_dtype"],
+                    group["nesterov"],
+                    group["momentum_form"],
+                    group["backend"],
+                    group["weight_decay_mode"] == "cautious",
+                    variant,
+                    low,
+                    part,
+                    momentum_precision.entry_seed(group_index, index[id(p)], part) if low.stochastic else 0,
+                )
 
     def _plan_buckets(self, work: list[tuple[int, dict, list[torch.Tensor]]]):
         key = tuple(
@@ -333,8 +374,10 @@ class Muon(Optimizer):
         ]
         buckets = build_buckets([it for gi, g, ps in work for it in self._muon_items(gi, g, ps)])
         layouts = self._distribute(buckets)
-        where = {id(e.param): (b, e, layout, owners[j] if owners else None)
-                 for b, (layout, _, owners) in zip(buckets, layouts) for j, e in enumerate(b.entries)}
+        where: dict[int, list] = {}  # per parameter, its entries (several for a split one)
+        for b, (layout, _, owners) in zip(buckets, layouts):
+            for j, e in enumerate(b.entries):
+                where.setdefault(id(e.param), []).append((b, e, layout, owners[j] if owners else None))
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names") or [f"group{gi}[{i}]" for i in range(len(group["params"]))]
             reasons = group.get("param_reasons") or [None] * len(group["params"])
@@ -347,14 +390,23 @@ class Muon(Optimizer):
                 elif id(p) not in where:
                     rows.append(PlanRow(*common, "skip", "-", "-", "-", "zero-size parameter"))
                 else:
-                    b, e, layout, owner = where[id(p)]
+                    entries = where[id(p)]
+                    b, e, layout, owner = entries[0]
                     path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype, b.device, b.config)
                     dtype = str(b.ns_dtype).removeprefix("torch.")
-                    variant = "; cautious weight decay" if b.cautious else ""
-                    why = (f"{reason}; " if reason else "") + (f"{b.why}; {b.algorithm}{variant}; {how}; "
-                                                               f"bucket of {b.matrices} matrices {b.m}×{b.n} {dtype}")
-                    rank = "local" if owner is None else f"{owner} ({layout})"
-                    rows.append(PlanRow(*common, "Muon", e.view.describe(), b.backend.NAME, path, why, rank))
+                    variant = "".join(f"; {v}" for v in ("cautious weight decay" if b.cautious else "",
+                                                           b.variant.describe(), b.low_precision.describe()) if v)
+                    buckets_of = "; ".join(dict.fromkeys(f"bucket of {x.matrices} matrices {x.m}×{x.n} {dtype}"
+                                                         for x, *_ in entries))
+                    view = e.view.describe()
+                    if e.part is not None:
+                        split = splits.describe(group["split_sizes"], group["num_heads"])
+                        view = f"{len(entries)} pieces: " + ", ".join(dict.fromkeys(x.view.describe()
+                                                                                     for _, x, *_ in entries))
+                        reason = f"{reason}; {split}" if reason else split
+                    why = (f"{reason}; " if reason else "") + f"{b.why}; {b.algorithm}{variant}; {how}; {buckets_of}"
+                    ranks = dict.fromkeys("local" if o is None else f"{o} ({lay})" for _, _, lay, o in entries)
+                    rows.append(PlanRow(*common, "Muon", view, b.backend.NAME, path, why, ", ".join(ranks)))
         return rows
 
     # ------------------------------------------------------------------ step
@@ -426,13 +478,44 @@ class Muon(Optimizer):
                 dist_muon.check_grad_agreement(group, params, names, replicated=group is replicated)
 
     def _momentum_buffer(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """The momentum buffer in the group's momentum dtype (int8 with its block scales), created
+        at the first step or converted when the group's momentum_dtype changed."""
         state = self.state[p]
-        dtype = group["momentum_dtype"] or p.dtype
+        dtype = momentum_precision.buffer_dtype(group, p.dtype)
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            int8 = dtype == torch.int8
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype,
+                                                        memory_format=torch.contiguous_format if int8
+                                                        else torch.preserve_format)
+            if int8:
+                state["momentum_scale"] = torch.zeros(momentum_precision.blocks(p.numel()), dtype=torch.float32,
+                                                      device=p.device)
         elif state["momentum_buffer"].dtype != dtype:
-            state["momentum_buffer"] = state["momentum_buffer"].to(dtype)
+            state["momentum_buffer"] = momentum_precision.convert(state, p, dtype)
         return state["momentum_buffer"]
+
+    def _advance_momentum_steps(self, buckets) -> None:
+        """Stochastic rounding draws from (seed, step): one increment per parameter per step, on the
+        parameter's device (no host round trip; a CUDA graph replays it)."""
+        steps = {}
+        for b in buckets:
+            if b.low_precision.stochastic:
+                for e in b.entries:
+                    st = self.state[e.param]
+                    if "momentum_step" not in st:
+                        st["momentum_step"] = torch.zeros((), dtype=torch.int64, device=e.param.device)
+                    steps[id(e.param)] = st["momentum_step"]
+        if steps:
+            torch._foreach_add_(list(steps.values()), 1)
+
+    def _init_variant_state(self, buckets) -> None:
+        """NorMuon's v and the hyperball radii of parameters stepping for the first time, before
+        anything is modified (a zero-norm hyperball matrix raises here)."""
+        entries = [(e.param, e.view, b.variant, e.part) for b in buckets for e in b.entries
+                   if (b.variant.normuon and "normuon_v" not in self.state[e.param])
+                   or (b.variant.hyperball and "hyperball_radius" not in self.state[e.param])]
+        if entries:
+            variants.init_state(entries, self.state, self._names())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -444,6 +527,8 @@ class Muon(Optimizer):
         work = self._check_grads()
         muon_work = [w for w in work if w[1]["use_muon"] and w[2]]
         buckets = self._plan_buckets(muon_work)
+        self._init_variant_state(buckets)
+        self._advance_momentum_steps(buckets)
         for _, group, params in work:
             if not group["use_muon"]:
                 adamw_step(group, params, self.state)
@@ -451,24 +536,24 @@ class Muon(Optimizer):
         # gathers, sharded scatters; local work and later buckets' Newton–Schulz overlap them.
         gathers, replicated = [], []
         for bucket, (layout, group, owners) in zip(buckets, self._layouts):
-            bufs = [self._momentum_buffer(e.param, self.param_groups[e.group]) for e in bucket.entries]
+            bufs = [e.piece(self._momentum_buffer(e.param, self.param_groups[e.group])) for e in bucket.entries]
             if layout == "sharded":
                 gathers.append((bucket, group, owners, dist_muon.start_sharded_gather(
                     bucket, owners, group, self.param_groups, self.state)))
                 continue
-            grads = [e.param.grad for e in bucket.entries]
-            stack = bucket.backend.momentum_stack(bucket, grads, bufs, self.param_groups)
+            grads = [e.piece(e.param.grad) for e in bucket.entries]
+            stack = bucket.backend.momentum_stack(bucket, grads, bufs, self.param_groups, self.state)
             if layout == "replicated":
                 replicated.append((bucket, dist_muon.start_replicated(bucket, owners, group, stack,
                                                                       self.max_workspace_bytes)))
                 continue
             ortho = bucket.orthogonalize(stack, self.max_workspace_bytes)
-            bucket.backend.apply_update(bucket, ortho, self.param_groups)
+            bucket.backend.apply_update(bucket, ortho, self.param_groups, self.state)
         scatters = [(bucket, group, owners, dist_muon.start_sharded_scatter(bucket, owners, group, gathered,
                                                                             self.max_workspace_bytes))
                     for bucket, group, owners, gathered in gathers]
         for bucket, handle in replicated:
-            bucket.backend.apply_update(bucket, dist_muon.finish_replicated(handle), self.param_groups)
+            bucket.backend.apply_update(bucket, dist_muon.finish_replicated(handle), self.param_groups, self.state)
         for bucket, group, owners, handle in scatters:
-            dist_muon.finish_sharded(bucket, owners, group, handle, self.param_groups)
+            dist_muon.finish_sharded(bucket, owners, group, handle, self.param_groups, self.state)
         return loss

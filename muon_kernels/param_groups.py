@@ -11,6 +11,8 @@ import sys
 
 from torch import nn
 
+from . import splits
+
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _EMBEDDING = (nn.Embedding, nn.EmbeddingBag)
 # The note plan() shows when neither head= nor the model names an output head.
@@ -92,6 +94,10 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
     (``"flatten"``); 3D parameters of other modules as stacks of matrices (``"batch"``, or
     ``"batch_transposed"`` where the module says ``is_transposed=True``, as transformers' fused
     (E, in, out) experts do); 4D+ non-conv tensors, flattened.
+    Fused projections whose layout the module states — ``nn.MultiheadAttention.in_proj_weight``
+    (q|k|v stacked) and transformers' GPT-2 ``c_attn`` (q|k|v, or k|v for cross-attention) — go to
+    their own group with ``split_sizes``, so each block is orthogonalized on its own; other likely
+    fused projections stay whole, and their reason in ``plan()`` says so.
     AdamW: embeddings; the output head (``head=`` a module, a module name, or a list of them — a
     container covers every parameter under it; by default ``model.get_output_embeddings()`` where
     the model has it) and any weight tied to an embedding; biases of any ndim (``bias``, ``*_bias``);
@@ -103,6 +109,7 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
     embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, _EMBEDDING)}
     conv1d_cls = _transformers_conv1d()
     groups: dict[str, dict] = {k: {"params": [], "param_reasons": [], **keys} for k, keys in _GROUP_KEYS.items()}
+    modules = dict(model.named_modules())
     seen: set[int] = set()
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -117,6 +124,13 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
                 key, why = "adamw", heads[id(p)]
             else:
                 key, why = _route(module, pname, p, conv1d_cls)
+                if key in ("plain", "transposed"):  # a fused projection the module states: split it
+                    parent = modules.get(mname.rpartition(".")[0]) if mname else None
+                    split, note = splits.recognise(module, parent, pname, p, conv1d_cls)
+                    if split is not None:
+                        base, key = key, f"{key}:{sorted(split.items())}"
+                        groups.setdefault(key, {"params": [], "param_reasons": [], **_GROUP_KEYS[base], **split})
+                    why = f"{why}; {note}" if note else why
             groups[key]["params"].append((f"{mname}.{pname}" if mname else pname, p))
             groups[key]["param_reasons"].append(why)
     out = [g for g in groups.values() if g["params"]]

@@ -16,6 +16,8 @@ import torch
 from .backends import select_backend
 from .ns_config import NSConfig
 from .recurrence import choose_algorithm
+from .momentum_precision import LowPrecision
+from .variants import Variant
 
 MATRIX_VIEWS = ("flatten", "batch", "transposed", "batch_transposed")
 # Views of weights stored (in, out) — transformers' Conv1D, fused (E, in, out) experts: the same
@@ -106,12 +108,23 @@ def lr_scale(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
 
 @dataclass
 class Entry:
-    """One Muon parameter inside a bucket."""
+    """One Muon matrix (a parameter, or a split piece of one) inside a bucket."""
 
     group: int
     param: torch.Tensor
     view: MatrixView
     scale: float
+    part: tuple[int, int, int] | None = None  # (dim, start, size) of a split piece (muon_kernels/splits.py)
+    seed: int = 0  # stochastic rounding of the momentum: this entry's stream (muon_kernels/momentum_precision.py)
+
+    def piece(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the parameter, its gradient or momentum) seen through this entry's piece."""
+        return t if self.part is None else t.narrow(*self.part)
+
+    @property
+    def target(self) -> torch.Tensor:
+        """The parameter memory this entry updates."""
+        return self.piece(self.param)
 
 
 @dataclass
@@ -130,6 +143,8 @@ class Bucket:
     why: str  # why this backend serves the bucket (the dispatch rule that fired)
     algorithm: str = ""  # the Newton–Schulz algorithm and normalization, and why (ns_algorithm="auto")
     cautious: bool = False  # weight_decay_mode="cautious": decay only where W·O >= 0
+    variant: Variant = Variant()  # NorMuon / hyperball (muon_kernels/variants.py)
+    low_precision: LowPrecision = LowPrecision()  # int8 / stochastically rounded momentum
     entries: list[Entry] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # a backend's per-plan data (e.g. kernel address tables)
 
@@ -183,18 +198,20 @@ class Bucket:
 
 def build_buckets(items) -> list[Bucket]:
     """``items``: (group index, param, view, scale, update dtype, config, ns_dtype, nesterov,
-    momentum form, backend name, cautious weight decay). Groups that agree on all of these share buckets."""
+    momentum form, backend name, cautious weight decay, variant, low-precision momentum, split piece or
+    None, seed). Groups that agree on all of these but the last two share buckets."""
     buckets: dict[tuple, Bucket] = {}
-    for group, p, view, scale, dtype, config, ns_dtype, nesterov, form, backend, cautious in items:
+    for (group, p, view, scale, dtype, config, ns_dtype, nesterov, form, backend, cautious, variant, low, part,
+         seed) in items:
         m, n = view.oriented
-        key = (p.device, p.dtype, dtype, m, n, config, ns_dtype, nesterov, form, backend, cautious)
+        key = (p.device, p.dtype, dtype, m, n, config, ns_dtype, nesterov, form, backend, cautious, variant, low)
         if key not in buckets:
             resolved, why = choose_algorithm(config, m, n, ns_dtype, p.device)
             if resolved.normalization == "aol":
                 why += ", AOL preconditioning"
             buckets[key] = Bucket(p.device, dtype, m, n, resolved, ns_dtype, nesterov, form,
-                                  *select_backend(backend, p.device, m, n, ns_dtype), why, cautious)
-        buckets[key].entries.append(Entry(group, p, view, scale))
+                                  *select_backend(backend, p.device, m, n, ns_dtype), why, cautious, variant, low)
+        buckets[key].entries.append(Entry(group, p, view, scale, part, seed))
     return list(buckets.values())
 
 

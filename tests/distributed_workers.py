@@ -40,7 +40,17 @@ def make_data(world: int, per_rank: int = 4, seed: int = 1):
 
 
 def make_optimizer(model, ns_dtype, **kw):
-    return mk.Muon(model.parameters(), lr=0.05, weight_decay=0.01, adamw_lr=1e-2, ns_dtype=ns_dtype, **kw)
+    kw = {"weight_decay": 0.01, **kw}
+    split = kw.pop("split_square", None)
+    params = split_groups(model, split) if split else model.parameters()
+    return mk.Muon(params, lr=0.05, adamw_lr=1e-2, ns_dtype=ns_dtype, **kw)
+
+
+def split_groups(model, sizes) -> list[dict]:
+    """The 24×24 weights split along their outputs (``sizes``), everything else whole."""
+    square = [p for p in model.parameters() if p.shape == (24, 24)]
+    rest = [p for p in model.parameters() if all(p is not q for q in square)]
+    return [{"params": square, "split_sizes": sizes}, {"params": rest}]
 
 
 def loss_fn(model, x, y):
@@ -51,6 +61,14 @@ def loss_fn(model, x, y):
 GRAM_AOL = {"ns_algorithm": "gram", "ns_normalization": "aol"}
 # Cautious weight decay: elementwise on each rank's local rows, so sharding must not change it.
 CAUTIOUS = {"weight_decay_mode": "cautious"}
+# NorMuon + hyperball: per-neuron statistics and per-matrix norms over rows that FSDP2 shards.
+VARIANTS = {"adaptive": "normuon", "constraint": "hyperball", "weight_decay": 0.0}
+# Split pieces (two 12-row halves of each 24×24 weight) with NorMuon's per-neuron state on them.
+SPLIT = {"split_square": (12, 12), "adaptive": "normuon"}
+# Low-precision momentum: stochastic rounding draws the same bits on every layout (a shard draws its
+# rows' part of the parameter's stream); int8 blocks are replicated (DDP) only.
+STOCHASTIC_BF16 = {"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic"}
+INT8 = {"momentum_dtype": "int8", "momentum_rounding": "stochastic"}
 
 
 def reference(world: int, ns_dtype, steps: int = STEPS, options: dict | None = None):
@@ -130,20 +148,13 @@ def train_fsdp(rank, world, ns_dtype, out, options=None):
                                        for b, p in zip(bufs, [p for p in model.parameters() if p.ndim == 2]))}
 
 
-def train_ddp_gram_aol(rank, world, ns_dtype, out):
-    return train_ddp(rank, world, ns_dtype, out, GRAM_AOL)
-
-
-def train_fsdp_gram_aol(rank, world, ns_dtype, out):
-    return train_fsdp(rank, world, ns_dtype, out, GRAM_AOL)
-
-
-def train_ddp_cautious(rank, world, ns_dtype, out):
-    return train_ddp(rank, world, ns_dtype, out, CAUTIOUS)
-
-
-def train_fsdp_cautious(rank, world, ns_dtype, out):
-    return train_fsdp(rank, world, ns_dtype, out, CAUTIOUS)
+def _refusal(rank, world, ns_dtype, out, options) -> dict:
+    """FSDP2 training with ``options``, which must be refused with a ValueError."""
+    try:
+        train_fsdp(rank, world, ns_dtype, out, options)
+        return {"error": None}
+    except ValueError as e:
+        return {"error": str(e)}
 
 
 def fsdp_resume(rank, world, ns_dtype, out):
@@ -266,13 +277,33 @@ def per_rank_models(rank, world, ns_dtype, out):
     return {"error": error, "unchanged": unchanged, "moved": moved}
 
 
+# Option sets the layouts train with, by scenario name: "train_<ddp|fsdp>_<name>" trains with them,
+# "fsdp_<name>_refused" expects FSDP2 training with them to raise a ValueError.
+OPTION_SETS = {"gram_aol": GRAM_AOL, "cautious": CAUTIOUS, "variants": VARIANTS, "split": SPLIT,
+               "stochastic_bf16": STOCHASTIC_BF16, "int8": INT8}
+
+
+def _scenario(name: str):
+    """The function a scenario name runs: a function of this module, or a layout with an option set."""
+    if name in globals():
+        return globals()[name]
+    layout, _, options = name.removeprefix("train_").partition("_")
+    if name.startswith("train_") and layout in ("ddp", "fsdp") and options in OPTION_SETS:
+        train = train_ddp if layout == "ddp" else train_fsdp
+        return lambda rank, world, ns_dtype, out: train(rank, world, ns_dtype, out, OPTION_SETS[options])
+    if name.startswith("fsdp_") and name.endswith("_refused"):
+        options = OPTION_SETS[name.removeprefix("fsdp_").removesuffix("_refused")]
+        return lambda rank, world, ns_dtype, out: _refusal(rank, world, ns_dtype, out, options)
+    raise KeyError(f"no distributed scenario {name!r}")
+
+
 def run_scenario(rank, world, port, scenario, ns_dtype, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     # A timeout, so a rank that fails mid-collective ends the test instead of hanging it.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
-        result = globals()[scenario](rank, world, ns_dtype, out)
+        result = _scenario(scenario)(rank, world, ns_dtype, out)
     except Exception:  # saved for the test to show, instead of a bare non-zero exit
         result = {"crash": traceback.format_exc()}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))

@@ -67,7 +67,8 @@ def test_benchmark_writes_results(tmp_path):
         assert {"impl", "gbps", "copy_gbps", "samples"} <= set(row) and row["gbps"] > 0 and row["copy_gbps"] > 0
     assert {row["impl"] for row in result["update"]} == {"ours-torch", "torch.optim.Muon"}
     impls = {row["impl"] for row in result["step"]}
-    assert {"torch.optim.Muon", "ours-torch", "ours-torch-cautious", "ours-torch-gram"} <= impls
+    assert {"torch.optim.Muon", "ours-torch", "ours-torch-cautious", "ours-torch-normuon-hyperball",
+            "ours-torch-gram"} <= impls
     for row in result["step"]:
         assert row["model"] == "gpt2-small" and len(row["samples"]) == 1 and row["ms"] > 0
     pytest.importorskip("matplotlib")

@@ -119,12 +119,14 @@ def test_option_is_validated_saved_and_planned():
     opt.step()
     sd = opt.state_dict()
     assert sd["param_groups"][0]["weight_decay_mode"] == "cautious"
-    fresh = mk.Muon([nn.Parameter(W.detach().clone())])
+    fresh = mk.Muon([nn.Parameter(W.detach().clone())], weight_decay_mode="cautious")
     fresh.load_state_dict(sd)
     assert fresh.param_groups[0]["weight_decay_mode"] == "cautious"
+    with pytest.raises(ValueError, match="saved with weight_decay_mode='cautious'"):  # never a silent switch
+        mk.Muon([nn.Parameter(W.detach().clone())]).load_state_dict(sd)
     old = {**sd, "param_groups": [{k: v for k, v in g.items() if k != "weight_decay_mode"} for g in sd["param_groups"]]}
     legacy = mk.Muon([nn.Parameter(W.detach().clone())])
-    legacy.load_state_dict(old)
+    legacy.load_state_dict(old)  # a checkpoint from before the key existed was decoupled
     assert legacy.param_groups[0]["weight_decay_mode"] == "decoupled"
 
 

@@ -108,6 +108,40 @@ def test_cautious_weight_decay_training_equals_one_process(tmp_path, layout):
     assert "cautious weight decay" in results[0]["plan"]
 
 
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_variants_training_equals_one_process(tmp_path, layout, world):
+    """NorMuon + hyperball: the sharded layout all-reduces the per-neuron statistics of each rank's
+    rows (world 3 splits rows unevenly), so the job reproduces one process."""
+    results = _spawn(tmp_path, f"train_{layout}_variants", world, torch.float32)
+    _assert_matches_reference(results, world, torch.float32, workers.VARIANTS)
+    assert "NorMuon (β2=0.95); hyperball" in results[0]["plan"]
+
+
+def test_split_pieces_under_ddp_equal_one_process_and_fsdp2_refuses_them(tmp_path):
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "fsdp").mkdir()
+    results = _spawn(tmp_path / "ddp", "train_ddp_split", 2, torch.float32)
+    _assert_matches_reference(results, 2, torch.float32, workers.SPLIT)
+    assert "split 12+12" in results[0]["plan"]
+    for res in _spawn(tmp_path / "fsdp", "fsdp_split_refused", 2, torch.float32):
+        assert res["error"] and "FSDP2 shard and its group splits it" in res["error"], res
+
+
+@pytest.mark.parametrize("scenario, options", [("train_ddp_stochastic_bf16", "STOCHASTIC_BF16"),
+                                               ("train_fsdp_stochastic_bf16", "STOCHASTIC_BF16"),
+                                               ("train_ddp_int8", "INT8")])
+def test_low_precision_momentum_training_equals_one_process(tmp_path, scenario, options):
+    results = _spawn(tmp_path, scenario, 2, torch.float32)
+    _assert_matches_reference(results, 2, torch.float32, getattr(workers, options))
+    assert "rounding" in results[0]["plan"]
+
+
+def test_fsdp2_refuses_int8_momentum(tmp_path):
+    for res in _spawn(tmp_path, "fsdp_int8_refused", 2, torch.float32):
+        assert res["error"] and "FSDP2 shard with momentum_dtype='int8'" in res["error"], res
+
+
 def test_fsdp2_full_state_dict_resumes_identically(tmp_path):
     for res in _spawn(tmp_path, "fsdp_resume", 2):
         for name, want in res["straight"].items():

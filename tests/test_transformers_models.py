@@ -41,6 +41,9 @@ def _configs():
 def _expected(model: nn.Module, head: nn.Module | None):
     """name → ("AdamW", None) or ("Muon", (out, in) per matrix), from module types and metadata."""
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    # GPT-2's fused q|k|v (attention.c_attn, split_size = embed_dim wide blocks) is split into its
+    # d×d blocks, each scaled from its own shape.
+    fused = {id(m.c_attn): m.embed_dim for m in model.modules() if hasattr(m, "c_attn") and hasattr(m, "split_size")}
     out = {}
     seen = set()
     for mname, module in model.named_modules():
@@ -53,6 +56,8 @@ def _expected(model: nn.Module, head: nn.Module | None):
             if (isinstance(module, nn.Embedding) or id(p) in head_ids or "bias" in pname or p.ndim < 2
                     or depthwise):
                 out[name] = ("AdamW", None)
+            elif id(module) in fused:
+                out[name] = ("Muon", (fused[id(module)], fused[id(module)]))
             elif isinstance(module, Conv1D):  # weight (nx, nf): in = nx, out = nf
                 out[name] = ("Muon", (module.nf, module.nx))
             elif isinstance(module, nn.Linear):

@@ -30,7 +30,10 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
     names = {r.name for r in rows}
     assert names == {"symmetric_matmul[X·Xᵀ]", "symmetric_matmul[b·A+c·A·A]", "ns_update[a·X+B·X]",
                      "normalize[sum_squares]", "normalize[scale_cast]", "fused_momentum[ema]", "fused_momentum[sgd]",
-                     "fused_apply_update", "fused_apply_update[cautious]", "small_newton_schulz"}
+                     "fused_momentum[ema, bf16-stochastic]", "fused_momentum[sgd, bf16-stochastic]",
+                     "fused_momentum[ema, int8]", "fused_momentum[sgd, int8]",
+                     "fused_apply_update", "fused_apply_update[cautious]", "fused_apply_update[normuon+hyperball]",
+                     "variant_statistics", "small_newton_schulz"}
     for r in rows:
         where = f"{r.name} {r.dtype} {r.config} on sm_{arch}"
         assert r.spills == 0, f"{where} spills {r.spills} bytes"

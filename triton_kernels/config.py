@@ -59,10 +59,11 @@ GRID_X_MAX = 2**31 - 1
 GRID_YZ_MAX = 65535
 
 
-def checked_grid(programs: int, kernel: str) -> int:
-    """``programs`` for grid axis 0, or a clear error before a launch CUDA would refuse."""
-    if programs > GRID_X_MAX:
-        raise ValueError(f"{kernel}: {programs} programs exceed CUDA's grid limit of {GRID_X_MAX} on axis 0; "
+def checked_grid(programs: int, kernel: str, axis: int = 0) -> int:
+    """``programs`` for grid ``axis``, or a clear error before a launch CUDA would refuse."""
+    limit = GRID_X_MAX if axis == 0 else GRID_YZ_MAX
+    if programs > limit:
+        raise ValueError(f"{kernel}: {programs} programs exceed CUDA's grid limit of {limit} on axis {axis}; "
                          "lower max_workspace_bytes so the bucket runs in chunks")
     return programs
 

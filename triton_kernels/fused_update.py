@@ -25,17 +25,18 @@ import triton.language as tl
 from .config import FP_FUSION, checked_grid, is_interpreting
 
 BLOCK = 1024
-_BLOCK_INTERPRETER = 64
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+META_COLUMNS: tl.constexpr = tl.constexpr(5)  # per tensor: offset in the stack, rows, cols, transposed, neurons on columns
+_BLOCK_INTERPRETER = 256  # at least one int8 quantization block (256) per program
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.int8: tl.int8}
 
 
 @triton.jit
 def _stack_index(Meta, t, idx):
     """Element ``idx`` of tensor ``t`` (row-major over its (batch, rows, cols) view) → its place in the stack."""
-    offset = tl.load(Meta + t * 4 + 0)
-    rows = tl.load(Meta + t * 4 + 1)
-    cols = tl.load(Meta + t * 4 + 2)
-    transposed = tl.load(Meta + t * 4 + 3)
+    offset = tl.load(Meta + t * META_COLUMNS + 0)
+    rows = tl.load(Meta + t * META_COLUMNS + 1)
+    cols = tl.load(Meta + t * META_COLUMNS + 2)
+    transposed = tl.load(Meta + t * META_COLUMNS + 3)
     per = rows * cols
     b = idx // per
     rem = idx - b * per
@@ -74,30 +75,90 @@ def _lerp(a, b, w, EMULATE_RN: tl.constexpr):
 
 
 @triton.jit
+def _hash32(x):
+    """lowbias32 on uint32 (muon_kernels/momentum_precision.py: the same function in torch)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _low_precision_store(m, buf, idx, numel, mask, bits, ScalePtrs, t, BLOCK: tl.constexpr, INT8: tl.constexpr,
+                         STOCHASTIC: tl.constexpr):
+    """Store fp32 momentum ``m`` as int8 + block scales or as stochastically rounded bf16 (the
+    reference's arithmetic: muon_kernels/momentum_precision.py); returns the stored value in fp32."""
+    if INT8:
+        QB: tl.constexpr = 256
+        scale = tl.div_rn(tl.max(tl.reshape(tl.abs(m), (BLOCK // QB, QB)), axis=1), 127.0)
+        scale_e = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK // QB, QB)), (BLOCK,))
+        y = tl.div_rn(m, tl.where(scale_e > 0, scale_e, 1.0))
+        if STOCHASTIC:
+            y = tl.floor(y + (bits >> 8).to(tl.float32) * 5.9604644775390625e-08)  # + U[0, 1), 24 bits
+        else:
+            y = tl.floor(y + 0.5)
+        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+        tl.store(buf + idx, y.to(tl.int8), mask=mask)
+        first = tl.min(tl.reshape(idx, (BLOCK // QB, QB)), axis=1)  # each block's first element
+        scale_ptr = tl.load(ScalePtrs + t).to(tl.pointer_type(tl.float32))
+        tl.store(scale_ptr + first // QB, scale, mask=first < numel)
+        return y * scale_e
+    else:
+        raw = m.to(tl.uint32, bitcast=True)
+        rounded = ((raw + (bits & 0xFFFF)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        rounded = tl.where(m != m, m, rounded)  # NaN stays NaN
+        tl.store(buf + idx, rounded.to(tl.bfloat16), mask=mask)  # exact: the low bits are zero
+        return rounded
+
+
+@triton.jit
 def _fused_momentum_kernel(
-    GradPtrs, BufPtrs, Meta, Numels, Momenta, ChunkTensor, ChunkStart, Stack,
+    GradPtrs, BufPtrs, Meta, Numels, Momenta, ChunkTensor, ChunkStart, Stack, Seeds, StepPtrs, ScalePtrs,
     GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr, EMA: tl.constexpr, NESTEROV: tl.constexpr,
-    BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr,
+    BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr, INT8: tl.constexpr = False, STOCHASTIC: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     t = tl.load(ChunkTensor + pid)
     idx = tl.load(ChunkStart + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = idx < tl.load(Numels + t)
+    numel = tl.load(Numels + t)
+    mask = idx < numel
     grad = tl.load(GradPtrs + t).to(tl.pointer_type(GRAD_DTYPE))
     buf = tl.load(BufPtrs + t).to(tl.pointer_type(BUF_DTYPE))
     mu = tl.load(Momenta + 2 * t)
     weight = tl.load(Momenta + 2 * t + 1)  # fp32(1 - μ), rounded on the host as torch does
-    # The gradient is first rounded to the buffer's dtype, as torch does before lerp.
-    g = _round(tl.load(grad + idx, mask=mask, other=0.0).to(tl.float32), BUF_DTYPE, EMULATE_RN).to(tl.float32)
-    m = tl.load(buf + idx, mask=mask, other=0.0).to(tl.float32)
-    # Same operations and roundings as the torch path: lerp_ / (mul_, add_) on the buffer, then
-    # lerp / add(alpha=μ) for Nesterov, each rounded to the buffer's dtype.
-    if EMA:
-        m = _lerp(m, g, weight, EMULATE_RN)
+    if INT8 or STOCHASTIC:
+        # Low-precision momentum: M in fp32 from the stored M and G at its own precision, stored
+        # back quantized / stochastically rounded; U from the stored M.
+        g = tl.load(grad + idx, mask=mask, other=0.0).to(tl.float32)
+        if INT8:
+            scale_ptr = tl.load(ScalePtrs + t).to(tl.pointer_type(tl.float32))
+            old = tl.load(buf + idx, mask=mask, other=0).to(tl.float32) * tl.load(scale_ptr + idx // 256,
+                                                                                  mask=mask, other=0.0)
+        else:
+            old = tl.load(buf + idx, mask=mask, other=0.0).to(tl.float32)
+        bits = idx.to(tl.uint32)
+        if STOCHASTIC:
+            step = tl.load(tl.load(StepPtrs + t).to(tl.pointer_type(tl.int64)))
+            key = _hash32(_hash32(step.to(tl.uint32)) ^ tl.load(Seeds + t).to(tl.uint32))
+            bits = _hash32(bits ^ key)
+        if EMA:
+            m = _lerp(old, g, weight, EMULATE_RN)
+        else:
+            m = mu * old + g
+        m = _low_precision_store(m, buf, idx, numel, mask, bits, ScalePtrs, t, BLOCK, INT8, STOCHASTIC)
     else:
-        m = _round(mu * m, BUF_DTYPE, EMULATE_RN).to(tl.float32) + g
-    m = _round(m, BUF_DTYPE, EMULATE_RN)
-    tl.store(buf + idx, m, mask=mask)
+        # The gradient is first rounded to the buffer's dtype, as torch does before lerp.
+        g = _round(tl.load(grad + idx, mask=mask, other=0.0).to(tl.float32), BUF_DTYPE, EMULATE_RN).to(tl.float32)
+        m = tl.load(buf + idx, mask=mask, other=0.0).to(tl.float32)
+        # Same operations and roundings as the torch path: lerp_ / (mul_, add_) on the buffer, then
+        # lerp / add(alpha=μ) for Nesterov, each rounded to the buffer's dtype.
+        if EMA:
+            m = _lerp(m, g, weight, EMULATE_RN)
+        else:
+            m = _round(mu * m, BUF_DTYPE, EMULATE_RN).to(tl.float32) + g
+        m = _round(m, BUF_DTYPE, EMULATE_RN)
+        tl.store(buf + idx, m, mask=mask)
     if NESTEROV:
         if EMA:
             u = _lerp(g, m.to(tl.float32), mu, EMULATE_RN)
@@ -110,8 +171,9 @@ def _fused_momentum_kernel(
 
 @triton.jit
 def _fused_apply_update_kernel(
-    ParamPtrs, Meta, Numels, Alphas, Decays, ChunkTensor, ChunkStart, Ortho,
+    ParamPtrs, Meta, Numels, Alphas, Decays, ChunkTensor, ChunkStart, Ortho, RowScale, Gains, Shrink, NMAX,
     PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr, CAUTIOUS: tl.constexpr,
+    NORMUON: tl.constexpr, HYPERBALL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(ChunkTensor + pid)
@@ -120,12 +182,24 @@ def _fused_apply_update_kernel(
     param = tl.load(ParamPtrs + t).to(tl.pointer_type(PARAM_DTYPE))
     w = tl.load(param + idx, mask=mask, other=0.0).to(tl.float32)
     o = tl.load(Ortho + _stack_index(Meta, t, idx), mask=mask, other=0.0).to(tl.float32)
+    if NORMUON or HYPERBALL:  # O_eff = g·s⊙O (muon_kernels/variants.py), per matrix k and neuron
+        rows = tl.load(Meta + t * META_COLUMNS + 1)
+        cols = tl.load(Meta + t * META_COLUMNS + 2)
+        per = rows * cols
+        k = tl.load(Meta + t * META_COLUMNS + 0) // per + idx // per
+        o = o * tl.load(Gains + k, mask=mask, other=0.0)
+        if NORMUON:
+            rc = idx % per
+            neuron = tl.where(tl.load(Meta + t * META_COLUMNS + 4) != 0, rc % cols, rc // cols)
+            o = o * tl.load(RowScale + k * NMAX + neuron, mask=mask, other=0.0)
     o = _round(o, PARAM_DTYPE, EMULATE_RN).to(tl.float32)  # O is cast to the parameter's dtype first
     decay = tl.load(Decays + t)
     if CAUTIOUS:  # decay only where W·O >= 0 (cautious weight decay), from the signs: no underflow
         decay = tl.where(((w >= 0) == (o >= 0)) | (w == 0) | (o == 0), decay, 1.0)
     w = _round(w * decay, PARAM_DTYPE, EMULATE_RN).to(tl.float32)  # W *= 1 - lr·wd, like mul_
     w = w + tl.load(Alphas + t) * o  # then W += (-lr·scale)·O, rounded like add_
+    if HYPERBALL:  # back onto the sphere: W *= c, like mul_
+        w = _round(w, PARAM_DTYPE, EMULATE_RN).to(tl.float32) * tl.load(Shrink + k, mask=mask, other=0.0)
     tl.store(param + idx, _round(w, PARAM_DTYPE, EMULATE_RN), mask=mask)
 
 
@@ -142,20 +216,20 @@ class Layout(NamedTuple):
     chunk_tensor: torch.Tensor  # int32 per program: which tensor
     chunk_start: torch.Tensor  # int64 per program: first element of its chunk
     numels: torch.Tensor  # int64 per tensor
-    meta: torch.Tensor  # int64 per tensor: (offset in the stack, rows, cols, transposed)
+    meta: torch.Tensor  # int64 per tensor: (offset in the stack, rows, cols, transposed, neurons on columns)
 
 
 def make_layout(views, device: torch.device) -> Layout:
-    """``views``: (batch, rows, cols, transposed) per tensor, in stack order."""
+    """``views``: (batch, rows, cols, transposed, neurons on columns) per tensor, in stack order."""
     block = _block()
-    numels = [b * r * c for b, r, c, _ in views]
+    numels = [b * r * c for b, r, c, *_ in views]
     counts = torch.tensor([triton.cdiv(n, block) for n in numels])
     chunk_tensor = torch.repeat_interleave(torch.arange(len(views), dtype=torch.int32), counts)
     chunk_start = torch.cat([torch.arange(int(c), dtype=torch.int64) * block for c in counts])
     offsets = [0]
     for n in numels[:-1]:
         offsets.append(offsets[-1] + n)
-    meta = torch.tensor([(o, r, c, int(t)) for o, (_, r, c, t) in zip(offsets, views)], dtype=torch.int64)
+    meta = torch.tensor([(o, r, c, int(t), int(nc)) for o, (_, r, c, t, nc) in zip(offsets, views)], dtype=torch.int64)
     return Layout(chunk_tensor.to(device), chunk_start.to(device), torch.tensor(numels, dtype=torch.int64).to(device),
                   meta.to(device))
 
@@ -176,7 +250,12 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    key = (device, tuple(t.data_ptr() for t in tensors))
+    return int_table(tuple(t.data_ptr() for t in tensors), device)
+
+
+def int_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An int64 device copy of ``values`` (addresses and sizes), cached as described above."""
+    key = (device, values)
     capturing = _capturing(device)
     table = _PINNED_TABLES.get(key)
     if table is None:
@@ -201,30 +280,42 @@ def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
 
 
 def fused_momentum(grads, bufs, momenta: torch.Tensor, layout: Layout, stack: torch.Tensor, *, ema: bool,
-                   nesterov: bool) -> None:
+                   nesterov: bool, scales=(), steps=(), seeds=()) -> None:
     """Update ``bufs`` in place and write U for every tensor into ``stack`` (see module docstring).
-    ``momenta``: fp32 device tensor, (μ, 1 - μ) per tensor."""
+    ``momenta``: fp32 device tensor, (μ, 1 - μ) per tensor. Low-precision momentum
+    (muon_kernels/momentum_precision.py): int8 ``bufs`` with their fp32 block ``scales``; ``steps``
+    (int64 step counters) and ``seeds`` (ints) per tensor for stochastic rounding."""
     device = stack.device
     layout = Layout(*layout)
+    int8, stochastic = bufs[0].dtype == torch.int8, bool(steps)
     _fused_momentum_kernel[(checked_grid(layout.chunk_tensor.numel(), "fused_momentum"),)](
         _addresses(grads, device), _addresses(bufs, device), layout.meta, layout.numels, momenta,
         layout.chunk_tensor, layout.chunk_start, stack,
+        int_table(tuple(seeds), device) if stochastic else momenta,
+        _addresses(list(steps), device) if stochastic else momenta,
+        _addresses(list(scales), device) if int8 else momenta,
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BUF_DTYPE=_TL_DTYPES[bufs[0].dtype], EMA=ema, NESTEROV=nesterov,
-        BLOCK=_block(), EMULATE_RN=is_interpreting(), enable_fp_fusion=FP_FUSION,
+        BLOCK=_block(), EMULATE_RN=is_interpreting(), INT8=int8, STOCHASTIC=stochastic, enable_fp_fusion=FP_FUSION,
     )
 
 
 def fused_apply_update(params, alphas: torch.Tensor, decays: torch.Tensor, layout: Layout, ortho: torch.Tensor,
-                       cautious: bool = False) -> None:
+                       cautious: bool = False, row_scale: torch.Tensor | None = None,
+                       gains: torch.Tensor | None = None, shrink: torch.Tensor | None = None) -> None:
     """``W = (W·decay) + alpha·O`` for every parameter, O read from its slice of ``ortho``; with
     ``cautious``, the decay only where W·O >= 0.
     ``alphas``/``decays``: fp32 device tensors, one value per parameter (computed on the device from
-    a tensor lr, so a scheduler changing lr needs neither a recompile nor a host round trip)."""
+    a tensor lr, so a scheduler changing lr needs neither a recompile nor a host round trip).
+    Variants (muon_kernels/variants.py): O is first multiplied by ``gains`` (one per matrix) and
+    ``row_scale`` ((matrices, n), per neuron: NorMuon); ``shrink`` (one per matrix: the hyperball)
+    multiplies the result."""
     device = ortho.device
     layout = Layout(*layout)
+    placeholder = alphas  # never read: the constexpr branches that would read them are compiled out
     _fused_apply_update_kernel[(checked_grid(layout.chunk_tensor.numel(), "fused_apply_update"),)](
         _addresses(params, device), layout.meta, layout.numels, alphas, decays,
-        layout.chunk_tensor, layout.chunk_start, ortho,
+        layout.chunk_tensor, layout.chunk_start, ortho, placeholder if row_scale is None else row_scale,
+        placeholder if gains is None else gains, placeholder if shrink is None else shrink, ortho.shape[-1],
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=_block(), EMULATE_RN=is_interpreting(), CAUTIOUS=cautious,
-        enable_fp_fusion=FP_FUSION,
+        NORMUON=row_scale is not None, HYPERBALL=shrink is not None, enable_fp_fusion=FP_FUSION,
     )

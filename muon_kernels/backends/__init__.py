@@ -1,7 +1,9 @@
 """Backend registry: which implementations exist, which can run here, and why not.
 
 A backend is a module with ``NAME``, ``kernel_path(m, n, ns_dtype, device, config=None) -> (path,
-why)``, ``momentum_stack(bucket, grads, bufs, groups)``, ``apply_update(bucket, ortho, groups)`` and
+why)``, ``momentum_stack(bucket, grads, bufs, groups, state)`` (low-precision momentum reads its
+scales and step counters from ``state``), ``apply_update(bucket, ortho, groups, state)`` (NorMuon's
+v and the hyperball radii live in ``state``) and
 ``orthogonalize(stack, config, ns_dtype)`` (any algorithm and normalization of ``config``, through
 ``muon_kernels.recurrence`` over the backend's own products); its availability is probed here. ``auto`` picks per
 bucket: CUDA with usable Triton → ``triton`` where the dispatch table says the kernels win, else

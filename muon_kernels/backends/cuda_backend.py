@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import _C, recurrence, workspace
+from .. import _C, momentum_precision, recurrence, variants, workspace
 from ..ns_config import NSConfig
 from . import torch_backend
 from .fused import fusable, momenta, update_scalars
@@ -256,12 +256,48 @@ def _layout(bucket: Bucket) -> dict:
     return bucket.cache["cuda_layout"]
 
 
-def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Tensor:
+def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.Tensor, state) -> dict:
+    """One statistics launch (NorMuon's v updated in place), then the per-matrix scalars from the
+    partial sums; returns the fused update's variant arguments (device pointers)."""
+    v = bucket.variant
+    vs, radii = variants.state_tensors(bucket, state)
+    values = []
+    for i, (e, p) in enumerate(zip(bucket.entries, params)):
+        count, on_cols = variants.neurons(e.view)
+        for b in range(e.view.batch):
+            values += [p.data_ptr() + b * e.view.rows * e.view.cols * p.element_size(),
+                       vs[i].data_ptr() + b * count * 4 if vs else 0, e.view.rows, e.view.cols,
+                       int(e.view.transposed), int(on_cols)]
+    key = ("variant_table", tuple(values))
+    if bucket.cache.get("variant_table", (None,))[0] != key:  # the addresses only change with the tensors
+        bucket.cache["variant_table"] = (key, torch.tensor(values, dtype=torch.int64).to(bucket.device))
+    table = bucket.cache["variant_table"][1]
+    k, m, n = ortho.shape
+    row_scale = workspace.empty((k, n), dtype=torch.float32, device=bucket.device) if v.normuon else None
+    partials = torch.empty((k, -(-n // _C.VARIANT_NEURONS), 4), dtype=torch.float32, device=bucket.device)
+    _C.variant_statistics(ortho=ortho.data_ptr(), ortho_dtype=DTYPE_CODES[ortho.dtype],
+                          param_dtype=DTYPE_CODES[params[0].dtype], table=table.data_ptr(), matrices=k, m=m, n=n,
+                          row_scale=row_scale.data_ptr() if row_scale is not None else 0,
+                          partials=partials.data_ptr(), weight=1.0 - v.beta2, eps=v.normuon_eps, normuon=v.normuon,
+                          hyperball=v.hyperball, stream=_stream(bucket.device))
+    gains, shrink = variants.gains(bucket, partials.sum(dim=1), alphas, radii)
+    return dict(neuron_cols=[int(variants.neurons(e.view)[1]) for e in bucket.entries],
+                row_scale=row_scale.data_ptr() if row_scale is not None else 0, gains=gains.data_ptr(),
+                shrink=shrink.data_ptr() if shrink is not None else 0, nmax=n)
+
+
+def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) -> torch.Tensor:
     """One launch per 32 tensors: momentum, Nesterov and the (transposing) copy into the stack."""
     buf_dtypes, grad_dtypes = {b.dtype for b in bufs}, {g.dtype for g in grads}
+    low = bucket.low_precision
+    if low.active:
+        if not (fusable(grads) and all(b.is_contiguous() for b in bufs)) or len(grad_dtypes) != 1 or \
+                bucket.dtype != (grads[0].dtype if low.int8 else torch.bfloat16):
+            return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
+        return _low_precision_stack(bucket, grads, bufs, groups, state)
     if (not (fusable(grads) and fusable(bufs)) or len(grad_dtypes) != 1 or buf_dtypes != {bucket.dtype}
             or bucket.dtype not in (grads[0].dtype, torch.float32)):
-        return torch_backend.momentum_stack(bucket, grads, bufs, groups)
+        return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
     stack = workspace.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
     with torch.cuda.device(bucket.device):
         _C.fused_momentum(
@@ -273,17 +309,34 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     return stack
 
 
-def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> None:
+def _low_precision_stack(bucket: Bucket, grads, bufs, groups: list[dict], state) -> torch.Tensor:
+    """One launch per 32 tensors: int8 or stochastically rounded bf16 momentum, U into the stack."""
+    low = bucket.low_precision
+    scales, steps, seeds = momentum_precision.state_tensors(bucket, state)
+    stack = workspace.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
+    with torch.cuda.device(bucket.device):
+        _C.low_precision_momentum(
+            grads=[g.data_ptr() for g in grads], bufs=[b.data_ptr() for b in bufs], **_layout(bucket),
+            grad_dtype=DTYPE_CODES[grads[0].dtype], momenta=momenta(bucket, groups).data_ptr(), stack=stack.data_ptr(),
+            ema=bucket.momentum_form == "ema", nesterov=bucket.nesterov, int8=low.int8, stochastic=low.stochastic,
+            scales=[s.data_ptr() for s in scales], steps=[s.data_ptr() for s in steps],
+            seeds=seeds if low.stochastic else [], stream=_stream(bucket.device),
+        )
+    return stack
+
+
+def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=None) -> None:
     """One launch per 32 tensors: W = W·(1 - lr·wd) - lr·scale·O for every parameter of the bucket
     (the decay only where W·O >= 0 with cautious weight decay)."""
-    params = [e.param for e in bucket.entries]
+    params = [e.target for e in bucket.entries]
     if not fusable(params) or len({p.dtype for p in params}) != 1 or ortho.dtype not in DTYPE_CODES:
-        return torch_backend.apply_update(bucket, ortho, groups)
+        return torch_backend.apply_update(bucket, ortho, groups, state)
     ortho = ortho.contiguous()
     alphas, decays = update_scalars(bucket, groups)
     with torch.cuda.device(bucket.device):
+        extra = _variant_factors(bucket, ortho, params, alphas, state) if bucket.variant.active else {}
         _C.fused_apply_update(
             params=[p.data_ptr() for p in params], **_layout(bucket), param_dtype=DTYPE_CODES[params[0].dtype],
             alphas=alphas.data_ptr(), decays=decays.data_ptr(), stack=ortho.data_ptr(),
-            stack_dtype=DTYPE_CODES[ortho.dtype], cautious=bucket.cautious, stream=_stream(bucket.device),
+            stack_dtype=DTYPE_CODES[ortho.dtype], cautious=bucket.cautious, stream=_stream(bucket.device), **extra,
         )

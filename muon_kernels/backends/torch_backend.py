@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import recurrence
+from .. import momentum_precision, recurrence, variants
 from ..ns_config import NSConfig
+from .fused import update_scalars
 
 if TYPE_CHECKING:
     from ..plan import Bucket
@@ -72,12 +73,12 @@ def _stack_view(stack: torch.Tensor, offset: int, e) -> torch.Tensor | None:
     if e.view.transposed:
         part = part.mT
     try:
-        return part.view(e.param.shape)
+        return part.view(e.target.shape)
     except RuntimeError:
         return None
 
 
-def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Tensor:
+def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) -> torch.Tensor:
     """Momentum (foreach, per group of the bucket) and a (K, m, n) stack of the updates, tall
     matrices transposed; the stack never aliases a buffer.
 
@@ -101,10 +102,19 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
         if any(t is None for t in targets):
             stack, targets = None, [None] * len(bucket.entries)
     updates: list[torch.Tensor | None] = [None] * len(bucket.entries)
+    low = bucket.low_precision
+    scales, steps, seeds = momentum_precision.state_tensors(bucket, state) if low.active else ([], [], [])
+    pick = lambda values, idx: [values[i] for i in idx] if values else []  # noqa: E731
     for gi, idx in by_group.items():
-        us = momentum_update([bufs[i] for i in idx], [grads[i] for i in idx], momentum=groups[gi]["momentum"],
-                             nesterov=bucket.nesterov, form=bucket.momentum_form,
-                             outs=None if stack is None else [targets[i] for i in idx])
+        outs = None if stack is None else [targets[i] for i in idx]
+        if low.active:
+            us = momentum_precision.momentum_update(
+                [bufs[i] for i in idx], [grads[i] for i in idx], pick(scales, idx), pick(steps, idx),
+                pick(seeds, idx), momentum=groups[gi]["momentum"], nesterov=bucket.nesterov,
+                form=bucket.momentum_form, mode=low, outs=outs)
+        else:
+            us = momentum_update([bufs[i] for i in idx], [grads[i] for i in idx], momentum=groups[gi]["momentum"],
+                                 nesterov=bucket.nesterov, form=bucket.momentum_form, outs=outs)
         for i, u in zip(idx, us):
             updates[i] = u
     if stack is not None:
@@ -113,7 +123,7 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Ten
     for e, u in zip(bucket.entries, updates):
         u = u.reshape(e.view.batch, e.view.rows, e.view.cols)
         views.append(u.mT if e.view.transposed else u)
-    return torch.cat(views, dim=0)
+    return torch.cat(views, dim=0).to(bucket.dtype)
 
 
 # The CPU strategy (bench/README.md): a Newton–Schulz call's temporaries (X, the next X, A, B) stay
@@ -209,11 +219,16 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
     return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, MATMUL_OPS)
 
 
-def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> None:
+def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=None) -> None:
     """W *= 1 - lr·wd; W -= lr·scale·O — for every parameter of the bucket, foreach per (group, scale).
     On a CPU, O is added in its own dtype (torch's add_ computes in the parameter's precision, so the
-    bits are those of converting first) instead of converting the whole stack first."""
-    if bucket.device.type != "cpu":
+    bits are those of converting first) instead of converting the whole stack first. A bucket with a
+    variant (NorMuon, hyperball; ``state`` holds theirs) first turns O into O_eff = g·s⊙O
+    (muon_kernels/variants.py), and the hyperball then rescales each matrix by its c."""
+    shrink = None
+    if bucket.variant.active:
+        ortho, shrink = variant_update(bucket, ortho, groups, state)
+    if bucket.device.type != "cpu" or shrink is not None:
         ortho = ortho.to(bucket.entries[0].param.dtype)
     batches: dict[tuple[int, float], tuple[list, list]] = defaultdict(lambda: ([], []))
     offset = 0
@@ -221,11 +236,25 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> Non
         o = ortho[offset : offset + e.view.batch]
         offset += e.view.batch
         params, outs = batches[(e.group, e.scale)]
-        params.append(e.param)
-        outs.append((o.mT if e.view.transposed else o).reshape(e.param.shape))
+        params.append(e.target)
+        outs.append((o.mT if e.view.transposed else o).reshape(e.target.shape))
     for (gi, scale), (params, outs) in batches.items():
         decay_and_add(params, outs, lr=groups[gi]["lr"], weight_decay=groups[gi]["weight_decay"], scale=scale,
                       cautious=bucket.cautious)
+    if shrink is not None:  # hyperball: back onto each matrix's sphere
+        offset = 0
+        for e in bucket.entries:
+            e.target.mul_(shrink[offset: offset + e.view.batch].view(-1, *[1] * (e.param.ndim - 1)))
+            offset += e.view.batch
+
+
+def variant_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state):
+    """(O_eff as fp32 (K, m, n), hyperball factors c or None), NorMuon's v updated in place."""
+    vs, radii = variants.state_tensors(bucket, state)
+    scales, sums = variants.torch_statistics(bucket, ortho, vs)
+    alphas = update_scalars(bucket, groups)[0] if bucket.variant.hyperball else None
+    g, shrink = variants.gains(bucket, sums, alphas, radii)
+    return variants.effective_update(bucket, ortho, scales, g), shrink
 
 
 def _scalar(value: float, tensors: list[torch.Tensor]):

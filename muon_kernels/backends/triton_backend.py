@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import workspace
+from .. import momentum_precision, variants, workspace
 from ..ns_config import NSConfig
 from ..triton_kernels.fused_update import Layout, make_layout
-from ..triton_kernels.ops import fused_apply_update_op, fused_momentum_op, newton_schulz_op
+from ..triton_kernels.ops import fused_apply_update_op, fused_momentum_op, newton_schulz_op, variant_statistics_op
 from ..triton_kernels.small_newton_schulz import fits_device
+from ..triton_kernels.variant_statistics import matrix_table
 from . import torch_backend
 from .fused import fusable, momenta, update_scalars
 
@@ -59,25 +60,49 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
 
 def _layout(bucket: Bucket) -> Layout:
     if "layout" not in bucket.cache:
-        views = [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed) for e in bucket.entries]
+        views = [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed, variants.neurons(e.view)[1])
+                 for e in bucket.entries]
         bucket.cache["layout"] = make_layout(views, bucket.device)
     return bucket.cache["layout"]
 
 
-def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict]) -> torch.Tensor:
+def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) -> torch.Tensor:
     """One launch: momentum, Nesterov and the (transposing) copy into the stack."""
-    if not (fusable(grads) and fusable(bufs)) or len({g.dtype for g in grads}) != 1:
-        return torch_backend.momentum_stack(bucket, grads, bufs, groups)
+    low = bucket.low_precision
+    if (not (fusable(grads) and (fusable(bufs) or low.int8)) or len({g.dtype for g in grads}) != 1
+            or not all(b.is_contiguous() for b in bufs)):
+        return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
     stack = workspace.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
+    scales, steps, seeds = momentum_precision.state_tensors(bucket, state) if low.active else ([], [], [])
     fused_momentum_op(grads, bufs, momenta(bucket, groups), *_layout(bucket), stack, bucket.momentum_form == "ema",
-                      bucket.nesterov)
+                      bucket.nesterov, scales, steps, seeds if low.stochastic else [])
     return stack
 
 
-def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict]) -> None:
+def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=None) -> None:
     """One launch: W = W·(1 - lr·wd) - lr·scale·O for every parameter of the bucket (the decay only
     where W·O >= 0 with cautious weight decay)."""
-    params = [e.param for e in bucket.entries]
-    if not fusable(params):
-        return torch_backend.apply_update(bucket, ortho, groups)
-    fused_apply_update_op(params, *update_scalars(bucket, groups), *_layout(bucket), ortho, bucket.cautious)
+    params = [e.target for e in bucket.entries]
+    if not fusable(params) or len({p.dtype for p in params}) != 1:
+        return torch_backend.apply_update(bucket, ortho, groups, state)
+    alphas, decays = update_scalars(bucket, groups)
+    row_scale = gains = shrink = None
+    if bucket.variant.active:
+        row_scale, gains, shrink = _variant_factors(bucket, ortho, params, alphas, state)
+    fused_apply_update_op(params, alphas, decays, *_layout(bucket), ortho, bucket.cautious, row_scale, gains, shrink)
+
+
+def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.Tensor, state):
+    """One statistics launch (NorMuon's v updated in place), then the per-matrix scalars from the
+    (K, blocks, 4) partial sums: (s per neuron or None, g, c or None), all on the device."""
+    v = bucket.variant
+    vs, radii = variants.state_tensors(bucket, state)
+    views = [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed, *reversed(variants.neurons(e.view)))
+             for e in bucket.entries]
+    table = matrix_table(params, vs, views, bucket.device)
+    row_scale = workspace.empty((bucket.matrices, bucket.n), dtype=torch.float32, device=bucket.device) \
+        if v.normuon else None
+    partials = variant_statistics_op(ortho, params, vs, table, row_scale, v.normuon, v.hyperball, v.beta2,
+                                     v.normuon_eps)
+    gains, shrink = variants.gains(bucket, partials.sum(dim=1), alphas, radii)
+    return row_scale, gains, shrink

@@ -1,5 +1,8 @@
-"""Optimizer variants on a real GPU (marked ``gpu``; skipped without one): cautious weight decay in the
-fused update of every backend against the torch backend on the same device."""
+"""Optimizer variants on a real GPU (marked ``gpu``; skipped without one), every kernel backend
+against the torch backend on the same device: cautious weight decay; NorMuon and the hyperball
+(statistics kernel + fused update); split pieces; low-precision momentum (int8 and stochastically
+rounded bf16 must store the same bits as the torch reference); and a CUDA-graph replay of a step
+with all of them."""
 
 from __future__ import annotations
 
@@ -33,3 +36,96 @@ def test_cautious_weight_decay_matches_torch_backend(backend, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2.0**-7
     for p, q in zip(ps, twins):
         assert ((p.float() - q.float()).norm() / q.float().norm()).item() <= tol
+
+
+def _pair(backend, shapes, dtype, options, groups=None):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, device=DEV).to(dtype)) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    make = groups or (lambda params: params)
+    opts = [mk.Muon(make(x), lr=0.05, ns_dtype=torch.float32, backend=b, **options)
+            for x, b in ((ps, backend), (twins, "torch"))]
+    return ps, twins, opts
+
+
+def _steps(ps, twins, opts, shapes, dtype, steps=3):
+    for _ in range(steps):
+        grads = [torch.randn(s, device=DEV).to(dtype) for s in shapes]
+        for group, opt in zip((ps, twins), opts):
+            for p, g in zip(group, grads):
+                p.grad = g.clone()
+            opt.step()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("options", [{"adaptive": "normuon"}, {"constraint": "hyperball", "weight_decay": 0.0},
+                                     {"adaptive": "normuon", "constraint": "hyperball", "weight_decay": 0.0}])
+def test_normuon_and_hyperball_match_torch_backend(backend, options):
+    shapes = [(256, 1024), (1024, 256), (4, 256, 1024)]
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "matrix_view": "batch"}]  # noqa: E731
+    ps, twins, opts = _pair(backend, shapes, torch.float32, options, groups)
+    _steps(ps, twins, opts, shapes, torch.float32)
+    assert all(b.backend.NAME == backend for b in opts[0]._buckets)
+    for p, q in zip(ps, twins):
+        assert ((p - q).norm() / q.norm()).item() <= 1e-5
+        for key in ("normuon_v", "hyperball_radius"):
+            if key in opts[1].state[q]:
+                assert ((opts[0].state[p][key] - opts[1].state[q][key]).norm() / opts[1].state[q][key].norm()) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_split_pieces_match_torch_backend(backend):
+    shapes = [(3 * 512, 512), (512, 512)]
+    groups = lambda ps: [{"params": ps[:1], "split_sizes": (512, 512, 512)}, {"params": ps[1:]}]  # noqa: E731
+    ps, twins, opts = _pair(backend, shapes, torch.float32, {}, groups)
+    _steps(ps, twins, opts, shapes, torch.float32)
+    [bucket] = opts[0]._buckets
+    assert bucket.matrices == 4 and bucket.backend.NAME == backend
+    for p, q in zip(ps, twins):
+        assert ((p - q).norm() / q.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("options", [{"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic"},
+                                     {"momentum_dtype": "int8"},
+                                     {"momentum_dtype": "int8", "momentum_rounding": "stochastic"}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_momentum_stores_the_reference_bits(backend, options, dtype):
+    shapes = [(256, 1000), (1000, 256), (300, 7)]  # numels not multiples of 256: partial last blocks
+    ps, twins, opts = _pair(backend, shapes, dtype, options)
+    _steps(ps, twins, opts, shapes, dtype)
+    for p, q in zip(ps, twins):
+        for key, value in opts[1].state[q].items():
+            assert torch.equal(opts[0].state[p][key], value), key
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_replay_of_a_step_with_every_variant(backend):
+    shapes = [(256, 512), (3 * 128, 256)]
+    options = {"adaptive": "normuon", "momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic",
+               "weight_decay_mode": "cautious", "capturable": True}
+    lr = torch.tensor(0.05, device=DEV)
+    groups = lambda ps: [{"params": ps[:1]}, {"params": ps[1:], "split_sizes": (128, 128, 128)}]  # noqa: E731
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, device=DEV)) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    graph_opt = mk.Muon(groups(ps), lr=lr, backend=backend, **options)
+    eager_opt = mk.Muon(groups(twins), lr=lr, backend=backend, **options)
+    grads = [[torch.randn(s, device=DEV) for s in shapes] for _ in range(4)]
+    for p, g in zip(ps, grads[0]):
+        p.grad = g.clone()
+    graph_opt.step()  # warm-up: state, address tables
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for p, g in zip(twins, grads[0]):
+        p.grad = g.clone()
+    eager_opt.step()
+    for step_grads in grads[1:]:
+        for p, q, g in zip(ps, twins, step_grads):
+            p.grad.copy_(g)
+            q.grad = g.clone()
+        graph.replay()
+        eager_opt.step()
+    for p, q in zip(ps, twins):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -259,25 +259,40 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.muon_kernels.newton_schulz.default,
                           (stack, [3.4445, -4.775, 2.0315] * 3, 1e-7, 1.0, 0.0, torch.float32, False, "aol", "gram",
                            [1]))
-    views = [(1, 12, 20, False), (1, 20, 12, True)]
+    views = [(1, 12, 20, False, False), (1, 20, 12, True, True)]
     layout = make_layout(views, torch.device("cpu"))
     grads = [_randn(12, 20, seed=1), _randn(20, 12, seed=2)]
     bufs = [torch.zeros(12, 20), torch.zeros(20, 12)]
     torch.library.opcheck(torch.ops.muon_kernels.fused_momentum.default,
-                          (grads, bufs, torch.tensor([0.9, 0.1, 0.95, 0.05]), *layout, torch.empty(2, 12, 20), True, True))
+                          (grads, bufs, torch.tensor([0.9, 0.1, 0.95, 0.05]), *layout, torch.empty(2, 12, 20), True, True,
+                           [], [], []))
     params = [_randn(12, 20, seed=3), _randn(20, 12, seed=4)]
     for cautious in (False, True):
         torch.library.opcheck(torch.ops.muon_kernels.fused_apply_update.default,
                               (params, torch.tensor([-0.01, -0.02]), torch.tensor([0.999, 1.0]), *layout,
                                _randn(2, 12, 20, seed=5), cautious))
+    # The variants: the statistics pass (mutating NorMuon's v and the row scales) and the update with factors.
+    from muon_kernels.triton_kernels.variant_statistics import matrix_table
+
+    # (Without NorMuon: its v is reached through the table's addresses, which opcheck's cloned
+    # arguments cannot follow; test_variants_triton.py checks that mutation.)
+    table = matrix_table(params, [], [(1, 12, 20, False, False, 12), (1, 20, 12, True, True, 12)], torch.device("cpu"))
+    torch.library.opcheck(torch.ops.muon_kernels.variant_statistics.default,
+                          (_randn(2, 12, 20, seed=6), params, [], table, None, False, True, 0.95, 1e-10))
+    torch.library.opcheck(torch.ops.muon_kernels.fused_apply_update.default,
+                          (params, torch.tensor([-0.01, -0.02]), torch.tensor([1.0, 1.0]), *layout,
+                           _randn(2, 12, 20, seed=5), False, torch.rand(2, 20), torch.rand(2), torch.rand(2)))
 
 
-def test_compiled_training_step_matches_eager():
+@pytest.mark.parametrize("options", [{}, {"adaptive": "normuon", "constraint": "hyperball", "weight_decay": 0.0},
+                                     {"momentum_dtype": "int8", "momentum_rounding": "stochastic"}])
+def test_compiled_training_step_matches_eager(options):
+    """Also with the variants' statistics op and the low-precision momentum kernel inside the graph."""
     torch.manual_seed(0)
     make = lambda: torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 12))  # noqa: E731
     eager_model, compiled_model = make(), make()
     compiled_model.load_state_dict(eager_model.state_dict())
-    kwargs = dict(lr=0.05, backend="triton", ns_dtype=torch.float32, ns_steps=2)
+    kwargs = dict(lr=0.05, backend="triton", ns_dtype=torch.float32, ns_steps=2, **options)
     eager_opt, compiled_opt = mk.Muon(eager_model.parameters(), **kwargs), mk.Muon(compiled_model.parameters(), **kwargs)
     x = torch.randn(8, 12)
 

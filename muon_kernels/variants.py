@@ -1,0 +1,243 @@
+"""What happens to the orthogonalized update O before it is applied: NorMuon and the hyperball.
+
+**NorMuon** (``adaptive="normuon"``; Li et al. 2025, arXiv 2510.05491, following the authors'
+reference ``normuon.py``): per output neuron i (a row of the (out, in) matrix; a column of a weight
+stored (in, out)), in fp32,
+
+    v_i ← lerp(v_i, mean_j O_ij², 1 - β2)          (state "normuon_v", no bias correction)
+    O'  = O ⊙ s,  s_i = 1 / (√v_i + ε)
+    O'' = O' · ‖O‖_F / (‖O'‖_F + ε)                 (back to O's Frobenius norm)
+
+then the usual ``W -= lr·scale·O''``. modded-nanogpt keeps the statistic along the larger dimension
+instead (per column of a wide matrix); we follow the paper's neuron-wise choice.
+
+**Hyperball** (``constraint="hyperball"``; Wen et al. 2025, MuonH; NVIDIA Emerging-Optimizers'
+``MuonHyperball``): each matrix stays on the sphere of its initial Frobenius norm R (state
+"hyperball_radius", recorded at its first step):
+
+    W ← R · normalize(W − lr · R · normalize(O))
+
+per matrix of the view (per expert of a 3D stack). normalize(scale·O) = normalize(O), so the lr
+scale (``adjust_lr_fn``) drops out; weight decay must be 0 (the sphere fixes ‖W‖_F).
+
+Every backend computes, per neuron, q_i = Σ_j O_ij² (and for the hyperball Σ_j W_ij·O_ij,
+Σ_j W_ij²), updates v and s on the way, and reduces them per matrix to four sums — Σq, Σs²q,
+Σs·(W·O), ΣW² — from which ``gains`` derives two scalars per matrix: g (O_eff = g·s⊙O) and, for
+the hyperball, c (W ← c·(W + α·O_eff)), using ‖W + αO_eff‖² = ΣW² + 2αg·Σs(W·O) + α²g²·Σs²q.
+So the update stays one fused pass, and a step reads nothing back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .plan import Bucket, MatrixView
+
+ADAPTIVE_MODES = ("none", "normuon")
+CONSTRAINTS = ("none", "hyperball")
+# Group keys of the variants and their defaults (also ``Muon(...)`` keyword-only arguments).
+DEFAULTS = {"adaptive": "none", "normuon_beta2": 0.95, "normuon_eps": 1e-10, "constraint": "none",
+            "hyperball_eps": 1e-8}
+# Keys whose saved value must equal the optimizer's when a state_dict is loaded (a checkpoint from
+# before a key existed was saved with the first value).
+CHECKPOINT_NAMES = {"adaptive": "none", "constraint": "none", "weight_decay_mode": "decoupled"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The post-orthogonalization settings a bucket shares (part of its key)."""
+
+    normuon: bool = False
+    beta2: float = 0.95
+    normuon_eps: float = 1e-10
+    hyperball: bool = False
+    hyperball_eps: float = 1e-8
+
+    @property
+    def active(self) -> bool:
+        return self.normuon or self.hyperball
+
+    def describe(self) -> str:
+        parts = [f"NorMuon (β2={self.beta2:g})"] if self.normuon else []
+        return "; ".join(parts + (["hyperball"] if self.hyperball else []))
+
+
+def variant(group: dict) -> Variant:
+    if group["adaptive"] == "none" and group["constraint"] == "none":
+        return Variant()
+    return Variant(group["adaptive"] == "normuon", float(group["normuon_beta2"]), float(group["normuon_eps"]),
+                   group["constraint"] == "hyperball", float(group["hyperball_eps"]))
+
+
+def check_settings(group: dict) -> None:
+    if group["adaptive"] not in ADAPTIVE_MODES:
+        raise ValueError(f"adaptive must be one of {ADAPTIVE_MODES}, got {group['adaptive']!r}")
+    beta2 = group["normuon_beta2"]
+    if not (isinstance(beta2, (int, float)) and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"normuon_beta2 must be a float in [0, 1), got {beta2!r}")
+    for key in ("normuon_eps", "hyperball_eps"):
+        if not (isinstance(group[key], (int, float)) and group[key] > 0.0):
+            raise ValueError(f"{key} must be a float > 0, got {group[key]!r}")
+    if group["constraint"] not in CONSTRAINTS:
+        raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {group['constraint']!r}")
+    if group["constraint"] == "hyperball" and group["weight_decay"] != 0.0:
+        raise ValueError(f"constraint='hyperball' keeps ‖W‖_F fixed, so weight decay would do nothing but change the "
+                         f"step size; pass weight_decay=0 (got {group['weight_decay']})")
+    if group["constraint"] == "hyperball" and group["weight_decay_mode"] != "decoupled":
+        raise ValueError("constraint='hyperball' has no weight decay: leave weight_decay_mode='decoupled'")
+
+
+def check_checkpoint(saved: dict, current: dict, index: int) -> None:
+    """A checkpoint's variant names must match this optimizer's: its state (NorMuon's v, the radii)
+    means nothing under other settings, and silently switching variants would change training."""
+    for key, before in CHECKPOINT_NAMES.items():
+        value = saved.get(key, before)
+        if value != current[key]:
+            raise ValueError(f"param group {index}: the state_dict was saved with {key}={value!r} but this optimizer "
+                             f"has {key}={current[key]!r}; construct the optimizer with {key}={value!r} to resume it "
+                             "(or load only the model weights to switch variants)")
+
+
+# ------------------------------------------------------------------------------------ layout
+
+
+def neurons(view: MatrixView) -> tuple[int, bool]:
+    """(neurons per matrix, whether they are the view's columns): one per output row of the (out, in)
+    matrix; a weight stored (in, out) has them along its columns."""
+    stored_transposed = view.kind in ("transposed", "batch_transposed")
+    return (view.cols, True) if stored_transposed else (view.rows, False)
+
+
+def on_oriented_columns(view: MatrixView) -> bool:
+    """Whether the neurons run along the columns of the oriented (m <= n) matrix in the stack."""
+    return neurons(view)[1] != view.transposed
+
+
+def state_shape(view: MatrixView) -> tuple[int, ...]:
+    """normuon_v: (batch, neurons) for expert stacks, (neurons,) otherwise; radius: (batch,) or ()."""
+    count = neurons(view)[0]
+    return (view.batch, count) if view.kind in ("batch", "batch_transposed") else (count,)
+
+
+def frobenius_norms(p: torch.Tensor, view: MatrixView) -> torch.Tensor:
+    """fp32 (fp64 for fp64) Frobenius norm of each matrix of the view, two-stage (accurate)."""
+    acc = torch.promote_types(p.dtype, torch.float32)
+    if hasattr(p, "full_tensor"):  # an FSDP2 shard: the radius is the whole matrix's (one gather, first step)
+        p = p.full_tensor()
+    mats = p.detach().reshape(view.batch, view.rows, view.cols)
+    return torch.linalg.vector_norm(torch.linalg.vector_norm(mats, dim=-1, dtype=acc), dim=-1)
+
+
+def init_state(entries, state, names: dict[int, str]) -> None:
+    """``entries``: (param, view, variant, split piece or None). Create NorMuon's v (zeros) and
+    record hyperball radii for parameters stepping for the first
+    time. Every radius is checked before any is stored: a zero-norm matrix raises ValueError and
+    leaves the state as it was (one host read, on the first step only)."""
+    radii = {}
+    for p, view, v, part in entries:
+        st = state[p]
+        if v.normuon and "normuon_v" not in st:  # a split piece's v is a slice of its parameter's
+            shape = state_shape(view) if part is None else (p.shape[part[0]],)
+            st["normuon_v"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        if v.hyperball and "hyperball_radius" not in st:
+            radii[p] = (frobenius_norms(p, view), view, names[id(p)])
+    if not radii:
+        return
+    for p, (norms, view, name) in radii.items():
+        if not bool((norms > 0).all()):
+            raise ValueError(f"parameter {name}: constraint='hyperball' keeps each matrix on the sphere of its initial "
+                             "Frobenius norm, but a matrix of it has norm 0; initialize it (e.g. nn.init) before the "
+                             "first step or put it in a group with constraint='none'")
+    for p, (norms, view, _) in radii.items():
+        state[p]["hyperball_radius"] = norms.to(torch.float32).reshape(state_shape(view)[:-1])
+
+
+def state_tensors(bucket: Bucket, state) -> tuple[list, list]:
+    """(normuon_v per entry, hyperball_radius per entry); empty lists for a variant that is off."""
+    vs = [neuron_piece(e, state[e.param]["normuon_v"]) for e in bucket.entries] if bucket.variant.normuon else []
+    radii = [state[e.param]["hyperball_radius"] for e in bucket.entries] if bucket.variant.hyperball else []
+    return vs, radii
+
+
+def neuron_piece(e, v: torch.Tensor) -> torch.Tensor:
+    """A split piece's neurons of the parameter's v (the piece cuts the output axis, so a slice)."""
+    return v if e.part is None else v.narrow(0, e.part[1], e.part[2])
+
+
+# ------------------------------------------------------------------------------------ math
+
+
+def per_matrix(bucket: Bucket, values: torch.Tensor) -> torch.Tensor:
+    """Per-entry values (K_entries,) repeated for each matrix of the entry (device op, no sync)."""
+    counts = [e.view.batch for e in bucket.entries]
+    if all(c == 1 for c in counts):
+        return values
+    key = ("matrix_counts", tuple(counts))
+    if key not in bucket.cache:
+        bucket.cache[key] = torch.tensor(counts, device=bucket.device)
+    return torch.repeat_interleave(values, bucket.cache[key], output_size=bucket.matrices)
+
+
+def gains(bucket: Bucket, sums: torch.Tensor, alphas: torch.Tensor | None,
+          radii: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """From the per-matrix sums (K, 4): g (O_eff = g·s⊙O) and, for the hyperball, c (W ← c·(W + α·O_eff)),
+    fp32 on the device. Combined in fp64: the sums are fp32-accurate, the hyperball's ‖W'‖² subtracts."""
+    v = bucket.variant
+    s_q, s_sq, s_swo, s_w2 = sums.to(torch.float64).unbind(-1)
+    ratio = s_q.sqrt() / (s_sq.sqrt() + v.normuon_eps) if v.normuon else torch.ones_like(s_q)
+    if not v.hyperball:
+        return ratio.to(torch.float32), None
+    radius = torch.cat([r.reshape(-1) for r in radii]).to(torch.float64)
+    g = ratio * radius / (ratio * s_sq.sqrt()).clamp_min(v.hyperball_eps)
+    ag = per_matrix(bucket, alphas).to(torch.float64) * g
+    norm = (s_w2 + 2 * ag * s_swo + ag * ag * s_sq).clamp_min(0).sqrt()
+    return g.to(torch.float32), (radius / norm.clamp_min(v.hyperball_eps)).to(torch.float32)
+
+
+def torch_statistics(bucket: Bucket, ortho: torch.Tensor, vs: list[torch.Tensor]) -> tuple[list, torch.Tensor]:
+    """Torch reference of the statistics pass: updates each entry's v in place; returns (s per entry
+    as (batch, neurons) fp32, or None without NorMuon; the (K, 4) sums)."""
+    v = bucket.variant
+    scales, sums, offset = [], [], 0
+    for i, e in enumerate(bucket.entries):
+        o = ortho[offset: offset + e.view.batch].to(torch.float32)
+        offset += e.view.batch
+        axis = 1 if on_oriented_columns(e.view) else 2  # reduce over the other axis
+        q = (o * o).sum(dim=axis)  # (batch, neurons)
+        s = None
+        if v.normuon:
+            state_v = vs[i].view(e.view.batch, -1)
+            state_v.lerp_(q / o.shape[axis], 1.0 - v.beta2)
+            s = 1.0 / (state_v.sqrt() + v.normuon_eps)
+        ss = torch.ones_like(q) if s is None else s
+        s_swo = s_w2 = torch.zeros(e.view.batch, device=q.device)
+        if v.hyperball:
+            w = oriented(e.target, e.view).to(torch.float32)
+            s_swo = (ss * (w * o).sum(dim=axis)).sum(dim=1)
+            s_w2 = (w * w).sum(dim=(1, 2))
+        sums.append(torch.stack([q.sum(dim=1), (ss * ss * q).sum(dim=1), s_swo, s_w2], dim=1))
+        scales.append(s)
+    return scales, torch.cat(sums)
+
+
+def oriented(p: torch.Tensor, view: MatrixView) -> torch.Tensor:
+    """The parameter as the (batch, m, n) oriented matrices of the stack (a view where possible)."""
+    mats = p.reshape(view.batch, view.rows, view.cols)
+    return mats.mT if view.transposed else mats
+
+
+def effective_update(bucket: Bucket, ortho: torch.Tensor, scales: list, g: torch.Tensor) -> torch.Tensor:
+    """O_eff = g·s⊙O per matrix, fp32, (K, m, n) oriented."""
+    out = ortho.to(torch.float32) * g.view(-1, 1, 1)
+    offset = 0
+    for e, s in zip(bucket.entries, scales):
+        if s is not None:
+            part = out[offset: offset + e.view.batch]
+            part.mul_(s.unsqueeze(1) if on_oriented_columns(e.view) else s.unsqueeze(2))
+        offset += e.view.batch
+    return out
+

@@ -1,0 +1,212 @@
+"""Low-precision momentum: bf16 with stochastic rounding and int8 (blocks of 256, fp32 scales),
+checked against definitions written here from the bits (not from the package's code), for
+unbiasedness, against fp64 momentum over 12 steps, and for exact resumes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import muon_kernels as mk
+from muon_kernels import momentum_precision as mp
+
+
+def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(toward zero, away from zero) bf16 neighbours of fp32 x, from the bit pattern."""
+    raw = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    down = raw & 0xFFFF0000
+    up = down + 0x10000
+    to_f = lambda r: torch.where(r >= 2**31, r - 2**32, r).to(torch.int32).view(torch.float32)  # noqa: E731
+    return to_f(down), to_f(up)
+
+
+def test_stochastic_bf16_picks_a_neighbour_with_the_right_probability():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g) * 10
+    down, up = _bf16_neighbours(x)
+    frac = ((x.view(torch.int32).to(torch.int64) & 0xFFFF).to(torch.float64)) / 2**16  # P(round away from zero)
+    hits = torch.zeros(4096, dtype=torch.float64)
+    draws = 400
+    for step in range(draws):
+        bits = mp.random_bits(7, torch.tensor(step), 4096, "cpu")
+        r = mp.stochastic_bf16(x, bits).float()
+        assert bool(((r == down) | (r == up)).all())
+        hits += (r == up).double() * (up != down).double()
+    # Each element: a binomial(400, frac) count; the mean over 4096 elements is within 4 sigma.
+    err = (hits / draws - frac).mean().abs().item()
+    assert err <= 4 * (0.25 / draws / 4096) ** 0.5
+    # Exactly representable values never move.
+    exact = x.to(torch.bfloat16).float()
+    assert torch.equal(mp.stochastic_bf16(exact, mp.random_bits(1, torch.tensor(3), 4096, "cpu")).float(), exact)
+
+
+def test_random_bits_are_a_fixed_function_of_seed_step_and_index():
+    a = mp.random_bits(5, torch.tensor(2), 1000, "cpu")
+    assert torch.equal(a, mp.random_bits(5, torch.tensor(2), 1000, "cpu"))
+    assert not torch.equal(a, mp.random_bits(5, torch.tensor(3), 1000, "cpu"))
+    assert not torch.equal(a, mp.random_bits(6, torch.tensor(2), 1000, "cpu"))
+    assert torch.equal(a[500:], mp.random_bits(5, torch.tensor(2), 500, "cpu", offset=500))  # a shard's bits
+    assert a.unique().numel() == 1000 and int(a.min()) >= 0 and int(a.max()) < 2**32
+    # lowbias32 on known inputs (uint32 arithmetic written out here)
+    def ref(x):
+        x &= 0xFFFFFFFF
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    xs = [0, 1, 2**31, 2**32 - 1, 123456789]
+    assert mp.hash32(torch.tensor(xs)).tolist() == [ref(x) for x in xs]
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_int8_blocks_bound_the_error_by_their_own_maximum(stochastic):
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(1000, generator=g)
+    m[10] = 1000.0  # an outlier costs precision in its own block only
+    bits = mp.random_bits(3, torch.tensor(1), 1000, "cpu") if stochastic else None
+    q, scale = mp.quantize(m, bits)
+    assert q.dtype == torch.int8 and scale.shape == (4,)
+    back = mp.dequantize(q, scale)
+    blocks = torch.nn.functional.pad(m, (0, 24)).view(4, 256)
+    step = blocks.abs().amax(dim=1) / 127  # one quantization level per block
+    bound = (step if stochastic else step / 2).repeat_interleave(256)[:1000] * (1 + 1e-6)
+    assert bool(((back - m).abs() <= bound).all())
+    assert (back[256:] - m[256:]).abs().max() < 0.05  # the other blocks keep a fine grid
+
+
+def test_stochastic_int8_is_unbiased():
+    m = torch.full((256,), 0.3)
+    m[0] = 1.0  # scale 1/127: 0.3 sits between levels 38 and 39 (0.3·127 = 38.1)
+    total = torch.zeros(256, dtype=torch.float64)
+    for step in range(2000):
+        q, scale = mp.quantize(m, mp.random_bits(2, torch.tensor(step), 256, "cpu"))
+        total += mp.dequantize(q, scale).double()
+    mean = (total / 2000)[1:].mean().item()
+    assert abs(mean - 0.3) < 4 * (0.1 * 0.9 / 2000 / 255) ** 0.5 / 127 + 1e-6
+
+
+def _train(W0, grads, **options):
+    W = nn.Parameter(W0.clone())
+    opt = mk.Muon([W], lr=0.05, ns_dtype=torch.float32, backend="torch", weight_decay=0.0, **options)
+    for G in grads:
+        W.grad = G.clone()
+        opt.step()
+    return W.detach(), opt
+
+
+# Error relative to torch's own bf16 momentum (nearest rounding): stochastic rounding's error is
+# up to one ulp instead of half (2×, and more steps' errors add: 4×); int8 keeps 127 levels of its
+# block's max, a step of max/127 against bf16's |m|·2^-8: (max/|m|)·2 ≈ 8× for Gaussian blocks of
+# 256 (max ≈ 3σ, mean |m| ≈ 0.8σ), 16× with stochastic rounding.
+LOW_PRECISION_FACTORS = [
+    ({"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic"}, 4),
+    ({"momentum_dtype": "int8"}, 8),
+    ({"momentum_dtype": "int8", "momentum_rounding": "stochastic"}, 16),
+]
+
+
+@pytest.mark.parametrize("options, factor", LOW_PRECISION_FACTORS)
+def test_low_precision_momentum_tracks_fp64_momentum(options, factor):
+    """12 steps against fp64 momentum, bounded by a multiple of what torch's bf16 momentum costs."""
+    g = torch.Generator().manual_seed(2)
+    W0 = torch.randn(32, 48, generator=g)
+    grads = [torch.randn(32, 48, generator=g) for _ in range(12)]
+    exact, _ = _train(W0, grads, momentum_dtype=torch.float64)
+    bf16, _ = _train(W0, grads, momentum_dtype=torch.bfloat16)
+    low, opt = _train(W0, grads, **options)
+    disp = (exact - W0).norm()
+    bf16_err = ((bf16 - exact).norm() / disp).item()
+    err = ((low - exact).norm() / disp).item()
+    assert err <= factor * bf16_err, (err, bf16_err)
+    assert err > 0  # it really is rounded
+    buf = opt.state_dict()["state"][0]["momentum_buffer"]
+    assert buf.dtype == (torch.int8 if options["momentum_dtype"] == "int8" else torch.bfloat16)
+
+
+def test_stochastic_rounding_keeps_updates_nearest_rounding_loses():
+    """M = 256 in bf16 (ulp 2): an EMA step toward 258 adds 0.1, which round-to-nearest drops every
+    time; stochastic rounding keeps it on average."""
+    results = {}
+    for rounding in ("nearest", "stochastic"):
+        W = nn.Parameter(torch.zeros(64, 64))
+        opt = mk.Muon([W], lr=0.0, momentum=0.95, momentum_dtype=torch.bfloat16, momentum_rounding=rounding)
+        W.grad = torch.full((64, 64), 256.0)
+        opt.step()  # M = 0.05·256 = 12.8 → push it to 256
+        opt.state[W]["momentum_buffer"].fill_(256.0)
+        for _ in range(20):
+            W.grad = torch.full((64, 64), 258.0)
+            opt.step()
+        results[rounding] = opt.state[W]["momentum_buffer"].float().mean().item()
+    exact = 258 - 2 * 0.95**20
+    assert results["nearest"] == 256.0
+    assert abs(results["stochastic"] - exact) < 0.1
+
+
+@pytest.mark.parametrize("options", [
+    {"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic"},
+    {"momentum_dtype": "int8", "momentum_rounding": "stochastic"},
+])
+def test_resume_is_bit_identical(options):
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(24, 40, generator=g)
+    grads = [torch.randn(24, 40, generator=g) for _ in range(8)]
+    W = nn.Parameter(W0.clone())
+    opt = mk.Muon([W], lr=0.05, **options)
+    for G in grads[:4]:
+        W.grad = G.clone()
+        opt.step()
+    saved, W_saved = copy.deepcopy(opt.state_dict()), W.detach().clone()
+    for G in grads[4:]:
+        W.grad = G.clone()
+        opt.step()
+    W2 = nn.Parameter(W_saved)
+    opt2 = mk.Muon([W2], lr=0.05, **options)
+    opt2.load_state_dict(saved)
+    for G in grads[4:]:
+        W2.grad = G.clone()
+        opt2.step()
+    assert torch.equal(W.detach(), W2.detach())
+    assert opt2.state[W2]["momentum_step"].dtype == torch.int64 and int(opt2.state[W2]["momentum_step"]) == 8
+
+
+def test_int8_momentum_uses_a_quarter_of_fp32_memory():
+    W = nn.Parameter(torch.randn(768, 3072))
+    opt = mk.Muon([W], momentum_dtype="int8")
+    W.grad = torch.randn_like(W)
+    opt.step()
+    nbytes = sum(t.numel() * t.element_size() for t in opt.state[W].values())
+    assert nbytes * 3.9 <= W.numel() * 4
+
+
+def test_switching_momentum_dtype_converts_the_buffer():
+    W = nn.Parameter(torch.randn(16, 32))
+    opt = mk.Muon([W], lr=0.05)
+    W.grad = torch.randn_like(W)
+    opt.step()
+    fp32 = opt.state[W]["momentum_buffer"].clone()
+    opt.param_groups[0]["momentum_dtype"] = "int8"
+    W.grad = torch.zeros_like(W)
+    opt.step()
+    back = mp.dequantize(opt.state[W]["momentum_buffer"], opt.state[W]["momentum_scale"]).view(16, 32)
+    assert (back - 0.95 * fp32).abs().max() <= fp32.abs().max() / 127
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"momentum_rounding": "stochastic"}, "momentum_rounding='stochastic' rounds into a low-precision momentum"),
+    ({"momentum_dtype": torch.float16, "momentum_rounding": "stochastic"}, "momentum_dtype=torch.bfloat16 or 'int8'"),
+    ({"momentum_rounding": "up"}, "momentum_rounding must be one of"),
+    ({"momentum_dtype": "int4"}, "momentum_dtype must be None"),
+    ({"momentum_dtype": "int8", "split_sizes": (8, 8)}, "int8.*split_sizes"),
+])
+def test_bad_momentum_options_name_the_fix(options, message):
+    with pytest.raises(ValueError, match=message):
+        mk.Muon([nn.Parameter(torch.randn(16, 8))], **options)
+
+
+def test_plan_names_the_momentum_precision():
+    opt = mk.Muon([nn.Parameter(torch.randn(16, 8))], momentum_dtype="int8", momentum_rounding="stochastic")
+    assert "int8 momentum (blocks of 256), stochastic rounding" in opt.plan()[0].why

@@ -1,0 +1,283 @@
+"""NorMuon (``adaptive="normuon"``) and the hyperball (``constraint="hyperball"``) against fp64
+references written from their sources, 12 steps, on the torch backend:
+
+- NorMuon, arXiv 2510.05491 and the authors' ``normuon.py``: v = lerp(v, mean over each output
+  neuron's inputs of O², 1 - β2); O ⊙ 1/(√v + ε), rescaled to ‖O‖_F (+ ε in the divisor).
+- Hyperball, MuonH (Wen et al.) / Emerging-Optimizers ``MuonHyperball``:
+  W ← R·normalize(W − lr·R·normalize(O)), R the matrix's initial Frobenius norm.
+
+The fused kernels are checked against the torch backend on the Triton interpreter
+(tests/interpreter/test_variants_triton.py) and compiled for every arch (AOT, nvcc).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import muon_kernels as mk
+from oracles import reference_ns
+
+STEPS = 12
+LR, MU, BETA2 = 0.05, 0.95, 0.95
+
+
+def _neuron_axis(stored_in_out: bool) -> int:
+    return 0 if stored_in_out else 1  # mean over the inputs of each output neuron
+
+
+def _reference(W0, grads, *, normuon=False, hyperball=False, wd=0.0, stored_in_out=False, batch=False):
+    """fp64, per matrix of the view, formula by formula."""
+    W = W0.double().clone()
+    M = torch.zeros_like(W)
+    mats = (lambda t: t) if batch else (lambda t: t.unsqueeze(0))
+    V = torch.zeros(mats(W).shape[0], mats(W).shape[2 if stored_in_out else 1], dtype=torch.float64)
+    R = mats(W).flatten(1).norm(dim=1)
+    for G in grads:
+        G = G.double()
+        M = MU * M + (1 - MU) * G
+        U = (1 - MU) * G + MU * M
+        new = []
+        for k, (u, w) in enumerate(zip(mats(U), mats(W))):
+            O = reference_ns(u, "keller", 5)
+            out, inp = (O.shape[1], O.shape[0]) if stored_in_out else O.shape
+            if normuon:
+                V[k] = BETA2 * V[k] + (1 - BETA2) * (O * O).mean(dim=_neuron_axis(stored_in_out))
+                s = 1.0 / (V[k].sqrt() + 1e-10)
+                scaled = O * (s.unsqueeze(0) if stored_in_out else s.unsqueeze(1))
+                O = scaled * O.norm() / (scaled.norm() + 1e-10)
+            if hyperball:
+                step = w - LR * R[k] * O / O.norm()
+                new.append(R[k] * step / step.norm())
+            else:
+                scale = max(1.0, out / inp) ** 0.5
+                new.append(w * (1 - LR * wd) - LR * scale * O)
+        W = torch.stack(new) if batch else new[0]
+    return W
+
+
+def _run(W0, grads, matrix_view=None, **options):
+    W = nn.Parameter(W0.clone())
+    opt = mk.Muon([{"params": [W], "matrix_view": matrix_view}], lr=LR, ns_dtype=torch.float32, backend="torch",
+                  **options)
+    for G in grads:
+        W.grad = G.clone()
+        opt.step()
+    return W.detach(), opt
+
+
+def _data(shape, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), [torch.randn(shape, generator=g) for _ in range(STEPS)]
+
+
+def _close(W, ref, W0, bound=1e-4):
+    displacement = (ref - W0.double()).norm()
+    err = ((W.double() - ref).norm() / displacement).item()
+    assert err <= bound, err
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+def test_normuon_matches_the_formula(shape):
+    W0, grads = _data(shape)
+    W, opt = _run(W0, grads, adaptive="normuon", weight_decay=0.1)
+    _close(W, _reference(W0, grads, normuon=True, wd=0.1), W0)
+    assert opt.state_dict()["state"][0]["normuon_v"].shape == (shape[0],)
+    # It is a different update: plain Muon ends elsewhere.
+    plain, _ = _run(W0, grads, weight_decay=0.1)
+    assert (plain - W).abs().max() > 1e-3
+
+
+def test_normuon_neurons_of_weights_stored_in_out_are_columns():
+    """transformers' Conv1D stores (in, out): the statistic is per column there."""
+    W0, grads = _data((24, 40))
+    W, opt = _run(W0, grads, "transposed", adaptive="normuon", weight_decay=0.0, adjust_lr_fn="spectral")
+    assert opt.state_dict()["state"][0]["normuon_v"].shape == (40,)
+    _close(W, _reference_spectral_stored(W0, grads), W0)
+
+
+def _reference_spectral_stored(W0, grads):
+    """The same NorMuon reference for a weight stored (in, out), lr scale sqrt(out/in) ('spectral')."""
+    W, M = W0.double().clone(), torch.zeros_like(W0, dtype=torch.float64)
+    V = torch.zeros(W0.shape[1], dtype=torch.float64)
+    for G in grads:
+        G = G.double()
+        M = MU * M + (1 - MU) * G
+        O = reference_ns((1 - MU) * G + MU * M, "keller", 5)
+        V = BETA2 * V + (1 - BETA2) * (O * O).mean(dim=0)
+        scaled = O / (V.sqrt() + 1e-10).unsqueeze(0)
+        O = scaled * O.norm() / (scaled.norm() + 1e-10)
+        W = W - LR * (W0.shape[1] / W0.shape[0]) ** 0.5 * O
+    return W
+
+
+def test_normuon_per_expert_of_a_3d_stack():
+    W0, grads = _data((3, 16, 24))
+    W, opt = _run(W0, grads, "batch", adaptive="normuon", weight_decay=0.0)
+    assert opt.state_dict()["state"][0]["normuon_v"].shape == (3, 16)
+    _close(W, _reference(W0, grads, normuon=True, batch=True), W0)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_hyperball_matches_the_formula_and_keeps_the_norm(shape):
+    W0, grads = _data(shape)
+    W, opt = _run(W0, grads, constraint="hyperball", weight_decay=0.0)
+    _close(W, _reference(W0, grads, hyperball=True), W0)
+    torch.testing.assert_close(W.norm(), W0.norm(), rtol=2e-6, atol=0)
+    torch.testing.assert_close(opt.state_dict()["state"][0]["hyperball_radius"], W0.norm(), rtol=1e-6, atol=0)
+
+
+def test_hyperball_radius_per_expert():
+    W0, grads = _data((3, 16, 24))
+    W0[1] *= 10  # experts of different norms keep their own
+    W, _ = _run(W0, grads, "batch", constraint="hyperball", weight_decay=0.0)
+    torch.testing.assert_close(W.flatten(1).norm(dim=1), W0.flatten(1).norm(dim=1), rtol=2e-6, atol=0)
+    _close(W, _reference(W0, grads, hyperball=True, batch=True), W0)
+
+
+def test_normuon_and_hyperball_together():
+    W0, grads = _data((24, 40))
+    W, _ = _run(W0, grads, adaptive="normuon", constraint="hyperball", weight_decay=0.0)
+    _close(W, _reference(W0, grads, normuon=True, hyperball=True), W0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_stay_on_the_sphere(dtype):
+    """16-bit parameters: one rounding of each stored value, so the norm is kept to the dtype's eps."""
+    W0, grads = _data((32, 48))
+    W = nn.Parameter(W0.to(dtype))
+    opt = mk.Muon([W], lr=LR, constraint="hyperball", adaptive="normuon", weight_decay=0.0, backend="torch")
+    for G in grads:
+        W.grad = G.to(dtype)
+        opt.step()
+    eps = torch.finfo(dtype).eps
+    assert abs(W.float().norm() / W0.to(dtype).float().norm() - 1) <= 2 * eps
+    assert opt.state[W]["normuon_v"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------ contract
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"adaptive": "adamuon"}, "adaptive must be one of"),
+    ({"constraint": "sphere"}, "constraint must be one of"),
+    ({"normuon_beta2": 1.0}, "normuon_beta2"),
+    ({"normuon_eps": 0.0}, "normuon_eps"),
+    ({"constraint": "hyperball"}, "weight_decay=0"),
+    ({"constraint": "hyperball", "weight_decay": 0.0, "weight_decay_mode": "cautious"}, "weight_decay_mode"),
+])
+def test_bad_options_name_the_fix(options, message):
+    with pytest.raises(ValueError, match=message):
+        mk.Muon([nn.Parameter(torch.randn(4, 4))], **options)
+
+
+def test_bad_options_written_into_a_group_modify_nothing():
+    W = nn.Parameter(torch.randn(8, 12))
+    opt = mk.Muon([W], adaptive="normuon", weight_decay=0.0)
+    W.grad = torch.randn_like(W)
+    opt.step()
+    before = (W.detach().clone(), {k: v.clone() for k, v in opt.state[W].items()})
+    opt.param_groups[0]["adaptive"] = "normuonn"
+    with pytest.raises(ValueError, match="param group 0: adaptive must be one of .*nothing was modified"):
+        opt.step()
+    assert torch.equal(W.detach(), before[0])
+    assert all(torch.equal(opt.state[W][k], v) for k, v in before[1].items())
+
+
+def test_zero_norm_matrix_under_hyperball_raises_and_modifies_nothing():
+    live = nn.Parameter(torch.randn(8, 12))
+    dead = nn.Parameter(torch.zeros(8, 12))
+    opt = mk.Muon([("live", live), ("dead", dead)], constraint="hyperball", weight_decay=0.0)
+    for p in (live, dead):
+        p.grad = torch.randn_like(p)
+    before = live.detach().clone()
+    with pytest.raises(ValueError, match="parameter 'dead'.*norm 0"):
+        opt.step()
+    assert torch.equal(live.detach(), before)
+    assert not opt.state[live] and not opt.state[dead]
+
+
+def test_plan_names_the_variant():
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8))
+    opt = mk.Muon(mk.param_groups(model), adaptive="normuon", constraint="hyperball", weight_decay=0.0)
+    whys = [r.why for r in opt.plan() if r.method == "Muon"]
+    assert whys and all("NorMuon (β2=0.95)" in w and "hyperball" in w for w in whys)
+
+
+def test_state_dict_round_trip_resumes_bit_identically():
+    W0, grads = _data((24, 40))
+    options = dict(adaptive="normuon", constraint="hyperball", weight_decay=0.0, ns_dtype=torch.float32)
+    W = nn.Parameter(W0.clone())
+    opt = mk.Muon([W], lr=LR, **options)
+    for G in grads[:6]:
+        W.grad = G.clone()
+        opt.step()
+    saved, W_saved = copy.deepcopy(opt.state_dict()), W.detach().clone()  # state_dict() holds live tensors
+    for G in grads[6:]:
+        W.grad = G.clone()
+        opt.step()
+    W2 = nn.Parameter(W_saved.clone())
+    opt2 = mk.Muon([W2], lr=LR, **options)
+    opt2.load_state_dict(saved)
+    for G in grads[6:]:
+        W2.grad = G.clone()
+        opt2.step()
+    assert torch.equal(W.detach(), W2.detach())
+    assert saved["param_groups"][0]["adaptive"] == "normuon" and saved["param_groups"][0]["constraint"] == "hyperball"
+
+
+def test_bf16_parameters_keep_fp32_variant_state_through_a_checkpoint():
+    W = nn.Parameter(torch.randn(8, 12, dtype=torch.bfloat16))
+    opt = mk.Muon([W], adaptive="normuon", constraint="hyperball", weight_decay=0.0)
+    W.grad = torch.randn_like(W)
+    opt.step()
+    opt2 = mk.Muon([W], adaptive="normuon", constraint="hyperball", weight_decay=0.0)
+    opt2.load_state_dict(opt.state_dict())
+    for key in ("normuon_v", "hyperball_radius"):
+        assert opt2.state[W][key].dtype == torch.float32
+        assert torch.equal(opt2.state[W][key], opt.state[W][key])
+
+
+@pytest.mark.parametrize("saved, current, key", [
+    ({"adaptive": "normuon"}, {}, "adaptive"),
+    ({}, {"adaptive": "normuon"}, "adaptive"),
+    ({"constraint": "hyperball", "weight_decay": 0.0}, {"weight_decay": 0.0}, "constraint"),
+    ({"weight_decay_mode": "cautious"}, {}, "weight_decay_mode"),
+])
+def test_loading_into_a_differently_configured_optimizer_is_refused(saved, current, key):
+    W = nn.Parameter(torch.randn(8, 12))
+    opt = mk.Muon([W], **saved)
+    W.grad = torch.randn_like(W)
+    opt.step()
+    other = mk.Muon([W], **current)
+    state_before = other.state_dict()
+    with pytest.raises(ValueError, match=f"saved with {key}=.*construct the optimizer with {key}="):
+        other.load_state_dict(opt.state_dict())
+    assert other.state_dict() == state_before
+
+
+def test_torch_optim_muon_checkpoints_still_load_into_the_default_variant():
+    W = nn.Parameter(torch.randn(8, 12))
+    ref = torch.optim.Muon([W])
+    W.grad = torch.randn_like(W)
+    ref.step()
+    mk.Muon([W]).load_state_dict(ref.state_dict())
+    with pytest.raises(ValueError, match="saved with adaptive='none'"):
+        mk.Muon([W], adaptive="normuon").load_state_dict(ref.state_dict())
+
+
+def test_tensor_lr_matches_float_lr():
+    W0, grads = _data((24, 40))
+    results = []
+    for lr in (LR, torch.tensor(LR)):
+        W = nn.Parameter(W0.clone())
+        opt = mk.Muon([W], lr=lr, adaptive="normuon", constraint="hyperball", weight_decay=0.0,
+                      ns_dtype=torch.float32)
+        for G in grads[:4]:
+            W.grad = G.clone()
+            opt.step()
+        results.append(W.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)

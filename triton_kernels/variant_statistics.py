@@ -1,0 +1,111 @@
+"""The statistics pass of the post-orthogonalization variants (muon_kernels/variants.py), one launch
+per bucket: per output neuron i of each matrix, q_i = Σ_j O_ij² and, for the hyperball, Σ_j W_ij·O_ij
+and Σ_j W_ij²; NorMuon's v_i ← lerp(v_i, q_i / inputs, 1 - β2) (in the state tensor, in place) and
+s_i = 1 / (√v_i + ε) (into ``row_scale``); and per (matrix, block of neurons) the partial sums
+Σq, Σs²q, Σs·(W·O), ΣW², which the backend adds up per matrix (a tiny (K, blocks, 4) tensor) and
+turns into the two scalars the fused update applies.
+
+Programs: one per (matrix, block of BLOCK_N neurons); each walks the other axis in BLOCK_J steps,
+so the reduction order is fixed (deterministic, no atomics). Neurons are rows of the (out, in)
+matrix, or columns of a weight stored (in, out); the matrix sits in the stack transposed when it
+is tall. A per-matrix table gives its parameter and state addresses and that geometry.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import checked_grid, is_interpreting
+from .fused_update import _TL_DTYPES, _lerp, int_table
+
+TABLE_COLUMNS: tl.constexpr = tl.constexpr(6)  # per matrix: param, v (0: none), rows, cols, transposed, neurons on cols
+SUMS: tl.constexpr = tl.constexpr(4)  # per (matrix, block of neurons): Σq, Σs²q, Σs·(W·O), ΣW²
+BLOCK_N = 16
+BLOCK_J = 64
+_BLOCK_J_INTERPRETER = 16
+
+
+@triton.jit
+def _variant_statistics_kernel(
+    Ortho, Table, RowScale, Partials, MN, NMAX, BLOCKS, weight, eps,
+    PARAM_DTYPE: tl.constexpr, NORMUON: tl.constexpr, HYPERBALL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, EMULATE_RN: tl.constexpr,
+):
+    k = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
+    row = Table + k * TABLE_COLUMNS
+    rows = tl.load(row + 2)
+    cols = tl.load(row + 3)
+    transposed = tl.load(row + 4) != 0
+    neuron_cols = tl.load(row + 5) != 0
+    count = tl.where(neuron_cols, cols, rows)
+    other = tl.where(neuron_cols, rows, cols)
+    i = nb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    live = i < count
+    q = tl.zeros([BLOCK_N], dtype=tl.float32)
+    wo = tl.zeros([BLOCK_N], dtype=tl.float32)
+    w2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, other, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        mask = live[:, None] & (j < other)[None, :]
+        r = tl.where(neuron_cols, j[None, :], i[:, None])  # (row, col) of the stored matrix
+        c = tl.where(neuron_cols, i[:, None], j[None, :])
+        place = tl.where(transposed, c * rows + r, r * cols + c)  # where the stack keeps it
+        o = tl.load(Ortho + k * MN + place, mask=mask, other=0.0).to(tl.float32)
+        q += tl.sum(o * o, axis=1)
+        if HYPERBALL:
+            param = tl.load(row).to(tl.pointer_type(PARAM_DTYPE))
+            w = tl.load(param + r * cols + c, mask=mask, other=0.0).to(tl.float32)
+            wo += tl.sum(w * o, axis=1)
+            w2 += tl.sum(w * w, axis=1)
+    s = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    if NORMUON:
+        v_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+        v = tl.load(v_ptr + i, mask=live, other=0.0)
+        w_ema = tl.zeros([BLOCK_N], dtype=tl.float32) + weight  # a tensor: the interpreter passes a Python float
+        v = _lerp(v, tl.div_rn(q, other.to(tl.float32)), w_ema, EMULATE_RN)  # torch's lerp_, as the reference
+        tl.store(v_ptr + i, v, mask=live)
+        s = tl.div_rn(1.0, tl.sqrt_rn(v) + eps)
+        tl.store(RowScale + k * NMAX + i, s, mask=live)
+    s = tl.where(live, s, 0.0)
+    out = Partials + (k * BLOCKS + nb) * SUMS
+    tl.store(out + 0, tl.sum(q, axis=0))
+    tl.store(out + 1, tl.sum(s * s * q, axis=0))
+    tl.store(out + 2, tl.sum(s * wo, axis=0))
+    tl.store(out + 3, tl.sum(w2, axis=0))
+
+
+def matrix_table(params, vs, views, device: torch.device) -> torch.Tensor:
+    """The per-matrix table (int64, TABLE_COLUMNS per matrix): ``views`` per parameter is
+    (batch, rows, cols, transposed, neurons on columns, neurons per matrix); ``vs`` the NorMuon
+    state per parameter, or empty. Cached by value, so a step whose tensors did not move copies
+    nothing to the device."""
+    values = []
+    for i, (p, (batch, rows, cols, transposed, neuron_cols, count)) in enumerate(zip(params, views)):
+        for b in range(batch):
+            values += [p.data_ptr() + b * rows * cols * p.element_size(),
+                       vs[i].data_ptr() + b * count * 4 if vs else 0, rows, cols, int(transposed), int(neuron_cols)]
+    return int_table(tuple(values), device)
+
+
+def blocks(n: int) -> int:
+    """Blocks of neurons per matrix (n: the stack's larger dimension, the most neurons a matrix has)."""
+    return triton.cdiv(n, BLOCK_N)
+
+
+def variant_statistics(ortho: torch.Tensor, table: torch.Tensor, row_scale: torch.Tensor | None, *, param_dtype,
+                       normuon: bool, hyperball: bool, beta2: float, eps: float) -> torch.Tensor:
+    """Runs the pass over the (K, m, n) stack ``ortho``; returns the (K, blocks, 4) fp32 partial sums.
+    ``row_scale`` ((K, n) fp32) receives s for NorMuon; the state tensors are updated in place."""
+    k, m, n = ortho.shape
+    nb = blocks(n)
+    partials = torch.empty((k, nb, SUMS.value), dtype=torch.float32, device=ortho.device)
+    grid = (checked_grid(k, "variant_statistics"), checked_grid(nb, "variant_statistics", axis=1))
+    _variant_statistics_kernel[grid](
+        ortho, table, row_scale if row_scale is not None else partials, partials, m * n, n, nb, 1.0 - beta2, eps,
+        PARAM_DTYPE=_TL_DTYPES[param_dtype], NORMUON=normuon, HYPERBALL=hyperball, BLOCK_N=BLOCK_N,
+        BLOCK_J=_BLOCK_J_INTERPRETER if is_interpreting() else BLOCK_J, EMULATE_RN=is_interpreting(),
+    )
+    return partials
