@@ -50,9 +50,12 @@ NormalizeParams normalize_params(uintptr_t in, int in_dtype, std::array<int64_t,
 
 TensorList tensor_list(std::vector<uintptr_t> grads, std::vector<uintptr_t> tensors, std::vector<int64_t> numels,
                        std::vector<int64_t> stack_offsets, std::vector<int64_t> rows, std::vector<int64_t> cols,
-                       std::vector<uint8_t> transposed, std::vector<uint8_t> neuron_cols = {}) {
-  return TensorList{std::move(grads), std::move(tensors), std::move(numels),     std::move(stack_offsets),
-                    std::move(rows),  std::move(cols),    std::move(transposed), std::move(neuron_cols)};
+                       std::vector<uint8_t> transposed, std::vector<int64_t> row_strides,
+                       std::vector<uint8_t> neuron_cols = {}) {
+  TensorList list{std::move(grads), std::move(tensors), std::move(numels),     std::move(stack_offsets),
+                  std::move(rows),  std::move(cols),    std::move(transposed), std::move(neuron_cols)};
+  list.row_strides = std::move(row_strides);
+  return list;
 }
 
 }  // namespace
@@ -147,25 +150,28 @@ PYBIND11_MODULE(_C, m) {
         [](std::vector<uintptr_t> grads, std::vector<uintptr_t> bufs, std::vector<int64_t> numels,
            std::vector<int64_t> stack_offsets, std::vector<int64_t> rows, std::vector<int64_t> cols,
            std::vector<uint8_t> transposed, int grad_dtype, int buf_dtype, uintptr_t momenta, uintptr_t stack,
-           bool ema, bool nesterov, uintptr_t stream) {
+           bool ema, bool nesterov, uintptr_t stream, std::vector<int64_t> row_strides) {
           fused_momentum(tensor_list(std::move(grads), std::move(bufs), std::move(numels), std::move(stack_offsets),
-                                     std::move(rows), std::move(cols), std::move(transposed)),
+                                     std::move(rows), std::move(cols), std::move(transposed), std::move(row_strides)),
                          dtype_of(grad_dtype), dtype_of(buf_dtype), ptr<const float>(momenta), ptr(stack), ema,
                          nesterov, stream_of(stream));
         },
         py::arg("grads"), py::arg("bufs"), py::arg("numels"), py::arg("stack_offsets"), py::arg("rows"),
         py::arg("cols"), py::arg("transposed"), py::arg("grad_dtype"), py::arg("buf_dtype"), py::arg("momenta"),
         py::arg("stack"), py::arg("ema"), py::arg("nesterov"), py::arg("stream"),
-        "Momentum (+ Nesterov) on every buffer, the update written into the stack; one launch per 32 tensors.");
+        py::arg("row_strides") = std::vector<int64_t>{},
+        "Momentum (+ Nesterov) on every buffer, the update written into the stack; one launch per 32 tensors. "
+        "row_strides: per tensor, elements between rows (split pieces that are column blocks); empty: contiguous.");
 
   m.def("low_precision_momentum",
         [](std::vector<uintptr_t> grads, std::vector<uintptr_t> bufs, std::vector<int64_t> numels,
            std::vector<int64_t> stack_offsets, std::vector<int64_t> rows, std::vector<int64_t> cols,
            std::vector<uint8_t> transposed, int grad_dtype, uintptr_t momenta, uintptr_t stack, bool ema,
            bool nesterov, bool int8, bool stochastic, std::vector<uintptr_t> scales, std::vector<uintptr_t> steps,
-           std::vector<uint32_t> seeds, uintptr_t stream) {
+           std::vector<uint32_t> seeds, uintptr_t stream, std::vector<int64_t> row_strides) {
           TensorList list = tensor_list(std::move(grads), std::move(bufs), std::move(numels), std::move(stack_offsets),
-                                        std::move(rows), std::move(cols), std::move(transposed));
+                                        std::move(rows), std::move(cols), std::move(transposed),
+                                        std::move(row_strides));
           list.scales = std::move(scales);
           list.steps = std::move(steps);
           list.seeds = std::move(seeds);
@@ -175,7 +181,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grads"), py::arg("bufs"), py::arg("numels"), py::arg("stack_offsets"), py::arg("rows"),
         py::arg("cols"), py::arg("transposed"), py::arg("grad_dtype"), py::arg("momenta"), py::arg("stack"),
         py::arg("ema"), py::arg("nesterov"), py::arg("int8"), py::arg("stochastic"), py::arg("scales"),
-        py::arg("steps"), py::arg("seeds"), py::arg("stream"),
+        py::arg("steps"), py::arg("seeds"), py::arg("stream"), py::arg("row_strides") = std::vector<int64_t>{},
         "Momentum stored as int8 + block scales or stochastically rounded bf16; U into the stack (gradients' dtype "
         "for int8, bf16 otherwise).");
 
@@ -183,10 +189,12 @@ PYBIND11_MODULE(_C, m) {
         [](std::vector<uintptr_t> params, std::vector<int64_t> numels, std::vector<int64_t> stack_offsets,
            std::vector<int64_t> rows, std::vector<int64_t> cols, std::vector<uint8_t> transposed, int param_dtype,
            uintptr_t alphas, uintptr_t decays, uintptr_t stack, int stack_dtype, bool cautious, uintptr_t stream,
-           std::vector<uint8_t> neuron_cols, uintptr_t row_scale, uintptr_t gains, uintptr_t shrink, int64_t nmax) {
+           std::vector<uint8_t> neuron_cols, uintptr_t row_scale, uintptr_t gains, uintptr_t shrink, int64_t nmax,
+           std::vector<int64_t> row_strides) {
           VariantFactors variant{ptr<const float>(row_scale), ptr<const float>(gains), ptr<const float>(shrink), nmax};
           fused_apply_update(tensor_list({}, std::move(params), std::move(numels), std::move(stack_offsets),
-                                         std::move(rows), std::move(cols), std::move(transposed), std::move(neuron_cols)),
+                                         std::move(rows), std::move(cols), std::move(transposed),
+                                         std::move(row_strides), std::move(neuron_cols)),
                              dtype_of(param_dtype), ptr<const float>(alphas), ptr<const float>(decays),
                              ptr<const void>(stack), dtype_of(stack_dtype), cautious, variant, stream_of(stream));
         },
@@ -194,6 +202,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("transposed"), py::arg("param_dtype"), py::arg("alphas"), py::arg("decays"), py::arg("stack"),
         py::arg("stack_dtype"), py::arg("cautious"), py::arg("stream"), py::arg("neuron_cols") = std::vector<uint8_t>{},
         py::arg("row_scale") = 0, py::arg("gains") = 0, py::arg("shrink") = 0, py::arg("nmax") = 0,
+        py::arg("row_strides") = std::vector<int64_t>{},
         "W = round(W·decay) + alpha·round(O) for every parameter; cautious: the decay only where W·O >= 0; "
         "variants (gains, row_scale, shrink: device pointers or 0) as in VariantFactors.");
 

@@ -22,6 +22,7 @@ struct MultiTensorArgs {
   int64_t stack_offset[kMaxTensors];
   int64_t rows[kMaxTensors];
   int64_t cols[kMaxTensors];
+  int64_t row_stride[kMaxTensors];     // == cols for contiguous tensors
   int32_t scalar_index[kMaxTensors];  // index into the per-tensor fp32 scalar arrays
   uint8_t transposed[kMaxTensors];
   uint8_t neuron_cols[kMaxTensors];
@@ -33,6 +34,13 @@ struct MultiTensorArgs {
 };
 // Kernel arguments are limited to 4 KB on every CUDA version this builds with.
 static_assert(sizeof(MultiTensorArgs) + 64 <= 4096, "multi-tensor table too large for kernel arguments");
+
+// Element idx of tensor `slot` → its offset in the tensor's memory: idx, or row·stride + col for a
+// split piece that is a column block of a wider matrix.
+__device__ __forceinline__ int64_t memory_index(const MultiTensorArgs& args, int slot, int64_t idx) {
+  const int64_t cols = args.cols[slot], stride = args.row_stride[slot];
+  return stride == cols ? idx : idx / cols * stride + idx % cols;
+}
 
 // Element idx of tensor `slot`, row-major over its (batch, rows, cols) view → its place in the stack.
 __device__ __forceinline__ int64_t stack_index(const MultiTensorArgs& args, int slot, int64_t idx) {
@@ -57,11 +65,12 @@ __global__ void __launch_bounds__(kThreads) fused_momentum_kernel(MultiTensorArg
   const float mu = momenta[2 * args.scalar_index[slot]];
   const float weight = momenta[2 * args.scalar_index[slot] + 1];  // fp32(1 - μ), rounded on the host as torch does
   for (int64_t idx = start + threadIdx.x; idx < end; idx += kThreads) {
-    const float g = round_to<M>(to_float(grad[idx]));
-    float m = to_float(buf[idx]);
+    const int64_t mem = memory_index(args, slot, idx);
+    const float g = round_to<M>(to_float(grad[mem]));
+    float m = to_float(buf[mem]);
     m = ema ? lerp(m, g, weight) : round_to<M>(mu * m) + g;
     const M stored = from_float<M>(m);
-    buf[idx] = stored;
+    buf[mem] = stored;
     m = to_float(stored);
     const float u = !nesterov ? m : ema ? lerp(g, m, mu) : g + mu * m;
     stack[stack_index(args, slot, idx)] = from_float<M>(u);
@@ -103,9 +112,10 @@ __global__ void __launch_bounds__(kThreads) low_precision_momentum_kernel(MultiT
   for (int64_t base = start; base < end; base += kThreads) {
     const int64_t idx = base + threadIdx.x;
     const bool valid = idx < end;
-    const float g = valid ? to_float(grad[idx]) : 0.f;
+    const int64_t mem = memory_index(args, slot, idx);  // int8 buffers are whole, contiguous parameters
+    const float g = valid ? to_float(grad[mem]) : 0.f;
     float old = 0.f;
-    if (valid) old = kInt8 ? static_cast<float>(buf[idx]) * scales[idx / kQuantBlock] : to_float(buf[idx]);
+    if (valid) old = kInt8 ? static_cast<float>(buf[idx]) * scales[idx / kQuantBlock] : to_float(buf[mem]);
     const float m = ema ? lerp(old, g, weight) : mu * old + g;
     const uint32_t bits = stochastic ? hash32(static_cast<uint32_t>(idx) ^ key) : 0u;
     float stored;
@@ -131,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) low_precision_momentum_kernel(MultiT
       // bf16: round up in magnitude with probability (dropped bits) / 2^16, NaN stays NaN
       const uint32_t raw = __float_as_uint(m);
       stored = m != m ? m : __uint_as_float((raw + (bits & 0xFFFFu)) & 0xFFFF0000u);
-      if (valid) buf[idx] = from_float<M>(stored);
+      if (valid) buf[mem] = from_float<M>(stored);
     }
     const float u = !nesterov ? stored : ema ? lerp(g, stored, mu) : g + mu * stored;
     if (valid) stack[stack_index(args, slot, idx)] = from_float<S>(u);
@@ -161,10 +171,11 @@ __global__ void __launch_bounds__(kThreads) fused_apply_update_kernel(MultiTenso
       o *= variant.row_scale[k * variant.nmax + (args.neuron_cols[slot] ? rc % args.cols[slot] : rc / args.cols[slot])];
     }
     o = round_to<P>(o);
-    const float w0 = to_float(param[idx]);
+    const int64_t mem = memory_index(args, slot, idx);
+    const float w0 = to_float(param[mem]);
     const bool agree = (w0 >= 0.f) == (o >= 0.f) || w0 == 0.f || o == 0.f;
     const float w = round_to<P>(w0 * (cautious && !agree ? 1.f : decay));
-    param[idx] = from_float<P>(variant.shrink != nullptr ? round_to<P>(w + alpha * o) * variant.shrink[k] : w + alpha * o);
+    param[mem] = from_float<P>(variant.shrink != nullptr ? round_to<P>(w + alpha * o) * variant.shrink[k] : w + alpha * o);
   }
 }
 
@@ -172,7 +183,8 @@ void validate(const TensorList& list, bool with_grads, const char* what) {
   const size_t n = list.tensors.size();
   require(list.numels.size() == n && list.stack_offsets.size() == n && list.rows.size() == n &&
               list.cols.size() == n && list.transposed.size() == n && (!with_grads || list.grads.size() == n) &&
-              (list.neuron_cols.empty() || list.neuron_cols.size() == n),
+              (list.neuron_cols.empty() || list.neuron_cols.size() == n) &&
+              (list.row_strides.empty() || list.row_strides.size() == n),
           std::string(what) + ": every per-tensor list must have one entry per tensor (" + std::to_string(n) + ")");
   for (size_t t = 0; t < n; ++t) {
     const std::string where = std::string(what) + ": tensor " + std::to_string(t);
@@ -199,6 +211,7 @@ void for_each_launch(const TensorList& list, bool with_grads, Launch&& launch) {
     args.stack_offset[s] = list.stack_offsets[t];
     args.rows[s] = list.rows[t];
     args.cols[s] = list.cols[t];
+    args.row_stride[s] = list.row_strides.empty() ? list.cols[t] : list.row_strides[t];
     args.scalar_index[s] = static_cast<int32_t>(t);
     args.transposed[s] = list.transposed[t];
     args.neuron_cols[s] = list.neuron_cols.empty() ? 0 : list.neuron_cols[t];

@@ -104,6 +104,8 @@ struct TensorList {
   std::vector<int64_t> rows, cols;    // the (batch, rows, cols) matrix view of each tensor
   std::vector<uint8_t> transposed;    // 1: the stack holds each matrix transposed
   std::vector<uint8_t> neuron_cols;   // update with a variant: 1 where the neurons are the view's columns
+  std::vector<int64_t> row_strides;   // elements between rows in memory: cols, or a wider matrix's for a
+                                      // split piece that is a column block; empty: all contiguous
   // low-precision momentum (muon_kernels/momentum_precision.py): int8 block scales (fp32, one per 256
   // values), int64 step counters and 31-bit seeds for stochastic rounding; empty when unused.
   std::vector<uintptr_t> scales, steps;

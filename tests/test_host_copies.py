@@ -32,3 +32,19 @@ def test_torch_backend_steady_state_step_makes_no_host_copy(tensor_lr, form, nes
     with no_host_to_device_copies():
         for _ in range(2):
             opt.step()
+
+
+@pytest.mark.parametrize("options", [
+    {"adaptive": "normuon", "constraint": "hyperball", "weight_decay": 0.0},
+    {"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic", "split_sizes": (4, 4)},
+    {"momentum_dtype": "int8", "momentum_rounding": "stochastic"},
+])
+def test_torch_backend_variants_make_no_host_copy(options):
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(8, 6))
+    opt = mk.Muon([W], lr=torch.tensor(0.02), backend="torch", ns_dtype=torch.float32, **options)
+    W.grad = torch.randn_like(W)
+    opt.step()
+    with no_host_to_device_copies():
+        for _ in range(2):
+            opt.step()

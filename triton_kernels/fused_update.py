@@ -25,7 +25,8 @@ import triton.language as tl
 from .config import FP_FUSION, checked_grid, is_interpreting
 
 BLOCK = 1024
-META_COLUMNS: tl.constexpr = tl.constexpr(5)  # per tensor: offset in the stack, rows, cols, transposed, neurons on columns
+# per tensor: offset in the stack, rows, cols, transposed, neurons on columns, row stride in memory
+META_COLUMNS: tl.constexpr = tl.constexpr(6)
 _BLOCK_INTERPRETER = 256  # at least one int8 quantization block (256) per program
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.int8: tl.int8}
 
@@ -43,6 +44,19 @@ def _stack_index(Meta, t, idx):
     r = rem // cols
     c = rem - r * cols
     return tl.where(transposed != 0, offset + b * per + c * rows + r, offset + idx)
+
+
+@triton.jit
+def _memory_index(Meta, t, idx):
+    """Element ``idx`` of tensor ``t`` → its offset in the tensor's memory: ``idx`` for a contiguous
+    tensor; row·stride + col for a split piece that is a column block of a wider matrix."""
+    cols = tl.load(Meta + t * META_COLUMNS + 2)
+    stride = tl.load(Meta + t * META_COLUMNS + 5)
+    if stride == cols:
+        mem = idx
+    else:
+        mem = (idx // cols) * stride + idx % cols
+    return mem
 
 
 @triton.jit
@@ -85,8 +99,8 @@ def _hash32(x):
 
 
 @triton.jit
-def _low_precision_store(m, buf, idx, numel, mask, bits, ScalePtrs, t, BLOCK: tl.constexpr, INT8: tl.constexpr,
-                         STOCHASTIC: tl.constexpr):
+def _low_precision_store(m, buf, idx, mem, numel, mask, bits, ScalePtrs, t, BLOCK: tl.constexpr,
+                         INT8: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Store fp32 momentum ``m`` as int8 + block scales or as stochastically rounded bf16 (the
     reference's arithmetic: muon_kernels/momentum_precision.py); returns the stored value in fp32."""
     if INT8:
@@ -108,7 +122,7 @@ def _low_precision_store(m, buf, idx, numel, mask, bits, ScalePtrs, t, BLOCK: tl
         raw = m.to(tl.uint32, bitcast=True)
         rounded = ((raw + (bits & 0xFFFF)) & 0xFFFF0000).to(tl.float32, bitcast=True)
         rounded = tl.where(m != m, m, rounded)  # NaN stays NaN
-        tl.store(buf + idx, rounded.to(tl.bfloat16), mask=mask)  # exact: the low bits are zero
+        tl.store(buf + mem, rounded.to(tl.bfloat16), mask=mask)  # exact: the low bits are zero
         return rounded
 
 
@@ -123,6 +137,7 @@ def _fused_momentum_kernel(
     idx = tl.load(ChunkStart + pid) + tl.arange(0, BLOCK).to(tl.int64)
     numel = tl.load(Numels + t)
     mask = idx < numel
+    mem = _memory_index(Meta, t, idx)
     grad = tl.load(GradPtrs + t).to(tl.pointer_type(GRAD_DTYPE))
     buf = tl.load(BufPtrs + t).to(tl.pointer_type(BUF_DTYPE))
     mu = tl.load(Momenta + 2 * t)
@@ -130,13 +145,13 @@ def _fused_momentum_kernel(
     if INT8 or STOCHASTIC:
         # Low-precision momentum: M in fp32 from the stored M and G at its own precision, stored
         # back quantized / stochastically rounded; U from the stored M.
-        g = tl.load(grad + idx, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad + mem, mask=mask, other=0.0).to(tl.float32)
         if INT8:
             scale_ptr = tl.load(ScalePtrs + t).to(tl.pointer_type(tl.float32))
             old = tl.load(buf + idx, mask=mask, other=0).to(tl.float32) * tl.load(scale_ptr + idx // 256,
                                                                                   mask=mask, other=0.0)
         else:
-            old = tl.load(buf + idx, mask=mask, other=0.0).to(tl.float32)
+            old = tl.load(buf + mem, mask=mask, other=0.0).to(tl.float32)
         bits = idx.to(tl.uint32)
         if STOCHASTIC:
             step = tl.load(tl.load(StepPtrs + t).to(tl.pointer_type(tl.int64)))
@@ -146,11 +161,11 @@ def _fused_momentum_kernel(
             m = _lerp(old, g, weight, EMULATE_RN)
         else:
             m = mu * old + g
-        m = _low_precision_store(m, buf, idx, numel, mask, bits, ScalePtrs, t, BLOCK, INT8, STOCHASTIC)
+        m = _low_precision_store(m, buf, idx, mem, numel, mask, bits, ScalePtrs, t, BLOCK, INT8, STOCHASTIC)
     else:
         # The gradient is first rounded to the buffer's dtype, as torch does before lerp.
-        g = _round(tl.load(grad + idx, mask=mask, other=0.0).to(tl.float32), BUF_DTYPE, EMULATE_RN).to(tl.float32)
-        m = tl.load(buf + idx, mask=mask, other=0.0).to(tl.float32)
+        g = _round(tl.load(grad + mem, mask=mask, other=0.0).to(tl.float32), BUF_DTYPE, EMULATE_RN).to(tl.float32)
+        m = tl.load(buf + mem, mask=mask, other=0.0).to(tl.float32)
         # Same operations and roundings as the torch path: lerp_ / (mul_, add_) on the buffer, then
         # lerp / add(alpha=μ) for Nesterov, each rounded to the buffer's dtype.
         if EMA:
@@ -158,7 +173,7 @@ def _fused_momentum_kernel(
         else:
             m = _round(mu * m, BUF_DTYPE, EMULATE_RN).to(tl.float32) + g
         m = _round(m, BUF_DTYPE, EMULATE_RN)
-        tl.store(buf + idx, m, mask=mask)
+        tl.store(buf + mem, m, mask=mask)
     if NESTEROV:
         if EMA:
             u = _lerp(g, m.to(tl.float32), mu, EMULATE_RN)
@@ -180,7 +195,8 @@ def _fused_apply_update_kernel(
     idx = tl.load(ChunkStart + pid) + tl.arange(0, BLOCK).to(tl.int64)
     mask = idx < tl.load(Numels + t)
     param = tl.load(ParamPtrs + t).to(tl.pointer_type(PARAM_DTYPE))
-    w = tl.load(param + idx, mask=mask, other=0.0).to(tl.float32)
+    mem = _memory_index(Meta, t, idx)
+    w = tl.load(param + mem, mask=mask, other=0.0).to(tl.float32)
     o = tl.load(Ortho + _stack_index(Meta, t, idx), mask=mask, other=0.0).to(tl.float32)
     if NORMUON or HYPERBALL:  # O_eff = g·s⊙O (muon_kernels/variants.py), per matrix k and neuron
         rows = tl.load(Meta + t * META_COLUMNS + 1)
@@ -200,7 +216,7 @@ def _fused_apply_update_kernel(
     w = w + tl.load(Alphas + t) * o  # then W += (-lr·scale)·O, rounded like add_
     if HYPERBALL:  # back onto the sphere: W *= c, like mul_
         w = _round(w, PARAM_DTYPE, EMULATE_RN).to(tl.float32) * tl.load(Shrink + k, mask=mask, other=0.0)
-    tl.store(param + idx, _round(w, PARAM_DTYPE, EMULATE_RN), mask=mask)
+    tl.store(param + mem, _round(w, PARAM_DTYPE, EMULATE_RN), mask=mask)
 
 
 def _block() -> int:
@@ -216,11 +232,12 @@ class Layout(NamedTuple):
     chunk_tensor: torch.Tensor  # int32 per program: which tensor
     chunk_start: torch.Tensor  # int64 per program: first element of its chunk
     numels: torch.Tensor  # int64 per tensor
-    meta: torch.Tensor  # int64 per tensor: (offset in the stack, rows, cols, transposed, neurons on columns)
+    meta: torch.Tensor  # int64 per tensor: (offset in the stack, rows, cols, transposed, neurons on columns, row stride)
 
 
 def make_layout(views, device: torch.device) -> Layout:
-    """``views``: (batch, rows, cols, transposed, neurons on columns) per tensor, in stack order."""
+    """``views``: (batch, rows, cols, transposed, neurons on columns, row stride) per tensor, in stack
+    order; the row stride is ``cols`` for a contiguous tensor."""
     block = _block()
     numels = [b * r * c for b, r, c, *_ in views]
     counts = torch.tensor([triton.cdiv(n, block) for n in numels])
@@ -229,7 +246,8 @@ def make_layout(views, device: torch.device) -> Layout:
     offsets = [0]
     for n in numels[:-1]:
         offsets.append(offsets[-1] + n)
-    meta = torch.tensor([(o, r, c, int(t), int(nc)) for o, (_, r, c, t, nc) in zip(offsets, views)], dtype=torch.int64)
+    meta = torch.tensor([(o, r, c, int(t), int(nc), ld) for o, (_, r, c, t, nc, ld) in zip(offsets, views)],
+                        dtype=torch.int64)
     return Layout(chunk_tensor.to(device), chunk_start.to(device), torch.tensor(numels, dtype=torch.int64).to(device),
                   meta.to(device))
 

@@ -23,7 +23,7 @@ from .fused_update import _TL_DTYPES, _lerp, int_table
 TABLE_COLUMNS: tl.constexpr = tl.constexpr(6)  # per matrix: param, v (0: none), rows, cols, transposed, neurons on cols
 SUMS: tl.constexpr = tl.constexpr(4)  # per (matrix, block of neurons): Σq, Σs²q, Σs·(W·O), ΣW²
 BLOCK_N = 16
-BLOCK_J = 64
+BLOCK_J = 32
 _BLOCK_J_INTERPRETER = 16
 
 

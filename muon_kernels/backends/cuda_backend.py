@@ -25,7 +25,7 @@ import torch
 from .. import _C, momentum_precision, recurrence, variants, workspace
 from ..ns_config import NSConfig
 from . import torch_backend
-from .fused import fusable, momenta, update_scalars
+from .fused import fusable, momenta, row_stride, same_layout, update_scalars
 
 if TYPE_CHECKING:
     from ..plan import Bucket
@@ -252,6 +252,7 @@ def _layout(bucket: Bucket) -> dict:
             numels=[e.view.batch * e.view.rows * e.view.cols for e in bucket.entries], stack_offsets=offsets,
             rows=[e.view.rows for e in bucket.entries], cols=[e.view.cols for e in bucket.entries],
             transposed=[int(e.view.transposed) for e in bucket.entries],
+            row_strides=[row_stride(e) for e in bucket.entries],
         )
     return bucket.cache["cuda_layout"]
 
@@ -291,11 +292,12 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
     buf_dtypes, grad_dtypes = {b.dtype for b in bufs}, {g.dtype for g in grads}
     low = bucket.low_precision
     if low.active:
-        if not (fusable(grads) and all(b.is_contiguous() for b in bufs)) or len(grad_dtypes) != 1 or \
-                bucket.dtype != (grads[0].dtype if low.int8 else torch.bfloat16):
+        if not (fusable(grads) and same_layout(bucket, grads) and same_layout(bucket, bufs)) or \
+                len(grad_dtypes) != 1 or bucket.dtype != (grads[0].dtype if low.int8 else torch.bfloat16):
             return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
         return _low_precision_stack(bucket, grads, bufs, groups, state)
-    if (not (fusable(grads) and fusable(bufs)) or len(grad_dtypes) != 1 or buf_dtypes != {bucket.dtype}
+    if (not (fusable(grads) and fusable(bufs) and same_layout(bucket, grads) and same_layout(bucket, bufs))
+            or len(grad_dtypes) != 1 or buf_dtypes != {bucket.dtype}
             or bucket.dtype not in (grads[0].dtype, torch.float32)):
         return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
     stack = workspace.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)

@@ -19,7 +19,7 @@ from ..triton_kernels.ops import fused_apply_update_op, fused_momentum_op, newto
 from ..triton_kernels.small_newton_schulz import fits_device
 from ..triton_kernels.variant_statistics import matrix_table
 from . import torch_backend
-from .fused import fusable, momenta, update_scalars
+from .fused import fusable, momenta, row_stride, same_layout, update_scalars
 
 if TYPE_CHECKING:
     from ..plan import Bucket
@@ -60,8 +60,8 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) 
 
 def _layout(bucket: Bucket) -> Layout:
     if "layout" not in bucket.cache:
-        views = [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed, variants.neurons(e.view)[1])
-                 for e in bucket.entries]
+        views = [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed, variants.neurons(e.view)[1],
+                  row_stride(e)) for e in bucket.entries]
         bucket.cache["layout"] = make_layout(views, bucket.device)
     return bucket.cache["layout"]
 
@@ -70,7 +70,7 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
     """One launch: momentum, Nesterov and the (transposing) copy into the stack."""
     low = bucket.low_precision
     if (not (fusable(grads) and (fusable(bufs) or low.int8)) or len({g.dtype for g in grads}) != 1
-            or not all(b.is_contiguous() for b in bufs)):
+            or not (same_layout(bucket, grads) and same_layout(bucket, bufs))):
         return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
     stack = workspace.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
     scales, steps, seeds = momentum_precision.state_tensors(bucket, state) if low.active else ([], [], [])

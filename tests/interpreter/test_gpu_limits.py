@@ -47,7 +47,7 @@ def test_a_batch_of_100000_tiny_matrices_launches_within_cuda_limits(launches, p
 
 
 def test_fused_kernels_over_100000_tensors_launch_within_cuda_limits(launches):
-    views = [(1, 3, 5, False, False)] * 100_000
+    views = [(1, 3, 5, False, False, 5)] * 100_000
     layout = fused_update.make_layout(views, torch.device("cpu"))
     tensors = [torch.zeros(3, 5) for _ in range(4)] * 25_000
     stack = torch.zeros(100_000, 3, 5)

@@ -27,6 +27,25 @@ def test_triton_steady_state_step_makes_no_host_copy(shape, path, tensor_lr):
         opt.step()
 
 
+@pytest.mark.parametrize("options", [
+    {"adaptive": "normuon", "constraint": "hyperball", "weight_decay": 0.0},
+    {"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic", "adaptive": "normuon"},
+    {"momentum_dtype": "int8", "momentum_rounding": "stochastic"},
+])
+def test_triton_steady_state_step_with_variants_makes_no_host_copy(options):
+    """The statistics launch, the per-matrix factors, the step counters and the split/seed tables
+    all stay on the device after the first step."""
+    torch.manual_seed(0)
+    fused = nn.Linear(16, 48)
+    splittable = options.get("momentum_dtype") != "int8" and "constraint" not in options
+    groups = [{"params": [fused.weight], **({"split_sizes": (16, 16, 16)} if splittable else {})}]
+    opt = mk.Muon(groups, lr=torch.tensor(0.02), backend="triton", ns_dtype=torch.float32, ns_steps=2, **options)
+    fused.weight.grad = torch.randn_like(fused.weight)
+    opt.step()
+    with no_host_to_device_copies():
+        opt.step()
+
+
 def test_tables_used_in_a_capture_survive_eviction(monkeypatch):
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(24, 40))

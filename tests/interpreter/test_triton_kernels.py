@@ -259,7 +259,7 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.muon_kernels.newton_schulz.default,
                           (stack, [3.4445, -4.775, 2.0315] * 3, 1e-7, 1.0, 0.0, torch.float32, False, "aol", "gram",
                            [1]))
-    views = [(1, 12, 20, False, False), (1, 20, 12, True, True)]
+    views = [(1, 12, 20, False, False, 20), (1, 20, 12, True, True, 12)]
     layout = make_layout(views, torch.device("cpu"))
     grads = [_randn(12, 20, seed=1), _randn(20, 12, seed=2)]
     bufs = [torch.zeros(12, 20), torch.zeros(20, 12)]
