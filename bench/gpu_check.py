@@ -47,7 +47,7 @@ def measure(target: dict, result: dict) -> tuple[float | None, str]:
     """(value, what it is) of a target in a bench result; None where that run did not measure it."""
     if target["kind"] == "step_speedup":  # default math: not the ns_algorithm="auto" (-gram) or variant rows
         rows = [r for r in result.get("step_speedups", []) if r["model"] == target["model"]
-                and not r["impl"].endswith(("-gram", "-cautious", "-normuon-hyperball"))]
+                and not r["impl"].endswith(("-gram", "-cautious", "-normuon-hyperball", "-int8-momentum"))]
         best = max(rows, key=lambda r: r["speedup"], default=None)
         return (best["speedup"], best["impl"]) if best else (None, "not measured")
     if target["kind"] == "ns_speedup":

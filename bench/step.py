@@ -50,10 +50,13 @@ def implementations(device: torch.device, quick: bool):
         if ok:
             impls.append((f"ours-{name}", ours(name)))
             # Variants on, so their cost is visible per backend: cautious weight decay (one fused
-            # branch); NorMuon + hyperball (one statistics pass, factors in the fused update).
+            # branch); NorMuon + hyperball (one statistics pass, factors in the fused update); int8 momentum.
             impls.append((f"ours-{name}-cautious", ours(name, weight_decay_mode="cautious")))
             impls.append((f"ours-{name}-normuon-hyperball",
                           ours(name, adaptive="normuon", constraint="hyperball", weight_decay=0.0)))
+            # int8 momentum with stochastic rounding: the low-precision path of the momentum kernel
+            impls.append((f"ours-{name}-int8-momentum",
+                          ours(name, momentum_dtype="int8", momentum_rounding="stochastic")))
     if device.type == "cuda":
         impls.append(("ours-auto", ours("auto")))  # what a user gets: the dispatch table's choice per bucket
         # ns_algorithm="auto": Gram NS on the buckets whose aspect ratio clears the threshold

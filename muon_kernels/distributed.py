@@ -79,10 +79,6 @@ def bucket_layout(bucket: Bucket, names: dict[int, str], replicated) -> tuple[st
         raise ValueError(f"parameter {names[id(p)]} is a plain tensor in the same bucket as DTensor parameters; "
                          "shard every parameter of the model (fully_shard the root module too) or put it in its own "
                          "param group with different Muon settings")
-    if bucket.low_precision.int8:
-        raise ValueError(f"parameter {names[id(params[0])]} is an FSDP2 shard with momentum_dtype='int8': its "
-                         "blocks of 256 would straddle the ranks' rows; use momentum_dtype=torch.bfloat16 (with "
-                         "momentum_rounding='stochastic') for sharded parameters")
     split = next((e for e in bucket.entries if e.part is not None), None)
     if split is not None:
         raise ValueError(f"parameter {names[id(split.param)]} is an FSDP2 shard and its group splits it "
@@ -185,13 +181,15 @@ def start_sharded_gather(bucket: Bucket, owners: list[int], group, groups: list[
     for gi, idx in by_group.items():
         bufs = [state[bucket.entries[i].param]["momentum_buffer"].to_local() for i in idx]
         grads = [bucket.entries[i].param.grad.to_local() for i in idx]
-        if bucket.low_precision.stochastic:  # each shard draws its own rows' bits of the parameter's stream
+        low = bucket.low_precision
+        if low.active:  # int8 blocks lie within rows, so on one rank; a shard draws its rows' random bits
             entries = [bucket.entries[i] for i in idx]
             offsets = [_shard_rows(e.param.shape[0], world)[rank][0] * math.prod(e.param.shape[1:]) for e in entries]
             us = momentum_precision.momentum_update(
-                bufs, grads, [], [state[e.param]["momentum_step"] for e in entries], [e.seed for e in entries],
-                momentum=groups[gi]["momentum"], nesterov=bucket.nesterov, form=bucket.momentum_form,
-                mode=bucket.low_precision, offsets=offsets)
+                bufs, grads, [state[e.param]["momentum_scale"].to_local() for e in entries] if low.int8 else [],
+                [state[e.param]["momentum_step"] for e in entries] if low.stochastic else [],
+                [e.seed for e in entries], momentum=groups[gi]["momentum"], nesterov=bucket.nesterov,
+                form=bucket.momentum_form, mode=low, offsets=offsets)
         else:
             us = torch_backend.momentum_update(bufs, grads, momentum=groups[gi]["momentum"],
                                                nesterov=bucket.nesterov, form=bucket.momentum_form)

@@ -11,12 +11,15 @@ from the parameter's place in the optimizer, the step is ``state["momentum_step"
 run draws the same bits.
 
 **int8** (``momentum_dtype="int8"``): symmetric absmax quantization per block of 256 consecutive
-values of the (contiguous) buffer, ``scale = max|m| / 127``, ``q = round(m / scale)`` (nearest, ties up, or
-stochastic), state ``momentum_buffer`` (int8) and ``momentum_scale`` (fp32, one per block):
-1 + 4/256 bytes per value, 3.94× less than fp32. Blocks, not rows: a block bounds the error by its
-own largest value, so an outlier costs precision in 256 values instead of a row of thousands
-(the choice of 8-bit optimizers, Dettmers et al. 2022), and a fixed block fits every matrix view
-and one kernel chunk.
+values of a row (the buffer seen as (shape[0], rest); a row's last block may be shorter),
+``scale = max|m| / 127``, ``q = round(m / scale)`` (nearest, ties up, or stochastic), state
+``momentum_buffer`` (int8) and ``momentum_scale`` (fp32, (shape[0], blocks per row)): 1 + 4/256
+bytes per value, 3.94× less than fp32. Blocks, not whole rows: a block bounds the error by its own
+largest value, so an outlier costs precision in 256 values instead of a row of thousands (the
+choice of 8-bit optimizers, Dettmers et al. 2022). Blocks within rows: FSDP2 shards rows, so every
+block and its scale stay on one rank (the scales are sharded like the momentum), and split pieces
+along the rows keep whole blocks. Where a row is a multiple of 256 long (transformer widths), the
+blocks tile the flat buffer and the fused kernels quantize them in registers.
 """
 
 from __future__ import annotations
@@ -57,9 +60,6 @@ def check_settings(group: dict) -> None:
     if rounding == "stochastic" and md not in (torch.bfloat16, INT8):
         raise ValueError("momentum_rounding='stochastic' rounds into a low-precision momentum: set "
                          f"momentum_dtype=torch.bfloat16 or 'int8' (got {md!r})")
-    if md == INT8 and (group["split_sizes"] is not None or group["num_heads"] is not None):
-        raise ValueError("momentum_dtype='int8' quantizes blocks of the whole parameter, which split pieces would "
-                         "share across buckets: use a bf16 or fp32 momentum for groups with split_sizes/num_heads")
 
 
 def mode(group: dict) -> LowPrecision:
@@ -77,8 +77,37 @@ def stack_dtype(group: dict, param_dtype: torch.dtype) -> torch.dtype:
     return param_dtype if md == INT8 else (md or param_dtype)
 
 
-def blocks(numel: int) -> int:
-    return math.ceil(numel / QUANT_BLOCK)
+def scale_shape(shape) -> tuple[int, int]:
+    """int8 block scales of a buffer of ``shape``: (rows, blocks per row), rows = shape[0]."""
+    rows = shape[0]
+    return rows, math.ceil(math.prod(shape[1:]) / QUANT_BLOCK)
+
+
+def check_piece(part, name: str) -> None:
+    """int8 blocks within rows: a split piece that cuts the columns (a weight stored (in, out)) must
+    start and end on block boundaries, or a block would be shared by two pieces."""
+    if part is not None and part[0] == 1 and (part[1] % QUANT_BLOCK or part[2] % QUANT_BLOCK):
+        raise ValueError(f"parameter {name}: momentum_dtype='int8' quantizes blocks of {QUANT_BLOCK} along each row, "
+                         f"but its split piece [{part[1]}, {part[1] + part[2]}) of the columns does not start and end "
+                         f"on a multiple of {QUANT_BLOCK}; use a bf16 momentum (with momentum_rounding='stochastic') "
+                         "for this group")
+
+
+def kernel_blocks(bucket) -> bool:
+    """Whether the fused kernels can quantize this bucket's int8 momentum: every entry a whole
+    parameter or a row piece, with rows a multiple of 256 long, so the blocks tile the flat buffer."""
+    return all((e.part is None or e.part[0] == 0) and (e.target.numel() // e.target.shape[0]) % QUANT_BLOCK == 0
+               for e in bucket.entries)
+
+
+def scale_piece(e, scale: torch.Tensor) -> torch.Tensor:
+    """A split piece's block scales (rows of a row piece; whole blocks of a column piece)."""
+    if e.part is None:
+        return scale
+    dim, start, size = e.part
+    if dim == 0:
+        return scale.narrow(0, start, size)
+    return scale.narrow(1, start // QUANT_BLOCK, size // QUANT_BLOCK)
 
 
 def entry_seed(group_index: int, param_index: int, part) -> int:
@@ -115,13 +144,21 @@ def stochastic_bf16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
 
 
+def _blocked(x: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) → (rows, blocks, 256), the last block of each row zero-padded."""
+    rows, cols = x.shape
+    blocks = math.ceil(cols / QUANT_BLOCK)
+    return torch.nn.functional.pad(x, (0, blocks * QUANT_BLOCK - cols)).view(rows, blocks, QUANT_BLOCK)
+
+
 def quantize(m: torch.Tensor, bits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat fp32 ``m`` → (int8 values, fp32 scale per block of 256); ``bits``: stochastic rounding."""
-    n = m.numel()
-    padded = torch.nn.functional.pad(m, (0, blocks(n) * QUANT_BLOCK - n)).view(-1, QUANT_BLOCK)
-    scale = padded.abs().amax(dim=1) / 127.0
+    """fp32 ``m`` (rows, cols) → (int8 values (rows, cols), fp32 scales (rows, blocks)); ``bits``
+    (rows, cols): stochastic rounding."""
+    rows, cols = m.shape
+    blocked = _blocked(m)
+    scale = blocked.abs().amax(dim=2) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    y = (padded / safe.unsqueeze(1)).view(-1)[:n]
+    y = (blocked / safe.unsqueeze(2)).reshape(rows, blocked.shape[1] * QUANT_BLOCK)[:, :cols]
     if bits is None:
         y = torch.floor(y + 0.5)  # nearest, ties up: the same two fp32 operations in every backend
     else:
@@ -130,28 +167,50 @@ def quantize(m: torch.Tensor, bits: torch.Tensor | None) -> tuple[torch.Tensor, 
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    n = q.numel()
-    padded = torch.nn.functional.pad(q.reshape(-1).to(torch.float32), (0, blocks(n) * QUANT_BLOCK - n))
-    return (padded.view(-1, QUANT_BLOCK) * scale.unsqueeze(1)).view(-1)[:n]
+    """int8 (rows, cols) and scales (rows, blocks) → fp32 (rows, cols)."""
+    rows, cols = q.shape
+    blocked = _blocked(q.to(torch.float32)) * scale.unsqueeze(2)
+    return blocked.reshape(rows, blocked.shape[1] * QUANT_BLOCK)[:, :cols]
 
 
 def convert(state: dict, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The momentum buffer of ``state`` in ``dtype`` (the group's momentum_dtype changed): int8 is
     dequantized or quantized (nearest) through fp32, its scales dropped or made."""
     buf = state["momentum_buffer"]
-    values = dequantize(buf, state.pop("momentum_scale")).view(buf.shape) if buf.dtype == torch.int8 else buf.float()
+    rows = buf.shape[0]
+    if buf.dtype == torch.int8:
+        values = dequantize(buf.reshape(rows, -1), state.pop("momentum_scale")).view(buf.shape)
+    else:
+        values = buf.float()
     if dtype != torch.int8:
         return values.to(dtype)
-    q, state["momentum_scale"] = quantize(values.reshape(-1), None)
+    q, state["momentum_scale"] = quantize(values.reshape(rows, -1), None)
     return q.view(p.shape)
 
 
 def state_tensors(bucket, state) -> tuple[list, list, list]:
     """(int8 scales, step counters, seeds) per entry of a low-precision bucket (empty where unused)."""
     low = bucket.low_precision
-    scales = [state[e.param]["momentum_scale"] for e in bucket.entries] if low.int8 else []
+    scales = [scale_piece(e, _local(state[e.param]["momentum_scale"])) for e in bucket.entries] if low.int8 else []
     steps = [state[e.param]["momentum_step"] for e in bucket.entries] if low.stochastic else []
     return scales, steps, [e.seed for e in bucket.entries]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def new_scales(p: torch.Tensor) -> torch.Tensor:
+    """Zero block scales for ``p``'s int8 momentum; for an FSDP2 shard a DTensor sharded like ``p``
+    (its rows), so checkpoints gather and reshard it with the momentum."""
+    rows, blocks = scale_shape(p.shape)
+    if not hasattr(p, "device_mesh"):
+        return torch.zeros((rows, blocks), dtype=torch.float32, device=p.device)
+    from torch.distributed.tensor import DTensor
+
+    local = p.to_local()
+    zeros = torch.zeros((local.shape[0], blocks), dtype=torch.float32, device=local.device)
+    return DTensor.from_local(zeros, p.device_mesh, p.placements, shape=(rows, blocks), stride=(blocks, 1))
 
 
 # ------------------------------------------------------------------------------------ update
@@ -168,10 +227,11 @@ def momentum_update(bufs, grads, scales, steps, seeds, *, momentum: float, neste
     weight = 1.0 - momentum
     results = []
     for i, (buf, g) in enumerate(zip(bufs, grads)):
-        g32 = g.to(torch.float32).reshape(-1)
-        bits = (random_bits(seeds[i], steps[i], g32.numel(), g32.device, offsets[i] if offsets else 0)
+        rows, cols = buf.shape[0], math.prod(buf.shape[1:])  # rows: the int8 blocks run along them
+        g32 = g.to(torch.float32).reshape(rows, cols)
+        bits = (random_bits(seeds[i], steps[i], g32.numel(), g32.device, offsets[i] if offsets else 0).view(g32.shape)
                 if mode.stochastic else None)
-        old = dequantize(buf, scales[i]) if mode.int8 else buf.to(torch.float32).reshape(-1)
+        old = dequantize(buf.reshape(rows, cols), scales[i]) if mode.int8 else buf.to(torch.float32).reshape(rows, cols)
         m = torch.lerp(old, g32, weight) if form == "ema" else momentum * old + g32
         if mode.int8:
             q, scale = quantize(m, bits)

@@ -239,7 +239,9 @@ class Muon(Optimizer):
                 if torch.is_complex(p):
                     raise ValueError(f"parameter {_label(labels, i, p)}: Muon does not support complex parameters")
                 view = matrix_view(p.shape, group["matrix_view"], _label(labels, i, p))
-                splits.pieces(view, group["split_sizes"], group["num_heads"], _label(labels, i, p))
+                for part, _ in splits.pieces(view, group["split_sizes"], group["num_heads"], _label(labels, i, p)):
+                    if group["momentum_dtype"] == momentum_precision.INT8:
+                        momentum_precision.check_piece(part, _label(labels, i, p))
                 select_backend(group["backend"], p.device)  # raises now if an explicit backend can't run
         else:
             for key in ADAMW_KEYS:
@@ -313,6 +315,8 @@ class Muon(Optimizer):
             name = _label(group, index[id(p)], p)
             whole = matrix_view(p.shape, group["matrix_view"], name)
             for part, view in splits.pieces(whole, group["split_sizes"], group["num_heads"], name) or [(None, whole)]:
+                if low.int8:
+                    momentum_precision.check_piece(part, name)
                 yield (
                     group_index,
                     p,
@@ -488,8 +492,7 @@ class Muon(Optimizer):
                                                         memory_format=torch.contiguous_format if int8
                                                         else torch.preserve_format)
             if int8:
-                state["momentum_scale"] = torch.zeros(momentum_precision.blocks(p.numel()), dtype=torch.float32,
-                                                      device=p.device)
+                state["momentum_scale"] = momentum_precision.new_scales(p)
         elif state["momentum_buffer"].dtype != dtype:
             state["momentum_buffer"] = momentum_precision.convert(state, p, dtype)
         return state["momentum_buffer"]

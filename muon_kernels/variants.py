@@ -195,7 +195,10 @@ def gains(bucket: Bucket, sums: torch.Tensor, alphas: torch.Tensor | None,
     g = ratio * radius / (ratio * s_sq.sqrt()).clamp_min(v.hyperball_eps)
     ag = per_matrix(bucket, alphas).to(torch.float64) * g
     norm = (s_w2 + 2 * ag * s_swo + ag * ag * s_sq).clamp_min(0).sqrt()
-    return g.to(torch.float32), (radius / norm.clamp_min(v.hyperball_eps)).to(torch.float32)
+    # A step that moves nothing (lr = 0: a scheduler's first step, DCP's state-initializing step)
+    # leaves W exactly as it is, instead of re-projecting it with a factor a few ulps from 1.
+    shrink = torch.where(ag == 0, 1.0, radius / norm.clamp_min(v.hyperball_eps))
+    return g.to(torch.float32), shrink.to(torch.float32)
 
 
 def torch_statistics(bucket: Bucket, ortho: torch.Tensor, vs: list[torch.Tensor]) -> tuple[list, torch.Tensor]:

@@ -157,7 +157,7 @@ def _refusal(rank, world, ns_dtype, out, options) -> dict:
         return {"error": str(e)}
 
 
-def fsdp_resume(rank, world, ns_dtype, out):
+def fsdp_resume(rank, world, ns_dtype, out, optimizer_options=None):
     """Train 2 steps, take full model + optimizer state dicts, restore them into fresh objects,
     train 2 more; compare with 4 uninterrupted steps."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -171,7 +171,7 @@ def fsdp_resume(rank, world, ns_dtype, out):
     def fresh():
         model = make_model()
         _shard(model, mesh)
-        return model, make_optimizer(model, ns_dtype)
+        return model, make_optimizer(model, ns_dtype, **(optimizer_options or {}))
 
     def run(model, opt, steps):
         for _ in range(steps):
@@ -291,6 +291,9 @@ def _scenario(name: str):
     if name.startswith("train_") and layout in ("ddp", "fsdp") and options in OPTION_SETS:
         train = train_ddp if layout == "ddp" else train_fsdp
         return lambda rank, world, ns_dtype, out: train(rank, world, ns_dtype, out, OPTION_SETS[options])
+    if name.startswith("fsdp_resume_"):
+        options = OPTION_SETS[name.removeprefix("fsdp_resume_")]
+        return lambda rank, world, ns_dtype, out: fsdp_resume(rank, world, ns_dtype, out, options)
     if name.startswith("fsdp_") and name.endswith("_refused"):
         options = OPTION_SETS[name.removeprefix("fsdp_").removesuffix("_refused")]
         return lambda rank, world, ns_dtype, out: _refusal(rank, world, ns_dtype, out, options)

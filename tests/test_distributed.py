@@ -130,20 +130,20 @@ def test_split_pieces_under_ddp_equal_one_process_and_fsdp2_refuses_them(tmp_pat
 
 @pytest.mark.parametrize("scenario, options", [("train_ddp_stochastic_bf16", "STOCHASTIC_BF16"),
                                                ("train_fsdp_stochastic_bf16", "STOCHASTIC_BF16"),
-                                               ("train_ddp_int8", "INT8")])
+                                               ("train_ddp_int8", "INT8"), ("train_fsdp_int8", "INT8")])
 def test_low_precision_momentum_training_equals_one_process(tmp_path, scenario, options):
+    """A shard draws its rows' part of the parameter's random stream, and int8 blocks lie within
+    rows (so within one rank's shard): sharded training is the one-process run."""
     results = _spawn(tmp_path, scenario, 2, torch.float32)
     _assert_matches_reference(results, 2, torch.float32, getattr(workers, options))
     assert "rounding" in results[0]["plan"]
 
 
-def test_fsdp2_refuses_int8_momentum(tmp_path):
-    for res in _spawn(tmp_path, "fsdp_int8_refused", 2, torch.float32):
-        assert res["error"] and "FSDP2 shard with momentum_dtype='int8'" in res["error"], res
-
-
-def test_fsdp2_full_state_dict_resumes_identically(tmp_path):
-    for res in _spawn(tmp_path, "fsdp_resume", 2):
+@pytest.mark.parametrize("scenario", ["fsdp_resume", "fsdp_resume_int8", "fsdp_resume_variants"])
+def test_fsdp2_full_state_dict_resumes_identically(tmp_path, scenario):
+    """Also with int8 momentum (its block scales are DTensors sharded like the momentum) and with
+    NorMuon + hyperball (v and the radii replicated)."""
+    for res in _spawn(tmp_path, scenario, 2):
         for name, want in res["straight"].items():
             assert torch.equal(res["resumed"][name], want), name
 

@@ -64,28 +64,32 @@ def test_random_bits_are_a_fixed_function_of_seed_step_and_index():
 
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_int8_blocks_bound_the_error_by_their_own_maximum(stochastic):
+    """Blocks of 256 along each row (rows of 600: two full blocks and one of 88)."""
     g = torch.Generator().manual_seed(1)
-    m = torch.randn(1000, generator=g)
-    m[10] = 1000.0  # an outlier costs precision in its own block only
-    bits = mp.random_bits(3, torch.tensor(1), 1000, "cpu") if stochastic else None
+    m = torch.randn(3, 600, generator=g)
+    m[1, 10] = 1000.0  # an outlier costs precision in its own block only
+    bits = mp.random_bits(3, torch.tensor(1), m.numel(), "cpu").view(3, 600) if stochastic else None
     q, scale = mp.quantize(m, bits)
-    assert q.dtype == torch.int8 and scale.shape == (4,)
+    assert q.dtype == torch.int8 and q.shape == (3, 600) and scale.shape == (3, 3)
     back = mp.dequantize(q, scale)
-    blocks = torch.nn.functional.pad(m, (0, 24)).view(4, 256)
-    step = blocks.abs().amax(dim=1) / 127  # one quantization level per block
-    bound = (step if stochastic else step / 2).repeat_interleave(256)[:1000] * (1 + 1e-6)
-    assert bool(((back - m).abs() <= bound).all())
-    assert (back[256:] - m[256:]).abs().max() < 0.05  # the other blocks keep a fine grid
+    for r in range(3):
+        for b, (lo, hi) in enumerate([(0, 256), (256, 512), (512, 600)]):
+            block = m[r, lo:hi]
+            step = block.abs().max() / 127  # one quantization level of this block
+            bound = (step if stochastic else step / 2) * (1 + 1e-6)
+            assert (back[r, lo:hi] - block).abs().max() <= bound
+            assert scale[r, b] == pytest.approx(block.abs().max().item() / 127, rel=1e-6)
+    assert (back[1, 256:] - m[1, 256:]).abs().max() < 0.05  # the outlier's row keeps a fine grid elsewhere
 
 
 def test_stochastic_int8_is_unbiased():
-    m = torch.full((256,), 0.3)
-    m[0] = 1.0  # scale 1/127: 0.3 sits between levels 38 and 39 (0.3·127 = 38.1)
-    total = torch.zeros(256, dtype=torch.float64)
+    m = torch.full((1, 256), 0.3)
+    m[0, 0] = 1.0  # scale 1/127: 0.3 sits between levels 38 and 39 (0.3·127 = 38.1)
+    total = torch.zeros(1, 256, dtype=torch.float64)
     for step in range(2000):
-        q, scale = mp.quantize(m, mp.random_bits(2, torch.tensor(step), 256, "cpu"))
+        q, scale = mp.quantize(m, mp.random_bits(2, torch.tensor(step), 256, "cpu").view(1, 256))
         total += mp.dequantize(q, scale).double()
-    mean = (total / 2000)[1:].mean().item()
+    mean = (total / 2000)[0, 1:].mean().item()
     assert abs(mean - 0.3) < 4 * (0.1 * 0.9 / 2000 / 255) ** 0.5 / 127 + 1e-6
 
 
@@ -191,7 +195,7 @@ def test_switching_momentum_dtype_converts_the_buffer():
     opt.param_groups[0]["momentum_dtype"] = "int8"
     W.grad = torch.zeros_like(W)
     opt.step()
-    back = mp.dequantize(opt.state[W]["momentum_buffer"], opt.state[W]["momentum_scale"]).view(16, 32)
+    back = mp.dequantize(opt.state[W]["momentum_buffer"], opt.state[W]["momentum_scale"])
     assert (back - 0.95 * fp32).abs().max() <= fp32.abs().max() / 127
 
 
@@ -200,11 +204,25 @@ def test_switching_momentum_dtype_converts_the_buffer():
     ({"momentum_dtype": torch.float16, "momentum_rounding": "stochastic"}, "momentum_dtype=torch.bfloat16 or 'int8'"),
     ({"momentum_rounding": "up"}, "momentum_rounding must be one of"),
     ({"momentum_dtype": "int4"}, "momentum_dtype must be None"),
-    ({"momentum_dtype": "int8", "split_sizes": (8, 8)}, "int8.*split_sizes"),
 ])
 def test_bad_momentum_options_name_the_fix(options, message):
     with pytest.raises(ValueError, match=message):
         mk.Muon([nn.Parameter(torch.randn(16, 8))], **options)
+
+
+def test_int8_split_pieces_keep_whole_blocks():
+    """Row pieces hold whole rows (whole blocks); a column piece must start and end on a block."""
+    d = 16
+    W = nn.Parameter(torch.randn(3 * d, d))
+    opt = mk.Muon([{"params": [W], "split_sizes": (d, d, d)}], lr=0.05, momentum_dtype="int8")
+    W.grad = torch.randn_like(W)
+    opt.step()
+    assert opt.state[W]["momentum_scale"].shape == (3 * d, 1)
+    stored = nn.Parameter(torch.randn(8, 3 * 256))  # GPT-2-like c_attn (in, out) with 256-wide blocks
+    mk.Muon([{"params": [stored], "split_sizes": (256,) * 3, "matrix_view": "transposed"}], momentum_dtype="int8")
+    with pytest.raises(ValueError, match=r"parameter 'c'.*split piece \[0, 100\) of the columns"):
+        mk.Muon([{"params": [("c", nn.Parameter(torch.randn(8, 300)))], "split_sizes": (100, 100, 100),
+                  "matrix_view": "transposed"}], momentum_dtype="int8")
 
 
 def test_plan_names_the_momentum_precision():

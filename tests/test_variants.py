@@ -138,6 +138,18 @@ def test_hyperball_radius_per_expert():
     _close(W, _reference(W0, grads, hyperball=True, batch=True), W0)
 
 
+def test_a_step_with_lr_zero_leaves_hyperball_parameters_bitwise_unchanged():
+    """lr = 0 (a warm-up's first step; torch.distributed.checkpoint's state-initializing step) moves
+    nothing: W is not re-projected by a factor a few ulps from 1."""
+    W0, grads = _data((24, 40))
+    W = nn.Parameter(W0.clone())
+    opt = mk.Muon([W], lr=0.0, constraint="hyperball", adaptive="normuon", weight_decay=0.0)
+    for G in grads[:3]:
+        W.grad = G.clone()
+        opt.step()
+    assert torch.equal(W.detach(), W0)
+
+
 def test_normuon_and_hyperball_together():
     W0, grads = _data((24, 40))
     W, _ = _run(W0, grads, adaptive="normuon", constraint="hyperball", weight_decay=0.0)

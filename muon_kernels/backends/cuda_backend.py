@@ -292,8 +292,9 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
     buf_dtypes, grad_dtypes = {b.dtype for b in bufs}, {g.dtype for g in grads}
     low = bucket.low_precision
     if low.active:
-        if not (fusable(grads) and same_layout(bucket, grads) and same_layout(bucket, bufs)) or \
-                len(grad_dtypes) != 1 or bucket.dtype != (grads[0].dtype if low.int8 else torch.bfloat16):
+        if (not (fusable(grads) and same_layout(bucket, grads) and same_layout(bucket, bufs))
+                or len(grad_dtypes) != 1 or bucket.dtype != (grads[0].dtype if low.int8 else torch.bfloat16)
+                or (low.int8 and not momentum_precision.kernel_blocks(bucket))):
             return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
         return _low_precision_stack(bucket, grads, bufs, groups, state)
     if (not (fusable(grads) and fusable(bufs) and same_layout(bucket, grads) and same_layout(bucket, bufs))

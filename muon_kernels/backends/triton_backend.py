@@ -70,7 +70,8 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
     """One launch: momentum, Nesterov and the (transposing) copy into the stack."""
     low = bucket.low_precision
     if (not (fusable(grads) and (fusable(bufs) or low.int8)) or len({g.dtype for g in grads}) != 1
-            or not (same_layout(bucket, grads) and same_layout(bucket, bufs))):
+            or not (same_layout(bucket, grads) and same_layout(bucket, bufs))
+            or (low.int8 and not momentum_precision.kernel_blocks(bucket))):
         return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
     stack = workspace.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
     scales, steps, seeds = momentum_precision.state_tensors(bucket, state) if low.active else ([], [], [])

@@ -8,15 +8,19 @@ import pytest
 import torch
 
 import muon_kernels as mk
+from muon_kernels import momentum_precision
 
-SHAPES = [(12, 20), (20, 12), (3, 12, 20), (7, 300)]  # 300·7 = 2100: a partial last block of 256
+# Rows a multiple of 256 long (the fused int8 path: blocks tile the flat buffer), and (7, 300), whose
+# rows end in a partial block (the torch path quantizes it; the bf16 path stays fused).
+SHAPES = [(2, 512), (3, 2, 256), (4, 256), (7, 300)]
 
 
 def _run(backend: str, options: dict, dtype=torch.float32, form="ema"):
     g = torch.Generator().manual_seed(5)
     ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
     groups = [{"params": [p], **({"matrix_view": "batch"} if p.ndim == 3 else {})} for p in ps]
-    opt = mk.Muon(groups, lr=0.05, backend=backend, ns_dtype=torch.float32, momentum_form=form, **options)
+    opt = mk.Muon(groups, lr=0.05, backend=backend, ns_dtype=torch.float32, ns_steps=1, momentum_form=form,
+                  **options)
     for _ in range(3):
         for p in ps:
             p.grad = torch.randn(p.shape, generator=g).to(dtype)
@@ -32,6 +36,8 @@ def test_fused_low_precision_momentum_matches_the_reference_bitwise(options, for
     ref, ref_opt = _run("torch", options, form=form)
     out, opt = _run("triton", options, form=form)
     assert all(b.backend.NAME == "triton" for b in opt._buckets)
+    fused_int8 = [momentum_precision.kernel_blocks(b) for b in opt._buckets]
+    assert fused_int8 == [True, True, True, False]  # bucket order follows SHAPES
     for a, b in zip(ref, out):
         for key, value in ref_opt.state[a].items():
             assert torch.equal(opt.state[b][key], value), key
