@@ -168,6 +168,24 @@ def neuron_piece(e, v: torch.Tensor) -> torch.Tensor:
     return v if e.part is None else v.narrow(0, e.part[1], e.part[2])
 
 
+def table_views(bucket: Bucket) -> list[tuple]:
+    """Per entry: (batch, rows, cols, transposed, neurons on columns, neurons per matrix)."""
+    return [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed, *reversed(neurons(e.view)))
+            for e in bucket.entries]
+
+
+def matrix_table(params, vs, views) -> tuple[int, ...]:
+    """The statistics kernels' per-matrix table (Triton and CUDA read the same one), 6 int64 per
+    matrix: parameter address of the matrix, its NorMuon v address (0 without ``vs``), rows, cols,
+    transposed in the stack, neurons on the view's columns."""
+    values = []
+    for i, (p, (batch, rows, cols, transposed, neuron_cols, count)) in enumerate(zip(params, views)):
+        for b in range(batch):
+            values += [p.data_ptr() + b * rows * cols * p.element_size(),
+                       vs[i].data_ptr() + b * count * 4 if vs else 0, rows, cols, int(transposed), int(neuron_cols)]
+    return tuple(values)
+
+
 # ------------------------------------------------------------------------------------ math
 
 

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import variants
 from .config import checked_grid, is_interpreting
 from .fused_update import _TL_DTYPES, _lerp, int_table
 
@@ -82,12 +83,7 @@ def matrix_table(params, vs, views, device: torch.device) -> torch.Tensor:
     (batch, rows, cols, transposed, neurons on columns, neurons per matrix); ``vs`` the NorMuon
     state per parameter, or empty. Cached by value, so a step whose tensors did not move copies
     nothing to the device."""
-    values = []
-    for i, (p, (batch, rows, cols, transposed, neuron_cols, count)) in enumerate(zip(params, views)):
-        for b in range(batch):
-            values += [p.data_ptr() + b * rows * cols * p.element_size(),
-                       vs[i].data_ptr() + b * count * 4 if vs else 0, rows, cols, int(transposed), int(neuron_cols)]
-    return int_table(tuple(values), device)
+    return int_table(variants.matrix_table(params, vs, views), device)
 
 
 def blocks(n: int) -> int:

@@ -262,16 +262,9 @@ def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.
     partial sums; returns the fused update's variant arguments (device pointers)."""
     v = bucket.variant
     vs, radii = variants.state_tensors(bucket, state)
-    values = []
-    for i, (e, p) in enumerate(zip(bucket.entries, params)):
-        count, on_cols = variants.neurons(e.view)
-        for b in range(e.view.batch):
-            values += [p.data_ptr() + b * e.view.rows * e.view.cols * p.element_size(),
-                       vs[i].data_ptr() + b * count * 4 if vs else 0, e.view.rows, e.view.cols,
-                       int(e.view.transposed), int(on_cols)]
-    key = ("variant_table", tuple(values))
-    if bucket.cache.get("variant_table", (None,))[0] != key:  # the addresses only change with the tensors
-        bucket.cache["variant_table"] = (key, torch.tensor(values, dtype=torch.int64).to(bucket.device))
+    values = variants.matrix_table(params, vs, variants.table_views(bucket))
+    if bucket.cache.get("variant_table", (None,))[0] != values:  # the addresses only change with the tensors
+        bucket.cache["variant_table"] = (values, torch.tensor(values, dtype=torch.int64).to(bucket.device))
     table = bucket.cache["variant_table"][1]
     k, m, n = ortho.shape
     row_scale = workspace.empty((k, n), dtype=torch.float32, device=bucket.device) if v.normuon else None

@@ -98,9 +98,7 @@ def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.
     (K, blocks, 4) partial sums: (s per neuron or None, g, c or None), all on the device."""
     v = bucket.variant
     vs, radii = variants.state_tensors(bucket, state)
-    views = [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed, *reversed(variants.neurons(e.view)))
-             for e in bucket.entries]
-    table = matrix_table(params, vs, views, bucket.device)
+    table = matrix_table(params, vs, variants.table_views(bucket), bucket.device)
     row_scale = workspace.empty((bucket.matrices, bucket.n), dtype=torch.float32, device=bucket.device) \
         if v.normuon else None
     partials = variant_statistics_op(ortho, params, vs, table, row_scale, v.normuon, v.hyperball, v.beta2,
