@@ -16,11 +16,13 @@ def test_matrices_per_call_follow_the_byte_budget_on_cpu_only():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     budget = torch_backend.CPU_CALL_BYTES
     per = torch_backend.matrices_per_call
-    assert per(768, 3072, torch.bfloat16, cpu) == budget // (2 * (2 * 768 * 3072 + 2 * 768 * 768)) == 2
-    assert per(768, 768, torch.bfloat16, cpu) == budget // (2 * 4 * 768 * 768) == 5
-    assert per(768, 3072, torch.float32, cpu) == per(384, 1536, torch.float32, cpu) == 1  # large fp32: one each
+    assert per(256, 1024, torch.bfloat16, cpu) == budget // (2 * (2 * 256 * 1024 + 2 * 256 * 256)) == 19
+    assert per(192, 192, torch.bfloat16, cpu) == budget // (2 * 4 * 192 * 192) == 85
+    assert per(256, 2048, torch.float32, cpu) == 1  # large fp32: one each
     assert per(64, 64, torch.float32, cpu) == budget // (4 * 4 * 64 * 64)
-    assert per(8192, 8192, torch.bfloat16, cpu) == 1
+    rows = torch_backend.CPU_SYMMETRIC_MIN_ROWS
+    assert per(rows, rows, torch.bfloat16, cpu) == per(768, 3072, torch.bfloat16, cpu) == 1  # symmetric products
+    assert per(rows - 1, rows - 1, torch.bfloat16, cpu) > 1
     assert per(768, 3072, torch.bfloat16, cuda) is None
 
 
@@ -100,3 +102,52 @@ def test_one_pass_normalization_equals_the_scaled_one_bit_for_bit(ns_dtype, pres
     monkeypatch.setattr(torch_backend, "_DIRECT_NORM_RANGE", (float("inf"), float("inf")))  # never direct
     scaled = torch_backend.normalize(G, config, ns_dtype)
     assert torch.equal(direct, scaled)
+
+
+SYMMETRIC_TOLERANCE = {torch.float32: 2**-20, torch.bfloat16: 2**-7}  # relative to Σ|x_ik·x_jk|
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m, k", [(385, 700), (400, 96), (7, 5)])
+def test_symmetric_matmul_is_the_product_from_its_upper_block_rows(dtype, m, k):
+    """X·Xᵀ and b·A + c·A·Aᵀ from the upper block rows: the lower-left block mirrors the upper-right
+    one, and every entry is the fp64 product's within the dtype's rounding (one rounding of the
+    result plus fp32 accumulation, relative to Σ|terms|)."""
+    g = torch.Generator().manual_seed(m)
+    X = torch.randn(m, k, generator=g).to(dtype)
+    out = torch.empty(m, m, dtype=dtype)
+    assert torch_backend.symmetric_matmul(X, out) is out
+    x = X.double()
+    exact, bound = x @ x.T, x.abs() @ x.abs().T
+    h = m // 2
+    assert torch.equal(out[h:, :h], out[:h, h:].T)
+    assert ((out.double() - exact).abs() <= SYMMETRIC_TOLERANCE[dtype] * bound).all()
+    A = out.clone()
+    B = torch_backend.symmetric_matmul(A, torch.empty_like(A), A, beta=-4.775, alpha=2.0315)
+    a = A.double()
+    exact, bound = -4.775 * a + 2.0315 * a @ a, 4.775 * a.abs() + 2.0315 * a.abs() @ a.abs()
+    assert torch.equal(B[h:, :h], B[:h, h:].T)
+    assert ((B.double() - exact).abs() <= SYMMETRIC_TOLERANCE[dtype] * bound).all()
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_large_cpu_matrices_take_the_symmetric_products(ns_dtype, monkeypatch):
+    """From CPU_SYMMETRIC_MIN_ROWS rows: one matrix per call, products from the upper block rows,
+    the same Newton–Schulz result as the batched GEMMs within the iteration dtype's rounding."""
+    rows = torch_backend.CPU_SYMMETRIC_MIN_ROWS
+    config = resolve_ns_config("keller", 5, 1e-7)
+    G = torch.randn(2, rows, rows + 64, generator=torch.Generator().manual_seed(0))
+    calls = []
+    original = torch_backend.symmetric_matmul
+    monkeypatch.setattr(torch_backend, "symmetric_matmul", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fast = torch_backend.orthogonalize(G, config, ns_dtype)
+    assert len(calls) == 2 * 2 * 5  # per matrix and step: X·Xᵀ and A·A
+    monkeypatch.setattr(torch_backend, "CPU_SYMMETRIC_MIN_ROWS", rows + 1)
+    batched = torch_backend.orthogonalize(G, config, ns_dtype)
+    assert len(calls) == 20
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[ns_dtype]  # bf16: a few roundings of O(1) entries
+    assert (fast.float() - batched.float()).abs().max() <= tolerance
+    model = nn.Sequential(nn.Linear(rows + 64, rows))
+    monkeypatch.setattr(torch_backend, "CPU_SYMMETRIC_MIN_ROWS", rows)
+    [row] = [r for r in mk.Muon(model.parameters(), ns_dtype=ns_dtype).plan() if r.method == "Muon"]
+    assert row.path == "symmetric-mm" and "upper block rows" in row.why
