@@ -84,26 +84,57 @@ def run(device: torch.device, *, models: list[str], width_divisor: int, quick: b
         run_layers = min(layers, LAYER_LIMIT.get(model, layers))
         if device.type == "cpu" and width_divisor == 1:
             run_layers = min(run_layers, CPU_FULL_WIDTH_LAYER_LIMIT.get(model, layers))
-        for name, build in implementations(device, quick):
-            progress(f"step {model} {name}")
-            mats, vecs = make_params(model, run_layers, width_divisor, device)
-            step = build(mats, vecs)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            samples = time_call(step, device=device, warmup=warmup, repeat=repeat)
-            extra = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
-            stats = summarize(samples)
+        measure = _interleaved if device.type == "cpu" else _one_by_one
+        for row in measure(device, model, run_layers, width_divisor, quick, warmup, repeat, progress):
             scale = layers / run_layers
-            results.append({"model": model, "impl": name, "width_divisor": width_divisor, "layers": layers,
-                            "layers_run": run_layers, **{k: v * scale for k, v in stats.items()},
-                            "extra_memory_bytes": extra, "samples": samples})
-            del step, mats, vecs
+            stats = {k: v * scale for k, v in summarize(row.pop("samples")).items()}
+            if "paired_reference_samples" in row:
+                row["paired_reference_ms"] = summarize(row.pop("paired_reference_samples"))["ms"] * scale
+            results.append({"model": model, **row, "width_divisor": width_divisor, "layers": layers,
+                            "layers_run": run_layers, **stats})
     return results
 
 
+def _one_by_one(device, model, run_layers, width_divisor, quick, warmup, repeat, progress):
+    """GPU: each implementation on its own parameters, timed with CUDA events, its peak memory."""
+    for name, build in implementations(device, quick):
+        progress(f"step {model} {name}")
+        mats, vecs = make_params(model, run_layers, width_divisor, device)
+        step = build(mats, vecs)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        samples = time_call(step, device=device, warmup=warmup, repeat=repeat)
+        yield {"impl": name, "samples": samples, "extra_memory_bytes": torch.cuda.max_memory_allocated() - base}
+        del step, mats, vecs
+
+
+def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat, progress):
+    """CPU: wall clock drifts with the machine's load and clock, so every implementation is timed
+    alternating step by step with its own torch.optim.Muon + AdamW twin; its ratio comes from those
+    paired samples (``paired_reference_ms``), and the reference row pools every pairing."""
+    (ref_name, ref_build), *others = implementations(device, quick)
+    pooled, rows = [], []
+    for name, build in others:
+        progress(f"step {model} {name} (interleaved with {ref_name})")
+        steps = [ref_build(*make_params(model, run_layers, width_divisor, device)),
+                 build(*make_params(model, run_layers, width_divisor, device))]
+        for step in steps:
+            time_call(step, device=device, warmup=warmup, repeat=0)
+        samples = ([], [])
+        for _ in range(repeat):
+            for step, out in zip(steps, samples):
+                out += time_call(step, device=device, warmup=0, repeat=1)
+        pooled += samples[0]
+        rows.append({"impl": name, "samples": samples[1], "paired_reference_samples": samples[0],
+                     "extra_memory_bytes": None})
+        del steps
+    return [{"impl": ref_name, "samples": pooled, "extra_memory_bytes": None}, *rows]
+
+
 def speedups(results: list[dict]) -> list[dict]:
+    """Each implementation's ratio to torch.optim.Muon: against its own interleaved twin where it
+    has one (CPU), else against the model's reference row."""
     ref = {r["model"]: r["ms"] for r in results if r["impl"] == "torch.optim.Muon"}
-    return [{"model": r["model"], "impl": r["impl"], "speedup": ref[r["model"]] / r["ms"]}
-            for r in results if r["impl"] != "torch.optim.Muon" and r["model"] in ref]
+    return [{"model": r["model"], "impl": r["impl"], "speedup": r.get("paired_reference_ms", ref.get(r["model"])) / r["ms"]}
+            for r in results if r["impl"] != "torch.optim.Muon" and ("paired_reference_ms" in r or r["model"] in ref)]

@@ -9,7 +9,8 @@ Two layouts, told apart per bucket:
   the same bits, so parameters stay bit-identical.
 - **Sharded** (FSDP2 DTensors, ``Shard(0)`` on a 1-D mesh): momentum stays sharded like the
   parameter; one all-to-all per bucket sends each owner the rows of the matrices it
-  orthogonalizes, a second sends each rank back its rows of the result, and the update is local.
+  orthogonalizes (a split piece's rows on each rank: ``_entry_rows``), a second sends each rank
+  back its rows of the result, and the update is local.
 
 The owner of each bucket entry comes from ``assign_owners``: contiguous ranges per bucket, the
 remainder of an uneven split going to the ranks with the least work so far. It depends only on the
@@ -67,6 +68,46 @@ def _shard_rows(rows: int, world: int) -> list[tuple[int, int]]:
     return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(world)]
 
 
+def _entry_rows(e, world: int) -> list[tuple[int, int]]:
+    """[start, stop) per rank of an entry's rows (its own dim 0) under Shard(0): the parameter's
+    rows; for a split piece of rows, their overlap with the piece in the piece's coordinates (a
+    piece may span ranks, or miss one); a piece of columns keeps every rank's rows."""
+    rows = _shard_rows(e.param.shape[0], world)
+    if e.part is None or e.part[0] != 0:
+        return rows
+    _, start, size = e.part
+    clip = lambda r: min(max(r, start), start + size) - start  # noqa: E731
+    return [(clip(a), clip(b)) for a, b in rows]
+
+
+def _entry_shape(e) -> tuple[int, ...]:
+    """The entry's shape in its parameter's layout (a split piece's, or the parameter's)."""
+    shape = list(e.param.shape)
+    if e.part is not None:
+        shape[e.part[0]] = e.part[2]
+    return tuple(shape)
+
+
+def _local_entry(e, local: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """This rank's part of an entry from the local shard of a tensor laid out like the parameter
+    (the parameter, its gradient, its momentum)."""
+    if e.part is None:
+        return local
+    dim, start, size = e.part
+    if dim != 0:
+        return local.narrow(dim, start, size)
+    lo, hi = _entry_rows(e, world)[rank]
+    first = _shard_rows(e.param.shape[0], world)[rank][0]
+    return local.narrow(0, min(max(start + lo - first, 0), local.shape[0]), hi - lo)
+
+
+def _local_scales(e, local: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """This rank's int8 block scales of an entry (one row of blocks per parameter row)."""
+    if e.part is not None and e.part[0] == 1:
+        return momentum_precision.scale_piece(e, local)
+    return _local_entry(e, local, world, rank)
+
+
 def bucket_layout(bucket: Bucket, names: dict[int, str], replicated) -> tuple[str, object]:
     """("sharded", mesh group) / ("replicated", group) / ("local", None); raises ValueError on a
     bucket that mixes meshes or DTensors with plain tensors, or a shard layout it cannot handle."""
@@ -79,11 +120,6 @@ def bucket_layout(bucket: Bucket, names: dict[int, str], replicated) -> tuple[st
         raise ValueError(f"parameter {names[id(p)]} is a plain tensor in the same bucket as DTensor parameters; "
                          "shard every parameter of the model (fully_shard the root module too) or put it in its own "
                          "param group with different Muon settings")
-    split = next((e for e in bucket.entries if e.part is not None), None)
-    if split is not None:
-        raise ValueError(f"parameter {names[id(split.param)]} is an FSDP2 shard and its group splits it "
-                         "(split_sizes/num_heads): a piece's rows are spread over ranks differently from the "
-                         "parameter's; leave sharded parameters unsplit (DDP and single-process training split)")
     mesh = params[0].device_mesh
     for p in params:
         if p.device_mesh != mesh:
@@ -179,14 +215,16 @@ def start_sharded_gather(bucket: Bucket, owners: list[int], group, groups: list[
         by_group.setdefault(e.group, []).append(i)
     updates: list[torch.Tensor | None] = [None] * len(bucket.entries)
     for gi, idx in by_group.items():
-        bufs = [state[bucket.entries[i].param]["momentum_buffer"].to_local() for i in idx]
-        grads = [bucket.entries[i].param.grad.to_local() for i in idx]
+        entries = [bucket.entries[i] for i in idx]
+        bufs = [_local_entry(e, state[e.param]["momentum_buffer"].to_local(), world, rank) for e in entries]
+        grads = [_local_entry(e, e.param.grad.to_local(), world, rank) for e in entries]
         low = bucket.low_precision
         if low.active:  # int8 blocks lie within rows, so on one rank; a shard draws its rows' random bits
-            entries = [bucket.entries[i] for i in idx]
-            offsets = [_shard_rows(e.param.shape[0], world)[rank][0] * math.prod(e.param.shape[1:]) for e in entries]
+            offsets = [_entry_rows(e, world)[rank][0] * math.prod(_entry_shape(e)[1:]) for e in entries]
+            scales = [_local_scales(e, state[e.param]["momentum_scale"].to_local(), world, rank)
+                      for e in entries] if low.int8 else []
             us = momentum_precision.momentum_update(
-                bufs, grads, [state[e.param]["momentum_scale"].to_local() for e in entries] if low.int8 else [],
+                bufs, grads, scales,
                 [state[e.param]["momentum_step"] for e in entries] if low.stochastic else [],
                 [e.seed for e in entries], momentum=groups[gi]["momentum"], nesterov=bucket.nesterov,
                 form=bucket.momentum_form, mode=low, offsets=offsets)
@@ -205,9 +243,8 @@ def start_sharded_gather(bucket: Bucket, owners: list[int], group, groups: list[
     recv_sizes = [0] * world
     for e, o in zip(bucket.entries, owners):
         if o == rank:
-            rows = _shard_rows(e.param.shape[0], world)
-            row_numel = math.prod(e.param.shape[1:])
-            for src, (a, b) in enumerate(rows):
+            row_numel = math.prod(_entry_shape(e)[1:])
+            for src, (a, b) in enumerate(_entry_rows(e, world)):
                 recv_sizes[src] += (b - a) * row_numel
     send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=wire, device=bucket.device)
     recv = torch.empty(sum(recv_sizes), dtype=wire, device=bucket.device)
@@ -223,9 +260,9 @@ def _assemble(bucket: Bucket, owners: list[int], rank: int, world: int, recv: to
     offset = 0
     for src in range(world):
         for i, e in enumerate(mine):
-            a, b = _shard_rows(e.param.shape[0], world)[src]
-            n = (b - a) * math.prod(e.param.shape[1:])
-            pieces[i][src] = recv[offset:offset + n].reshape(b - a, *e.param.shape[1:])
+            a, b = _entry_rows(e, world)[src]
+            n = (b - a) * math.prod(_entry_shape(e)[1:])
+            pieces[i][src] = recv[offset:offset + n].reshape(b - a, *_entry_shape(e)[1:])
             offset += n
     views = []
     for i, e in enumerate(mine):
@@ -248,19 +285,19 @@ def start_sharded_scatter(bucket: Bucket, owners: list[int], group, gathered, ma
     for e in mine:
         o = ortho[offset:offset + e.view.batch]
         offset += e.view.batch
-        fulls.append((o.mT if e.view.transposed else o).reshape(e.param.shape))
+        fulls.append((o.mT if e.view.transposed else o).reshape(_entry_shape(e)))
     send_parts, send_sizes = [], [0] * world
     for dest in range(world):
         for e, full in zip(mine, fulls):
-            a, b = _shard_rows(e.param.shape[0], world)[dest]
+            a, b = _entry_rows(e, world)[dest]
             send_parts.append(full[a:b].reshape(-1).to(wire))
             send_sizes[dest] += send_parts[-1].numel()
     recv_sizes = [0] * world
     my_rows = {}
     for e, o in zip(bucket.entries, owners):
-        a, b = _shard_rows(e.param.shape[0], world)[rank]
+        a, b = _entry_rows(e, world)[rank]
         my_rows[id(e)] = (b - a)
-        recv_sizes[o] += (b - a) * math.prod(e.param.shape[1:])
+        recv_sizes[o] += (b - a) * math.prod(_entry_shape(e)[1:])
     send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=wire, device=bucket.device)
     out = torch.empty(sum(recv_sizes), dtype=wire, device=bucket.device)
     work = dist.all_to_all_single(out, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
@@ -271,7 +308,7 @@ def start_sharded_scatter(bucket: Bucket, owners: list[int], group, gathered, ma
 def finish_sharded(bucket: Bucket, owners: list[int], group, scattered, groups: list[dict], state) -> None:
     """Wait for this rank's rows of the result and apply decay + update to the local shards (with a
     variant, after one all-reduce of its per-neuron statistics: muon_kernels/variants.py)."""
-    world = dist.get_world_size(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     work, (_, out, my_rows) = scattered
     work.wait()
     locals_o = {}
@@ -279,7 +316,7 @@ def finish_sharded(bucket: Bucket, owners: list[int], group, scattered, groups: 
     for src in range(world):  # the receive buffer is ordered by source rank, then bucket order
         for e, o in zip(bucket.entries, owners):
             if o == src:
-                n = my_rows[id(e)] * math.prod(e.param.shape[1:])
+                n = my_rows[id(e)] * math.prod(_entry_shape(e)[1:])
                 locals_o[id(e)] = out[offset:offset + n]
                 offset += n
     if bucket.variant.active:
@@ -287,7 +324,7 @@ def finish_sharded(bucket: Bucket, owners: list[int], group, scattered, groups: 
         return
     batches: dict[tuple[int, float], tuple[list, list]] = {}
     for e in bucket.entries:
-        local = e.param.to_local()
+        local = _local_entry(e, e.param.to_local(), world, rank)
         if local.numel() == 0:
             continue
         params, outs = batches.setdefault((e.group, e.scale), ([], []))
@@ -307,8 +344,8 @@ def _finish_variant(bucket: Bucket, local_o: dict, group, groups: list[dict], st
     v = bucket.variant
     stats, places = [], []
     for e in bucket.entries:
-        local = e.param.to_local()
-        a, b = _shard_rows(e.param.shape[0], world)[rank]
+        local = _local_entry(e, e.param.to_local(), world, rank)
+        a, b = _entry_rows(e, world)[rank]
         count, on_cols = variants.neurons(e.view)
         full = torch.zeros(e.view.batch, count, 3, dtype=torch.float32, device=local.device)
         batched = e.view.kind in ("batch", "batch_transposed")
@@ -341,7 +378,7 @@ def _finish_variant(bucket: Bucket, local_o: dict, group, groups: list[dict], st
     g, shrink = variants.gains(bucket, torch.cat(sums), alphas, radii)
     first = 0
     for e, s, (a, b, batched, on_cols, shape) in zip(bucket.entries, scales, places):
-        local = e.param.to_local()
+        local = _local_entry(e, e.param.to_local(), world, rank)
         ks = slice(first + a, first + b) if batched else slice(first, first + 1)
         rows = slice(None) if batched or on_cols else slice(a, b)
         first += e.view.batch

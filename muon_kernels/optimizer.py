@@ -539,11 +539,12 @@ class Muon(Optimizer):
         # gathers, sharded scatters; local work and later buckets' Newton–Schulz overlap them.
         gathers, replicated = [], []
         for bucket, (layout, group, owners) in zip(buckets, self._layouts):
-            bufs = [e.piece(self._momentum_buffer(e.param, self.param_groups[e.group])) for e in bucket.entries]
-            if layout == "sharded":
+            bufs = [self._momentum_buffer(e.param, self.param_groups[e.group]) for e in bucket.entries]
+            if layout == "sharded":  # pieces of the local shards, taken in muon_kernels/distributed.py
                 gathers.append((bucket, group, owners, dist_muon.start_sharded_gather(
                     bucket, owners, group, self.param_groups, self.state)))
                 continue
+            bufs = [e.piece(b) for e, b in zip(bucket.entries, bufs)]
             grads = [e.piece(e.param.grad) for e in bucket.entries]
             stack = bucket.backend.momentum_stack(bucket, grads, bufs, self.param_groups, self.state)
             if layout == "replicated":

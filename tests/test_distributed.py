@@ -118,14 +118,15 @@ def test_variants_training_equals_one_process(tmp_path, layout, world):
     assert "NorMuon (β2=0.95); hyperball" in results[0]["plan"]
 
 
-def test_split_pieces_under_ddp_equal_one_process_and_fsdp2_refuses_them(tmp_path):
-    (tmp_path / "ddp").mkdir()
-    (tmp_path / "fsdp").mkdir()
-    results = _spawn(tmp_path / "ddp", "train_ddp_split", 2, torch.float32)
-    _assert_matches_reference(results, 2, torch.float32, workers.SPLIT)
-    assert "split 12+12" in results[0]["plan"]
-    for res in _spawn(tmp_path / "fsdp", "fsdp_split_refused", 2, torch.float32):
-        assert res["error"] and "FSDP2 shard and its group splits it" in res["error"], res
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+@pytest.mark.parametrize("options", ["split", "split_columns"])
+def test_split_pieces_equal_one_process(tmp_path, layout, options):
+    """Split pieces under DDP and FSDP2 over 3 ranks: FSDP2 sends each piece's owner the rows of the
+    piece each rank holds (a row piece spans ranks; a column piece is a slice of every rank's rows),
+    with NorMuon statistics and low-precision momentum on the pieces; the job reproduces one process."""
+    results = _spawn(tmp_path, f"train_{layout}_{options}", 3, torch.float32)
+    _assert_matches_reference(results, 3, torch.float32, getattr(workers, options.upper()))
+    assert ("split 6+18" if options == "split" else "split 8+16") in results[0]["plan"]
 
 
 @pytest.mark.parametrize("scenario, options", [("train_ddp_stochastic_bf16", "STOCHASTIC_BF16"),
@@ -139,10 +140,11 @@ def test_low_precision_momentum_training_equals_one_process(tmp_path, scenario, 
     assert "rounding" in results[0]["plan"]
 
 
-@pytest.mark.parametrize("scenario", ["fsdp_resume", "fsdp_resume_int8", "fsdp_resume_variants"])
+@pytest.mark.parametrize("scenario", ["fsdp_resume", "fsdp_resume_int8", "fsdp_resume_variants",
+                                      "fsdp_resume_split_columns"])
 def test_fsdp2_full_state_dict_resumes_identically(tmp_path, scenario):
     """Also with int8 momentum (its block scales are DTensors sharded like the momentum) and with
-    NorMuon + hyperball (v and the radii replicated)."""
+    NorMuon + hyperball (v and the radii replicated), and with split pieces of columns."""
     for res in _spawn(tmp_path, scenario, 2):
         for name, want in res["straight"].items():
             assert torch.equal(res["resumed"][name], want), name
