@@ -49,12 +49,13 @@ def _step(result: dict, path: Path) -> Path | None:
     speedups = result.get("step_speedups") or []
     if not speedups:
         return None
-    models = list(dict.fromkeys(s["model"] for s in speedups))
+    label = lambda s: s["model"] + (f"/÷{s['width_divisor']}" if s.get("width_divisor", 1) > 1 else "")  # noqa: E731
+    models = list(dict.fromkeys(label(s) for s in speedups))
     impls = list(dict.fromkeys(s["impl"] for s in speedups))
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(models), 3.6))
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
-        vals = {s["model"]: s["speedup"] for s in speedups if s["impl"] == impl}
+        vals = {label(s): s["speedup"] for s in speedups if s["impl"] == impl}
         ax.bar([m + i * width for m in range(len(models))], [vals.get(m, 0) for m in models], width, label=impl)
     ax.axhline(1.0, color="k", linewidth=0.8)
     ax.set_xticks([m + width * (len(impls) - 1) / 2 for m in range(len(models))], models)

@@ -2,11 +2,13 @@
 ours against the references, side by side in one process on whatever device exists.
 
 Writes bench/results/<device>-<date>-<commit>.json (every raw repetition under ``samples``) and,
-with matplotlib installed, PNG plots beside it (bench/plots.py). On a CPU it is a smoke run
-(``quick: true``): small shapes, widths divided by 8, wall-clock medians.
+with matplotlib installed, PNG plots beside it (bench/plots.py). On a CPU (``quick: true``) the
+Newton–Schulz, algorithm and update sections are smoke runs (small shapes, widths divided by 8),
+and the step section measures GPT-2 small and LLaMA-1B at widths ÷8, ÷4 and full (LLaMA-1B one of
+its 16 layers there, scaled), each implementation interleaved with its own torch.optim.Muon twin.
 
     python bench/run.py [--sections ns algorithms update step] [--models gpt2-small ...] [--repeat N] [--quick]
-                        [--budget-minutes M]
+                        [--width-divisor N ...] [--budget-minutes M]
 
 Work runs in a fixed priority order (``work_plan``): the GPT-2 small step, the NS points the GPU
 targets name (4096², 1024×4096, 48 × 768²), the LLaMA-1B step, the update section, then the rest
@@ -49,25 +51,27 @@ class Budget:
         return self.deadline is not None and self.clock() >= self.deadline
 
 
-def work_plan(device: torch.device, sections, models: list[str], quick: bool) -> list[tuple[str, object]]:
-    """(section, what) items in priority order; each runs on its own and leaves a valid result."""
+def work_plan(device: torch.device, sections, models: list[str], quick: bool,
+              widths: tuple[int, ...] = (1,)) -> list[tuple[str, object]]:
+    """(section, what) items in priority order; each runs on its own and leaves a valid result.
+    A step item is (model, width divisor), every width of a model in the order given."""
     items: list[tuple[str, object]] = []
     step_models = [m for m in models if "step" in sections]
     ns_points = newton_schulz.points(device, quick) if "ns" in sections else []
     first_ns = [p for p in PRIORITY_NS_POINTS if device.type == "cuda" and "ns" in sections]
     for model in PRIORITY_MODELS[:1]:
         if model in step_models:
-            items.append(("step", model))
+            items += [("step", (model, w)) for w in widths]
     items += [("ns", p) for p in first_ns]
     for model in PRIORITY_MODELS[1:]:
         if model in step_models:
-            items.append(("step", model))
+            items += [("step", (model, w)) for w in widths]
     if "update" in sections:
         items += [("update", m) for m in models]
     if "algorithms" in sections:
         items += [("algorithms", p) for p in ns_algorithms.points(device)]
     items += [("ns", p) for p in ns_points if p not in first_ns]
-    items += [("step", m) for m in step_models if m not in PRIORITY_MODELS]
+    items += [("step", (m, w)) for m in step_models if m not in PRIORITY_MODELS for w in widths]
     return items
 
 
@@ -114,19 +118,19 @@ def main(argv=None, clock=time.monotonic) -> int:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer points and repetitions (always on for a CPU)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the JSON and plots go")
-    parser.add_argument("--width-divisor", type=int, default=None,
-                        help="divide model widths by this for the update and step sections (default: 8 on a CPU, "
-                             "1 on a GPU); 1 on a CPU measures full-width shapes (minutes per model)")
+    parser.add_argument("--width-divisor", type=int, nargs="+", default=None,
+                        help="divide model widths by these for the step section (default: 8 4 1 on a CPU, 1 on a "
+                             "GPU; the largest also sets the update section's)")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="start no new item after this many minutes (the JSON lists what was skipped)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
-    width_divisor = args.width_divisor or (8 if device.type == "cpu" else 1)
+    widths = tuple(args.width_divisor or ((8, 4, 1) if device.type == "cpu" else (1,)))
     repeat = args.repeat or (3 if quick else 20)
     warmup = args.warmup or (1 if quick else 5)
-    models = args.models or (GPU_MODELS if device.type == "cuda" else ["gpt2-small"])
+    models = args.models or (GPU_MODELS if device.type == "cuda" else PRIORITY_MODELS)
     env = environment(device)
     print(f"device: {env['device']}  torch {env['versions']['torch']}  triton {env['versions']['triton']}"
           f"  commit {env['commit']}  quick={quick}" + ("  (CPU smoke run)" if device.type == "cpu" else ""))
@@ -138,7 +142,7 @@ def main(argv=None, clock=time.monotonic) -> int:
               "notes": [], "budget_minutes": args.budget_minutes, "complete": False, "skipped": []}
     budget = Budget(args.budget_minutes, clock)
     path = None
-    for section, what in work_plan(device, args.sections, models, quick):
+    for section, what in work_plan(device, args.sections, models, quick, widths):
         if budget.spent():
             result["skipped"].append([section, list(what) if isinstance(what, tuple) else what])
             continue
@@ -152,11 +156,12 @@ def main(argv=None, clock=time.monotonic) -> int:
             result["ns_algorithms"] += ns_algorithms.run(device, warmup=warmup, repeat=repeat, progress=progress,
                                                          todo=[what])
         elif section == "update":
-            result["update"] += update.run(device, model=what, width_divisor=width_divisor, warmup=warmup,
+            result["update"] += update.run(device, model=what, width_divisor=max(widths), warmup=warmup,
                                            repeat=repeat, progress=progress)
         else:
-            result["step"] += step.run(device, models=[what], width_divisor=width_divisor, quick=quick, warmup=warmup,
-                                       repeat=repeat, progress=progress)
+            model, width_divisor = what
+            result["step"] += step.run(device, models=[model], width_divisor=width_divisor, quick=quick,
+                                       warmup=warmup, repeat=repeat, progress=progress)
             result["step_speedups"] = step.speedups(result["step"])
         path = write_results(result, args.out_dir)  # valid JSON after every item
     result["complete"] = not result["skipped"]
@@ -179,11 +184,12 @@ def main(argv=None, clock=time.monotonic) -> int:
         print(table([[r["model"], r["impl"], f"{r['ms']:.3g}", f"{r['gbps']:.3g}", f"{r['fraction_of_copy']:.2f}"]
                      for r in result["update"]], ["model", "implementation", "ms", "GB/s", "of copy"]))
     if result["step"]:
-        ref = {r["model"]: r["ms"] for r in result["step"] if r["impl"] == "torch.optim.Muon"}
-        label = lambda r: r["model"] + (f"/width÷{r['width_divisor']}" if r["width_divisor"] > 1 else "") + (  # noqa: E731
+        ratio = {(s["model"], s["width_divisor"], s["impl"]): s["speedup"] for s in result["step_speedups"]}
+        label = lambda r: step.label(r) + (  # noqa: E731
             f" ({r['layers_run']} of {r['layers']} layers, scaled)" if r["layers_run"] < r["layers"] else "")
-        print("\nMuon.step()")
-        print(table([[label(r), r["impl"], f"{r['ms']:.2f}", f"{ref[r['model']] / r['ms']:.2f}x",
+        print("\nMuon.step() (on a CPU each ratio is to the torch.optim.Muon steps interleaved with it)")
+        print(table([[label(r), r["impl"], f"{r['ms']:.2f}",
+                      f"{ratio.get((r['model'], r['width_divisor'], r['impl']), 1.0):.2f}x",
                       "-" if r["extra_memory_bytes"] is None else f"{r['extra_memory_bytes'] / 2**20:.0f} MiB"]
                      for r in result["step"]],
                     ["model", "implementation", "ms/step", "speedup vs torch.optim.Muon", "extra memory"]))

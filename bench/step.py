@@ -26,8 +26,10 @@ def make_params(model: str, layers: int, width_divisor: int, device: torch.devic
     return mats, vecs
 
 
-def implementations(device: torch.device, quick: bool):
-    """(name, build(mats, vecs) -> step callable) for everything that can run on ``device``."""
+def implementations(device: torch.device, quick: bool, width_divisor: int = 1):
+    """(name, build(mats, vecs) -> step callable) for everything that can run on ``device``. A CPU
+    at full width runs only the default and the NS-precision/algorithm rows (a step takes seconds
+    there; the variant rows' cost shows at ÷8 and ÷4)."""
 
     def ours(backend, **kw):
         def build(mats, vecs):
@@ -49,6 +51,8 @@ def implementations(device: torch.device, quick: bool):
     for name, (ok, _) in mk.available_backends(device).items():
         if ok:
             impls.append((f"ours-{name}", ours(name)))
+            if device.type == "cpu" and width_divisor == 1:
+                continue
             # Variants on, so their cost is visible per backend: cautious weight decay (one fused
             # branch); NorMuon + hyperball (one statistics pass, factors in the fused update); int8 momentum.
             impls.append((f"ours-{name}-cautious", ours(name, weight_decay_mode="cautious")))
@@ -87,9 +91,9 @@ def run(device: torch.device, *, models: list[str], width_divisor: int, quick: b
         measure = _interleaved if device.type == "cpu" else _one_by_one
         for row in measure(device, model, run_layers, width_divisor, quick, warmup, repeat, progress):
             scale = layers / run_layers
-            stats = {k: v * scale for k, v in summarize(row.pop("samples")).items()}
+            stats = {k: v * scale for k, v in summarize(row["samples"]).items()}
             if "paired_reference_samples" in row:
-                row["paired_reference_ms"] = summarize(row.pop("paired_reference_samples"))["ms"] * scale
+                row["paired_reference_ms"] = summarize(row["paired_reference_samples"])["ms"] * scale
             results.append({"model": model, **row, "width_divisor": width_divisor, "layers": layers,
                             "layers_run": run_layers, **stats})
     return results
@@ -97,7 +101,7 @@ def run(device: torch.device, *, models: list[str], width_divisor: int, quick: b
 
 def _one_by_one(device, model, run_layers, width_divisor, quick, warmup, repeat, progress):
     """GPU: each implementation on its own parameters, timed with CUDA events, its peak memory."""
-    for name, build in implementations(device, quick):
+    for name, build in implementations(device, quick, width_divisor):
         progress(f"step {model} {name}")
         mats, vecs = make_params(model, run_layers, width_divisor, device)
         step = build(mats, vecs)
@@ -113,7 +117,7 @@ def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat
     """CPU: wall clock drifts with the machine's load and clock, so every implementation is timed
     alternating step by step with its own torch.optim.Muon + AdamW twin; its ratio comes from those
     paired samples (``paired_reference_ms``), and the reference row pools every pairing."""
-    (ref_name, ref_build), *others = implementations(device, quick)
+    (ref_name, ref_build), *others = implementations(device, quick, width_divisor)
     pooled, rows = [], []
     for name, build in others:
         progress(f"step {model} {name} (interleaved with {ref_name})")
@@ -133,8 +137,15 @@ def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat
 
 
 def speedups(results: list[dict]) -> list[dict]:
-    """Each implementation's ratio to torch.optim.Muon: against its own interleaved twin where it
-    has one (CPU), else against the model's reference row."""
-    ref = {r["model"]: r["ms"] for r in results if r["impl"] == "torch.optim.Muon"}
-    return [{"model": r["model"], "impl": r["impl"], "speedup": r.get("paired_reference_ms", ref.get(r["model"])) / r["ms"]}
-            for r in results if r["impl"] != "torch.optim.Muon" and ("paired_reference_ms" in r or r["model"] in ref)]
+    """Each implementation's ratio to torch.optim.Muon at the same model and width: against its own
+    interleaved twin where it has one (CPU), else against that model's reference row."""
+    key = lambda r: (r["model"], r.get("width_divisor", 1))  # noqa: E731
+    ref = {key(r): r["ms"] for r in results if r["impl"] == "torch.optim.Muon"}
+    return [{"model": r["model"], "width_divisor": r.get("width_divisor", 1), "impl": r["impl"],
+             "speedup": r.get("paired_reference_ms", ref.get(key(r))) / r["ms"]}
+            for r in results if r["impl"] != "torch.optim.Muon" and ("paired_reference_ms" in r or key(r) in ref)]
+
+
+def label(row: dict) -> str:
+    """A row's model, with its width divisor when not 1."""
+    return row["model"] + (f"/width÷{row['width_divisor']}" if row.get("width_divisor", 1) > 1 else "")

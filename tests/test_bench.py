@@ -37,7 +37,8 @@ def test_plain_recurrence_is_the_reference_recurrence():
 
 def test_benchmark_writes_results(tmp_path):
     run = subprocess.run(
-        [sys.executable, "run.py", "--repeat", "1", "--warmup", "1", "--out-dir", str(tmp_path)],
+        [sys.executable, "run.py", "--repeat", "1", "--warmup", "1", "--out-dir", str(tmp_path),
+         "--models", "gpt2-small", "--width-divisor", "8"],
         cwd=BENCH, capture_output=True, text=True, timeout=900,
     )
     assert run.returncode == 0, run.stderr[-4000:]
@@ -69,8 +70,12 @@ def test_benchmark_writes_results(tmp_path):
     impls = {row["impl"] for row in result["step"]}
     assert {"torch.optim.Muon", "ours-torch", "ours-torch-cautious", "ours-torch-normuon-hyperball",
             "ours-torch-gram"} <= impls
-    for row in result["step"]:
-        assert row["model"] == "gpt2-small" and len(row["samples"]) == 1 and row["ms"] > 0
+    for row in result["step"]:  # each CPU row interleaved with its own reference twin: 1 sample each
+        assert row["model"] == "gpt2-small" and row["width_divisor"] == 8 and row["ms"] > 0
+        assert len(row["samples"]) == (len(impls) - 1 if row["impl"] == "torch.optim.Muon" else 1)
+    for s in result["step_speedups"]:
+        row = next(r for r in result["step"] if r["impl"] == s["impl"])
+        assert s["speedup"] == pytest.approx(row["paired_reference_ms"] / row["ms"])
     pytest.importorskip("matplotlib")
     assert {p.name for p in tmp_path.glob("*.png")} == {path.stem + "-ns.png", path.stem + "-step.png"}
 
@@ -128,10 +133,30 @@ def test_work_plan_puts_the_gpu_targets_first():
     import run
 
     plan = run.work_plan(torch.device("cuda"), run.SECTIONS, run.GPU_MODELS, quick=True)
-    assert plan[:5] == [("step", "gpt2-small"), ("ns", (4096, 4096, 1)), ("ns", (1024, 4096, 1)),
-                        ("ns", (768, 768, 48)), ("step", "llama-1b")]
+    assert plan[:5] == [("step", ("gpt2-small", 1)), ("ns", (4096, 4096, 1)), ("ns", (1024, 4096, 1)),
+                        ("ns", (768, 768, 48)), ("step", ("llama-1b", 1))]
     assert len(plan) == len(set(plan))  # nothing twice
-    assert {m for s, m in plan if s == "step"} == set(run.GPU_MODELS)
+    assert {m for s, (m, _) in [i for i in plan if i[0] == "step"]} == set(run.GPU_MODELS)
+
+
+def test_cpu_step_plan_covers_every_width_of_both_shape_sets():
+    import torch
+
+    import run
+
+    plan = run.work_plan(torch.device("cpu"), ["step"], run.PRIORITY_MODELS, quick=True, widths=(8, 4, 1))
+    assert plan == [("step", (m, w)) for m in ("gpt2-small", "llama-1b") for w in (8, 4, 1)]
+
+
+def test_step_ratios_come_from_the_interleaved_twin():
+    import step
+
+    rows = [{"model": "gpt2-small", "width_divisor": 4, "impl": "torch.optim.Muon", "ms": 10.0},
+            {"model": "gpt2-small", "width_divisor": 4, "impl": "ours-torch", "ms": 4.0, "paired_reference_ms": 12.0},
+            {"model": "gpt2-small", "width_divisor": 1, "impl": "torch.optim.Muon", "ms": 100.0},
+            {"model": "gpt2-small", "width_divisor": 1, "impl": "ours-torch", "ms": 50.0}]
+    assert step.speedups(rows) == [{"model": "gpt2-small", "width_divisor": 4, "impl": "ours-torch", "speedup": 3.0},
+                                   {"model": "gpt2-small", "width_divisor": 1, "impl": "ours-torch", "speedup": 2.0}]
 
 
 class FakeClock:
@@ -168,7 +193,8 @@ def test_budget_stops_cleanly_with_a_valid_json(tmp_path, monkeypatch):
     monkeypatch.setattr(run.update, "run", lambda *a, **k: pytest.fail("update is not in this run's sections"))
     monkeypatch.setitem(sys.modules, "plots", type(sys)("plots"))  # no drawing of fake numbers
     sys.modules["plots"].draw = lambda result, stem: []
-    argv = ["--sections", "ns", "step", "--out-dir", str(tmp_path), "--budget-minutes", "2.5"]
+    argv = ["--sections", "ns", "step", "--out-dir", str(tmp_path), "--budget-minutes", "2.5", "--models", "gpt2-small",
+            "--width-divisor", "8"]
     assert run.main(argv, clock=clock) == 0
     assert len(done) == 3  # started at 0, 60 and 120 s; none at 180 s
     [path] = tmp_path.glob("*.json")
@@ -176,7 +202,8 @@ def test_budget_stops_cleanly_with_a_valid_json(tmp_path, monkeypatch):
     assert result["complete"] is False and result["budget_minutes"] == 2.5
     assert result["skipped"] and all(item[0] in ("ns", "step") for item in result["skipped"])
     assert [r["impl"] for r in result["step"]] == ["torch.optim.Muon", "ours-torch"]
-    assert result["step_speedups"] == [{"model": "gpt2-small", "impl": "ours-torch", "speedup": 3.0}]
+    assert result["step_speedups"] == [{"model": "gpt2-small", "width_divisor": 8, "impl": "ours-torch",
+                                        "speedup": 3.0}]
 
 
 def test_targets_parse_and_measure():

@@ -108,25 +108,26 @@ SYMMETRIC_TOLERANCE = {torch.float32: 2**-20, torch.bfloat16: 2**-7}  # relative
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m, k", [(385, 700), (400, 96), (7, 5)])
-def test_symmetric_matmul_is_the_product_from_its_upper_block_rows(dtype, m, k):
-    """X·Xᵀ and b·A + c·A·Aᵀ from the upper block rows: the lower-left block mirrors the upper-right
-    one, and every entry is the fp64 product's within the dtype's rounding (one rounding of the
-    result plus fp32 accumulation, relative to Σ|terms|)."""
+@pytest.mark.parametrize("m, k", [(385, 700), (400, 96), (7, 5), (1030, 40)])
+def test_symmetric_matmul_is_the_product_from_its_upper_block_triangle(dtype, m, k):
+    """X·Xᵀ and b·A + c·A·Aᵀ from the upper block triangle (2 blocks; 5 of 206-rows for m=1030):
+    the lower triangle mirrors the upper one, and every entry is the fp64 product's within the
+    dtype's rounding (one rounding of the result plus fp32 accumulation, relative to Σ|terms|)."""
     g = torch.Generator().manual_seed(m)
     X = torch.randn(m, k, generator=g).to(dtype)
     out = torch.empty(m, m, dtype=dtype)
     assert torch_backend.symmetric_matmul(X, out) is out
     x = X.double()
     exact, bound = x @ x.T, x.abs() @ x.abs().T
-    h = m // 2
-    assert torch.equal(out[h:, :h], out[:h, h:].T)
+    blocks = max(2, -(-m // torch_backend.CPU_SYMMETRIC_BLOCK_ROWS))
+    edge = -(-m // blocks)  # no block is taller: entries this far below the diagonal are mirrored
+    assert torch.equal(out.tril(-edge), out.triu(edge).T)
     assert ((out.double() - exact).abs() <= SYMMETRIC_TOLERANCE[dtype] * bound).all()
     A = out.clone()
     B = torch_backend.symmetric_matmul(A, torch.empty_like(A), A, beta=-4.775, alpha=2.0315)
     a = A.double()
     exact, bound = -4.775 * a + 2.0315 * a @ a, 4.775 * a.abs() + 2.0315 * a.abs() @ a.abs()
-    assert torch.equal(B[h:, :h], B[:h, h:].T)
+    assert torch.equal(B.tril(-edge), B.triu(edge).T)
     assert ((B.double() - exact).abs() <= SYMMETRIC_TOLERANCE[dtype] * bound).all()
 
 
@@ -150,4 +151,4 @@ def test_large_cpu_matrices_take_the_symmetric_products(ns_dtype, monkeypatch):
     model = nn.Sequential(nn.Linear(rows + 64, rows))
     monkeypatch.setattr(torch_backend, "CPU_SYMMETRIC_MIN_ROWS", rows)
     [row] = [r for r in mk.Muon(model.parameters(), ns_dtype=ns_dtype).plan() if r.method == "Muon"]
-    assert row.path == "symmetric-mm" and "upper block rows" in row.why
+    assert row.path == "symmetric-mm" and "upper block triangle" in row.why
