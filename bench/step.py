@@ -119,8 +119,9 @@ def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat
     paired samples (``paired_reference_ms``), and the reference row pools every pairing."""
     (ref_name, ref_build), *others = implementations(device, quick, width_divisor)
     pooled, rows = [], []
+    where = label({"model": model, "width_divisor": width_divisor})
     for name, build in others:
-        progress(f"step {model} {name} (interleaved with {ref_name})")
+        progress(f"step {where} {name} (interleaved with {ref_name})")
         steps = [ref_build(*make_params(model, run_layers, width_divisor, device)),
                  build(*make_params(model, run_layers, width_divisor, device))]
         for step in steps:

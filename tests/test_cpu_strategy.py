@@ -152,3 +152,30 @@ def test_large_cpu_matrices_take_the_symmetric_products(ns_dtype, monkeypatch):
     monkeypatch.setattr(torch_backend, "CPU_SYMMETRIC_MIN_ROWS", rows)
     [row] = [r for r in mk.Muon(model.parameters(), ns_dtype=ns_dtype).plan() if r.method == "Muon"]
     assert row.path == "symmetric-mm" and "upper block triangle" in row.why
+
+
+@pytest.mark.parametrize("shape", [(1030, 300), (300, 1030), (40, 24)])
+def test_transpose_into_copies_the_transpose(shape):
+    """Tall sources of 512+ rows go in row blocks, the rest in one copy_: the same bits either way."""
+    src = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    dst = torch.empty(shape[::-1])
+    assert torch_backend.transpose_into(dst, src) is dst
+    assert torch.equal(dst, src.T)
+
+
+def test_tall_matrices_step_like_their_transposes(monkeypatch):
+    """A tall matrix's blend goes through a scratch into its transposed slot and its update through
+    a contiguous copy out of it: the step equals the same matrix stored wide (transposed) bit for bit
+    (the wide twin's lr carries the tall shape's scale, √(96/40))."""
+    monkeypatch.setattr(torch_backend, "TRANSPOSE_BLOCK_ROWS", 16)  # the blocked copies at test size
+    g = torch.Generator().manual_seed(3)
+    tall = nn.Parameter(torch.randn(96, 40, generator=g))
+    wide = nn.Parameter(tall.detach().T.clone())
+    opts = [mk.Muon([p], lr=lr, weight_decay=0.0, ns_dtype=torch.float32)
+            for p, lr in ((tall, 0.1), (wide, 0.1 * (96 / 40) ** 0.5))]
+    for _ in range(3):
+        grad = torch.randn(96, 40, generator=g)
+        tall.grad, wide.grad = grad, grad.T.contiguous()
+        for opt in opts:
+            opt.step()
+    assert torch.equal(tall.detach().T, wide.detach())
