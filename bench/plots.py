@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from step import label  # noqa: E402
+
 
 def _ns(result: dict, path: Path) -> Path | None:
     rows = [r for r in result["ns"] if r["shape"][0] == r["shape"][1]]  # the square sweep
@@ -49,7 +51,6 @@ def _step(result: dict, path: Path) -> Path | None:
     speedups = result.get("step_speedups") or []
     if not speedups:
         return None
-    label = lambda s: s["model"] + (f"/÷{s['width_divisor']}" if s.get("width_divisor", 1) > 1 else "")  # noqa: E731
     models = list(dict.fromkeys(label(s) for s in speedups))
     impls = list(dict.fromkeys(s["impl"] for s in speedups))
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(models), 3.6))

@@ -89,8 +89,8 @@ def run(device: torch.device, *, models: list[str], width_divisor: int, quick: b
         if device.type == "cpu" and width_divisor == 1:
             run_layers = min(run_layers, CPU_FULL_WIDTH_LAYER_LIMIT.get(model, layers))
         measure = _interleaved if device.type == "cpu" else _one_by_one
+        scale = layers / run_layers
         for row in measure(device, model, run_layers, width_divisor, quick, warmup, repeat, progress):
-            scale = layers / run_layers
             stats = {k: v * scale for k, v in summarize(row["samples"]).items()}
             if "paired_reference_samples" in row:
                 row["paired_reference_ms"] = summarize(row["paired_reference_samples"])["ms"] * scale

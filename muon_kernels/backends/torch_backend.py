@@ -61,20 +61,18 @@ def momentum_update(
             return torch._foreach_lerp(grads, bufs, momentum)
         return torch._foreach_add(grads, bufs, alpha=momentum)
     for g, b, out in zip(grads, bufs, outs):
-        if not nesterov:
-            out.copy_(b)
-        else:
-            direct = scratch is None or out.is_contiguous()
-            blend = out if direct else scratch[: out.numel()].view(out.shape)
+        slot = scratch is not None and out.ndim == 2 and not out.is_contiguous() and out.mT.is_contiguous()
+        u = b
+        if nesterov:
+            u = scratch[: out.numel()].view(out.shape) if slot else out
             if form == "ema":
-                torch.lerp(g, b, momentum, out=blend)
+                torch.lerp(g, b, momentum, out=u)
             else:
-                torch.add(g, b, alpha=momentum, out=blend)
-            if not direct:
-                if out.ndim == 2 and out.mT.is_contiguous():
-                    transpose_into(out.mT, blend)
-                else:
-                    out.copy_(blend)
+                torch.add(g, b, alpha=momentum, out=u)
+        if slot:
+            transpose_into(out.mT, u)
+        elif u is not out:
+            out.copy_(u)
     return outs
 
 
@@ -320,16 +318,17 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=
     # On a CPU a tall matrix's update is first copied out of its transposed stack slot into a
     # contiguous buffer, one matrix at a time: reading the transposed view inside add_ ran 1.5–2×
     # slower than that copy plus a contiguous add_ (bench/README.md, CPU strategy).
-    transposed = [e for e in bucket.entries if e.view.transposed and e.view.batch == 1 and e.target.ndim == 2]
-    unslot = bucket.device.type == "cpu" and bool(transposed)
-    if unslot:
-        buf = bucket.buffer("update", (max(e.target.numel() for e in transposed),), ortho.dtype)
+    unslot = [bucket.device.type == "cpu" and e.view.transposed and e.view.batch == 1 and e.target.ndim == 2
+              for e in bucket.entries]
+    if any(unslot):
+        buf = bucket.buffer("update", (max(e.target.numel() for e, u in zip(bucket.entries, unslot) if u),),
+                            ortho.dtype)
     offset = 0
-    for e in bucket.entries:
+    for e, from_slot in zip(bucket.entries, unslot):
         o = ortho[offset : offset + e.view.batch]
         offset += e.view.batch
         gi = e.group
-        if unslot and e.view.transposed and e.view.batch == 1 and e.target.ndim == 2:
+        if from_slot:
             u = transpose_into(buf[: e.target.numel()].view(e.target.shape), o[0])
             decay_and_add([e.target], [u], lr=groups[gi]["lr"], weight_decay=groups[gi]["weight_decay"],
                           scale=e.scale, cautious=bucket.cautious)
