@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 import muon_kernels as mk
+from muon_kernels import settings
 from common import MODELS, summarize, time_call
 from step import make_params
 
@@ -25,7 +26,7 @@ def _bytes(mats: list[torch.Tensor]) -> int:
 
 def _ours(backend: str, mats):
     opt = mk.Muon(mats, lr=0.02, weight_decay=0.1, backend=backend)
-    work = opt._check_grads()
+    work = settings.check_grads(opt.param_groups)
     buckets = opt._plan_buckets([w for w in work if w[2]])
     orthos = [torch.randn(b.matrices, b.m, b.n, device=b.device).bfloat16() for b in buckets]
 
@@ -34,8 +35,8 @@ def _ours(backend: str, mats):
         for bucket, ortho in zip(buckets, orthos):
             grads = [e.param.grad for e in bucket.entries]
             bufs = [opt._momentum_buffer(e.param, opt.param_groups[e.group]) for e in bucket.entries]
-            bucket.backend.momentum_stack(bucket, grads, bufs, opt.param_groups)
-            bucket.backend.apply_update(bucket, ortho, opt.param_groups)
+            bucket.momentum_stack(grads, bufs, opt.param_groups, opt.state)
+            bucket.apply_update(ortho, opt.param_groups, opt.state)
     return run
 
 

@@ -8,9 +8,12 @@ Two layouts, told apart per bucket:
   all-gather per bucket hands every rank the whole result; all ranks then apply the same update to
   the same bits, so parameters stay bit-identical.
 - **Sharded** (FSDP2 DTensors, ``Shard(0)`` on a 1-D mesh): momentum stays sharded like the
-  parameter; one all-to-all per bucket sends each owner the rows of the matrices it
-  orthogonalizes (a split piece's rows on each rank: ``_entry_rows``), a second sends each rank
-  back its rows of the result, and the update is local.
+  parameter. Each rank steps its rows of every matrix through the same backend functions as a
+  single process (momentum, update), on its *shard bucket*: the bucket's entries cut to the rank's
+  rows (a split piece's rows on each rank: ``_entry_rows``), laid out row by row ("rows" layout,
+  muon_kernels/bucket.py) and ordered by owner, so the momentum kernel writes straight into the
+  all-to-all that sends each owner the rows of the matrices it orthogonalizes; a second all-to-all
+  sends each rank back its rows of the result, in the same layout, for the update kernel.
 
 The owner of each bucket entry comes from ``assign_owners``: contiguous ranges per bucket, the
 remainder of an uneven split going to the ranks with the least work so far. It depends only on the
@@ -22,17 +25,15 @@ previous bucket's collective is in flight, and each handle keeps its buffers ali
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from . import momentum_precision, variants
-from .backends import torch_backend
-from .backends.fused import update_scalars
-
-if TYPE_CHECKING:
-    from .plan import Bucket
+from . import variants
+from .bucket import Bucket, MatrixView, Variant
+from .scalars import update_scalars
 
 DISTRIBUTED_MODES = ("auto", "off")
 
@@ -88,26 +89,6 @@ def _entry_shape(e) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _local_entry(e, local: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    """This rank's part of an entry from the local shard of a tensor laid out like the parameter
-    (the parameter, its gradient, its momentum)."""
-    if e.part is None:
-        return local
-    dim, start, size = e.part
-    if dim != 0:
-        return local.narrow(dim, start, size)
-    lo, hi = _entry_rows(e, world)[rank]
-    first = _shard_rows(e.param.shape[0], world)[rank][0]
-    return local.narrow(0, min(max(start + lo - first, 0), local.shape[0]), hi - lo)
-
-
-def _local_scales(e, local: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    """This rank's int8 block scales of an entry (one row of blocks per parameter row)."""
-    if e.part is not None and e.part[0] == 1:
-        return momentum_precision.scale_piece(e, local)
-    return _local_entry(e, local, world, rank)
-
-
 def bucket_layout(bucket: Bucket, names: dict[int, str], replicated) -> tuple[str, object]:
     """("sharded", mesh group) / ("replicated", group) / ("local", None); raises ValueError on a
     bucket that mixes meshes or DTensors with plain tensors, or a shard layout it cannot handle."""
@@ -156,6 +137,53 @@ def assign_owners(buckets: list[Bucket], world: int) -> list[list[int]]:
             load[r] += cost * sum(e.view.batch for e in b.entries[len(row) - c:len(row)])
         owners.append(row)
     return owners
+
+
+class Placement(NamedTuple):
+    """How one bucket is computed under torch.distributed."""
+
+    kind: str  # "local", "replicated" or "sharded"
+    group: object  # the process group it is split over (None: local)
+    owners: list[int] | None  # the rank that orthogonalizes each entry
+    shard: Bucket | None = None  # sharded: this rank's shard bucket (its rows of each entry, by owner)
+    order: list[int] | None = None  # sharded: the bucket index of each shard entry
+
+
+def place(buckets: list[Bucket], names: dict[int, str], replicated, verify: bool = False) -> list[Placement]:
+    """Per bucket: how it is computed, over which group, which rank orthogonalizes each entry (ranks
+    are assigned per group, in bucket order) and, for FSDP2 shards, this rank's shard bucket.
+    ``verify`` (step only, never plan(), which one rank may call alone): check with one collective
+    per group that every rank planned the same buckets."""
+    kinds = [bucket_layout(b, names, replicated) for b in buckets]
+    placements = [Placement(kind, group, None) for kind, group in kinds]
+    for group in dict.fromkeys(g for kind, g in kinds if kind != "local"):
+        idx = [i for i, (kind, g) in enumerate(kinds) if kind != "local" and g is group]
+        if verify:
+            check_same_plan(group, [buckets[i] for i in idx], replicated=group is replicated)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        for i, owners in zip(idx, assign_owners([buckets[i] for i in idx], world)):
+            if kinds[i][0] == "sharded":
+                order = sorted(range(len(owners)), key=lambda j: owners[j])  # stable: bucket order per owner
+                placements[i] = Placement("sharded", group, owners, shard_bucket(buckets[i], order, world, rank), order)
+            else:
+                placements[i] = Placement(kinds[i][0], group, owners)
+    return placements
+
+
+def shard_bucket(bucket: Bucket, order: list[int], world: int, rank: int) -> Bucket:
+    """This rank's rows of every entry of ``bucket`` (in ``order``), as a bucket in the "rows" layout
+    that the backends' momentum and update functions step like any other."""
+    entries = []
+    for i in order:
+        e = bucket.entries[i]
+        lo, hi = _entry_rows(e, world)[rank]
+        first, stop = _shard_rows(e.param.shape[0], world)[rank]
+        start = min(max(e.part[1] + lo - first, 0), stop - first) if e.part is not None and e.part[0] == 0 else 0
+        v = e.view
+        batched = v.kind in ("batch", "batch_transposed")  # dim 0 counts matrices, else rows
+        view = MatrixView(hi - lo, v.rows, v.cols, v.kind) if batched else MatrixView(1, hi - lo, v.cols, v.kind)
+        entries.append(replace(e, view=view, shard=(start, hi - lo), offset=lo * math.prod(_entry_shape(e)[1:])))
+    return replace(bucket, entries=entries, cache={}, layout="rows")
 
 
 def _matrix_ranges(bucket: Bucket, owners: list[int], world: int) -> list[tuple[int, int]]:
@@ -207,46 +235,22 @@ def finish_replicated(handle) -> torch.Tensor:
 # -------------------------------------------------------------------------------------- sharded
 
 
-def start_sharded_gather(bucket: Bucket, owners: list[int], group, groups: list[dict], state) -> tuple:
-    """Sharded momentum on the local rows, then the all-to-all that brings each owner its matrices."""
+def start_sharded_gather(bucket: Bucket, placement: Placement, stack: torch.Tensor) -> tuple:
+    """Start the all-to-all that brings each owner its matrices' rows. ``stack``: this rank's
+    updates U from the shard bucket's momentum step, already in send order (by owner)."""
+    group = placement.group
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    by_group: dict[int, list[int]] = {}
-    for i, e in enumerate(bucket.entries):
-        by_group.setdefault(e.group, []).append(i)
-    updates: list[torch.Tensor | None] = [None] * len(bucket.entries)
-    for gi, idx in by_group.items():
-        entries = [bucket.entries[i] for i in idx]
-        bufs = [_local_entry(e, state[e.param]["momentum_buffer"].to_local(), world, rank) for e in entries]
-        grads = [_local_entry(e, e.param.grad.to_local(), world, rank) for e in entries]
-        low = bucket.low_precision
-        if low.active:  # int8 blocks lie within rows, so on one rank; a shard draws its rows' random bits
-            offsets = [_entry_rows(e, world)[rank][0] * math.prod(_entry_shape(e)[1:]) for e in entries]
-            scales = [_local_scales(e, state[e.param]["momentum_scale"].to_local(), world, rank)
-                      for e in entries] if low.int8 else []
-            us = momentum_precision.momentum_update(
-                bufs, grads, scales,
-                [state[e.param]["momentum_step"] for e in entries] if low.stochastic else [],
-                [e.seed for e in entries], momentum=groups[gi]["momentum"], nesterov=bucket.nesterov,
-                form=bucket.momentum_form, mode=low, offsets=offsets)
-        else:
-            us = torch_backend.momentum_update(bufs, grads, momentum=groups[gi]["momentum"],
-                                               nesterov=bucket.nesterov, form=bucket.momentum_form)
-        for i, u in zip(idx, us):
-            updates[i] = u
     wire = _wire_dtype(bucket.dtype, group)
-    send_parts, send_sizes = [], [0] * world
-    for dest in range(world):
-        for e, o, u in zip(bucket.entries, owners, updates):
-            if o == dest:
-                send_parts.append(u.reshape(-1).to(wire))
-                send_sizes[dest] += u.numel()
+    send = stack if stack.dtype == wire else stack.to(wire)
+    send_sizes = [0] * world
+    for i, e in zip(placement.order, placement.shard.entries):
+        send_sizes[placement.owners[i]] += e.view.numel
     recv_sizes = [0] * world
-    for e, o in zip(bucket.entries, owners):
+    for e, o in zip(bucket.entries, placement.owners):
         if o == rank:
             row_numel = math.prod(_entry_shape(e)[1:])
             for src, (a, b) in enumerate(_entry_rows(e, world)):
                 recv_sizes[src] += (b - a) * row_numel
-    send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=wire, device=bucket.device)
     recv = torch.empty(sum(recv_sizes), dtype=wire, device=bucket.device)
     work = dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
                                   group=group, async_op=True)
@@ -292,59 +296,41 @@ def start_sharded_scatter(bucket: Bucket, owners: list[int], group, gathered, ma
             a, b = _entry_rows(e, world)[dest]
             send_parts.append(full[a:b].reshape(-1).to(wire))
             send_sizes[dest] += send_parts[-1].numel()
-    recv_sizes = [0] * world
-    my_rows = {}
+    recv_sizes = [0] * world  # from each owner, this rank's rows of its matrices: the shard bucket's order
     for e, o in zip(bucket.entries, owners):
         a, b = _entry_rows(e, world)[rank]
-        my_rows[id(e)] = (b - a)
         recv_sizes[o] += (b - a) * math.prod(_entry_shape(e)[1:])
     send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=wire, device=bucket.device)
     out = torch.empty(sum(recv_sizes), dtype=wire, device=bucket.device)
     work = dist.all_to_all_single(out, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
                                   group=group, async_op=True)
-    return work, (send, out, my_rows)
+    return work, (send, out)
 
 
-def finish_sharded(bucket: Bucket, owners: list[int], group, scattered, groups: list[dict], state) -> None:
-    """Wait for this rank's rows of the result and apply decay + update to the local shards (with a
-    variant, after one all-reduce of its per-neuron statistics: muon_kernels/variants.py)."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    work, (_, out, my_rows) = scattered
+def finish_sharded(bucket: Bucket, placement: Placement, scattered, groups: list[dict], state) -> None:
+    """Wait for this rank's rows of the result and apply them through the backend's update, as a
+    single process does (with a variant, after one all-reduce of its per-neuron statistics)."""
+    work, (_, out) = scattered
     work.wait()
-    locals_o = {}
-    offset = 0
-    for src in range(world):  # the receive buffer is ordered by source rank, then bucket order
-        for e, o in zip(bucket.entries, owners):
-            if o == src:
-                n = my_rows[id(e)] * math.prod(_entry_shape(e)[1:])
-                locals_o[id(e)] = out[offset:offset + n]
-                offset += n
     if bucket.variant.active:
-        _finish_variant(bucket, locals_o, group, groups, state)
+        _finish_variant(bucket, placement, out, groups, state)
         return
-    batches: dict[tuple[int, float], tuple[list, list]] = {}
-    for e in bucket.entries:
-        local = _local_entry(e, e.param.to_local(), world, rank)
-        if local.numel() == 0:
-            continue
-        params, outs = batches.setdefault((e.group, e.scale), ([], []))
-        params.append(local)
-        outs.append(locals_o[id(e)].reshape(local.shape).to(local.dtype))
-    for (gi, scale), (params, outs) in batches.items():
-        torch_backend.decay_and_add(params, outs, lr=float(groups[gi]["lr"]),
-                                    weight_decay=groups[gi]["weight_decay"], scale=scale, cautious=bucket.cautious)
+    placement.shard.apply_update(out, groups, state)
 
 
-def _finish_variant(bucket: Bucket, local_o: dict, group, groups: list[dict], state) -> None:
+def _finish_variant(bucket: Bucket, placement: Placement, out: torch.Tensor, groups: list[dict], state) -> None:
     """The variant update of FSDP2 shards (``Shard(0)``): each rank sums its rows' contributions to
     every neuron's q, Σ W·O and Σ W² (zeros elsewhere), one all-reduce makes the full-matrix
-    statistics, and every rank then updates the same (replicated) v and applies g, s and c to its
-    own rows. ``local_o``: this rank's rows of O per entry (by id)."""
+    statistics, and every rank then updates the same (replicated) v, applies g and s to its own rows
+    through the backend's plain update, then the hyperball's c. ``out``: this rank's rows of O in
+    the shard bucket's layout."""
+    group = placement.group
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    v = bucket.variant
+    shard, v = placement.shard, bucket.variant
+    where = {i: j for j, i in enumerate(placement.order)}  # bucket entry → shard entry
     stats, places = [], []
-    for e in bucket.entries:
-        local = _local_entry(e, e.param.to_local(), world, rank)
+    for i, e in enumerate(bucket.entries):
+        local = shard.entries[where[i]].target
         a, b = _entry_rows(e, world)[rank]
         count, on_cols = variants.neurons(e.view)
         full = torch.zeros(e.view.batch, count, 3, dtype=torch.float32, device=local.device)
@@ -354,7 +340,7 @@ def _finish_variant(bucket: Bucket, local_o: dict, group, groups: list[dict], st
         target = full[a:b] if batched else (full if on_cols else full[:, a:b])
         places.append((a, b, batched, on_cols, shape))
         if local.numel():
-            o = local_o[id(e)].reshape(shape).to(torch.float32)
+            o = shard.slot(out, where[i]).reshape(shape).to(torch.float32)
             w = local.reshape(shape).to(torch.float32)
             axis = 1 if on_cols else 2
             target += torch.stack([(o * o).sum(dim=axis), (w * o).sum(dim=axis), (w * w).sum(dim=axis)], dim=-1)
@@ -376,22 +362,29 @@ def _finish_variant(bucket: Bucket, local_o: dict, group, groups: list[dict], st
         scales.append(s)
     alphas = update_scalars(bucket, groups)[0]
     g, shrink = variants.gains(bucket, torch.cat(sums), alphas, radii)
-    first = 0
-    for e, s, (a, b, batched, on_cols, shape) in zip(bucket.entries, scales, places):
-        local = _local_entry(e, e.param.to_local(), world, rank)
+    plain = shard.cache.get("plain")
+    if plain is None:  # the shard bucket without the variant: the backend's plain decay + update
+        plain = shard.cache["plain"] = replace(shard, variant=Variant(), cache={})
+    o_eff = torch.zeros(shard.stack_shape, dtype=out.dtype if not shard.entries else shard.entries[0].target.dtype,
+                        device=out.device)
+    first, factors = 0, []
+    for i, (e, s, (a, b, batched, on_cols, shape)) in enumerate(zip(bucket.entries, scales, places)):
         ks = slice(first + a, first + b) if batched else slice(first, first + 1)
         rows = slice(None) if batched or on_cols else slice(a, b)
         first += e.view.batch
-        if not local.numel():
-            continue
-        s = s[a:b] if batched else s[:, rows]
-        factor = g[ks].view(-1, 1, 1) * (s.unsqueeze(1) if on_cols else s.unsqueeze(2))
-        o = (local_o[id(e)].reshape(shape).to(torch.float32) * factor).to(local.dtype).reshape(local.shape)
-        gi = e.group
-        torch_backend.decay_and_add([local], [o], lr=float(groups[gi]["lr"]), weight_decay=groups[gi]["weight_decay"],
-                      scale=e.scale, cautious=bucket.cautious)
-        if shrink is not None:
-            local.mul_(shrink[ks].view(-1, *[1] * (local.ndim - 1)) if batched else shrink[ks].reshape(()))
+        factors.append((ks, batched))
+        local = shard.entries[where[i]].target
+        if local.numel():
+            s = s[a:b] if batched else s[:, rows]
+            factor = g[ks].view(-1, 1, 1) * (s.unsqueeze(1) if on_cols else s.unsqueeze(2))
+            o = shard.slot(out, where[i]).reshape(shape).to(torch.float32) * factor
+            plain.slot(o_eff, where[i]).copy_(o.reshape(local.shape))
+    plain.apply_update(o_eff, groups, state)
+    if shrink is not None:
+        for i, (ks, batched) in enumerate(factors):
+            local = shard.entries[where[i]].target
+            if local.numel():
+                local.mul_(shrink[ks].view(-1, *[1] * (local.ndim - 1)) if batched else shrink[ks].reshape(()))
 
 
 # -------------------------------------------------------------------------------------- agreement

@@ -25,30 +25,16 @@ blocks tile the flat buffer and the fused kernels quantize them in registers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
+
+from .bucket import LowPrecision
 
 ROUNDINGS = ("nearest", "stochastic")
 INT8 = "int8"
 QUANT_BLOCK = 256
 _MASK32 = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class LowPrecision:
-    """How a bucket stores its momentum, beyond a plain dtype (part of the bucket key)."""
-
-    int8: bool = False
-    stochastic: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.int8 or self.stochastic
-
-    def describe(self) -> str:
-        kind = "int8 momentum (blocks of 256)" if self.int8 else "bf16 momentum"
-        return f"{kind}, {'stochastic' if self.stochastic else 'nearest'} rounding" if self.active else ""
 
 
 def check_settings(group: dict) -> None:
@@ -100,14 +86,20 @@ def kernel_blocks(bucket) -> bool:
                for e in bucket.entries)
 
 
+def kernel_bits(bucket) -> bool:
+    """Whether the fused kernels draw this bucket's random bits: they hash each element's index in
+    its tensor, so an FSDP2 shard's rows, which draw the bits of their place in the whole parameter
+    (``Entry.offset``), take the torch path."""
+    return not bucket.low_precision.stochastic or not any(e.offset for e in bucket.entries)
+
+
 def scale_piece(e, scale: torch.Tensor) -> torch.Tensor:
-    """A split piece's block scales (rows of a row piece; whole blocks of a column piece)."""
-    if e.part is None:
-        return scale
-    dim, start, size = e.part
-    if dim == 0:
-        return scale.narrow(0, start, size)
-    return scale.narrow(1, start // QUANT_BLOCK, size // QUANT_BLOCK)
+    """An entry's block scales: they lie like the momentum's rows (a row of blocks per row), so a
+    row piece or a shard's rows are the entry's rows of them, and a column piece is whole blocks of
+    every row."""
+    if e.part is not None and e.part[0] == 1:
+        return replace(e, part=None).piece(scale).narrow(1, e.part[1] // QUANT_BLOCK, e.part[2] // QUANT_BLOCK)
+    return e.piece(scale)
 
 
 def entry_seed(group_index: int, param_index: int, part) -> int:
@@ -191,13 +183,9 @@ def convert(state: dict, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def state_tensors(bucket, state) -> tuple[list, list, list]:
     """(int8 scales, step counters, seeds) per entry of a low-precision bucket (empty where unused)."""
     low = bucket.low_precision
-    scales = [scale_piece(e, _local(state[e.param]["momentum_scale"])) for e in bucket.entries] if low.int8 else []
+    scales = [scale_piece(e, state[e.param]["momentum_scale"]) for e in bucket.entries] if low.int8 else []
     steps = [state[e.param]["momentum_step"] for e in bucket.entries] if low.stochastic else []
     return scales, steps, [e.seed for e in bucket.entries]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def new_scales(p: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends import select_backend
+from .backends import measured, select_backend
+from .bucket import Bucket
 from .ns_config import CoefficientSpec, check_ns_dtype, resolve_ns_config
 from .recurrence import choose_algorithm
 
@@ -20,6 +21,7 @@ def orthogonalize(
     ns_algorithm: str = "standard",
     ns_normalization: str | None = None,
     ns_gram_restarts: tuple[int, ...] | None = None,
+    dispatch: str = "measure",
 ) -> torch.Tensor:
     """Approximate the polar factor of ``G`` by Newton–Schulz; same shape and dtype as ``G``.
 
@@ -34,6 +36,8 @@ def orthogonalize(
     steps in ``ns_gram_restarts``; None: per-dtype defaults) or "auto" (Gram from a measured aspect
     ratio). ``ns_normalization``: "frobenius" or "aol" (Turbo-Muon's diagonal preconditioning);
     None: the preset's own. docs/newton_schulz.md has the math and the measurements.
+    ``dispatch``: how ``backend="auto"`` chooses on a GPU — "measure" (time every path on the first
+    call for this shape, persist the fastest: muon_kernels/backends/measured.py) or "table".
     """
     if not isinstance(G, torch.Tensor) or G.ndim < 2:
         raise ValueError(
@@ -44,15 +48,20 @@ def orthogonalize(
         raise ValueError(f"orthogonalize: G must be a real floating-point tensor, got {G.dtype}")
     config = resolve_ns_config(ns_coefficients, ns_steps, eps, ns_algorithm, ns_normalization, ns_gram_restarts)
     check_ns_dtype(ns_dtype)
+    measured.mode(dispatch)
     rows, cols = G.shape[-2:]
     if G.numel() == 0:
         return torch.zeros_like(G)
     stack = G.reshape(-1, rows, cols)
     if rows > cols:
         stack = stack.mT
-    impl, _ = select_backend(backend, G.device, min(rows, cols), max(rows, cols), ns_dtype)
-    config, _ = choose_algorithm(config, min(rows, cols), max(rows, cols), ns_dtype, G.device)
-    out = impl.orthogonalize(stack, config, ns_dtype)
+    m, n = min(rows, cols), max(rows, cols)
+    impl, why = select_backend(backend, G.device, m, n, ns_dtype)
+    resolved, _ = choose_algorithm(config, m, n, ns_dtype, G.device)
+    bucket = Bucket(G.device, stack.dtype, m, n, resolved, ns_dtype, True, "ema", impl, why,
+                    request=config if backend == "auto" else None)
+    measured.resolve_one(bucket, stack.shape[0], dispatch)
+    out = bucket.orthogonalize(stack, None)
     if rows > cols:
         out = out.mT
     return out.reshape(G.shape).to(G.dtype)

@@ -1,66 +1,24 @@
 """From parameters to buckets: matrix views, lr scales, bucketing and the printable plan.
 
 The data path is one direction: optimizer → plan (buckets by device, dtype, oriented shape and
-recurrence) → backend. A bucket is a list of matrices that are stacked and orthogonalized by one
-backend call (or a few, when ``max_workspace_bytes`` splits it into chunks).
+recurrence) → backend. A bucket (muon_kernels/bucket.py) is a list of matrices that are stacked
+and orthogonalized by one backend call (or a few, when ``max_workspace_bytes`` splits it into chunks).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from types import ModuleType
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .backends import select_backend
+from . import momentum_precision, splits, variants
+from .backends import elementwise_backend, select_backend
+from .bucket import MATRIX_VIEWS, Bucket, Entry, LowPrecision, MatrixView, Variant
 from .ns_config import NSConfig
 from .recurrence import choose_algorithm
-from .momentum_precision import LowPrecision
-from .variants import Variant
-
-MATRIX_VIEWS = ("flatten", "batch", "transposed", "batch_transposed")
-# Views of weights stored (in, out) — transformers' Conv1D, fused (E, in, out) experts: the same
-# orthogonalization (the polar factor of Wᵀ is that of W, transposed), the lr scale from (out, in).
-_STORED_TRANSPOSED = ("transposed", "batch_transposed")
-ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
-
-
-@dataclass(frozen=True)
-class MatrixView:
-    """How a parameter is seen as ``batch`` matrices of ``rows × cols`` (DESIGN.md §1)."""
-
-    batch: int
-    rows: int
-    cols: int
-    kind: str  # "2d", "flatten", "batch", "transposed" or "batch_transposed"
-
-    @property
-    def transposed(self) -> bool:
-        """Tall matrices are iterated as their transpose, so the Gram matrix is the small side."""
-        return self.rows > self.cols
-
-    @property
-    def lr_shape(self) -> tuple[int, int]:
-        """(out, in) of each matrix, which the lr scale is taken from: the stored (rows, cols), or
-        (cols, rows) for weights stored (in, out)."""
-        return (self.cols, self.rows) if self.kind in _STORED_TRANSPOSED else (self.rows, self.cols)
-
-    @property
-    def oriented(self) -> tuple[int, int]:
-        return (self.cols, self.rows) if self.transposed else (self.rows, self.cols)
-
-    def describe(self) -> str:
-        if self.kind == "batch":
-            return f"batch {self.batch}×({self.rows}×{self.cols})"
-        if self.kind == "batch_transposed":
-            return f"batch {self.batch}×({self.rows}×{self.cols}) stored (in, out)"
-        if self.kind == "transposed":
-            return f"{self.rows}×{self.cols} stored (in, out)"
-        if self.kind == "flatten":
-            return f"flatten {self.rows}×{self.cols}"
-        return f"{self.rows}×{self.cols}"
-
+from .settings import ADJUST_LR_FNS, label, ns_config
 
 def matrix_view(shape: torch.Size | tuple[int, ...], view: str | None, name: str) -> MatrixView:
     """The matrix view of a Muon parameter; raises ValueError when there is none or it is ambiguous.
@@ -106,112 +64,85 @@ def lr_scale(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
     raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
 
 
-@dataclass
-class Entry:
-    """One Muon matrix (a parameter, or a split piece of one) inside a bucket."""
+def check_params(group: dict, tensors: list[torch.Tensor], names: list[str]) -> None:
+    """Raise ValueError, naming the parameter, for a Muon group parameter that cannot be planned: a
+    complex one, one without a matrix view, split sizes that do not fit, int8 pieces off the blocks,
+    or an explicitly requested backend that cannot run on its device."""
+    labels = {"param_names": names} if names else {}
+    for i, p in enumerate(tensors):
+        name = label(labels, i, p)
+        if torch.is_complex(p):
+            raise ValueError(f"parameter {name}: Muon does not support complex parameters")
+        view = matrix_view(p.shape, group["matrix_view"], name)
+        for part, _ in splits.pieces(view, group["split_sizes"], group["num_heads"], name):
+            if group["momentum_dtype"] == momentum_precision.INT8:
+                momentum_precision.check_piece(part, name)
+        select_backend(group["backend"], p.device)  # raises now if an explicit backend can't run
+
+
+class Item(NamedTuple):
+    """One Muon matrix (a parameter or a split piece) and everything its bucket depends on."""
 
     group: int
     param: torch.Tensor
     view: MatrixView
     scale: float
-    part: tuple[int, int, int] | None = None  # (dim, start, size) of a split piece (muon_kernels/splits.py)
-    seed: int = 0  # stochastic rounding of the momentum: this entry's stream (muon_kernels/momentum_precision.py)
-
-    def piece(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (the parameter, its gradient or momentum) seen through this entry's piece."""
-        return t if self.part is None else t.narrow(*self.part)
-
-    @property
-    def target(self) -> torch.Tensor:
-        """The parameter memory this entry updates."""
-        return self.piece(self.param)
-
-
-@dataclass
-class Bucket:
-    """Same device, dtype, oriented (m, n) and recurrence: one stacked backend call."""
-
-    device: torch.device
-    dtype: torch.dtype  # dtype of the update U that is stacked (the momentum buffer's)
-    m: int
-    n: int
+    dtype: torch.dtype  # the update's (the stack's)
     config: NSConfig
     ns_dtype: torch.dtype
     nesterov: bool
     momentum_form: str
-    backend: ModuleType
-    why: str  # why this backend serves the bucket (the dispatch rule that fired)
-    algorithm: str = ""  # the Newton–Schulz algorithm and normalization, and why (ns_algorithm="auto")
-    cautious: bool = False  # weight_decay_mode="cautious": decay only where W·O >= 0
-    variant: Variant = Variant()  # NorMuon / hyperball (muon_kernels/variants.py)
-    low_precision: LowPrecision = LowPrecision()  # int8 / stochastically rounded momentum
-    entries: list[Entry] = field(default_factory=list)
-    cache: dict = field(default_factory=dict)  # a backend's per-plan data (e.g. kernel address tables)
+    backend: str
+    cautious: bool
+    variant: Variant
+    low_precision: LowPrecision
+    part: tuple[int, int, int] | None  # a split piece
+    seed: int  # stochastic rounding stream
 
-    @property
-    def matrices(self) -> int:
-        return sum(e.view.batch for e in self.entries)
 
-    def matrix_bytes(self) -> int:
-        """Workspace one matrix needs: the fp32 stack, X and X_next (m×n), and the m×m temporaries —
-        A and B, or for Gram NS R, Z, Q, R·Z and the next R — at the sizes the backend allocates them
-        (the cuda backend pads each dimension to a multiple of 128)."""
-        ns = torch.finfo(self.ns_dtype).bits // 8
-        pad = getattr(self.backend, "padded", lambda size: size)
-        m, n = pad(self.m), pad(self.n)
-        squares = 5 if self.config.algorithm == "gram" else 2
-        return 4 * self.m * self.n + ns * (2 * m * n + squares * m * m)
-
-    def chunks(self, max_workspace_bytes: int | None) -> list[tuple[int, int]]:
-        """[start, stop) ranges of matrices so each chunk's workspace stays under the cap and under
-        the backend's own per-call limit (the torch backend's on a CPU)."""
-        total = self.matrices
-        per_chunk = total if not max_workspace_bytes else max(1, max_workspace_bytes // self.matrix_bytes())
-        per_call = getattr(self.backend, "matrices_per_call", lambda *args: None)(self.m, self.n, self.ns_dtype,
-                                                                                  self.device)
-        per_chunk = min(per_chunk, per_call or total)
-        return [(s, min(s + per_chunk, total)) for s in range(0, total, per_chunk)]
-
-    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A work buffer that lives as long as the plan and is reused every step (a CPU's large
-        allocations are fresh mmaps that page-fault on first touch, every time)."""
-        buf = self.cache.get(name)
-        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
-            buf = torch.empty(shape, dtype=dtype, device=self.device)
-            self.cache[name] = buf
-        return buf
-
-    def orthogonalize(self, stack: torch.Tensor, max_workspace_bytes: int | None) -> torch.Tensor:
-        """One backend call per bucket, or one per chunk when the workspace cap (or the backend's
-        per-call limit) splits it."""
-        chunks = self.chunks(max_workspace_bytes)
-        if len(chunks) == 1:
-            return self.backend.orthogonalize(stack, self.config, self.ns_dtype)
-        if stack.device.type == "cpu" and stack.shape[0] == self.matrices:
-            out = self.buffer("orthogonalized", tuple(stack.shape), self.ns_dtype)
-        else:
-            out = torch.empty(stack.shape, dtype=self.ns_dtype, device=stack.device)
-        for start, stop in chunks:
-            out[start:stop] = self.backend.orthogonalize(stack[start:stop], self.config, self.ns_dtype)
-        return out
+def group_items(group_index: int, group: dict, params: list[torch.Tensor]):
+    """The ``Item`` of every matrix (split pieces apart) of ``params``, Muon parameters of ``group``."""
+    config = ns_config(group)
+    index = {id(p): i for i, p in enumerate(group["params"])}
+    variant = variants.variant(group)
+    low = momentum_precision.mode(group)
+    for p in params:
+        name = label(group, index[id(p)], p)
+        whole = matrix_view(p.shape, group["matrix_view"], name)
+        for part, view in splits.pieces(whole, group["split_sizes"], group["num_heads"], name) or [(None, whole)]:
+            if low.int8:
+                momentum_precision.check_piece(part, name)
+            yield Item(
+                group_index, p, view,
+                # the hyperball normalizes the update, so a scale on it would have no effect
+                1.0 if variant.hyperball else lr_scale(*view.lr_shape, group["adjust_lr_fn"]),
+                momentum_precision.stack_dtype(group, p.dtype), config, group["ns_dtype"], group["nesterov"],
+                group["momentum_form"], group["backend"], group["weight_decay_mode"] == "cautious", variant, low, part,
+                momentum_precision.entry_seed(group_index, index[id(p)], part) if low.stochastic else 0,
+            )
 
 
 def build_buckets(items) -> list[Bucket]:
-    """``items``: (group index, param, view, scale, update dtype, config, ns_dtype, nesterov,
-    momentum form, backend name, cautious weight decay, variant, low-precision momentum, split piece or
-    None, seed). Groups that agree on all of these but the last two share buckets."""
+    """Buckets of ``items`` (``Item``): items that agree on everything but their group, parameter,
+    view, scale, split piece and seed share one."""
     buckets: dict[tuple, Bucket] = {}
-    for (group, p, view, scale, dtype, config, ns_dtype, nesterov, form, backend, cautious, variant, low, part,
-         seed) in items:
-        m, n = view.oriented
-        key = (p.device, p.dtype, dtype, m, n, config, ns_dtype, nesterov, form, backend, cautious, variant, low)
+    for it in items:
+        m, n = it.view.oriented
+        p = it.param
+        key = (p.device, p.dtype, it.dtype, m, n, it.config, it.ns_dtype, it.nesterov, it.momentum_form, it.backend,
+               it.cautious, it.variant, it.low_precision)
         if key not in buckets:
-            resolved, why = choose_algorithm(config, m, n, ns_dtype, p.device)
+            resolved, why = choose_algorithm(it.config, m, n, it.ns_dtype, p.device)
             if resolved.normalization == "aol":
                 why += ", AOL preconditioning"
-            buckets[key] = Bucket(p.device, dtype, m, n, resolved, ns_dtype, nesterov, form,
-                                  *select_backend(backend, p.device, m, n, ns_dtype), why, cautious, variant, low)
-        buckets[key].entries.append(Entry(group, p, view, scale, part, seed))
+            backend, how = select_backend(it.backend, p.device, m, n, it.ns_dtype)
+            elementwise = elementwise_backend(it.backend, p.device)
+            if elementwise is not None and elementwise is not backend:
+                how += f"; momentum and update on the {elementwise.NAME} fused kernels"
+            buckets[key] = Bucket(p.device, it.dtype, m, n, resolved, it.ns_dtype, it.nesterov, it.momentum_form,
+                                  backend, how, why, it.cautious, it.variant, it.low_precision,
+                                  elementwise=elementwise, request=it.config if it.backend == "auto" else None)
+        buckets[key].entries.append(Entry(it.group, p, it.view, it.scale, it.part, it.seed))
     return list(buckets.values())
 
 
@@ -258,3 +189,45 @@ class Plan(list):
         line = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
         return "\n".join([line(self.COLUMNS), line(["-" * w for w in widths]), *map(line, cells),
                           *(f"note: {n}" for n in self.notes)])
+
+
+def describe(param_groups: list[dict], buckets: list[Bucket], placements) -> Plan:
+    """The printable plan: every parameter of ``param_groups``, Muon or AdamW, its matrix view,
+    backend, kernel path and why. ``placements``: per bucket, (layout, owner rank of each entry or
+    None) under torch.distributed (muon_kernels/distributed.py)."""
+    rows = Plan()
+    where: dict[int, list] = {}  # per parameter, its entries (several for a split one)
+    for b, (layout, owners) in zip(buckets, placements):
+        for j, e in enumerate(b.entries):
+            where.setdefault(id(e.param), []).append((b, e, layout, owners[j] if owners else None))
+    for gi, group in enumerate(param_groups):
+        names = group.get("param_names") or [f"group{gi}[{i}]" for i in range(len(group["params"]))]
+        reasons = group.get("param_reasons") or [None] * len(group["params"])
+        rows.notes += [n for n in group.get("routing_notes", ()) if n not in rows.notes]
+        for name, p, reason in zip(names, group["params"], reasons):
+            common = (name, tuple(p.shape), p.dtype, p.device)
+            if not group["use_muon"]:
+                why = reason or (f"ndim {p.ndim} < 2" if p.ndim < 2 else "group has use_muon=False")
+                rows.append(PlanRow(*common, "AdamW", "-", "torch", "fused/foreach adamw", why))
+            elif id(p) not in where:
+                rows.append(PlanRow(*common, "skip", "-", "-", "-", "zero-size parameter"))
+            else:
+                rows.append(_muon_row(common, group, reason, where[id(p)]))
+    return rows
+
+
+def _muon_row(common: tuple, group: dict, reason: str | None, entries: list) -> PlanRow:
+    b, e, _, _ = entries[0]
+    path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype, b.device, b.config)
+    dtype = str(b.ns_dtype).removeprefix("torch.")
+    variant = "".join(f"; {v}" for v in ("cautious weight decay" if b.cautious else "", b.variant.describe(),
+                                         b.low_precision.describe()) if v)
+    buckets_of = "; ".join(dict.fromkeys(f"bucket of {x.matrices} matrices {x.m}×{x.n} {dtype}" for x, *_ in entries))
+    view = e.view.describe()
+    if e.part is not None:
+        split = splits.describe(group["split_sizes"], group["num_heads"])
+        view = f"{len(entries)} pieces: " + ", ".join(dict.fromkeys(x.view.describe() for _, x, *_ in entries))
+        reason = f"{reason}; {split}" if reason else split
+    why = (f"{reason}; " if reason else "") + f"{b.why}; {b.algorithm}{variant}; {how}; {buckets_of}"
+    ranks = dict.fromkeys("local" if o is None else f"{o} ({lay})" for _, _, lay, o in entries)
+    return PlanRow(*common, "Muon", view, b.backend.NAME, path, why, ", ".join(ranks))

@@ -14,13 +14,10 @@ those whose layout the module states for sure.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .plan import MatrixView
+from .bucket import MatrixView
 
 DEFAULTS = {"split_sizes": None, "num_heads": None}
 
@@ -40,8 +37,6 @@ def check_settings(group: dict) -> None:
 def pieces(view: MatrixView, sizes, heads, name: str) -> list[tuple[tuple[int, int, int], MatrixView]]:
     """[((dim, start, size), the piece's matrix view)] for a parameter seen as ``view``; [] when the
     group splits nothing. Raises ValueError naming the parameter when the sizes do not fit."""
-    from .plan import MatrixView
-
     if sizes is None and heads is None:
         return []
     if view.kind not in ("2d", "transposed"):

@@ -29,13 +29,9 @@ So the update stays one fused pass, and a step reads nothing back to the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from .plan import Bucket, MatrixView
+from .bucket import Bucket, MatrixView, Variant
 
 ADAPTIVE_MODES = ("none", "normuon")
 CONSTRAINTS = ("none", "hyperball")
@@ -45,25 +41,6 @@ DEFAULTS = {"adaptive": "none", "normuon_beta2": 0.95, "normuon_eps": 1e-10, "co
 # Keys whose saved value must equal the optimizer's when a state_dict is loaded (a checkpoint from
 # before a key existed was saved with the first value).
 CHECKPOINT_NAMES = {"adaptive": "none", "constraint": "none", "weight_decay_mode": "decoupled"}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """The post-orthogonalization settings a bucket shares (part of its key)."""
-
-    normuon: bool = False
-    beta2: float = 0.95
-    normuon_eps: float = 1e-10
-    hyperball: bool = False
-    hyperball_eps: float = 1e-8
-
-    @property
-    def active(self) -> bool:
-        return self.normuon or self.hyperball
-
-    def describe(self) -> str:
-        parts = [f"NorMuon (β2={self.beta2:g})"] if self.normuon else []
-        return "; ".join(parts + (["hyperball"] if self.hyperball else []))
 
 
 def variant(group: dict) -> Variant:
@@ -184,6 +161,16 @@ def matrix_table(params, vs, views) -> tuple[int, ...]:
             values += [p.data_ptr() + b * rows * cols * p.element_size(),
                        vs[i].data_ptr() + b * count * 4 if vs else 0, rows, cols, int(transposed), int(neuron_cols)]
     return tuple(values)
+
+
+def statistics_table(bucket: Bucket, params, vs) -> tuple[int, ...]:
+    """``matrix_table`` of the bucket, built again only when a parameter or state tensor moved (the
+    table holds their addresses; the rest depends on the plan alone)."""
+    key = tuple(t.data_ptr() for t in (*params, *vs))
+    cached = bucket.cache.get("statistics_table")
+    if cached is None or cached[0] != key:
+        cached = bucket.cache["statistics_table"] = (key, matrix_table(params, vs, table_views(bucket)))
+    return cached[1]
 
 
 # ------------------------------------------------------------------------------------ math

@@ -155,6 +155,41 @@ def train_fsdp(rank, world, ns_dtype, out, options=None):
                                        for b, p in zip(bufs, [p for p in model.parameters() if p.ndim == 2]))}
 
 
+def train_fsdp_fused(rank, world, ns_dtype, out):
+    """FSDP2 with backend="triton" (the CPU interpreter, tests/interpreter/): each rank's rows go
+    through the fused momentum and update kernels; the torch backend's are trapped."""
+    def trapped(*args, **kwargs):
+        raise AssertionError("an FSDP2 shard took the torch momentum/update path")
+
+    torch_backend.momentum_stack = torch_backend.apply_update = trapped
+    return train_fsdp(rank, world, ns_dtype, out, {"backend": "triton"})
+
+
+def measured_dispatch(rank, world, ns_dtype, out):
+    """backend="auto" measuring under DDP with stand-in backends (tests/dispatch_fakes.py) whose
+    made-up times disagree between ranks; each rank has its own cache file."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dispatch_fakes import FakeDispatch
+    from muon_kernels.backends import measured
+
+    class Patch:
+        @staticmethod
+        def setattr(obj, name, value):
+            setattr(obj, name, value)
+
+    os.environ[measured.CACHE_ENV] = os.path.join(out, f"dispatch-rank{rank}.json")
+    fake = FakeDispatch(Patch, {"fast": 1.0, "slow": 2.0} if rank == 0 else {"fast": 2.0, "slow": 1.0})
+    model = DistributedDataParallel(make_model())
+    opt = make_optimizer(model.module, ns_dtype)
+    x, y = _local_batch(rank, world)
+    for _ in range(STEPS):
+        loss_fn(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"params": _full(model.module), "chosen": [b.backend.NAME for b in opt._buckets], "timed": fake.timed}
+
+
 def fsdp_resume(rank, world, ns_dtype, out, optimizer_options=None):
     """Train 2 steps, take full model + optimizer state dicts, restore them into fresh objects,
     train 2 more; compare with 4 uninterrupted steps."""

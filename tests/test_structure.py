@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -115,3 +118,96 @@ def test_compiled_step_matches_eager():
         step()
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- import graph
+REPO = Path(__file__).resolve().parent.parent
+# Source folders of the installed package (setup.py's package_dir: triton_kernels/ is installed
+# as muon_kernels.triton_kernels).
+PACKAGE_DIRS = {"muon_kernels": REPO / "muon_kernels", "muon_kernels.triton_kernels": REPO / "triton_kernels"}
+EXTENSIONS = ("muon_kernels._C",)  # compiled: imports nothing of the package
+
+
+def _modules() -> dict[str, Path | None]:
+    modules: dict[str, Path | None] = dict.fromkeys(EXTENSIONS)
+    for package, folder in PACKAGE_DIRS.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            modules[name.removesuffix(".__init__")] = path
+    return modules
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every module of the package that ``name`` imports anywhere in its source — at the top, inside
+    functions, or under ``if TYPE_CHECKING`` — as the import statement names it: ``from . import x``
+    imports the submodule x, ``from .x import y`` imports x (or x.y where that is a module)."""
+    if path is None:
+        return set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in modules and t != name)
+    return found
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each as a sorted list."""
+    index, low, on_stack, stack, result = {}, {}, set(), [], []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                result.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return result
+
+
+def test_the_import_graph_has_no_cycle():
+    """Modules import one way only (optimizer → plan → backends → kernels, all of them → the leaf
+    bucket/ns_config types): no module imports one that imports it back, type-only imports included."""
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    assert "muon_kernels.bucket" in graph and graph["muon_kernels.bucket"] <= {"muon_kernels.ns_config"}
+    assert graph["muon_kernels.backends.torch_backend"] >= {"muon_kernels.bucket"}  # the walk sees imports
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_type_only_cycle(tmp_path):
+    """The walk counts imports under ``if TYPE_CHECKING`` and inside functions."""
+    (tmp_path / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import X\n")
+    (tmp_path / "b.py").write_text("def f():\n    from . import a\n")
+    modules = {"p.a": tmp_path / "a.py", "p.b": tmp_path / "b.py"}
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    assert graph == {"p.a": {"p.b"}, "p.b": {"p.a"}}
+    assert _cycles(graph) == [["p.a", "p.b"]]

@@ -162,6 +162,23 @@ def _auto_cuda(device: torch.device, m: int | None, n: int | None, ns_dtype: tor
     return torch_backend, "auto: neither Triton nor the extension can run here"
 
 
+def elementwise_backend(name: str, device: torch.device) -> ModuleType | None:
+    """The backend of an "auto" bucket's momentum and update on a CUDA device: fused kernels wherever
+    they run (Triton, else the extension), whichever backend orthogonalizes — they move a third of
+    the bytes of torch's foreach ops and a cat (bench/README.md). None: the NS backend's own."""
+    if name != "auto" or device.type != "cuda":
+        return None
+    for candidate in ("triton", "cuda"):
+        if _STATUS[candidate](device)[0]:
+            return _runnable(candidate)
+    return None
+
+
+def runnable(device: torch.device) -> list[ModuleType]:
+    """Every backend that can run on ``device``, in registry order."""
+    return [_runnable(name) for name, probe in _STATUS.items() if probe(device)[0]]
+
+
 def select_backend(name: str, device: torch.device, m: int | None = None, n: int | None = None,
                    ns_dtype: torch.dtype | None = None) -> tuple[ModuleType, str]:
     """(backend module, why) for an oriented m×n bucket iterated in ``ns_dtype`` on ``device``;

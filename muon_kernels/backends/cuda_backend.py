@@ -18,17 +18,14 @@ on the FMA units (ieee fp32, like the torch reference).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
-
 import torch
 
 from .. import _C, momentum_precision, recurrence, variants, workspace
+from ..bucket import Bucket
 from ..ns_config import NSConfig
 from . import torch_backend
-from .fused import fusable, momenta, row_stride, same_layout, update_scalars
-
-if TYPE_CHECKING:
-    from ..plan import Bucket
+from ..scalars import momenta, update_scalars
+from .fused import fusable, row_stride, same_layout
 
 NAME = "cuda"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -54,8 +51,13 @@ def work_dtype(ns_dtype: torch.dtype, path: int) -> torch.dtype:
     return torch.float16 if path == SM75 and ns_dtype == torch.bfloat16 else ns_dtype
 
 
+def paths(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, config: NSConfig | None = None) -> tuple[str, ...]:
+    """One path per device (the code path follows the compute capability)."""
+    return (kernel_path(m, n, ns_dtype, device, config)[0],)
+
+
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
-                config: NSConfig | None = None) -> tuple[str, str]:
+                config: NSConfig | None = None, path: str | None = None) -> tuple[str, str]:
     path, how = _kernel_path(m, n, ns_dtype, device)
     if config is None or config.plain:  # the C++ driver, one call
         return path, how
@@ -186,7 +188,7 @@ def _padded_ops(dtype: torch.dtype, path: int, device: torch.device) -> recurren
     return recurrence.MatmulOps(gram, poly, apply)
 
 
-def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, path: str | None = None) -> torch.Tensor:
     """Newton–Schulz on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor.
     ``stack`` may be any strided view (normalization reads it through its strides); an fp64 stack
     (fp64 parameters) is normalized from an fp32 copy, since the iteration is at most fp32 anyway.
@@ -244,14 +246,11 @@ def _orthogonalize_ops(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dt
 def _layout(bucket: Bucket) -> dict:
     """Per tensor: numel, offset in the stack, matrix view and orientation; fixed for a plan."""
     if "cuda_layout" not in bucket.cache:
-        offsets, offset = [], 0
-        for e in bucket.entries:
-            offsets.append(offset)
-            offset += e.view.batch * e.view.rows * e.view.cols
+        numels = [e.view.numel for e in bucket.entries]
         bucket.cache["cuda_layout"] = dict(
-            numels=[e.view.batch * e.view.rows * e.view.cols for e in bucket.entries], stack_offsets=offsets,
+            numels=numels, stack_offsets=[sum(numels[:i]) for i in range(len(numels))],
             rows=[e.view.rows for e in bucket.entries], cols=[e.view.cols for e in bucket.entries],
-            transposed=[int(e.view.transposed) for e in bucket.entries],
+            transposed=[int(bucket.transposed_in_stack(e)) for e in bucket.entries],
             row_strides=[row_stride(e) for e in bucket.entries],
         )
     return bucket.cache["cuda_layout"]
@@ -262,8 +261,8 @@ def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.
     partial sums; returns the fused update's variant arguments (device pointers)."""
     v = bucket.variant
     vs, radii = variants.state_tensors(bucket, state)
-    values = variants.matrix_table(params, vs, variants.table_views(bucket))
-    if bucket.cache.get("variant_table", (None,))[0] != values:  # the addresses only change with the tensors
+    values = variants.statistics_table(bucket, params, vs)
+    if bucket.cache.get("variant_table", (None,))[0] is not values:  # a new table: a tensor moved
         bucket.cache["variant_table"] = (values, torch.tensor(values, dtype=torch.int64).to(bucket.device))
     table = bucket.cache["variant_table"][1]
     k, m, n = ortho.shape
@@ -287,14 +286,15 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
     if low.active:
         if (not (fusable(grads) and same_layout(bucket, grads) and same_layout(bucket, bufs))
                 or len(grad_dtypes) != 1 or bucket.dtype != (grads[0].dtype if low.int8 else torch.bfloat16)
-                or (low.int8 and not momentum_precision.kernel_blocks(bucket))):
+                or (low.int8 and not momentum_precision.kernel_blocks(bucket))
+                or not momentum_precision.kernel_bits(bucket)):
             return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
         return _low_precision_stack(bucket, grads, bufs, groups, state)
     if (not (fusable(grads) and fusable(bufs) and same_layout(bucket, grads) and same_layout(bucket, bufs))
             or len(grad_dtypes) != 1 or buf_dtypes != {bucket.dtype}
             or bucket.dtype not in (grads[0].dtype, torch.float32)):
         return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
-    stack = workspace.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
+    stack = workspace.empty(bucket.stack_shape, dtype=bucket.dtype, device=bucket.device)
     with torch.cuda.device(bucket.device):
         _C.fused_momentum(
             grads=[g.data_ptr() for g in grads], bufs=[b.data_ptr() for b in bufs], **_layout(bucket),
@@ -309,7 +309,7 @@ def _low_precision_stack(bucket: Bucket, grads, bufs, groups: list[dict], state)
     """One launch per 32 tensors: int8 or stochastically rounded bf16 momentum, U into the stack."""
     low = bucket.low_precision
     scales, steps, seeds = momentum_precision.state_tensors(bucket, state)
-    stack = workspace.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
+    stack = workspace.empty(bucket.stack_shape, dtype=bucket.dtype, device=bucket.device)
     with torch.cuda.device(bucket.device):
         _C.low_precision_momentum(
             grads=[g.data_ptr() for g in grads], bufs=[b.data_ptr() for b in bufs], **_layout(bucket),

@@ -10,16 +10,12 @@ whole stack with one batched GEMM per term.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
-
 import torch
 
 from .. import momentum_precision, recurrence, variants
+from ..bucket import Bucket
 from ..ns_config import NSConfig
-from .fused import update_scalars
-
-if TYPE_CHECKING:
-    from ..plan import Bucket
+from ..scalars import update_scalars
 
 NAME = "torch"
 
@@ -93,21 +89,27 @@ def transpose_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
-def _stack_view(stack: torch.Tensor, offset: int, e) -> torch.Tensor | None:
-    """The slice of ``stack`` that holds entry ``e``, seen in its parameter's shape, or None when
-    that is not a view (a transposed conv filter)."""
-    part = stack[offset : offset + e.view.batch]
-    if e.view.transposed:
-        part = part.mT
-    try:
-        return part.view(e.target.shape)
-    except RuntimeError:
-        return None
+def _cpu_slots(bucket: Bucket) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None] | None:
+    """On a CPU: the bucket's stack buffer, reused every step, each entry's view of it, and the blend
+    scratch a tall matrix's transposed slot needs; None where an entry's slot is no view (a
+    transposed conv filter). Depends only on the plan, so built once."""
+    if "cpu_slots" not in bucket.cache:
+        stack = bucket.buffer("stack", bucket.stack_shape, bucket.dtype)
+        slots = [bucket.slot(stack, i) for i in range(len(bucket.entries))]
+        scratch = None
+        if any(s is None for s in slots):
+            bucket.cache["cpu_slots"] = None
+            return None
+        if any(bucket.transposed_in_stack(e) for e in bucket.entries):
+            scratch = bucket.buffer("blend", (bucket.m * bucket.n * max(e.view.batch for e in bucket.entries),),
+                                    bucket.dtype)
+        bucket.cache["cpu_slots"] = (stack, slots, scratch)
+    return bucket.cache["cpu_slots"]
 
 
 def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) -> torch.Tensor:
-    """Momentum (foreach, per group of the bucket) and a (K, m, n) stack of the updates, tall
-    matrices transposed; the stack never aliases a buffer.
+    """Momentum (foreach, per group of the bucket) and the updates laid out as the bucket says (a
+    (K, m, n) stack, tall matrices transposed; or row by row), never aliasing a buffer.
 
     On a CPU the Nesterov blend is written straight into the stack (one pass over memory fewer
     than blending into new tensors and concatenating them), and the stack is the bucket's own
@@ -117,20 +119,8 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
     by_group: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(bucket.entries):
         by_group[e.group].append(i)
-    offsets, offset = [], 0
-    for e in bucket.entries:
-        offsets.append(offset)
-        offset += e.view.batch
-    stack = scratch = None
-    targets: list[torch.Tensor | None] = [None] * len(bucket.entries)
-    if bucket.device.type == "cpu":
-        stack = bucket.buffer("stack", (bucket.matrices, bucket.m, bucket.n), bucket.dtype)
-        targets = [_stack_view(stack, o, e) for o, e in zip(offsets, bucket.entries)]
-        if any(t is None for t in targets):
-            stack, targets = None, [None] * len(bucket.entries)
-        elif any(e.view.transposed for e in bucket.entries):
-            scratch = bucket.buffer("blend", (bucket.m * bucket.n * max(e.view.batch for e in bucket.entries),),
-                                    bucket.dtype)
+    slots = _cpu_slots(bucket) if bucket.device.type == "cpu" else None
+    stack, targets, scratch = slots or (None, [None] * len(bucket.entries), None)
     updates: list[torch.Tensor | None] = [None] * len(bucket.entries)
     low = bucket.low_precision
     scales, steps, seeds = momentum_precision.state_tensors(bucket, state) if low.active else ([], [], [])
@@ -141,7 +131,7 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
             us = momentum_precision.momentum_update(
                 [bufs[i] for i in idx], [grads[i] for i in idx], pick(scales, idx), pick(steps, idx),
                 pick(seeds, idx), momentum=groups[gi]["momentum"], nesterov=bucket.nesterov,
-                form=bucket.momentum_form, mode=low, outs=outs)
+                form=bucket.momentum_form, mode=low, outs=outs, offsets=[bucket.entries[i].offset for i in idx])
         else:
             us = momentum_update([bufs[i] for i in idx], [grads[i] for i in idx], momentum=groups[gi]["momentum"],
                                  nesterov=bucket.nesterov, form=bucket.momentum_form, outs=outs, scratch=scratch)
@@ -149,6 +139,8 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
             updates[i] = u
     if stack is not None:
         return stack
+    if bucket.layout == "rows":
+        return torch.cat([u.reshape(-1) for u in updates]).to(bucket.dtype)
     views = []
     for e, u in zip(bucket.entries, updates):
         u = u.reshape(e.view.batch, e.view.rows, e.view.cols)
@@ -180,8 +172,13 @@ def matrices_per_call(m: int, n: int, ns_dtype: torch.dtype, device: torch.devic
     return max(1, CPU_CALL_BYTES // (torch.finfo(ns_dtype).bits // 8 * (2 * m * n + 2 * m * m)))
 
 
+def paths(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, config: NSConfig | None = None) -> tuple[str, ...]:
+    """One path: the batched GEMMs (on a CPU in the chunks ``matrices_per_call`` says)."""
+    return (kernel_path(m, n, ns_dtype, device, config)[0],)
+
+
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
-                config: NSConfig | None = None) -> tuple[str, str]:
+                config: NSConfig | None = None, path: str | None = None) -> tuple[str, str]:
     per_call = matrices_per_call(m, n, ns_dtype, device)
     if per_call is None:
         return "baddbmm", "reference recurrence: one batched GEMM per term, any shape"
@@ -204,11 +201,6 @@ def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((exponent.to(int_dtype) + bias) << shift).view(dtype)
 
 
-# On a CPU, norms inside this range take the direct formula: no square can overflow or underflow
-# there, so the power-of-two scaling (two more passes over memory) would change no bit.
-_DIRECT_NORM_RANGE = (2.0**-40, 2.0**40)
-
-
 def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
     """``stack / max(norm_scale·‖stack‖_F + norm_offset, floor)`` per matrix, in fp32 (fp64 for fp64
     input), cast to ns_dtype, in one canonical (contiguous) layout.
@@ -218,30 +210,25 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
     whenever that one neither overflows nor underflows), and the sum of squares is taken in two
     stages (row norms, then their norm), because a one-pass fp32 ``vector_norm`` over a whole matrix
     loses up to 6e-4 on a CPU. The divisor is never formed unscaled, so ``‖U‖²`` beyond fp32's
-    range still normalizes (1e30 gradients) and eps = 0 still orthogonalizes 1e-30 ones. On a CPU,
-    where checking the norms costs no device sync, a stack whose norms all lie in a safe range skips
-    the scaling and divides and casts in one pass. The input is made contiguous first and the
-    output is a new contiguous tensor, so results do not depend on the input's strides.
+    range still normalizes (1e30 gradients) and eps = 0 still orthogonalizes 1e-30 ones. One path
+    on every device, with no host sync; the quotient is rounded to ns_dtype as it is stored. The
+    input is made contiguous first and the output is a new contiguous tensor, so results do not
+    depend on the input's strides.
     """
     acc = torch.promote_types(stack.dtype, torch.float32)  # fp32, or fp64 for fp64 parameters
     stack = stack.contiguous()
     k, m, n = stack.shape
-    if stack.device.type == "cpu":
-        norms = torch.linalg.vector_norm(torch.linalg.vector_norm(stack, dim=-1, dtype=acc), dim=-1)
-        low, high = _DIRECT_NORM_RANGE
-        if bool(((norms >= low) & (norms <= high)).all()):
-            denom = (norms * config.norm_scale + config.norm_offset).clamp_min(config.floor)
-            out = torch.empty((k, m, n), dtype=ns_dtype, device=stack.device)
-            return torch.div(stack, denom.view(k, 1, 1), out=out)  # computed in acc, rounded once
-    amax = torch.maximum(stack.amax(dim=(-2, -1)), -stack.amin(dim=(-2, -1))).to(acc)
+    amax = torch.linalg.vector_norm(stack, ord=float("inf"), dim=(-2, -1)).to(acc)  # max |x|, NaN stays NaN
     _, exponent = torch.frexp(amax)  # amax = f·2^e, f in [0.5, 1); 0, inf and NaN give e = 0
     limit = _MAX_EXPONENT[acc]
-    inv = _power_of_two(-exponent.clamp(-limit, limit), acc)  # 2^-e: scaled |x| < 1
-    y = torch.mul(stack, inv.view(k, 1, 1), out=torch.empty((k, m, n), dtype=acc, device=stack.device))
-    norms = torch.linalg.vector_norm(torch.linalg.vector_norm(y, dim=-1), dim=-1)
+    inv = _power_of_two(-exponent.clamp(-limit, limit), acc).view(k, 1, 1)  # 2^-e: scaled |x| < 1
+    y = torch.mul(stack, inv, out=torch.empty((k, m, n), dtype=acc, device=stack.device))
+    norms = torch.linalg.vector_norm(torch.linalg.vector_norm(y, dim=-1), dim=-1).view(k, 1, 1)
     # Everything in the scaled domain: ‖y‖ = ‖x‖·2^-e, so the divisor is denom·2^-e.
     denom = torch.maximum(norms * config.norm_scale + config.norm_offset * inv, config.floor * inv)
-    return y.div_(denom.view(k, 1, 1)).to(ns_dtype)
+    if ns_dtype == acc:
+        return y.div_(denom)
+    return torch.div(y, denom, out=torch.empty((k, m, n), dtype=ns_dtype, device=stack.device))
 
 
 # One batched GEMM per product: X·Xᵀ; b·A + c·A·A; a·X + B·X (beta=0 ignores X, NaN included).
@@ -295,9 +282,10 @@ def _symmetric_poly(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
 SYMMETRIC_OPS = MATMUL_OPS._replace(gram=_symmetric_gram, poly=_symmetric_poly)
 
 
-def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, path: str | None = None) -> torch.Tensor:
     """Newton–Schulz on a (k, m, n) stack with m <= n; returns (k, m, n) in ``ns_dtype``. The
-    algorithm (standard or Gram) and normalization (Frobenius or AOL) are the config's."""
+    algorithm (standard or Gram) and normalization (Frobenius or AOL) are the config's; this
+    backend has one path."""
     m = stack.shape[-2]
     ops = SYMMETRIC_OPS if stack.device.type == "cpu" and m >= CPU_SYMMETRIC_MIN_ROWS else MATMUL_OPS
     return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, ops)
@@ -318,24 +306,22 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=
     # On a CPU a tall matrix's update is first copied out of its transposed stack slot into a
     # contiguous buffer, one matrix at a time: reading the transposed view inside add_ ran 1.5–2×
     # slower than that copy plus a contiguous add_ (bench/README.md, CPU strategy).
-    unslot = [bucket.device.type == "cpu" and e.view.transposed and e.view.batch == 1 and e.target.ndim == 2
-              for e in bucket.entries]
+    unslot = [bucket.device.type == "cpu" and bucket.transposed_in_stack(e) and e.view.batch == 1
+              and e.target.ndim == 2 for e in bucket.entries]
     if any(unslot):
         buf = bucket.buffer("update", (max(e.target.numel() for e, u in zip(bucket.entries, unslot) if u),),
                             ortho.dtype)
-    offset = 0
-    for e, from_slot in zip(bucket.entries, unslot):
-        o = ortho[offset : offset + e.view.batch]
-        offset += e.view.batch
+    for i, (e, from_slot) in enumerate(zip(bucket.entries, unslot)):
         gi = e.group
         if from_slot:
-            u = transpose_into(buf[: e.target.numel()].view(e.target.shape), o[0])
+            start = bucket.offsets()[i]
+            u = transpose_into(buf[: e.target.numel()].view(e.target.shape), ortho[start])
             decay_and_add([e.target], [u], lr=groups[gi]["lr"], weight_decay=groups[gi]["weight_decay"],
                           scale=e.scale, cautious=bucket.cautious)
             continue
         params, outs = batches[(gi, e.scale)]
         params.append(e.target)
-        outs.append((o.mT if e.view.transposed else o).reshape(e.target.shape))
+        outs.append(bucket.slot(ortho, i, copy=True))
     for (gi, scale), (params, outs) in batches.items():
         decay_and_add(params, outs, lr=groups[gi]["lr"], weight_decay=groups[gi]["weight_decay"], scale=scale,
                       cautious=bucket.cautious)

@@ -8,21 +8,17 @@ the registry only does so when the backend is asked about.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from .. import momentum_precision, variants, workspace
+from ..bucket import Bucket
 from ..ns_config import NSConfig
-from ..triton_kernels.fused_update import Layout, make_layout
+from ..triton_kernels.fused_update import Layout, int_table, make_layout
 from ..triton_kernels.ops import fused_apply_update_op, fused_momentum_op, newton_schulz_op, variant_statistics_op
 from ..triton_kernels.small_newton_schulz import fits_device
-from ..triton_kernels.variant_statistics import matrix_table
 from . import torch_backend
-from .fused import fusable, momenta, row_stride, same_layout, update_scalars
-
-if TYPE_CHECKING:
-    from ..plan import Bucket
+from ..scalars import momenta, update_scalars
+from .fused import fusable, row_stride, same_layout
 
 NAME = "triton"
 
@@ -37,12 +33,19 @@ def _one_kernel(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, con
     return (config is None or config.plain) and small_path(m, n, ns_dtype, device)
 
 
+def paths(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, config: NSConfig | None = None) -> tuple[str, ...]:
+    """The kernel paths that can orthogonalize such a bucket, this backend's own choice first."""
+    if _one_kernel(m, n, ns_dtype, device, config):
+        return ("small", "symmetric")
+    return ("symmetric",)
+
+
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
-                config: NSConfig | None = None) -> tuple[str, str]:
+                config: NSConfig | None = None, path: str | None = None) -> tuple[str, str]:
     if config is not None and config.algorithm == "gram":
         return "symmetric-gram", ("Gram NS on the symmetric kernels: X·Xᵀ and b·R + c·R·R (upper tiles, mirrored "
                                   "store), Q and R updates and the final Q·X through the a·X + B·X kernel")
-    if _one_kernel(m, n, ns_dtype, device, config):
+    if (path or paths(m, n, ns_dtype, device, config)[0]) == "small":
         return "small", "whole matrix in one CTA: all NS steps in one kernel; fused momentum and update; 5 launches"
     return "symmetric", (
         "fused momentum→stack, triangular-grid X·Xᵀ and b·A+c·A·A (upper tiles, mirrored store), "
@@ -50,17 +53,17 @@ def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
     )
 
 
-def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, path: str | None = None) -> torch.Tensor:
     _, m, n = stack.shape
     flat = [float(v) for step in config.coefficients for v in step]
-    return newton_schulz_op(stack, flat, config.eps, config.norm_scale, config.norm_offset, ns_dtype,
-                            _one_kernel(m, n, ns_dtype, stack.device, config), config.normalization,
-                            config.algorithm, list(config.gram_restarts(ns_dtype)))
+    small = (path or paths(m, n, ns_dtype, stack.device, config)[0]) == "small"
+    return newton_schulz_op(stack, flat, config.eps, config.norm_scale, config.norm_offset, ns_dtype, small,
+                            config.normalization, config.algorithm, list(config.gram_restarts(ns_dtype)))
 
 
 def _layout(bucket: Bucket) -> Layout:
     if "layout" not in bucket.cache:
-        views = [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed, variants.neurons(e.view)[1],
+        views = [(e.view.batch, e.view.rows, e.view.cols, bucket.transposed_in_stack(e), variants.neurons(e.view)[1],
                   row_stride(e)) for e in bucket.entries]
         bucket.cache["layout"] = make_layout(views, bucket.device)
     return bucket.cache["layout"]
@@ -71,9 +74,10 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
     low = bucket.low_precision
     if (not (fusable(grads) and (fusable(bufs) or low.int8)) or len({g.dtype for g in grads}) != 1
             or not (same_layout(bucket, grads) and same_layout(bucket, bufs))
-            or (low.int8 and not momentum_precision.kernel_blocks(bucket))):
+            or (low.int8 and not momentum_precision.kernel_blocks(bucket))
+            or not momentum_precision.kernel_bits(bucket)):
         return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
-    stack = workspace.empty((bucket.matrices, bucket.m, bucket.n), dtype=bucket.dtype, device=bucket.device)
+    stack = workspace.empty(bucket.stack_shape, dtype=bucket.dtype, device=bucket.device)
     scales, steps, seeds = momentum_precision.state_tensors(bucket, state) if low.active else ([], [], [])
     fused_momentum_op(grads, bufs, momenta(bucket, groups), *_layout(bucket), stack, bucket.momentum_form == "ema",
                       bucket.nesterov, scales, steps, seeds if low.stochastic else [])
@@ -98,7 +102,7 @@ def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.
     (K, blocks, 4) partial sums: (s per neuron or None, g, c or None), all on the device."""
     v = bucket.variant
     vs, radii = variants.state_tensors(bucket, state)
-    table = matrix_table(params, vs, variants.table_views(bucket), bucket.device)
+    table = int_table(variants.statistics_table(bucket, params, vs), bucket.device)  # pinned during capture
     row_scale = workspace.empty((bucket.matrices, bucket.n), dtype=torch.float32, device=bucket.device) \
         if v.normuon else None
     partials = variant_statistics_op(ortho, params, vs, table, row_scale, v.normuon, v.hyperball, v.beta2,

@@ -50,7 +50,7 @@ def test_statistics_kernel_sums_and_second_moments_match_the_torch_pass():
     """On one stack: the kernel's per-matrix sums (Σq, Σs²q, Σs·W·O, ΣW²) and NorMuon's updated v
     against the torch reference pass."""
     from muon_kernels import variants
-    from muon_kernels.backends import triton_backend
+    from muon_kernels.triton_kernels.variant_statistics import matrix_table
 
     ps, opt = _run("triton", torch.float32, steps=0, adaptive="normuon", constraint="hyperball")
     [bucket] = opt._plan_buckets([(i, grp, grp["params"]) for i, grp in enumerate(opt.param_groups)])
@@ -65,7 +65,7 @@ def test_statistics_kernel_sums_and_second_moments_match_the_torch_pass():
     params = [e.param for e in bucket.entries]
     views = [(e.view.batch, e.view.rows, e.view.cols, e.view.transposed, *reversed(variants.neurons(e.view)))
              for e in bucket.entries]
-    table = triton_backend.matrix_table(params, vs, views, bucket.device)
+    table = matrix_table(params, vs, views, bucket.device)
     row_scale = torch.full((bucket.matrices, bucket.n), float("nan"))
     partials = torch.ops.muon_kernels.variant_statistics(ortho, params, vs, table, row_scale, True, True, 0.95, 1e-10)
     assert rel_err(partials.sum(dim=1), ref_sums) <= 1e-6

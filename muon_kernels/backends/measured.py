@@ -1,0 +1,264 @@
+"""``backend="auto"`` by measurement: time every path that computes the same math, keep the fastest.
+
+Like ``torch.backends.cudnn.benchmark``: when a plan is built, each "auto" bucket whose device has
+more than one way to orthogonalize it — torch's batched cuBLAS, the Triton symmetric kernels, the
+Triton one-kernel path for small matrices, the CUDA extension, and standard vs Gram Newton–Schulz
+when the group asked ``ns_algorithm="auto"`` — times each of them on scratch buffers of the
+bucket's shape (random data, never the caller's tensors), drops any whose result leaves the
+accuracy band of the torch backend's on the same input (DESIGN.md §5), and keeps the fastest.
+
+The choice is keyed by (device name, compute capability, torch and Triton versions, dtypes, bucket
+shape and batch, the recurrence, the candidates) and written to a JSON file beside the Triton
+autotune cache (``MUON_KERNELS_DISPATCH_CACHE``, default ``~/.cache/muon_kernels/dispatch.json``);
+every later process reads it back, so a resumed run makes the same choice and computes the same
+bits. Nothing is timed while a CUDA graph is being captured (the cached choice, else the static
+table, is used and nothing is written); under DDP/FSDP2 rank 0 of each process group measures and
+every rank takes its choice (one broadcast per plan), so all ranks run the same kernels.
+
+``dispatch="table"`` (``Muon``/``orthogonalize``), or ``MUON_KERNELS_DISPATCH=table``, keeps the
+static dispatch table (backends/__init__.py, crossovers.json) instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from ..bucket import Bucket
+from ..ns_config import NSConfig
+from ..recurrence import choose_algorithm
+
+MODES = ("measure", "table")
+ENV = "MUON_KERNELS_DISPATCH"
+CACHE_ENV = "MUON_KERNELS_DISPATCH_CACHE"
+# Timed calls per candidate after two warm-up calls (the first compiles Triton kernels): the median.
+REPEATS = 5
+_LOCK = threading.Lock()
+
+
+def mode(requested: str) -> str:
+    """The dispatch mode: ``MUON_KERNELS_DISPATCH`` overrides the argument."""
+    value = os.environ.get(ENV, "") or requested
+    if value not in MODES:
+        raise ValueError(f"dispatch must be one of {MODES}, got {value!r}" + (f" (from {ENV})" if os.environ.get(ENV)
+                                                                               else ""))
+    return value
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "muon_kernels" / "dispatch.json")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to orthogonalize a bucket: a backend, one of its kernel paths, a resolved recurrence."""
+
+    backend: ModuleType
+    path: str
+    config: NSConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend.NAME}:{self.path}" + (":gram" if self.config.algorithm == "gram" else "")
+
+
+def candidates(bucket: Bucket) -> list[Candidate]:
+    """Every path that computes this "auto" bucket's math on its device (none off CUDA: a CPU has
+    one backend). Gram and standard NS both only when the group asked ``ns_algorithm="auto"``."""
+    if bucket.request is None or bucket.device.type != "cuda":
+        return []
+    from . import runnable
+
+    if bucket.request.algorithm == "auto":
+        configs = [replace(bucket.request, algorithm=a) for a in ("standard", "gram")]
+    else:
+        configs = [bucket.config]
+    return [Candidate(backend, path, config) for config in configs for backend in runnable(bucket.device)
+            for path in backend.paths(bucket.m, bucket.n, bucket.ns_dtype, bucket.device, config)]
+
+
+def _key(bucket: Bucket, batch: int, labels: list[str]) -> str:
+    device = bucket.device
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else device.type
+    arch = "sm{}{}".format(*torch.cuda.get_device_capability(device)) if cuda else "-"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    request = bucket.request or bucket.config
+    return "|".join([name, arch, f"torch {torch.__version__}", f"triton {triton_version}",
+                     str(bucket.dtype).removeprefix("torch."), str(bucket.ns_dtype).removeprefix("torch."),
+                     f"{batch}x{bucket.m}x{bucket.n}", repr(request), ",".join(labels)])
+
+
+def _load() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(key: str, record: dict) -> None:
+    with _LOCK:
+        data = _load()
+        data[key] = record
+        path = cache_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def time_candidate(option: Candidate, run: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Median milliseconds of ``run`` (``option``'s call) over REPEATS calls after two warm-up calls,
+    with CUDA events."""
+    for _ in range(2):
+        run()
+    times = []
+    for _ in range(REPEATS):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def measure(bucket: Bucket, batch: int, options: list[Candidate]) -> dict:
+    """Time every candidate on a scratch stack of ``batch`` matrices of the bucket's shape; returns
+    the record that is persisted: ``choice`` (a label), ``ms`` per label, ``excluded`` (label: why)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    stack = torch.randn((batch, bucket.m, bucket.n), generator=g).to(bucket.device, bucket.dtype)
+    # The accuracy band (DESIGN.md §5) from the torch backend on the same input: each recurrence's
+    # fp32 result is the reference; a candidate may be off it by 2× the torch backend's own error in
+    # the iteration dtype + 1e-2 (16-bit), or 1e-4 (fp32: rounding differences between kernels).
+    from . import torch_backend
+
+    references, bounds, ms, excluded = {}, {}, {}, {}
+    for option in options:
+        algorithm = option.config.algorithm
+        if algorithm not in references:
+            ref = torch_backend.orthogonalize(stack, option.config, torch.float32)
+            own = torch_backend.orthogonalize(stack, option.config, bucket.ns_dtype)
+            references[algorithm] = ref
+            bounds[algorithm] = 1e-4 if bucket.ns_dtype == torch.float32 else 2 * _rel_err(own, ref) + 1e-2
+        try:
+            out = option.backend.orthogonalize(stack, option.config, bucket.ns_dtype, path=option.path)
+            err = _rel_err(out, references[algorithm])
+        except Exception as exc:  # a path that cannot run this shape here is not a candidate
+            excluded[option.label] = f"{type(exc).__name__}: {exc}"[:200]
+            continue
+        if not err <= bounds[algorithm]:
+            excluded[option.label] = f"error {err:.2e} > band {bounds[algorithm]:.2e}"
+            continue
+        run = lambda o=option: o.backend.orthogonalize(stack, o.config, bucket.ns_dtype, path=o.path)  # noqa: E731
+        ms[option.label] = float(time_candidate(option, run, bucket.device))
+    return {"choice": min(ms, key=ms.get) if ms else None, "ms": ms, "excluded": excluded}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def choose(bucket: Bucket, batch: int, options: list[Candidate], measuring: bool) -> dict | None:
+    """The record for this bucket called on ``batch`` matrices at a time: cached, else measured (and
+    persisted) when ``measuring``; None when there is neither (the static table stands)."""
+    key = _key(bucket, batch, [o.label for o in options])
+    record = _load().get(key)
+    if record is None and measuring and not _capturing(bucket.device):
+        record = measure(bucket, batch, options)
+        if record["choice"] is not None:
+            _store(key, record)
+    return record if record and record.get("choice") in {o.label for o in options} else None
+
+
+def apply(bucket: Bucket, options: list[Candidate], record: dict) -> None:
+    """Make ``bucket`` (and its FSDP2 shard bucket, which steps with the same backend) run the chosen candidate."""
+    choice = next(o for o in options if o.label == record["choice"])
+    times = ", ".join(f"{label} {ms:.3g} ms" for label, ms in sorted(record["ms"].items(), key=lambda kv: kv[1]))
+    times = times or f"{choice.label}, rank 0's choice"
+    elementwise = bucket.elementwise  # the fused kernels of an "auto" bucket (None: they follow the NS backend)
+    bucket.backend, bucket.path, bucket.config = choice.backend, choice.path, choice.config
+    bucket.elementwise = None if elementwise is choice.backend else elementwise
+    bucket.why = f"auto (measured): {times}" + (f"; momentum and update on the {elementwise.NAME} fused kernels"
+                                                if bucket.elementwise is not None else "")
+    if bucket.request is not None and bucket.request.algorithm == "auto":
+        bucket.algorithm = f"auto (measured): {'Gram' if choice.config.algorithm == 'gram' else 'standard'} NS"
+    bucket.cache.clear()
+
+
+def resolve_one(bucket: Bucket, batch: int, dispatch: str) -> None:
+    """Apply the measured choice to one "auto" bucket called on ``batch`` matrices (this process alone)."""
+    if mode(dispatch) != "measure":
+        return
+    options = candidates(bucket)
+    if len(options) > 1:
+        record = choose(bucket, batch, options, measuring=True)
+        if record is not None:
+            apply(bucket, options, record)
+
+
+def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_bytes: int | None = None,
+            collectives: bool = True) -> None:
+    """Apply measured choices to every "auto" bucket with more than one candidate, timed on the
+    batch one call of the step takes (the first chunk under ``max_workspace_bytes``).
+    ``placements`` (muon_kernels/distributed.py): buckets computed over a process group take the
+    choice of its rank 0, broadcast (``collectives``; plan() alone passes False and shows each
+    rank's own)."""
+    if mode(dispatch) != "measure":
+        return
+    import torch.distributed as dist
+
+    shared: dict[object, list[int]] = {}
+    for i, b in enumerate(buckets):
+        group = placements[i].group if collectives else None
+        if group is None:
+            resolve_one(b, _batch(b, max_workspace_bytes), dispatch)
+        elif len(candidates(b)) > 1:
+            shared.setdefault(group, []).append(i)
+    for group, idx in shared.items():
+        options = {i: candidates(buckets[i]) for i in idx}
+        lead = dist.get_rank(group) == 0
+        records = {i: choose(buckets[i], _batch(buckets[i], max_workspace_bytes), options[i], measuring=lead)
+                   for i in idx}
+        if not any(_capturing(buckets[i].device) for i in idx):  # never a collective inside a capture
+            picks = torch.tensor([_index(options[i], records[i]) for i in idx], dtype=torch.int64)
+            picks = picks.to(buckets[idx[0]].device if dist.get_backend(group) == "nccl" else "cpu")
+            dist.broadcast(picks, src=dist.get_global_rank(group, 0), group=group)
+            for i, pick in zip(idx, picks.tolist()):
+                if pick < 0:
+                    records[i] = None
+                elif _index(options[i], records[i]) != pick:  # rank 0's choice (its times are rank 0's)
+                    records[i] = {"choice": options[i][pick].label, "ms": {}, "excluded": {}}
+        for i in idx:
+            if records[i] is not None:
+                apply(buckets[i], options[i], records[i])
+                shard = placements[i].shard
+                if shard is not None:  # a rank's rows step with the bucket's elementwise backend
+                    shard.backend, shard.elementwise = buckets[i].backend, buckets[i].elementwise
+                    shard.cache.clear()
+
+
+def _batch(bucket: Bucket, max_workspace_bytes: int | None) -> int:
+    start, stop = bucket.chunks(max_workspace_bytes)[0]
+    return stop - start
+
+
+def _index(options: list[Candidate], record: dict | None) -> int:
+    labels = [o.label for o in options]
+    return labels.index(record["choice"]) if record and record.get("choice") in labels else -1

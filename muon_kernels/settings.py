@@ -1,0 +1,167 @@
+"""Validation of what a user hands the optimizer: group settings, and the gradients of a step.
+
+Everything here raises before the optimizer modifies anything: a step first re-validates the groups
+whose settings changed since their last check (a scheduler's or a user's writes into
+``param_groups``), then every gradient, and only then steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import distributed as dist_muon
+from . import momentum_precision, splits, variants
+from .adamw import ADAMW_KEYS, check_adamw_settings
+from .backends import BACKEND_NAMES
+from .ns_config import NSConfig, check_ns_dtype, resolve_ns_config
+
+MOMENTUM_FORMS = ("ema", "sgd")
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
+# "cautious" (Chen et al. 2025, arXiv 2510.12402): decay only where the parameter and the update
+# direction O agree in sign (W·O >= 0); the step is W -= lr·(scale·O + wd·[W·O >= 0]·W).
+WEIGHT_DECAY_MODES = ("decoupled", "cautious")
+DTYPE_KEYS = ("ns_dtype", "momentum_dtype")
+# Group keys whose values change which buckets exist or how they are iterated; the bucket plan is
+# rebuilt when any of them (or a parameter's identity, dtype, device, shape) changes.
+PLAN_KEYS = (
+    "ns_coefficients", "ns_steps", "eps", "ns_algorithm", "ns_normalization", "ns_gram_restarts",
+    "weight_decay_mode", "ns_dtype", "momentum_dtype", "matrix_view", "adjust_lr_fn", "nesterov", "momentum_form",
+    "backend", "momentum_rounding", *variants.DEFAULTS, *splits.DEFAULTS,
+)
+# Settings a user can rewrite in ``param_groups`` between steps; a step re-validates a group whose
+# values changed since its last check, before anything is modified.
+MUON_SETTINGS = (
+    "lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn", "backend",
+    "ns_algorithm", "ns_normalization", "ns_gram_restarts", "weight_decay_mode", "ns_dtype", "momentum_dtype",
+    "momentum_form", "matrix_view", "capturable", "momentum_rounding", *variants.DEFAULTS, *splits.DEFAULTS,
+)
+ADAMW_SETTINGS = (*ADAMW_KEYS, "capturable")
+
+
+def freeze(value: Any) -> Any:
+    return tuple(freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def settings_key(group: dict) -> tuple:
+    """What a group's validation depends on. A tensor lr counts by identity and shape: its value is
+    the scheduler's to change in place, and reading it back would cost a host sync every step."""
+    keys = MUON_SETTINGS if group["use_muon"] else ADAMW_SETTINGS
+    return tuple(
+        ("tensor", id(v), tuple(v.shape)) if isinstance(v, torch.Tensor) else freeze(v)
+        for v in (group.get(k) for k in keys)
+    )
+
+
+def label(group: dict, index: int, p: torch.Tensor) -> str:
+    names = group.get("param_names")
+    return repr(names[index]) if names else f"#{index} of shape {tuple(p.shape)}"
+
+
+def ns_config(group: dict) -> NSConfig:
+    return resolve_ns_config(group["ns_coefficients"], group["ns_steps"], group["eps"], group["ns_algorithm"],
+                             group["ns_normalization"], group["ns_gram_restarts"])
+
+
+def check_muon_settings(group: dict) -> None:
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("lr must be a float or a 1-element tensor")
+    if not 0.0 <= float(lr):
+        raise ValueError(f"lr must be >= 0, got {float(lr)}")
+    if not 0.0 <= group["weight_decay"]:
+        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+    if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
+        raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {group['weight_decay_mode']!r}")
+    if not 0.0 <= group["momentum"] < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+    if not isinstance(group["nesterov"], bool):
+        raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
+    ns_config(group)
+    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
+    check_ns_dtype(group["ns_dtype"])
+    if group["momentum_form"] not in MOMENTUM_FORMS:
+        raise ValueError(f"momentum_form must be one of {MOMENTUM_FORMS}, got {group['momentum_form']!r}")
+    if group["backend"] not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {group['backend']!r}")
+    if not isinstance(group["capturable"], bool):
+        raise ValueError(f"capturable must be True or False, got {group['capturable']!r}")
+    variants.check_settings(group)
+    splits.check_settings(group)
+    momentum_precision.check_settings(group)
+
+
+def check_adamw_group(group: dict) -> None:
+    check_adamw_settings(group["lr"], group["betas"], group["eps"], group["weight_decay"], "")
+
+
+def check_changed_groups(param_groups: list[dict], validated: dict[int, tuple]) -> None:
+    """Re-validate every group whose settings changed since its last check (``validated``: group
+    index → settings key of its last successful check, updated here), naming the group."""
+    for gi, group in enumerate(param_groups):
+        key = settings_key(group)
+        if validated.get(gi) == key:
+            continue
+        try:
+            check_muon_settings(group) if group["use_muon"] else check_adamw_group(group)
+        except ValueError as exc:
+            raise ValueError(f"param group {gi}: {exc}; nothing was modified") from None
+        validated[gi] = key
+
+
+def check_grads(param_groups: list[dict]) -> list[tuple[int, dict, list[torch.Tensor]]]:
+    """Validate every gradient before anything is modified; return (group index, group, params with
+    a gradient) per group."""
+    work = []
+    for gi, group in enumerate(param_groups):
+        lr = group["lr"]
+        if group.get("capturable") and isinstance(lr, torch.Tensor):
+            for i, p in enumerate(group["params"]):
+                if p.device != lr.device:
+                    raise ValueError(
+                        f"param group {gi} has capturable=True and lr on {lr.device}, but parameter "
+                        f"{label(group, i, p)} is on {p.device}: put lr on the parameters' device "
+                        "(a host lr would be copied during CUDA-graph capture)"
+                    )
+        params = []
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None or (group["use_muon"] and p.numel() == 0):
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"parameter {label(group, i, p)}: Muon does not support sparse gradients")
+            if group["use_muon"] and torch.is_complex(g):
+                raise RuntimeError(f"parameter {label(group, i, p)}: Muon does not support complex gradients")
+            if g.shape != p.shape:
+                raise RuntimeError(
+                    f"parameter {label(group, i, p)}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}"
+                )
+            params.append(p)
+        work.append((gi, group, params))
+    return work
+
+
+def names(param_groups: list[dict]) -> dict[int, str]:
+    """Each parameter's label (by id) for error messages."""
+    return {id(p): label(g, i, p) for g in param_groups for i, p in enumerate(g["params"])}
+
+
+def check_distributed_grads(param_groups: list[dict], replicated) -> None:
+    """Where ranks orthogonalize together, a Muon gradient must exist on all ranks or on none
+    (``replicated``: the group replicated buckets are split over, or None)."""
+    if not (dist_muon.dist.is_available() and dist_muon.dist.is_initialized()):
+        return  # single process (DTensors need an initialized process group too): nothing to agree on
+    muon = [p for g in param_groups if g["use_muon"] for p in g["params"] if p.numel() > 0]
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in muon:
+        if dist_muon.is_dtensor(p):
+            groups.setdefault(p.device_mesh.get_group() if p.device_mesh.ndim == 1 else None, []).append(p)
+        elif replicated is not None:
+            groups.setdefault(replicated, []).append(p)
+    labels = None
+    for group, params in groups.items():
+        if group is not None:  # a multi-dim mesh is refused with its own error when the plan is built
+            labels = labels or names(param_groups)
+            dist_muon.check_grad_agreement(group, params, labels, replicated=group is replicated)

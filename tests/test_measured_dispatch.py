@@ -1,0 +1,175 @@
+"""backend="auto" by measurement (muon_kernels/backends/measured.py), on a CPU with stand-in backends
+and made-up times (tests/dispatch_fakes.py): the fastest path within the accuracy band wins, the
+choice persists and a new optimizer reuses it without timing, nothing is timed inside a CUDA-graph
+capture, plan() shows the times, ``dispatch="table"`` keeps the table, and under DDP every rank
+takes rank 0's choice (gloo, 2 processes)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import distributed_workers as workers
+import muon_kernels as mk
+from dispatch_fakes import FakeDispatch
+from muon_kernels.backends import measured
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "dispatch.json"
+    monkeypatch.setenv(measured.CACHE_ENV, str(path))
+    monkeypatch.delenv(measured.ENV, raising=False)
+    return path
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16))
+
+
+def _step(opt, model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+
+
+def test_the_fastest_candidate_wins_and_persists(monkeypatch, cache):
+    fake = FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0, "middle": 2.0})
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    _step(opt, model)
+    assert {b.backend.NAME for b in opt._buckets} == {"fast"}
+    assert len(fake.timed) == 3 * len(opt._buckets)  # every candidate of every bucket timed once
+    saved = json.loads(cache.read_text())
+    assert len(saved) == len(opt._buckets)
+    assert all(r["choice"] == "fast:default" and set(r["ms"]) == {"slow:default", "fast:default", "middle:default"}
+               for r in saved.values())
+    # A new optimizer (a resumed run) reads the choice back and times nothing.
+    fake.timed.clear()
+    again = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    _step(again, model)
+    assert fake.timed == [] and {b.backend.NAME for b in again._buckets} == {"fast"}
+
+
+def test_the_steps_equal_the_chosen_backend_run_alone(monkeypatch):
+    """The measured bucket computes exactly what that backend's math gives (here: the torch backend's)."""
+    FakeDispatch(monkeypatch, {"a": 2.0, "b": 1.0})
+    model, twin = _model(), _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    ref = mk.Muon(twin.parameters(), ns_dtype=torch.float32, backend="torch")
+    for seed in range(3):
+        _step(opt, model, seed)
+        _step(ref, twin, seed)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_candidate_outside_the_accuracy_band_is_excluded(monkeypatch, cache):
+    FakeDispatch(monkeypatch, {"wrong": 0.1, "right": 1.0}, wrong=("wrong",))
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.bfloat16)
+    _step(opt, model)
+    assert {b.backend.NAME for b in opt._buckets} == {"right"}
+    for record in json.loads(cache.read_text()).values():
+        assert "wrong:default" in record["excluded"] and "band" in record["excluded"]["wrong:default"]
+        assert "wrong:default" not in record["ms"]
+
+
+def test_gram_and_standard_compete_only_when_the_group_asked_auto(monkeypatch):
+    fake = FakeDispatch(monkeypatch, {"x": 1.0, "y": 1.5})
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    _step(opt, model)
+    assert not any(label.endswith(":gram") for label in fake.timed)
+    assert all(b.config.algorithm == "standard" for b in opt._buckets)
+    fake.timed.clear()
+    other = _model()
+    auto = mk.Muon(other.parameters(), ns_dtype=torch.float32, ns_algorithm="auto")
+    _step(auto, other)
+    assert any(label.endswith(":gram") for label in fake.timed)
+    assert all(b.config.algorithm == "gram" and b.backend.NAME == "x" for b in auto._buckets)  # fake Gram: half
+    assert all("auto (measured): Gram NS" in b.algorithm for b in auto._buckets)
+
+
+def test_plan_shows_the_times_and_the_choice(monkeypatch):
+    FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
+    model = _model()
+    text = str(mk.Muon(model.named_parameters(), ns_dtype=torch.float32).plan())
+    row = next(line for line in text.splitlines() if line.startswith("0.weight"))
+    assert " fast " in row and "auto (measured): fast:default 1 ms, slow:default 3 ms" in row
+
+
+def test_nothing_is_timed_inside_a_capture(monkeypatch, cache):
+    fake = FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
+    monkeypatch.setattr(measured, "_capturing", lambda device: True)
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    _step(opt, model)
+    assert fake.timed == [] and not cache.exists()
+    assert {b.backend.NAME for b in opt._buckets} == {"torch"}  # the static table's choice
+
+
+def test_a_cached_choice_is_used_inside_a_capture(monkeypatch):
+    fake = FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
+    model = _model()
+    _step(mk.Muon(model.parameters(), ns_dtype=torch.float32), model)  # measured and saved
+    fake.timed.clear()
+    monkeypatch.setattr(measured, "_capturing", lambda device: True)
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    _step(opt, model)
+    assert fake.timed == [] and {b.backend.NAME for b in opt._buckets} == {"fast"}
+
+
+def test_table_mode_measures_nothing(monkeypatch, cache):
+    fake = FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32, dispatch="table")
+    _step(opt, model)
+    assert fake.timed == [] and {b.backend.NAME for b in opt._buckets} == {"torch"}
+    monkeypatch.setenv(measured.ENV, "table")  # the environment overrides the argument
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    _step(opt, model)
+    assert fake.timed == [] and not cache.exists()
+
+
+def test_orthogonalize_measures_too(monkeypatch):
+    fake = FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
+    G = torch.randn(3, 8, 24, generator=torch.Generator().manual_seed(0))
+    out = mk.orthogonalize(G, ns_dtype=torch.float32)
+    assert sorted(fake.timed) == ["fast:default", "slow:default"]
+    assert torch.equal(out, mk.orthogonalize(G, ns_dtype=torch.float32, backend="torch"))
+
+
+def test_a_bad_dispatch_value_names_the_argument():
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        mk.Muon(_model().parameters(), dispatch="fastest")
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        mk.orthogonalize(torch.randn(4, 4), dispatch="fastest")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_rank_takes_rank_0s_choice(tmp_path):
+    """Rank 0 measures "fast" as fastest, rank 1 would measure "slow" as fastest (its own cache
+    file): both step with rank 0's choice, and only rank 0 timed anything."""
+    world = 2
+    mp.spawn(workers.run_scenario, args=(world, _port(), "measured_dispatch", torch.float32, str(tmp_path)),
+             nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
+    assert results[0]["chosen"] == results[1]["chosen"] and set(results[0]["chosen"]) == {"fast"}
+    assert results[0]["timed"] and not results[1]["timed"]
+    for name in results[0]["params"]:
+        assert torch.equal(results[0]["params"][name], results[1]["params"][name])
