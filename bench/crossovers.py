@@ -1,6 +1,7 @@
 """Regenerate backend="auto"'s measured crossovers from committed GPU benchmark results.
 
-For each compute capability with a committed bench/results JSON (the newest per capability), the
+For each compute capability with a committed bench/results JSON (the newest per capability, by the
+date in its name ``<device>-<YYYY-MM-DD>-<commit>.json``), the
 crossover is the smallest oriented m from which ``ours-triton`` beats ``ours-torch`` (batched
 cuBLAS) at every measured shape and batch with that m or larger; it is written to
 muon_kernels/backends/crossovers.json, which the dispatcher reads (a capability without an entry
@@ -13,12 +14,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from common import REPO, RESULTS_DIR
 
 OUT = REPO / "muon_kernels" / "backends" / "crossovers.json"
+NOTE = ("Measured backend='auto' crossovers per CUDA compute capability (smallest oriented m from which "
+        "ours-triton beat ours-torch at every measured point), from the newest committed GPU benchmark "
+        "under bench/results/; a capability without an entry keeps the default in muon_kernels/backends/__init__.py.")
+_DATE = re.compile(r"-(\d{4}-\d{2}-\d{2})(?:-|$)")
+
+
+def stamp(path: Path) -> tuple[str, str]:
+    """(date, name) of a result file: the date orders runs of one capability across device names
+    (an H100 and an H200 share 9.0, and "nvidia-h100-…" sorts after "h200-…" whatever the dates);
+    the name breaks ties. A name without a date sorts first."""
+    found = _DATE.search(path.stem)
+    return (found.group(1) if found else "", path.name)
 
 
 def crossover(ns_rows: list[dict]) -> int | None:
@@ -39,7 +53,7 @@ def crossover(ns_rows: list[dict]) -> int | None:
 
 
 def table(results_dir: Path) -> dict:
-    newest: dict[str, tuple[str, dict, str]] = {}
+    newest: dict[str, tuple[tuple[str, str], dict, str]] = {}
     for path in sorted(results_dir.glob("*.json")):
         if path.name.startswith("convergence-"):
             continue
@@ -47,9 +61,9 @@ def table(results_dir: Path) -> dict:
         if not result.get("capability") or not result.get("ns"):
             continue
         key = "{}.{}".format(*result["capability"])
-        stamp = path.stem.rsplit("-", 1)[0]  # <device>-<date>
-        if key not in newest or stamp >= newest[key][0]:
-            newest[key] = (stamp, result, path.name)
+        when = stamp(path)
+        if key not in newest or when >= newest[key][0]:
+            newest[key] = (when, result, path.name)
     out = {}
     for key, (_, result, name) in sorted(newest.items()):
         m = crossover(result["ns"])
@@ -66,7 +80,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     by_capability = table(args.results)
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
-    doc.update({"generated_by": "bench/crossovers.py", "by_capability": by_capability})
+    doc.update({"generated_by": "bench/crossovers.py", "note": NOTE, "by_capability": by_capability})
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{args.out}: " + (", ".join(f"sm_{k.replace('.', '')} m >= {v['triton_min_m']}"
                                       for k, v in by_capability.items()) or "no GPU results, defaults kept"))

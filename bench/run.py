@@ -10,9 +10,10 @@ its 16 layers there, scaled), each implementation interleaved with its own torch
     python bench/run.py [--sections ns algorithms update step] [--models gpt2-small ...] [--repeat N] [--quick]
                         [--width-divisor N ...] [--budget-minutes M]
 
-Work runs in a fixed priority order (``work_plan``): the GPT-2 small step, the NS points the GPU
-targets name (4096², 1024×4096, 48 × 768²), the LLaMA-1B step, the update section, then the rest
-of the sweep. The JSON is rewritten after every item, so it is valid whenever the run stops; with
+Work runs in a fixed priority order (``work_plan``): GPT-2 small's default step rows
+(torch.optim.Muon, ours-auto, ours-triton), the NS points the GPU targets name (4096², 1024×4096,
+48 × 768²), LLaMA-1B's default step rows, both models' other step rows (backends, variants), the
+update section, then the rest of the sweep. The JSON is rewritten after every item, so it is valid whenever the run stops; with
 ``--budget-minutes`` no new item starts once the budget is spent, and the JSON says what was
 skipped (``complete: false``, ``skipped``).
 """
@@ -31,7 +32,8 @@ import newton_schulz
 import ns_algorithms
 import step
 import update
-from common import MODELS, RESULTS_DIR, environment, table, write_results
+import phases
+from common import MODELS, RESULTS_DIR, environment, layer_shapes, table, write_results
 
 SECTIONS = ("ns", "algorithms", "update", "step")
 GPU_MODELS = ["gpt2-small", "gpt2-medium", "gpt2-xl", "llama-1b", "llama-7b"]
@@ -54,24 +56,37 @@ class Budget:
 def work_plan(device: torch.device, sections, models: list[str], quick: bool,
               widths: tuple[int, ...] = (1,)) -> list[tuple[str, object]]:
     """(section, what) items in priority order; each runs on its own and leaves a valid result.
-    A step item is (model, width divisor), every width of a model in the order given."""
+
+    A step item is (model, width divisor) on a CPU, every width of a model in the order given (each
+    row there is interleaved with its own reference twin, so a model's rows run together). On a GPU
+    it is (model, width divisor, group): the model's default rows (``step.DEFAULT_IMPLS``:
+    torch.optim.Muon, ours-auto, ours-triton) are one item and the rest (other backends, variants)
+    a later one, so a budgeted run reaches LLaMA-1B's default rows before any variant row (those
+    took ~15 s each on an H200). Order on a GPU: GPT-2 small's defaults, the NS target points,
+    LLaMA-1B's defaults, both models' other rows, the update section, the algorithms, the rest of
+    the NS sweep, then the other models (defaults first)."""
     items: list[tuple[str, object]] = []
     step_models = [m for m in models if "step" in sections]
     ns_points = newton_schulz.points(device, quick) if "ns" in sections else []
     first_ns = [p for p in PRIORITY_NS_POINTS if device.type == "cuda" and "ns" in sections]
-    for model in PRIORITY_MODELS[:1]:
-        if model in step_models:
-            items += [("step", (model, w)) for w in widths]
+    if device.type == "cuda":
+        def steps(model_list, groups):
+            return [("step", (m, w, g)) for g in groups for m in model_list for w in widths]
+    else:
+        def steps(model_list, groups):
+            return [("step", (m, w)) for m in model_list for w in widths] if "default" in groups else []
+    priority = [m for m in PRIORITY_MODELS if m in step_models]
+    others = [m for m in step_models if m not in PRIORITY_MODELS]
+    items += steps(priority[:1], ["default"])
     items += [("ns", p) for p in first_ns]
-    for model in PRIORITY_MODELS[1:]:
-        if model in step_models:
-            items += [("step", (model, w)) for w in widths]
+    items += steps(priority[1:], ["default"])
+    items += steps(priority, ["rest"])
     if "update" in sections:
         items += [("update", m) for m in models]
     if "algorithms" in sections:
         items += [("algorithms", p) for p in ns_algorithms.points(device)]
     items += [("ns", p) for p in ns_points if p not in first_ns]
-    items += [("step", (m, w)) for m in step_models if m not in PRIORITY_MODELS for w in widths]
+    items += steps(others, ["default"]) + steps(others, ["rest"])
     return items
 
 
@@ -109,6 +124,35 @@ def _ns_table(rows, speedups) -> str:
     return table(out, ["shape", "batch", *impls, "ours vs best reference", "bf16 mm TF"])
 
 
+def _floor(model: str, width_divisor: int, ceilings: dict) -> dict:
+    """The step section's floor for ``model`` (its fp32 parameters, every layer) on this device."""
+    matrices, vectors = layer_shapes(model, width_divisor)
+    layers = MODELS[model]["layers"]
+    return {"model": model, "width_divisor": width_divisor,
+            **phases.floor(matrices * layers, vectors * layers, 4, ceilings)}
+
+
+def _phase_table(rows: list[dict]) -> str:
+    """Per step row: wall, kernel and gap (GPU), and each phase (NS summed over buckets)."""
+    out = []
+    for r in rows:
+        if "phases" not in r:
+            continue
+        b = r["phases"]
+        totals: dict[str, list[float]] = {}
+        for name, p in b["phases"].items():
+            key = "ns" if name.startswith("ns") else name
+            t = totals.setdefault(key, [0.0, 0.0])
+            t[0] += p["device_ms"] or 0.0
+            t[1] += p["host_ms"]
+        cell = lambda k: "-" if k not in totals else (  # noqa: E731
+            f"{totals[k][0]:.3g}/{totals[k][1]:.3g}" if "kernel_ms" in b else f"-/{totals[k][1]:.3g}")
+        out.append([step.label(r), r["impl"], f"{b['wall_ms']:.3g}", f"{b.get('kernel_ms', float('nan')):.3g}",
+                    f"{b.get('host_gap_ms', float('nan')):.3g}", *(cell(k) for k in ("momentum", "ns", "update", "adamw"))])
+    return table(out, ["model", "implementation", "wall", "kernels", "gap", "momentum d/h", "NS d/h", "update d/h",
+                       "AdamW d/h"])
+
+
 def main(argv=None, clock=time.monotonic) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
@@ -123,6 +167,8 @@ def main(argv=None, clock=time.monotonic) -> int:
                              "GPU; the largest also sets the update section's)")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="start no new item after this many minutes (the JSON lists what was skipped)")
+    parser.add_argument("--phases", action=argparse.BooleanOptionalAction, default=None,
+                        help="per-phase breakdown of every step row beside the floor (default: on a GPU)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,8 +184,12 @@ def main(argv=None, clock=time.monotonic) -> int:
 
     progress = Progress()
     result = {**env, "quick": quick, "ns": [], "ns_speedups": [], "ns_algorithms": [], "update": [], "step": [],
-              "step_speedups": [],
+              "step_speedups": [], "ceilings": None, "floors": [],
               "notes": [], "budget_minutes": args.budget_minutes, "complete": False, "skipped": []}
+    with_phases = device.type == "cuda" if args.phases is None else args.phases
+    if with_phases and "step" in args.sections:
+        progress("ceilings: bf16 matmul rate and copy bandwidth")
+        result["ceilings"] = phases.ceilings(device)
     budget = Budget(args.budget_minutes, clock)
     path = None
     for section, what in work_plan(device, args.sections, models, quick, widths):
@@ -159,10 +209,14 @@ def main(argv=None, clock=time.monotonic) -> int:
             result["update"] += update.run(device, model=what, width_divisor=max(widths), warmup=warmup,
                                            repeat=repeat, progress=progress)
         else:
-            model, width_divisor = what
+            model, width_divisor, *group = what  # (model, width) on a CPU, (model, width, group) on a GPU
             result["step"] += step.run(device, models=[model], width_divisor=width_divisor, quick=quick,
-                                       warmup=warmup, repeat=repeat, progress=progress)
+                                       warmup=warmup, repeat=repeat, progress=progress, group=(group or [None])[0],
+                                       phases=with_phases)
             result["step_speedups"] = step.speedups(result["step"])
+            if result["ceilings"] and not any(f["model"] == model and f["width_divisor"] == width_divisor
+                                              for f in result["floors"]):
+                result["floors"].append(_floor(model, width_divisor, result["ceilings"]))
         path = write_results(result, args.out_dir)  # valid JSON after every item
     result["complete"] = not result["skipped"]
     progress.done()
@@ -193,6 +247,16 @@ def main(argv=None, clock=time.monotonic) -> int:
                       "-" if r["extra_memory_bytes"] is None else f"{r['extra_memory_bytes'] / 2**20:.0f} MiB"]
                      for r in result["step"]],
                     ["model", "implementation", "ms/step", "speedup vs torch.optim.Muon", "extra memory"]))
+    if any("phases" in r for r in result["step"]):
+        print("\nWhere the step's time goes (ms; device = kernel time of the phase, host = its host time; "
+              "gap = wall − all kernel time)")
+        print(_phase_table(result["step"]))
+        for f in result["floors"]:
+            print(f"floor {step.label(f)}: {f['floor_ms']:.3g} ms = NS {f['ns_ms_symmetric']:.3g} "
+                  f"({f['ns_tflop_symmetric']:.3g} TFLOP with symmetric products; {f['ns_ms_naive']:.3g} naive) + "
+                  f"elementwise {f['elementwise_ms']:.3g} ({f['elementwise_gb']:.3g} GB) + AdamW {f['adamw_ms']:.3g} "
+                  f"at {result['ceilings']['bf16_mm_tflops']:.3g} TFLOP/s and {result['ceilings']['copy_gbps']:.4g} GB/s "
+                  "measured here")
     for note in result["notes"]:
         print("note:", note)
     path = write_results(result, args.out_dir)

@@ -12,6 +12,7 @@ import torch
 
 import muon_kernels as mk
 from common import MODELS, layer_shapes, summarize, time_call
+from phases import breakdown
 
 
 def make_params(model: str, layers: int, width_divisor: int, device: torch.device, seed: int = 0):
@@ -26,10 +27,20 @@ def make_params(model: str, layers: int, width_divisor: int, device: torch.devic
     return mats, vecs
 
 
-def implementations(device: torch.device, quick: bool, width_divisor: int = 1):
+# The rows a short GPU session must bring back first for each model (bench/run.py runs them as one
+# work item, the rest of the model's rows as a later one): the reference, what a user gets (and the
+# same with the step replayed as a CUDA graph), and the Triton backend alone.
+DEFAULT_IMPLS = ("torch.optim.Muon", "ours-auto", "ours-auto-graph", "ours-triton")
+GROUPS = ("default", "rest")
+
+
+def implementations(device: torch.device, quick: bool, width_divisor: int = 1, group: str | None = None):
     """(name, build(mats, vecs) -> step callable) for everything that can run on ``device``. A CPU
     at full width runs only the default and the NS-precision/algorithm rows (a step takes seconds
-    there; the variant rows' cost shows at ÷8 and ÷4)."""
+    there; the variant rows' cost shows at ÷8 and ÷4). ``group``: None for every row, "default" for
+    ``DEFAULT_IMPLS`` (in that order), "rest" for the others."""
+    if group not in (None, *GROUPS):
+        raise ValueError(f"group must be None or one of {GROUPS}, got {group!r}")
 
     def ours(backend, **kw):
         def build(mats, vecs):
@@ -62,13 +73,25 @@ def implementations(device: torch.device, quick: bool, width_divisor: int = 1):
             impls.append((f"ours-{name}-int8-momentum",
                           ours(name, momentum_dtype="int8", momentum_rounding="stochastic")))
     if device.type == "cuda":
-        impls.append(("ours-auto", ours("auto")))  # what a user gets: the dispatch table's choice per bucket
-        # ns_algorithm="auto": Gram NS on the buckets whose aspect ratio clears the threshold
+        # what a user gets: the measured choice per bucket (timed in the warm-up steps), momentum and
+        # update on the fused kernels, AdamW on a side stream
+        impls.append(("ours-auto", ours("auto")))
+        # the same, the step's kernels replayed as one CUDA graph (static gradients: set once)
+        impls.append(("ours-auto-graph", ours("auto", cuda_graph=True)))
+        # AdamW on the main stream, to see what the side stream gains
+        impls.append(("ours-auto-serial-adamw", ours("auto", overlap_adamw=False)))
+        impls.append(("ours-auto-table", ours("auto", dispatch="table")))  # the static dispatch table
+        # ns_algorithm="auto": Gram NS where measured faster (or above the table's aspect ratio)
         impls.append(("ours-auto-gram", ours("auto", ns_algorithm="auto")))
     if device.type == "cpu":
         impls.append(("ours-torch-gram", ours("torch", ns_algorithm="auto")))
         impls.append(("ours-torch-fp32", ours("torch", ns_dtype=torch.float32)))
         impls.append(("ours-torch-fp32-gram", ours("torch", ns_dtype=torch.float32, ns_algorithm="auto")))
+    if group == "default":
+        by_name = dict(impls)
+        return [(name, by_name[name]) for name in DEFAULT_IMPLS if name in by_name]
+    if group == "rest":
+        return [(name, build) for name, build in impls if name not in DEFAULT_IMPLS]
     return impls
 
 
@@ -81,7 +104,13 @@ CPU_FULL_WIDTH_LAYER_LIMIT = {"llama-1b": 1, "llama-7b": 1}
 
 
 def run(device: torch.device, *, models: list[str], width_divisor: int, quick: bool, warmup: int, repeat: int,
-        progress) -> list[dict]:
+        progress, group: str | None = None, phases: bool | None = None) -> list[dict]:
+    """Rows for ``models``; ``group`` (GPU only) restricts them as ``implementations`` does. A CPU
+    run pairs every row with its own reference twin, so it always takes every row at once.
+    ``phases`` (default: on a GPU) adds each row's per-phase breakdown (bench/phases.py)."""
+    phases = device.type == "cuda" if phases is None else phases
+    if group is not None and device.type == "cpu":
+        raise ValueError("the CPU step section interleaves every row with its reference: run it with group=None")
     results = []
     for model in models:
         layers = MODELS[model]["layers"]
@@ -90,8 +119,10 @@ def run(device: torch.device, *, models: list[str], width_divisor: int, quick: b
             run_layers = min(run_layers, CPU_FULL_WIDTH_LAYER_LIMIT.get(model, layers))
         measure = _interleaved if device.type == "cpu" else _one_by_one
         scale = layers / run_layers
-        for row in measure(device, model, run_layers, width_divisor, quick, warmup, repeat, progress):
+        for row in measure(device, model, run_layers, width_divisor, quick, warmup, repeat, progress, group, phases):
             stats = {k: v * scale for k, v in summarize(row["samples"]).items()}
+            if "phases" in row:
+                row["phases"] = _scaled(row["phases"], scale)
             if "paired_reference_samples" in row:
                 row["paired_reference_ms"] = summarize(row["paired_reference_samples"])["ms"] * scale
             results.append({"model": model, **row, "width_divisor": width_divisor, "layers": layers,
@@ -99,9 +130,18 @@ def run(device: torch.device, *, models: list[str], width_divisor: int, quick: b
     return results
 
 
-def _one_by_one(device, model, run_layers, width_divisor, quick, warmup, repeat, progress):
-    """GPU: each implementation on its own parameters, timed with CUDA events, its peak memory."""
-    for name, build in implementations(device, quick, width_divisor):
+def _scaled(breakdown: dict, scale: float) -> dict:
+    """A phase breakdown of ``layers_run`` layers, scaled to the model's (every time is per layer)."""
+    out = {k: v * scale if k.endswith("_ms") else v for k, v in breakdown.items()}
+    out["phases"] = {name: {k: v * scale if k.endswith("_ms") and v is not None else v for k, v in p.items()}
+                     for name, p in breakdown["phases"].items()}
+    return out
+
+
+def _one_by_one(device, model, run_layers, width_divisor, quick, warmup, repeat, progress, group=None, phases=False):
+    """GPU: each implementation on its own parameters, timed with CUDA events, its peak memory, and
+    with ``phases`` its per-phase breakdown."""
+    for name, build in implementations(device, quick, width_divisor, group):
         progress(f"step {model} {name}")
         mats, vecs = make_params(model, run_layers, width_divisor, device)
         step = build(mats, vecs)
@@ -109,16 +149,19 @@ def _one_by_one(device, model, run_layers, width_divisor, quick, warmup, repeat,
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         samples = time_call(step, device=device, warmup=warmup, repeat=repeat)
-        yield {"impl": name, "samples": samples, "extra_memory_bytes": torch.cuda.max_memory_allocated() - base}
+        row = {"impl": name, "samples": samples, "extra_memory_bytes": torch.cuda.max_memory_allocated() - base}
+        if phases:
+            row["phases"] = breakdown(step, device)
+        yield row
         del step, mats, vecs
 
 
-def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat, progress):
+def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat, progress, group=None, phases=False):
     """CPU: wall clock drifts with the machine's load and clock, so every implementation is timed
     alternating step by step with its own torch.optim.Muon + AdamW twin; its ratio comes from those
     paired samples (``paired_reference_ms``), and the reference row pools every pairing."""
     (ref_name, ref_build), *others = implementations(device, quick, width_divisor)
-    pooled, rows = [], []
+    pooled, rows, reference_phases = [], [], None
     where = label({"model": model, "width_divisor": width_divisor})
     for name, build in others:
         progress(f"step {where} {name} (interleaved with {ref_name})")
@@ -133,8 +176,12 @@ def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat
         pooled += samples[0]
         rows.append({"impl": name, "samples": samples[1], "paired_reference_samples": samples[0],
                      "extra_memory_bytes": None})
+        if phases:
+            rows[-1]["phases"] = breakdown(steps[1], device)
+            reference_phases = reference_phases or breakdown(steps[0], device)
         del steps
-    return [{"impl": ref_name, "samples": pooled, "extra_memory_bytes": None}, *rows]
+    reference = {"impl": ref_name, "samples": pooled, "extra_memory_bytes": None}
+    return [{**reference, "phases": reference_phases} if phases else reference, *rows]
 
 
 def speedups(results: list[dict]) -> list[dict]:

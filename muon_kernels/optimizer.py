@@ -15,7 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import distributed as dist_muon
-from . import momentum_precision, settings, variants
+from . import graphs, momentum_precision, settings, variants
 from .adamw import ADAMW_KEYS, adamw_step, check_adamw_settings
 from .backends import measured
 from .plan import build_buckets, check_params, describe, group_items
@@ -43,6 +43,12 @@ class Muon(Optimizer):
     (muon_kernels/splits.py); ``momentum_dtype="int8"`` or ``torch.bfloat16`` with
     ``momentum_rounding="stochastic"`` keep the momentum in low precision
     (muon_kernels/momentum_precision.py).
+
+    ``dispatch="measure"`` (default) lets ``backend="auto"`` time every path per bucket on a GPU and
+    keep the fastest (muon_kernels/backends/measured.py); ``"table"`` keeps the static table.
+    ``cuda_graph=True`` captures the step's device work in a CUDA graph and replays it while no
+    storage or setting changes (muon_kernels/graphs.py); ``overlap_adamw`` (default) runs the AdamW
+    half on a side stream beside the Muon half on a GPU.
     """
 
     def __init__(
@@ -79,6 +85,8 @@ class Muon(Optimizer):
         distributed: str = "auto",
         process_group=None,
         capturable: bool = False,
+        cuda_graph: bool = False,
+        overlap_adamw: bool = True,
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
@@ -90,6 +98,12 @@ class Muon(Optimizer):
         self.max_workspace_bytes = max_workspace_bytes
         measured.mode(dispatch)  # raises on a bad value
         self.dispatch = dispatch
+        for name, value in (("cuda_graph", cuda_graph), ("overlap_adamw", overlap_adamw)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        self._graph = graphs.StepGraph() if cuda_graph else None
+        self.overlap_adamw = overlap_adamw
+        self._side_streams: dict = {}
         dist_muon.check_process_group(distributed, process_group)
         self.distributed = distributed
         self.process_group = process_group
@@ -133,6 +147,7 @@ class Muon(Optimizer):
         self._validated: dict[int, tuple] = {}  # group index → settings key of its last successful check
         self._buckets: list = []
         self._placements: list = []  # per bucket: how it is computed under torch.distributed
+        self._plan_version = 0  # counts plan rebuilds (a captured step graph belongs to one plan)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -155,6 +170,12 @@ class Muon(Optimizer):
             raise
 
     def _add_group(self, group: dict[str, Any]) -> None:
+        if self._graph is not None:
+            tensors = [item[1] if isinstance(item, tuple) else item for item in group["params"]]
+            for i, p in enumerate(tensors):
+                if p.device.type != "cuda":
+                    raise ValueError(f"cuda_graph=True captures CUDA kernels, but parameter #{i} of shape "
+                                     f"{tuple(p.shape)} is on {p.device}; pass cuda_graph=False")
         if group["use_muon"]:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -239,6 +260,7 @@ class Muon(Optimizer):
             measured.resolve(buckets, self._placements, self.dispatch, self.max_workspace_bytes)
             self._buckets = buckets
             self._plan_key = key
+            self._plan_version += 1
         return self._buckets
 
     def _replicated(self):
@@ -254,6 +276,77 @@ class Muon(Optimizer):
         return describe(self.param_groups, buckets, [(p.kind, p.owners) for p in placements])
 
     # ------------------------------------------------------------------ step
+    def _device_step(self, work: list[tuple[int, dict, list[torch.Tensor]]], buckets) -> None:
+        """Everything a step does on the device, after validation and planning (the part
+        ``cuda_graph=True`` captures). AdamW runs on a side stream beside the Muon half where
+        ``overlap_adamw`` and a CUDA device make that possible."""
+        self._advance_momentum_steps(buckets)
+        adamw = [(group, params) for _, group, params in work if not group["use_muon"] and params]
+        side = self._adamw_stream(adamw, buckets)
+        if side is None:
+            for group, params in adamw:
+                adamw_step(group, params, self.state)
+        else:
+            side.wait_stream(torch.cuda.current_stream(side.device))  # AdamW reads what the caller wrote
+            with torch.cuda.stream(side):
+                for group, params in adamw:
+                    adamw_step(group, params, self.state)
+        # Collectives are started in the same order on every rank: sharded gathers, replicated
+        # gathers, sharded scatters; local work and later buckets' Newton–Schulz overlap them.
+        gathers, replicated = [], []
+        for bucket, placement in zip(buckets, self._placements):
+            steps = placement.shard or bucket  # an FSDP2 rank steps its rows of each matrix
+            bufs = [e.piece(self._momentum_buffer(e.param, self.param_groups[e.group])) for e in steps.entries]
+            grads = [e.piece(e.param.grad) for e in steps.entries]
+            stack = steps.momentum_stack(grads, bufs, self.param_groups, self.state)
+            if placement.kind == "sharded":
+                gathers.append((bucket, placement, dist_muon.start_sharded_gather(bucket, placement, stack)))
+            elif placement.kind == "replicated":
+                replicated.append((bucket, dist_muon.start_replicated(bucket, placement.owners, placement.group, stack,
+                                                                      self.max_workspace_bytes)))
+            else:
+                ortho = bucket.orthogonalize(stack, self.max_workspace_bytes)
+                bucket.apply_update(ortho, self.param_groups, self.state)
+        scatters = [(bucket, placement, dist_muon.start_sharded_scatter(bucket, placement.owners, placement.group,
+                                                                        gathered, self.max_workspace_bytes))
+                    for bucket, placement, gathered in gathers]
+        for bucket, handle in replicated:
+            bucket.apply_update(dist_muon.finish_replicated(handle), self.param_groups, self.state)
+        for bucket, placement, handle in scatters:
+            dist_muon.finish_sharded(bucket, placement, handle, self.param_groups, self.state)
+        if side is not None:
+            # The caller's stream waits for AdamW before anything after the step (a read of the
+            # parameters, a free of the gradients) runs; every tensor AdamW touched was allocated
+            # on that stream or stays on the side stream, so the caching allocator needs no
+            # record_stream.
+            torch.cuda.current_stream(side.device).wait_stream(side)
+
+    def _adamw_stream(self, adamw: list, buckets) -> torch.cuda.Stream | None:
+        """The side stream for the AdamW half: when overlapping is on, there is Muon work to overlap,
+        and every AdamW parameter is on one CUDA device."""
+        if not (self.overlap_adamw and adamw and buckets):
+            return None
+        devices = {p.device for _, params in adamw for p in params}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            return None
+        device = next(iter(devices))
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device)
+        return self._side_streams[device]
+
+    def _graph_key(self, work: list[tuple[int, dict, list[torch.Tensor]]]) -> tuple:
+        """What a captured step depends on: every storage it touches, and the group settings;
+        raises ValueError (before anything is modified) where a step cannot be captured."""
+        storages = []
+        for _, _, params in work:
+            for p in params:
+                storages += [p.data_ptr(), p.grad.data_ptr()]
+                storages += [v.data_ptr() for v in self.state[p].values() if isinstance(v, torch.Tensor)]
+        if any(placement.kind != "local" for placement in self._placements):
+            raise ValueError("cuda_graph=True does not capture the collectives of DDP/FSDP2 (distributed buckets); "
+                             "pass cuda_graph=False, or distributed='off' where every rank steps on its own")
+        return tuple(storages), tuple(settings.settings_key(g) for g in self.param_groups), self._plan_version
+
     def _momentum_buffer(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """The momentum buffer in the group's momentum dtype (int8 with its block scales), created
         at the first step or converted when the group's momentum_dtype changed."""
@@ -305,31 +398,8 @@ class Muon(Optimizer):
         settings.check_distributed_grads(self.param_groups, self._replicated())
         buckets = self._plan_buckets([w for w in work if w[1]["use_muon"] and w[2]])
         self._init_variant_state(buckets)
-        self._advance_momentum_steps(buckets)
-        for _, group, params in work:
-            if not group["use_muon"]:
-                adamw_step(group, params, self.state)
-        # Collectives are started in the same order on every rank: sharded gathers, replicated
-        # gathers, sharded scatters; local work and later buckets' Newton–Schulz overlap them.
-        gathers, replicated = [], []
-        for bucket, placement in zip(buckets, self._placements):
-            steps = placement.shard or bucket  # an FSDP2 rank steps its rows of each matrix
-            bufs = [e.piece(self._momentum_buffer(e.param, self.param_groups[e.group])) for e in steps.entries]
-            grads = [e.piece(e.param.grad) for e in steps.entries]
-            stack = steps.momentum_stack(grads, bufs, self.param_groups, self.state)
-            if placement.kind == "sharded":
-                gathers.append((bucket, placement, dist_muon.start_sharded_gather(bucket, placement, stack)))
-            elif placement.kind == "replicated":
-                replicated.append((bucket, dist_muon.start_replicated(bucket, placement.owners, placement.group, stack,
-                                                                      self.max_workspace_bytes)))
-            else:
-                ortho = bucket.orthogonalize(stack, self.max_workspace_bytes)
-                bucket.apply_update(ortho, self.param_groups, self.state)
-        scatters = [(bucket, placement, dist_muon.start_sharded_scatter(bucket, placement.owners, placement.group,
-                                                                        gathered, self.max_workspace_bytes))
-                    for bucket, placement, gathered in gathers]
-        for bucket, handle in replicated:
-            bucket.apply_update(dist_muon.finish_replicated(handle), self.param_groups, self.state)
-        for bucket, placement, handle in scatters:
-            dist_muon.finish_sharded(bucket, placement, handle, self.param_groups, self.state)
+        if self._graph is None:
+            self._device_step(work, buckets)
+        else:
+            self._graph.step(self._graph_key(work), lambda: self._device_step(work, buckets))
         return loss

@@ -99,6 +99,31 @@ def test_crossover_is_the_smallest_m_from_which_triton_always_wins():
     assert crossovers.crossover([_row(64, 64, 1, "ours-triton", 2.0), _row(64, 64, 1, "ours-torch", 1.0)]) is None
 
 
+def test_the_newest_result_per_capability_is_picked_by_date(tmp_path):
+    """An H100 and an H200 share capability 9.0; "nvidia-h100-…" sorts after "h200-…" as a string,
+    so the newest run is found by the date in the name."""
+    import crossovers
+
+    old = {"device": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "commit": "old", "ns": [
+        _row(1024, 1024, 1, "ours-triton", 1.0), _row(1024, 1024, 1, "ours-torch", 2.0)]}
+    new = {"device": "NVIDIA H200", "capability": [9, 0], "commit": "new", "ns": [
+        _row(1024, 1024, 1, "ours-triton", 2.0), _row(1024, 1024, 1, "ours-torch", 1.0),
+        _row(4096, 4096, 1, "ours-triton", 1.0), _row(4096, 4096, 1, "ours-torch", 2.0)]}
+    (tmp_path / "nvidia-h100-2026-11-23-old.json").write_text(json.dumps(old))
+    (tmp_path / "h200-2026-12-04-new.json").write_text(json.dumps(new))
+    table = crossovers.table(tmp_path)
+    assert table["9.0"]["commit"] == "new" and table["9.0"]["triton_min_m"] == 4096
+
+
+def test_committed_crossovers_are_generated_from_the_committed_results():
+    import crossovers
+
+    committed = json.loads(crossovers.OUT.read_text())
+    assert committed["by_capability"] == crossovers.table(crossovers.RESULTS_DIR)
+    for entry in committed["by_capability"].values():
+        assert (crossovers.REPO / entry["source"]).is_file()
+
+
 def test_crossover_table_reaches_the_dispatcher(tmp_path, monkeypatch):
     import crossovers
 
@@ -133,10 +158,34 @@ def test_work_plan_puts_the_gpu_targets_first():
     import run
 
     plan = run.work_plan(torch.device("cuda"), run.SECTIONS, run.GPU_MODELS, quick=True)
-    assert plan[:5] == [("step", ("gpt2-small", 1)), ("ns", (4096, 4096, 1)), ("ns", (1024, 4096, 1)),
-                        ("ns", (768, 768, 48)), ("step", ("llama-1b", 1))]
+    assert plan[:7] == [("step", ("gpt2-small", 1, "default")), ("ns", (4096, 4096, 1)), ("ns", (1024, 4096, 1)),
+                        ("ns", (768, 768, 48)), ("step", ("llama-1b", 1, "default")),
+                        ("step", ("gpt2-small", 1, "rest")), ("step", ("llama-1b", 1, "rest"))]
     assert len(plan) == len(set(plan))  # nothing twice
-    assert {m for s, (m, _) in [i for i in plan if i[0] == "step"]} == set(run.GPU_MODELS)
+    steps = [what for section, what in plan if section == "step"]
+    assert {m for m, _, _ in steps} == set(run.GPU_MODELS)
+    assert {(m, g) for m, _, g in steps} == {(m, g) for m in run.GPU_MODELS for g in ("default", "rest")}
+    # LLaMA-1B's default rows come before any variant row (a budgeted H200 run was cut inside them).
+    assert steps.index(("llama-1b", 1, "default")) < min(i for i, (_, _, g) in enumerate(steps) if g == "rest")
+
+
+def test_step_groups_split_the_rows_in_two():
+    import torch
+
+    import step
+
+    device = torch.device("cpu")
+    every = [name for name, _ in step.implementations(device, quick=True, width_divisor=8)]
+    default = [name for name, _ in step.implementations(device, quick=True, width_divisor=8, group="default")]
+    rest = [name for name, _ in step.implementations(device, quick=True, width_divisor=8, group="rest")]
+    assert sorted(default + rest) == sorted(every) and not set(default) & set(rest)
+    assert default == [n for n in step.DEFAULT_IMPLS if n in every] and default[0] == "torch.optim.Muon"
+    assert all("cautious" not in n and "int8" not in n for n in default)
+    with pytest.raises(ValueError):
+        step.implementations(device, quick=True, group="variants")
+    with pytest.raises(ValueError):  # the CPU pairs every row with its reference twin: no split there
+        step.run(device, models=["gpt2-small"], width_divisor=8, quick=True, warmup=0, repeat=1,
+                 progress=lambda text: None, group="default")
 
 
 def test_cpu_step_plan_covers_every_width_of_both_shape_sets():
@@ -212,18 +261,25 @@ def test_targets_parse_and_measure():
     targets = gpu_check.load_targets()
     assert {t["kind"] for t in targets} == set(gpu_check.TARGET_KINDS)
     result = {
-        "step_speedups": [{"model": "gpt2-small", "impl": "ours-triton", "speedup": 3.4},
-                          {"model": "gpt2-small", "impl": "ours-torch", "speedup": 1.1}],
+        "step_speedups": [{"model": "gpt2-small", "impl": "ours-triton", "speedup": 5.4},
+                          {"model": "gpt2-small", "impl": "ours-auto", "speedup": 4.1}],
         "ns": [{"shape": [4096, 4096], "batch": 1, "impl": "cublas-recurrence", "ms": 13.0},
-               {"shape": [4096, 4096], "batch": 1, "impl": "ours-triton", "ms": 10.0}],
+               {"shape": [4096, 4096], "batch": 1, "impl": "torch.optim.Muon", "ms": 11.7},
+               {"shape": [4096, 4096], "batch": 1, "impl": "ours-triton", "ms": 10.0},
+               {"shape": [1024, 4096], "batch": 1, "impl": "torch.optim.Muon", "ms": 0.3},
+               {"shape": [1024, 4096], "batch": 1, "impl": "ours-torch", "ms": 0.4},
+               {"shape": [1024, 4096], "batch": 1, "impl": "ours-triton-gram", "ms": 0.2}],
         "update": [{"model": "gpt2-small", "impl": "ours-triton", "fraction_of_copy": 0.7}],
     }
     measured = {t["name"]: gpu_check.measure(t, result) for t in targets}
-    by_kind = {t["kind"] + t.get("model", ""): measured[t["name"]] for t in targets}
-    assert by_kind["step_speedupgpt2-small"] == (3.4, "ours-triton")
-    assert by_kind["step_speedupllama-1b"] == (None, "not measured")
-    assert by_kind["ns_speedup"] == (pytest.approx(1.3), "ours-triton")
-    assert by_kind["update_fractiongpt2-small"] == (0.7, "ours-triton")
+    assert measured["Muon.step() GPT-2 small, backend=auto, vs torch.optim.Muon + AdamW"] == (4.1, "ours-auto")
+    assert measured["Muon.step() LLaMA-1B, backend=auto, vs torch.optim.Muon + AdamW"] == (None, "not measured")
+    # against the faster reference (torch.optim.Muon's 11.7 ms here)
+    assert measured["Newton-Schulz 4096x4096"] == (pytest.approx(1.17), "ours-triton vs torch.optim.Muon")
+    assert measured["Newton-Schulz 8192x8192"] == (None, "not measured")
+    # Gram rows count where the target allows them
+    assert measured["Newton-Schulz 1024x4096 (Gram allowed)"] == (pytest.approx(1.5), "ours-triton-gram vs torch.optim.Muon")
+    assert measured["elementwise update, fraction of device copy bandwidth (GPT-2 small)"] == (0.7, "ours-triton")
 
 
 def test_bad_target_list_is_refused(tmp_path):
@@ -250,7 +306,7 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
         else:
             (tmp_path / "nvidia-h200-2026-12-03-abc.json").write_text(json.dumps(
                 {"device": "NVIDIA H200", "complete": False, "skipped": [["step", "gpt2-xl"]],
-                 "step_speedups": [{"model": "gpt2-small", "impl": "ours-triton", "speedup": 3.2}]}))
+                 "step_speedups": [{"model": "gpt2-small", "impl": "ours-auto", "speedup": 5.2}]}))
         log.write_text("log")
         return 0
 
@@ -262,7 +318,7 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
     assert budget == pytest.approx((480 - 100) / 60 - 1.5, abs=0.01)
     text = (tmp_path / "summary.md").read_text()
     assert "5 tests, 1 failures, 0 errors, 1 skipped" in text
-    assert "| 3.2 | ours-triton | met |" in text and "not measured" in text
+    assert "| 5.2 | ours-auto | met |" in text and "not measured" in text
 
 
 # ---------------------------------------------------------------- option measurements (docs/newton_schulz.md)

@@ -38,6 +38,20 @@ def _randn(*shape, seed=0):
     return torch.randn(*shape, generator=g).to(DEV)
 
 
+# Element-wise bound in fp32: this many times the worst element error of torch's own fp32
+# recurrence (cuBLAS) on the same input. Both kernels accumulate every output in one serial FMA
+# chain over K (csrc/gemm.cuh SimtGemm; Triton's FMA lowering of tl.dot), whose worst elements sit
+# higher than cuBLAS's (a serial chain loses most on the diagonal of X·Xᵀ, a sum of positive terms).
+# On this test's 48×768² input (seed 0) the recurrence with that order, emulated on the CPU
+# (tests/summation_order.py's serial_fma_matmul for every product), reaches 1.21e-6 against
+# cuBLAS's 4.08e-7 on the H200: 2.96×; the Triton and CUDA kernels measured 1.05e-6 there (2.57×).
+# 4× leaves room for the order and still fails a corrupted element (off by ~1e-2, not 1e-6). It is
+# at least the former bound (2× + 1e-6·max|ref|) wherever torch's worst error is >= 5e-7·max|ref|
+# (at 48×768² on the H200: 4.08e-7 against 9.3e-8). 16-bit results keep that former bound (their
+# error is the operands' rounding, which every order shares).
+FP32_ELEMENT_FACTOR = 4
+
+
 def _check_against_fp64(out, G, ns_dtype):
     """Frobenius bound of DESIGN.md §5 and an element-wise one, both tied to torch's own error:
     a plain torch recurrence at the same precision, run on the same device."""
@@ -47,7 +61,12 @@ def _check_against_fp64(out, G, ns_dtype):
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) <= frobenius
     worst = (out.double() - ref).abs().max().item()
-    assert worst <= 2 * (plain - ref).abs().max().item() + 1e-6 * ref.abs().max().item(), worst
+    torch_worst = (plain - ref).abs().max().item()
+    if ns_dtype == torch.float32:
+        bound = FP32_ELEMENT_FACTOR * torch_worst
+    else:
+        bound = 2 * torch_worst + 1e-6 * ref.abs().max().item()
+    assert worst <= bound, (worst, torch_worst)
 
 
 @pytest.mark.parametrize("shape", [(1, 4096, 4096), (1, 1024, 4096), (48, 768, 768)])

@@ -14,7 +14,8 @@ import muon_kernels as mk
 from muon_kernels.backends import available_backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from oracles import plain_recurrence, reference_ns, rel_err  # noqa: E402
+from ns_band import band  # noqa: E402
+from oracles import reference_ns, rel_err  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEV = torch.device("cuda")
@@ -43,13 +44,19 @@ def test_fp32_matches_fp64(backend, algorithm, preset, shape):
 @pytest.mark.parametrize("algorithm, preset", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_band(backend, algorithm, preset, dtype):
+    """The iteration runs in ``dtype``; the result comes back in the input's dtype (fp32 here), as
+    ``orthogonalize`` documents. Bound: DESIGN.md §5, 2 × the plain ``dtype`` recurrence's error + 1e-2,
+    the baseline iterating from the preset's own normalization (tests/ns_band.py). The torch backend
+    on the CPU, same input, lands at 0.14–0.27 of the bound in bf16 and 0.06–0.13 in fp16
+    (tests/test_ns_band_cpu.py)."""
     _backend_or_fail(backend)
     G = torch.randn(4, 256, 1024, generator=torch.Generator().manual_seed(8), dtype=torch.float64).float()
-    ref = reference_ns(G, preset)
-    bound = 2 * rel_err(plain_recurrence(G, dtype, preset, None), ref) + 1e-2
+    ref, bound = band(G, dtype, preset)
     out = mk.orthogonalize(G.to(DEV), ns_coefficients=preset, ns_dtype=dtype, ns_algorithm=algorithm,
                            backend=backend).cpu()
-    assert out.dtype == dtype and rel_err(out, ref) <= bound
+    assert out.dtype == G.dtype and out.shape == G.shape
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) <= bound, (rel_err(out, ref), bound)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -107,26 +107,48 @@ def _kernel_launches(opt) -> int:
                and "memset" not in e.name.lower())
 
 
-def test_launch_count_is_constant_per_bucket():
-    """4 + 3·steps launches per symmetric bucket and 5 per small bucket, whatever the parameter count."""
+@pytest.mark.parametrize("fill", [False, True], ids=["plain", "debug-fill"])
+def test_launch_count_is_constant_per_bucket(monkeypatch, fill):
+    """4 + 3·steps launches per symmetric bucket and 5 per small bucket, whatever the parameter count
+    (the list: README.md "Kernel launches of one step"; counted on the CPU interpreter by
+    tests/interpreter/test_launch_count_triton.py). ``MUON_KERNELS_DEBUG_FILL=nan`` (which ``make
+    gpu-check`` sets for the whole run) adds one fill per work buffer: the stack, the normalized X and
+    its partial sums, and each product's output — 3 + 3·steps for the symmetric bucket, 4 for the
+    small one. The plain count is measured with the variable cleared, whatever the caller set."""
+    if fill:
+        monkeypatch.setenv("MUON_KERNELS_DEBUG_FILL", "nan")
+    else:
+        monkeypatch.delenv("MUON_KERNELS_DEBUG_FILL", raising=False)
+    steps = 5
     counts = []
     for layers in (2, 8):
         shapes = [(2048, 2048), (64, 256)] * layers
         ps = _params(shapes)
-        opt = mk.Muon(ps, backend="triton", ns_steps=5)
+        opt = mk.Muon(ps, backend="triton", ns_steps=steps)
+        assert {(r.shape, r.path) for r in opt.plan()} == {((2048, 2048), "symmetric"), ((64, 256), "small")}
         for p in ps:
             p.grad = torch.randn_like(p)
         opt.step()  # compile
         counts.append(_kernel_launches(opt))
-    assert counts[0] == counts[1] == (4 + 3 * 5) + 5, counts
+    launches = (4 + 3 * steps) + 5
+    fills = (3 + 3 * steps) + 4 if fill else 0
+    assert counts[0] == counts[1] == launches + fills, counts
 
 
-def test_auto_dispatch_by_shape():
-    ps = _params([(64, 256), (768, 3072), (2048, 2048)])
-    rows = {r.shape: r for r in mk.Muon(ps).plan()}
+def test_auto_dispatch_table_by_shape():
+    """The static table (dispatch="table"; the measuring mode is tests/gpu/test_measured_gpu.py's), on
+    both sides of this GPU's crossover: muon_kernels/backends/crossovers.json's where it has the
+    capability (sm_90: m >= 4096, from the H200 run), else the default."""
+    from muon_kernels.backends import triton_min_m
+
+    min_m, _ = triton_min_m(torch.cuda.get_device_capability())
+    below, at = (min_m // 2, min_m), (min_m, min_m)
+    ps = _params([(64, 256), (768, 3072), below, at])
+    rows = {r.shape: r for r in mk.Muon(ps, dispatch="table").plan()}
     assert (rows[(64, 256)].backend, rows[(64, 256)].path) == ("triton", "small")
     assert rows[(768, 3072)].backend == "torch"
-    assert (rows[(2048, 2048)].backend, rows[(2048, 2048)].path) == ("triton", "symmetric")
+    assert rows[below].backend == "torch"
+    assert (rows[at].backend, rows[at].path) == ("triton", "symmetric")
 
 
 def test_compiled_training_step_matches_eager():

@@ -6,11 +6,17 @@ with all of them."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import muon_kernels as mk
 from muon_kernels.backends import available_backends
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cautious_compare  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEV = torch.device("cuda")
@@ -19,23 +25,14 @@ DEV = torch.device("cuda")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cautious_weight_decay_matches_torch_backend(backend, dtype):
+    """Three cautious steps against the torch backend (tests/cautious_compare.py): equal to the
+    backends' rounding wherever both backends' masks agree, at most the decay apart where an O entry
+    within rounding of zero flipped the mask, and such flips rare. (The first H200 run's global
+    1e-5 check saw a 0.0176 gap in norm: lr·wd = 2.5% of one |W| ≈ 0.7, about one entry of 786k.)"""
     ok, why = available_backends(DEV)[backend]
     assert ok, f"backend {backend} unavailable on this GPU: {why}"
-    torch.manual_seed(0)
-    shapes = [(256, 1024), (1024, 256), (256, 1024)]
-    ps = [torch.nn.Parameter(torch.randn(s, device=DEV).to(dtype)) for s in shapes]
-    twins = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    opts = [mk.Muon(x, lr=0.05, weight_decay=0.5, weight_decay_mode="cautious", ns_dtype=torch.float32, backend=b)
-            for x, b in ((ps, backend), (twins, "torch"))]
-    for _ in range(3):
-        grads = [torch.randn(s, device=DEV).to(dtype) for s in shapes]
-        for group, opt in zip((ps, twins), opts):
-            for p, g in zip(group, grads):
-                p.grad = g.clone()
-            opt.step()
-    tol = 1e-5 if dtype == torch.float32 else 2.0**-7
-    for p, q in zip(ps, twins):
-        assert ((p.float() - q.float()).norm() / q.float().norm()).item() <= tol
+    result = cautious_compare.run_pair(backend, [(256, 1024), (1024, 256), (256, 1024)], dtype, DEV)
+    cautious_compare.check(result, tol=1e-5 if dtype == torch.float32 else 2.0**-7)
 
 
 def _pair(backend, shapes, dtype, options, groups=None):

@@ -1,0 +1,83 @@
+"""``Muon(cuda_graph=True)`` and the AdamW side stream on a real GPU (marked ``gpu``; skipped without
+one): replayed steps equal eager steps bit for bit (static gradients, a tensor lr written in place
+between steps), reallocated gradients fall back to eager steps with one warning, and AdamW on a side
+stream gives the same bits as on the main stream, also while gradients are freed and reallocated
+every step under the caching allocator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import muon_kernels as mk
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEV = torch.device("cuda")
+SHAPES = [(768, 768), (3072, 768), (768, 3072), (64, 256)]
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mats = [torch.nn.Parameter((torch.randn(s, generator=g) / s[1] ** 0.5).to(DEV)) for s in SHAPES]
+    vecs = [torch.nn.Parameter(torch.randn(768, generator=g).to(DEV)) for _ in range(3)]
+    return mats, vecs
+
+
+def _opt(mats, vecs, lr, **kw):
+    return mk.Muon([{"params": mats, "use_muon": True}, {"params": vecs, "use_muon": False}], lr=lr,
+                   adamw_lr=torch.tensor(1e-3, device=DEV), capturable=True, **kw)
+
+
+def _grads(ps, seed, static=True):
+    g = torch.Generator().manual_seed(seed)
+    for p in ps:
+        new = torch.randn(p.shape, generator=g).to(DEV)
+        if static and p.grad is not None:
+            p.grad.copy_(new)
+        else:
+            p.grad = new
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+def test_replayed_steps_equal_eager_steps_bit_for_bit(backend):
+    runs = []
+    for graph in (False, True):
+        mats, vecs = _params()
+        lr = torch.tensor(0.02, device=DEV)
+        opt = _opt(mats, vecs, lr, cuda_graph=graph, backend=backend)
+        for i in range(6):
+            lr.fill_(0.02 * (1 - i / 10))  # a scheduler writing the tensor lr in place
+            _grads(mats + vecs, i)
+            opt.step()
+        runs.append([p.detach().clone() for p in mats + vecs])
+        if graph:
+            assert opt._graph.captures == 1 and opt._graph.graph is not None
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_reallocated_gradients_step_eagerly_with_a_warning():
+    mats, vecs = _params()
+    opt = _opt(mats, vecs, torch.tensor(0.02, device=DEV), cuda_graph=True)
+    with pytest.warns(UserWarning, match="set_to_none=False"):
+        for i in range(5):
+            _grads(mats + vecs, i, static=False)
+            opt.step()
+    assert opt._graph.captures == 0
+
+
+def test_adamw_on_a_side_stream_gives_the_same_bits_under_the_caching_allocator():
+    runs = []
+    for overlap in (False, True):
+        mats, vecs = _params()
+        opt = _opt(mats, vecs, torch.tensor(0.02, device=DEV), overlap_adamw=overlap)
+        for i in range(8):
+            _grads(mats + vecs, i, static=False)  # fresh gradients every step, freed after it
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.empty(64 * 2**20, device=DEV).fill_(float("nan"))  # reuse freed blocks at once
+        torch.cuda.synchronize()
+        runs.append([p.detach().clone() for p in mats + vecs])
+        assert (DEV in opt._side_streams) == overlap
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -1,0 +1,131 @@
+"""``Muon(cuda_graph=True)``'s capture logic (muon_kernels/graphs.py) on a CPU, with a stand-in for
+the CUDA graph: when a step runs eagerly, is captured or is replayed, what invalidates a capture,
+the warning when nothing can be replayed, and the errors for what cannot be captured. The real
+capture and replay, bit for bit against eager steps, is tests/gpu/test_graphs_gpu.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import muon_kernels as mk
+from muon_kernels import graphs
+
+
+class FakeGraph:
+    """Records the captured work and "replays" it by running it again."""
+
+    def __init__(self, run):
+        self.run, self.replays = run, 0
+
+    def replay(self):
+        self.replays += 1
+        self.run()
+
+
+def test_a_key_runs_eagerly_then_is_captured_then_replayed():
+    g = graphs.StepGraph(capture_fn=FakeGraph)
+    ran = []
+    modes = [g.step(key, lambda: ran.append(1)) for key in ["a", "a", "a", "b", "b", "b", "a"]]
+    assert modes == ["eager", "capture", "replay", "eager", "capture", "replay", "eager"]
+    assert len(ran) == len(modes) and g.captures == 2
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+
+
+def _graphed(model, **kw):
+    opt = mk.Muon(model.parameters(), lr=0.02, ns_dtype=torch.float32, **kw)
+    opt._graph = graphs.StepGraph(capture_fn=FakeGraph)  # cuda_graph=True refuses CPU parameters
+    return opt
+
+
+def _modes(opt, model, steps, set_to_none=False, lrs=None):
+    modes = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(steps):
+        for p in model.parameters():
+            grad = torch.randn(p.shape, generator=g)
+            if p.grad is None or set_to_none:
+                p.grad = grad
+            else:
+                p.grad.copy_(grad)
+        if lrs is not None:
+            opt.param_groups[0]["lr"] = lrs[i]
+        record = []
+        step = opt._graph.step
+        opt._graph.step = lambda key, run: record.append(step(key, run))
+        opt.step()
+        opt._graph.step = step
+        modes += record
+    return modes
+
+
+def test_static_storages_are_captured_once_and_replayed():
+    model, twin = _model(), _model()
+    opt = _graphed(model)
+    modes = _modes(opt, model, 5)
+    # step 1 creates the state (a new key), step 2 is the eager warm-up of the final key
+    assert modes == ["eager", "eager", "capture", "replay", "replay"]
+    ref = mk.Muon(twin.parameters(), lr=0.02, ns_dtype=torch.float32)
+    _modes_plain(ref, twin, 5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def _modes_plain(opt, model, steps):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+def test_reallocated_gradients_run_eagerly_with_one_warning():
+    model = _model()
+    opt = _graphed(model)
+    with pytest.warns(UserWarning, match=r"set_to_none=False") as caught:
+        modes = _modes(opt, model, 6, set_to_none=True)
+    assert set(modes) == {"eager"} and len(caught) == 1
+
+
+def test_a_float_lr_rewritten_every_step_names_tensor_lr():
+    model = _model()
+    opt = _graphed(model)
+    with pytest.warns(UserWarning, match=r"device\s+tensors"):
+        modes = _modes(opt, model, 6, lrs=[0.02 - 0.001 * i for i in range(6)])
+    assert set(modes) == {"eager"}
+
+
+def test_a_tensor_lr_written_in_place_keeps_the_graph():
+    model = _model()
+    lr = torch.tensor(0.02)
+    opt = mk.Muon(model.parameters(), lr=lr, ns_dtype=torch.float32, capturable=True)
+    opt._graph = graphs.StepGraph(capture_fn=FakeGraph)
+    modes = []
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(5):
+            for p in model.parameters():
+                grad = torch.randn(p.shape, generator=g)
+                p.grad = grad if p.grad is None else p.grad.copy_(grad)
+            lr.fill_(0.02 - 0.001 * i)
+            step = opt._graph.step
+            opt._graph.step = lambda key, run: modes.append(step(key, run))
+            opt.step()
+            opt._graph.step = step
+    assert modes == ["eager", "eager", "capture", "replay", "replay"]
+
+
+def test_cuda_graph_refuses_what_it_cannot_capture():
+    with pytest.raises(ValueError, match=r"cuda_graph=True captures CUDA kernels, but parameter #0 .* is on cpu"):
+        mk.Muon(_model().parameters(), cuda_graph=True)
+    for key in ("cuda_graph", "overlap_adamw"):
+        with pytest.raises(ValueError, match=f"{key} must be True or False"):
+            mk.Muon(_model().parameters(), **{key: "yes"})
