@@ -335,17 +335,15 @@ class Muon(Optimizer):
         return self._side_streams[device]
 
     def _graph_key(self, work: list[tuple[int, dict, list[torch.Tensor]]]) -> tuple:
-        """What a captured step depends on: every storage it touches, and the group settings;
-        raises ValueError (before anything is modified) where a step cannot be captured."""
-        storages = []
-        for _, _, params in work:
-            for p in params:
-                storages += [p.data_ptr(), p.grad.data_ptr()]
-                storages += [v.data_ptr() for v in self.state[p].values() if isinstance(v, torch.Tensor)]
+        """What a captured step depends on: the parameters' and gradients' storages, the group
+        settings and the plan; raises ValueError (before anything is modified) where a step cannot
+        be captured. Optimizer state is created by the first (eager) step and replaced only by
+        ``load_state_dict`` or a momentum dtype change, which rebuild the plan, so it needs no key."""
         if any(placement.kind != "local" for placement in self._placements):
             raise ValueError("cuda_graph=True does not capture the collectives of DDP/FSDP2 (distributed buckets); "
                              "pass cuda_graph=False, or distributed='off' where every rank steps on its own")
-        return tuple(storages), tuple(settings.settings_key(g) for g in self.param_groups), self._plan_version
+        storages = tuple(t.data_ptr() for _, _, params in work for p in params for t in (p, p.grad))
+        return storages, tuple(settings.settings_key(g) for g in self.param_groups), self._plan_version
 
     def _momentum_buffer(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """The momentum buffer in the group's momentum dtype (int8 with its block scales), created

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import socket
 import traceback
 
 import torch
@@ -351,3 +352,15 @@ def run_scenario(rank, world, port, scenario, ns_dtype, out):
     dist.barrier()
     dist.destroy_process_group()
     gc.collect()
+
+
+def spawn(tmp_path, scenario: str, world: int, ns_dtype=torch.float32) -> list[dict]:
+    """Run ``scenario`` on ``world`` gloo processes; every rank's saved result (a crash fails here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(run_scenario, args=(world, port, scenario, ns_dtype, str(tmp_path)), nprocs=world)
+    results = [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
+    return results

@@ -7,11 +7,9 @@ takes rank 0's choice (gloo, 2 processes)."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import distributed_workers as workers
@@ -21,11 +19,8 @@ from muon_kernels.backends import measured
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "dispatch.json"
-    monkeypatch.setenv(measured.CACHE_ENV, str(path))
-    monkeypatch.delenv(measured.ENV, raising=False)
-    return path
+def cache(dispatch_cache):
+    return dispatch_cache
 
 
 def _model():
@@ -154,21 +149,10 @@ def test_a_bad_dispatch_value_names_the_argument():
         mk.orthogonalize(torch.randn(4, 4), dispatch="fastest")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_rank_takes_rank_0s_choice(tmp_path):
     """Rank 0 measures "fast" as fastest, rank 1 would measure "slow" as fastest (its own cache
     file): both step with rank 0's choice, and only rank 0 timed anything."""
-    world = 2
-    mp.spawn(workers.run_scenario, args=(world, _port(), "measured_dispatch", torch.float32, str(tmp_path)),
-             nprocs=world)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for r, res in enumerate(results):
-        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
+    results = workers.spawn(tmp_path, "measured_dispatch", 2)
     assert results[0]["chosen"] == results[1]["chosen"] and set(results[0]["chosen"]) == {"fast"}
     assert results[0]["timed"] and not results[1]["timed"]
     for name in results[0]["params"]:

@@ -1,6 +1,6 @@
 """The CPU side of tests/gpu/test_ns_algorithms_gpu.py::test_16bit_band: the torch backend, same
 input and same bound (DESIGN.md §5, the plain 16-bit baseline with the preset's own normalization,
-tests/ns_band.py). On this input the results land at 0.14–0.27 of the bound in bf16 and 0.06–0.13
+tests/oracles.py, band). On this input the results land at 0.14–0.27 of the bound in bf16 and 0.06–0.13
 in fp16, so the GPU backends have room for their own accumulation orders."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import muon_kernels as mk
-from ns_band import band
-from oracles import plain_recurrence, rel_err
+from oracles import band, plain_recurrence, rel_err
 
 CASES = [("gram", "keller"), ("gram", "polar_express"), ("standard", "turbo"), ("gram", "turbo")]
 

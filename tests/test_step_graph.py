@@ -70,8 +70,8 @@ def test_static_storages_are_captured_once_and_replayed():
     model, twin = _model(), _model()
     opt = _graphed(model)
     modes = _modes(opt, model, 5)
-    # step 1 creates the state (a new key), step 2 is the eager warm-up of the final key
-    assert modes == ["eager", "eager", "capture", "replay", "replay"]
+    # step 1 is the eager warm-up (it creates the state), step 2 is captured and replayed
+    assert modes == ["eager", "capture", "replay", "replay", "replay"]
     ref = mk.Muon(twin.parameters(), lr=0.02, ns_dtype=torch.float32)
     _modes_plain(ref, twin, 5)
     for p, q in zip(model.parameters(), twin.parameters()):
@@ -120,7 +120,15 @@ def test_a_tensor_lr_written_in_place_keeps_the_graph():
             opt._graph.step = lambda key, run: modes.append(step(key, run))
             opt.step()
             opt._graph.step = step
-    assert modes == ["eager", "eager", "capture", "replay", "replay"]
+    assert modes == ["eager", "capture", "replay", "replay", "replay"]
+
+
+def test_load_state_dict_recaptures():
+    model = _model()
+    opt = _graphed(model)
+    assert _modes(opt, model, 3) == ["eager", "capture", "replay"]
+    opt.load_state_dict(opt.state_dict())  # new state tensors: the plan is rebuilt, the graph is stale
+    assert _modes(opt, model, 3) == ["eager", "capture", "replay"]
 
 
 def test_cuda_graph_refuses_what_it_cannot_capture():

@@ -24,11 +24,8 @@ SHAPES = [(64, 256), (768, 768), (1024, 4096)]
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "dispatch.json"
-    monkeypatch.setenv(measured.CACHE_ENV, str(path))
-    monkeypatch.delenv(measured.ENV, raising=False)
-    return path
+def cache(dispatch_cache):
+    return dispatch_cache
 
 
 def _params(shapes, batch=4):

@@ -14,8 +14,7 @@ import muon_kernels as mk
 from muon_kernels.backends import available_backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ns_band import band  # noqa: E402
-from oracles import reference_ns, rel_err  # noqa: E402
+from oracles import band, reference_ns, rel_err  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEV = torch.device("cuda")
@@ -46,7 +45,7 @@ def test_fp32_matches_fp64(backend, algorithm, preset, shape):
 def test_16bit_band(backend, algorithm, preset, dtype):
     """The iteration runs in ``dtype``; the result comes back in the input's dtype (fp32 here), as
     ``orthogonalize`` documents. Bound: DESIGN.md §5, 2 × the plain ``dtype`` recurrence's error + 1e-2,
-    the baseline iterating from the preset's own normalization (tests/ns_band.py). The torch backend
+    the baseline iterating from the preset's own normalization (tests/oracles.py, band). The torch backend
     on the CPU, same input, lands at 0.14–0.27 of the bound in bf16 and 0.06–0.13 in fp16
     (tests/test_ns_band_cpu.py)."""
     _backend_or_fail(backend)
