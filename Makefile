@@ -89,3 +89,13 @@ wheel: build-tools
 
 clean:
 	rm -rf build dist *.egg-info .venv .venv-triton-old gpu-check
+
+# One GPU call (bench/README.md, "Kernel notes (Hopper)"): bench/tune.py times the Triton kernels'
+# variants against each other and the references and writes ONE JSON into $(OUT); the CUDA
+# extension is not built (tune.py times the Triton kernels only). CPU: `python bench/tune.py --smoke`.
+TUNE_MINUTES ?= 4
+.PHONY: tune
+tune: build-tools
+	@nvidia-smi -L >/dev/null 2>&1 || { echo "make tune needs an NVIDIA GPU (CPU harness check: python bench/tune.py --smoke --out DIR)"; exit 2; }
+	MUON_KERNELS_SKIP_CUDA_BUILD=1 $(PY) -m pip install --quiet --no-build-isolation $(INSTALL_SPEC)
+	$(PY) bench/tune.py --out "$(OUT)" --budget-minutes $(TUNE_MINUTES)

@@ -6,10 +6,12 @@ kernel is specialized the way the runtime specializes a typical launch (pointers
 divisible by 16, unit strides as constants), because that is what decides vector loads,
 pipelining and register use.
 
-    python bench/sass_report.py --arch 90 [--json]
+    python bench/sass_report.py --arch 90 [--json] [--names symmetric ns_update]
 
 One row per kernel × config × dtype: name, arch, dtype, config, is_matmul,
-tensor_core_instructions, shared_bytes, registers, spills.
+tensor_core_instructions, warpgroup_mma_instructions (HGMMA), tma_instructions (UTMALDG),
+shared_bytes, registers, spills. Configs are every one the table, opt-in autotuning or
+bench/tune.py can pick (config.all_configs); a "+tma" config label means descriptor loads.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from triton.backends.compiler import GPUTarget
 from muon_kernels.triton_kernels import config as kcfg
 from muon_kernels.triton_kernels import fused_update, small_newton_schulz, variant_statistics
 from muon_kernels.triton_kernels.newton_schulz import _ns_update_kernel, _scale_cast_kernel, _sum_squares_kernel
+from muon_kernels.triton_kernels import symmetric_matmul as symmetric_matmul_module
 from muon_kernels.triton_kernels.symmetric_matmul import _symmetric_matmul_kernel
 
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -53,10 +56,21 @@ class Row:
     is_matmul: bool
     tensor_core_instructions: int
     warpgroup_mma_instructions: int  # Hopper's HGMMA alone (wgmma), a subset of the above
+    tma_instructions: int  # UTMALDG: tiles loaded by Hopper's copy engine from a TMA descriptor
     shared_bytes: int
     registers: int
     spills: int
     expects_tensor_cores: bool
+
+
+@dataclass(frozen=True)
+class Desc:
+    """A host TMA descriptor argument: element type and box (triton.tools.tensor_descriptor)."""
+    dtype: str
+    block: tuple[int, ...]
+
+    def signature(self) -> str:
+        return f"tensordesc<{_TYPES[self.dtype]}[{','.join(map(str, self.block))}]>"
 
 
 def _specialize(fn, args: dict, constexprs: dict):
@@ -64,7 +78,11 @@ def _specialize(fn, args: dict, constexprs: dict):
     signature, consts, attrs = {}, dict(constexprs), {}
     for name, value in args.items():
         index = (fn.arg_names.index(name),)
-        if isinstance(value, str):  # a pointer to this element type
+        if isinstance(value, Desc):
+            signature[name] = value.signature()
+        elif value is None:  # an absent optional argument (a descriptor on the pointer path)
+            consts[name] = None
+        elif isinstance(value, str):  # a pointer to this element type
             signature[name] = "*" + _TYPES[value]
             attrs[index] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
@@ -86,8 +104,8 @@ def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, 
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": kcfg.FP_FUSION})
 
 
-def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int, int]:
-    """(tensor-core instruction count, HGMMA count, registers, spilled bytes) from cuobjdump."""
+def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int, int, int]:
+    """(tensor-core instruction count, HGMMA count, UTMALDG count, registers, spilled bytes) from cuobjdump."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "kernel.cubin")
         path.write_bytes(cubin)
@@ -96,9 +114,10 @@ def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int, int]:
         sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
     tensor_core = sum(len(re.findall(rf"\b{op}\b", sass)) for op in TENSOR_CORE_OPCODES[arch])
     warpgroup = len(re.findall(r"\bHGMMA\b", sass))
+    tma = len(re.findall(r"\bUTMALDG\b", sass))
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     spills = int(re.search(r"STACK:(\d+)", usage).group(1))
-    return tensor_core, warpgroup, registers, spills
+    return tensor_core, warpgroup, tma, registers, spills
 
 
 @triton.jit
@@ -115,32 +134,76 @@ def targets(arch: int) -> bool:
     return True
 
 
+def _symmetric_case(name, cfg, cfg_label, dtype, precision, m, k, *, has_d=False, shift=False, split=False,
+                    persistent=False, tensor_cores=True):
+    tma = cfg.tma and dtype != "fp32"
+    desc = Desc(dtype, (1, cfg.block_m, cfg.block_k)) if tma else None
+    args = dict(X=dtype, Y=dtype, D=dtype, C=dtype, Partial="fp32", X_desc=desc, Y_desc=desc, M=m, K=k,
+                # A slice is a multiple of BLOCK_K at run time, so the JIT sees it divisible by 16.
+                items=4096, splits=3 if split else 1,
+                k_per_split=-(-k // (3 * cfg.block_k)) * cfg.block_k if split else k,
+                stride_xb=m * k, stride_xm=k, stride_xk=1, stride_yb=m * k, stride_ym=k, stride_yk=1,
+                stride_db=m * m, stride_dm=m, stride_dn=1, stride_cb=m * m, stride_cm=m, stride_cn=1,
+                alpha=1.0, beta=0.0, shift=0.0)
+    consts = dict(HAS_D=has_d, HAS_SHIFT=shift, SPLIT=split, BLOCK=cfg.block_m, BLOCK_K=cfg.block_k, UPCAST=False,
+                  PRECISION=precision, TMA=tma, PERSISTENT=persistent)
+    return (name, _symmetric_matmul_kernel, args, consts, cfg_label, dtype, cfg.num_warps, cfg.num_stages, True,
+            tensor_cores)
+
+
+def _update_case(name, cfg, cfg_label, dtype, precision, m, n, *, has_a=True, persistent=False, tensor_cores=True):
+    tma = cfg.tma and dtype != "fp32"
+    args = dict(B=dtype, X=dtype, Out=dtype, B_desc=Desc(dtype, (1, cfg.block_m, cfg.block_k)) if tma else None,
+                X_desc=Desc(dtype, (1, cfg.block_k, cfg.block_n)) if tma else None, M=m, N=n, items=4096,
+                stride_bb=m * m, stride_bm=m, stride_bk=1, stride_xb=m * n, stride_xm=n, stride_xn=1,
+                stride_ob=m * n, stride_om=n, stride_on=1, a=1.0)
+    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, UPCAST=False,
+                  PRECISION=precision, HAS_A=has_a, TMA=tma, PERSISTENT=persistent)
+    return (name, _ns_update_kernel, args, consts, cfg_label, dtype, cfg.num_warps, cfg.num_stages, True, tensor_cores)
+
+
 def kernel_cases(arch: int):
     """(name, fn, args, constexprs, config label, dtype, num_warps, num_stages, is_matmul, expects tensor cores)."""
     matmul = []
+    reduce_blocks = set()
     for label, cfg in kcfg.all_configs(arch).items():
         if label.startswith(("fp32", "tune32")):
             variants = [("fp32", "ieee", False), ("fp32", "tf32", True)]
         else:
             variants = [("bf16", "tf32", True), ("fp16", "tf32", True)]
         m, n = (1024, 4096) if label != "small16" else (64, 256)
+        table = label in ("large16", "small16", "fp32")  # the default path: every epilogue variant
         for dtype, precision, tensor_cores in variants:
-            cfg_label = f"{label}:{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}:{precision}"
-            common = dict(UPCAST=False, PRECISION=precision)
+            cfg_label = f"{label}:{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}" \
+                        f"{'+tma' if cfg.tma and dtype != 'fp32' else ''}:{precision}"
+            case = dict(cfg=cfg, cfg_label=cfg_label, dtype=dtype, precision=precision, tensor_cores=tensor_cores)
             # The symmetric kernel takes square tiles (BLOCK = block_m); rectangles are ns_update-only.
-            symmetric = ((False, "symmetric_matmul[X·Xᵀ]", n), (True, "symmetric_matmul[b·A+c·A·A]", m))
-            for has_d, name, k in symmetric if cfg.block_m == cfg.block_n else ():
-                args = dict(X=dtype, D=dtype, C=dtype, M=m, K=k, stride_xb=m * k, stride_xm=k, stride_xk=1,
-                            stride_db=m * m, stride_dm=m, stride_dn=1, stride_cb=m * m, stride_cm=m, stride_cn=1,
-                            alpha=1.0, beta=0.0)
-                matmul.append((name, _symmetric_matmul_kernel, args,
-                               dict(HAS_D=has_d, BLOCK=cfg.block_m, BLOCK_K=cfg.block_k, **common),
-                               cfg_label, dtype, cfg.num_warps, cfg.num_stages, True, tensor_cores))
-            args = dict(B=dtype, X=dtype, Out=dtype, M=m, N=n, stride_bb=m * m, stride_bm=m, stride_bk=1,
-                        stride_xb=m * n, stride_xm=n, stride_xn=1, stride_ob=m * n, stride_om=n, stride_on=1, a=1.0)
-            matmul.append(("ns_update[a·X+B·X]", _ns_update_kernel, args,
-                           dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **common),
-                           cfg_label, dtype, cfg.num_warps, cfg.num_stages, True, tensor_cores))
+            if cfg.block_m == cfg.block_n:
+                reduce_blocks.add((cfg.block_m, dtype))
+                matmul.append(_symmetric_case("symmetric_matmul[X·Xᵀ]", m=m, k=n, **case))
+                matmul.append(_symmetric_case("symmetric_matmul[b·A+c·A·A]", m=m, k=m, has_d=True, **case))
+                matmul.append(_symmetric_case("symmetric_matmul[split partials]", m=m, k=n, split=True, **case))
+                # Persistence is a launch choice on sm_90+ (config.PERSISTENT_MIN_ARCH; bench/tune.py
+                # times it): its kernel has the outer item loop, compiled once per config and precision.
+                if dtype != "fp16" and arch >= kcfg.PERSISTENT_MIN_ARCH:
+                    matmul.append(_symmetric_case("symmetric_matmul[persistent, split partials]", m=m, k=n,
+                                                  split=True, persistent=True, **case))
+                if table:
+                    matmul.append(_symmetric_case("symmetric_matmul[b·R+c·R·R+a·I]", m=m, k=m, has_d=True,
+                                                  shift=True, **case))
+            matmul.append(_update_case("ns_update[a·X+B·X]", m=m, n=n, **case))
+            if dtype != "fp16" and arch >= kcfg.PERSISTENT_MIN_ARCH:
+                matmul.append(_update_case("ns_update[persistent a·X+B·X]", m=m, n=n, persistent=True, **case))
+            if table:
+                matmul.append(_update_case("ns_update[Q·X]", m=m, n=n, has_a=False, **case))
+    reductions = []
+    for block, dtype in sorted(reduce_blocks):
+        rows = min(symmetric_matmul_module._REDUCE_ROWS, block)
+        args = dict(Partial="fp32", D=dtype, C=dtype, M=1024, splits=3, stride_db=1024 * 1024, stride_dm=1024,
+                    stride_dn=1, stride_cb=1024 * 1024, stride_cm=1024, stride_cn=1, alpha=1.0, beta=0.0, shift=0.0)
+        reductions.append(("symmetric_reduce", symmetric_matmul_module._symmetric_reduce_kernel, args,
+                           dict(HAS_D=True, HAS_SHIFT=True, BLOCK=block, ROWS=rows), f"{rows}x{block}w4", dtype, 4, 1,
+                           False, False))
     torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for dtype, precision, tensor_cores in (("bf16", "tf32", True), ("fp16", "tf32", True), ("fp32", "ieee", False)):
         # The largest padded tile the byte budget admits at a 1:4 aspect (the shape of an MLP matrix).
@@ -202,16 +265,19 @@ def kernel_cases(arch: int):
             elementwise.append(("variant_statistics", variant_statistics._variant_statistics_kernel, args, consts,
                                 f"{variant_statistics.BLOCK_N}x{variant_statistics.BLOCK_J}w4", f"{param}/{ortho}",
                                 4, 1, False, False))
-    return matmul + elementwise
+    return matmul + reductions + elementwise
 
 
-def report(arch: int) -> list[Row]:
+def report(arch: int, names: tuple[str, ...] = ()) -> list[Row]:
+    """Rows for every kernel case on ``arch`` (only those whose name contains one of ``names``, when given)."""
     rows = []
     for name, fn, args, consts, label, dtype, warps, stages, is_matmul, tensor_cores in kernel_cases(arch):
+        if names and not any(n in name for n in names):
+            continue
         compiled = compile_kernel(fn, args, consts, arch, warps, stages)
-        count, warpgroup, registers, spills = inspect_cubin(compiled.asm["cubin"], arch)
-        rows.append(Row(name, arch, dtype, label, is_matmul, count, warpgroup, compiled.metadata.shared, registers,
-                        spills, tensor_cores))
+        count, warpgroup, tma, registers, spills = inspect_cubin(compiled.asm["cubin"], arch)
+        rows.append(Row(name, arch, dtype, label, is_matmul, count, warpgroup, tma, compiled.metadata.shared,
+                        registers, spills, tensor_cores))
     return rows
 
 
@@ -219,14 +285,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, required=True, choices=kcfg.ARCHS)
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    parser.add_argument("--names", nargs="*", default=(), help="only kernels whose name contains one of these")
     args = parser.parse_args(argv)
-    rows = report(args.arch)
+    rows = report(args.arch, tuple(args.names))
     if args.json:
         for row in rows:
             print(json.dumps(asdict(row)))
         return 0
     cols = ["name", "arch", "dtype", "config", "is_matmul", "tensor_core_instructions", "warpgroup_mma_instructions",
-            "shared_bytes", "registers", "spills"]
+            "tma_instructions", "shared_bytes", "registers", "spills"]
     cells = [[str(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

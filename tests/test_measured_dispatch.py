@@ -157,3 +157,17 @@ def test_every_rank_takes_rank_0s_choice(tmp_path):
     assert results[0]["timed"] and not results[1]["timed"]
     for name in results[0]["params"]:
         assert torch.equal(results[0]["params"][name], results[1]["params"][name])
+
+
+def test_a_failed_measurement_keeps_the_table_with_a_warning(monkeypatch, cache):
+    FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
+
+    def broken(*args):
+        raise RuntimeError("no events on this device")
+
+    monkeypatch.setattr(measured, "measure", broken)
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    with pytest.warns(UserWarning, match="using the static dispatch table"):
+        _step(opt, model)
+    assert {b.backend.NAME for b in opt._buckets} == {"torch"} and not cache.exists()

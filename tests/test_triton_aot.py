@@ -14,7 +14,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import sass_report  # noqa: E402
-from muon_kernels.triton_kernels.config import SHARED_MEMORY_LIMIT  # noqa: E402
+from muon_kernels.triton_kernels.config import PERSISTENT_MIN_ARCH, SHARED_MEMORY_LIMIT, all_configs  # noqa: E402
 
 
 def test_required_archs_are_targeted():
@@ -28,12 +28,19 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
         pytest.skip(f"the installed Triton does not target sm_{arch}")  # the issue: "where it targets them"
     rows = sass_report.report(arch)
     names = {r.name for r in rows}
-    assert names == {"symmetric_matmul[X·Xᵀ]", "symmetric_matmul[b·A+c·A·A]", "ns_update[a·X+B·X]",
-                     "normalize[sum_squares]", "normalize[scale_cast]", "fused_momentum[ema]", "fused_momentum[sgd]",
+    persistent = {"symmetric_matmul[persistent, split partials]", "ns_update[persistent a·X+B·X]"}
+    assert names == (persistent if arch >= PERSISTENT_MIN_ARCH else set()) | {
+                     "symmetric_matmul[X·Xᵀ]", "symmetric_matmul[b·A+c·A·A]",
+                     "symmetric_matmul[b·R+c·R·R+a·I]", "symmetric_matmul[split partials]", "symmetric_reduce",
+                     "ns_update[a·X+B·X]", "ns_update[Q·X]", "normalize[sum_squares]", "normalize[scale_cast]",
+                     "fused_momentum[ema]", "fused_momentum[sgd]",
                      "fused_momentum[ema, bf16-stochastic]", "fused_momentum[sgd, bf16-stochastic]",
                      "fused_momentum[ema, int8]", "fused_momentum[sgd, int8]",
                      "fused_apply_update", "fused_apply_update[cautious]", "fused_apply_update[normuon+hyperball]",
                      "variant_statistics", "small_newton_schulz"}
+    # Every config the table, autotuning or bench/tune.py can pick is compiled, split kernel included.
+    labels = {r.config.rsplit(":", 2)[0] for r in rows if r.is_matmul and r.name != "small_newton_schulz"}
+    assert labels == set(all_configs(arch))
     for r in rows:
         where = f"{r.name} {r.dtype} {r.config} on sm_{arch}"
         assert r.spills == 0, f"{where} spills {r.spills} bytes"
@@ -42,23 +49,32 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
             assert r.tensor_core_instructions > 0, f"{where} emitted no tensor-core instructions"
         if r.is_matmul and r.config.endswith(":ieee"):
             assert r.tensor_core_instructions == 0, f"{where}: ieee fp32 must not run on tensor cores"
+        # Descriptor loads exactly where a config asks for them (only Hopper's table has TMA).
+        if "+tma" in r.config:
+            assert arch >= 90 and r.tma_instructions > 0, f"{where}: no UTMALDG"
+        else:
+            assert r.tma_instructions == 0, f"{where}: UTMALDG without a TMA config"
     # Hopper runs the 16-bit products on warpgroup MMA, Blackwell (sm_100) on tcgen05.
     if arch in (90, 100):
         assert all(r.tensor_core_instructions > 0 for r in rows if r.is_matmul and r.dtype in ("bf16", "fp16"))
-    if arch == 90:  # HMMA (mma.sync) would also count above: the large configs must be on HGMMA (wgmma)
-        large = [r for r in rows if r.is_matmul and r.dtype in ("bf16", "fp16") and r.config.startswith("large16")]
-        assert large and all(r.warpgroup_mma_instructions > 0 for r in large), \
-            [(r.name, r.dtype) for r in large if not r.warpgroup_mma_instructions]
+    if arch == 90:  # HMMA (mma.sync) would also count above: every 16-bit product must be on HGMMA (wgmma)
+        products = [r for r in rows
+                    if r.is_matmul and r.dtype in ("bf16", "fp16") and r.name != "small_newton_schulz"]
+        assert products and all(r.warpgroup_mma_instructions > 0 for r in products), \
+            [(r.name, r.dtype, r.config) for r in products if not r.warpgroup_mma_instructions]
+        table = [r for r in products if r.config.startswith("large16")]
+        assert table and all(r.tma_instructions > 0 for r in table)
 
 
 def test_sass_report_cli_prints_json_rows():
-    run = subprocess.run([sys.executable, "sass_report.py", "--arch", "90", "--json"], cwd=BENCH,
-                         capture_output=True, text=True, timeout=900, check=True)
+    # The CLI's schema on a few kernels (the whole report runs in the test above).
+    run = subprocess.run([sys.executable, "sass_report.py", "--arch", "90", "--json", "--names", "reduce",
+                          "scale_cast"], cwd=BENCH, capture_output=True, text=True, timeout=900, check=True)
     rows = [json.loads(line) for line in run.stdout.splitlines()]
-    assert rows
+    assert rows and {r["name"] for r in rows} == {"symmetric_reduce", "normalize[scale_cast]"}
     for row in rows:
         assert {"name", "arch", "dtype", "config", "is_matmul", "tensor_core_instructions",
-                "warpgroup_mma_instructions", "shared_bytes",
+                "warpgroup_mma_instructions", "tma_instructions", "shared_bytes",
                 "registers", "spills"} <= set(row)
 
 
@@ -78,14 +94,19 @@ def test_matmul_offsets_are_int64_for_a_65536x32768_view():
     m, k = _HUGE["M"], _HUGE["K"]
     common = dict(UPCAST=False, PRECISION="tf32")
     symmetric = _ttir(_symmetric_matmul_kernel,
-                      dict(X="bf16", D="bf16", C="bf16", M=m, K=k, stride_xb=m * k, stride_xm=k, stride_xk=1,
+                      dict(X="bf16", Y="bf16", D="bf16", C="bf16", Partial="fp32", X_desc=None, Y_desc=None, M=m, K=k,
+                           items=4096, splits=1, k_per_split=k,
+                           stride_xb=m * k, stride_xm=k, stride_xk=1, stride_yb=m * k, stride_ym=k, stride_yk=1,
                            stride_db=m * m, stride_dm=m, stride_dn=1, stride_cb=m * m, stride_cm=m, stride_cn=1,
-                           alpha=1.0, beta=0.0),
-                      dict(HAS_D=True, BLOCK=128, BLOCK_K=64, **common))
+                           alpha=1.0, beta=0.0, shift=0.0),
+                      dict(HAS_D=True, HAS_SHIFT=True, SPLIT=False, BLOCK=128, BLOCK_K=64, TMA=False, PERSISTENT=False,
+                           **common))
     update = _ttir(_ns_update_kernel,
-                   dict(B="bf16", X="bf16", Out="bf16", M=m, N=k, stride_bb=m * m, stride_bm=m, stride_bk=1,
-                        stride_xb=m * k, stride_xm=k, stride_xn=1, stride_ob=m * k, stride_om=k, stride_on=1, a=1.0),
-                      dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, **common))
+                   dict(B="bf16", X="bf16", Out="bf16", B_desc=None, X_desc=None, M=m, N=k, items=4096,
+                        stride_bb=m * m, stride_bm=m, stride_bk=1, stride_xb=m * k, stride_xm=k, stride_xn=1,
+                        stride_ob=m * k, stride_om=k, stride_on=1, a=1.0),
+                   dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, HAS_A=True, TMA=False, PERSISTENT=False,
+                        **common))
     for name, ttir in (("symmetric_matmul", symmetric), ("ns_update", update)):
         # An index × stride product on an i32 tensor would wrap past 2^31 elements.
         i32_products = re.findall(r"arith\.muli [^\n]*: tensor<[0-9x]+xi32>", ttir)

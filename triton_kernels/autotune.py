@@ -71,7 +71,7 @@ def choose(kind: str, device: torch.device, dtype: torch.dtype, m: int, n: int, 
     """The config for this call: the fixed table's when tuning is off (or on the interpreter, or
     while a CUDA graph is being captured and nothing is cached yet); else the cached or newly tuned
     one. ``trial(cfg)`` runs the kernel once with ``cfg`` on scratch outputs."""
-    heuristic = matmul_config(device, dtype, m, n, k)
+    heuristic = matmul_config(device, dtype, m, n, k, kind=kind)
     if not enabled() or is_interpreting() or device.type != "cuda":
         return heuristic
     arch = arch_of(device.index if device.index is not None else torch.cuda.current_device())

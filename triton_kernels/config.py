@@ -10,11 +10,43 @@ stages fit sm_80/sm_90 shared memory (163/227 KB) and two fit sm_86/sm_89 (99 KB
 FFMA, not tensor cores: 64×64 tiles with BLOCK_K=16 are the largest that do not spill on any of
 sm_80…sm_90 (BLOCK_K=32 spills 8–16 bytes on sm_86/89/90; checked with bench/sass_report.py).
 Matrices with fewer than 128 rows take 64-wide tiles so that the grid still has work for the SMs.
+
+Hopper (sm_90) and the launch-shape choices — predictions until bench/tune.py has measured them on an
+H100/H200 (the table's "why" below; bench/README.md "Kernel notes (Hopper)" has the numbers):
+
+- TMA (``tma=True``): operands arrive through host tensor descriptors (UTMALDG into swizzled shared
+  memory) instead of per-element pointer tensors. The pointer main loop recomputes a 128×64 int64
+  address tensor and a bounds mask per operand per iteration (~64 int64 adds per thread per step,
+  and the registers that hold them beside a 64-register accumulator); TMA needs one descriptor and
+  two coordinates. Predicted: 0–10% at 4096², more on the few-tile m×m products, if the loop was
+  issue-bound. Its cost is host time: two descriptors built per launch (~4 µs each in Python) and
+  encoded by Triton's launcher, which small products may not earn back in eager mode (tune.py's
+  ``ms`` against ``ms_graph`` shows it). Only sm_90 has TMA in this table; pointer loads stay on
+  sm_80/86/89 (cp.async, software pipelined). A launch falls back to pointer loads for any operand
+  TMA cannot describe (a transposed view, rows not 16-byte aligned), with the same accumulation
+  order, so the bits do not change.
+- Four pipeline stages on sm_90 (4 × 32 KB of 128×128×64 16-bit tiles): TMA loads are issued by one
+  thread and land asynchronously, so a deeper ring hides HBM latency at no register cost.
+- Split-K (symmetric products only; ``split_factor``): when a product has fewer output tiles than
+  about two waves of the device's SMs, its K range is cut into S slices, each program writes an
+  fp32 partial tile, and a second launch sums the partials in a fixed order (no atomics: the same
+  bits on every run) and applies the epilogue. ``a·X + B·X`` is not split: its K is m, at most a
+  few dozen iterations, and it has (m/128)·(n/128) tiles — 144 at 768×3072, 256 at 1024×4096 —
+  where the model below never pays for the reduction.
+- Persistent grids (``persistent=True``): min(items, SMs) programs each loop over work items.
+  Off by default: with no warp specialization the epilogue of one tile does not overlap the next
+  tile's loads, so the gain is the launch's block scheduling only; bench/tune.py times it. Offered
+  from sm_90 (``PERSISTENT_MIN_ARCH``): on sm_86/89 ptxas caps the 128×64 a·X + B·X kernel at 168
+  registers (three blocks per SM) and the item loop's few extra values spill 8 bytes (Triton 3.6). Warp
+  specialization itself is not offered: ``tl.range(..., warp_specialize=True)`` on either loop
+  compiled for sm_90 (Triton 3.9) to the same registers and no ``setmaxnreg`` — it did not apply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 from dataclasses import dataclass
 
@@ -29,6 +61,16 @@ class MatmulConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    # 0: the split factor is chosen per launch (``split_factor``, from the device's SM count);
+    # 1: never split; S > 1: always S slices. Only the symmetric kernel splits.
+    split_k: int = 0
+    tma: bool = False  # operands through host TMA descriptors (sm_90+), where the operand allows it
+    persistent: bool = False  # min(items, SMs) programs looping over the work items
+
+    def label(self) -> str:
+        """A short stable name, e.g. ``128x128x64w8s4+tma+persistent+split3``."""
+        extra = "+tma" * self.tma + "+persistent" * self.persistent + (f"+split{self.split_k}" if self.split_k else "")
+        return f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}{extra}"
 
 
 # Pinned rather than left to the Triton default, which flips from fused to unfused multiply-adds in
@@ -43,6 +85,8 @@ ARCHS = tuple(SHARED_MEMORY_LIMIT)
 _DEEP = (80, 90, 100)  # room for three pipeline stages of 128×128×64 16-bit tiles and the epilogue
 
 _LARGE_16 = {arch: MatmulConfig(128, 128, 64, 8, 3 if arch in _DEEP else 2) for arch in ARCHS}
+# sm_90: TMA descriptors and a four-deep ring (module docstring: a prediction until measured).
+_LARGE_16[90] = MatmulConfig(128, 128, 64, 8, 4, tma=True)
 # sm_100: 8 warps; with 4, Triton 3.6's a·X + B·X (int64 tile offsets) spills 8 bytes at 72 registers.
 _SMALL_16 = {arch: MatmulConfig(64, 64, 64, 8 if arch == 100 else 4, 3 if arch in _DEEP else 2) for arch in ARCHS}
 # On sm_100/sm_120 the tf32 a·X + B·X kernel spills at 4 warps (8–16 bytes, Triton 3.6 and 3.9); 8 warps do not.
@@ -91,15 +135,140 @@ def arch_of(device_index: int) -> int:
     return max((a for a in ARCHS if a <= cc), default=ARCHS[0])
 
 
-def matmul_config(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, arch: int | None = None) -> MatmulConfig:
-    """The config for an (m×k)·(k×n) product in ``dtype`` on ``device`` (or for ``arch`` when given)."""
+KINDS = ("symmetric", "ns_update")
+
+
+def shape_class(m: int, n: int) -> str:
+    """The size class of an m×n output a tuned config applies to: "small" (under 128 rows or
+    columns: 64-wide tiles), "mid" (under 2048: few tiles, where split-K and launch overhead
+    matter), "large" (many waves of tiles)."""
+    side = min(m, n)
+    return "small" if side < 128 else "mid" if side < 2048 else "large"
+
+
+# Measured winners, (arch, dtype, kind, shape class) → config, pasted from ``bench/tune.py``'s
+# printed rows after a GPU run (empty: nothing measured yet, the table below decides). A winners
+# JSON named by MUON_KERNELS_TUNED_CONFIGS (bench/tune.py writes one) is read at import and takes
+# precedence, so a tuning session can try its winners before committing them here.
+TUNED: dict[tuple[int, str, str, str], MatmulConfig] = {}
+TUNED_ENV = "MUON_KERNELS_TUNED_CONFIGS"
+
+
+def config_from_dict(d: dict) -> MatmulConfig:
+    return MatmulConfig(**{f: d[f] for f in MatmulConfig.__dataclass_fields__ if f in d})
+
+
+def load_tuned(path: str | os.PathLike) -> dict[tuple[int, str, str, str], MatmulConfig]:
+    """The ``winners`` of a bench/tune.py JSON: [{"arch", "dtype", "kind", "shape_class", "config"}]."""
+    with open(path) as f:
+        rows = json.load(f)["winners"]
+    return {(int(r["arch"]), r["dtype"], r["kind"], r["shape_class"]): config_from_dict(r["config"]) for r in rows}
+
+
+def _tuned() -> dict[tuple[int, str, str, str], MatmulConfig]:
+    path = os.environ.get(TUNED_ENV)
+    return {**TUNED, **load_tuned(path)} if path else TUNED
+
+
+_TUNED_NOW = _tuned()
+# bench/tune.py's switch: the config every product of ``kind`` takes while ``forced`` is active.
+_FORCED: dict[str, MatmulConfig] = {}
+
+
+@contextlib.contextmanager
+def forced(**by_kind: MatmulConfig):
+    """Within the block, every ``symmetric`` / ``ns_update`` product takes the given config (on a
+    GPU or the interpreter alike): how bench/tune.py times a config across a whole recurrence."""
+    unknown = set(by_kind) - set(KINDS)
+    if unknown:
+        raise ValueError(f"forced: unknown kinds {sorted(unknown)}; known: {KINDS}")
+    saved = dict(_FORCED)
+    _FORCED.update(by_kind)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
+def matmul_config(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, arch: int | None = None,
+                  kind: str | None = None) -> MatmulConfig:
+    """The config for an (m×k)·(k×n) product in ``dtype`` on ``device`` (or for ``arch`` when given):
+    a measured winner for (arch, dtype, ``kind``, shape class) where there is one, else the table."""
+    if kind in _FORCED:
+        return _FORCED[kind]
     if arch is None:
         if is_interpreting() or device.type != "cuda":
             return INTERPRETER_CONFIG
         arch = arch_of(device.index if device.index is not None else torch.cuda.current_device())
+    tuned = _TUNED_NOW.get((arch, str(dtype).removeprefix("torch."), kind, shape_class(m, n)))
+    if tuned is not None:
+        return tuned
     if dtype == torch.float32:
         return _FP32[arch]
     return (_LARGE_16 if min(m, n) >= 128 else _SMALL_16)[arch]
+
+
+# The interpreter's pretend SM count: small, so that the tests' small shapes (a few tiles) take the
+# split-K path the way a 1024-row product does on a 132-SM H200.
+INTERPRETER_SMS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``, read from the device once (never a table)."""
+    if is_interpreting() or device.type != "cuda":
+        return INTERPRETER_SMS
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Split-K cost model, in units of one main-loop iteration of one program (a BLOCK×BLOCK×BLOCK_K
+# product: 2·128·128·64 FLOPs, 0.35 µs at an H200's 802 TFLOP/s / 132 SMs). Predictions until
+# bench/tune.py measures split factors against each other:
+# - SPLIT_FILL: a program's pipeline prologue and epilogue (three to four stages to fill, the tile
+#   converted and stored);
+# - SPLIT_PARTIAL: writing, or reading back, one fp32 partial tile (64 KB at 128×128; the partials
+#   of a product that needs splitting are a few MB and stay in the 50 MB L2);
+# - SPLIT_LAUNCH: the reduction's own launch and the drain between the two kernels (~3 µs).
+SPLIT_FILL = 5
+SPLIT_PARTIAL = 3
+SPLIT_LAUNCH = 9
+MAX_SPLIT = 16
+MIN_SPLIT_ITERATIONS = 4  # a slice shorter than this never fills its pipeline
+SPLIT_TILE_WAVES = 2  # only products with fewer tiles than this many waves of SMs are split
+
+
+def split_cost(tiles: int, iterations: int, sms: int, splits: int) -> float:
+    """Predicted time of a ``tiles``-tile product of ``iterations`` K steps cut into ``splits`` slices."""
+    waves = -(-tiles * splits // sms)
+    per_program = -(-iterations // splits) + SPLIT_FILL
+    if splits == 1:
+        return waves * per_program
+    reduction = SPLIT_LAUNCH + -(-tiles // sms) * splits * SPLIT_PARTIAL
+    return waves * (per_program + SPLIT_PARTIAL) + reduction
+
+
+def split_factor(tiles: int, iterations: int, sms: int) -> int:
+    """The K-split of a product with ``tiles`` output tiles and ``iterations`` BLOCK_K steps on a
+    device with ``sms`` SMs: the cheapest under ``split_cost`` (ties: fewer slices), 1 once the
+    tiles fill ``SPLIT_TILE_WAVES`` waves. A fixed rule, so the same device computes the same bits."""
+    if tiles <= 0 or tiles >= SPLIT_TILE_WAVES * sms:
+        return 1
+    candidates = range(1, min(MAX_SPLIT, iterations // MIN_SPLIT_ITERATIONS) + 1)
+    return min(candidates, key=lambda s: (split_cost(tiles, iterations, sms, s), s), default=1)
+
+
+PERSISTENT_MIN_ARCH = 90  # persistent launches are tuned and AOT-checked from here (module docstring)
+
+
+def persistent_programs(items: int, sms: int) -> int:
+    """Programs of a persistent launch: one per SM (128×128 tiles with 8 warps and a 4-stage ring
+    leave room for one program per SM on sm_90), never more than the items."""
+    return max(1, min(items, sms))
 
 
 # Opt-in autotuning (autotune.py) chooses among these and the table's own configs; see there why.
@@ -122,12 +291,31 @@ def tuning_space(arch: int, dtype: torch.dtype, kind: str | None = None) -> list
     return [c for c in space if kind != "symmetric" or c.block_m == c.block_n]
 
 
+# bench/tune.py's extra candidates on Hopper, (block_m, block_n, block_k, warps, stages, tma): TMA
+# against pointer loads at the table's tile, three to five stages, the narrower K step, and a
+# 128×256 tile for a·X + B·X (cuBLAS's Hopper shape: half the B panel reloads per FLOP).
+_HOPPER_CANDIDATES_16 = [(128, 128, 64, 8, 3, False), (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 5, True),
+                         (128, 128, 32, 8, 4, True), (64, 64, 64, 4, 4, True), (128, 256, 64, 8, 3, True)]
+
+
+def tuning_candidates(arch: int, dtype: torch.dtype, kind: str | None = None) -> list[MatmulConfig]:
+    """What bench/tune.py times on ``arch``: the opt-in autotuning space, plus on sm_90 the TMA and
+    pipeline-depth candidates. Split factors and persistence are launch choices on top (they do
+    not change the compiled kernel, except the split kernel's partial store, which the AOT test
+    compiles for every square config)."""
+    space = tuning_space(arch, dtype)
+    if arch == 90 and dtype != torch.float32:
+        space += [MatmulConfig(bm, bn, bk, w, st, tma=tma) for bm, bn, bk, w, st, tma in _HOPPER_CANDIDATES_16]
+    space = [c for c in dict.fromkeys(space) if _shared_bytes(c, dtype.itemsize) <= SHARED_MEMORY_LIMIT[arch]]
+    return [c for c in space if kind != "symmetric" or c.block_m == c.block_n]
+
+
 def all_configs(arch: int) -> dict[str, MatmulConfig]:
-    """Every distinct config the heuristic or autotuning can pick on ``arch`` (for AOT compile
-    checks); labels starting with "fp32" or "tune32" are fp32 configs, the rest 16-bit."""
+    """Every distinct config the heuristic, autotuning or bench/tune.py can pick on ``arch`` (for AOT
+    compile checks); labels starting with "fp32" or "tune32" are fp32 configs, the rest 16-bit."""
     configs = {"large16": _LARGE_16[arch], "small16": _SMALL_16[arch], "fp32": _FP32[arch]}
     for bits, dtype in (("16", torch.bfloat16), ("32", torch.float32)):
-        for c in tuning_space(arch, dtype):
+        for c in tuning_candidates(arch, dtype):
             if c not in configs.values():
-                configs[f"tune{bits}:{c.block_m}x{c.block_n}x{c.block_k}"] = c
+                configs[f"tune{bits}:{c.label()}"] = c
     return configs

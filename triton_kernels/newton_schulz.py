@@ -3,10 +3,14 @@
 Per call: two launches normalize and cast the whole stack (per-tile scaled sums of squares, then a
 deterministic per-matrix reduction fused with the scale-and-cast into the iteration dtype);
 per step three launches: ``A = X·Xᵀ`` and ``B = b·A + c·A·A`` (symmetric, upper-triangle tiles
-only) and ``X' = a·X + B·X`` (the a·X term in the epilogue, into a second buffer — no copies).
+only; split along K, plus one reduction launch, when they have few tiles) and ``X' = a·X + B·X``
+(the a·X term in the epilogue, into a second buffer — no copies). Gram NS runs its own driver,
+``gram_newton_schulz``, on the same kernels.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -15,7 +19,9 @@ import triton.language as tl
 from .. import recurrence, workspace
 from ..ns_config import NSConfig
 from . import autotune
-from .config import FP_FUSION, MatmulConfig, checked_grid, is_interpreting, precision_for, upcast_for
+from .config import (FP_FUSION, MatmulConfig, checked_grid, is_interpreting, persistent_programs, precision_for,
+                     sm_count, upcast_for)
+from .descriptors import descriptor, load_tile
 from .symmetric_matmul import symmetric_matmul
 
 # Normalization tiles: 64×256 elements keep the per-matrix partial count small (an 8192² matrix
@@ -105,25 +111,20 @@ def _scale_cast_kernel(
 
 
 @triton.jit
-def _ns_update_kernel(
-    B, X, Out,
-    M, N,
+def _ns_update_item(
+    item, B, X, Out, B_desc, X_desc,
+    M, N, tiles_m, tiles_n,
     stride_bb, stride_bm, stride_bk,
     stride_xb, stride_xm, stride_xn,
     stride_ob, stride_om, stride_on,
     a,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_A: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Out = a·X + B·X with B (M×M), X (M×N); grouped tile order so B's row panels stay in L2."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    # The batch is folded into grid axis 0 (axis 1 stops at 65,535 on a GPU); program ids fit int32,
-    # so this division stays 32-bit (a 64-bit one is a called routine with a stack frame).
-    pid = tl.program_id(0)
-    batch = pid // (tiles_m * tiles_n)
-    pid = pid - batch * tiles_m * tiles_n
-    batch = batch.to(tl.int64)
+    """Output tile ``item`` of the batch; grouped tile order so B's row panels stay in L2."""
+    b32 = item // (tiles_m * tiles_n)
+    pid = item - b32 * tiles_m * tiles_n
+    batch = b32.to(tl.int64)
     per_group = GROUP_M * tiles_n
     first_m = (pid // per_group) * GROUP_M
     group_size = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -138,19 +139,51 @@ def _ns_update_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, M, BLOCK_K):
         kk = k0 + ks
-        b = tl.load(B + rows[:, None] * stride_bm + kk[None, :] * stride_bk,
-                    mask=(rows[:, None] < M) & (kk[None, :] < M), other=0.0)
-        x = tl.load(X + kk[:, None] * stride_xm + cols[None, :] * stride_xn,
-                    mask=(kk[:, None] < M) & (cols[None, :] < N), other=0.0)
-        if UPCAST:
-            b = b.to(tl.float32)
-            x = x.to(tl.float32)
+        b = load_tile(B, B_desc, b32, pm * BLOCK_M, k0, rows, kk, M, M, stride_bm, stride_bk,
+                      BLOCK_M, BLOCK_K, TMA, UPCAST)
+        x = load_tile(X, X_desc, b32, k0, pn * BLOCK_N, kk, cols, M, N, stride_xm, stride_xn,
+                      BLOCK_K, BLOCK_N, TMA, UPCAST)
         acc = tl.dot(b, x, acc, input_precision=PRECISION)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    x_tile = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
-    out = acc + tl.cast(a, tl.float32) * x_tile.to(tl.float32)
+    out = acc
+    if HAS_A:
+        x_tile = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
+        out += tl.cast(a, tl.float32) * x_tile.to(tl.float32)
     tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :] * stride_on,
              out.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ns_update_kernel(
+    B, X, Out, B_desc, X_desc,
+    M, N, items,
+    stride_bb, stride_bm, stride_bk,
+    stride_xb, stride_xm, stride_xn,
+    stride_ob, stride_om, stride_on,
+    a,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_A: tl.constexpr, TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    """Out = a·X + B·X with B (M×M), X (M×N). Without HAS_A (a = 0: Gram NS's Q·X) the epilogue
+    does not read X at all."""
+    # The batch is folded into grid axis 0 (axis 1 stops at 65,535 on a GPU); program ids fit int32,
+    # so the divisions stay 32-bit (a 64-bit one is a called routine with a stack frame). One
+    # program per tile, or (PERSISTENT) fewer programs striding over the tiles; only the persistent
+    # kernel has that outer loop (around a plain launch Triton 3.6 spilled the 128×64 config).
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        for item in range(tl.program_id(0), items, tl.num_programs(0)):
+            _ns_update_item(item, B, X, Out, B_desc, X_desc, M, N, tiles_m, tiles_n,
+                            stride_bb, stride_bm, stride_bk, stride_xb, stride_xm, stride_xn,
+                            stride_ob, stride_om, stride_on, a,
+                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, PRECISION, HAS_A, TMA)
+    else:
+        _ns_update_item(tl.program_id(0), B, X, Out, B_desc, X_desc, M, N, tiles_m, tiles_n,
+                        stride_bb, stride_bm, stride_bk, stride_xb, stride_xm, stride_xn,
+                        stride_ob, stride_om, stride_on, a,
+                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, PRECISION, HAS_A, TMA)
 
 
 def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
@@ -177,7 +210,7 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
 
 def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor | None = None,
               config: MatmulConfig | None = None, fp32_precision: str = "ieee") -> torch.Tensor:
-    """``a·X + B·X`` for stacks B (k, m, m) and X (k, m, n); ``out`` must not alias X."""
+    """``a·X + B·X`` for stacks B (k, m, m) and X (k, m, n); ``out`` must not alias X (nor B)."""
     k, m, n = X.shape
     if B.shape != (k, m, m):
         raise ValueError(f"ns_update: B must be {(k, m, m)}, got {tuple(B.shape)}")
@@ -187,12 +220,17 @@ def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor |
         return out
     cfg = config or autotune.choose("ns_update", X.device, X.dtype, m, n, m,
                                     lambda c: ns_update(B, X, a, config=c, fp32_precision=fp32_precision))
-    grid = (checked_grid(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) * k, "ns_update"),)
-    _ns_update_kernel[grid](
-        B, X, out, m, n, *B.stride(), *X.stride(), *out.stride(), float(a),
+    items = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) * k
+    programs = persistent_programs(items, sm_count(X.device)) if cfg.persistent else items
+    b_desc = descriptor(B, (cfg.block_m, cfg.block_k)) if cfg.tma else None
+    x_desc = descriptor(X, (cfg.block_k, cfg.block_n)) if cfg.tma else None
+    tma = b_desc is not None and x_desc is not None
+    _ns_update_kernel[(checked_grid(programs, "ns_update"),)](
+        B, X, out, b_desc if tma else None, x_desc if tma else None, m, n, items,
+        *B.stride(), *X.stride(), *out.stride(), float(a),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        UPCAST=upcast_for(X), PRECISION=precision_for(X.dtype, fp32_precision),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
+        UPCAST=upcast_for(X), PRECISION=precision_for(X.dtype, fp32_precision), HAS_A=a != 0.0, TMA=tma,
+        PERSISTENT=cfg.persistent, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )
     return out
 
@@ -207,7 +245,78 @@ def matmul_ops(fp32_precision: str = "ieee") -> recurrence.MatmulOps:
     )
 
 
+class _Slots:
+    """m×m buffers of one workspace allocation, handed out and taken back by the Gram driver."""
+
+    def __init__(self, count: int, k: int, m: int, dtype: torch.dtype, device: torch.device):
+        self.free = list(workspace.empty((count, k, m, m), dtype=dtype, device=device).unbind(0))
+
+    def take(self) -> torch.Tensor:
+        return self.free.pop()
+
+    def give(self, t: torch.Tensor) -> None:
+        self.free.append(t)
+
+
+def gram_newton_schulz(X: torch.Tensor, coefficients, restarts: tuple[int, ...], R: torch.Tensor | None = None,
+                       fp32_precision: str = "ieee") -> torch.Tensor:
+    """Gram Newton–Schulz on a normalized (k, m, n) stack: muon_kernels.recurrence.gram's schedule
+    (same steps, same restarts, same final Q·X) with fewer launches, FLOPs and allocations.
+
+    Every polynomial map of one epoch (from a (re)start) is a polynomial in the same R, so all the
+    m×m matrices commute and every m×m product is symmetric. Hence:
+    - P = p(R) = b·R + c·R·R + a·I in one symmetric launch (the shift in its epilogue): the
+      recurrence's Z = b·R + c·R·R, its clone and its diagonal add are one launch here, and every
+      later use of Z is through P (R·Z + a·R = R·P, Z·Q + a·Q = Q·P);
+    - Q ← Q·P, and the R update R ← P·(R·P), run on the symmetric kernel (upper tiles, mirrored):
+      half the FLOPs of the recurrence's full a·X + B·X products, and R stays exactly symmetric;
+    - Q·X (restarts and the end) skips the a·X epilogue read (a = 0);
+    - one allocation of four m×m slots (never more are live: R, P, Q and a product in flight) and
+      one m×n buffer that X and its restarts ping-pong with.
+    Launches for 5 steps restarted before 1 and 3 (the 16-bit default): 17, as many as standard NS
+    (the recurrence: 17 products plus 3 clones and 3 diagonal adds). ``R`` = X·Xᵀ when the caller
+    has it (AOL formed it); the result is a new tensor, X is not modified."""
+    k, m, n = X.shape
+    if not coefficients or X.numel() == 0:
+        return X
+    slots = _Slots(4, k, m, X.dtype, X.device)
+    spare = workspace.empty_like(X)  # X's partner: restarts write Q·X here, then the two swap
+    sym = functools.partial(symmetric_matmul, fp32_precision=fp32_precision)
+    if R is None:
+        R = sym(X, out=slots.take())
+    Q = None
+    for i, (a, b, c) in enumerate(coefficients):
+        if i in restarts:
+            X, spare = ns_update(Q, X, 0.0, out=spare, fp32_precision=fp32_precision), X
+            slots.give(Q)
+            slots.give(R)
+            R = sym(X, out=slots.take())
+            Q = None
+        P = sym(R, alpha=c, D=R, beta=b, shift=a, out=slots.take())
+        if Q is None:
+            Q = P  # first step of an epoch: Q = p(R), no product
+        else:
+            product = sym(Q, Y=P, out=slots.take())
+            slots.give(Q)
+            Q = product
+        if i + 1 < len(coefficients) and i + 1 not in restarts:
+            RP = sym(R, Y=P, out=slots.take())
+            slots.give(R)
+            R = sym(P, Y=RP, out=slots.take())  # p(R)·R·p(R)
+            slots.give(RP)
+        if P is not Q:
+            slots.give(P)
+    return ns_update(Q, X, 0.0, out=spare, fp32_precision=fp32_precision)
+
+
 def newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, fp32_precision: str = "ieee") -> torch.Tensor:
     """The whole recurrence on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor.
-    Standard NS, Gram NS and AOL preconditioning all run on the same three kernels (``matmul_ops``)."""
-    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, matmul_ops(fp32_precision))
+    Standard NS and AOL run muon_kernels.recurrence on these kernels (``matmul_ops``); Gram NS runs
+    ``gram_newton_schulz``, the same schedule on fused symmetric products."""
+    X = normalize(stack, config, ns_dtype)
+    if config.algorithm != "gram" or config.steps == 0 or X.numel() == 0:
+        return recurrence.run(X, config, ns_dtype, matmul_ops(fp32_precision))
+    R = None
+    if config.normalization == "aol":
+        X, R = recurrence.aol(X, symmetric_matmul(X, fp32_precision=fp32_precision), config.floor)
+    return gram_newton_schulz(X, config.coefficients, config.gram_restarts(ns_dtype), R, fp32_precision)

@@ -11,8 +11,9 @@ The choice is keyed by (device name, compute capability, torch and Triton versio
 shape and batch, the recurrence, the candidates) and written to a JSON file beside the Triton
 autotune cache (``MUON_KERNELS_DISPATCH_CACHE``, default ``~/.cache/muon_kernels/dispatch.json``);
 every later process reads it back, so a resumed run makes the same choice and computes the same
-bits. Nothing is timed while a CUDA graph is being captured (the cached choice, else the static
-table, is used and nothing is written); under DDP/FSDP2 rank 0 of each process group measures and
+bits. Nothing is timed while a CUDA graph is being captured or torch.compile traces (the cached
+choice, else the static table, is used and nothing is written), and a measurement that fails
+falls back to the table with a warning; under DDP/FSDP2 rank 0 of each process group measures and
 every rank takes its choice (one broadcast per plan), so all ranks run the same kernels.
 
 ``dispatch="table"`` (``Muon``/``orthogonalize``), or ``MUON_KERNELS_DISPATCH=table``, keeps the
@@ -25,6 +26,7 @@ import json
 import os
 import statistics
 import threading
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -180,8 +182,13 @@ def choose(bucket: Bucket, batch: int, options: list[Candidate], measuring: bool
     persisted) when ``measuring``; None when there is neither (the static table stands)."""
     key = _key(bucket, batch, [o.label for o in options])
     record = _load().get(key)
-    if record is None and measuring and not _capturing(bucket.device):
-        record = measure(bucket, batch, options)
+    if record is None and measuring and not _capturing(bucket.device) and not torch.compiler.is_compiling():
+        try:
+            record = measure(bucket, batch, options)
+        except Exception as exc:  # measuring is an optimization: the static table still works
+            warnings.warn(f"muon_kernels: measuring the {bucket.m}x{bucket.n} bucket's paths failed ({exc!r}); "
+                          "using the static dispatch table for it", stacklevel=2)
+            return None
         if record["choice"] is not None:
             _store(key, record)
     return record if record and record.get("choice") in {o.label for o in options} else None
