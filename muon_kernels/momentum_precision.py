@@ -137,32 +137,44 @@ def stochastic_bf16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 
 def _blocked(x: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) → (rows, blocks, 256), the last block of each row zero-padded."""
+    """(rows, cols) → (rows, blocks, 256), the last block of each row zero-padded (a view, no copy,
+    where rows are whole blocks and x is contiguous: transformer widths)."""
     rows, cols = x.shape
     blocks = math.ceil(cols / QUANT_BLOCK)
+    if cols == blocks * QUANT_BLOCK and x.is_contiguous():
+        return x.view(rows, blocks, QUANT_BLOCK)
     return torch.nn.functional.pad(x, (0, blocks * QUANT_BLOCK - cols)).view(rows, blocks, QUANT_BLOCK)
+
+
+def _unblocked(x: torch.Tensor, cols: int) -> torch.Tensor:
+    rows, blocks, _ = x.shape
+    return x.reshape(rows, blocks * QUANT_BLOCK)[:, :cols]
 
 
 def quantize(m: torch.Tensor, bits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``m`` (rows, cols) → (int8 values (rows, cols), fp32 scales (rows, blocks)); ``bits``
     (rows, cols): stochastic rounding."""
+    y, scale = _quantized(m, bits)
+    return y.to(torch.int8), scale
+
+
+def _quantized(m: torch.Tensor, bits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize``'s values still in fp32 (integers in [-127, 127], exact in int8), and the scales."""
     rows, cols = m.shape
     blocked = _blocked(m)
     scale = blocked.abs().amax(dim=2) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    y = (blocked / safe.unsqueeze(2)).reshape(rows, blocked.shape[1] * QUANT_BLOCK)[:, :cols]
+    y = _unblocked(blocked / safe.unsqueeze(2), cols)
     if bits is None:
         y = torch.floor(y + 0.5)  # nearest, ties up: the same two fp32 operations in every backend
     else:
         y = torch.floor(y + (bits >> 8).to(torch.float32) * 2.0**-24)  # up with probability frac(y)
-    return y.clamp(-127, 127).to(torch.int8), scale
+    return y.clamp_(-127, 127), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8 (rows, cols) and scales (rows, blocks) → fp32 (rows, cols)."""
-    rows, cols = q.shape
-    blocked = _blocked(q.to(torch.float32)) * scale.unsqueeze(2)
-    return blocked.reshape(rows, blocked.shape[1] * QUANT_BLOCK)[:, :cols]
+    """int8 (rows, cols) — or its values in fp32 — and scales (rows, blocks) → fp32 (rows, cols)."""
+    return _unblocked(_blocked(q.to(torch.float32)) * scale.unsqueeze(2), q.shape[1])
 
 
 def convert(state: dict, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -222,10 +234,10 @@ def momentum_update(bufs, grads, scales, steps, seeds, *, momentum: float, neste
         old = dequantize(buf.reshape(rows, cols), scales[i]) if mode.int8 else buf.to(torch.float32).reshape(rows, cols)
         m = torch.lerp(old, g32, weight) if form == "ema" else momentum * old + g32
         if mode.int8:
-            q, scale = quantize(m, bits)
-            buf.copy_(q.view(buf.shape))
+            y, scale = _quantized(m, bits)
+            buf.copy_(y.view(buf.shape))  # the cast to int8 is exact
             scales[i].copy_(scale)
-            stored = dequantize(q, scale)
+            stored = dequantize(y, scale)  # y is the int8 values in fp32: no second cast
         else:
             rounded = stochastic_bf16(m, bits) if mode.stochastic else m.to(buf.dtype)
             buf.copy_(rounded.view(buf.shape))
