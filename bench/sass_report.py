@@ -151,14 +151,14 @@ def _symmetric_case(name, cfg, cfg_label, dtype, precision, m, k, *, has_d=False
             tensor_cores)
 
 
-def _update_case(name, cfg, cfg_label, dtype, precision, m, n, *, has_a=True, persistent=False, tensor_cores=True):
+def _update_case(name, cfg, cfg_label, dtype, precision, m, n, *, persistent=False, tensor_cores=True):
     tma = cfg.tma and dtype != "fp32"
     args = dict(B=dtype, X=dtype, Out=dtype, B_desc=Desc(dtype, (1, cfg.block_m, cfg.block_k)) if tma else None,
                 X_desc=Desc(dtype, (1, cfg.block_k, cfg.block_n)) if tma else None, M=m, N=n, items=4096,
                 stride_bb=m * m, stride_bm=m, stride_bk=1, stride_xb=m * n, stride_xm=n, stride_xn=1,
                 stride_ob=m * n, stride_om=n, stride_on=1, a=1.0)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, UPCAST=False,
-                  PRECISION=precision, HAS_A=has_a, TMA=tma, PERSISTENT=persistent)
+                  PRECISION=precision, TMA=tma, PERSISTENT=persistent)
     return (name, _ns_update_kernel, args, consts, cfg_label, dtype, cfg.num_warps, cfg.num_stages, True, tensor_cores)
 
 
@@ -194,8 +194,6 @@ def kernel_cases(arch: int):
             matmul.append(_update_case("ns_update[a·X+B·X]", m=m, n=n, **case))
             if dtype != "fp16" and arch >= kcfg.PERSISTENT_MIN_ARCH:
                 matmul.append(_update_case("ns_update[persistent a·X+B·X]", m=m, n=n, persistent=True, **case))
-            if table:
-                matmul.append(_update_case("ns_update[Q·X]", m=m, n=n, has_a=False, **case))
     reductions = []
     for block, dtype in sorted(reduce_blocks):
         rows = min(symmetric_matmul_module._REDUCE_ROWS, block)

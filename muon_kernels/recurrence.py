@@ -35,6 +35,9 @@ class MatmulOps(NamedTuple):
     gram: Callable[[torch.Tensor], torch.Tensor]  # X (k, m, n) -> X·Xᵀ (k, m, m)
     poly: Callable[[torch.Tensor, float, float], torch.Tensor]  # A, b, c -> b·A + c·A·A
     apply: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # B, X, a -> a·X + B·X
+    # A backend's own Gram NS with ``gram``'s schedule (X, coefficients, restarts, R or None) -> X,
+    # where it can fuse what the three products cannot (the Triton kernels); None: ``gram`` below.
+    gram_driver: Callable[..., torch.Tensor] | None = None
 
 
 def aol(X: torch.Tensor, A: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +97,8 @@ def run(X: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, ops: MatmulOps
     if config.normalization == "aol":
         X, A = aol(X, ops.gram(X), config.floor)
     if config.algorithm == "gram":
+        if ops.gram_driver is not None:
+            return ops.gram_driver(X, config.coefficients, config.gram_restarts(ns_dtype), A)
         return gram(X, config.coefficients, config.gram_restarts(ns_dtype), ops, A)
     return standard(X, config.coefficients, ops, A)
 

@@ -14,7 +14,8 @@ Matrices with fewer than 128 rows take 64-wide tiles so that the grid still has 
 Hopper (sm_90) and the launch-shape choices — predictions until bench/tune.py has measured them on an
 H100/H200 (the table's "why" below; bench/README.md "Kernel notes (Hopper)" has the numbers):
 
-- TMA (``tma=True``): operands arrive through host tensor descriptors (UTMALDG into swizzled shared
+- TMA (``tma=True``, a bench/tune.py candidate on sm_90, not in the table until measured): operands
+  arrive through host tensor descriptors (UTMALDG into swizzled shared
   memory) instead of per-element pointer tensors. The pointer main loop recomputes a 128×64 int64
   address tensor and a bounds mask per operand per iteration (~64 int64 adds per thread per step,
   and the registers that hold them beside a 64-register accumulator); TMA needs one descriptor and
@@ -25,8 +26,9 @@ H100/H200 (the table's "why" below; bench/README.md "Kernel notes (Hopper)" has 
   sm_80/86/89 (cp.async, software pipelined). A launch falls back to pointer loads for any operand
   TMA cannot describe (a transposed view, rows not 16-byte aligned), with the same accumulation
   order, so the bits do not change.
-- Four pipeline stages on sm_90 (4 × 32 KB of 128×128×64 16-bit tiles): TMA loads are issued by one
-  thread and land asynchronously, so a deeper ring hides HBM latency at no register cost.
+- Four or five pipeline stages with TMA on sm_90 (4 × 32 KB of 128×128×64 16-bit tiles; tune.py
+  candidates): TMA loads are issued by one thread and land asynchronously, so a deeper ring could
+  hide HBM latency at no register cost.
 - Split-K (symmetric products only; ``split_factor``): when a product has fewer output tiles than
   about two waves of the device's SMs, its K range is cut into S slices, each program writes an
   fp32 partial tile, and a second launch sums the partials in a fixed order (no atomics: the same
@@ -84,14 +86,16 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1
 ARCHS = tuple(SHARED_MEMORY_LIMIT)
 _DEEP = (80, 90, 100)  # room for three pipeline stages of 128×128×64 16-bit tiles and the epilogue
 
+# sm_90 keeps the pointer-load config the H200 measured (799 TFLOP/s-equivalent at 4096², 2026-12-04):
+# TMA and a four-deep ring are bench/tune.py candidates, not defaults, until a GPU has timed them.
 _LARGE_16 = {arch: MatmulConfig(128, 128, 64, 8, 3 if arch in _DEEP else 2) for arch in ARCHS}
-# sm_90: TMA descriptors and a four-deep ring (module docstring: a prediction until measured).
-_LARGE_16[90] = MatmulConfig(128, 128, 64, 8, 4, tma=True)
 # sm_100: 8 warps; with 4, Triton 3.6's a·X + B·X (int64 tile offsets) spills 8 bytes at 72 registers.
 _SMALL_16 = {arch: MatmulConfig(64, 64, 64, 8 if arch == 100 else 4, 3 if arch in _DEEP else 2) for arch in ARCHS}
 # On sm_100/sm_120 the tf32 a·X + B·X kernel spills at 4 warps (8–16 bytes, Triton 3.6 and 3.9); 8 warps do not.
+# On sm_90 the ieee b·A + c·A·A kernel (upper-triangle and mirror masks in its epilogue) spills 8 bytes at
+# 128 registers with 4 warps (Triton 3.9); 8 warps do not.
 # On sm_120 the ieee X·Xᵀ kernel with int64 row offsets spills 8 bytes with two stages; one does not.
-_FP32 = {arch: MatmulConfig(64, 64, 16, 8 if arch >= 100 else 4, 1 if arch == 120 else 2) for arch in ARCHS}
+_FP32 = {arch: MatmulConfig(64, 64, 16, 8 if arch >= 90 else 4, 1 if arch == 120 else 2) for arch in ARCHS}
 # The interpreter runs programs one at a time on the CPU: small tiles exercise the multi-tile,
 # masked and mirrored paths on the small shapes the tests can afford.
 INTERPRETER_CONFIG = MatmulConfig(32, 32, 32, 4, 1, group_m=2)

@@ -119,7 +119,7 @@ def _ns_update_item(
     stride_ob, stride_om, stride_on,
     a,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_A: tl.constexpr, TMA: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """Output tile ``item`` of the batch; grouped tile order so B's row panels stay in L2."""
     b32 = item // (tiles_m * tiles_n)
@@ -145,10 +145,8 @@ def _ns_update_item(
                       BLOCK_K, BLOCK_N, TMA, UPCAST)
         acc = tl.dot(b, x, acc, input_precision=PRECISION)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    out = acc
-    if HAS_A:
-        x_tile = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
-        out += tl.cast(a, tl.float32) * x_tile.to(tl.float32)
+    x_tile = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
+    out = acc + tl.cast(a, tl.float32) * x_tile.to(tl.float32)
     tl.store(Out + batch * stride_ob + rows[:, None] * stride_om + cols[None, :] * stride_on,
              out.to(Out.dtype.element_ty), mask=mask)
 
@@ -162,11 +160,11 @@ def _ns_update_kernel(
     stride_ob, stride_om, stride_on,
     a,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_A: tl.constexpr, TMA: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    """Out = a·X + B·X with B (M×M), X (M×N). Without HAS_A (a = 0: Gram NS's Q·X) the epilogue
-    does not read X at all."""
+    """Out = a·X + B·X with B (M×M), X (M×N). Gram NS's Q·X is a = 0: it reads the X tile anyway
+    (one m×n read per call, ~1% of a Gram call at 1024×4096): an epilogue without it compiled to
+    a different register budget that ptxas spilled on sm_120 at both tile sizes."""
     # The batch is folded into grid axis 0 (axis 1 stops at 65,535 on a GPU); program ids fit int32,
     # so the divisions stay 32-bit (a 64-bit one is a called routine with a stack frame). One
     # program per tile, or (PERSISTENT) fewer programs striding over the tiles; only the persistent
@@ -178,12 +176,12 @@ def _ns_update_kernel(
             _ns_update_item(item, B, X, Out, B_desc, X_desc, M, N, tiles_m, tiles_n,
                             stride_bb, stride_bm, stride_bk, stride_xb, stride_xm, stride_xn,
                             stride_ob, stride_om, stride_on, a,
-                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, PRECISION, HAS_A, TMA)
+                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, PRECISION, TMA)
     else:
         _ns_update_item(tl.program_id(0), B, X, Out, B_desc, X_desc, M, N, tiles_m, tiles_n,
                         stride_bb, stride_bm, stride_bk, stride_xb, stride_xm, stride_xn,
                         stride_ob, stride_om, stride_on, a,
-                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, PRECISION, HAS_A, TMA)
+                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, PRECISION, TMA)
 
 
 def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
@@ -229,7 +227,7 @@ def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor |
         B, X, out, b_desc if tma else None, x_desc if tma else None, m, n, items,
         *B.stride(), *X.stride(), *out.stride(), float(a),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        UPCAST=upcast_for(X), PRECISION=precision_for(X.dtype, fp32_precision), HAS_A=a != 0.0, TMA=tma,
+        UPCAST=upcast_for(X), PRECISION=precision_for(X.dtype, fp32_precision), TMA=tma,
         PERSISTENT=cfg.persistent, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )
     return out
@@ -237,11 +235,13 @@ def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor |
 
 def matmul_ops(fp32_precision: str = "ieee") -> recurrence.MatmulOps:
     """The three products of every recurrence on these kernels: X·Xᵀ and b·A + c·A·A on the
-    symmetric (upper-tile, mirrored) kernel, a·X + B·X on the fused-epilogue one."""
+    symmetric (upper-tile, mirrored) kernel, a·X + B·X on the fused-epilogue one; Gram NS on
+    ``gram_newton_schulz``, the same schedule on fused symmetric products."""
     return recurrence.MatmulOps(
         gram=lambda X: symmetric_matmul(X, fp32_precision=fp32_precision),
         poly=lambda A, b, c: symmetric_matmul(A, alpha=c, D=A, beta=b, fp32_precision=fp32_precision),
         apply=lambda B, X, a: ns_update(B, X, a, fp32_precision=fp32_precision),
+        gram_driver=functools.partial(gram_newton_schulz, fp32_precision=fp32_precision),
     )
 
 
@@ -270,12 +270,12 @@ def gram_newton_schulz(X: torch.Tensor, coefficients, restarts: tuple[int, ...],
       later use of Z is through P (R·Z + a·R = R·P, Z·Q + a·Q = Q·P);
     - Q ← Q·P, and the R update R ← P·(R·P), run on the symmetric kernel (upper tiles, mirrored):
       half the FLOPs of the recurrence's full a·X + B·X products, and R stays exactly symmetric;
-    - Q·X (restarts and the end) skips the a·X epilogue read (a = 0);
     - one allocation of four m×m slots (never more are live: R, P, Q and a product in flight) and
       one m×n buffer that X and its restarts ping-pong with.
     Launches for 5 steps restarted before 1 and 3 (the 16-bit default): 17, as many as standard NS
     (the recurrence: 17 products plus 3 clones and 3 diagonal adds). ``R`` = X·Xᵀ when the caller
-    has it (AOL formed it); the result is a new tensor, X is not modified."""
+    has it (AOL formed it). X's buffer is scratch: restarts and the final Q·X ping-pong between it
+    and the spare, so the result may live in it (``newton_schulz`` passes its own normalized copy)."""
     k, m, n = X.shape
     if not coefficients or X.numel() == 0:
         return X
@@ -311,12 +311,5 @@ def gram_newton_schulz(X: torch.Tensor, coefficients, restarts: tuple[int, ...],
 
 def newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, fp32_precision: str = "ieee") -> torch.Tensor:
     """The whole recurrence on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor.
-    Standard NS and AOL run muon_kernels.recurrence on these kernels (``matmul_ops``); Gram NS runs
-    ``gram_newton_schulz``, the same schedule on fused symmetric products."""
-    X = normalize(stack, config, ns_dtype)
-    if config.algorithm != "gram" or config.steps == 0 or X.numel() == 0:
-        return recurrence.run(X, config, ns_dtype, matmul_ops(fp32_precision))
-    R = None
-    if config.normalization == "aol":
-        X, R = recurrence.aol(X, symmetric_matmul(X, fp32_precision=fp32_precision), config.floor)
-    return gram_newton_schulz(X, config.coefficients, config.gram_restarts(ns_dtype), R, fp32_precision)
+    Standard NS, Gram NS and AOL all run muon_kernels.recurrence over these kernels (``matmul_ops``)."""
+    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, matmul_ops(fp32_precision))

@@ -43,13 +43,15 @@ def paths(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, config: N
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
                 config: NSConfig | None = None, path: str | None = None) -> tuple[str, str]:
     if config is not None and config.algorithm == "gram":
-        return "symmetric-gram", ("Gram NS on the symmetric kernels: X·Xᵀ and b·R + c·R·R (upper tiles, mirrored "
-                                  "store), Q and R updates and the final Q·X through the a·X + B·X kernel")
+        return "symmetric-gram", ("Gram NS driver: X·Xᵀ, P = b·R + c·R·R + a·I, Q·P and P·(R·P) on the symmetric "
+                                  "kernel (upper tiles, mirrored; split-K when few tiles), restarts and the final "
+                                  "Q·X on the a·X + B·X kernel; 17 products for 5 steps")
     if (path or paths(m, n, ns_dtype, device, config)[0]) == "small":
         return "small", "whole matrix in one CTA: all NS steps in one kernel; fused momentum and update; 5 launches"
     return "symmetric", (
         "fused momentum→stack, triangular-grid X·Xᵀ and b·A+c·A·A (upper tiles, mirrored store), "
-        "a·X+B·X epilogue, fused update; 4 + 3·steps launches per bucket"
+        "a·X+B·X epilogue, fused update; 4 + 3·steps launches per bucket, plus one reduction per product "
+        "split along K (few output tiles)"
     )
 
 

@@ -1,0 +1,168 @@
+"""Split-K, TMA descriptors, persistent grids, X·Yᵀ with a shift, and the Gram driver on the CPU interpreter.
+
+fp32 operands (DESIGN.md §5: ≤ 1e-4 against fp64; the interpreter upcasts 16-bit operands), small
+shapes that are not multiples of the 32-wide interpreter tiles, batches, transposed views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from muon_kernels import recurrence, workspace
+from muon_kernels.ns_config import resolve_ns_config
+from muon_kernels.triton_kernels import newton_schulz as tns
+from muon_kernels.triton_kernels import symmetric_matmul as tsym
+from muon_kernels.triton_kernels.config import INTERPRETER_CONFIG, INTERPRETER_SMS, forced
+from muon_kernels.triton_kernels.descriptors import descriptor
+from muon_kernels.triton_kernels.newton_schulz import gram_newton_schulz, newton_schulz, ns_update
+from muon_kernels.triton_kernels.symmetric_matmul import launch_shape, symmetric_matmul
+from oracles import plain_recurrence, reference_ns, rel_err, scalar_map
+
+FP32_TOL = 1e-4
+BASE = INTERPRETER_CONFIG
+VARIANTS = {"split2": replace(BASE, split_k=2), "split3+persistent": replace(BASE, split_k=3, persistent=True),
+            "tma": replace(BASE, tma=True),
+            "tma+split2+persistent": replace(BASE, tma=True, split_k=2, persistent=True)}
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("shape", [(2, 40, 130), (1, 70, 97), (3, 33, 100)])
+def test_variants_match_fp64_and_the_plain_kernel(shape, variant):
+    """m and k off the 32-wide tiles, batches; every variant against fp64 and the unsplit pointer kernel."""
+    X = _randn(*shape)
+    cfg = VARIANTS[variant]
+    out = symmetric_matmul(X, config=cfg)
+    assert rel_err(out, X.double() @ X.double().mT) <= FP32_TOL
+    assert rel_err(out, symmetric_matmul(X, config=BASE)) <= 1e-6
+    assert torch.equal(out, out.mT)  # upper triangle mirrored: exactly symmetric
+    assert torch.equal(out, symmetric_matmul(X, config=cfg))  # fixed-order reduction: same bits every call
+
+
+def test_split_partials_are_reduced_in_a_fixed_order(monkeypatch):
+    """Three slices of K = 150 (64, 64 and 22 wide), summed in slice order: the same split gives the
+    same bits on every call, whatever ran before it; the partials' buffer starts NaN-poisoned, so
+    an element no slice wrote would show."""
+    monkeypatch.setenv(workspace.FILL_VARIABLE, "nan")
+    X = _randn(2, 40, 150, seed=4)
+    cfg = VARIANTS["split3+persistent"]
+    tiles, splits, k_per_split, programs = launch_shape(2, 40, 150, cfg, INTERPRETER_SMS)
+    assert (tiles, splits, k_per_split) == (6, 3, 64) and programs == INTERPRETER_SMS
+    first = symmetric_matmul(X, config=cfg)
+    assert torch.isfinite(first).all() and rel_err(first, X.double() @ X.double().mT) <= FP32_TOL
+    symmetric_matmul(_randn(2, 40, 150, seed=5), config=cfg)  # other data through the same allocator
+    assert torch.equal(first, symmetric_matmul(X, config=cfg))
+
+
+@pytest.mark.parametrize("variant", ["split2", "tma+split2+persistent"])
+def test_epilogue_with_second_operand_and_shift(variant):
+    """alpha·X·Yᵀ + beta·D + shift·I for commuting symmetric X, Y (Gram NS's R·P and P = p(R))."""
+    G = _randn(2, 50, 80, seed=1)
+    R = (G @ G.mT / 80).contiguous()
+    P = 2.0 * R @ R - 1.5 * R + 0.7 * torch.eye(50)
+    out = symmetric_matmul(R, Y=P, alpha=2.0315, D=R, beta=-4.775, shift=3.4445, config=VARIANTS[variant])
+    Rd, Pd = R.double(), P.double()
+    exact = 2.0315 * Rd @ Pd - 4.775 * Rd + 3.4445 * torch.eye(50, dtype=torch.float64)
+    assert rel_err(out, exact) <= FP32_TOL
+    assert torch.equal(out, out.mT)  # diagonal tiles too, although R·P's diagonal tile is not exactly symmetric
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_operands_split_and_tma(dtype):
+    X = _randn(2, 45, 130, seed=2).to(dtype)
+    exact = X.double() @ X.double().mT
+    for cfg in (VARIANTS["split3+persistent"], VARIANTS["tma+split2+persistent"]):
+        out = symmetric_matmul(X, config=cfg)
+        assert out.dtype == dtype and rel_err(out, exact) <= 2 * 2.0**-8
+
+
+def test_transposed_views_take_the_pointer_path_with_the_same_bits():
+    X = _randn(2, 45, 40, seed=3)
+    assert descriptor(X.mT, (32, 32)) is None and descriptor(X, (32, 32)) is not None
+    for cfg in (VARIANTS["tma"], VARIANTS["tma+split2+persistent"]):
+        out = symmetric_matmul(X.mT, config=cfg)  # XᵀX through strides: no descriptor, no copy
+        assert rel_err(out, X.double().mT @ X.double()) <= FP32_TOL
+        assert torch.equal(out, symmetric_matmul(X.mT.contiguous(), config=cfg))
+
+
+def test_unaligned_rows_fall_back():
+    X = _randn(1, 20, 13)  # 13 fp32 = 52 bytes a row: TMA needs 16-byte aligned strides
+    assert descriptor(X, (32, 32)) is None
+    assert torch.equal(symmetric_matmul(X, config=VARIANTS["tma"]), symmetric_matmul(X, config=BASE))
+
+
+@pytest.mark.parametrize("a", [3.4445, 0.0])
+@pytest.mark.parametrize("m, n", [(33, 70), (40, 40)])
+def test_ns_update_tma_and_persistent(m, n, a):
+    """a = 0 is Gram NS's Q·X; TMA and persistence change no bit."""
+    B, X = _randn(2, m, m, seed=1), _randn(2, m, n, seed=2)
+    exact = a * X.double() + B.double() @ X.double()
+    plain = ns_update(B, X, a, config=BASE)
+    assert rel_err(plain, exact) <= FP32_TOL
+    for cfg in (replace(BASE, tma=True), replace(BASE, tma=True, persistent=True), replace(BASE, persistent=True)):
+        assert torch.equal(ns_update(B, X, a, config=cfg), plain)
+    assert torch.equal(ns_update(B, X.mT.contiguous().mT, a, config=replace(BASE, tma=True)), plain)
+
+
+def test_automatic_split_on_a_long_k():
+    """With the interpreter's 4 pretend SMs, one 32-row tile over K = 2048 (64 steps) is split."""
+    X = _randn(1, 30, 2048, seed=6)
+    assert launch_shape(1, 30, 2048, BASE, INTERPRETER_SMS)[1] > 1
+    out = symmetric_matmul(X)
+    assert rel_err(out, X.double() @ X.double().mT) <= FP32_TOL
+    assert rel_err(out, symmetric_matmul(X, config=replace(BASE, split_k=1))) <= 1e-6
+
+
+@pytest.mark.parametrize("preset, restarts", [("keller", None), ("keller", [1, 3]), ("polar_express", [2])])
+@pytest.mark.parametrize("shape", [(2, 20, 70), (1, 40, 100)])
+def test_gram_driver_fp32_matches_fp64(shape, preset, restarts):
+    G = _randn(*shape, seed=7)
+    config = resolve_ns_config(preset, None, 1e-7, "gram", ns_gram_restarts=restarts)
+    out = newton_schulz(G, config, torch.float32)
+    assert rel_err(out, reference_ns(G, preset)) <= FP32_TOL
+    # and the same schedule as muon_kernels.recurrence.gram, in fp64 through torch
+    X = tns.normalize(G, config, torch.float32).double()
+    ops = recurrence.MatmulOps(gram=lambda X: X @ X.mT, poly=lambda A, b, c: b * A + c * A @ A,
+                               apply=lambda B, X, a: a * X + B @ X)
+    assert rel_err(out, recurrence.gram(X, config.coefficients, config.gram_restarts(torch.float32), ops)) <= FP32_TOL
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float16])
+def test_gram_driver_16bit_within_baseline(ns_dtype):
+    G = _randn(2, 24, 96, seed=8)
+    ref = reference_ns(G)
+    out = newton_schulz(G, resolve_ns_config("keller", None, 1e-7, "gram"), ns_dtype)
+    assert out.dtype == ns_dtype
+    assert rel_err(out, ref) <= 2 * rel_err(plain_recurrence(G, ns_dtype), ref) + 1e-2
+
+
+def test_gram_driver_scalar_map_on_diagonal_input():
+    D, expected = scalar_map("keller")
+    wide = torch.cat([D, torch.zeros(D.shape[0], 5)], dim=1)[None]
+    out = newton_schulz(wide, resolve_ns_config("keller", None, 1e-7, "gram"), torch.float32)[0]
+    torch.testing.assert_close(torch.diagonal(out).double(), expected, atol=2e-5, rtol=0)
+
+
+def test_gram_driver_launches_and_allocations(monkeypatch):
+    """5 steps restarted before 1 and 3: 17 products (standard NS's count), two workspace
+    allocations (four m×m slots, one m×n partner), and every buffer NaN-poisoned first."""
+    monkeypatch.setenv(workspace.FILL_VARIABLE, "nan")
+    calls, allocations = [], []
+    real_sym, real_update, real_empty = tns.symmetric_matmul, tns.ns_update, workspace.empty
+    monkeypatch.setattr(tns, "symmetric_matmul", lambda *a, **k: calls.append("sym") or real_sym(*a, **k))
+    monkeypatch.setattr(tns, "ns_update", lambda *a, **k: calls.append("update") or real_update(*a, **k))
+    monkeypatch.setattr(workspace, "empty",
+                        lambda shape, **k: allocations.append(tuple(shape)) or real_empty(shape, **k))
+    X = tns.normalize(_randn(2, 20, 70, seed=9), resolve_ns_config("keller", 5, 1e-7), torch.float32)
+    allocations.clear()
+    with forced(symmetric=replace(BASE, split_k=1)):  # no partial buffers: count the driver's own
+        out = gram_newton_schulz(X, [(3.4445, -4.775, 2.0315)] * 5, (1, 3))
+    assert len(calls) == 17 and calls.count("update") == 3
+    assert allocations == [(4, 2, 20, 20), (2, 20, 70)]
+    assert torch.isfinite(out).all()

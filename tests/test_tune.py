@@ -1,0 +1,78 @@
+"""bench/tune.py's harness on a CPU: the smoke run under the interpreter writes one valid JSON with
+the documented schema, and a spent budget skips items but still leaves a valid JSON. (The timings
+of a smoke run mean nothing; the GPU run is `make tune`.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+ROW_KEYS = {"item", "shape", "batch", "dtype", "config", "label", "flops"}
+
+
+def _run(tmp_path: Path, *extra: str) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "tune.py", "--smoke", "--out", str(tmp_path), *extra], cwd=BENCH, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    files = list(tmp_path.glob("tune-smoke-*.json"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+    return json.loads(files[0].read_text()), run.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("tune"))
+
+
+def test_smoke_run_writes_the_schema(smoke):
+    doc, stdout = smoke
+    assert doc["schema"] == 1 and doc["smoke"] is True and doc["complete"] is True and doc["skipped"] == []
+    assert {"device", "capability", "arch", "sms", "versions", "budget_minutes", "elapsed_s", "ceilings", "results",
+            "winners", "notes", "shapes"} <= set(doc)
+    ns = [r for r in doc["results"] if r["item"] == "ns"]
+    products = [r for r in doc["results"] if r["item"] == "product"]
+    assert {r["impl"] for r in ns} >= {"ours", "ours-gram", "ours-gram-restart2", "cublas-recurrence"}
+    assert {r["product"] for r in products} == {"gram", "poly", "update"}
+    for r in doc["results"]:
+        assert ROW_KEYS <= set(r) and "error" not in r, r
+        assert r["ok"] and r["repeatable"] and r["ms"] > 0 and r["rel_err"] <= (r.get("bound") or 2e-2)
+    split_rows = [r for r in products if r["kind"] == "symmetric"]
+    assert {r["config"]["split_k"] for r in split_rows} == {0, 1, 2}
+    assert all({"tiles", "splits", "iterations", "predicted"} <= set(r) for r in split_rows)
+    assert any(r["table"] for r in products)
+    assert "ms" in stdout.splitlines()[0] and "wrote" in stdout
+
+
+def test_winners_are_in_the_form_config_reads(smoke, tmp_path):
+    from muon_kernels.triton_kernels import config as kcfg
+
+    doc, _ = smoke
+    fake = dict(doc, arch=90)
+    # Make one non-table config clearly faster than the table at every point of its class.
+    for r in fake["results"]:
+        if r["item"] == "product" and r["kind"] == "ns_update" and not r["table"]:
+            r["ms"] = 1e-6
+    sys.path.insert(0, str(BENCH))
+    try:
+        import tune
+    finally:
+        sys.path.remove(str(BENCH))
+    winners = tune.winners(fake)
+    assert winners and all(w["speedup"] > 1 for w in winners)
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps({"winners": winners}))
+    table = kcfg.load_tuned(path)
+    assert all(key[0] == 90 and key[2] in kcfg.KINDS for key in table)
+
+
+def test_spent_budget_keeps_the_json_valid(tmp_path):
+    doc, stdout = _run(tmp_path, "--budget-minutes", "0")
+    assert doc["complete"] is False and doc["skipped"] and doc["results"] == []
+    assert "budget reached" in stdout
