@@ -217,7 +217,9 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
     acc = torch.promote_types(stack.dtype, torch.float32)  # fp32, or fp64 for fp64 parameters
     stack = stack.contiguous()
     k, m, n = stack.shape
-    amax = torch.maximum(stack.amax(dim=(-2, -1)), -stack.amin(dim=(-2, -1))).to(acc)  # max |x|; NaN stays NaN
+    # max |x| (NaN stays NaN) from amax and amin: on a CPU the inf-norm and aminmax reductions over
+    # a matrix were 25× slower than these two.
+    amax = torch.maximum(stack.amax(dim=(-2, -1)), -stack.amin(dim=(-2, -1))).to(acc)
     _, exponent = torch.frexp(amax)  # amax = f·2^e, f in [0.5, 1); 0, inf and NaN give e = 0
     limit = _MAX_EXPONENT[acc]
     inv = _power_of_two(-exponent.clamp(-limit, limit), acc).view(k, 1, 1)  # 2^-e: scaled |x| < 1
