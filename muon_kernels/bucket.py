@@ -28,7 +28,6 @@ MATRIX_VIEWS = ("flatten", "batch", "transposed", "batch_transposed")
 # Views of weights stored (in, out) — transformers' Conv1D, fused (E, in, out) experts: the same
 # orthogonalization (the polar factor of Wᵀ is that of W, transposed), the lr scale from (out, in).
 STORED_TRANSPOSED = ("transposed", "batch_transposed")
-LAYOUTS = ("stack", "rows")
 
 
 @dataclass(frozen=True)

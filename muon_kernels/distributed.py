@@ -11,8 +11,8 @@ Two layouts, told apart per bucket:
   parameter. Each rank steps its rows of every matrix through the same backend functions as a
   single process (momentum, update), on its *shard bucket*: the bucket's entries cut to the rank's
   rows (a split piece's rows on each rank: ``_entry_rows``), laid out row by row ("rows" layout,
-  muon_kernels/bucket.py) and ordered by owner, so the momentum kernel writes straight into the
-  all-to-all that sends each owner the rows of the matrices it orthogonalizes; a second all-to-all
+  muon_kernels/bucket.py) in bucket order, which is owner order, so the momentum kernel writes
+  straight into the all-to-all that sends each owner the rows of the matrices it orthogonalizes; a second all-to-all
   sends each rank back its rows of the result, in the same layout, for the update kernel.
 
 The owner of each bucket entry comes from ``assign_owners``: contiguous ranges per bucket, the
@@ -145,8 +145,7 @@ class Placement(NamedTuple):
     kind: str  # "local", "replicated" or "sharded"
     group: object  # the process group it is split over (None: local)
     owners: list[int] | None  # the rank that orthogonalizes each entry
-    shard: Bucket | None = None  # sharded: this rank's shard bucket (its rows of each entry, by owner)
-    order: list[int] | None = None  # sharded: the bucket index of each shard entry
+    shard: Bucket | None = None  # sharded: this rank's shard bucket (its rows of each entry)
 
 
 def place(buckets: list[Bucket], names: dict[int, str], replicated, verify: bool = False) -> list[Placement]:
@@ -162,20 +161,18 @@ def place(buckets: list[Bucket], names: dict[int, str], replicated, verify: bool
             check_same_plan(group, [buckets[i] for i in idx], replicated=group is replicated)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         for i, owners in zip(idx, assign_owners([buckets[i] for i in idx], world)):
-            if kinds[i][0] == "sharded":
-                order = sorted(range(len(owners)), key=lambda j: owners[j])  # stable: bucket order per owner
-                placements[i] = Placement("sharded", group, owners, shard_bucket(buckets[i], order, world, rank), order)
-            else:
-                placements[i] = Placement(kinds[i][0], group, owners)
+            shard = shard_bucket(buckets[i], world, rank) if kinds[i][0] == "sharded" else None
+            placements[i] = Placement(kinds[i][0], group, owners, shard)
     return placements
 
 
-def shard_bucket(bucket: Bucket, order: list[int], world: int, rank: int) -> Bucket:
-    """This rank's rows of every entry of ``bucket`` (in ``order``), as a bucket in the "rows" layout
-    that the backends' momentum and update functions step like any other."""
+def shard_bucket(bucket: Bucket, world: int, rank: int) -> Bucket:
+    """This rank's rows of every entry of ``bucket``, as a bucket in the "rows" layout that the
+    backends' momentum and update functions step like any other. The entries keep the bucket's
+    order, which is also the order of their owners (``assign_owners`` gives contiguous ranges in
+    rank order), so the momentum step writes them in the all-to-all's send order."""
     entries = []
-    for i in order:
-        e = bucket.entries[i]
+    for e in bucket.entries:
         lo, hi = _entry_rows(e, world)[rank]
         first, stop = _shard_rows(e.param.shape[0], world)[rank]
         start = min(max(e.part[1] + lo - first, 0), stop - first) if e.part is not None and e.part[0] == 0 else 0
@@ -243,8 +240,8 @@ def start_sharded_gather(bucket: Bucket, placement: Placement, stack: torch.Tens
     wire = _wire_dtype(bucket.dtype, group)
     send = stack if stack.dtype == wire else stack.to(wire)
     send_sizes = [0] * world
-    for i, e in zip(placement.order, placement.shard.entries):
-        send_sizes[placement.owners[i]] += e.view.numel
+    for e, o in zip(placement.shard.entries, placement.owners):
+        send_sizes[o] += e.view.numel
     recv_sizes = [0] * world
     for e, o in zip(bucket.entries, placement.owners):
         if o == rank:
@@ -327,10 +324,9 @@ def _finish_variant(bucket: Bucket, placement: Placement, out: torch.Tensor, gro
     group = placement.group
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     shard, v = placement.shard, bucket.variant
-    where = {i: j for j, i in enumerate(placement.order)}  # bucket entry → shard entry
     stats, places = [], []
     for i, e in enumerate(bucket.entries):
-        local = shard.entries[where[i]].target
+        local = shard.entries[i].target
         a, b = _entry_rows(e, world)[rank]
         count, on_cols = variants.neurons(e.view)
         full = torch.zeros(e.view.batch, count, 3, dtype=torch.float32, device=local.device)
@@ -340,7 +336,7 @@ def _finish_variant(bucket: Bucket, placement: Placement, out: torch.Tensor, gro
         target = full[a:b] if batched else (full if on_cols else full[:, a:b])
         places.append((a, b, batched, on_cols, shape))
         if local.numel():
-            o = shard.slot(out, where[i]).reshape(shape).to(torch.float32)
+            o = shard.slot(out, i).reshape(shape).to(torch.float32)
             w = local.reshape(shape).to(torch.float32)
             axis = 1 if on_cols else 2
             target += torch.stack([(o * o).sum(dim=axis), (w * o).sum(dim=axis), (w * w).sum(dim=axis)], dim=-1)
@@ -365,24 +361,23 @@ def _finish_variant(bucket: Bucket, placement: Placement, out: torch.Tensor, gro
     plain = shard.cache.get("plain")
     if plain is None:  # the shard bucket without the variant: the backend's plain decay + update
         plain = shard.cache["plain"] = replace(shard, variant=Variant(), cache={})
-    o_eff = torch.zeros(shard.stack_shape, dtype=out.dtype if not shard.entries else shard.entries[0].target.dtype,
-                        device=out.device)
+    o_eff = torch.zeros(shard.stack_shape, dtype=shard.entries[0].target.dtype, device=out.device)
     first, factors = 0, []
     for i, (e, s, (a, b, batched, on_cols, shape)) in enumerate(zip(bucket.entries, scales, places)):
         ks = slice(first + a, first + b) if batched else slice(first, first + 1)
         rows = slice(None) if batched or on_cols else slice(a, b)
         first += e.view.batch
         factors.append((ks, batched))
-        local = shard.entries[where[i]].target
+        local = shard.entries[i].target
         if local.numel():
             s = s[a:b] if batched else s[:, rows]
             factor = g[ks].view(-1, 1, 1) * (s.unsqueeze(1) if on_cols else s.unsqueeze(2))
-            o = shard.slot(out, where[i]).reshape(shape).to(torch.float32) * factor
-            plain.slot(o_eff, where[i]).copy_(o.reshape(local.shape))
+            o = shard.slot(out, i).reshape(shape).to(torch.float32) * factor
+            plain.slot(o_eff, i).copy_(o.reshape(local.shape))
     plain.apply_update(o_eff, groups, state)
     if shrink is not None:
         for i, (ks, batched) in enumerate(factors):
-            local = shard.entries[where[i]].target
+            local = shard.entries[i].target
             if local.numel():
                 local.mul_(shrink[ks].view(-1, *[1] * (local.ndim - 1)) if batched else shrink[ks].reshape(()))
 

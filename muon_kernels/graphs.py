@@ -6,8 +6,8 @@ replayed in 6.7 ms against 8.5 ms eager). Validation and planning still run on t
 (no device work); what follows them — momentum, Newton–Schulz, the updates, AdamW — is the graph.
 
 A graph replays on the addresses and values it was captured with, so it is valid only while every
-parameter, gradient and optimizer-state tensor keeps its storage and the group settings keep their
-values. ``StepGraph`` keys the capture by both: the first step with a new key runs eagerly (it is the
+parameter and gradient keeps its storage, the group settings keep their values and the bucket plan
+stands (optimizer state is created by the first eager step and replaced only with a new plan). ``StepGraph`` keys the capture by both: the first step with a new key runs eagerly (it is the
 warm-up: Triton compiles, state is created, the measured dispatch decides), the next step with the
 same key is captured and replayed, and every later one is replayed. A key that changes every step —
 gradients freed by ``zero_grad(set_to_none=True)``, a float lr rewritten by a scheduler — runs
@@ -25,15 +25,16 @@ WARN_AFTER = 3
 
 
 def capture(run) -> torch.cuda.CUDAGraph:
-    """``run``'s kernels captured into a CUDA graph (not executed: replay executes them)."""
+    """``run``'s kernels captured into a CUDA graph (not executed: replay executes them). Errors of
+    this thread only: a data-loader thread's CUDA calls during the capture do not break it."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         run()
     return graph
 
 
 class StepGraph:
-    """Capture-and-replay of one optimizer's device work, keyed by (storages, settings)."""
+    """Capture-and-replay of one optimizer's device work, keyed by (storages, settings, plan)."""
 
     def __init__(self, capture_fn=capture):
         self.capture = capture_fn
@@ -42,6 +43,7 @@ class StepGraph:
         self.pending: tuple | None = None  # the last eager step's
         self.misses = 0
         self.warned = False
+        self.failed = False  # a capture raised: every step runs eagerly from then on
         self.captures = 0
 
     def step(self, key: tuple, run) -> str:
@@ -50,16 +52,24 @@ class StepGraph:
         if self.graph is not None and key == self.key:
             self.graph.replay()
             return "replay"
-        if key == self.pending:
-            self.graph, self.key = None, None  # free the old graph's memory before capturing anew
-            graph = self.capture(run)
-            self.graph, self.key, self.misses = graph, key, 0
-            self.captures += 1
-            graph.replay()
-            return "capture"
+        # Any other key drops the graph: the eager step may replace device tables the graph reads
+        # (a changed lr makes a new one and frees the old), so replaying it later could read freed memory.
+        self.graph, self.key = None, None
+        if key == self.pending and not self.failed:
+            try:
+                graph = self.capture(run)
+            except Exception as exc:  # e.g. a host sync or host-to-device copy inside the step
+                self.failed = True
+                warnings.warn(f"Muon(cuda_graph=True): capturing the step failed ({exc!r}); stepping eagerly from "
+                              "now on", stacklevel=3)
+            else:
+                self.graph, self.key, self.misses = graph, key, 0
+                self.captures += 1
+                graph.replay()
+                return "capture"
         run()
         self.misses += 1
-        if self.misses >= WARN_AFTER and not self.warned:
+        if self.misses >= WARN_AFTER and not self.warned and not self.failed:
             self.warned = True
             warnings.warn(f"Muon(cuda_graph=True): the step ran eagerly {self.misses} times in a row because "
                           f"{_what_changed(self.pending, key)} since the previous step, so no captured graph can "
@@ -70,7 +80,10 @@ class StepGraph:
 
 def _what_changed(before: tuple | None, after: tuple) -> str:
     if before is None or before[0] != after[0]:
-        return ("a parameter, gradient or optimizer-state tensor moved to new memory (zero_grad(set_to_none=True) "
-                "frees the gradients: use zero_grad(set_to_none=False))")
-    return ("a param group setting changed value (a scheduler writing a float lr: give lr, and adamw_lr, as device "
-            "tensors and update them in place, lr.fill_(value))")
+        return ("a parameter or gradient moved to new memory (zero_grad(set_to_none=True) frees the gradients: use "
+                "zero_grad(set_to_none=False))")
+    if before[1] != after[1]:
+        return ("a param group setting changed value (a scheduler writing a float lr: give lr, and adamw_lr, as "
+                "device tensors and update them in place, lr.fill_(value))")
+    return ("the bucket plan was rebuilt (a parameter's dtype or shape, a plan setting, the optimizer's options, or "
+            "load_state_dict changed)")

@@ -82,8 +82,8 @@ def check_piece(part, name: str) -> None:
 def kernel_blocks(bucket) -> bool:
     """Whether the fused kernels can quantize this bucket's int8 momentum: every entry a whole
     parameter or a row piece, with rows a multiple of 256 long, so the blocks tile the flat buffer."""
-    return all((e.part is None or e.part[0] == 0) and (e.target.numel() // e.target.shape[0]) % QUANT_BLOCK == 0
-               for e in bucket.entries)
+    return all((e.part is None or e.part[0] == 0) and math.prod(e.target.shape[1:]) % QUANT_BLOCK == 0
+               for e in bucket.entries)  # a row's length, also for a shard entry with no rows here
 
 
 def kernel_bits(bucket) -> bool:

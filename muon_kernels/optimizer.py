@@ -140,7 +140,7 @@ class Muon(Optimizer):
             "momentum_rounding": momentum_rounding,
             "momentum_form": momentum_form,
             "matrix_view": matrix_view,
-            "capturable": capturable,
+            "capturable": capturable or cuda_graph,  # a captured step needs capturable AdamW and scalars
         }
         settings.check_muon_settings(defaults)
         self._plan_key: tuple | None = None
@@ -172,10 +172,11 @@ class Muon(Optimizer):
     def _add_group(self, group: dict[str, Any]) -> None:
         if self._graph is not None:
             tensors = [item[1] if isinstance(item, tuple) else item for item in group["params"]]
+            labels = {"param_names": [item[0] for item in group["params"] if isinstance(item, tuple)]}
             for i, p in enumerate(tensors):
                 if p.device.type != "cuda":
-                    raise ValueError(f"cuda_graph=True captures CUDA kernels, but parameter #{i} of shape "
-                                     f"{tuple(p.shape)} is on {p.device}; pass cuda_graph=False")
+                    raise ValueError(f"cuda_graph=True captures CUDA kernels, but parameter "
+                                     f"{settings.label(labels, i, p)} is on {p.device}; pass cuda_graph=False")
         if group["use_muon"]:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -336,14 +337,21 @@ class Muon(Optimizer):
 
     def _graph_key(self, work: list[tuple[int, dict, list[torch.Tensor]]]) -> tuple:
         """What a captured step depends on: the parameters' and gradients' storages, the group
-        settings and the plan; raises ValueError (before anything is modified) where a step cannot
-        be captured. Optimizer state is created by the first (eager) step and replaced only by
-        ``load_state_dict`` or a momentum dtype change, which rebuild the plan, so it needs no key."""
+        settings, the plan and the options that shape the captured work; raises ValueError where a
+        step cannot be captured (before the step changes anything on the device). Optimizer state is
+        created by the first (eager) step and replaced only by ``load_state_dict`` or a momentum dtype
+        change, which rebuild the plan, so it needs no key."""
         if any(placement.kind != "local" for placement in self._placements):
-            raise ValueError("cuda_graph=True does not capture the collectives of DDP/FSDP2 (distributed buckets); "
-                             "pass cuda_graph=False, or distributed='off' where every rank steps on its own")
+            raise ValueError("cuda_graph=True does not capture the collectives of DDP/FSDP2 (distributed buckets): "
+                             "pass cuda_graph=False (under DDP, distributed='off' also works where every rank "
+                             "should step on its own)")
+        for gi, group in enumerate(self.param_groups):
+            if not group["capturable"]:
+                raise ValueError(f"param group {gi} has capturable=False, but cuda_graph=True captures the step: "
+                                 "leave capturable at cuda_graph's default (True) for every group")
         storages = tuple(t.data_ptr() for _, _, params in work for p in params for t in (p, p.grad))
-        return storages, tuple(settings.settings_key(g) for g in self.param_groups), self._plan_version
+        return (storages, tuple(settings.settings_key(g) for g in self.param_groups),
+                (self._plan_version, self.max_workspace_bytes, self.overlap_adamw))
 
     def _momentum_buffer(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """The momentum buffer in the group's momentum dtype (int8 with its block scales), created
@@ -395,9 +403,10 @@ class Muon(Optimizer):
         work = settings.check_grads(self.param_groups)
         settings.check_distributed_grads(self.param_groups, self._replicated())
         buckets = self._plan_buckets([w for w in work if w[1]["use_muon"] and w[2]])
+        key = None if self._graph is None else self._graph_key(work)
         self._init_variant_state(buckets)
         if self._graph is None:
             self._device_step(work, buckets)
         else:
-            self._graph.step(self._graph_key(work), lambda: self._device_step(work, buckets))
+            self._graph.step(key, lambda: self._device_step(work, buckets))
         return loss

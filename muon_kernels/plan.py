@@ -218,7 +218,7 @@ def describe(param_groups: list[dict], buckets: list[Bucket], placements) -> Pla
 
 def _muon_row(common: tuple, group: dict, reason: str | None, entries: list) -> PlanRow:
     b, e, _, _ = entries[0]
-    path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype, b.device, b.config)
+    path, how = b.backend.kernel_path(b.m, b.n, b.ns_dtype, b.device, b.config, b.path)
     dtype = str(b.ns_dtype).removeprefix("torch.")
     variant = "".join(f"; {v}" for v in ("cautious weight decay" if b.cautious else "", b.variant.describe(),
                                          b.low_precision.describe()) if v)

@@ -1,9 +1,5 @@
-"""Per-entry scalars of a bucket's step as device tensors: (μ, 1 - μ), -lr·scale and 1 - lr·wd.
-
-The fused momentum and update kernels read them on the device, and the variants' per-matrix factors
-are combined from them there, so a steady-state step copies nothing from the host (and can be
-captured in a CUDA graph).
-"""
+"""Per-entry scalars of a bucket's step as device tensors: (μ, 1 - μ), -lr·scale and 1 - lr·wd,
+which the fused momentum and update kernels read and the variants' per-matrix factors combine."""
 
 from __future__ import annotations
 
@@ -38,6 +34,9 @@ def update_scalars(bucket: Bucket, groups: list[dict]) -> tuple[torch.Tensor, to
     if not any(isinstance(lr, torch.Tensor) for lr in lrs):
         alphas = cached_floats(bucket, "alphas", [-lr * e.scale for lr, e in zip(lrs, bucket.entries)])
         return alphas, cached_floats(bucket, "decays", [1.0 - lr * wd for lr, wd in zip(lrs, wds)])
-    lr = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(bucket.device).reshape(()) for v in lrs])
+    # A float lr of another group in the same bucket becomes a device scalar by a fill kernel, not a
+    # host-to-device copy (which a CUDA-graph capture could not contain).
+    lr = torch.stack([v.to(device=bucket.device, dtype=torch.float32).reshape(()) if isinstance(v, torch.Tensor)
+                      else torch.full((), v, dtype=torch.float32, device=bucket.device) for v in lrs])
     scales = cached_floats(bucket, "scales", [e.scale for e in bucket.entries])
     return -lr * scales, 1.0 - lr * cached_floats(bucket, "weight_decays", wds)

@@ -17,4 +17,5 @@ def dispatch_cache(tmp_path, monkeypatch):
     path = tmp_path / "dispatch.json"
     monkeypatch.setenv(measured.CACHE_ENV, str(path))
     monkeypatch.delenv(measured.ENV, raising=False)
+    monkeypatch.setattr(measured, "_MEMO", {})  # nothing this process measured in an earlier test
     return path

@@ -46,8 +46,9 @@ def test_the_fastest_candidate_wins_and_persists(monkeypatch, cache):
     assert len(saved) == len(opt._buckets)
     assert all(r["choice"] == "fast:default" and set(r["ms"]) == {"slow:default", "fast:default", "middle:default"}
                for r in saved.values())
-    # A new optimizer (a resumed run) reads the choice back and times nothing.
+    # A new process (a resumed run) reads the choice back from the file and times nothing.
     fake.timed.clear()
+    measured._MEMO.clear()
     again = mk.Muon(model.parameters(), ns_dtype=torch.float32)
     _step(again, model)
     assert fake.timed == [] and {b.backend.NAME for b in again._buckets} == {"fast"}
@@ -171,3 +172,28 @@ def test_a_failed_measurement_keeps_the_table_with_a_warning(monkeypatch, cache)
     with pytest.warns(UserWarning, match="using the static dispatch table"):
         _step(opt, model)
     assert {b.backend.NAME for b in opt._buckets} == {"torch"} and not cache.exists()
+
+
+def test_an_unwritable_cache_costs_a_warning_not_the_step(monkeypatch, tmp_path):
+    FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv(measured.CACHE_ENV, str(blocked / "dispatch.json"))  # a path under a file
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    with pytest.warns(UserWarning, match="could not write the dispatch cache"):
+        _step(opt, model)
+    assert {b.backend.NAME for b in opt._buckets} == {"fast"}
+
+
+def test_the_measured_batch_is_a_ranks_share_under_ddp():
+    """Two ranks owning 2 and 1 of 3 matrices time a call of 2 (the largest share), not 3."""
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    _step(opt, model)
+    bucket = opt._buckets[0]
+    entries = bucket.entries
+    bucket.entries = [entries[0]] * 3  # three matrices of one shape
+    assert measured._batch(bucket, None) == 3
+    assert measured._batch(bucket, None, owners=[0, 0, 1]) == 2
+    bucket.entries = entries

@@ -40,7 +40,7 @@ def _model():
 
 
 def _graphed(model, **kw):
-    opt = mk.Muon(model.parameters(), lr=0.02, ns_dtype=torch.float32, **kw)
+    opt = mk.Muon(model.parameters(), lr=0.02, ns_dtype=torch.float32, capturable=True, **kw)
     opt._graph = graphs.StepGraph(capture_fn=FakeGraph)  # cuda_graph=True refuses CPU parameters
     return opt
 
@@ -137,3 +137,36 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
     for key in ("cuda_graph", "overlap_adamw"):
         with pytest.raises(ValueError, match=f"{key} must be True or False"):
             mk.Muon(_model().parameters(), **{key: "yes"})
+
+
+def test_a_failed_capture_steps_eagerly_from_then_on():
+    def broken(run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = _model()
+    opt = _graphed(model)
+    opt._graph.capture = broken
+    with pytest.warns(UserWarning, match="capturing the step failed"):
+        modes = _modes(opt, model, 4)
+    assert modes == ["eager"] * 4 and opt._graph.failed
+
+
+def test_a_changed_setting_drops_the_graph_before_it_is_replayed_again():
+    """A captured graph reads device tables that an eager step with other values may free: it is
+    dropped, and the old key captures anew instead of replaying."""
+    model = _model()
+    opt = _graphed(model)
+    lrs = [0.02, 0.02, 0.02, 0.0, 0.02, 0.02, 0.02]
+    assert _modes(opt, model, 7, lrs=lrs) == ["eager", "capture", "replay", "eager", "eager", "capture", "replay"]
+
+
+def test_every_group_must_be_capturable():
+    model = _model()
+    opt = mk.Muon(model.parameters(), lr=0.02, ns_dtype=torch.float32)
+    opt._graph = graphs.StepGraph(capture_fn=FakeGraph)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="capturable=False"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

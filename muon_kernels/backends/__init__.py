@@ -1,13 +1,15 @@
 """Backend registry: which implementations exist, which can run here, and why not.
 
-A backend is a module with ``NAME``, ``kernel_path(m, n, ns_dtype, device, config=None) -> (path,
-why)``, ``momentum_stack(bucket, grads, bufs, groups, state)`` (low-precision momentum reads its
-scales and step counters from ``state``), ``apply_update(bucket, ortho, groups, state)`` (NorMuon's
-v and the hyperball radii live in ``state``) and
-``orthogonalize(stack, config, ns_dtype)`` (any algorithm and normalization of ``config``, through
-``muon_kernels.recurrence`` over the backend's own products); its availability is probed here. ``auto`` picks per
-bucket: CUDA with usable Triton → ``triton`` where the dispatch table says the kernels win, else
-torch's batched cuBLAS; CUDA with the compiled extension → ``cuda``; otherwise ``torch``. An
+A backend is a module with ``NAME``; ``paths(m, n, ns_dtype, device, config=None)`` (its kernel paths
+for such a bucket, its own choice first) and ``kernel_path(m, n, ns_dtype, device, config=None,
+path=None) -> (path, why)``; ``orthogonalize(stack, config, ns_dtype, path=None)`` (any algorithm and
+normalization of ``config``, through ``muon_kernels.recurrence`` over the backend's own products);
+``momentum_stack(bucket, grads, bufs, groups, state)`` (low-precision momentum reads its scales and
+step counters from ``state``) and ``apply_update(bucket, ortho, groups, state)`` (NorMuon's v and
+the hyperball radii live in ``state``), both for either bucket layout (muon_kernels/bucket.py). Its
+availability is probed here. ``auto`` picks per bucket: by measurement (``backends/measured.py``) or
+by the static table — CUDA with usable Triton → ``triton`` where the table says the kernels win,
+else torch's batched cuBLAS; CUDA with the compiled extension → ``cuda``; otherwise ``torch``. An
 explicitly requested backend that cannot run raises, never falls back silently.
 """
 

@@ -7,9 +7,10 @@ when the group asked ``ns_algorithm="auto"`` — times each of them on scratch b
 bucket's shape (random data, never the caller's tensors), drops any whose result leaves the
 accuracy band of the torch backend's on the same input (DESIGN.md §5), and keeps the fastest.
 
-The choice is keyed by (device name, compute capability, torch and Triton versions, dtypes, bucket
-shape and batch, the recurrence, the candidates) and written to a JSON file beside the Triton
-autotune cache (``MUON_KERNELS_DISPATCH_CACHE``, default ``~/.cache/muon_kernels/dispatch.json``);
+The choice is keyed by (device name, compute capability, torch and Triton versions, the fp32 matmul
+precision, dtypes, bucket shape and batch, the recurrence, the candidates) and written to a JSON
+file beside the opt-in kernel autotuning cache (``MUON_KERNELS_DISPATCH_CACHE``, default
+``~/.cache/muon_kernels/dispatch.json``; a file that cannot be written costs a warning);
 every later process reads it back, so a resumed run makes the same choice and computes the same
 bits. Nothing is timed while a CUDA graph is being captured or torch.compile traces (the cached
 choice, else the static table, is used and nothing is written), and a measurement that fails
@@ -98,27 +99,39 @@ def _key(bucket: Bucket, batch: int, labels: list[str]) -> str:
     except ImportError:
         triton_version = "-"
     request = bucket.request or bucket.config
-    return "|".join([name, arch, f"torch {torch.__version__}", f"triton {triton_version}",
+    precision = f"fp32 matmul {torch.get_float32_matmul_precision()}, tf32 {torch.backends.cuda.matmul.allow_tf32}"
+    return "|".join([name, arch, f"torch {torch.__version__}", f"triton {triton_version}", precision,
                      str(bucket.dtype).removeprefix("torch."), str(bucket.ns_dtype).removeprefix("torch."),
                      f"{batch}x{bucket.m}x{bucket.n}", repr(request), ",".join(labels)])
+
+
+# What this process has read or measured, by key: a process reads the file once per key, not on
+# every orthogonalize() call.
+_MEMO: dict[str, dict] = {}
 
 
 def _load() -> dict:
     try:
         return json.loads(cache_path().read_text())
-    except (OSError, ValueError):
+    except Exception:  # no file, a corrupt one, no home directory: nothing cached
         return {}
 
 
 def _store(key: str, record: dict) -> None:
-    with _LOCK:
-        data = _load()
-        data[key] = record
-        path = cache_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+    """Persist ``record``; a cache that cannot be written (read-only home, full disk) costs a
+    warning, never the step."""
+    try:
+        with _LOCK:
+            data = _load()
+            data[key] = record
+            path = cache_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+    except Exception as exc:
+        warnings.warn(f"muon_kernels: could not write the dispatch cache ({exc!r}); the choice holds for this "
+                      f"process only (set {CACHE_ENV} to a writable file)", stacklevel=3)
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -126,8 +139,9 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def time_candidate(option: Candidate, run: Callable[[], torch.Tensor], device: torch.device) -> float:
-    """Median milliseconds of ``run`` (``option``'s call) over REPEATS calls after two warm-up calls,
-    with CUDA events."""
+    """Median milliseconds of ``run`` (``option``'s call, on ``device``'s current stream) over REPEATS
+    calls after two warm-up calls, with CUDA events. ``option`` names what is timed (the CPU tests'
+    stand-in timer answers by it)."""
     for _ in range(2):
         run()
     times = []
@@ -146,19 +160,20 @@ def measure(bucket: Bucket, batch: int, options: list[Candidate]) -> dict:
     the record that is persisted: ``choice`` (a label), ``ms`` per label, ``excluded`` (label: why)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     stack = torch.randn((batch, bucket.m, bucket.n), generator=g).to(bucket.device, bucket.dtype)
-    # The accuracy band (DESIGN.md §5) from the torch backend on the same input: each recurrence's
-    # fp32 result is the reference; a candidate may be off it by 2× the torch backend's own error in
-    # the iteration dtype + 1e-2 (16-bit), or 1e-4 (fp32: rounding differences between kernels).
+    # The accuracy band (DESIGN.md §5), from the same input: the recurrence in fp64 is the reference;
+    # a candidate may be off it by 2× the torch backend's own error in the iteration dtype + 1e-2
+    # (16-bit) or + 1e-4 (fp32). Tied to torch's own error, the band follows the matmul precision
+    # the user set (TF32 allowed or not), which the cache key records too.
     from . import torch_backend
 
     references, bounds, ms, excluded = {}, {}, {}, {}
     for option in options:
         algorithm = option.config.algorithm
         if algorithm not in references:
-            ref = torch_backend.orthogonalize(stack, option.config, torch.float32)
+            ref = torch_backend.orthogonalize(stack.double(), option.config, torch.float64)
             own = torch_backend.orthogonalize(stack, option.config, bucket.ns_dtype)
             references[algorithm] = ref
-            bounds[algorithm] = 1e-4 if bucket.ns_dtype == torch.float32 else 2 * _rel_err(own, ref) + 1e-2
+            bounds[algorithm] = 2 * _rel_err(own, ref) + (1e-4 if bucket.ns_dtype == torch.float32 else 1e-2)
         try:
             out = option.backend.orthogonalize(stack, option.config, bucket.ns_dtype, path=option.path)
             err = _rel_err(out, references[algorithm])
@@ -181,7 +196,7 @@ def choose(bucket: Bucket, batch: int, options: list[Candidate], measuring: bool
     """The record for this bucket called on ``batch`` matrices at a time: cached, else measured (and
     persisted) when ``measuring``; None when there is neither (the static table stands)."""
     key = _key(bucket, batch, [o.label for o in options])
-    record = _load().get(key)
+    record = _MEMO.get(key) or _load().get(key)
     if record is None and measuring and not _capturing(bucket.device) and not torch.compiler.is_compiling():
         try:
             record = measure(bucket, batch, options)
@@ -191,6 +206,8 @@ def choose(bucket: Bucket, batch: int, options: list[Candidate], measuring: bool
             return None
         if record["choice"] is not None:
             _store(key, record)
+    if record is not None:
+        _MEMO[key] = record
     return record if record and record.get("choice") in {o.label for o in options} else None
 
 
@@ -223,7 +240,8 @@ def resolve_one(bucket: Bucket, batch: int, dispatch: str) -> None:
 def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_bytes: int | None = None,
             collectives: bool = True) -> None:
     """Apply measured choices to every "auto" bucket with more than one candidate, timed on the
-    batch one call of the step takes (the first chunk under ``max_workspace_bytes``).
+    batch one call of the step takes (the first chunk under ``max_workspace_bytes`` of the bucket,
+    or under DDP/FSDP2 of a rank's share).
     ``placements`` (muon_kernels/distributed.py): buckets computed over a process group take the
     choice of its rank 0, broadcast (``collectives``; plan() alone passes False and shows each
     rank's own)."""
@@ -241,8 +259,8 @@ def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_byte
     for group, idx in shared.items():
         options = {i: candidates(buckets[i]) for i in idx}
         lead = dist.get_rank(group) == 0
-        records = {i: choose(buckets[i], _batch(buckets[i], max_workspace_bytes), options[i], measuring=lead)
-                   for i in idx}
+        records = {i: choose(buckets[i], _batch(buckets[i], max_workspace_bytes, placements[i].owners), options[i],
+                             measuring=lead) for i in idx}
         if not any(_capturing(buckets[i].device) for i in idx):  # never a collective inside a capture
             picks = torch.tensor([_index(options[i], records[i]) for i in idx], dtype=torch.int64)
             picks = picks.to(buckets[idx[0]].device if dist.get_backend(group) == "nccl" else "cpu")
@@ -261,8 +279,13 @@ def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_byte
                     shard.cache.clear()
 
 
-def _batch(bucket: Bucket, max_workspace_bytes: int | None) -> int:
-    start, stop = bucket.chunks(max_workspace_bytes)[0]
+def _batch(bucket: Bucket, max_workspace_bytes: int | None, owners: list[int] | None = None) -> int:
+    """Matrices per orthogonalize call of the step: the first chunk of the bucket, or under DDP/FSDP2
+    of the largest share a rank orthogonalizes (``owners``: each entry's rank)."""
+    total = None
+    if owners:
+        total = max(sum(e.view.batch for e, o in zip(bucket.entries, owners) if o == r) for r in set(owners))
+    start, stop = bucket.chunks(max_workspace_bytes, total)[0]
     return stop - start
 
 
