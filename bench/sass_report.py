@@ -37,7 +37,7 @@ from muon_kernels.triton_kernels import symmetric_matmul as symmetric_matmul_mod
 from muon_kernels.triton_kernels.symmetric_matmul import _symmetric_matmul_kernel
 
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "i8": "i8", "i32": "i32", "i64": "i64"}
+_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64", "i8": "i8", "i32": "i32", "i64": "i64"}
 _TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "i8": tl.int8}
 # Tensor-core instruction families by arch: mma.sync (HMMA) through Ampere/Ada, wgmma (HGMMA) on Hopper.
 # sm_100 runs Triton's dots on the 5th-generation tensor cores (tcgen05: UTC*MMA); sm_120 on HMMA.
@@ -263,6 +263,9 @@ def kernel_cases(arch: int):
             elementwise.append(("variant_statistics", variant_statistics._variant_statistics_kernel, args, consts,
                                 f"{variant_statistics.BLOCK_N}x{variant_statistics.BLOCK_J}w4", f"{param}/{ortho}",
                                 4, 1, False, False))
+    args = dict(Partials="fp32", Alphas="fp32", Radius="fp32", Eps="fp64", Gains="fp32", Shrink="fp32", BLOCKS=192)
+    elementwise.append(("variant_factors", variant_statistics._variant_factors_kernel, args,
+                        dict(NORMUON=True, HYPERBALL=True, CHUNK=64), "chunk64w4", "fp32->fp64", 4, 1, False, False))
     return matmul + reductions + elementwise
 
 

@@ -24,6 +24,7 @@ blocks tile the flat buffer and the fused kernels quantize them in registers.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -109,72 +110,150 @@ def entry_seed(group_index: int, param_index: int, part) -> int:
 
 
 # ------------------------------------------------------------------------------------ bits
+#
+# The kernels hash in uint32. torch has no uint32 arithmetic on every device, so the reference runs
+# the same operations in int32, whose products wrap modulo 2^32 to the same bits, with a mask after
+# each right shift (torch's int32 shift is arithmetic; the mask makes it logical). int32 rather than
+# int64: a CPU multiplies int64 vectors one lane at a time, and the int64 hash was 3/4 of a
+# stochastically rounded momentum step there.
+
+_M1, _M2 = 0x7FEB352D, 0x846CA68B - 2**32  # lowbias32's multipliers as int32
+
+
+def _lowbias32(x: torch.Tensor, shifted: torch.Tensor | None = None) -> torch.Tensor:
+    """lowbias32 (C. Wellons), a bijection of 32-bit values, on int32 ``x`` (overwritten); one
+    temporary (``shifted``, x's shape) for the shifted copies: a CPU pays page faults for every
+    fresh large buffer, more than the arithmetic costs."""
+    shifted = torch.empty_like(x) if shifted is None else shifted
+    for shift, mask, multiplier in ((16, 0xFFFF, _M1), (15, 0x1FFFF, _M2), (16, 0xFFFF, None)):
+        x ^= torch.bitwise_right_shift(x, shift, out=shifted).bitwise_and_(mask)
+        if multiplier is not None:
+            x *= multiplier
+    return x
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of integer ``x`` as int32 (values ≥ 2^31 become negative: the same bits)."""
+    x = x.to(torch.int64) & _MASK32
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def _unsigned(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.int64) & _MASK32
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (C. Wellons) on the low 32 bits of int64 ``x``: a bijection of 32-bit values. int64
-    products wrap modulo 2^64, so their low 32 bits are the uint32 products the kernels compute."""
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+    """lowbias32 on the low 32 bits of integer ``x``, as int64 in [0, 2^32)."""
+    return _unsigned(_lowbias32(_as_int32(x)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _constants(values: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A device tensor of per-tensor constants (seeds, shard offsets), made once: the same chunks
+    come back every step, and a CUDA-graph capture may not copy from the host."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _keys(seeds, steps) -> torch.Tensor:
+    """hash(seed ^ hash(step)) per tensor, int32 (k,), on the steps' device (no host sync)."""
+    counters = _as_int32(torch.stack([s.reshape(()) for s in steps]))
+    return _lowbias32(_lowbias32(counters) ^ _constants(tuple(seeds), torch.int32, counters.device))
+
+
+def _bits32(keys: torch.Tensor, offsets, numel: int, out: torch.Tensor | None = None,
+            shifted: torch.Tensor | None = None) -> torch.Tensor:
+    """(k, numel) int32: hash(index ^ key) per tensor, the index counted from that tensor's offset;
+    ``out``/``shifted``: int32 (k, numel) buffers to use."""
+    k = keys.shape[0]
+    out = torch.empty((k, numel), dtype=torch.int32, device=keys.device) if out is None else out
+    if max(offsets) + numel <= 2**31:
+        torch.arange(numel, dtype=torch.int32, device=keys.device, out=out[0])
+        out[1:] = out[0]
+        if any(offsets):
+            out += _constants(tuple(offsets), torch.int32, keys.device).unsqueeze(1)
+    else:  # a tensor of over 2^31 elements: count in int64, keep the low 32 bits
+        out.copy_(_as_int32(torch.arange(numel, dtype=torch.int64, device=keys.device)
+                            + _constants(tuple(offsets), torch.int64, keys.device).unsqueeze(1)))
+    out ^= keys.unsqueeze(1)
+    return _lowbias32(out, shifted)
 
 
 def random_bits(seed: int, step: torch.Tensor, numel: int, device, offset: int = 0) -> torch.Tensor:
     """32 random bits (int64 in [0, 2^32)) per element: hash(index ^ hash(seed ^ hash(step)))."""
-    key = hash32((hash32(step.to(torch.int64)) ^ seed))
-    return hash32(torch.arange(offset, offset + numel, dtype=torch.int64, device=device) ^ key)
+    keys = _keys([seed], [torch.as_tensor(step, device=device)])
+    return _unsigned(_bits32(keys, [offset], numel)[0])
 
 
 def stochastic_bf16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """fp32 → bf16, rounding up in magnitude with probability (dropped bits) / 2^16. NaN stays NaN."""
-    raw = x.view(torch.int32).to(torch.int64) & _MASK32
-    rounded = ((raw + (bits & 0xFFFF)) & 0xFFFF0000)
-    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32).view(torch.float32)
-    return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
+    return _stochastic_bf16_(x.clone(), (bits & 0xFFFF).to(torch.int32)).to(torch.bfloat16)
 
 
-def _blocked(x: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) → (rows, blocks, 256), the last block of each row zero-padded (a view, no copy,
-    where rows are whole blocks and x is contiguous: transformer widths)."""
+def _stochastic_bf16_(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``stochastic_bf16``'s values, still fp32 (each exactly a bf16), in ``x``'s place; int32 ``bits``
+    is overwritten. In int32: adding at most 2^16 - 1 to a finite float's bits never overflows (only
+    NaN patterns lie near the int32 limits, and NaN is restored)."""
+    rounded = bits.bitwise_and_(0xFFFF).add_(x.view(torch.int32)).bitwise_and_(-65536).view(torch.float32)  # 0xFFFF0000
+    return torch.where(torch.isnan(x), x, rounded, out=x)
+
+
+def _parts(x: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
+    """Views of contiguous ``x`` (rows, cols) as blocks: (rows, n, 256) for the whole blocks of each
+    row, then (rows, 1, rest) for a shorter last block; each with its columns of the scales. No
+    padding copy: a row shorter than a block (GPT-2 ÷8's 96) is one block of its own length."""
     rows, cols = x.shape
-    blocks = math.ceil(cols / QUANT_BLOCK)
-    if cols == blocks * QUANT_BLOCK and x.is_contiguous():
-        return x.view(rows, blocks, QUANT_BLOCK)
-    return torch.nn.functional.pad(x, (0, blocks * QUANT_BLOCK - cols)).view(rows, blocks, QUANT_BLOCK)
-
-
-def _unblocked(x: torch.Tensor, cols: int) -> torch.Tensor:
-    rows, blocks, _ = x.shape
-    return x.reshape(rows, blocks * QUANT_BLOCK)[:, :cols]
+    whole = cols // QUANT_BLOCK
+    parts = [(x[:, :whole * QUANT_BLOCK].unflatten(1, (whole, QUANT_BLOCK)), slice(0, whole))] if whole else []
+    if cols % QUANT_BLOCK:
+        parts.append((x[:, whole * QUANT_BLOCK:].unsqueeze(1), slice(whole, whole + 1)))
+    return parts
 
 
 def quantize(m: torch.Tensor, bits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``m`` (rows, cols) → (int8 values (rows, cols), fp32 scales (rows, blocks)); ``bits``
     (rows, cols): stochastic rounding."""
-    y, scale = _quantized(m, bits)
+    y, scale = _quantize_(m.contiguous().clone(), None if bits is None else bits.clone())
     return y.to(torch.int8), scale
 
 
-def _quantized(m: torch.Tensor, bits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize``'s values still in fp32 (integers in [-127, 127], exact in int8), and the scales."""
-    rows, cols = m.shape
-    blocked = _blocked(m)
-    scale = blocked.abs().amax(dim=2) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    y = _unblocked(blocked / safe.unsqueeze(2), cols)
+def _quantize_(m: torch.Tensor, bits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize``'s values, in place of contiguous ``m`` (integers in [-127, 127] in fp32, exact
+    in int8), and the scales; ``bits`` is overwritten."""
+    parts = _parts(m)
+    scale = torch.empty(scale_shape(m.shape), dtype=torch.float32, device=m.device)
+    for v, cols in parts:  # max |m| per block without an |m| temporary (negation is exact)
+        torch.maximum(v.amax(dim=2), v.amin(dim=2).neg_(), out=scale[:, cols])
+    scale.div_(127.0)
+    safe = torch.where(scale > 0, scale, 1.0)
+    for v, cols in parts:
+        v.div_(safe[:, cols].unsqueeze(2))
     if bits is None:
-        y = torch.floor(y + 0.5)  # nearest, ties up: the same two fp32 operations in every backend
-    else:
-        y = torch.floor(y + (bits >> 8).to(torch.float32) * 2.0**-24)  # up with probability frac(y)
-    return y.clamp_(-127, 127), scale
+        m.add_(0.5)  # nearest, ties up (then floor): the same two fp32 operations in every backend
+    else:  # up with probability frac(y): 24 random bits as a fraction (the scaling by 2^-24 is exact)
+        m.add_(bits.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF), alpha=2.0**-24)
+    return m.floor_().clamp_(-127, 127), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8 (rows, cols) — or its values in fp32 — and scales (rows, blocks) → fp32 (rows, cols)."""
-    return _unblocked(_blocked(q.to(torch.float32)) * scale.unsqueeze(2), q.shape[1])
+    """int8 (rows, cols) — or its values in fp32 — and scales (rows, blocks) → fp32 (rows, cols), a new
+    tensor."""
+    return _dequantize_into(torch.empty(q.shape, dtype=torch.float32, device=q.device), q, scale)
+
+
+def _dequantize_into(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``dequantize`` written into contiguous fp32 ``out``: int8 times fp32 converts and multiplies in
+    one pass."""
+    q = q.contiguous()
+    for (v, cols), (o, _) in zip(_parts(q), _parts(out)):
+        torch.mul(v, scale[:, cols].unsqueeze(2), out=o)
+    return out
+
+
+def _dequantize_(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``dequantize`` of contiguous fp32 values ``y``, in place."""
+    for v, cols in _parts(y):
+        v.mul_(scale[:, cols].unsqueeze(2))
+    return y
 
 
 def convert(state: dict, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -216,42 +295,123 @@ def new_scales(p: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ update
 
 
+# Tensors of one shape whose momentum steps run together (one op sequence per chunk, not per tensor:
+# a GPU pays a launch per op, a CPU ~5-10 µs of dispatch), up to this many elements (the chunk's fp32
+# temporaries). On a CPU only tensors below CPU_ALONE_ELEMENTS are stacked: above it the stacking
+# copy (a pass more over memory) costs more than the per-op overhead it saves.
+CHUNK_ELEMENTS = 2**26
+CPU_ALONE_ELEMENTS = 2**16
+
+
+def _chunks(bufs, grads) -> list[list[int]]:
+    """Indices of the tensors stepped together: ``stacked_chunks``, except that on a CPU a tensor of
+    CPU_ALONE_ELEMENTS or more goes alone."""
+    if not bufs or bufs[0].device.type != "cpu":
+        return stacked_chunks(bufs, grads)
+    alone = [i for i, b in enumerate(bufs) if b.numel() >= CPU_ALONE_ELEMENTS]
+    small = [i for i, b in enumerate(bufs) if b.numel() < CPU_ALONE_ELEMENTS]
+    chunks = [[i] for i in alone]
+    if small:
+        chunks += [[small[j] for j in c] for c in stacked_chunks([bufs[i] for i in small], [grads[i] for i in small])]
+    return chunks
+
+
+def stacked_chunks(bufs, grads) -> list[list[int]]:
+    """The tensors of one shape and dtypes together, up to CHUNK_ELEMENTS per chunk."""
+    groups: dict[tuple, list[list[int]]] = {}
+    for i, (b, g) in enumerate(zip(bufs, grads)):
+        chunks = groups.setdefault((tuple(b.shape), b.dtype, g.dtype), [[]])
+        if chunks[-1] and (len(chunks[-1]) + 1) * b.numel() > CHUNK_ELEMENTS:
+            chunks.append([])
+        chunks[-1].append(i)
+    return [c for chunks in groups.values() for c in chunks]
+
+
+def _rows(tensors, idx, rows: int, cols: int) -> torch.Tensor:
+    """The tensors ``idx`` as one (len(idx)·rows, cols) matrix: a view of a lone one where it can be."""
+    if len(idx) == 1:
+        return tensors[idx[0]].reshape(rows, cols)
+    return torch.stack([tensors[i].reshape(rows, cols) for i in idx]).view(len(idx) * rows, cols)
+
+
+def _write(targets, idx, values: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Rows of ``values`` back into the tensors ``idx`` (of ``dtype``): a lone tensor takes them with
+    the cast in its copy; a chunk's are cast once, then one multi-tensor copy."""
+    if len(idx) == 1:
+        targets[idx[0]].copy_(values.reshape(targets[idx[0]].shape))
+        return
+    pieces = values.to(dtype or values.dtype).reshape(len(idx), -1).unbind(0)
+    torch._foreach_copy_([targets[i] for i in idx], [v.view(targets[i].shape) for v, i in zip(pieces, idx)])
+
+
+class Scratch:
+    """Temporaries of ``momentum_update``, reused from chunk to chunk (and, kept by a CPU bucket, from
+    step to step): a fresh large buffer costs a CPU its page faults, more than the arithmetic."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.buffers = device, {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self.buffers[name] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(shape)
+
+
 def momentum_update(bufs, grads, scales, steps, seeds, *, momentum: float, nesterov: bool, form: str,
-                    mode: LowPrecision, outs=None, offsets=None) -> list[torch.Tensor]:
-    """The reference low-precision momentum step, tensor by tensor (the torch backend's CPU path and
-    the oracle of the kernels): M in fp32 from the stored M and G at its own precision, stored back
-    stochastically rounded (bf16) or quantized (int8); returns U (Nesterov from the stored M) in
-    fp32, or written into ``outs``. ``steps``: this step's counter per tensor (already advanced);
-    ``offsets``: the index of each tensor's first element in its parameter (an FSDP2 shard's rows),
-    so a shard draws the bits the whole parameter would."""
+                    mode: LowPrecision, outs=None, offsets=None, scratch=None) -> list[torch.Tensor]:
+    """The reference low-precision momentum step (the torch backend's path and the oracle of the
+    kernels): M in fp32 from the stored M and G at its own precision, stored back stochastically
+    rounded (bf16) or quantized (int8); returns U (Nesterov from the stored M) in fp32, or written
+    into ``outs``. ``steps``: this step's counter per tensor (already advanced); ``offsets``: the
+    index of each tensor's first element in its parameter (an FSDP2 shard's rows), so a shard draws
+    the bits the whole parameter would; ``scratch(name, shape, dtype)``: where temporaries live (a
+    CPU bucket keeps its own across steps), by default buffers of this call.
+
+    Each chunk (``_chunks``) is one (rows, cols) matrix — the int8 blocks run along rows, so stacked
+    tensors are just more rows — updated in place in its temporaries: one pass over memory per
+    operation and no fresh buffer per operation (the kernels keep it all in registers)."""
     weight = 1.0 - momentum
-    results = []
-    for i, (buf, g) in enumerate(zip(bufs, grads)):
-        rows, cols = buf.shape[0], math.prod(buf.shape[1:])  # rows: the int8 blocks run along them
-        g32 = g.to(torch.float32).reshape(rows, cols)
-        bits = (random_bits(seeds[i], steps[i], g32.numel(), g32.device, offsets[i] if offsets else 0).view(g32.shape)
-                if mode.stochastic else None)
-        old = dequantize(buf.reshape(rows, cols), scales[i]) if mode.int8 else buf.to(torch.float32).reshape(rows, cols)
-        m = torch.lerp(old, g32, weight) if form == "ema" else momentum * old + g32
+    offsets = offsets or [0] * len(bufs)
+    scratch = scratch or Scratch(bufs[0].device if bufs else torch.device("cpu"))
+    results: list[torch.Tensor | None] = [None] * len(bufs)
+    for idx in _chunks(bufs, grads):
+        buf = bufs[idx[0]]
+        rows, cols = buf.shape[0], math.prod(buf.shape[1:])
+        shape = (len(idx) * rows, cols)
+        g32 = _rows(grads, idx, rows, cols).to(torch.float32)  # read only: may be the gradient itself
+        stored = _rows(bufs, idx, rows, cols)
+        # M (then U) in a scratch buffer where U is copied out; else U is returned, so its own tensor
+        m = (scratch("momentum", shape, torch.float32) if outs is not None
+             else torch.empty(shape, dtype=torch.float32, device=buf.device))
         if mode.int8:
-            y, scale = _quantized(m, bits)
-            buf.copy_(y.view(buf.shape))  # the cast to int8 is exact
-            scales[i].copy_(scale)
-            stored = dequantize(y, scale)  # y is the int8 values in fp32: no second cast
+            _dequantize_into(m, stored, _rows(scales, idx, rows, scales[idx[0]].shape[1]))
         else:
-            rounded = stochastic_bf16(m, bits) if mode.stochastic else m.to(buf.dtype)
-            buf.copy_(rounded.view(buf.shape))
-            stored = rounded.to(torch.float32)
-        if not nesterov:
-            u = stored
-        elif form == "ema":
-            u = torch.lerp(g32, stored, momentum)
+            m.copy_(stored)
+        if form == "ema":
+            m.lerp_(g32, weight)
         else:
-            u = g32 + momentum * stored
-        u = u.view(buf.shape)
-        if outs is not None:
-            outs[i].copy_(u)
-            results.append(outs[i])
+            m.mul_(momentum).add_(g32)
+        bits = None
+        if mode.stochastic:
+            keys = _keys([seeds[i] for i in idx], [steps[i] for i in idx])
+            flat = (len(idx), rows * cols)
+            bits = _bits32(keys, [offsets[i] for i in idx], rows * cols, scratch("bits", flat, torch.int32),
+                           scratch("shifted", flat, torch.int32)).view(shape)
+        if mode.int8:
+            y, scale = _quantize_(m, bits)
+            _write(bufs, idx, y, torch.int8)  # exact: integers in [-127, 127]
+            _write(scales, idx, scale)
+            u = _dequantize_(y, scale)  # the stored M, in place of its values
         else:
-            results.append(u)
+            u = _stochastic_bf16_(m, bits)  # each value exactly a bf16: the stored M, in fp32
+            _write(bufs, idx, u, buf.dtype)
+        if nesterov and form == "ema":
+            torch.lerp(g32, u, momentum, out=u)
+        elif nesterov:
+            u.mul_(momentum).add_(g32)  # g + μ·M, rounded as the kernels do: the product, then the sum
+        for j, i in enumerate(idx):
+            piece = u[j * rows:(j + 1) * rows].reshape(bufs[i].shape)
+            results[i] = outs[i].copy_(piece) if outs is not None else piece
     return results

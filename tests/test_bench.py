@@ -350,3 +350,17 @@ def test_option_convergence_script_runs(tmp_path):
     assert set(data["results"]) == {"gram", "cautious-wd0.1"}
     for result in data["results"].values():
         assert len(result["runs"]) == 2 and result["summary"]["train_loss"]["mean"] > 0
+
+
+@pytest.mark.parametrize("variant, launches", [("default", 3 * 19), ("normuon-hyperball", 3 * 21)])
+def test_host_time_script_counts_the_launches_of_a_step(variant, launches):
+    """bench/host_time.py (launches stubbed under the interpreter): GPT-2 small's three buckets, each
+    4 + 3·5 Triton launches (+ statistics and factors with NorMuon/hyperball), whatever the layers."""
+    import os
+
+    for layers in ("1", "2"):
+        run = subprocess.run([sys.executable, "host_time.py", "--layers", layers, "--steps", "2", "--width-divisor", "1",
+                              "--variant", variant], cwd=BENCH, check=True, timeout=600, capture_output=True,
+                             text=True, env=dict(os.environ, TRITON_INTERPRET="1"))
+        assert f", {launches} Triton launches, " in run.stdout, run.stdout
+        assert "ms of host time per step" in run.stdout

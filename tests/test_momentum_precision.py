@@ -62,6 +62,105 @@ def test_random_bits_are_a_fixed_function_of_seed_step_and_index():
     assert mp.hash32(torch.tensor(xs)).tolist() == [ref(x) for x in xs]
 
 
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """uint32 lowbias32 in int64 arithmetic (products wrap modulo 2^64; their low 32 bits are the
+    uint32 products), the definition the package's int32 version must match."""
+    m = 0xFFFFFFFF
+    x = x & m
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & m
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def _bits(seed: int, step: int, numel: int, offset: int) -> torch.Tensor:
+    key = _lowbias32(_lowbias32(torch.tensor(step)) ^ seed)
+    return _lowbias32(torch.arange(offset, offset + numel) ^ key)
+
+
+def test_int32_hash_is_the_uint32_hash_everywhere():
+    """Random and extreme 32-bit inputs, steps and offsets past 2^31 (int32 wrap-around)."""
+    g = torch.Generator().manual_seed(3)
+    xs = torch.cat([torch.randint(0, 2**32, (100_000,), generator=g, dtype=torch.int64),
+                    torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 0xFFFF, 0x10000, 2**40 + 5])])
+    assert torch.equal(mp.hash32(xs), _lowbias32(xs))
+    for seed, step, offset in [(0, 0, 0), (2**31 - 1, 2**33 + 7, 2**31 - 100), (12345, 2**31, 3)]:
+        assert torch.equal(mp.random_bits(seed, torch.tensor(step), 1000, "cpu", offset=offset),
+                           _bits(seed, step, 1000, offset))
+
+
+def _reference_step(q, scale, bf16, g, *, mu, bits, form):
+    """One low-precision momentum step from the definitions (module docstring), element by element
+    semantics in plain torch: (stored buffer, its scales, U)."""
+    rows, cols = g.shape
+    if bf16 is not None:
+        old = bf16.float()
+    else:
+        old = q.float() * scale.repeat_interleave(256, dim=1)[:, :cols]
+    m = torch.lerp(old, g, 1 - mu) if form == "ema" else mu * old + g
+    if bf16 is not None:  # add 16 random bits below the bf16 mantissa, truncate
+        raw = m.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        r = (raw + (bits & 0xFFFF)) & 0xFFFF0000
+        stored = torch.where(r >= 2**31, r - 2**32, r).to(torch.int32).view(torch.float32)
+        new_q, new_scale = stored.to(torch.bfloat16), None
+    else:
+        blocks = -(-cols // 256)
+        padded = torch.zeros(rows, blocks * 256)
+        padded[:, :cols] = m
+        new_scale = padded.abs().view(rows, blocks, 256).amax(dim=2) / 127
+        per = torch.where(new_scale > 0, new_scale, torch.ones(())).repeat_interleave(256, dim=1)[:, :cols]
+        y = m / per
+        y = torch.floor(y + 0.5) if bits is None else torch.floor(y + (bits >> 8).float() * 2.0**-24)
+        y = y.clamp(-127, 127)
+        new_q = y.to(torch.int8)
+        stored = y * new_scale.repeat_interleave(256, dim=1)[:, :cols]
+    u = torch.lerp(g, stored, mu) if form == "ema" else g + mu * stored
+    return new_q, new_scale, u
+
+
+@pytest.mark.parametrize("form", ["ema", "sgd"])
+@pytest.mark.parametrize("kind", ["int8", "int8-stochastic", "bf16-stochastic"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["tensor-by-tensor", "stacked-chunks"])
+def test_momentum_update_is_its_definition_bit_for_bit(monkeypatch, form, kind, stacked):
+    """Three steps of five tensors (rows of 600: a padded block; of 512: whole blocks; a shard's rows
+    at an offset), against ``_reference_step``: buffers, scales and U bit for bit. ``stacked``: the
+    chunks a GPU runs (same-shape tensors as one matrix, two tensors per chunk here), on the CPU."""
+    if stacked:
+        monkeypatch.setattr(mp, "_chunks", mp.stacked_chunks)
+        monkeypatch.setattr(mp, "CHUNK_ELEMENTS", 2 * 3 * 600)
+    int8, stochastic = kind.startswith("int8"), kind.endswith("stochastic")
+    mode = mp.LowPrecision(int8, stochastic)
+    g = torch.Generator().manual_seed(4)
+    shapes = [(3, 600), (3, 600), (3, 600), (2, 512), (2, 512)]
+    offsets = [0, 0, 1800, 0, 1024]
+    seeds = [11, 12, 13, 14, 15]
+    dtype = torch.int8 if int8 else torch.bfloat16
+    bufs = [torch.zeros(s, dtype=dtype) for s in shapes]
+    scales = [torch.zeros(s[0], -(-s[1] // 256)) for s in shapes]
+    ref = [(b.clone(), sc.clone()) for b, sc in zip(bufs, scales)]
+    for step in range(1, 4):
+        grads = [torch.randn(s, generator=g) * 3 for s in shapes]
+        outs = [torch.full(s, float("nan")) for s in shapes]
+        mp.momentum_update(bufs, grads, scales, [torch.tensor(step)] * 5, seeds, momentum=0.9, nesterov=True,
+                           form=form, mode=mode, outs=outs, offsets=offsets)
+        fresh = mp.momentum_update([b.clone() for b in bufs], grads, [sc.clone() for sc in scales],
+                                   [torch.tensor(step)] * 5, seeds, momentum=0.9, nesterov=True, form=form,
+                                   mode=mode, offsets=offsets)  # U returned: its own tensors
+        for i, s in enumerate(shapes):
+            bits = _bits(seeds[i], step, s[0] * s[1], offsets[i]).view(s) if stochastic else None
+            q, sc = ref[i]
+            new_q, new_scale, u = _reference_step(q if int8 else None, sc, None if int8 else q, grads[i], mu=0.9,
+                                                  bits=bits, form=form)
+            ref[i] = (new_q, new_scale if int8 else sc)
+            assert torch.equal(bufs[i], new_q), (step, i)
+            if int8:
+                assert torch.equal(scales[i], new_scale), (step, i)
+            assert torch.equal(outs[i], u), (step, i)
+        for i in range(5):  # the previous step's U, unchanged by later chunks
+            assert fresh[i].data_ptr() not in {f.data_ptr() for j, f in enumerate(fresh) if j != i}
+
+
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_int8_blocks_bound_the_error_by_their_own_maximum(stochastic):
     """Blocks of 256 along each row (rows of 600: two full blocks and one of 88)."""

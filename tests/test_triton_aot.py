@@ -37,7 +37,7 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
                      "fused_momentum[ema, bf16-stochastic]", "fused_momentum[sgd, bf16-stochastic]",
                      "fused_momentum[ema, int8]", "fused_momentum[sgd, int8]",
                      "fused_apply_update", "fused_apply_update[cautious]", "fused_apply_update[normuon+hyperball]",
-                     "variant_statistics", "small_newton_schulz"}
+                     "variant_statistics", "variant_factors", "small_newton_schulz"}
     # Every config the table, autotuning or bench/tune.py can pick is compiled, split kernel included.
     labels = {r.config.rsplit(":", 2)[0] for r in rows if r.is_matmul and r.name != "small_newton_schulz"}
     assert labels == set(all_configs(arch))

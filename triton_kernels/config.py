@@ -116,8 +116,14 @@ def checked_grid(programs: int, kernel: str, axis: int = 0) -> int:
     return programs
 
 
+# Read once: Triton itself decides at ``@triton.jit`` time (import) whether kernels are interpreted, so
+# the flag cannot change for this process's kernels, and a launch path asks several times (a plain
+# global rather than a cache, which torch.compile would warn about while tracing a launcher).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def is_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def upcast_for(x: torch.Tensor) -> bool:

@@ -2,8 +2,10 @@
 per bucket: per output neuron i of each matrix, q_i = Σ_j O_ij² and, for the hyperball, Σ_j W_ij·O_ij
 and Σ_j W_ij²; NorMuon's v_i ← lerp(v_i, q_i / inputs, 1 - β2) (in the state tensor, in place) and
 s_i = 1 / (√v_i + ε) (into ``row_scale``); and per (matrix, block of neurons) the partial sums
-Σq, Σs²q, Σs·(W·O), ΣW², which the backend adds up per matrix (a tiny (K, blocks, 4) tensor) and
-turns into the two scalars the fused update applies.
+Σq, Σs²q, Σs·(W·O), ΣW² (a tiny (K, blocks, 4) tensor). A second launch, one program per matrix,
+adds them up in block order and turns them into the two scalars the fused update applies (g and the
+hyperball's c, in fp64 as ``variants.gains``): one launch where the same math as torch ops took ~30
+small ones per bucket, each with its host cost.
 
 Programs: one per (matrix, block of BLOCK_N neurons); each walks the other axis in BLOCK_J steps,
 so the reduction order is fixed (deterministic, no atomics). Neurons are rows of the (out, in)
@@ -12,6 +14,8 @@ is tall. A per-matrix table gives its parameter and state addresses and that geo
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -105,3 +109,71 @@ def variant_statistics(ortho: torch.Tensor, table: torch.Tensor, row_scale: torc
         BLOCK_J=_BLOCK_J_INTERPRETER if is_interpreting() else BLOCK_J, EMULATE_RN=is_interpreting(),
     )
     return partials
+
+
+@triton.jit
+def _pick(values, j: tl.constexpr):
+    """Element j of a small vector, as an fp64 scalar."""
+    return tl.sum(tl.where(tl.arange(0, SUMS) == j, values, 0.0), axis=0).to(tl.float64)
+
+
+@triton.jit
+def _variant_factors_kernel(
+    Partials, Alphas, Radius, Eps, Gains, Shrink, BLOCKS,
+    NORMUON: tl.constexpr, HYPERBALL: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One matrix: its blocks' partial sums added in block order (fixed: the same bits every run),
+    then ``variants.gains``'s formulas in fp64, operation for operation."""
+    k = tl.program_id(0).to(tl.int64)
+    base = Partials + k * BLOCKS * SUMS
+    cols = tl.arange(0, SUMS)
+    acc = tl.zeros([CHUNK, SUMS], dtype=tl.float32)
+    for b0 in range(0, BLOCKS, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        acc += tl.load(base + b[:, None] * SUMS + cols[None, :], mask=(b < BLOCKS)[:, None], other=0.0)
+    sums = tl.sum(acc, axis=0)
+    s_q, s_sq, s_swo, s_w2 = _pick(sums, 0), _pick(sums, 1), _pick(sums, 2), _pick(sums, 3)
+    normuon_eps = tl.load(Eps)
+    hyperball_eps = tl.load(Eps + 1)
+    # fp64: sqrt and / are IEEE round-to-nearest (sqrt.rn.f64, div.rn.f64; the _rn forms are fp32-only)
+    ratio = tl.full([], 1.0, dtype=tl.float64)
+    if NORMUON:
+        ratio = tl.sqrt(s_q) / (tl.sqrt(s_sq) + normuon_eps)
+    if HYPERBALL:
+        radius = tl.load(Radius + k).to(tl.float64)
+        g = ratio * radius / tl.maximum(ratio * tl.sqrt(s_sq), hyperball_eps)
+        ag = tl.load(Alphas + k).to(tl.float64) * g
+        norm = tl.sqrt(tl.maximum(s_w2 + 2.0 * ag * s_swo + ag * ag * s_sq, 0.0))
+        # a step that moves nothing leaves W exactly as it is (variants.gains)
+        shrink = tl.where(ag == 0.0, 1.0, radius / tl.maximum(norm, hyperball_eps))
+        tl.store(Gains + k, g.to(tl.float32))
+        tl.store(Shrink + k, shrink.to(tl.float32))
+    else:
+        tl.store(Gains + k, ratio.to(tl.float32))
+
+
+@functools.lru_cache(maxsize=64)
+def _eps_pair(normuon_eps: float, hyperball_eps: float, device: torch.device) -> torch.Tensor:
+    """The two epsilons as fp64 device values (a float argument would reach the kernel as fp32), made
+    once: a CUDA-graph capture may not copy from the host."""
+    return torch.tensor([normuon_eps, hyperball_eps], dtype=torch.float64, device=device)
+
+
+def variant_factors(partials: torch.Tensor, alphas: torch.Tensor | None, radius: torch.Tensor | None, *,
+                    normuon: bool, hyperball: bool, normuon_eps: float,
+                    hyperball_eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(g, c or None) per matrix, fp32 (K,), from the (K, blocks, 4) partial sums; ``alphas`` and
+    ``radius``: per matrix (K,) fp32, for the hyperball."""
+    k, nb, _ = partials.shape
+    gains = torch.empty(k, dtype=torch.float32, device=partials.device)
+    shrink = torch.empty(k, dtype=torch.float32, device=partials.device) if hyperball else None
+    if k == 0:
+        return gains, shrink
+    _variant_factors_kernel[(checked_grid(k, "variant_factors"),)](
+        partials, alphas if hyperball else gains, radius if hyperball else gains,
+        _eps_pair(float(normuon_eps), float(hyperball_eps), partials.device), gains,
+        shrink if hyperball else gains, nb, NORMUON=normuon, HYPERBALL=hyperball,
+        # no contraction: torch computes each product and sum of variants.gains separately
+        CHUNK=min(64, triton.next_power_of_2(nb)), enable_fp_fusion=False,
+    )
+    return gains, shrink

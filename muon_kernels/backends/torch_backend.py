@@ -9,7 +9,9 @@ whole stack with one batched GEMM per term.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
+
 import torch
 
 from .. import momentum_precision, recurrence, variants
@@ -107,6 +109,14 @@ def _cpu_slots(bucket: Bucket) -> tuple[torch.Tensor, list[torch.Tensor], torch.
     return bucket.cache["cpu_slots"]
 
 
+def _cpu_scratch(bucket: Bucket) -> momentum_precision.Scratch | None:
+    """A CPU bucket's low-precision momentum temporaries, kept across steps (fresh large buffers
+    page-fault on every step there); elsewhere each call's own (the caching allocator reuses them)."""
+    if bucket.device.type != "cpu":
+        return None
+    return bucket.cache.setdefault("momentum_scratch", momentum_precision.Scratch(bucket.device))
+
+
 def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) -> torch.Tensor:
     """Momentum (foreach, per group of the bucket) and the updates laid out as the bucket says (a
     (K, m, n) stack, tall matrices transposed; or row by row), never aliasing a buffer.
@@ -131,7 +141,8 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
             us = momentum_precision.momentum_update(
                 [bufs[i] for i in idx], [grads[i] for i in idx], pick(scales, idx), pick(steps, idx),
                 pick(seeds, idx), momentum=groups[gi]["momentum"], nesterov=bucket.nesterov,
-                form=bucket.momentum_form, mode=low, outs=outs, offsets=[bucket.entries[i].offset for i in idx])
+                form=bucket.momentum_form, mode=low, outs=outs, offsets=[bucket.entries[i].offset for i in idx],
+                scratch=_cpu_scratch(bucket))
         else:
             us = momentum_update([bufs[i] for i in idx], [grads[i] for i in idx], momentum=groups[gi]["momentum"],
                                  nesterov=bucket.nesterov, form=bucket.momentum_form, outs=outs, scratch=scratch)
@@ -201,6 +212,30 @@ def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((exponent.to(int_dtype) + bias) << shift).view(dtype)
 
 
+# A CPU thread's fp32 buffers for normalize's scaled copy, the last few shapes: a fresh buffer of
+# that size is a fresh mmap, and its page faults cost a GPT-2-small-÷4 step more than the arithmetic.
+# Per thread, so two optimizers stepping in two threads never share one; bounded, and reused only
+# where normalize returns a cast copy (a 16-bit iteration), never the buffer itself.
+_CPU_SCALED_SHAPES = 8
+_cpu_scaled = threading.local()
+
+
+def _scaled_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, reusable: bool) -> torch.Tensor:
+    if device.type != "cpu" or not reusable or torch.compiler.is_compiling():
+        return torch.empty(shape, dtype=dtype, device=device)
+    cache = getattr(_cpu_scaled, "buffers", None)
+    if cache is None:
+        cache = _cpu_scaled.buffers = OrderedDict()
+    key = (shape, dtype)
+    buf = cache.pop(key, None)
+    if buf is None:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        while len(cache) >= _CPU_SCALED_SHAPES:
+            cache.popitem(last=False)
+    cache[key] = buf
+    return buf
+
+
 def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
     """``stack / max(norm_scale·‖stack‖_F + norm_offset, floor)`` per matrix, in fp32 (fp64 for fp64
     input), cast to ns_dtype, in one canonical (contiguous) layout.
@@ -223,7 +258,7 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
     _, exponent = torch.frexp(amax)  # amax = f·2^e, f in [0.5, 1); 0, inf and NaN give e = 0
     limit = _MAX_EXPONENT[acc]
     inv = _power_of_two(-exponent.clamp(-limit, limit), acc).view(k, 1, 1)  # 2^-e: scaled |x| < 1
-    y = torch.mul(stack, inv, out=torch.empty((k, m, n), dtype=acc, device=stack.device))
+    y = torch.mul(stack, inv, out=_scaled_buffer((k, m, n), acc, stack.device, reusable=ns_dtype != acc))
     norms = torch.linalg.vector_norm(torch.linalg.vector_norm(y, dim=-1), dim=-1).view(k, 1, 1)
     # Everything in the scaled domain: ‖y‖ = ‖x‖·2^-e, so the divisor is denom·2^-e.
     denom = torch.maximum(norms * config.norm_scale + config.norm_offset * inv, config.floor * inv)

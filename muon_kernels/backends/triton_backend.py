@@ -14,7 +14,8 @@ from .. import momentum_precision, variants, workspace
 from ..bucket import Bucket
 from ..ns_config import NSConfig
 from ..triton_kernels.fused_update import Layout, int_table, make_layout
-from ..triton_kernels.ops import fused_apply_update_op, fused_momentum_op, newton_schulz_op, variant_statistics_op
+from ..triton_kernels.ops import (fused_apply_update_launch, fused_momentum_launch, newton_schulz_launch,
+                                  variant_factors_launch, variant_statistics_launch)
 from ..triton_kernels.small_newton_schulz import fits_device
 from . import torch_backend
 from ..scalars import momenta, update_scalars
@@ -59,7 +60,7 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     _, m, n = stack.shape
     flat = [float(v) for step in config.coefficients for v in step]
     small = (path or paths(m, n, ns_dtype, stack.device, config)[0]) == "small"
-    return newton_schulz_op(stack, flat, config.eps, config.norm_scale, config.norm_offset, ns_dtype, small,
+    return newton_schulz_launch(stack, flat, config.eps, config.norm_scale, config.norm_offset, ns_dtype, small,
                             config.normalization, config.algorithm, list(config.gram_restarts(ns_dtype)))
 
 
@@ -81,7 +82,7 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
         return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
     stack = workspace.empty(bucket.stack_shape, dtype=bucket.dtype, device=bucket.device)
     scales, steps, seeds = momentum_precision.state_tensors(bucket, state) if low.active else ([], [], [])
-    fused_momentum_op(grads, bufs, momenta(bucket, groups), *_layout(bucket), stack, bucket.momentum_form == "ema",
+    fused_momentum_launch(grads, bufs, momenta(bucket, groups), *_layout(bucket), stack, bucket.momentum_form == "ema",
                       bucket.nesterov, scales, steps, seeds if low.stochastic else [])
     return stack
 
@@ -96,18 +97,22 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=
     row_scale = gains = shrink = None
     if bucket.variant.active:
         row_scale, gains, shrink = _variant_factors(bucket, ortho, params, alphas, state)
-    fused_apply_update_op(params, alphas, decays, *_layout(bucket), ortho, bucket.cautious, row_scale, gains, shrink)
+    fused_apply_update_launch(params, alphas, decays, *_layout(bucket), ortho, bucket.cautious, row_scale, gains,
+                              shrink)
 
 
 def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.Tensor, state):
-    """One statistics launch (NorMuon's v updated in place), then the per-matrix scalars from the
-    (K, blocks, 4) partial sums: (s per neuron or None, g, c or None), all on the device."""
+    """One statistics launch (NorMuon's v updated in place), then one launch for the per-matrix
+    scalars from the (K, blocks, 4) partial sums: (s per neuron or None, g, c or None), all on the
+    device."""
     v = bucket.variant
     vs, radii = variants.state_tensors(bucket, state)
     table = int_table(variants.statistics_table(bucket, params, vs), bucket.device)  # pinned during capture
     row_scale = workspace.empty((bucket.matrices, bucket.n), dtype=torch.float32, device=bucket.device) \
         if v.normuon else None
-    partials = variant_statistics_op(ortho, params, vs, table, row_scale, v.normuon, v.hyperball, v.beta2,
+    partials = variant_statistics_launch(ortho, params, vs, table, row_scale, v.normuon, v.hyperball, v.beta2,
                                      v.normuon_eps)
-    gains, shrink = variants.gains(bucket, partials.sum(dim=1), alphas, radii)
-    return row_scale, gains, shrink
+    radius = (torch.cat([r.reshape(-1) for r in radii]) if len(radii) > 1 else radii[0].reshape(-1)) if radii else None
+    gains, shrink = variant_factors_launch(partials, variants.per_matrix(bucket, alphas) if v.hyperball else None,
+                                           radius, v.normuon, v.hyperball, v.normuon_eps, v.hyperball_eps)
+    return row_scale, gains, shrink if v.hyperball else None

@@ -82,3 +82,28 @@ def test_the_counter_sees_torch_kernels_and_skips_views():
         float(x.sum())
     assert [name for _, name in c.launches] == ["fill_", "add_", "copy_", "sum"], c.launches
     del z
+
+
+@pytest.mark.parametrize("options, extra", [
+    ({"adaptive": "normuon"}, {"triton:_variant_statistics_kernel": 1, "triton:_variant_factors_kernel": 1}),
+    ({"adaptive": "normuon", "constraint": "hyperball", "weight_decay": 0.0},
+     {"triton:_variant_statistics_kernel": 1, "torch:cat": 1, "triton:_variant_factors_kernel": 1}),
+])
+def test_variants_add_their_launches_per_bucket_not_per_parameter(monkeypatch, options, extra):
+    """NorMuon / hyperball: the statistics pass, the radii of a bucket's parameters gathered (one
+    cat), and one launch that adds the partial sums up and forms the per-matrix factors — where the
+    same math as torch ops took ~30 small launches per bucket. Constant in the layer count."""
+    monkeypatch.delenv("MUON_KERNELS_DEBUG_FILL", raising=False)
+    plain = Counter({"triton:_fused_momentum_kernel": 1, "triton:_sum_squares_kernel": 1,
+                     "triton:_scale_cast_kernel": 1, "triton:_symmetric_matmul_kernel": 2 * STEPS,
+                     "triton:_ns_update_kernel": STEPS, "triton:_fused_apply_update_kernel": 1})  # one bucket
+    g = torch.Generator().manual_seed(0)
+    for layers in (2, 4):
+        ps = [torch.nn.Parameter(torch.randn(SYMMETRIC, generator=g)) for _ in range(layers)]
+        opt = mk.Muon(ps, backend="triton", ns_steps=STEPS, ns_dtype=torch.float32, **options)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            with LaunchCounter() as counter:
+                opt.step()
+        assert counter.by_name() == plain + Counter(extra), counter.launches

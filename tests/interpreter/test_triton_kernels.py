@@ -282,6 +282,54 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.muon_kernels.fused_apply_update.default,
                           (params, torch.tensor([-0.01, -0.02]), torch.tensor([1.0, 1.0]), *layout,
                            _randn(2, 12, 20, seed=5), False, torch.rand(2, 20), torch.rand(2), torch.rand(2)))
+    partials = torch.rand(2, 3, 4)
+    for normuon, hyperball in [(True, False), (True, True)]:
+        torch.library.opcheck(torch.ops.muon_kernels.variant_factors.default,
+                              (partials, torch.tensor([-0.01, -0.02]), torch.tensor([1.5, 2.0]), normuon, hyperball,
+                               1e-10, 1e-8))
+
+
+def test_backends_run_the_op_body_in_eager_and_the_op_when_traced():
+    """``ops.eager_or_traced``: in eager execution the backends skip the custom-op dispatcher (its
+    host cost) yet compute the same bits and bump the written tensors' version counters like the
+    op, so autograd still refuses a backward through a tensor the step changed; under a dispatch
+    mode (fake tensors, export, torch.compile's tracing) the op itself is what gets called."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from muon_kernels.triton_kernels import ops
+    from muon_kernels.triton_kernels.fused_update import make_layout
+
+    layout = make_layout([(1, 12, 20, False, False, 20), (1, 20, 12, True, True, 12)], torch.device("cpu"))
+    ortho = _randn(2, 12, 20, seed=5)
+    scalars = (torch.tensor([-0.01, -0.02]), torch.tensor([0.999, 1.0]))
+    eager = [_randn(12, 20, seed=3).requires_grad_(), _randn(20, 12, seed=4)]
+    by_op = [p.detach().clone() for p in eager]
+    saved = (eager[0] * eager[0]).sum()  # keeps eager[0] for its backward
+    versions = [p._version for p in eager]
+    with torch.no_grad():
+        ops.fused_apply_update_launch(eager, *scalars, *layout, ortho, False)
+    torch.ops.muon_kernels.fused_apply_update(by_op, *scalars, *layout, ortho, False)
+    for p, q, v in zip(eager, by_op, versions):
+        assert torch.equal(p.detach(), q)
+        assert p._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    stack = _randn(2, 12, 20, seed=6)
+    args = (stack, [3.4445, -4.775, 2.0315] * 2, 1e-7, 1.0, 0.0, torch.float32, False, "frobenius", "standard", [])
+    with Calls() as calls:
+        traced = ops.newton_schulz_launch(*args)
+    assert calls.names[0] == "muon_kernels.newton_schulz"
+    assert torch.equal(traced, ops.newton_schulz_launch(*args))
 
 
 @pytest.mark.parametrize("options", [{}, {"adaptive": "normuon", "constraint": "hyperball", "weight_decay": 0.0},

@@ -77,3 +77,40 @@ def test_statistics_kernel_sums_and_second_moments_match_the_torch_pass():
         s = row_scale[offset: offset + e.view.batch, :count]
         assert rel_err(s, 1.0 / (v.view(e.view.batch, -1).sqrt() + 1e-10)) <= 1e-6
         offset += e.view.batch
+
+
+@pytest.mark.parametrize("normuon, hyperball", [(True, False), (False, True), (True, True)])
+def test_factors_kernel_is_the_torch_formula(normuon, hyperball):
+    """The factors launch (one program per matrix, its blocks added in order, fp64 math) against
+    ``variants.gains`` on the same partial sums: random sums over 300 blocks (more than one chunk of
+    the kernel's loop), a matrix with lr 0 (c exactly 1), and a matrix whose O is zero (the clamps)."""
+    from types import SimpleNamespace
+
+    from muon_kernels import variants
+    from muon_kernels.bucket import Variant
+    from muon_kernels.triton_kernels.ops import variant_factors_launch
+
+    g = torch.Generator().manual_seed(8)
+    k, nb = 5, 300
+    partials = torch.rand((k, nb, 4), generator=g)
+    partials[..., 2] -= 0.5  # Σs·W·O takes either sign
+    partials[3, :, :3] = 0.0  # zero O: Σq = Σs²q = Σs·W·O = 0
+    alphas = -0.02 * torch.rand(k, generator=g)
+    alphas[1] = 0.0  # lr 0: W must stay exactly where it is
+    radius = 1.0 + torch.rand(k, generator=g)
+    v = Variant(normuon=normuon, hyperball=hyperball, normuon_eps=1e-10, hyperball_eps=1e-8)
+    bucket = SimpleNamespace(variant=v, entries=[SimpleNamespace(view=SimpleNamespace(batch=1))] * k)
+    ref_g, ref_c = variants.gains(bucket, partials.sum(dim=1), alphas, [radius])
+    gains, shrink = variant_factors_launch(partials, alphas if hyperball else None, radius if hyperball else None,
+                                           normuon, hyperball, v.normuon_eps, v.hyperball_eps)
+    # the only difference: the order the fp32 block sums are added in
+    assert rel_err(gains, ref_g) <= 1e-6
+    assert torch.isfinite(gains).all()
+    if hyperball:
+        assert rel_err(shrink, ref_c) <= 1e-6
+        assert shrink[1] == 1.0
+    else:
+        assert shrink.numel() == 0
+    again = variant_factors_launch(partials, alphas if hyperball else None, radius if hyperball else None,
+                                   normuon, hyperball, v.normuon_eps, v.hyperball_eps)
+    assert torch.equal(again[0], gains)  # a fixed order: the same bits on repeat
