@@ -147,17 +147,19 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return _unsigned(_lowbias32(_as_int32(x)))
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.cache
 def _constants(values: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A device tensor of per-tensor constants (seeds, shard offsets), made once: the same chunks
-    come back every step, and a CUDA-graph capture may not copy from the host."""
+    """A device tensor of per-tensor constants (seeds, shard offsets), made once and kept (a few
+    bytes per chunk of a model): the same chunks come back every step, a CUDA-graph capture may not
+    copy from the host, and a captured graph keeps reading the tensor, so none is ever evicted."""
     return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _keys(seeds, steps) -> torch.Tensor:
     """hash(seed ^ hash(step)) per tensor, int32 (k,), on the steps' device (no host sync)."""
     counters = _as_int32(torch.stack([s.reshape(()) for s in steps]))
-    return _lowbias32(_lowbias32(counters) ^ _constants(tuple(seeds), torch.int32, counters.device))
+    seeds = tuple(((s & _MASK32) ^ 2**31) - 2**31 for s in seeds)  # the low 32 bits, as int32
+    return _lowbias32(_lowbias32(counters) ^ _constants(seeds, torch.int32, counters.device))
 
 
 def _bits32(keys: torch.Tensor, offsets, numel: int, out: torch.Tensor | None = None,
@@ -258,17 +260,42 @@ def _dequantize_(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def convert(state: dict, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The momentum buffer of ``state`` in ``dtype`` (the group's momentum_dtype changed): int8 is
-    dequantized or quantized (nearest) through fp32, its scales dropped or made."""
-    buf = state["momentum_buffer"]
-    rows = buf.shape[0]
-    if buf.dtype == torch.int8:
-        values = dequantize(buf.reshape(rows, -1), state.pop("momentum_scale")).view(buf.shape)
+    dequantized or quantized (nearest) through fp32, its scales dropped or made. An FSDP2 shard
+    (DTensor) converts this rank's rows and keeps its sharding, scales sharded like the momentum."""
+    buf, scale = state["momentum_buffer"], state.pop("momentum_scale", None)
+    if not hasattr(buf, "device_mesh"):
+        new, new_scale = _convert(buf, scale, dtype)
     else:
-        values = buf.float()
+        from torch.distributed.tensor import DTensor
+
+        new, new_scale = _convert(buf.to_local(), None if scale is None else scale.to_local(), dtype)
+        new = DTensor.from_local(new, buf.device_mesh, buf.placements, shape=buf.shape,
+                                 stride=_contiguous_strides(buf.shape))
+        if new_scale is not None:
+            rows, blocks = scale_shape(buf.shape)
+            new_scale = DTensor.from_local(new_scale, buf.device_mesh, buf.placements, shape=(rows, blocks),
+                                           stride=(blocks, 1))
+    if new_scale is not None:
+        state["momentum_scale"] = new_scale
+    return new
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _convert(buf: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
+    """(buffer in ``dtype``, its int8 scales or None) for a plain tensor."""
+    rows = buf.shape[0]
+    values = dequantize(buf.reshape(rows, -1), scale).view(buf.shape) if buf.dtype == torch.int8 else buf.float()
     if dtype != torch.int8:
-        return values.to(dtype)
-    q, state["momentum_scale"] = quantize(values.reshape(rows, -1), None)
-    return q.view(p.shape)
+        return values.to(dtype), None
+    q, new_scale = quantize(values.reshape(rows, -1), None)
+    return q.view(buf.shape), new_scale
 
 
 def state_tensors(bucket, state) -> tuple[list, list, list]:
@@ -296,11 +323,15 @@ def new_scales(p: torch.Tensor) -> torch.Tensor:
 
 
 # Tensors of one shape whose momentum steps run together (one op sequence per chunk, not per tensor:
-# a GPU pays a launch per op, a CPU ~5-10 µs of dispatch), up to this many elements (the chunk's fp32
-# temporaries). On a CPU only tensors below CPU_ALONE_ELEMENTS are stacked: above it the stacking
-# copy (a pass more over memory) costs more than the per-op overhead it saves.
-CHUNK_ELEMENTS = 2**26
+# a GPU pays a launch per op, a CPU ~5-10 µs of dispatch), up to CHUNK_ELEMENTS per chunk: a chunk's
+# temporaries take ~18 bytes per element (fp32 gradients, M and bits, their scratch), so 2^24
+# elements cost ~300 MB at most, one LLaMA-1B MLP matrix. On a CPU only tensors below
+# CPU_ALONE_ELEMENTS are stacked, into chunks of at most CPU_CHUNK_ELEMENTS (the bucket keeps their
+# temporaries): above that the stacking copy, a pass more over memory, costs more than the per-op
+# overhead it saves.
+CHUNK_ELEMENTS = 2**24
 CPU_ALONE_ELEMENTS = 2**16
+CPU_CHUNK_ELEMENTS = 2**20
 
 
 def _chunks(bufs, grads) -> list[list[int]]:
@@ -312,16 +343,18 @@ def _chunks(bufs, grads) -> list[list[int]]:
     small = [i for i, b in enumerate(bufs) if b.numel() < CPU_ALONE_ELEMENTS]
     chunks = [[i] for i in alone]
     if small:
-        chunks += [[small[j] for j in c] for c in stacked_chunks([bufs[i] for i in small], [grads[i] for i in small])]
+        chunks += [[small[j] for j in c]
+                   for c in stacked_chunks([bufs[i] for i in small], [grads[i] for i in small], CPU_CHUNK_ELEMENTS)]
     return chunks
 
 
-def stacked_chunks(bufs, grads) -> list[list[int]]:
-    """The tensors of one shape and dtypes together, up to CHUNK_ELEMENTS per chunk."""
+def stacked_chunks(bufs, grads, limit: int | None = None) -> list[list[int]]:
+    """The tensors of one shape and dtypes together, up to ``limit`` (CHUNK_ELEMENTS) per chunk."""
+    limit = limit or CHUNK_ELEMENTS
     groups: dict[tuple, list[list[int]]] = {}
     for i, (b, g) in enumerate(zip(bufs, grads)):
         chunks = groups.setdefault((tuple(b.shape), b.dtype, g.dtype), [[]])
-        if chunks[-1] and (len(chunks[-1]) + 1) * b.numel() > CHUNK_ELEMENTS:
+        if chunks[-1] and (len(chunks[-1]) + 1) * b.numel() > limit:
             chunks.append([])
         chunks[-1].append(i)
     return [c for chunks in groups.values() for c in chunks]
@@ -355,7 +388,9 @@ class Scratch:
         n = math.prod(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self.buffers[name] = torch.empty(n, dtype=dtype, device=self.device)
+            buf = torch.empty(n, dtype=dtype, device=self.device)
+            if not torch.is_inference_mode_enabled():  # an inference tensor cannot be written outside it
+                self.buffers[name] = buf
         return buf[:n].view(shape)
 
 

@@ -298,6 +298,63 @@ def test_switching_momentum_dtype_converts_the_buffer():
     assert (back - 0.95 * fp32).abs().max() <= fp32.abs().max() / 127
 
 
+def test_converting_an_fsdp2_shard_keeps_its_sharding():
+    """``convert`` on DTensor state (an FSDP2 parameter's momentum; one gloo rank here): the local
+    rows convert exactly as a plain tensor's, the buffer and its scales stay DTensors sharded like
+    the parameter, and converting back restores the values within int8's step."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        g = torch.Generator().manual_seed(6)
+        values = torch.randn(4, 300, generator=g).to(torch.bfloat16)
+        p = distribute_tensor(torch.zeros(4, 300), mesh, [Shard(0)])
+        state = {"momentum_buffer": distribute_tensor(values.clone(), mesh, [Shard(0)])}
+        plain = {"momentum_buffer": values.clone()}
+        q = mp.convert(state, p, torch.int8)
+        ref_q = mp.convert(plain, values, torch.int8)
+        assert isinstance(q, DTensor) and isinstance(state["momentum_scale"], DTensor)
+        assert q.placements == p.placements and q.shape == (4, 300) and q.dtype == torch.int8
+        assert state["momentum_scale"].shape == (4, 2)
+        assert torch.equal(q.to_local(), ref_q) and torch.equal(state["momentum_scale"].to_local(),
+                                                                plain["momentum_scale"])
+        state["momentum_buffer"] = q
+        back = mp.convert(state, p, torch.bfloat16)
+        assert isinstance(back, DTensor) and "momentum_scale" not in state and back.dtype == torch.bfloat16
+        step = values.float().abs().amax(dim=1, keepdim=True) / 127
+        assert ((back.to_local().float() - values.float()).abs() <= step * 0.51 + 2e-2 * values.float().abs()).all()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_seeds_of_any_size_hash_their_low_32_bits():
+    step = torch.tensor(5)
+    assert torch.equal(mp.random_bits(2**33 + 9, step, 64, "cpu"), mp.random_bits(9, step, 64, "cpu"))
+    assert torch.equal(mp.random_bits(-1, step, 64, "cpu"), mp.random_bits(2**32 - 1, step, 64, "cpu"))
+    assert torch.equal(mp.random_bits(2**31 + 3, step, 64, "cpu"), _bits(2**31 + 3, 5, 64, 0))
+
+
+def test_a_step_under_inference_mode_leaves_later_steps_working():
+    """The work buffers a CPU keeps between calls are never made under inference mode (a tensor made
+    there cannot be written outside it): orthogonalize and a low-precision momentum step, first
+    inside ``torch.inference_mode()``, then outside."""
+    g = torch.Generator().manual_seed(7)
+    G = torch.randn(64, 32, generator=g)
+    with torch.inference_mode():
+        inside = mk.orthogonalize(G, ns_dtype=torch.bfloat16)
+    assert torch.equal(mk.orthogonalize(G, ns_dtype=torch.bfloat16), inside)
+    scratch = mp.Scratch(torch.device("cpu"))
+    args = dict(momentum=0.9, nesterov=True, form="ema", mode=mp.LowPrecision(True, True), scratch=scratch)
+    bufs, scales = [torch.zeros(64, 32, dtype=torch.int8)], [torch.zeros(64, 1)]
+    with torch.inference_mode():
+        mp.momentum_update([b.clone() for b in bufs], [G], [s.clone() for s in scales], [torch.tensor(1)], [3],
+                           outs=[torch.empty(64, 32)], **args)
+    mp.momentum_update(bufs, [G], scales, [torch.tensor(1)], [3], outs=[torch.empty(64, 32)], **args)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"momentum_rounding": "stochastic"}, "momentum_rounding='stochastic' rounds into a low-precision momentum"),
     ({"momentum_dtype": torch.float16, "momentum_rounding": "stochastic"}, "momentum_dtype=torch.bfloat16 or 'int8'"),

@@ -27,14 +27,24 @@ def _traced() -> bool:
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
+def _needs_autograd(args) -> bool:
+    """Whether an argument asks for gradients while grad mode is on: the op then runs, so a
+    backward through it raises (the ops have no derivative) instead of passing silently."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = (t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)))
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def eager_or_traced(op, mutated: tuple[int, ...] = ()):
-    """``op`` when traced, else its body; ``mutated``: positions of the arguments (a tensor or a list
-    of tensors) the body writes, whose autograd version counters are bumped as the op would, so
-    autograd still refuses a backward through a tensor the step changed."""
+    """``op`` when traced (or when autograd would see it), else its body; ``mutated``: positions of
+    the arguments (a tensor or a list of tensors) the body writes, whose autograd version counters
+    are bumped as the op would, so autograd still refuses a backward through a tensor the step
+    changed."""
     body = op._init_fn
 
     def call(*args):
-        if _traced():
+        if _traced() or _needs_autograd(args):
             return op(*args)
         out = body(*args)
         for i in mutated:

@@ -3,7 +3,7 @@ per bucket: per output neuron i of each matrix, q_i = Σ_j O_ij² and, for the h
 and Σ_j W_ij²; NorMuon's v_i ← lerp(v_i, q_i / inputs, 1 - β2) (in the state tensor, in place) and
 s_i = 1 / (√v_i + ε) (into ``row_scale``); and per (matrix, block of neurons) the partial sums
 Σq, Σs²q, Σs·(W·O), ΣW² (a tiny (K, blocks, 4) tensor). A second launch, one program per matrix,
-adds them up in block order and turns them into the two scalars the fused update applies (g and the
+adds them up in a fixed order and turns them into the two scalars the fused update applies (g and the
 hyperball's c, in fp64 as ``variants.gains``): one launch where the same math as torch ops took ~30
 small ones per bucket, each with its host cost.
 
@@ -122,7 +122,8 @@ def _variant_factors_kernel(
     Partials, Alphas, Radius, Eps, Gains, Shrink, BLOCKS,
     NORMUON: tl.constexpr, HYPERBALL: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """One matrix: its blocks' partial sums added in block order (fixed: the same bits every run),
+    """One matrix: its blocks' partial sums added in a fixed order (CHUNK strided lanes, then a tree:
+    the same bits every run, not torch's order),
     then ``variants.gains``'s formulas in fp64, operation for operation."""
     k = tl.program_id(0).to(tl.int64)
     base = Partials + k * BLOCKS * SUMS
@@ -141,18 +142,18 @@ def _variant_factors_kernel(
         ratio = tl.sqrt(s_q) / (tl.sqrt(s_sq) + normuon_eps)
     if HYPERBALL:
         radius = tl.load(Radius + k).to(tl.float64)
-        g = ratio * radius / tl.maximum(ratio * tl.sqrt(s_sq), hyperball_eps)
+        g = ratio * radius / tl.maximum(ratio * tl.sqrt(s_sq), hyperball_eps, propagate_nan=tl.PropagateNan.ALL)
         ag = tl.load(Alphas + k).to(tl.float64) * g
-        norm = tl.sqrt(tl.maximum(s_w2 + 2.0 * ag * s_swo + ag * ag * s_sq, 0.0))
+        norm = tl.sqrt(tl.maximum(s_w2 + 2.0 * ag * s_swo + ag * ag * s_sq, 0.0, propagate_nan=tl.PropagateNan.ALL))
         # a step that moves nothing leaves W exactly as it is (variants.gains)
-        shrink = tl.where(ag == 0.0, 1.0, radius / tl.maximum(norm, hyperball_eps))
+        shrink = tl.where(ag == 0.0, 1.0, radius / tl.maximum(norm, hyperball_eps, propagate_nan=tl.PropagateNan.ALL))
         tl.store(Gains + k, g.to(tl.float32))
         tl.store(Shrink + k, shrink.to(tl.float32))
     else:
         tl.store(Gains + k, ratio.to(tl.float32))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache
 def _eps_pair(normuon_eps: float, hyperball_eps: float, device: torch.device) -> torch.Tensor:
     """The two epsilons as fp64 device values (a float argument would reach the kernel as fp32), made
     once: a CUDA-graph capture may not copy from the host."""

@@ -215,13 +215,14 @@ def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # A CPU thread's fp32 buffers for normalize's scaled copy, the last few shapes: a fresh buffer of
 # that size is a fresh mmap, and its page faults cost a GPT-2-small-÷4 step more than the arithmetic.
 # Per thread, so two optimizers stepping in two threads never share one; bounded, and reused only
-# where normalize returns a cast copy (a 16-bit iteration), never the buffer itself.
+# where normalize returns a cast copy (a 16-bit iteration), never the buffer itself; never made under
+# inference mode (an inference tensor cannot be written outside it).
 _CPU_SCALED_SHAPES = 8
 _cpu_scaled = threading.local()
 
 
 def _scaled_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, reusable: bool) -> torch.Tensor:
-    if device.type != "cpu" or not reusable or torch.compiler.is_compiling():
+    if device.type != "cpu" or not reusable or torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         return torch.empty(shape, dtype=dtype, device=device)
     cache = getattr(_cpu_scaled, "buffers", None)
     if cache is None:

@@ -330,6 +330,10 @@ def test_backends_run_the_op_body_in_eager_and_the_op_when_traced():
         traced = ops.newton_schulz_launch(*args)
     assert calls.names[0] == "muon_kernels.newton_schulz"
     assert torch.equal(traced, ops.newton_schulz_launch(*args))
+    # A stack that asks for gradients goes through the op, whose backward refuses (no derivative).
+    wanting = (stack.clone().requires_grad_(), *args[1:])
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        ops.newton_schulz_launch(*wanting).sum().backward()
 
 
 @pytest.mark.parametrize("options", [{}, {"adaptive": "normuon", "constraint": "hyperball", "weight_decay": 0.0},

@@ -81,7 +81,7 @@ def test_statistics_kernel_sums_and_second_moments_match_the_torch_pass():
 
 @pytest.mark.parametrize("normuon, hyperball", [(True, False), (False, True), (True, True)])
 def test_factors_kernel_is_the_torch_formula(normuon, hyperball):
-    """The factors launch (one program per matrix, its blocks added in order, fp64 math) against
+    """The factors launch (one program per matrix, its blocks added in a fixed order, fp64 math) against
     ``variants.gains`` on the same partial sums: random sums over 300 blocks (more than one chunk of
     the kernel's loop), a matrix with lr 0 (c exactly 1), and a matrix whose O is zero (the clamps)."""
     from types import SimpleNamespace
@@ -114,3 +114,11 @@ def test_factors_kernel_is_the_torch_formula(normuon, hyperball):
     again = variant_factors_launch(partials, alphas if hyperball else None, radius if hyperball else None,
                                    normuon, hyperball, v.normuon_eps, v.hyperball_eps)
     assert torch.equal(again[0], gains)  # a fixed order: the same bits on repeat
+    # NaN sums stay NaN, as torch's clamp_min keeps them (no finite factor out of a NaN matrix)
+    partials[2, 7] = float("nan")
+    ref_g, ref_c = variants.gains(bucket, partials.sum(dim=1), alphas, [radius])
+    gains, shrink = variant_factors_launch(partials, alphas if hyperball else None, radius if hyperball else None,
+                                           normuon, hyperball, v.normuon_eps, v.hyperball_eps)
+    assert torch.isnan(ref_g[2]) and torch.isnan(gains[2])
+    if hyperball:
+        assert torch.isnan(ref_c[2]) and torch.isnan(shrink[2])
