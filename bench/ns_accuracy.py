@@ -5,6 +5,10 @@
    iteration dtype and restart schedule, beside standard NS's own error at that dtype.
 2. AOL coefficients: distance to the fp64 SVD polar factor and the singular-value range after
    AOL + 4 steps for the candidate coefficient sets, beside standard 5-step NS.
+3. Gram accuracy by preset: per preset (its own steps and normalization) and 16-bit dtype, Gram NS
+   with the default restarts and with one restart (before step 2) over 4 shapes × 3 seeds × 4
+   spectra, each error divided by DESIGN.md §5's band at that input (2 × standard NS's own error at
+   the dtype + 1e-2): the worst ratio and where, and how many inputs exceed the band.
 
     python bench/ns_accuracy.py [--out bench/results/cpu/ns_accuracy.json]
 
@@ -112,6 +116,37 @@ def aol_table(m: int = 256) -> list[dict]:
     return rows
 
 
+PRESET_SHAPES = [(64, 128), (64, 256), (128, 512), (256, 1024)]
+
+
+def preset_table(shapes=PRESET_SHAPES, seeds=(1, 2, 3)) -> list[dict]:
+    rows = []
+    for preset in ("keller", "quintic", "polar_express", "turbo"):
+        config = resolve_ns_config(preset, None, 1e-7)
+        for dtype_name in ("bfloat16", "float16"):
+            dtype = DTYPES[dtype_name]
+            schedules = {"default": config.gram_restarts(dtype), "one restart, before step 2": (2,)}
+            ratios: dict[str, list] = {label: [] for label in schedules}
+            for m, n in shapes:
+                for seed in seeds:
+                    for name, G in spectra(m, n, seed).items():
+                        ref = recurrence.run(normalize(G[None], config, torch.float64), config, torch.float64,
+                                             MATMUL_OPS)
+                        X = normalize(G[None].float(), config, dtype)
+                        band = 2 * _rel(recurrence.run(X, config, dtype, MATMUL_OPS), ref) + 1e-2
+                        for label, restarts in schedules.items():
+                            gram = replace(config, algorithm="gram", restarts=restarts)
+                            ratios[label].append((_rel(recurrence.run(X, gram, dtype, MATMUL_OPS), ref) / band,
+                                                  f"{m}×{n} seed {seed} {name}"))
+            for label, values in ratios.items():
+                worst = max(values)
+                rows.append({"preset": preset, "dtype": dtype_name, "restarts": label,
+                             "schedule": list(schedules[label]), "inputs": len(values),
+                             "over_band": sum(v > 1 for v, _ in values), "worst_ratio": worst[0],
+                             "worst_input": worst[1]})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -127,8 +162,13 @@ def main(argv=None) -> int:
     for r in aol:
         print(f"{r['input']:24s} {r['dtype']:8s} {r['method']:44s} {r['polar_error']:.3f} "
               f"[{r['sigma_min']:.2f}, {r['sigma_max']:.2f}]")
+    presets = preset_table()
+    print("\nGram accuracy by preset: worst error / band (DESIGN.md §5), inputs over the band")
+    for r in presets:
+        print(f"{r['preset']:13s} {r['dtype']:8s} {r['restarts']:26s} {r['worst_ratio']:.3f} ({r['worst_input']}) "
+              f"{r['over_band']}/{r['inputs']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"restarts": restarts, "aol": aol}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"restarts": restarts, "aol": aol, "presets": presets}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

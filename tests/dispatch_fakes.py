@@ -41,9 +41,8 @@ class FakeDispatch:
     def candidates(self, bucket):
         if bucket.request is None:
             return []
-        configs = ([measured.replace(bucket.request, algorithm=a) for a in ("standard", "gram")]
-                   if bucket.request.algorithm == "auto" else [bucket.config])
-        return [measured.Candidate(b, "default", c) for c in configs for b in self.backends.values()]
+        return [measured.Candidate(b, "default", c) for c in measured.candidate_configs(bucket)
+                for b in self.backends.values()]
 
     def time(self, option, run, device):
         assert isinstance(run(), torch.Tensor)

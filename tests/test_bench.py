@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
@@ -340,6 +341,20 @@ def test_accuracy_script_backs_the_default_restarts(tmp_path):
             assert default <= 2 * r["standard"] + 1e-2, r
     methods = {r["method"] for r in data["aol"]}
     assert "AOL + turbo (flash-newton-schulz), 4 steps" in methods and len(methods) == 6
+    # Gram by preset: with the default restarts every preset stays inside DESIGN.md §5's band in fp16,
+    # and in bf16 exactly the coefficient sets recurrence.gram_outside_band names do not (so "auto"
+    # keeps standard NS for those and only those).
+    from muon_kernels import recurrence
+    from muon_kernels.ns_config import resolve_ns_config
+
+    defaults = [r for r in data["presets"] if r["restarts"] == "default"]
+    assert {(r["preset"], r["dtype"]) for r in defaults} == {
+        (p, d) for p in ("keller", "quintic", "polar_express", "turbo") for d in ("bfloat16", "float16")}
+    for r in defaults:
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[r["dtype"]]
+        outside = recurrence.gram_outside_band(resolve_ns_config(r["preset"], None, 1e-7), dtype)
+        assert (r["over_band"] > 0) == outside, r
+        assert r["worst_ratio"] <= 0.6 or outside, r
 
 
 def test_option_convergence_script_runs(tmp_path):

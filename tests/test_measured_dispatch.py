@@ -94,6 +94,17 @@ def test_gram_and_standard_compete_only_when_the_group_asked_auto(monkeypatch):
     assert all("auto (measured): Gram NS" in b.algorithm for b in auto._buckets)
 
 
+def test_gram_is_not_a_candidate_where_bf16_gram_was_measured_outside_the_band(monkeypatch):
+    """polar_express in bf16: the timing's band compares Gram with Gram, so it cannot exclude it;
+    the candidate list does (recurrence.gram_outside_band)."""
+    fake = FakeDispatch(monkeypatch, {"x": 1.0, "y": 1.5})
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.bfloat16, ns_algorithm="auto", ns_coefficients="polar_express")
+    _step(opt, model)
+    assert fake.timed and not any(label.endswith(":gram") for label in fake.timed)
+    assert all(b.config.algorithm == "standard" for b in opt._buckets)
+
+
 def test_plan_shows_the_times_and_the_choice(monkeypatch):
     FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
     model = _model()

@@ -230,6 +230,29 @@ def test_auto_picks_by_aspect_ratio_and_plan_says_why():
                                        torch.device("cpu"))[0].algorithm == "standard"  # CPU fp16: never
 
 
+def test_auto_keeps_standard_ns_where_bf16_gram_was_measured_outside_the_band():
+    """polar_express in bf16 (bench/ns_accuracy.py's preset table: 1.35× the band): "auto" keeps
+    standard NS there, whatever the aspect, also past its own coefficient list (ns_steps=7 repeats
+    the last triple); fp16 and fp32 Gram, and bf16 Gram with other presets, stay available."""
+    wide = nn.Parameter(torch.randn(16, 128))
+    rows = mk.Muon([wide], ns_algorithm="auto", ns_coefficients="polar_express", ns_dtype=torch.bfloat16).plan()
+    assert "auto: standard NS (Gram NS in bf16 with these coefficients measured outside the accuracy band)" in rows[0].why
+    cpu = torch.device("cpu")
+    for steps in (None, 3, 7):
+        pe = resolve_ns_config("polar_express", steps, 1e-7, "auto")
+        assert recurrence.gram_outside_band(pe, torch.bfloat16)
+        assert not recurrence.gram_outside_band(pe, torch.float32) and not recurrence.gram_outside_band(pe, torch.float16)
+        assert recurrence.choose_algorithm(pe, 16, 128, torch.bfloat16, cpu)[0].algorithm == "standard"
+        assert recurrence.choose_algorithm(pe, 16, 128, torch.float32, cpu)[0].algorithm == "gram"
+    for preset in ("keller", "quintic", "turbo"):
+        config = resolve_ns_config(preset, None, 1e-7, "auto")
+        assert not recurrence.gram_outside_band(config, torch.bfloat16)
+        assert recurrence.choose_algorithm(config, 16, 128, torch.bfloat16, cpu)[0].algorithm == "gram"
+    # an explicit request is honoured (the user asked for Gram)
+    explicit = resolve_ns_config("polar_express", None, 1e-7, "gram")
+    assert recurrence.choose_algorithm(explicit, 16, 128, torch.bfloat16, cpu)[0].algorithm == "gram"
+
+
 @pytest.mark.parametrize("options", [{"ns_algorithm": "gram"}, {"ns_coefficients": "turbo"},
                                      {"ns_algorithm": "auto", "ns_normalization": "aol"}])
 def test_optimizer_step_matches_functional(options, gen):

@@ -41,10 +41,10 @@ def eager_or_traced(op, mutated: tuple[int, ...] = ()):
     the arguments (a tensor or a list of tensors) the body writes, whose autograd version counters
     are bumped as the op would, so autograd still refuses a backward through a tensor the step
     changed."""
-    body = op._init_fn
+    body = getattr(op, "_init_fn", None)  # CustomOpDef's Python function (torch 2.4+); else always the op
 
     def call(*args):
-        if _traced() or _needs_autograd(args):
+        if body is None or _traced() or _needs_autograd(args):
             return op(*args)
         out = body(*args)
         for i in mutated:

@@ -37,7 +37,7 @@ import torch
 
 from ..bucket import Bucket
 from ..ns_config import NSConfig
-from ..recurrence import choose_algorithm
+from ..recurrence import choose_algorithm, gram_outside_band
 
 MODES = ("measure", "table")
 ENV = "MUON_KERNELS_DISPATCH"
@@ -75,17 +75,24 @@ class Candidate:
 
 def candidates(bucket: Bucket) -> list[Candidate]:
     """Every path that computes this "auto" bucket's math on its device (none off CUDA: a CPU has
-    one backend). Gram and standard NS both only when the group asked ``ns_algorithm="auto"``."""
+    one backend), for each of ``candidate_configs``."""
     if bucket.request is None or bucket.device.type != "cuda":
         return []
     from . import runnable
 
-    if bucket.request.algorithm == "auto":
-        configs = [replace(bucket.request, algorithm=a) for a in ("standard", "gram")]
-    else:
-        configs = [bucket.config]
-    return [Candidate(backend, path, config) for config in configs for backend in runnable(bucket.device)
+    return [Candidate(backend, path, config) for config in candidate_configs(bucket)
+            for backend in runnable(bucket.device)
             for path in backend.paths(bucket.m, bucket.n, bucket.ns_dtype, bucket.device, config)]
+
+
+def candidate_configs(bucket: Bucket) -> list[NSConfig]:
+    """Gram and standard NS both only when the group asked ``ns_algorithm="auto"`` and Gram is not
+    measured outside the band for its coefficients and dtype (``gram_outside_band``: the timing's
+    band compares each path with its own algorithm, so it cannot see that)."""
+    if bucket.request.algorithm != "auto":
+        return [bucket.config]
+    algorithms = ("standard",) if gram_outside_band(bucket.request, bucket.ns_dtype) else ("standard", "gram")
+    return [replace(bucket.request, algorithm=a) for a in algorithms]
 
 
 def _key(bucket: Bucket, batch: int, labels: list[str]) -> str:
