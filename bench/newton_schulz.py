@@ -60,11 +60,12 @@ def naive_flops(m: int, n: int, batch: int, steps: int = STEPS) -> float:
     return batch * steps * (4 * m * m * n + 2 * m ** 3)
 
 
-def plain_recurrence(stack: torch.Tensor) -> torch.Tensor:
-    """What a user writes: normalize, cast to bf16, one bmm per term."""
+def plain_recurrence(stack: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """What a user writes: normalize, cast (bf16 by default), one bmm per term (the "cuBLAS
+    recurrence")."""
     a, b, c = COEFFICIENTS
     x = stack / stack.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-7)
-    x = x.bfloat16()
+    x = x.to(dtype)
     for _ in range(STEPS):
         A = x @ x.mT
         B = b * A + c * (A @ A)
@@ -72,7 +73,7 @@ def plain_recurrence(stack: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _torch_muon_routine():
+def torch_muon_routine():
     """torch.optim.Muon's private NS routine, or None on a torch whose layout differs."""
     try:
         from torch.optim._muon import _zeropower_via_newtonschulz
@@ -124,7 +125,7 @@ def implementations(device: torch.device):
         impls.append(("ours-auto", lambda s: mk.orthogonalize(s, ns_dtype=torch.bfloat16)))
         impls.append(("ours-auto-gram", lambda s: mk.orthogonalize(s, ns_dtype=torch.bfloat16, ns_algorithm="auto")))
     notes = []
-    torch_muon = _torch_muon_routine()
+    torch_muon = torch_muon_routine()
     if torch_muon is not None:
         impls.append(("torch.optim.Muon", torch_muon))
     else:

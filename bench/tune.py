@@ -53,10 +53,9 @@ from muon_kernels.triton_kernels import config as kcfg  # noqa: E402
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, ns_update  # noqa: E402
 from muon_kernels.triton_kernels.symmetric_matmul import launch_shape, symmetric_matmul  # noqa: E402
 from muon_kernels.workspace import FILL_VARIABLE  # noqa: E402
+from newton_schulz import COEFFICIENTS, STEPS, naive_flops, plain_recurrence, torch_muon_routine  # noqa: E402
 
 SCHEMA = 1
-COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-STEPS = 5
 # (m, n, batch), oriented m <= n, in priority order: where we lose first (the issue's H200 table).
 SHAPES = [(1024, 4096, 1), (768, 3072, 1), (4096, 4096, 1), (768, 768, 48), (2048, 8192, 1), (512, 512, 64),
           (128, 128, 512), (8192, 8192, 1),
@@ -71,30 +70,8 @@ def _ns_config(algorithm: str = "standard", restarts=None):
     return resolve_ns_config(COEFFICIENTS, STEPS, 1e-7, algorithm, ns_gram_restarts=restarts)
 
 
-def naive_flops(m: int, n: int, batch: int) -> float:
-    return batch * STEPS * (4 * m * m * n + 2 * m**3)
-
-
 def product_flops(product: str, m: int, n: int, batch: int) -> float:
     return batch * {"gram": 2 * m * m * n, "poly": 2 * m**3, "update": 2 * m * m * n}[product]
-
-
-def plain_recurrence(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What a user writes: normalize, cast, one bmm per term (the 'cuBLAS recurrence')."""
-    a, b, c = COEFFICIENTS
-    x = (X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-7)).to(dtype)
-    for _ in range(STEPS):
-        A = x @ x.mT
-        x = a * x + (b * A + c * (A @ A)) @ x
-    return x
-
-
-def torch_muon_routine():
-    try:
-        from torch.optim._muon import _zeropower_via_newtonschulz
-    except ImportError:
-        return None
-    return lambda X: torch.stack([_zeropower_via_newtonschulz(g, COEFFICIENTS, STEPS, 1e-7) for g in X])
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
