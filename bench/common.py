@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import re
 import statistics
@@ -63,6 +64,20 @@ def time_call(fn, *, device: torch.device, warmup: int, repeat: int, before=None
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
     return samples
+
+
+def with_environment(name: str, value: str, fn):
+    """fn() with the environment variable ``name`` set to ``value``, restored afterwards (the
+    kernels read their switches per call: the debug fill, the CUDA code path)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def summarize(samples: list[float]) -> dict:

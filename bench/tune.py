@@ -53,6 +53,7 @@ from muon_kernels.triton_kernels import config as kcfg  # noqa: E402
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, ns_update  # noqa: E402
 from muon_kernels.triton_kernels.symmetric_matmul import launch_shape, symmetric_matmul  # noqa: E402
 from muon_kernels.workspace import FILL_VARIABLE  # noqa: E402
+from common import with_environment  # noqa: E402
 from newton_schulz import COEFFICIENTS, STEPS, naive_flops, plain_recurrence, torch_muon_routine  # noqa: E402
 
 SCHEMA = 1
@@ -173,15 +174,7 @@ class Run:
 
 def _poisoned(fn):
     """fn() with every kernel work buffer NaN-filled first (workspace.FILL_VARIABLE)."""
-    old = os.environ.get(FILL_VARIABLE)
-    os.environ[FILL_VARIABLE] = "nan"
-    try:
-        return fn()
-    finally:
-        if old is None:
-            os.environ.pop(FILL_VARIABLE, None)
-        else:
-            os.environ[FILL_VARIABLE] = old
+    return with_environment(FILL_VARIABLE, "nan", fn)
 
 
 def ns_item(run: Run, m: int, n: int, batch: int) -> None:

@@ -103,13 +103,19 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("symmetric_matmul",
         [](uintptr_t p, uintptr_t d, uintptr_t c, int dtype, int64_t batch, int64_t rows, int64_t k, float alpha,
-           float beta, int path, uintptr_t stream) {
-          symmetric_matmul({ptr(p), ptr(d), ptr(c), dtype_of(dtype), batch, rows, k, alpha, beta}, path_of(path),
-                           stream_of(stream));
+           float beta, int path, uintptr_t stream, int64_t splits, uintptr_t split_partial) {
+          symmetric_matmul({ptr(p), ptr(d), ptr(c), dtype_of(dtype), batch, rows, k, alpha, beta, splits,
+                            ptr<float>(split_partial)},
+                           path_of(path), stream_of(stream));
         },
         py::arg("p"), py::arg("d"), py::arg("c"), py::arg("dtype"), py::arg("batch"), py::arg("m"), py::arg("k"),
-        py::arg("alpha"), py::arg("beta"), py::arg("path"), py::arg("stream"),
-        "c = alpha·p·pᵀ + beta·d on padded stacks (d may be 0: none); upper tiles only, mirrored store.");
+        py::arg("alpha"), py::arg("beta"), py::arg("path"), py::arg("stream"), py::arg("splits") = 1,
+        py::arg("split_partial") = 0,
+        "c = alpha·p·pᵀ + beta·d on padded stacks (d may be 0: none); upper tiles only, mirrored store. "
+        "splits > 1: K cut into slices summed in a fixed order (split_partial: split_partial_elements floats).");
+
+  m.def("split_partial_elements", &split_partial_elements, py::arg("batch"), py::arg("m"), py::arg("splits"),
+        "fp32 elements of the workspace a (batch, m, m) symmetric product split into `splits` K slices needs.");
 
   m.def("ns_update",
         [](uintptr_t b, uintptr_t x, uintptr_t out, int dtype, int out_dtype, int64_t batch, int64_t rows, int64_t n,
@@ -126,7 +132,8 @@ PYBIND11_MODULE(_C, m) {
         [](uintptr_t in, int in_dtype, std::array<int64_t, 3> in_strides, int64_t batch, int64_t rows, int64_t cols,
            uintptr_t x, uintptr_t y, uintptr_t a, uintptr_t b, int work_dtype, uintptr_t out, int out_dtype,
            uintptr_t partial, uintptr_t denom, std::vector<float> coefficients, float norm_scale, float norm_offset,
-           float floor, int path, uintptr_t stream) {
+           float floor, int path, uintptr_t stream, int64_t gram_splits, int64_t square_splits,
+           uintptr_t split_partial) {
           NewtonSchulzParams p;
           p.normalize = normalize_params(in, in_dtype, in_strides, batch, rows, cols, partial, denom, norm_scale,
                                          norm_offset, floor);
@@ -138,13 +145,18 @@ PYBIND11_MODULE(_C, m) {
           p.out = ptr(out);
           p.out_dtype = dtype_of(out_dtype);
           p.coefficients = std::move(coefficients);
+          p.gram_splits = gram_splits;
+          p.square_splits = square_splits;
+          p.split_partial = ptr<float>(split_partial);
           newton_schulz(p, path_of(path), stream_of(stream));
         },
         py::arg("input"), py::arg("in_dtype"), py::arg("in_strides"), py::arg("batch"), py::arg("rows"),
         py::arg("cols"), py::arg("x"), py::arg("y"), py::arg("a"), py::arg("b"), py::arg("work_dtype"),
         py::arg("out"), py::arg("out_dtype"), py::arg("partial"), py::arg("denom"), py::arg("coefficients"),
         py::arg("norm_scale"), py::arg("norm_offset"), py::arg("floor"), py::arg("path"), py::arg("stream"),
-        "The whole recurrence: normalize, then per step A = x·xᵀ, B = b·A + c·A·A, x = a·x + B·x.");
+        py::arg("gram_splits") = 1, py::arg("square_splits") = 1, py::arg("split_partial") = 0,
+        "The whole recurrence: normalize, then per step A = x·xᵀ, B = b·A + c·A·A, x = a·x + B·x "
+        "(x·xᵀ and A·A split along K into gram_splits / square_splits slices when > 1).");
 
   m.def("fused_momentum",
         [](std::vector<uintptr_t> grads, std::vector<uintptr_t> bufs, std::vector<int64_t> numels,

@@ -1,6 +1,6 @@
 // The block-level GEMM main loops behind every Newton–Schulz matmul: one block computes a
-// kBlockM × kBlockN fp32 tile of A·B over the whole K extent and hands each element to an
-// epilogue functor (which adds, rounds and stores, mirrored or not).
+// kBlockM × kBlockN fp32 tile of A·B over the whole K extent and hands it to an epilogue functor
+// two adjacent columns at a time (which adds, rounds and stores, mirrored or not).
 //
 // Operands are padded buffers (dims multiples of kPad, zeros in the padding), so nothing here
 // checks bounds. A is always k-contiguous rows (row-major); B is either
@@ -8,13 +8,15 @@
 //   N-major: a k×n row-major panel, as in B·X.
 #pragma once
 
-#include <mma.h>
-
 #include "common.cuh"
+#include "tile_layout.h"
 
 namespace muon_kernels {
 
-// Tensor cores through WMMA (mma.sync on sm_75+): fp16/bf16 operands, fp32 accumulators.
+// Tensor cores through ldmatrix + mma.sync (sm_75+): fp16/bf16 operands, fp32 accumulators held
+// in registers from the first k step to the epilogue. Every shared address and output position
+// comes from tile_layout.h (XOR-swizzled tiles, conflict-free ldmatrix), which the host emulation
+// test replays against the PTX fragment tables.
 template <typename T, CodePath PATH, bool B_KMAJOR>
 struct TensorCoreGemm {
   using Tiles = TensorCoreTiles<PATH>;
@@ -22,59 +24,63 @@ struct TensorCoreGemm {
   static constexpr int kWarps = Tiles::kWarpsM * Tiles::kWarpsN;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kMinBlocksPerSM = Tiles::kMinBlocksPerSM;
-  // Rows in shared memory are padded by 16 bytes: every row stays 16-byte aligned for cp.async,
-  // every 16th row 32-byte aligned for wmma loads, and consecutive rows start in other banks.
-  static constexpr int kSkew = 16 / sizeof(T);
-  static constexpr int LDA = BK + kSkew;
-  static constexpr int LDB = B_KMAJOR ? BK + kSkew : BN + kSkew;
-  static constexpr int A_STAGE = BM * LDA;
-  static constexpr int B_STAGE = B_KMAJOR ? BN * LDB : BK * LDB;
-  static constexpr int kStageBytes = (A_STAGE + B_STAGE) * static_cast<int>(sizeof(T));
-  static constexpr int kSmemBytes = Tiles::kStages * kStageBytes;
-  static constexpr int WARP_M = BM / Tiles::kWarpsM, WARP_N = BN / Tiles::kWarpsN;
-  static constexpr int FRAG_M = WARP_M / 16, FRAG_N = WARP_N / 16;
-  static constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte copy
-  static constexpr int A_COPIES = BM * BK / kVec / kThreads;
-  static constexpr int B_COPIES = BN * BK / kVec / kThreads;
-  static_assert(BM * BK % (kVec * kThreads) == 0 && BN * BK % (kVec * kThreads) == 0, "tiles must split evenly");
-  static_assert(kStageBytes % 32 == 0 && A_STAGE * sizeof(T) % 32 == 0, "stages must stay 32-byte aligned");
-  static_assert(kSmemBytes >= kWarps * 256 * static_cast<int>(sizeof(float)), "epilogue scratch reuses the stages");
+  using ATile = tile::SwizzledTile<BM, BK / tile::kChunk>;
+  using BTile = typename std::conditional<B_KMAJOR, tile::SwizzledTile<BN, BK / tile::kChunk>,
+                                          tile::SwizzledTile<BK, BN / tile::kChunk>>::type;
+  using Warp = tile::WarpTile<BM / Tiles::kWarpsM, BN / Tiles::kWarpsN, B_KMAJOR>;
+  static constexpr int FRAG_M = Warp::kFragM, FRAG_N = Warp::kFragN;
+  static constexpr int kStageElements = ATile::kElements + BTile::kElements;
+  static constexpr int kSmemBytes = Tiles::kStages * kStageElements * static_cast<int>(sizeof(T));
+  static constexpr int A_COPIES = ATile::kCopies / kThreads, B_COPIES = BTile::kCopies / kThreads;
+  static_assert(sizeof(T) == 2, "tensor-core operands are 16-bit");
+  static_assert(ATile::kCopies % kThreads == 0 && BTile::kCopies % kThreads == 0, "tiles must split evenly");
+  static_assert(BK % 16 == 0 && kStageElements * sizeof(T) % 128 == 0, "whole k16 steps, 128-byte aligned stages");
 
-  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
-  using LayoutB = typename std::conditional<B_KMAJOR, nvcuda::wmma::col_major, nvcuda::wmma::row_major>::type;
-  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, LayoutB>;
-  using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-
-  // Copy `c` of a tile (16 bytes): its global source at k offset k0 and its shared offset.
+  // Copy c's global source for the k tile starting at k0, and its shared offset.
   __device__ static const T* a_src(const T* a, int64_t lda, int c, int64_t k0) {
-    return a + (c / (BK / kVec)) * lda + k0 + (c % (BK / kVec)) * kVec;
+    const tile::Position p = ATile::copy_position(c);
+    return a + p.row * lda + k0 + p.col * tile::kChunk;
   }
-  __device__ static int a_dst(int c) { return (c / (BK / kVec)) * LDA + (c % (BK / kVec)) * kVec; }
   __device__ static const T* b_src(const T* b, int64_t ldb, int c, int64_t k0) {
-    if (B_KMAJOR) return b + (c / (BK / kVec)) * ldb + k0 + (c % (BK / kVec)) * kVec;
-    return b + (k0 + c / (BN / kVec)) * ldb + (c % (BN / kVec)) * kVec;
+    const tile::Position p = BTile::copy_position(c);
+    if (B_KMAJOR) return b + p.row * ldb + k0 + p.col * tile::kChunk;
+    return b + (k0 + p.row) * ldb + p.col * tile::kChunk;
+  }
+  __device__ static int a_dst(int c) {
+    const tile::Position p = ATile::copy_position(c);
+    return ATile::offset(p.row, p.col);
   }
   __device__ static int b_dst(int c) {
-    if (B_KMAJOR) return (c / (BK / kVec)) * LDB + (c % (BK / kVec)) * kVec;
-    return (c / (BN / kVec)) * LDB + (c % (BN / kVec)) * kVec;
+    const tile::Position p = BTile::copy_position(c);
+    return BTile::offset(p.row, p.col);
   }
 
-  __device__ static void mma_stage(const T* As, const T* Bs, int wm, int wn, FragC (&acc)[FRAG_M][FRAG_N]) {
+  // One stage's BK of k: per 16-wide step, the warp's A and B fragments from shared memory, then
+  // FRAG_M × FRAG_N mma.
+  __device__ static void mma_stage(const T* As, const T* Bs, int lane, int wm, int wn,
+                                   float (&acc)[FRAG_M][FRAG_N][4]) {
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-      FragA fa[FRAG_M];
-      FragB fb[FRAG_N];
+      uint32_t fa[FRAG_M][4], fb[FRAG_N][2];
 #pragma unroll
-      for (int i = 0; i < FRAG_M; ++i) nvcuda::wmma::load_matrix_sync(fa[i], As + (wm * WARP_M + i * 16) * LDA + kk, LDA);
+      for (int i = 0; i < FRAG_M; ++i) {
+        const tile::Position p = Warp::a_source(lane, wm, i, kk);
+        ldmatrix_x4<false>(fa[i], As + ATile::offset(p.row, p.col));
+      }
 #pragma unroll
-      for (int j = 0; j < FRAG_N; ++j) {
-        const T* tile = B_KMAJOR ? Bs + (wn * WARP_N + j * 16) * LDB + kk : Bs + kk * LDB + wn * WARP_N + j * 16;
-        nvcuda::wmma::load_matrix_sync(fb[j], tile, LDB);
+      for (int j = 0; j < FRAG_N / 2; ++j) {
+        const tile::Position p = Warp::b_source(lane, wn, j, kk);
+        uint32_t r[4];
+        ldmatrix_x4<!B_KMAJOR>(r, Bs + BTile::offset(p.row, p.col));  // B·X's k×n panel: transposed
+        fb[2 * j][0] = r[0];
+        fb[2 * j][1] = r[1];
+        fb[2 * j + 1][0] = r[2];
+        fb[2 * j + 1][1] = r[3];
       }
 #pragma unroll
       for (int i = 0; i < FRAG_M; ++i)
 #pragma unroll
-        for (int j = 0; j < FRAG_N; ++j) nvcuda::wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        for (int j = 0; j < FRAG_N; ++j) mma_16816<T>(acc[i][j], fa[i], fb[j]);
     }
   }
 
@@ -86,14 +92,16 @@ struct TensorCoreGemm {
     T* stages = reinterpret_cast<T*>(smem);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wm = warp / Tiles::kWarpsN, wn = warp % Tiles::kWarpsN;
-    FragC acc[FRAG_M][FRAG_N];
+    float acc[FRAG_M][FRAG_N][4];
 #pragma unroll
     for (int i = 0; i < FRAG_M; ++i)
 #pragma unroll
-      for (int j = 0; j < FRAG_N; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+      for (int j = 0; j < FRAG_N; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
     const int ktiles = static_cast<int>(k / BK);
-    auto As = [&](int s) { return stages + s * (A_STAGE + B_STAGE); };
-    auto Bs = [&](int s) { return stages + s * (A_STAGE + B_STAGE) + A_STAGE; };
+    auto As = [&](int s) { return stages + s * kStageElements; };
+    auto Bs = [&](int s) { return stages + s * kStageElements + ATile::kElements; };
 
     if constexpr (Tiles::kAsync) {
       // kStages-deep cp.async pipeline: tile kt+kStages-1 is in flight while tile kt is multiplied.
@@ -120,7 +128,7 @@ struct TensorCoreGemm {
         const int next = kt + Tiles::kStages - 1;
         if (next < ktiles) issue(next, next % Tiles::kStages);
         cp_async_commit();
-        mma_stage(As(kt % Tiles::kStages), Bs(kt % Tiles::kStages), wm, wn, acc);
+        mma_stage(As(kt % Tiles::kStages), Bs(kt % Tiles::kStages), lane, wm, wn, acc);
       }
       cp_async_wait<0>();
     } else {
@@ -146,28 +154,22 @@ struct TensorCoreGemm {
       __syncthreads();
       for (int kt = 0; kt < ktiles; ++kt) {
         if (kt + 1 < ktiles) load(kt + 1);
-        mma_stage(As(kt % 2), Bs(kt % 2), wm, wn, acc);
+        mma_stage(As(kt % 2), Bs(kt % 2), lane, wm, wn, acc);
         if (kt + 1 < ktiles) store((kt + 1) % 2);
         __syncthreads();
       }
     }
-    __syncthreads();  // the stages become per-warp epilogue scratch
 
-    // Accumulator fragments have no documented element layout, so each goes through a 16×16 fp32
-    // scratch tile and every lane takes 8 consecutive elements of a row.
-    float* scratch = reinterpret_cast<float*>(smem) + warp * 256;
+    // Straight from the accumulators: each lane holds pairs of adjacent columns (c0, c1 and c2, c3).
 #pragma unroll
     for (int i = 0; i < FRAG_M; ++i) {
 #pragma unroll
       for (int j = 0; j < FRAG_N; ++j) {
-        nvcuda::wmma::store_matrix_sync(scratch, acc[i][j], 16, nvcuda::wmma::mem_row_major);
-        __syncwarp();
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int idx = lane * 8 + e;
-          epilogue(batch, row0 + wm * WARP_M + i * 16 + idx / 16, col0 + wn * WARP_N + j * 16 + idx % 16, scratch[idx]);
+        for (int h = 0; h < 2; ++h) {
+          const tile::Position p = Warp::c_position(lane, wm, wn, i, j, 2 * h);
+          epilogue(batch, row0 + p.row, col0 + p.col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
         }
-        __syncwarp();
       }
     }
   }
@@ -250,7 +252,8 @@ struct SimtGemm {
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
-      for (int j = 0; j < TM; ++j) epilogue(batch, row0 + ty * TM + i, col0 + tx * TM + j, acc[i][j]);
+      for (int j = 0; j < TM; j += 2)
+        epilogue(batch, row0 + ty * TM + i, col0 + tx * TM + j, acc[i][j], acc[i][j + 1]);
   }
 };
 

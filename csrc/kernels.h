@@ -22,6 +22,10 @@ enum class CodePath : int { kSm75 = 75, kSm80 = 80 };
 // holds zeros, so the GEMM main loops need no bounds checks (zeros add nothing to X·Xᵀ, A·A or
 // B·X). kPad is a multiple of every tile edge in tiles.cuh.
 constexpr int kPad = 128;
+// A split symmetric product keeps one fp32 kSplitTileEdge² tile per (matrix, output tile, slice):
+// the tensor-core and FMA GEMMs' block edge.
+constexpr int kSplitTileEdge = 128;
+constexpr int kSplitTile = kSplitTileEdge * kSplitTileEdge;
 // Normalization reads its input in tiles of this many rows × columns, one scaled partial sum per tile.
 constexpr int kNormTileRows = 64;
 constexpr int kNormTileCols = 256;
@@ -51,6 +55,10 @@ struct NormalizeParams {
 // c = alpha·p·pᵀ + beta·d for a (batch, m, k) stack p; c and d are (batch, m, m), d optional and
 // symmetric. Only upper-triangle tiles are computed, each stored twice (mirrored), so c is exactly
 // symmetric. m and k are multiples of kPad; all three share one dtype.
+// splits > 1 (products with too few tiles to fill the GPU): each tile's K extent is cut into that
+// many slices (fewer if a slice would be empty), each slice's fp32 product written to
+// split_partial, then summed in slice order (fixed: repeats give the same bits) by a second launch
+// that applies the epilogue. split_partial holds split_partial_elements(batch, m, splits) floats.
 struct SymmetricMatmulParams {
   const void* p = nullptr;
   const void* d = nullptr;
@@ -58,7 +66,14 @@ struct SymmetricMatmulParams {
   DType dtype = DType::kFloat32;
   int64_t batch = 0, m = 0, k = 0;
   float alpha = 1.f, beta = 0.f;
+  int64_t splits = 1;
+  float* split_partial = nullptr;
 };
+
+// Output tiles of a symmetric product (the upper triangle of 128×128 tiles, per matrix).
+int64_t symmetric_tiles(int64_t m);
+// fp32 elements of the split workspace of a (batch, m, m) symmetric product cut into `splits` slices.
+int64_t split_partial_elements(int64_t batch, int64_t m, int64_t splits);
 
 // out = a·x + b·x for b (batch, m, m) and x (batch, m, n), m and n multiples of kPad. out is a
 // contiguous (batch, out_rows, out_cols) tensor (the padded size, or the unpadded result) of
@@ -87,6 +102,9 @@ struct NewtonSchulzParams {
   void* out = nullptr;                  // (batch, rows, cols) out_dtype
   DType out_dtype = DType::kFloat32;
   std::vector<float> coefficients;      // 3 per step: a, b, c
+  int64_t gram_splits = 1;              // K slices of x·xᵀ (k = padded cols) and of A·A (k = padded
+  int64_t square_splits = 1;            // rows); see SymmetricMatmulParams
+  float* split_partial = nullptr;       // room for the larger of the two splits' workspaces
 };
 
 void normalize(const NormalizeParams& params, cudaStream_t stream);

@@ -126,35 +126,63 @@ __global__ void __launch_bounds__(kNormThreads) scale_cast_kernel(NormalizeParam
 }
 
 // c[i][j] = c[j][i] = alpha·acc + beta·d[i][j] for i <= j (elements below the diagonal of a
-// diagonal tile are the mirror of ones above it, so they are skipped).
+// diagonal tile are the mirror of ones above it, so they are skipped). Called for columns j and
+// j + 1 (j even, m even: pairs are aligned).
 template <typename T>
 struct SymmetricEpilogue {
   T* c;
   const T* d;
   int64_t m;
   float alpha, beta;
-  __device__ void operator()(int64_t batch, int64_t i, int64_t j, float acc) const {
-    if (i > j) return;
+  __device__ void operator()(int64_t batch, int64_t i, int64_t j, float acc0, float acc1) const {
+    if (i > j + 1) return;
     const int64_t base = batch * m * m;
-    float v = alpha * acc;
-    if (d != nullptr) v = fmaf(beta, to_float(d[base + i * m + j]), v);
-    const T out = from_float<T>(v);
-    c[base + i * m + j] = out;
-    if (i != j) c[base + j * m + i] = out;
+    float v0 = alpha * acc0, v1 = alpha * acc1;
+    if (d != nullptr) {
+      const float2 dv = load_pair(d + base + i * m + j);
+      v0 = fmaf(beta, dv.x, v0);
+      v1 = fmaf(beta, dv.y, v1);
+    }
+    const T o0 = from_float<T>(v0), o1 = from_float<T>(v1);
+    if (i <= j) {
+      store_pair(c + base + i * m + j, o0, o1);
+    } else {
+      c[base + i * m + j + 1] = o1;  // i = j + 1: only (i, j + 1) is on or above the diagonal
+    }
+    // The mirror, column-wise: the 8 lanes of a row group write 8 consecutive elements of a row.
+    if (i < j) c[base + j * m + i] = o0;
+    if (i < j + 1) c[base + (j + 1) * m + i] = o1;
   }
 };
 
-// out[i][j] = acc + a·x[i][j], in bounds of out only.
+// out[i][j] = acc + a·x[i][j], in bounds of out only; columns j and j + 1 (j even, n even).
 template <typename T, typename OutT>
 struct UpdateEpilogue {
   const T* x;
   OutT* out;
   int64_t m, n, out_rows, out_cols;
   float a;
-  __device__ void operator()(int64_t batch, int64_t i, int64_t j, float acc) const {
+  __device__ void operator()(int64_t batch, int64_t i, int64_t j, float acc0, float acc1) const {
     if (i >= out_rows || j >= out_cols) return;
-    const float v = fmaf(a, to_float(x[batch * m * n + i * n + j]), acc);
-    out[batch * out_rows * out_cols + i * out_cols + j] = from_float<OutT>(v);
+    const float2 xv = load_pair(x + batch * m * n + i * n + j);
+    const OutT o0 = from_float<OutT>(fmaf(a, xv.x, acc0)), o1 = from_float<OutT>(fmaf(a, xv.y, acc1));
+    OutT* o = out + batch * out_rows * out_cols + i * out_cols + j;
+    // The unpadded result may have an odd width (and any 2-byte aligned base): pairs where aligned.
+    if (j + 1 < out_cols && reinterpret_cast<uintptr_t>(o) % sizeof(typename PairOf<OutT>::type) == 0) {
+      store_pair(o, o0, o1);
+    } else {
+      o[0] = o0;
+      if (j + 1 < out_cols) o[1] = o1;
+    }
+  }
+};
+
+// The fp32 product of one K slice of one tile, into its own 128×128 slot of the split workspace
+// (i, j are tile-local: the split kernel runs the GEMM with row0 = col0 = 0).
+struct PartialEpilogue {
+  float* tile;
+  __device__ void operator()(int64_t, int64_t i, int64_t j, float acc0, float acc1) const {
+    *reinterpret_cast<float2*>(tile + i * kSplitTileEdge + j) = make_float2(acc0, acc1);
   }
 };
 
@@ -167,21 +195,54 @@ __device__ __forceinline__ void triangular_tile(int64_t t, int64_t& ti, int64_t&
   ti = t - j * (j + 1) / 2;
 }
 
+// One block per upper-triangle tile (per K slice of it when split): blockIdx.x = tile · splits + slice.
 template <typename T, CodePath PATH>
 __global__ void __launch_bounds__(GemmFor<T, PATH, true>::type::kThreads, GemmFor<T, PATH, true>::type::kMinBlocksPerSM)
     symmetric_matmul_kernel(SymmetricMatmulParams p, int64_t batch_offset) {
   if constexpr (arch_supports<T, PATH>()) {
     using Gemm = typename GemmFor<T, PATH, true>::type;
     extern __shared__ __align__(128) unsigned char smem[];
+    const int64_t tile = blockIdx.x / p.splits, slice = blockIdx.x % p.splits;
     int64_t ti, tj;
-    triangular_tile(blockIdx.x, ti, tj);
+    triangular_tile(tile, ti, tj);
     const int64_t batch = batch_offset + blockIdx.y;
     const T* P = static_cast<const T*>(p.p) + batch * p.m * p.k;
-    const SymmetricEpilogue<T> epilogue{static_cast<T*>(p.c), static_cast<const T*>(p.d), p.m, p.alpha, p.beta};
-    Gemm::run(P + ti * Gemm::BM * p.k, p.k, P + tj * Gemm::BN * p.k, p.k, p.k, smem, batch, ti * Gemm::BM,
-              tj * Gemm::BN, epilogue);
+    const T* rows_i = P + ti * Gemm::BM * p.k;
+    const T* rows_j = P + tj * Gemm::BN * p.k;
+    if (p.splits == 1) {
+      const SymmetricEpilogue<T> epilogue{static_cast<T*>(p.c), static_cast<const T*>(p.d), p.m, p.alpha, p.beta};
+      Gemm::run(rows_i, p.k, rows_j, p.k, p.k, smem, batch, ti * Gemm::BM, tj * Gemm::BN, epilogue);
+    } else {
+      // Slices of ⌈(k/BK)/splits⌉ K tiles; the host made every slice non-empty.
+      const int64_t per_slice = (p.k / Gemm::BK + p.splits - 1) / p.splits * Gemm::BK;
+      const int64_t k0 = slice * per_slice, extent = min(per_slice, p.k - k0);
+      const int64_t tiles = gridDim.x / p.splits;
+      const PartialEpilogue epilogue{p.split_partial + ((batch * tiles + tile) * p.splits + slice) * kSplitTile};
+      Gemm::run(rows_i + k0, p.k, rows_j + k0, p.k, extent, smem, batch, 0, 0, epilogue);
+    }
   } else {
     __trap();
+  }
+}
+
+// The split product's second launch: per tile, its slices' fp32 products summed in slice order
+// (a fixed order, so repeats give the same bits), then the unsplit kernel's epilogue.
+constexpr int kReduceThreads = 256;
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) split_reduce_kernel(SymmetricMatmulParams p, int64_t batch_offset) {
+  const int64_t batch = batch_offset + blockIdx.y, tile = blockIdx.x;
+  int64_t ti, tj;
+  triangular_tile(tile, ti, tj);
+  const float* slices = p.split_partial + (batch * gridDim.x + tile) * p.splits * kSplitTile;
+  const SymmetricEpilogue<T> epilogue{static_cast<T*>(p.c), static_cast<const T*>(p.d), p.m, p.alpha, p.beta};
+  for (int e = 2 * threadIdx.x; e < kSplitTile; e += 2 * kReduceThreads) {
+    float2 sum = *reinterpret_cast<const float2*>(slices + e);
+    for (int64_t s = 1; s < p.splits; ++s) {
+      const float2 v = *reinterpret_cast<const float2*>(slices + s * kSplitTile + e);
+      sum.x += v.x;
+      sum.y += v.y;
+    }
+    epilogue(batch, ti * kSplitTileEdge + e / kSplitTileEdge, tj * kSplitTileEdge + e % kSplitTileEdge, sum.x, sum.y);
   }
 }
 
@@ -219,6 +280,13 @@ void require_buffer(const void* ptr, const char* what, const char* name) {
   require(ptr != nullptr, std::string(what) + ": " + name + " is a null pointer");
   require(reinterpret_cast<uintptr_t>(ptr) % 16 == 0,
           std::string(what) + ": " + name + " must be 16-byte aligned (a fresh torch allocation is)");
+}
+
+void require_splits(int64_t splits, const float* split_partial, const char* what) {
+  require(splits >= 1, std::string(what) + ": splits must be >= 1, got " + std::to_string(splits));
+  require(splits == 1 || (split_partial != nullptr && reinterpret_cast<uintptr_t>(split_partial) % 16 == 0),
+          std::string(what) + ": a split product (splits > 1) needs split_partial, a 16-byte aligned fp32 buffer of "
+                              "split_partial_elements(batch, m, splits) elements");
 }
 
 void require_padded(int64_t size, const char* what, const char* name) {
@@ -271,14 +339,27 @@ void launch_batched(Kernel kernel, int64_t grid_x, int threads, int smem, int64_
   check_launch(what);
 }
 
+// Slices that a split into `requested` leaves non-empty: ⌈k_tiles / ⌈k_tiles / requested⌉⌉ (the
+// kernel's slice length is then the same for both counts).
+int64_t effective_splits(int64_t k_tiles, int64_t requested) {
+  const int64_t requested_clamped = std::max<int64_t>(1, std::min(requested, k_tiles));
+  const int64_t per_slice = (k_tiles + requested_clamped - 1) / requested_clamped;
+  return (k_tiles + per_slice - 1) / per_slice;
+}
+
 template <typename T, CodePath PATH>
-void launch_symmetric_matmul(const SymmetricMatmulParams& p, cudaStream_t stream) {
+void launch_symmetric_matmul(const SymmetricMatmulParams& params, cudaStream_t stream) {
   using Gemm = typename GemmFor<T, PATH, true>::type;
-  const int64_t tiles = p.m / Gemm::BM;
+  static_assert(Gemm::BM == kSplitTileEdge && Gemm::BN == kSplitTileEdge, "split workspace slots are one tile each");
+  SymmetricMatmulParams p = params;
+  p.splits = effective_splits(p.k / Gemm::BK, p.splits);
+  const int64_t tiles = symmetric_tiles(p.m);
   auto kernel = symmetric_matmul_kernel<T, PATH>;
   allow_shared_memory(kernel, Gemm::kSmemBytes, "symmetric_matmul");
-  launch_batched(kernel, tiles * (tiles + 1) / 2, Gemm::kThreads, Gemm::kSmemBytes, p.batch, p, stream,
-                 "symmetric_matmul");
+  launch_batched(kernel, tiles * p.splits, Gemm::kThreads, Gemm::kSmemBytes, p.batch, p, stream, "symmetric_matmul");
+  if (p.splits > 1) {
+    launch_batched(split_reduce_kernel<T>, tiles, kReduceThreads, 0, p.batch, p, stream, "symmetric_matmul");
+  }
 }
 
 template <typename T, typename OutT, CodePath PATH>
@@ -347,8 +428,19 @@ void normalize(const NormalizeParams& p, cudaStream_t stream) {
   });
 }
 
+int64_t symmetric_tiles(int64_t m) {
+  const int64_t t = m / kSplitTileEdge;
+  return t * (t + 1) / 2;
+}
+
+int64_t split_partial_elements(int64_t batch, int64_t m, int64_t splits) {
+  require(batch >= 0 && m >= 0 && splits >= 1, "split_partial_elements: batch and m must be >= 0, splits >= 1");
+  return splits == 1 ? 0 : batch * symmetric_tiles(padded(m)) * splits * kSplitTile;
+}
+
 void symmetric_matmul(const SymmetricMatmulParams& p, CodePath path, cudaStream_t stream) {
   const char* what = "symmetric_matmul";
+  require_splits(p.splits, p.split_partial, what);
   require_dtype(p.dtype, what);
   require_buffer(p.p, what, "p");
   require_buffer(p.c, what, "c");
@@ -409,6 +501,8 @@ void newton_schulz(const NewtonSchulzParams& p, CodePath path, cudaStream_t stre
   require(update_writes(p.work_dtype, p.out_dtype),
           "newton_schulz: out_dtype must equal work_dtype (or be bfloat16 with a float16 work dtype)");
   require_path(path, p.work_dtype, "newton_schulz");
+  require(p.gram_splits >= 1 && p.square_splits >= 1, "newton_schulz: gram_splits and square_splits must be >= 1");
+  require_splits(std::max(p.gram_splits, p.square_splits), p.split_partial, "newton_schulz");
   norm.out = p.x;
   norm.out_dtype = p.work_dtype;
   norm.out_rows = m;
@@ -418,8 +512,10 @@ void newton_schulz(const NewtonSchulzParams& p, CodePath path, cudaStream_t stre
   void* y = p.y;
   for (size_t s = 0; s < steps; ++s) {
     const float a = p.coefficients[3 * s], b = p.coefficients[3 * s + 1], c = p.coefficients[3 * s + 2];
-    run_symmetric_matmul({x, nullptr, p.a, p.work_dtype, in.batch, m, n, 1.f, 0.f}, path, stream);
-    run_symmetric_matmul({p.a, p.a, p.b, p.work_dtype, in.batch, m, m, c, b}, path, stream);
+    run_symmetric_matmul({x, nullptr, p.a, p.work_dtype, in.batch, m, n, 1.f, 0.f, p.gram_splits, p.split_partial},
+                         path, stream);
+    run_symmetric_matmul({p.a, p.a, p.b, p.work_dtype, in.batch, m, m, c, b, p.square_splits, p.split_partial}, path,
+                         stream);
     if (s + 1 == steps) {  // the last step writes the unpadded result in the output dtype
       run_ns_update({p.b, x, p.out, p.work_dtype, p.out_dtype, in.batch, m, n, in.rows, in.cols, a}, path, stream);
     } else {

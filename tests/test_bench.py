@@ -267,6 +267,8 @@ def test_targets_parse_and_measure():
         "ns": [{"shape": [4096, 4096], "batch": 1, "impl": "cublas-recurrence", "ms": 13.0},
                {"shape": [4096, 4096], "batch": 1, "impl": "torch.optim.Muon", "ms": 11.7},
                {"shape": [4096, 4096], "batch": 1, "impl": "ours-triton", "ms": 10.0},
+               {"shape": [4096, 4096], "batch": 1, "impl": "ours-cuda", "ms": 20.0},
+               {"shape": [4096, 4096], "batch": 1, "impl": "ours-cuda-sm75", "ms": 9.0},
                {"shape": [1024, 4096], "batch": 1, "impl": "torch.optim.Muon", "ms": 0.3},
                {"shape": [1024, 4096], "batch": 1, "impl": "ours-torch", "ms": 0.4},
                {"shape": [1024, 4096], "batch": 1, "impl": "ours-triton-gram", "ms": 0.2}],
@@ -278,6 +280,14 @@ def test_targets_parse_and_measure():
     # against the faster reference (torch.optim.Muon's 11.7 ms here)
     assert measured["Newton-Schulz 4096x4096"] == (pytest.approx(1.17), "ours-triton vs torch.optim.Muon")
     assert measured["Newton-Schulz 8192x8192"] == (None, "not measured")
+    # The CUDA fallback's own targets: that implementation alone, against the cuBLAS recurrence; the
+    # forced sm75 path never counts for the general target (no user gets it by default there).
+    cuda = "CUDA fallback (native sm80 path) Newton-Schulz 4096x4096 vs the cuBLAS recurrence"
+    assert measured[cuda] == (pytest.approx(0.65), "ours-cuda vs cublas-recurrence")
+    sm75 = "CUDA fallback (MUON_KERNELS_CUDA_PATH=sm75) Newton-Schulz 4096x4096 vs the cuBLAS recurrence"
+    assert measured[sm75] == (pytest.approx(13.0 / 9.0), "ours-cuda-sm75 vs cublas-recurrence")
+    assert measured["CUDA fallback (native sm80 path) Newton-Schulz 48 x 768x768 vs the cuBLAS recurrence"] == (
+        None, "not measured")
     # Gram rows count where the target allows them
     assert measured["Newton-Schulz 1024x4096 (Gram allowed)"] == (pytest.approx(1.5), "ours-triton-gram vs torch.optim.Muon")
     assert measured["elementwise update, fraction of device copy bandwidth (GPT-2 small)"] == (0.7, "ours-triton")

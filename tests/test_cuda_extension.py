@@ -29,7 +29,7 @@ needs_build = pytest.mark.skipif(not BUILT, reason="nvcc is not on this machine,
 
 # Every kernel the extension must carry, by the name nvcc mangles into its symbol.
 KERNELS = ("sum_squares_kernel", "norm_divisor_kernel", "scale_cast_kernel", "symmetric_matmul_kernel",
-           "ns_update_kernel", "fused_momentum_kernel", "fused_apply_update_kernel", "variant_statistics_kernel",
+           "ns_update_kernel", "split_reduce_kernel", "fused_momentum_kernel", "fused_apply_update_kernel", "variant_statistics_kernel",
            "low_precision_momentum_kernel")
 MATMUL_KERNELS = ("symmetric_matmul_kernel", "ns_update_kernel")
 
@@ -103,6 +103,12 @@ def test_sass_runs_16_bit_matmuls_on_tensor_cores_for_every_arch():
             else:
                 assert "HMMA.16816.F32" in body or "HMMA.1688.F32" in body, f"sm_{arch} {name}: no tensor cores"
                 assert ("HMMA.16816.F32.BF16" in body) == (operand == "bf16"), f"sm_{arch} {name}"
+                # Fragments come from shared memory by ldmatrix, never by generic loads (what WMMA's
+                # load_matrix_sync compiled to, with MOVM transposes: 0.2–0.4× of cuBLAS on the H200).
+                assert "LDSM.16.M88.4" in body, f"sm_{arch} {name}: no ldmatrix"
+                assert not re.search(r"\bLD\.E|\bLD\b|\bMOVM\b", body), f"sm_{arch} {name}: generic loads or MOVM"
+                # Pairs of outputs go out as one 32-bit store.
+                assert re.search(r"\bSTG\.E(\.SYS)?\s", body), f"sm_{arch} {name}: no 32-bit stores"
             checked[arch] = checked.get(arch, 0) + 1
     assert checked == {arch: 10 for arch in ARCHS}
 
@@ -180,10 +186,14 @@ def test_sm80_ptx_runs_the_16_bit_matmuls_on_mma_sync_with_cp_async(ptx):
     simt = {n: b for n, b in kernels.items() if _operand(n) == "fp32"}
     assert len(tensor_core) == 8 and len(simt) == 2  # symmetric 3 + update 5; fp32 of each kernel
     for name, body in tensor_core.items():
-        assert "mma.sync" in body, f"{name}: no mma.sync"
+        assert "mma.sync.aligned.m16n8k16.row.col.f32" in body, f"{name}: no m16n8k16 mma.sync"
+        assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in body or "ldmatrix.sync.aligned.m8n8.x4.trans" in body
+        # B·X reads its k×n panel transposed by ldmatrix; P·Pᵀ reads rows of P as they are.
+        assert (".trans" in body) == ("ns_update" in name), name
         assert ("cp.async" in body) == ("CodePathE80" in name), f"{name}: cp.async only on the sm80 path"
-        # The mma's operand type is the kernel's: wmma.mma.sync...m16n16k16.f32.bf16.bf16.f32 for bf16.
+        # The mma's operand type is the kernel's: ...m16n8k16.row.col.f32.bf16.bf16.f32 for bf16.
         assert ("f32.bf16.bf16.f32" in body) == (_operand(name) == "bf16"), name
+        assert "wmma" not in body, name
     for name, body in simt.items():
         assert "mma.sync" not in body and "fma.rn.f32" in body, f"{name}: fp32 runs on the FMA units"
 
@@ -194,7 +204,9 @@ def test_sm75_ptx_has_fp16_mma_and_no_cp_async(ptx):
                  and "__half" in n}
     assert len(sm75_path) == 3  # symmetric fp16; update fp16 → fp16 and fp16 → bf16
     for name, body in sm75_path.items():
-        assert re.search(r"wmma\.mma\.sync\.aligned\.\w+\.\w+\.m16n16k16\.f32\.f32", body), name
+        # sm_75 has no m16n8k16: each k16 product is two m16n8k8 (checked in the warp emulation).
+        assert "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32" in body, name
+        assert "m16n8k16" not in body and "ldmatrix.sync.aligned.m8n8.x4" in body, name
         assert "cp.async" not in body and ".bf16.bf16" not in body, name
 
 
@@ -229,6 +241,21 @@ def test_cuda_backend_reports_why_it_cannot_run_here():
                                   stream=0), "bfloat16 operands need the sm80 path"),
     (lambda C: C.symmetric_matmul(p=256, d=0, c=512, dtype=1, batch=1, m=128, k=128, alpha=1, beta=0, path=70,
                                   stream=0), "unknown code path 70"),
+    (lambda C: C.symmetric_matmul(p=256, d=0, c=512, dtype=1, batch=1, m=128, k=128, alpha=1, beta=0, path=80,
+                                  stream=0, splits=0), "symmetric_matmul: splits must be >= 1, got 0"),
+    (lambda C: C.symmetric_matmul(p=256, d=0, c=512, dtype=1, batch=1, m=128, k=128, alpha=1, beta=0, path=80,
+                                  stream=0, splits=2), "a split product \\(splits > 1\\) needs split_partial"),
+    (lambda C: C.symmetric_matmul(p=256, d=0, c=512, dtype=1, batch=1, m=128, k=128, alpha=1, beta=0, path=80,
+                                  stream=0, splits=2, split_partial=1032), "16-byte aligned fp32 buffer"),
+    (lambda C: C.split_partial_elements(batch=1, m=128, splits=0), "splits >= 1"),
+    (lambda C: C.newton_schulz(input=256, in_dtype=0, in_strides=(6, 3, 1), batch=1, rows=2, cols=3, x=512,
+                               y=640, a=768, b=1024, work_dtype=0, out=2048, out_dtype=0, partial=4096,
+                               denom=8192, coefficients=[3.4, -4.7, 2.0], norm_scale=1, norm_offset=0,
+                               floor=1e-7, path=80, stream=0, square_splits=0), "square_splits must be >= 1"),
+    (lambda C: C.newton_schulz(input=256, in_dtype=0, in_strides=(6, 3, 1), batch=1, rows=2, cols=3, x=512,
+                               y=640, a=768, b=1024, work_dtype=0, out=2048, out_dtype=0, partial=4096,
+                               denom=8192, coefficients=[3.4, -4.7, 2.0], norm_scale=1, norm_offset=0,
+                               floor=1e-7, path=80, stream=0, gram_splits=3), "newton_schulz: a split product"),
     (lambda C: C.ns_update(b=256, x=512, out=512, dtype=1, out_dtype=1, batch=1, m=128, n=128, out_rows=128,
                            out_cols=128, a=1, path=75, stream=0), "out must not alias x"),
     (lambda C: C.ns_update(b=256, x=512, out=768, dtype=0, out_dtype=2, batch=1, m=128, n=128, out_rows=128,
@@ -331,6 +358,29 @@ def test_auto_takes_the_extension_where_triton_cannot_run(monkeypatch):
 
 
 @needs_build
+@needs_build
+def test_split_workspace_and_split_rule(monkeypatch):
+    """Split-K on the extension's symmetric products: the workspace holds one fp32 128² tile per
+    (matrix, output tile, slice); the rule is the Triton kernels' fixed split_factor on 128-wide
+    tiles, 32-deep K steps and the device's SM count (an H200's 132 here)."""
+    from muon_kernels import _C
+    from muon_kernels.backends import cuda_backend
+
+    assert _C.split_partial_elements(batch=1, m=1024, splits=3) == 36 * 3 * 128 * 128
+    assert _C.split_partial_elements(batch=2, m=1000, splits=2) == 2 * 36 * 2 * 128 * 128  # m is padded
+    assert _C.split_partial_elements(batch=48, m=768, splits=1) == 0
+    monkeypatch.setattr(cuda_backend, "sm_count", lambda device: 132)
+    gpu = torch.device("cuda")
+    assert cuda_backend.splits(1, 1024, 4096, gpu) == 3     # X·Xᵀ at 1024×4096: 36 tiles, 128 K steps
+    assert cuda_backend.splits(1, 1024, 1024, gpu) == 1     # A·A there: 32 K steps, not worth a reduction
+    assert cuda_backend.splits(1, 4096, 4096, gpu) == 1     # 528 tiles fill the GPU
+    assert cuda_backend.splits(48, 768, 768, gpu) == 1      # 1008 tiles
+    from muon_kernels.triton_kernels.config import split_factor
+    for batch, m, k in [(1, 768, 3072), (1, 2048, 8192), (3, 1024, 4096), (1, 128, 65536)]:
+        t = m // 128
+        assert cuda_backend.splits(batch, m, k, gpu) == split_factor(batch * t * (t + 1) // 2, k // 32, 132)
+
+
 def test_workspace_cap_counts_the_padding():
     """max_workspace_bytes chunks a bucket by what the backend really allocates: the cuda backend's
     work buffers are padded to multiples of 128, the torch backend's are not."""

@@ -3,13 +3,16 @@
 For GPUs Triton does not serve (Turing sm_75, or no working Triton) and as a second opinion on
 the Triton kernels elsewhere. Per bucket: one fused momentum → Nesterov → stack launch per 32
 tensors; Newton–Schulz as 3 normalization launches then 3 per step (symmetric X·Xᵀ and
-b·A + c·A·A on tensor cores, upper-triangle tiles, mirrored store; a·X + B·X); one fused
+b·A + c·A·A on tensor cores, upper-triangle tiles, mirrored store, each split along K with one
+fixed-order reduction launch when it has too few tiles to fill the GPU; a·X + B·X); one fused
 decay-and-update launch per 32 tensors. The extension is torch-free: this module hands it data
 pointers, sizes, dtype codes and the current stream, and allocates every buffer with torch (so
 the caching allocator and stream order apply).
 
-Code paths: ``sm80`` (compute capability 8.0+: bf16 or fp16 mma, cp.async 3-stage pipeline) and
-``sm75`` (fp16 mma, plain loads, 2 stages; a bf16 iteration runs in fp16 after normalization,
+Both tensor-core paths run ldmatrix + mma.sync on XOR-swizzled shared tiles (csrc/tile_layout.h),
+128×128 blocks of four 64×64 warp tiles, two blocks per SM. Code paths: ``sm80`` (compute
+capability 8.0+: bf16 or fp16 mma, cp.async 3-stage pipeline) and ``sm75`` (fp16 mma, plain
+loads, 2 stages; a bf16 iteration runs in fp16 after normalization,
 safe because normalized values lie in [-1, 1]). ``MUON_KERNELS_CUDA_PATH=sm75`` forces the sm75
 path on newer GPUs so the oldest path can be tested on the GPUs we can get. fp32 iterations run
 on the FMA units (ieee fp32, like the torch reference).
@@ -21,6 +24,7 @@ import os
 import torch
 
 from .. import _C, momentum_precision, recurrence, variants, workspace
+from ..triton_kernels.config import sm_count, split_factor
 from ..bucket import Bucket
 from ..ns_config import NSConfig
 from . import torch_backend
@@ -70,10 +74,12 @@ def _kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device) ->
         return "simt", "fp32 (ieee) on the FMA units, 128×128 tiles; upper-triangle X·Xᵀ and A·A, mirrored store"
     path = code_path(device) if device.type == "cuda" and torch.cuda.is_available() else SM80
     if path == SM80:
-        return "sm80", (f"{_name(ns_dtype)} mma.sync tensor cores, cp.async 3-stage pipeline; upper-triangle tiles, "
-                        "mirrored store; fused momentum and update; 5 + 3·steps launches")
+        return "sm80", (f"{_name(ns_dtype)} ldmatrix + mma.sync tensor cores, cp.async 3-stage pipeline; upper-triangle "
+                        "tiles, mirrored store, split-K below two waves of tiles; fused momentum and update; "
+                        "5 + 3·steps launches (+1 per split product)")
     return "sm75", ("fp16 mma.sync tensor cores (bf16 iterates in fp16 after normalization), register-staged "
-                    "double buffering; upper-triangle tiles, mirrored store; 5 + 3·steps launches")
+                    "double buffering; upper-triangle tiles, mirrored store, split-K below two waves of tiles; "
+                    "5 + 3·steps launches (+1 per split product)")
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -100,6 +106,24 @@ def _require(*specs) -> None:
     for t, name, _, _ in specs:
         if t.device.type != "cuda":
             raise ValueError(f"cuda backend: {name} is on {t.device}; the extension's kernels need CUDA tensors")
+
+
+# The extension's GEMM tiles: 128×128 outputs, 32-deep K steps (csrc/common.cuh TensorCoreTiles).
+TILE, K_STEP = 128, 32
+
+
+def splits(batch: int, m: int, k: int, device: torch.device) -> int:
+    """K slices of a symmetric product of padded (batch, m, k) operands on ``device``: the Triton
+    kernels' fixed rule (``config.split_factor``: split only below two waves of output tiles), on
+    this extension's tiles and K steps and the device's SM count."""
+    t = m // TILE
+    return split_factor(batch * t * (t + 1) // 2, k // K_STEP, sm_count(device))
+
+
+def _split_workspace(batch: int, m: int, count: int, device: torch.device) -> torch.Tensor | None:
+    """The fp32 slices of a product split ``count`` ways (None when unsplit)."""
+    elements = _C.split_partial_elements(batch, m, count)
+    return workspace.empty((elements,), dtype=torch.float32, device=device) if elements else None
 
 
 def _stream(device: torch.device) -> int:
@@ -129,10 +153,20 @@ def symmetric_matmul(x: torch.Tensor, *, alpha: float = 1.0, d: torch.Tensor | N
     xp = _zero_padded(x, padded(m), padded(n))
     dp = _zero_padded(d, padded(m), padded(m)) if d is not None else None
     with torch.cuda.device(x.device):
-        _C.symmetric_matmul(p=xp.data_ptr(), d=dp.data_ptr() if dp is not None else 0, c=out.data_ptr(),
-                            dtype=DTYPE_CODES[x.dtype], batch=k, m=padded(m), k=padded(n), alpha=float(alpha),
-                            beta=float(beta), path=code_path(x.device), stream=_stream(x.device))
+        _symmetric(xp, dp, out, alpha, beta, code_path(x.device))
     return out[:, :m, :m]
+
+
+def _symmetric(x: torch.Tensor, d: torch.Tensor | None, out: torch.Tensor, alpha: float, beta: float,
+               path: int) -> None:
+    """out = alpha·x·xᵀ + beta·d on padded stacks, split along K when the product has few tiles."""
+    k, mp, kp = x.shape
+    count = splits(k, mp, kp, x.device)
+    slices = _split_workspace(k, mp, count, x.device)
+    _C.symmetric_matmul(p=x.data_ptr(), d=d.data_ptr() if d is not None else 0, c=out.data_ptr(),
+                        dtype=DTYPE_CODES[x.dtype], batch=k, m=mp, k=kp, alpha=float(alpha), beta=float(beta),
+                        path=path, stream=_stream(x.device), splits=count,
+                        split_partial=slices.data_ptr() if slices is not None else 0)
 
 
 def ns_update(b: torch.Tensor, x: torch.Tensor, a: float) -> torch.Tensor:
@@ -165,17 +199,14 @@ def _padded_ops(dtype: torch.dtype, path: int, device: torch.device) -> recurren
     code, stream = DTYPE_CODES[dtype], _stream(device)
 
     def gram(x):
-        k, mp, kp = x.shape
+        k, mp, _ = x.shape
         out = workspace.empty((k, mp, mp), dtype=dtype, device=device)
-        _C.symmetric_matmul(p=x.data_ptr(), d=0, c=out.data_ptr(), dtype=code, batch=k, m=mp, k=kp, alpha=1.0,
-                            beta=0.0, path=path, stream=stream)
+        _symmetric(x, None, out, 1.0, 0.0, path)
         return out
 
     def poly(a, b, c):
-        k, mp, _ = a.shape
         out = workspace.empty_like(a)
-        _C.symmetric_matmul(p=a.data_ptr(), d=a.data_ptr(), c=out.data_ptr(), dtype=code, batch=k, m=mp, k=mp,
-                            alpha=float(c), beta=float(b), path=path, stream=stream)
+        _symmetric(a, a, out, c, b, path)
         return out
 
     def apply(b, x, a):
@@ -214,6 +245,8 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     a = workspace.empty((k, mp, mp) if steps else (0,), dtype=work, device=stack.device)
     b = workspace.empty_like(a)
     partial, denom = _norm_workspace(stack)
+    gram_splits, square_splits = splits(k, mp, np_, stack.device), splits(k, mp, mp, stack.device)
+    slices = _split_workspace(k, mp, max(gram_splits, square_splits), stack.device)
     with torch.cuda.device(stack.device):
         _C.newton_schulz(
             input=stack.data_ptr(), in_dtype=DTYPE_CODES[stack.dtype], in_strides=stack.stride(), batch=k, rows=m,
@@ -221,7 +254,8 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
             out=out.data_ptr(), out_dtype=DTYPE_CODES[ns_dtype], partial=partial.data_ptr(), denom=denom.data_ptr(),
             coefficients=[float(v) for step in config.coefficients for v in step], norm_scale=float(config.norm_scale),
             norm_offset=float(config.norm_offset), floor=float(config.floor), path=path,
-            stream=_stream(stack.device),
+            stream=_stream(stack.device), gram_splits=gram_splits, square_splits=square_splits,
+            split_partial=slices.data_ptr() if slices is not None else 0,
         )
     return out
 

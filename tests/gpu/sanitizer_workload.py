@@ -11,7 +11,9 @@ config = resolve_ns_config("keller", 2, 1e-7)
 for name in ("triton", "cuda"):
     assert available_backends(DEV)[name][0], available_backends(DEV)[name][1]
     backend = select_backend(name, DEV)[0]
-    for shape in ((2, 24, 40), (1, 130, 300)):  # the one-kernel and the symmetric Triton paths
+    # The one-kernel and the symmetric Triton paths, and a product with 3 tiles over a long K that
+    # both backends split along K (partial slices, then the fixed-order reduction).
+    for shape in ((2, 24, 40), (1, 130, 300), (1, 256, 4096)):
         for ns_dtype in (torch.bfloat16, torch.float32):
             backend.orthogonalize(torch.randn(shape, device=DEV), config, ns_dtype)
     ps = [torch.nn.Parameter(torch.randn(s, device=DEV)) for s in ((40, 24), (24, 40), (130, 300))]

@@ -117,6 +117,36 @@ def test_symmetric_matmul_kernel(path, shape):
         assert torch.equal(ours, ours.mT), f"{dtype}: mirrored tiles must make the result exactly symmetric"
 
 
+@pytest.mark.parametrize("count", [2, 3, 7])
+def test_split_symmetric_matmul(path, monkeypatch, count):
+    """Split-K (forced here; the rule splits only products with few tiles): the same accuracy band,
+    exactly symmetric, and the same bits on every call (slices summed in a fixed order)."""
+    monkeypatch.setattr(cuda_backend, "splits", lambda batch, m, k, device: count)
+    for dtype in _kernel_dtypes(path):
+        X = _randn(2, 200, 1000).to(DEV, dtype)  # k pads to 1024: 32 K steps of 32 (fp32: 128 of 8)
+        D = _randn(2, 200, 200, seed=1)
+        D = (D + D.mT).to(DEV, dtype)
+        ours = cuda_backend.symmetric_matmul(X, alpha=-0.7, d=D, beta=1.3)
+        assert torch.equal(ours, cuda_backend.symmetric_matmul(X, alpha=-0.7, d=D, beta=1.3)), dtype
+        exact = -0.7 * X.double() @ X.double().mT + 1.3 * D.double()
+        theirs = torch.baddbmm(D, X, X.mT, alpha=-0.7, beta=1.3)
+        serial = lambda: symmetric_epilogue(serial_fma_matmul(X, X.mT), -0.7, D, 1.3)  # noqa: E731
+        reference = _reference_error(rel_err(theirs, exact), dtype, serial, exact)
+        assert rel_err(ours, exact) <= 2 * reference + OUTPUT_ROUNDING[dtype], dtype
+        assert torch.equal(ours, ours.mT), dtype
+
+
+def test_split_newton_schulz_driver(path, monkeypatch):
+    """The C++ driver with both symmetric products split: inside the same band against fp64."""
+    G = _randn(1, 256, 2000)
+    ref = reference_ns(G)
+    monkeypatch.setattr(cuda_backend, "splits", lambda batch, m, k, device: 4)
+    for ns_dtype in (torch.float32, torch.bfloat16):
+        out = cuda_backend.orthogonalize(G.float().to(DEV), KELLER, ns_dtype).cpu()
+        bound = 1e-4 if ns_dtype == torch.float32 else 2 * rel_err(plain_recurrence(G, ns_dtype), ref) + 1e-2
+        assert rel_err(out, ref) <= bound, ns_dtype
+
+
 @pytest.mark.parametrize("shape", [(2, 100, 37), (1, 300, 700), (3, 256, 256)])
 def test_ns_update_kernel(path, shape):
     k, m, n = shape
