@@ -213,8 +213,8 @@ __global__ void __launch_bounds__(GemmFor<T, PATH, true>::type::kThreads, GemmFo
       const SymmetricEpilogue<T> epilogue{static_cast<T*>(p.c), static_cast<const T*>(p.d), p.m, p.alpha, p.beta};
       Gemm::run(rows_i, p.k, rows_j, p.k, p.k, smem, batch, ti * Gemm::BM, tj * Gemm::BN, epilogue);
     } else {
-      // Slices of ⌈(k/BK)/splits⌉ K tiles; the host made every slice non-empty.
-      const int64_t per_slice = (p.k / Gemm::BK + p.splits - 1) / p.splits * Gemm::BK;
+      // The host passed tile::effective_splits: every slice is non-empty.
+      const int64_t per_slice = tile::slice_tiles(p.k / Gemm::BK, p.splits) * Gemm::BK;
       const int64_t k0 = slice * per_slice, extent = min(per_slice, p.k - k0);
       const int64_t tiles = gridDim.x / p.splits;
       const PartialEpilogue epilogue{p.split_partial + ((batch * tiles + tile) * p.splits + slice) * kSplitTile};
@@ -339,20 +339,12 @@ void launch_batched(Kernel kernel, int64_t grid_x, int threads, int smem, int64_
   check_launch(what);
 }
 
-// Slices that a split into `requested` leaves non-empty: ⌈k_tiles / ⌈k_tiles / requested⌉⌉ (the
-// kernel's slice length is then the same for both counts).
-int64_t effective_splits(int64_t k_tiles, int64_t requested) {
-  const int64_t requested_clamped = std::max<int64_t>(1, std::min(requested, k_tiles));
-  const int64_t per_slice = (k_tiles + requested_clamped - 1) / requested_clamped;
-  return (k_tiles + per_slice - 1) / per_slice;
-}
-
 template <typename T, CodePath PATH>
 void launch_symmetric_matmul(const SymmetricMatmulParams& params, cudaStream_t stream) {
   using Gemm = typename GemmFor<T, PATH, true>::type;
   static_assert(Gemm::BM == kSplitTileEdge && Gemm::BN == kSplitTileEdge, "split workspace slots are one tile each");
   SymmetricMatmulParams p = params;
-  p.splits = effective_splits(p.k / Gemm::BK, p.splits);
+  p.splits = tile::effective_splits(p.k / Gemm::BK, p.splits);
   const int64_t tiles = symmetric_tiles(p.m);
   auto kernel = symmetric_matmul_kernel<T, PATH>;
   allow_shared_memory(kernel, Gemm::kSmemBytes, "symmetric_matmul");

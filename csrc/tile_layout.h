@@ -9,6 +9,8 @@
 // exactly: the parts of the kernel that no CPU can run are checked where they can go wrong.
 #pragma once
 
+#include <cstdint>
+
 #if defined(__CUDACC__)
 #define MUON_HD __host__ __device__ __forceinline__
 #else
@@ -87,6 +89,15 @@ struct WarpTile {
     return {warp_m * WARP_M + i * 16 + p.row, warp_n * WARP_N + jn * 8 + p.col};
   }
 };
+
+// Split-K: k_tiles K steps cut into slices of ⌈k_tiles / splits⌉ steps (the last may be shorter).
+MUON_HD int64_t slice_tiles(int64_t k_tiles, int64_t splits) { return (k_tiles + splits - 1) / splits; }
+// The slices a requested split really makes, none of them empty: ⌈k_tiles / slice_tiles⌉ (at most
+// the request, and with the same slice length, so a kernel told this count cuts K the same way).
+MUON_HD int64_t effective_splits(int64_t k_tiles, int64_t requested) {
+  const int64_t clamped = requested < 1 ? 1 : (requested > k_tiles ? k_tiles : requested);
+  return (k_tiles + slice_tiles(k_tiles, clamped) - 1) / slice_tiles(k_tiles, clamped);
+}
 
 }  // namespace tile
 }  // namespace muon_kernels

@@ -27,6 +27,7 @@ def test_block_products_match_the_triple_loop(tmp_path):
         "ok N-major block product over 1 k tiles",
         "ok N-major block product over 3 k tiles",
         "ok sm_75 split of m16n8k16 into two m16n8k8",
+        "ok split-K slices cover K exactly, none empty",
     ]
 
 

@@ -9,9 +9,11 @@
 // Also checked: every shared element is written exactly once per stage, every ldmatrix phase
 // reads 8 distinct 16-byte bank groups (no bank conflicts), every output element is produced by
 // exactly one (lane, register), and the sm_75 split of an m16n8k16 product into two m16n8k8
-// products (common.cuh: registers a0, a1 with b0, then a2, a3 with b1) equals the k16 product.
+// products (common.cuh: registers a0, a1 with b0, then a2, a3 with b1) equals the k16 product,
+// and the split-K slices of newton_schulz.cu cover K exactly once with none empty.
 //
 // Exit status 0 and one "ok ..." line per check; the first failure prints and exits 1.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -262,6 +264,27 @@ void check_sm75_split(std::mt19937& rng) {
   std::printf("ok sm_75 split of m16n8k16 into two m16n8k8\n");
 }
 
+// Split-K slicing (csrc/newton_schulz.cu): the host launches effective_splits slices, each block
+// takes slice_tiles(k_tiles, that count) K steps from slice · length. The slices must cover K
+// exactly once, none empty, never more than requested.
+void check_split_slices() {
+  for (int64_t k_tiles = 1; k_tiles <= 512; ++k_tiles) {
+    for (int64_t requested = 1; requested <= 20; ++requested) {
+      const int64_t count = effective_splits(k_tiles, requested);
+      if (count < 1 || count > requested) fail("split count outside [1, requested]", int(k_tiles), int(requested), int(count));
+      const int64_t length = slice_tiles(k_tiles, count);
+      int64_t covered = 0;
+      for (int64_t s = 0; s < count; ++s) {
+        const int64_t k0 = s * length, extent = std::min(length, k_tiles - k0);
+        if (k0 != covered || extent < 1) fail("split slices do not tile K", int(k_tiles), int(requested), int(s));
+        covered += extent;
+      }
+      if (covered != k_tiles) fail("split slices do not cover K", int(k_tiles), int(requested), int(covered));
+    }
+  }
+  std::printf("ok split-K slices cover K exactly, none empty\n");
+}
+
 }  // namespace
 
 int main() {
@@ -271,5 +294,6 @@ int main() {
   check_block<false>(rng, 1);
   check_block<false>(rng, 3);
   check_sm75_split(rng);
+  check_split_slices();
   return 0;
 }
