@@ -40,6 +40,15 @@ class MatmulOps(NamedTuple):
     gram_driver: Callable[..., torch.Tensor] | None = None
 
 
+# cuBLAS's (or the CPU BLAS's) batched GEMMs, one per product: X·Xᵀ; b·A + c·A·A; a·X + B·X (beta=0
+# ignores X, NaN included). The torch backend's products, and the Triton backend's "cublas" path.
+BATCHED_GEMM_OPS = MatmulOps(
+    gram=lambda X: torch.bmm(X, X.mT),
+    poly=lambda A, b, c: torch.baddbmm(A, A, A, beta=b, alpha=c),
+    apply=lambda B, X, a: torch.baddbmm(X, B, X, beta=a),
+)
+
+
 def aol(X: torch.Tensor, A: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """AOL rescaling of X (k, m, n) given A = X·Xᵀ: (diag(s)·X, diag(s)·A·diag(s)) with
     s = max(Σ_j |A_ij|, floor)^-1/2, computed in fp32 and rounded once to X's dtype. X is already

@@ -5,7 +5,8 @@ deterministic per-matrix reduction fused with the scale-and-cast into the iterat
 per step three launches: ``A = X·Xᵀ`` and ``B = b·A + c·A·A`` (symmetric, upper-triangle tiles
 only; split along K, plus one reduction launch, when they have few tiles) and ``X' = a·X + B·X``
 (the a·X term in the epilogue, into a second buffer — no copies). Gram NS runs its own driver,
-``gram_newton_schulz``, on the same kernels.
+``gram_newton_schulz``, on the same kernels. ``cublas_newton_schulz`` keeps the normalization and
+hands the products to cuBLAS.
 """
 
 from __future__ import annotations
@@ -307,6 +308,14 @@ def gram_newton_schulz(X: torch.Tensor, coefficients, restarts: tuple[int, ...],
         if P is not Q:
             slots.give(P)
     return ns_update(Q, X, 0.0, out=spare, fp32_precision=fp32_precision)
+
+
+def cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+    """The same recurrence with this module's two-launch normalization and cuBLAS's batched GEMMs
+    for the products (``recurrence.BATCHED_GEMM_OPS``): where cuBLAS's tiles beat the symmetric
+    kernel (few output tiles, no split that pays), without the torch backend's ~15 small
+    normalization ops, each a launch and a few µs of host time."""
+    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, recurrence.BATCHED_GEMM_OPS)
 
 
 def newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, fp32_precision: str = "ieee") -> torch.Tensor:

@@ -19,8 +19,12 @@ import torch
 from ..ns_config import NSConfig
 from .fused_update import fused_apply_update, fused_momentum
 from .variant_statistics import blocks, variant_factors, variant_statistics
-from .newton_schulz import newton_schulz
+from .newton_schulz import cublas_newton_schulz, newton_schulz
 from .small_newton_schulz import small_newton_schulz
+
+# Newton–Schulz by kernel path (the Triton backend's ``paths``): all steps in one kernel per
+# matrix, the symmetric kernels, or the normalization kernels with cuBLAS products.
+_NEWTON_SCHULZ = {"small": small_newton_schulz, "symmetric": newton_schulz, "cublas": cublas_newton_schulz}
 
 
 def _traced() -> bool:
@@ -61,18 +65,18 @@ def eager_or_traced(op, mutated: tuple[int, ...] = ()):
 
 @torch.library.custom_op("muon_kernels::newton_schulz", mutates_args=())
 def newton_schulz_op(stack: torch.Tensor, coefficients: list[float], eps: float, norm_scale: float,
-                     norm_offset: float, ns_dtype: torch.dtype, small: bool, normalization: str,
+                     norm_offset: float, ns_dtype: torch.dtype, path: str, normalization: str,
                      algorithm: str, restarts: list[int]) -> torch.Tensor:
-    """Newton–Schulz on a (k, m, n) stack; ``coefficients`` is the flattened per-step (a, b, c), the
-    rest the fields of an ``NSConfig`` (custom ops take only plain types)."""
+    """Newton–Schulz on a (k, m, n) stack along kernel ``path`` ("small", "symmetric", "cublas");
+    ``coefficients`` is the flattened per-step (a, b, c), the rest the fields of an ``NSConfig``
+    (custom ops take only plain types)."""
     steps = tuple(tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3))
     config = NSConfig(steps, eps, norm_scale, norm_offset, normalization, algorithm, tuple(restarts))
-    fn = small_newton_schulz if small else newton_schulz
-    return fn(stack, config, ns_dtype)
+    return _NEWTON_SCHULZ[path](stack, config, ns_dtype)
 
 
 @newton_schulz_op.register_fake
-def _(stack, coefficients, eps, norm_scale, norm_offset, ns_dtype, small, normalization, algorithm, restarts):
+def _(stack, coefficients, eps, norm_scale, norm_offset, ns_dtype, path, normalization, algorithm, restarts):
     return torch.empty(stack.shape, dtype=ns_dtype, device=stack.device)
 
 

@@ -269,12 +269,7 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
     return y if ns_dtype == acc else y.to(ns_dtype)
 
 
-# One batched GEMM per product: X·Xᵀ; b·A + c·A·A; a·X + B·X (beta=0 ignores X, NaN included).
-MATMUL_OPS = recurrence.MatmulOps(
-    gram=lambda X: torch.bmm(X, X.mT),
-    poly=lambda A, b, c: torch.baddbmm(A, A, A, beta=b, alpha=c),
-    apply=lambda B, X, a: torch.baddbmm(X, B, X, beta=a),
-)
+MATMUL_OPS = recurrence.BATCHED_GEMM_OPS
 
 
 def symmetric_matmul(X: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None = None,

@@ -35,14 +35,19 @@ def _one_kernel(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, con
 
 
 def paths(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, config: NSConfig | None = None) -> tuple[str, ...]:
-    """The kernel paths that can orthogonalize such a bucket, this backend's own choice first."""
-    if _one_kernel(m, n, ns_dtype, device, config):
-        return ("small", "symmetric")
-    return ("symmetric",)
+    """The kernel paths that can orthogonalize such a bucket, this backend's own choice first. On a
+    GPU also "cublas": the normalization kernels with cuBLAS's GEMMs, for the measuring mode to
+    time (torch.optim.Muon's cuBLAS recurrence beat the symmetric kernels 2.4× at 1024×4096 on the
+    H200, and the torch backend's normalization costs ~15 launches more)."""
+    own = ("small", "symmetric") if _one_kernel(m, n, ns_dtype, device, config) else ("symmetric",)
+    return own + (("cublas",) if device.type == "cuda" else ())
 
 
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
                 config: NSConfig | None = None, path: str | None = None) -> tuple[str, str]:
+    if path == "cublas":
+        return "cublas", ("normalization kernels (2 launches), then cuBLAS's batched GEMMs for the products; fused "
+                          "momentum and update")
     if config is not None and config.algorithm == "gram":
         return "symmetric-gram", ("Gram NS driver: X·Xᵀ, P = b·R + c·R·R + a·I, Q·P and P·(R·P) on the symmetric "
                                   "kernel (upper tiles, mirrored; split-K when few tiles), restarts and the final "
@@ -59,9 +64,9 @@ def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
 def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, path: str | None = None) -> torch.Tensor:
     _, m, n = stack.shape
     flat = [float(v) for step in config.coefficients for v in step]
-    small = (path or paths(m, n, ns_dtype, stack.device, config)[0]) == "small"
-    return newton_schulz_launch(stack, flat, config.eps, config.norm_scale, config.norm_offset, ns_dtype, small,
-                            config.normalization, config.algorithm, list(config.gram_restarts(ns_dtype)))
+    path = path or paths(m, n, ns_dtype, stack.device, config)[0]
+    return newton_schulz_launch(stack, flat, config.eps, config.norm_scale, config.norm_offset, ns_dtype, path,
+                                config.normalization, config.algorithm, list(config.gram_restarts(ns_dtype)))
 
 
 def _layout(bucket: Bucket) -> Layout:

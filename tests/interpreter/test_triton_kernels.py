@@ -123,6 +123,28 @@ def test_scalar_map_on_diagonal_input(preset, path):
     torch.testing.assert_close(out.diagonal().double(), expected, rtol=0, atol=FP32_TOL)
 
 
+@pytest.mark.parametrize("algorithm", ["standard", "gram"])
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_cublas_path_is_the_normalization_kernels_then_batched_gemms(ns_dtype, algorithm):
+    """The "cublas" path: the Triton normalization, then exactly the torch backend's products (the
+    same batched GEMMs on the same normalized stack give the same bits), inside the same band."""
+    G = _randn(2, 24, 60)
+    config = resolve_ns_config("keller", 5, 1e-7, algorithm)
+    out = triton_backend.orthogonalize(G, config, ns_dtype, path="cublas")
+    from muon_kernels import recurrence
+    expected = recurrence.run(normalize(G, config, ns_dtype), config, ns_dtype, torch_backend.MATMUL_OPS)
+    assert torch.equal(out, expected)
+    if algorithm == "standard":  # (Gram's own accuracy is tests/test_ns_algorithms.py's)
+        ref = reference_ns(G)
+        bound = FP32_TOL if ns_dtype == torch.float32 else 2 * rel_err(plain_recurrence(G, ns_dtype), ref) + 1e-2
+        assert rel_err(out, ref) <= bound, ns_dtype
+    assert triton_backend.kernel_path(24, 60, ns_dtype, G.device, config, "cublas")[0] == "cublas"
+    # Offered on a GPU only (for the measuring mode to time); never this backend's own first choice.
+    gpu = torch.device("cuda")
+    assert triton_backend.paths(4096, 4096, ns_dtype, gpu, config) == ("symmetric", "cublas")
+    assert triton_backend.paths(4096, 4096, ns_dtype, G.device, config) == ("symmetric",)
+
+
 def test_nan_member_does_not_leak():
     G = _randn(3, 12, 20)
     G[1, 0, 0] = float("nan")
@@ -251,14 +273,17 @@ def test_custom_ops_pass_opcheck():
 
     stack = _randn(2, 12, 20)
     torch.library.opcheck(torch.ops.muon_kernels.newton_schulz.default,
-                          (stack, [3.4445, -4.775, 2.0315] * 2, 1e-7, 1.0, 0.0, torch.float32, True, "frobenius",
+                          (stack, [3.4445, -4.775, 2.0315] * 2, 1e-7, 1.0, 0.0, torch.float32, "small", "frobenius",
                            "standard", []))
     torch.library.opcheck(torch.ops.muon_kernels.newton_schulz.default,
-                          (stack, [3.4445, -4.775, 2.0315], 1e-7, 1.0, 0.0, torch.bfloat16, False, "frobenius",
+                          (stack, [3.4445, -4.775, 2.0315], 1e-7, 1.0, 0.0, torch.bfloat16, "symmetric", "frobenius",
                            "standard", []))
     torch.library.opcheck(torch.ops.muon_kernels.newton_schulz.default,
-                          (stack, [3.4445, -4.775, 2.0315] * 3, 1e-7, 1.0, 0.0, torch.float32, False, "aol", "gram",
-                           [1]))
+                          (stack, [3.4445, -4.775, 2.0315] * 3, 1e-7, 1.0, 0.0, torch.float32, "symmetric", "aol",
+                           "gram", [1]))
+    torch.library.opcheck(torch.ops.muon_kernels.newton_schulz.default,
+                          (stack, [3.4445, -4.775, 2.0315] * 2, 1e-7, 1.0, 0.0, torch.bfloat16, "cublas", "frobenius",
+                           "standard", []))
     views = [(1, 12, 20, False, False, 20), (1, 20, 12, True, True, 12)]
     layout = make_layout(views, torch.device("cpu"))
     grads = [_randn(12, 20, seed=1), _randn(20, 12, seed=2)]
@@ -325,7 +350,8 @@ def test_backends_run_the_op_body_in_eager_and_the_op_when_traced():
             return func(*args, **(kwargs or {}))
 
     stack = _randn(2, 12, 20, seed=6)
-    args = (stack, [3.4445, -4.775, 2.0315] * 2, 1e-7, 1.0, 0.0, torch.float32, False, "frobenius", "standard", [])
+    args = (stack, [3.4445, -4.775, 2.0315] * 2, 1e-7, 1.0, 0.0, torch.float32, "symmetric", "frobenius", "standard",
+            [])
     with Calls() as calls:
         traced = ops.newton_schulz_launch(*args)
     assert calls.names[0] == "muon_kernels.newton_schulz"
