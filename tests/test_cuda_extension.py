@@ -370,15 +370,16 @@ def test_split_workspace_and_split_rule(monkeypatch):
     assert _C.split_partial_elements(batch=2, m=1000, splits=2) == 2 * 36 * 2 * 128 * 128  # m is padded
     assert _C.split_partial_elements(batch=48, m=768, splits=1) == 0
     monkeypatch.setattr(cuda_backend, "sm_count", lambda device: 132)
-    gpu = torch.device("cuda")
-    assert cuda_backend.splits(1, 1024, 4096, gpu) == 3     # X·Xᵀ at 1024×4096: 36 tiles, 128 K steps
-    assert cuda_backend.splits(1, 1024, 1024, gpu) == 1     # A·A there: 32 K steps, not worth a reduction
-    assert cuda_backend.splits(1, 4096, 4096, gpu) == 1     # 528 tiles fill the GPU
-    assert cuda_backend.splits(48, 768, 768, gpu) == 1      # 1008 tiles
+    gpu, bf16 = torch.device("cuda"), torch.bfloat16
+    assert cuda_backend.splits(1, 1024, 4096, bf16, gpu) == 3     # X·Xᵀ at 1024×4096: 36 tiles, 128 K steps
+    assert cuda_backend.splits(1, 1024, 1024, bf16, gpu) == 1     # A·A there: 32 K steps, not worth a reduction
+    assert cuda_backend.splits(1, 4096, 4096, bf16, gpu) == 1     # 528 tiles fill the GPU
+    assert cuda_backend.splits(48, 768, 768, bf16, gpu) == 1      # 1008 tiles
     from muon_kernels.triton_kernels.config import split_factor
     for batch, m, k in [(1, 768, 3072), (1, 2048, 8192), (3, 1024, 4096), (1, 128, 65536)]:
         t = m // 128
-        assert cuda_backend.splits(batch, m, k, gpu) == split_factor(batch * t * (t + 1) // 2, k // 32, 132)
+        for dtype, step in ((bf16, 32), (torch.float16, 32), (torch.float32, 8)):  # the kernels' K steps
+            assert cuda_backend.splits(batch, m, k, dtype, gpu) == split_factor(batch * t * (t + 1) // 2, k // step, 132)
 
 
 def test_workspace_cap_counts_the_padding():

@@ -108,16 +108,19 @@ def _require(*specs) -> None:
             raise ValueError(f"cuda backend: {name} is on {t.device}; the extension's kernels need CUDA tensors")
 
 
-# The extension's GEMM tiles: 128×128 outputs, 32-deep K steps (csrc/common.cuh TensorCoreTiles).
-TILE, K_STEP = 128, 32
+# The extension's GEMM tiles: 128×128 outputs; K steps of 32 on tensor cores, 8 for fp32 on the FMA
+# units (csrc/common.cuh TensorCoreTiles, SimtTiles). One step of either is a few tenths of a µs of
+# an SM's time, the unit of the split cost model.
+TILE = 128
+K_STEP = {torch.float32: 8, torch.float16: 32, torch.bfloat16: 32}
 
 
-def splits(batch: int, m: int, k: int, device: torch.device) -> int:
-    """K slices of a symmetric product of padded (batch, m, k) operands on ``device``: the Triton
-    kernels' fixed rule (``config.split_factor``: split only below two waves of output tiles), on
-    this extension's tiles and K steps and the device's SM count."""
+def splits(batch: int, m: int, k: int, dtype: torch.dtype, device: torch.device) -> int:
+    """K slices of a symmetric product of padded (batch, m, k) ``dtype`` operands on ``device``: the
+    Triton kernels' fixed rule (``config.split_factor``: split only below two waves of output
+    tiles), on this extension's tiles and K steps and the device's SM count."""
     t = m // TILE
-    return split_factor(batch * t * (t + 1) // 2, k // K_STEP, sm_count(device))
+    return split_factor(batch * t * (t + 1) // 2, k // K_STEP[dtype], sm_count(device))
 
 
 def _split_workspace(batch: int, m: int, count: int, device: torch.device) -> torch.Tensor | None:
@@ -161,7 +164,7 @@ def _symmetric(x: torch.Tensor, d: torch.Tensor | None, out: torch.Tensor, alpha
                path: int) -> None:
     """out = alpha·x·xᵀ + beta·d on padded stacks, split along K when the product has few tiles."""
     k, mp, kp = x.shape
-    count = splits(k, mp, kp, x.device)
+    count = splits(k, mp, kp, x.dtype, x.device)
     slices = _split_workspace(k, mp, count, x.device)
     _C.symmetric_matmul(p=x.data_ptr(), d=d.data_ptr() if d is not None else 0, c=out.data_ptr(),
                         dtype=DTYPE_CODES[x.dtype], batch=k, m=mp, k=kp, alpha=float(alpha), beta=float(beta),
@@ -245,7 +248,7 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     a = workspace.empty((k, mp, mp) if steps else (0,), dtype=work, device=stack.device)
     b = workspace.empty_like(a)
     partial, denom = _norm_workspace(stack)
-    gram_splits, square_splits = splits(k, mp, np_, stack.device), splits(k, mp, mp, stack.device)
+    gram_splits, square_splits = splits(k, mp, np_, work, stack.device), splits(k, mp, mp, work, stack.device)
     slices = _split_workspace(k, mp, max(gram_splits, square_splits), stack.device)
     with torch.cuda.device(stack.device):
         _C.newton_schulz(

@@ -121,7 +121,7 @@ def test_symmetric_matmul_kernel(path, shape):
 def test_split_symmetric_matmul(path, monkeypatch, count):
     """Split-K (forced here; the rule splits only products with few tiles): the same accuracy band,
     exactly symmetric, and the same bits on every call (slices summed in a fixed order)."""
-    monkeypatch.setattr(cuda_backend, "splits", lambda batch, m, k, device: count)
+    monkeypatch.setattr(cuda_backend, "splits", lambda batch, m, k, dtype, device: count)
     for dtype in _kernel_dtypes(path):
         X = _randn(2, 200, 1000).to(DEV, dtype)  # k pads to 1024: 32 K steps of 32 (fp32: 128 of 8)
         D = _randn(2, 200, 200, seed=1)
@@ -140,7 +140,7 @@ def test_split_newton_schulz_driver(path, monkeypatch):
     """The C++ driver with both symmetric products split: inside the same band against fp64."""
     G = _randn(1, 256, 2000)
     ref = reference_ns(G)
-    monkeypatch.setattr(cuda_backend, "splits", lambda batch, m, k, device: 4)
+    monkeypatch.setattr(cuda_backend, "splits", lambda batch, m, k, dtype, device: 4)
     for ns_dtype in (torch.float32, torch.bfloat16):
         out = cuda_backend.orthogonalize(G.float().to(DEV), KELLER, ns_dtype).cpu()
         bound = 1e-4 if ns_dtype == torch.float32 else 2 * rel_err(plain_recurrence(G, ns_dtype), ref) + 1e-2
