@@ -1,8 +1,9 @@
 """Triton backend: the fused, batched kernels of ``muon_kernels.triton_kernels``.
 
 Per bucket: one fused momentum → Nesterov → stack launch; Newton–Schulz either in one kernel
-(matrices that fit one CTA) or with the symmetric kernels (2 + 3·steps launches); one fused
-decay-and-update launch. Importing this module imports triton;
+(matrices that fit one CTA) or with the symmetric kernels (2 + 3·steps launches) — or, where the
+measuring mode finds it faster, the two normalization launches then cuBLAS's GEMMs ("cublas");
+one fused decay-and-update launch. Importing this module imports triton;
 the registry only does so when the backend is asked about.
 """
 
