@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 
 from .ns_config import NSConfig
+from .workspace import Scratch
 
 MATRIX_VIEWS = ("flatten", "batch", "transposed", "batch_transposed")
 # Views of weights stored (in, out) — transformers' Conv1D, fused (E, in, out) experts: the same
@@ -234,14 +235,13 @@ class Bucket:
         per_chunk = max(1, min(per_chunk, per_call or total))
         return [(s, min(s + per_chunk, total)) for s in range(0, total, per_chunk)]
 
-    def buffer(self, name, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A work buffer that lives as long as the plan and is reused every step (a CPU's large
-        allocations are fresh mmaps that page-fault on first touch, every time)."""
-        buf = self.cache.get(name)
-        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
-            buf = torch.empty(shape, dtype=dtype, device=self.device)
-            self.cache[name] = buf
-        return buf
+    @property
+    def scratch(self) -> Scratch:
+        """The bucket's work buffers, kept as long as the plan and reused every step:
+        ``bucket.scratch(name, shape, dtype)``."""
+        if "scratch" not in self.cache:
+            self.cache["scratch"] = Scratch(self.device)
+        return self.cache["scratch"]
 
     def orthogonalize(self, stack: torch.Tensor, max_workspace_bytes: int | None) -> torch.Tensor:
         """One backend call per bucket, or one per chunk when the workspace cap (or the backend's
@@ -252,7 +252,7 @@ class Bucket:
         if len(chunks) == 1:
             return self.backend.orthogonalize(stack, self.config, self.ns_dtype, **kwargs)
         if stack.device.type == "cpu":
-            out = self.buffer(("orthogonalized", tuple(stack.shape)), tuple(stack.shape), self.ns_dtype)
+            out = self.scratch(("orthogonalized", tuple(stack.shape)), tuple(stack.shape), self.ns_dtype)
         else:
             out = torch.empty(stack.shape, dtype=self.ns_dtype, device=stack.device)
         for start, stop in chunks:

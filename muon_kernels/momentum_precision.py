@@ -31,6 +31,7 @@ from dataclasses import replace
 import torch
 
 from .bucket import LowPrecision
+from .workspace import Scratch
 
 ROUNDINGS = ("nearest", "stochastic")
 INT8 = "int8"
@@ -377,23 +378,6 @@ def _write(targets, idx, values: torch.Tensor, dtype: torch.dtype | None = None)
     torch._foreach_copy_([targets[i] for i in idx], [v.view(targets[i].shape) for v, i in zip(pieces, idx)])
 
 
-class Scratch:
-    """Temporaries of ``momentum_update``, reused from chunk to chunk (and, kept by a CPU bucket, from
-    step to step): a fresh large buffer costs a CPU its page faults, more than the arithmetic."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.buffers = device, {}
-
-    def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = math.prod(shape)
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = torch.empty(n, dtype=dtype, device=self.device)
-            if not torch.is_inference_mode_enabled():  # an inference tensor cannot be written outside it
-                self.buffers[name] = buf
-        return buf[:n].view(shape)
-
-
 def momentum_update(bufs, grads, scales, steps, seeds, *, momentum: float, nesterov: bool, form: str,
                     mode: LowPrecision, outs=None, offsets=None, scratch=None) -> list[torch.Tensor]:
     """The reference low-precision momentum step (the torch backend's path and the oracle of the
@@ -409,7 +393,7 @@ def momentum_update(bufs, grads, scales, steps, seeds, *, momentum: float, neste
     operation and no fresh buffer per operation (the kernels keep it all in registers)."""
     weight = 1.0 - momentum
     offsets = offsets or [0] * len(bufs)
-    scratch = scratch or Scratch(bufs[0].device if bufs else torch.device("cpu"))
+    scratch = scratch or Scratch(bufs[0].device if bufs else torch.device("cpu"))  # this call's own
     results: list[torch.Tensor | None] = [None] * len(bufs)
     # every tensor's key at once: ~20 tiny operations per call instead of per chunk
     all_keys = _keys(seeds, steps) if mode.stochastic and bufs else None

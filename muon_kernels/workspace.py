@@ -1,4 +1,5 @@
-"""Work buffers of the kernel backends, and the debug switch that poisons them.
+"""Work buffers: those the kernel backends take fresh each call (and the debug switch that poisons
+them), and ``Scratch``, the one way a buffer is kept and reused from call to call.
 
 ``MUON_KERNELS_DEBUG_FILL=nan`` fills every buffer the Triton and CUDA backends take from
 ``torch.empty`` with NaN, so a kernel that reads an element nobody wrote (the "padding holds
@@ -9,6 +10,7 @@ one fill per buffer, so it is off by default. Read on every call, so a test can 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -36,3 +38,29 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def empty_like(t: torch.Tensor) -> torch.Tensor:
     return empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+class Scratch:
+    """Named work buffers reused from call to call by whoever keeps this object (a CPU bucket, a
+    thread, one call's chunks): each name is one flat allocation that only grows, handed out as a
+    view of the shape asked. On a CPU a fresh large buffer is a fresh mmap whose page faults cost
+    more than the arithmetic that fills it (GPUs have the caching allocator). A buffer asked for
+    under inference mode is not kept: a tensor made there cannot be written outside it."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.buffers = device, {}
+
+    def __call__(self, name, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        shape = tuple(shape)
+        buf = self.buffers.get(name)
+        if buf is not None and buf.dtype == dtype and tuple(buf.shape) == shape:
+            return buf  # the same tensor every time: a compiled step sees one input, not a fresh view
+        n = math.prod(shape)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
+            # Not asked while torch.compile traces: traced, the inference-mode query changed a
+            # compiled step's results (tests/test_structure.py::test_compiled_step_matches_eager).
+            if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+                self.buffers[name] = buf
+            return buf
+        return buf.view(-1)[:n].view(shape)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import muon_kernels as mk
+from muon_kernels.workspace import Scratch
 from muon_kernels import momentum_precision as mp
 
 
@@ -346,7 +347,7 @@ def test_a_step_under_inference_mode_leaves_later_steps_working():
     with torch.inference_mode():
         inside = mk.orthogonalize(G, ns_dtype=torch.bfloat16)
     assert torch.equal(mk.orthogonalize(G, ns_dtype=torch.bfloat16), inside)
-    scratch = mp.Scratch(torch.device("cpu"))
+    scratch = Scratch(torch.device("cpu"))
     args = dict(momentum=0.9, nesterov=True, form="ema", mode=mp.LowPrecision(True, True), scratch=scratch)
     bufs, scales = [torch.zeros(64, 32, dtype=torch.int8)], [torch.zeros(64, 1)]
     with torch.inference_mode():

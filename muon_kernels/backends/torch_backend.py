@@ -10,11 +10,11 @@ whole stack with one batched GEMM per term.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 
 import torch
 
-from .. import momentum_precision, recurrence, variants
+from .. import momentum_precision, recurrence, variants, workspace
 from ..bucket import Bucket
 from ..ns_config import NSConfig
 from ..scalars import update_scalars
@@ -96,25 +96,23 @@ def _cpu_slots(bucket: Bucket) -> tuple[torch.Tensor, list[torch.Tensor], torch.
     scratch a tall matrix's transposed slot needs; None where an entry's slot is no view (a
     transposed conv filter). Depends only on the plan, so built once."""
     if "cpu_slots" not in bucket.cache:
-        stack = bucket.buffer("stack", bucket.stack_shape, bucket.dtype)
+        stack = bucket.scratch("stack", bucket.stack_shape, bucket.dtype)
         slots = [bucket.slot(stack, i) for i in range(len(bucket.entries))]
         scratch = None
         if any(s is None for s in slots):
             bucket.cache["cpu_slots"] = None
             return None
         if any(bucket.transposed_in_stack(e) for e in bucket.entries):
-            scratch = bucket.buffer("blend", (bucket.m * bucket.n * max(e.view.batch for e in bucket.entries),),
+            scratch = bucket.scratch("blend", (bucket.m * bucket.n * max(e.view.batch for e in bucket.entries),),
                                     bucket.dtype)
         bucket.cache["cpu_slots"] = (stack, slots, scratch)
     return bucket.cache["cpu_slots"]
 
 
-def _cpu_scratch(bucket: Bucket) -> momentum_precision.Scratch | None:
+def _cpu_scratch(bucket: Bucket) -> workspace.Scratch | None:
     """A CPU bucket's low-precision momentum temporaries, kept across steps (fresh large buffers
     page-fault on every step there); elsewhere each call's own (the caching allocator reuses them)."""
-    if bucket.device.type != "cpu":
-        return None
-    return bucket.cache.setdefault("momentum_scratch", momentum_precision.Scratch(bucket.device))
+    return bucket.scratch if bucket.device.type == "cpu" else None
 
 
 def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) -> torch.Tensor:
@@ -212,29 +210,19 @@ def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((exponent.to(int_dtype) + bias) << shift).view(dtype)
 
 
-# A CPU thread's fp32 buffers for normalize's scaled copy, the last few shapes: a fresh buffer of
-# that size is a fresh mmap, and its page faults cost a GPT-2-small-÷4 step more than the arithmetic.
-# Per thread, so two optimizers stepping in two threads never share one; bounded, and reused only
-# where normalize returns a cast copy (a 16-bit iteration), never the buffer itself; never made under
-# inference mode (an inference tensor cannot be written outside it).
-_CPU_SCALED_SHAPES = 8
-_cpu_scaled = threading.local()
+# A CPU thread's buffer for normalize's scaled copy (a ``Scratch`` per thread, so two optimizers
+# stepping in two threads never share one): a fresh buffer of that size is a fresh mmap, and its
+# page faults cost a GPT-2-small-÷4 step more than the arithmetic. Reused only where normalize
+# returns a cast copy (a 16-bit iteration), never the buffer itself.
+_thread = threading.local()
 
 
 def _scaled_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, reusable: bool) -> torch.Tensor:
-    if device.type != "cpu" or not reusable or torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+    if device.type != "cpu" or not reusable or torch.compiler.is_compiling():
         return torch.empty(shape, dtype=dtype, device=device)
-    cache = getattr(_cpu_scaled, "buffers", None)
-    if cache is None:
-        cache = _cpu_scaled.buffers = OrderedDict()
-    key = (shape, dtype)
-    buf = cache.pop(key, None)
-    if buf is None:
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        while len(cache) >= _CPU_SCALED_SHAPES:
-            cache.popitem(last=False)
-    cache[key] = buf
-    return buf
+    if not hasattr(_thread, "scratch"):
+        _thread.scratch = workspace.Scratch(device)
+    return _thread.scratch(("normalize", dtype), shape, dtype)
 
 
 def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
@@ -342,7 +330,7 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=
     unslot = [bucket.device.type == "cpu" and bucket.transposed_in_stack(e) and e.view.batch == 1
               and e.target.ndim == 2 for e in bucket.entries]
     if any(unslot):
-        buf = bucket.buffer("update", (max(e.target.numel() for e, u in zip(bucket.entries, unslot) if u),),
+        buf = bucket.scratch("update", (max(e.target.numel() for e, u in zip(bucket.entries, unslot) if u),),
                             ortho.dtype)
     for i, (e, from_slot) in enumerate(zip(bucket.entries, unslot)):
         gi = e.group
