@@ -382,6 +382,20 @@ def test_split_workspace_and_split_rule(monkeypatch):
             assert cuda_backend.splits(batch, m, k, dtype, gpu) == split_factor(batch * t * (t + 1) // 2, k // step, 132)
 
 
+@needs_build
+def test_the_cublas_path_is_offered_to_the_measuring_mode_on_a_gpu():
+    """After the extension's own kernels, "cublas" (its normalization, cuBLAS's products) on a GPU;
+    nothing but the kernels elsewhere."""
+    from muon_kernels.backends import cuda_backend
+
+    config = NSConfig(KELLER * 5, 1e-7)
+    gpu = torch.device("cuda")
+    assert cuda_backend.paths(1024, 4096, torch.bfloat16, gpu, config) == ("sm80", "cublas")
+    assert cuda_backend.paths(1024, 4096, torch.float32, gpu, config) == ("simt", "cublas")
+    assert cuda_backend.paths(1024, 4096, torch.bfloat16, torch.device("cpu"), config) == ("sm80",)
+    assert cuda_backend.kernel_path(1024, 4096, torch.bfloat16, gpu, config, "cublas")[0] == "cublas"
+
+
 def test_workspace_cap_counts_the_padding():
     """max_workspace_bytes chunks a bucket by what the backend really allocates: the cuda backend's
     work buffers are padded to multiples of 128, the torch backend's are not."""

@@ -56,12 +56,17 @@ def work_dtype(ns_dtype: torch.dtype, path: int) -> torch.dtype:
 
 
 def paths(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, config: NSConfig | None = None) -> tuple[str, ...]:
-    """One path per device (the code path follows the compute capability)."""
-    return (kernel_path(m, n, ns_dtype, device, config)[0],)
+    """The extension's own kernels (the code path follows the compute capability), then, on a GPU,
+    "cublas" for the measuring mode to time: the normalization kernels, then cuBLAS's batched GEMMs
+    (the Triton backend's path of that name, for GPUs without Triton)."""
+    return (kernel_path(m, n, ns_dtype, device, config)[0],) + (("cublas",) if device.type == "cuda" else ())
 
 
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
                 config: NSConfig | None = None, path: str | None = None) -> tuple[str, str]:
+    if path == "cublas":
+        return "cublas", ("normalization kernels (3 launches), then cuBLAS's batched GEMMs in the iteration dtype; "
+                          "fused momentum and update")
     path, how = _kernel_path(m, n, ns_dtype, device)
     if config is None or config.plain:  # the C++ driver, one call
         return path, how
@@ -227,7 +232,7 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     ``stack`` may be any strided view (normalization reads it through its strides); an fp64 stack
     (fp64 parameters) is normalized from an fp32 copy, since the iteration is at most fp32 anyway.
     The standard recurrence runs in the C++ driver (one call); Gram NS and AOL run the recurrence
-    module over ``_padded_ops``."""
+    module over ``_padded_ops``; ``path="cublas"`` runs it over cuBLAS's GEMMs on unpadded buffers."""
     if stack.dtype == torch.float64:
         stack = stack.float()
     _require((stack, "stack", ALL, False))
@@ -237,9 +242,14 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     out = workspace.empty((k, m, n), dtype=ns_dtype, device=stack.device)
     if out.numel() == 0:
         return out
+    kernels = path
     path = code_path(stack.device)
     work = work_dtype(ns_dtype, path)
     mp, np_ = padded(m), padded(n)
+    if kernels == "cublas":
+        x = _normalized(stack, config, workspace.empty((k, m, n), dtype=work, device=stack.device))
+        with torch.cuda.device(stack.device):
+            return out.copy_(recurrence.run(x, config, ns_dtype, recurrence.BATCHED_GEMM_OPS))
     if not config.plain:  # Gram NS and AOL: the same kernels from Python, one launch per product
         return _orthogonalize_ops(stack, config, ns_dtype, work, path, out)
     steps = config.steps
@@ -268,16 +278,23 @@ def _orthogonalize_ops(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dt
     """Normalize into a zero-padded work buffer, run ``recurrence`` over ``_padded_ops``, copy the
     unpadded result into ``out``."""
     k, m, n = stack.shape
-    x = workspace.empty((k, padded(m), padded(n)), dtype=work, device=stack.device)
+    x = _normalized(stack, config, workspace.empty((k, padded(m), padded(n)), dtype=work, device=stack.device))
+    with torch.cuda.device(stack.device):
+        x = recurrence.run(x, config, ns_dtype, _padded_ops(work, path, stack.device))
+    return out.copy_(x[:, :m, :n])
+
+
+def _normalized(stack: torch.Tensor, config: NSConfig, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (k, rows ≥ m, cols ≥ n, the work dtype) holding the normalized stack, zeros around it."""
+    k, m, n = stack.shape
     partial, denom = _norm_workspace(stack)
     with torch.cuda.device(stack.device):
         _C.normalize(input=stack.data_ptr(), in_dtype=DTYPE_CODES[stack.dtype], in_strides=stack.stride(), batch=k,
-                     rows=m, cols=n, out=x.data_ptr(), out_dtype=DTYPE_CODES[work], out_rows=x.shape[1],
+                     rows=m, cols=n, out=x.data_ptr(), out_dtype=DTYPE_CODES[x.dtype], out_rows=x.shape[1],
                      out_cols=x.shape[2], partial=partial.data_ptr(), denom=denom.data_ptr(),
                      norm_scale=float(config.norm_scale), norm_offset=float(config.norm_offset),
                      floor=float(config.floor), stream=_stream(stack.device))
-        x = recurrence.run(x, config, ns_dtype, _padded_ops(work, path, stack.device))
-    return out.copy_(x[:, :m, :n])
+    return x
 
 
 def _layout(bucket: Bucket) -> dict:

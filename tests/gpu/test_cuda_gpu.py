@@ -86,6 +86,22 @@ def test_newton_schulz_against_fp64(path, shape, ns_dtype):
         assert rel_err(out, ref) <= 2 * rel_err(plain_recurrence(G, ns_dtype), ref) + 1e-2
 
 
+@pytest.mark.parametrize("algorithm", ["standard", "gram"])
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_cublas_path_against_fp64(path, ns_dtype, algorithm):
+    """The "cublas" path (the extension's normalization, cuBLAS's products, the sm75 path's fp16
+    iteration for bf16): inside the same band as the kernels; Gram NS the same map."""
+    G = _randn(2, 130, 500)
+    ref = reference_ns(G)
+    config = resolve_ns_config("keller", 5, 1e-7, algorithm)
+    out = cuda_backend.orthogonalize(G.float().to(DEV), config, ns_dtype, path="cublas")
+    assert out.dtype == ns_dtype and out.shape == G.shape
+    bound = 1e-4 if ns_dtype == torch.float32 else 2 * rel_err(plain_recurrence(G, ns_dtype), ref) + 1e-2
+    if algorithm == "gram":  # the torch backend's Gram NS (the reference) at this precision is the yardstick
+        bound = max(bound, 2 * rel_err(torch_backend.orthogonalize(G.float().to(DEV), config, ns_dtype).cpu(), ref))
+    assert rel_err(out.cpu(), ref) <= bound
+
+
 @pytest.mark.parametrize("preset", ["keller", "quintic", "polar_express"])
 def test_scalar_map(path, preset):
     D, expected = scalar_map(preset)
