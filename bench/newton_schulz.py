@@ -6,6 +6,8 @@ Implementations (names as in the JSON):
 - ``ours-<backend>-gram``: the same with Gram Newton–Schulz (same coefficients and steps, default
   restarts); ``ours-<backend>-aol``: the ``turbo`` preset (AOL preconditioning, 4 steps) — its
   TFLOP/s column still counts the 5 standard steps, so it reads as the speed of reaching the result,
+- ``ours-<backend>-cublas`` (GPU): the backend's normalization kernels, then cuBLAS's GEMMs (the
+  measuring mode's "cublas" path); ``ours-cuda-sm75``: the CUDA extension forced onto its Turing path,
 - ``torch.optim.Muon``: torch's own routine, ``torch.optim._muon._zeropower_via_newtonschulz``,
   one matrix at a time (that is how torch.optim.Muon calls it),
 - ``cublas-recurrence``: the plain recurrence a user writes, ``bmm`` per term on the stack,
@@ -119,6 +121,13 @@ def implementations(device: torch.device):
             backend, _ = select_backend(name, device)
             for suffix, config in VARIANTS.items():
                 impls.append((f"ours-{name}{suffix}", lambda s, b=backend, c=config: b.orthogonalize(s, c, torch.bfloat16)))
+    if device.type == "cuda":
+        # The measuring mode's "cublas" paths (normalization kernels, then cuBLAS's GEMMs), alone.
+        for name in ("triton", "cuda"):
+            if available_backends(device)[name][0]:
+                backend, _ = select_backend(name, device)
+                impls.append((f"ours-{name}-cublas",
+                              lambda s, b=backend: b.orthogonalize(s, CONFIG, torch.bfloat16, path="cublas")))
     if device.type == "cuda" and available_backends(device)["cuda"][0] and torch.cuda.get_device_capability(device)[0] >= 8:
         # The Turing code path (fp16 mma.sync, register-staged loads) on this newer GPU: the only
         # place it can be timed here (issue 25 targets both CUDA paths against cuBLAS).

@@ -5,7 +5,9 @@
 
 Per shape (priority order: the shapes we lose at first, bench/README.md "Kernel notes (Hopper)"):
 - ``ns`` rows: the whole 5-step keller recurrence — ours with the table's configs (``ours``; and
-  ``ours-backend``, the optimizer's own path choice, one-kernel for small matrices), ours with each
+  ``ours-backend``, the optimizer's own path choice, one-kernel for small matrices; ``ours-cublas``,
+  the normalization kernels with cuBLAS's GEMMs; ``cuda``, ``cuda-sm75`` and ``cuda-cublas``, the
+  CUDA extension's paths where it runs), ours with each
   candidate config forced on every product (config.forced), ours Gram NS (bf16 and fp16, default
   restarts, and fp16 with one restart), torch.optim.Muon's NS routine (one matrix at a time) and
   the plain cuBLAS recurrence. Each is checked against the fp64 recurrence on the same input
@@ -47,7 +49,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from muon_kernels import recurrence  # noqa: E402
-from muon_kernels.backends import triton_backend  # noqa: E402
+from muon_kernels.backends import available_backends, select_backend, triton_backend  # noqa: E402
 from muon_kernels.ns_config import resolve_ns_config  # noqa: E402
 from muon_kernels.triton_kernels import config as kcfg  # noqa: E402
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, ns_update  # noqa: E402
@@ -195,6 +197,9 @@ def ns_item(run: Run, m: int, n: int, batch: int) -> None:
         # What the optimizer runs: the backend also picks the one-kernel path for small matrices.
         impls.append(("ours-backend", "standard", dtype, None,
                       lambda dt=dtype: triton_backend.orthogonalize(G, _ns_config(), dt)))
+        # The measuring mode's "cublas" path: this normalization, cuBLAS's GEMMs.
+        impls.append(("ours-cublas", "standard", dtype, None,
+                      lambda dt=dtype: triton_backend.orthogonalize(G, _ns_config(), dt, path="cublas")))
         for cfg in candidates(run.arch, dtype, "symmetric", run.smoke)[1 if run.smoke else 0:]:
             impls.append(("ours", "standard", dtype, cfg,
                           lambda dt=dtype, c=cfg: _forced(c, c, lambda: newton_schulz(G, _ns_config(), dt))))
@@ -206,6 +211,14 @@ def ns_item(run: Run, m: int, n: int, batch: int) -> None:
     if muon is not None:
         impls.append(("torch.optim.Muon", "standard", torch.bfloat16, None, lambda: muon(G)))
     impls.append(("cublas-recurrence", "standard", torch.bfloat16, None, lambda: plain_recurrence(G, torch.bfloat16)))
+    if available_backends(device)["cuda"][0]:  # the CUDA fallback (issue 25: ≥ 0.6× the cuBLAS recurrence)
+        cuda = select_backend("cuda", device)[0]
+        impls += [("cuda", "standard", torch.bfloat16, None, lambda: cuda.orthogonalize(G, _ns_config(), torch.bfloat16)),
+                  ("cuda-sm75", "standard", torch.bfloat16, None,
+                   lambda: with_environment(cuda.PATH_ENV, "sm75",
+                                            lambda: cuda.orthogonalize(G, _ns_config(), torch.bfloat16))),
+                  ("cuda-cublas", "standard", torch.bfloat16, None,
+                   lambda: cuda.orthogonalize(G, _ns_config(), torch.bfloat16, path="cublas"))]
     for impl, algorithm, dtype, cfg, fn in impls:
         if run.out_of_time():
             run.doc["skipped"].append(f"ns {m}x{n}x{batch} {impl} {cfg.label() if cfg else ''}".strip())
