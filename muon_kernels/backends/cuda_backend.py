@@ -242,16 +242,15 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     out = workspace.empty((k, m, n), dtype=ns_dtype, device=stack.device)
     if out.numel() == 0:
         return out
-    kernels = path
-    path = code_path(stack.device)
-    work = work_dtype(ns_dtype, path)
+    code = code_path(stack.device)
+    work = work_dtype(ns_dtype, code)
     mp, np_ = padded(m), padded(n)
-    if kernels == "cublas":
+    if path == "cublas":
         x = _normalized(stack, config, workspace.empty((k, m, n), dtype=work, device=stack.device))
         with torch.cuda.device(stack.device):
             return out.copy_(recurrence.run(x, config, ns_dtype, recurrence.BATCHED_GEMM_OPS))
     if not config.plain:  # Gram NS and AOL: the same kernels from Python, one launch per product
-        return _orthogonalize_ops(stack, config, ns_dtype, work, path, out)
+        return _orthogonalize_ops(stack, config, ns_dtype, work, code, out)
     steps = config.steps
     x = workspace.empty((k, mp, np_) if steps else (0,), dtype=work, device=stack.device)
     y = workspace.empty_like(x)
@@ -266,7 +265,7 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
             cols=n, x=x.data_ptr(), y=y.data_ptr(), a=a.data_ptr(), b=b.data_ptr(), work_dtype=DTYPE_CODES[work],
             out=out.data_ptr(), out_dtype=DTYPE_CODES[ns_dtype], partial=partial.data_ptr(), denom=denom.data_ptr(),
             coefficients=[float(v) for step in config.coefficients for v in step], norm_scale=float(config.norm_scale),
-            norm_offset=float(config.norm_offset), floor=float(config.floor), path=path,
+            norm_offset=float(config.norm_offset), floor=float(config.floor), path=code,
             stream=_stream(stack.device), gram_splits=gram_splits, square_splits=square_splits,
             split_partial=slices.data_ptr() if slices is not None else 0,
         )
