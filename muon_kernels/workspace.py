@@ -42,8 +42,8 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
 
 class Scratch:
     """Named work buffers reused from call to call by whoever keeps this object (a CPU bucket, a
-    thread, one call's chunks): each name is one flat allocation that only grows, handed out as a
-    view of the shape asked. On a CPU a fresh large buffer is a fresh mmap whose page faults cost
+    thread, one call's chunks): each name is one allocation that only grows, handed out whole when
+    the shape matches (the same tensor every time) and as a view of its first elements otherwise. On a CPU a fresh large buffer is a fresh mmap whose page faults cost
     more than the arithmetic that fills it (GPUs have the caching allocator). A buffer asked for
     under inference mode is not kept: a tensor made there cannot be written outside it."""
 

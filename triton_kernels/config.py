@@ -262,6 +262,7 @@ def split_cost(tiles: int, iterations: int, sms: int, splits: int) -> float:
     return waves * (per_program + SPLIT_PARTIAL) + reduction
 
 
+@functools.lru_cache(maxsize=4096)  # on every symmetric product of a step (both backends): the search is ~10 µs
 def split_factor(tiles: int, iterations: int, sms: int) -> int:
     """The K-split of a product with ``tiles`` output tiles and ``iterations`` BLOCK_K steps on a
     device with ``sms`` SMs: the cheapest under ``split_cost`` (ties: fewer slices), 1 once the
