@@ -8,7 +8,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 REPRODUCE_ARGS ?=
 
-# The Triton AOT and interpreter tests also run under triton==$(TRITON_OLD) (the GPU machine's
+# The Triton AOT, interpreter and direct-launch tests also run under triton==$(TRITON_OLD) (the GPU machine's
 # version) in a second environment. Where the host python already has torch (the GPU machine
 # itself, offline) that second environment is not built: the host's Triton is the one to test.
 TRITON_OLD ?= 3.6.0
@@ -61,7 +61,7 @@ install: build-tools
 test-old-triton: $(OLD_TRITON_ENV)
 ifneq ($(OLD_TRITON_ENV),)
 	MUON_KERNELS_SKIP_CUDA_BUILD=1 .venv-triton-old/bin/pip install --quiet --no-build-isolation --no-deps .
-	cd tests && ../.venv-triton-old/bin/python -m pytest -q test_triton_aot.py test_triton_interpreter.py
+	cd tests && ../.venv-triton-old/bin/python -m pytest -q test_triton_aot.py test_triton_interpreter.py test_launch.py
 endif
 
 test: install test-old-triton

@@ -4,8 +4,9 @@
     python bench/tune.py --out DIR --smoke                     # CPU: the harness under the interpreter
 
 Per shape (priority order: the shapes we lose at first, bench/README.md "Kernel notes (Hopper)"):
-- ``ns`` rows: the whole 5-step keller recurrence — ours with the table's configs (``ours``; and
-  ``ours-backend``, the optimizer's own path choice, one-kernel for small matrices; ``ours-cublas``,
+- ``ns`` rows: the whole 5-step keller recurrence — ours with the table's configs (``ours``;
+  ``ours-triton-dispatch``, the same launches through Triton's per-call dispatch instead of direct
+  launches; ``ours-backend``, the optimizer's own path choice, one-kernel for small matrices; ``ours-cublas``,
   the normalization kernels with cuBLAS's GEMMs; ``cuda``, ``cuda-sm75`` and ``cuda-cublas``, the
   CUDA extension's paths where it runs), ours with each
   candidate config forced on every product (config.forced), ours Gram NS (bf16 and fp16, default
@@ -51,7 +52,7 @@ import triton  # noqa: E402
 from muon_kernels import recurrence  # noqa: E402
 from muon_kernels.backends import available_backends, select_backend, triton_backend  # noqa: E402
 from muon_kernels.ns_config import resolve_ns_config  # noqa: E402
-from muon_kernels.triton_kernels import config as kcfg  # noqa: E402
+from muon_kernels.triton_kernels import config as kcfg, launch  # noqa: E402
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, ns_update  # noqa: E402
 from muon_kernels.triton_kernels.symmetric_matmul import launch_shape, symmetric_matmul  # noqa: E402
 from muon_kernels.workspace import FILL_VARIABLE  # noqa: E402
@@ -197,6 +198,10 @@ def ns_item(run: Run, m: int, n: int, batch: int) -> None:
         # What the optimizer runs: the backend also picks the one-kernel path for small matrices.
         impls.append(("ours-backend", "standard", dtype, None,
                       lambda dt=dtype: triton_backend.orthogonalize(G, _ns_config(), dt)))
+        # The same launches through Triton's own dispatch (launch.direct_launches off): the
+        # difference to "ours" is the host time direct launches save (bench/README.md).
+        impls.append(("ours-triton-dispatch", "standard", dtype, None,
+                      lambda dt=dtype: _triton_dispatch(lambda: newton_schulz(G, _ns_config(), dt))))
         # The measuring mode's "cublas" path: this normalization, cuBLAS's GEMMs.
         impls.append(("ours-cublas", "standard", dtype, None,
                       lambda dt=dtype: triton_backend.orthogonalize(G, _ns_config(), dt, path="cublas")))
@@ -239,6 +244,11 @@ def ns_item(run: Run, m: int, n: int, batch: int) -> None:
             row["error"] = f"{type(e).__name__}: {e}"[:500]
         run.add(row)
         run.write()
+
+
+def _triton_dispatch(fn):
+    with launch.direct_launches(False):
+        return fn()
 
 
 def _forced(sym_cfg, upd_cfg, fn):

@@ -3,6 +3,7 @@ the same config and compute the same bits). The timing itself needs a GPU; the l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -48,6 +49,21 @@ def test_choice_is_persisted_and_reused(tmp_path, monkeypatch):
         raise AssertionError("a persisted choice is not tuned again")
 
     assert autotune.tuned("ns_update|sm90|bfloat16|1024|4096|1024", space, trial, must_not_run) == space[-1]
+    # The file is read once per key and process: launches ask on every call.
+    monkeypatch.setattr(autotune, "_load", lambda: pytest.fail("the cache file is read again"))
+    assert autotune.tuned("ns_update|sm90|bfloat16|1024|4096|1024", space, trial, must_not_run) == space[-1]
+
+
+def test_a_choice_persisted_by_another_process_is_read(tmp_path, monkeypatch):
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "tune.json"))
+    space = tuning_space(90, torch.bfloat16, "symmetric")
+    key = "symmetric|sm90|bfloat16|1024|1024|4096"
+    (tmp_path / "tune.json").write_text(json.dumps({key: {"config": list(dataclasses.astuple(space[1])), "ms": {}}}))
+
+    def must_not_run(fn):
+        raise AssertionError("a persisted choice is not tuned again")
+
+    assert autotune.tuned(key, space, lambda cfg: None, must_not_run) == space[1]
 
 
 def test_off_by_default_and_on_cpu(monkeypatch):

@@ -34,6 +34,9 @@ CACHE_ENV = "MUON_KERNELS_AUTOTUNE_CACHE"
 KINDS = ("symmetric", "ns_update")
 
 _LOCK = threading.Lock()
+# (cache file, key) -> the config chosen in this process: a launch asks on every call, and reading
+# and parsing the JSON file each time cost more than the launch.
+_CHOSEN: dict[tuple[str, str], MatmulConfig] = {}
 
 
 def enabled() -> bool:
@@ -76,7 +79,7 @@ def choose(kind: str, device: torch.device, dtype: torch.dtype, m: int, n: int, 
         return heuristic
     arch = arch_of(device.index if device.index is not None else torch.cuda.current_device())
     key = _key(kind, arch, dtype, m, n, k)
-    if torch.cuda.is_current_stream_capturing() and key not in _load():
+    if torch.cuda.is_current_stream_capturing() and (str(cache_path()), key) not in _CHOSEN and key not in _load():
         return heuristic  # timing inside a capture is impossible; tune in an eager warm-up step
     from triton.testing import do_bench
 
@@ -85,11 +88,17 @@ def choose(kind: str, device: torch.device, dtype: torch.dtype, m: int, n: int, 
 
 def tuned(key: str, space: list[MatmulConfig], trial: Callable[[MatmulConfig], object],
           bench: Callable[[Callable[[], object]], float]) -> MatmulConfig:
-    """The persisted choice for ``key``, or the fastest of ``space`` by ``bench`` (then persisted)."""
+    """The persisted choice for ``key``, or the fastest of ``space`` by ``bench`` (then persisted);
+    the file is read once per key and process, not per launch."""
+    memo = (str(cache_path()), key)
+    chosen = _CHOSEN.get(memo)
+    if chosen is not None:
+        return chosen
     saved = _load().get(key)
     if saved is not None:
-        return MatmulConfig(*saved["config"])
+        chosen = _CHOSEN[memo] = MatmulConfig(*saved["config"])
+        return chosen
     timings = {repr(cfg): float(bench(lambda cfg=cfg: trial(cfg))) for cfg in space}
-    best = min(space, key=lambda cfg: timings[repr(cfg)])
+    best = _CHOSEN[memo] = min(space, key=lambda cfg: timings[repr(cfg)])
     _store(key, best, timings)
     return best

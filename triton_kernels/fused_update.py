@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import FP_FUSION, checked_grid, is_interpreting
+from .config import FP_FUSION, cdiv, checked_grid, is_interpreting
+from .launch import launch
 
 BLOCK = 1024
 # per tensor: offset in the stack, rows, cols, transposed, neurons on columns, row stride in memory
@@ -240,7 +241,7 @@ def make_layout(views, device: torch.device) -> Layout:
     order; the row stride is ``cols`` for a contiguous tensor."""
     block = _block()
     numels = [b * r * c for b, r, c, *_ in views]
-    counts = torch.tensor([triton.cdiv(n, block) for n in numels])
+    counts = torch.tensor([cdiv(n, block) for n in numels])
     chunk_tensor = torch.repeat_interleave(torch.arange(len(views), dtype=torch.int32), counts)
     chunk_start = torch.cat([torch.arange(int(c), dtype=torch.int64) * block for c in counts])
     offsets = [0]
@@ -306,7 +307,7 @@ def fused_momentum(grads, bufs, momenta: torch.Tensor, layout: Layout, stack: to
     device = stack.device
     layout = Layout(*layout)
     int8, stochastic = bufs[0].dtype == torch.int8, bool(steps)
-    _fused_momentum_kernel[(checked_grid(layout.chunk_tensor.numel(), "fused_momentum"),)](
+    launch(_fused_momentum_kernel, (checked_grid(layout.chunk_tensor.numel(), "fused_momentum"),),
         _addresses(grads, device), _addresses(bufs, device), layout.meta, layout.numels, momenta,
         layout.chunk_tensor, layout.chunk_start, stack,
         int_table(tuple(seeds), device) if stochastic else momenta,
@@ -330,7 +331,7 @@ def fused_apply_update(params, alphas: torch.Tensor, decays: torch.Tensor, layou
     device = ortho.device
     layout = Layout(*layout)
     placeholder = alphas  # never read: the constexpr branches that would read them are compiled out
-    _fused_apply_update_kernel[(checked_grid(layout.chunk_tensor.numel(), "fused_apply_update"),)](
+    launch(_fused_apply_update_kernel, (checked_grid(layout.chunk_tensor.numel(), "fused_apply_update"),),
         _addresses(params, device), layout.meta, layout.numels, alphas, decays,
         layout.chunk_tensor, layout.chunk_start, ortho, placeholder if row_scale is None else row_scale,
         placeholder if gains is None else gains, placeholder if shrink is None else shrink, ortho.shape[-1],

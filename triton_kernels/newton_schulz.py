@@ -20,10 +20,11 @@ import triton.language as tl
 from .. import recurrence, workspace
 from ..ns_config import NSConfig
 from . import autotune
-from .config import (FP_FUSION, MatmulConfig, checked_grid, is_interpreting, persistent_programs, precision_for,
-                     sm_count, upcast_for)
+from .config import (FP_FUSION, MatmulConfig, cdiv, checked_grid, is_interpreting, persistent_programs,
+                     precision_for, sm_count, upcast_for)
 from .descriptors import descriptor, load_tile
 from .symmetric_matmul import symmetric_matmul
+from .launch import launch
 
 # Normalization tiles: 64×256 elements keep the per-matrix partial count small (an 8192² matrix
 # has 4096 partials), and the interpreter gets small tiles so tests cover several of them.
@@ -193,13 +194,13 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
     if out.numel() == 0:
         return out
     br, bc = _NORM_TILE_INTERPRETER if is_interpreting() else _NORM_TILE
-    tiles_c = triton.cdiv(c, bc)
-    tiles = triton.cdiv(r, br) * tiles_c
+    tiles_c = cdiv(c, bc)
+    tiles = cdiv(r, br) * tiles_c
     partial = workspace.empty((k, 2, tiles), dtype=torch.float32, device=stack.device)
     grid = (checked_grid(tiles * k, "normalize"),)
-    _sum_squares_kernel[grid](stack, partial, r, c, tiles_c, tiles, *stack.stride(), BLOCK_R=br, BLOCK_C=bc,
-                              enable_fp_fusion=FP_FUSION)
-    _scale_cast_kernel[grid](
+    launch(_sum_squares_kernel, grid, stack, partial, r, c, tiles_c, tiles, *stack.stride(), BLOCK_R=br, BLOCK_C=bc,
+           enable_fp_fusion=FP_FUSION)
+    launch(_scale_cast_kernel, grid,
         stack, partial, out, r, c, tiles_c, tiles, *stack.stride(),
         float(config.norm_scale), float(config.norm_offset), float(config.floor),
         BLOCK_R=br, BLOCK_C=bc, BLOCK_P=_PARTIALS_BLOCK, enable_fp_fusion=FP_FUSION,
@@ -219,12 +220,12 @@ def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor |
         return out
     cfg = config or autotune.choose("ns_update", X.device, X.dtype, m, n, m,
                                     lambda c: ns_update(B, X, a, config=c, fp32_precision=fp32_precision))
-    items = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) * k
+    items = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n) * k
     programs = persistent_programs(items, sm_count(X.device)) if cfg.persistent else items
     b_desc = descriptor(B, (cfg.block_m, cfg.block_k)) if cfg.tma else None
     x_desc = descriptor(X, (cfg.block_k, cfg.block_n)) if cfg.tma else None
     tma = b_desc is not None and x_desc is not None
-    _ns_update_kernel[(checked_grid(programs, "ns_update"),)](
+    launch(_ns_update_kernel, (checked_grid(programs, "ns_update"),),
         B, X, out, b_desc if tma else None, x_desc if tma else None, m, n, items,
         *B.stride(), *X.stride(), *out.stride(), float(a),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -234,16 +235,46 @@ def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor |
     return out
 
 
+class _Outputs:
+    """One recurrence's product outputs, allocated on first use and rewritten by every later step:
+    in ``recurrence.standard`` a step's A = X·Xᵀ and B = p(A) are dead once the next product has
+    read them, and a·X + B·X ping-pongs between two m×n buffers (never the X it reads). Four
+    allocations per call instead of one per product: at batch 1 a call is launch-bound and each
+    allocation (and its debug-fill check) is host time on the critical path."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[name] = workspace.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def other_than(self, X: torch.Tensor) -> torch.Tensor:
+        first = self.get("X0", X.shape, X)
+        return self.get("X1", X.shape, X) if first.data_ptr() == X.data_ptr() else first
+
+
 def matmul_ops(fp32_precision: str = "ieee") -> recurrence.MatmulOps:
-    """The three products of every recurrence on these kernels: X·Xᵀ and b·A + c·A·A on the
-    symmetric (upper-tile, mirrored) kernel, a·X + B·X on the fused-epilogue one; Gram NS on
-    ``gram_newton_schulz``, the same schedule on fused symmetric products."""
-    return recurrence.MatmulOps(
-        gram=lambda X: symmetric_matmul(X, fp32_precision=fp32_precision),
-        poly=lambda A, b, c: symmetric_matmul(A, alpha=c, D=A, beta=b, fp32_precision=fp32_precision),
-        apply=lambda B, X, a: ns_update(B, X, a, fp32_precision=fp32_precision),
-        gram_driver=functools.partial(gram_newton_schulz, fp32_precision=fp32_precision),
-    )
+    """The three products of one recurrence on these kernels (make one per call: the outputs are
+    the call's ``_Outputs``): X·Xᵀ and b·A + c·A·A on the symmetric (upper-tile, mirrored) kernel,
+    a·X + B·X on the fused-epilogue one; Gram NS on ``gram_newton_schulz``, the same schedule on
+    fused symmetric products."""
+    outputs = _Outputs()
+
+    def gram(X):
+        return symmetric_matmul(X, out=outputs.get("A", X.shape[:2] + X.shape[1:2], X), fp32_precision=fp32_precision)
+
+    def poly(A, b, c):
+        return symmetric_matmul(A, alpha=c, D=A, beta=b, out=outputs.get("B", A.shape, A),
+                                fp32_precision=fp32_precision)
+
+    def apply(B, X, a):
+        return ns_update(B, X, a, out=outputs.other_than(X), fp32_precision=fp32_precision)
+
+    return recurrence.MatmulOps(gram=gram, poly=poly, apply=apply,
+                                gram_driver=functools.partial(gram_newton_schulz, fp32_precision=fp32_precision))
 
 
 class _Slots:

@@ -17,6 +17,7 @@ from .. import workspace
 from ..ns_config import NSConfig
 from .config import FP_FUSION, arch_of, checked_grid, is_interpreting, precision_for, upcast_for
 from .newton_schulz import normalize
+from .launch import launch
 
 # Bytes of one padded matrix (BLOCK_M × BLOCK_N in the iteration dtype) that one program may hold:
 # X, the fp32 accumulators and the dot operands staged in shared memory must fit beside it.
@@ -107,7 +108,7 @@ def small_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.d
     coefficients = _coefficient_table(config.coefficients, X.device)
     out = workspace.empty_like(X)
     block_m, block_n = _blocks(m, n)
-    _small_newton_schulz_kernel[(checked_grid(k, "small_newton_schulz"),)](
+    launch(_small_newton_schulz_kernel, (checked_grid(k, "small_newton_schulz"),),
         X, out, coefficients, m, n, config.steps,
         BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=upcast_for(X), PRECISION=precision_for(ns_dtype, fp32_precision),
         num_warps=num_warps(block_m, block_n), enable_fp_fusion=FP_FUSION,

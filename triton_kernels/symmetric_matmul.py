@@ -26,9 +26,10 @@ import triton.language as tl
 
 from .. import workspace
 from . import autotune
-from .config import (FP_FUSION, MatmulConfig, checked_grid, persistent_programs, precision_for, sm_count,
-                     split_factor, upcast_for)
+from .config import (FP_FUSION, MatmulConfig, cdiv, checked_grid, persistent_programs, precision_for,
+                     sm_count, split_factor, upcast_for)
 from .descriptors import descriptor, load_tile
+from .launch import launch
 
 # Rows of a tile one reduction program sums: eight programs per 128-row tile spread the partials'
 # reads over more SMs than the (few) tiles of a product that needed splitting, and keep a program's
@@ -205,13 +206,13 @@ def launch_shape(batch: int, m: int, k: int, cfg: MatmulConfig, sms: int) -> tup
     """(tiles, splits, k_per_split, programs) of a symmetric product: the triangle's tiles over the
     batch, the K split (``cfg.split_k``, or ``split_factor`` when 0), the K range of one slice (a
     multiple of BLOCK_K, so that no slice is empty), and the grid (persistent: at most one per SM)."""
-    side = triton.cdiv(m, cfg.block_m)
+    side = cdiv(m, cfg.block_m)
     tiles = side * (side + 1) // 2 * batch
-    iterations = triton.cdiv(k, cfg.block_k)
+    iterations = cdiv(k, cfg.block_k)
     splits = cfg.split_k or split_factor(tiles, iterations, sms)
     splits = max(1, min(splits, iterations))
-    k_per_split = max(1, triton.cdiv(iterations, splits)) * cfg.block_k  # K = 0: one empty slice
-    splits = max(1, triton.cdiv(k, k_per_split))
+    k_per_split = max(1, cdiv(iterations, splits)) * cfg.block_k  # K = 0: one empty slice
+    splits = max(1, cdiv(k, k_per_split))
     items = tiles * splits
     return tiles, splits, k_per_split, persistent_programs(items, sms) if cfg.persistent else items
 
@@ -262,7 +263,7 @@ def symmetric_matmul(
     partial = (workspace.empty((tiles * splits, block, block), dtype=torch.float32, device=X.device)
                if splits > 1 else out)
     epilogue = dict(HAS_D=D is not None, HAS_SHIFT=shift != 0.0)
-    _symmetric_matmul_kernel[(checked_grid(programs, "symmetric_matmul"),)](
+    launch(_symmetric_matmul_kernel, (checked_grid(programs, "symmetric_matmul"),),
         X, Y, dummy, out, partial, x_desc if tma else None, y_desc if tma else None,
         m, k, tiles * splits, splits, k_per_split,
         *X.stride(), *Y.stride(), *dummy.stride(), *out.stride(),
@@ -281,7 +282,7 @@ def symmetric_matmul(
     )
     if splits > 1:
         rows = min(_REDUCE_ROWS, block)
-        _symmetric_reduce_kernel[(checked_grid(tiles * (block // rows), "symmetric_reduce"),)](
+        launch(_symmetric_reduce_kernel, (checked_grid(tiles * (block // rows), "symmetric_reduce"),),
             partial, dummy, out, m, splits, *dummy.stride(), *out.stride(),
             float(alpha), float(beta), float(shift),
             BLOCK=block, ROWS=rows, num_warps=4, enable_fp_fusion=FP_FUSION, **epilogue,

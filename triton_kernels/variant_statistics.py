@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 
 from .. import variants
-from .config import checked_grid, is_interpreting
+from .config import cdiv, checked_grid, is_interpreting
 from .fused_update import _TL_DTYPES, _lerp, int_table
+from .launch import launch
 
 TABLE_COLUMNS: tl.constexpr = tl.constexpr(6)  # per matrix: param, v (0: none), rows, cols, transposed, neurons on cols
 SUMS: tl.constexpr = tl.constexpr(4)  # per (matrix, block of neurons): Σq, Σs²q, Σs·(W·O), ΣW²
@@ -92,7 +93,7 @@ def matrix_table(params, vs, views, device: torch.device) -> torch.Tensor:
 
 def blocks(n: int) -> int:
     """Blocks of neurons per matrix (n: the stack's larger dimension, the most neurons a matrix has)."""
-    return triton.cdiv(n, BLOCK_N)
+    return cdiv(n, BLOCK_N)
 
 
 def variant_statistics(ortho: torch.Tensor, table: torch.Tensor, row_scale: torch.Tensor | None, *, param_dtype,
@@ -103,7 +104,7 @@ def variant_statistics(ortho: torch.Tensor, table: torch.Tensor, row_scale: torc
     nb = blocks(n)
     partials = torch.empty((k, nb, SUMS.value), dtype=torch.float32, device=ortho.device)
     grid = (checked_grid(k, "variant_statistics"), checked_grid(nb, "variant_statistics", axis=1))
-    _variant_statistics_kernel[grid](
+    launch(_variant_statistics_kernel, grid,
         ortho, table, row_scale if row_scale is not None else partials, partials, m * n, n, nb, 1.0 - beta2, eps,
         PARAM_DTYPE=_TL_DTYPES[param_dtype], NORMUON=normuon, HYPERBALL=hyperball, BLOCK_N=BLOCK_N,
         BLOCK_J=_BLOCK_J_INTERPRETER if is_interpreting() else BLOCK_J, EMULATE_RN=is_interpreting(),
@@ -170,7 +171,7 @@ def variant_factors(partials: torch.Tensor, alphas: torch.Tensor | None, radius:
     shrink = torch.empty(k, dtype=torch.float32, device=partials.device) if hyperball else None
     if k == 0:
         return gains, shrink
-    _variant_factors_kernel[(checked_grid(k, "variant_factors"),)](
+    launch(_variant_factors_kernel, (checked_grid(k, "variant_factors"),),
         partials, alphas if hyperball else gains, radius if hyperball else gains,
         _eps_pair(float(normuon_eps), float(hyperball_eps), partials.device), gains,
         shrink if hyperball else gains, nb, NORMUON=normuon, HYPERBALL=hyperball,

@@ -96,6 +96,39 @@ def test_step_matches_torch_backend(dtype):
         assert ((p.double() - q.double()).norm() / (q.double() - s.double()).norm()).item() <= 3e-2
 
 
+def test_direct_launches_match_tritons_dispatch_bit_for_bit():
+    """triton_kernels.launch calls a compiled kernel's launcher directly once its argument class has
+    been launched (tests/test_launch.py checks its key and call against Triton on a CPU): here a
+    NorMuon + hyperball step, a plain step with a split-K product and a small bucket, and an input
+    off 16-byte alignment (new keys for the normalization kernels that read it: Triton specializes
+    on alignment) give the bits of Triton's own dispatch, and direct launches were made."""
+    from muon_kernels.triton_kernels import launch
+    from muon_kernels.triton_kernels.newton_schulz import _sum_squares_kernel
+    from muon_kernels.triton_kernels.symmetric_matmul import _symmetric_matmul_kernel
+
+    shapes = [(64, 192), (1024, 4096), (768, 768), (768, 768)]
+    results = []
+    for direct in (False, True):
+        launch.clear()
+        with launch.direct_launches(direct):
+            ps = _params(shapes)
+            opt = mk.Muon([dict(params=ps[:2]), dict(params=ps[2:], adaptive="normuon", constraint="hyperball",
+                                                     weight_decay=0.0)], lr=0.02, backend="triton", dispatch="table")
+            g = torch.Generator().manual_seed(3)
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g).to(DEV)
+                opt.step()
+            norms = launch.entries(_sum_squares_kernel)
+            G = _randn(2 * 300 * 500 + 1).float().to(DEV)[1:].view(2, 300, 500)  # 4 bytes off alignment
+            ns = newton_schulz(G, resolve_ns_config("keller", 5, 1e-7), torch.bfloat16)
+            results.append([p.detach().clone() for p in ps] + [ns])
+        assert (launch.entries(_symmetric_matmul_kernel) > 0) == direct
+        assert launch.entries(_sum_squares_kernel) == (norms + 1 if direct else 0)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def _kernel_launches(opt) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -113,8 +146,9 @@ def test_launch_count_is_constant_per_bucket(monkeypatch, fill):
     (the list: README.md "Kernel launches of one step"; counted on the CPU interpreter by
     tests/interpreter/test_launch_count_triton.py). ``MUON_KERNELS_DEBUG_FILL=nan`` (which ``make
     gpu-check`` sets for the whole run) adds one fill per work buffer: the stack, the normalized X and
-    its partial sums, and each product's output — 3 + 3·steps for the symmetric bucket, 4 for the
-    small one. The plain count is measured with the variable cleared, whatever the caller set."""
+    its partial sums, and the recurrence's product outputs, allocated once per call (A, B and two
+    m×n buffers) — 7 for the symmetric bucket, 4 for the small one. The plain count is measured with
+    the variable cleared, whatever the caller set."""
     if fill:
         monkeypatch.setenv("MUON_KERNELS_DEBUG_FILL", "nan")
     else:
@@ -131,7 +165,7 @@ def test_launch_count_is_constant_per_bucket(monkeypatch, fill):
         opt.step()  # compile
         counts.append(_kernel_launches(opt))
     launches = (4 + 3 * steps) + 5
-    fills = (3 + 3 * steps) + 4 if fill else 0
+    fills = (3 + 4) + 4 if fill else 0
     assert counts[0] == counts[1] == launches + fills, counts
 
 

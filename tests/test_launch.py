@@ -1,0 +1,198 @@
+"""``triton_kernels.launch``: direct launches of compiled kernels, checked against the installed
+Triton on a CPU (no interpreter: the kernels are real JITFunctions; Triton's driver and every
+compiled kernel's C launcher are stand-ins from bench/launch_overhead.py, which record calls).
+
+Two claims carry the direct path:
+1. its key is at least as fine as Triton's own specialization (the binder ``JITFunction.run``
+   uses, for an sm_90 target), so a cached compiled kernel is the one Triton would have picked;
+2. the direct call hands the compiled kernel's launcher exactly what ``JITFunction.run`` hands it.
+Both are checked on every launch a Triton-backend ``Muon.step()`` makes (default, small-matrix,
+NorMuon + hyperball buckets) plus a forced split-K product. ``make test`` runs this file under
+Triton 3.6 as well as the current one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("the direct path is off under the interpreter (tests/interpreter covers that path)",
+                allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import launch_overhead  # noqa: E402
+import muon_kernels as mk  # noqa: E402
+from muon_kernels.triton_kernels import launch as launch_module  # noqa: E402
+from muon_kernels.triton_kernels.config import MatmulConfig  # noqa: E402
+from muon_kernels.triton_kernels.symmetric_matmul import symmetric_matmul  # noqa: E402
+
+
+def step_launches() -> list:
+    """(kernel, grid, args, constexprs) of every launch of a second Triton-backend step, taken
+    through Triton's dispatch, plus a split-K product and its reduction."""
+    g = torch.Generator().manual_seed(0)
+    plain = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in [(64, 192), (768, 2304), (4096, 1024)]]
+    varied = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in [(256, 512), (512, 256)]]
+    for p in plain + varied:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt = mk.Muon([dict(params=plain), dict(params=varied, adaptive="normuon", constraint="hyperball",
+                                            weight_decay=0.0)], lr=0.02, backend="triton", dispatch="table")
+    with launch_module.direct_launches(False):
+        opt.step()
+        with launch_overhead.recorded_launches() as seen:
+            opt.step()
+            X = torch.randn(1, 64, 512, generator=g).to(torch.bfloat16)
+            symmetric_matmul(X, config=MatmulConfig(32, 32, 32, 4, 1, split_k=3))
+    return list(seen)
+
+
+@pytest.fixture(scope="module")
+def launches():
+    with launch_overhead.stand_in() as calls:
+        yield step_launches(), calls
+
+
+def test_every_kernel_is_covered(launches):
+    seen, _ = launches
+    assert {k.__name__ for k, *_ in seen} == {k.__name__ for k in launch_overhead.jit_kernels()}
+
+
+def _same(a, b) -> bool:
+    """Launcher arguments equal: tensors by identity, NaN floats alike, launch metadata (a fresh
+    LazyDict per call) by its contents, the rest by value."""
+    if type(a).__name__ == "LazyDict" and type(b) is type(a):
+        return a.data == b.data and a.extras == b.extras
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    return type(a) is type(b) and a == b
+
+
+def test_direct_launch_hands_the_launcher_what_triton_does(launches):
+    seen, calls = launches
+    real_run = launch_overhead.JITFunction.run
+    dispatched = []
+
+    def counting_run(self, *args, **kwargs):
+        dispatched.append(self.__name__)
+        return real_run(self, *args, **kwargs)
+
+    for kernel, grid, args, constexprs in seen:
+        launch_module.clear()
+        calls.clear()
+        kernel[grid](*args, **constexprs)  # Triton's dispatch
+        launch_module.launch(kernel, grid, *args, **constexprs)  # first of its key: Triton's dispatch again
+        launch_overhead.JITFunction.run = counting_run
+        try:
+            launch_module.launch(kernel, grid, *args, **constexprs)  # direct
+        finally:
+            launch_overhead.JITFunction.run = real_run
+        assert not dispatched, f"{kernel.__name__}: the repeat went through JITFunction.run"
+        assert launch_module.entries(kernel) == 1
+        (name0, triton_call), (_, first_call), (_, direct_call) = calls
+        assert name0 == kernel.__name__ and len(direct_call) == len(triton_call)
+        mismatched = [i for i, (a, b) in enumerate(zip(triton_call, direct_call)) if not _same(a, b)]
+        assert not mismatched, f"{kernel.__name__}: launcher arguments differ at {mismatched}"
+        assert all(_same(a, b) for a, b in zip(triton_call, first_call))
+
+
+def _variants(args: tuple, constexprs: dict) -> list[tuple[tuple, dict]]:
+    """The call with what the key leaves out changed: every float, and every tensor moved to a new
+    allocation of another shape with the same dtype and address mod 16. Plus changes Triton does
+    specialize on, so the check can fail: each tensor moved off 16-byte alignment, a 0 or 1 passed
+    as a bool, and two
+    constexprs of one type trading names (as two call sites passing them in another order would;
+    a key of values without names would merge those)."""
+    out = [(args, constexprs)]
+    for value in (0.0, 1.0, -2.5, 3.0e38, 1e-30, float("nan")):
+        out.append((tuple(value if type(a) is float else a for a in args), constexprs))
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            fresh = torch.empty(a.numel() + 64, dtype=a.dtype)
+            shift = ((a.data_ptr() & 15) - (fresh.data_ptr() & 15)) % 16 // a.element_size()
+            moved = fresh[shift:shift + max(a.numel(), 1)]
+            assert moved.data_ptr() & 15 == a.data_ptr() & 15
+            out.append((args[:i] + (moved,) + args[i + 1:], constexprs))
+            if a.element_size() < 16:  # 2–8 bytes off the allocation's alignment
+                out.append((args[:i] + (fresh[1:],) + args[i + 1:], constexprs))
+        elif type(a) is int and a in (0, 1):  # equal as values and as hashes, typed apart by Triton
+            out.append((args[:i] + (bool(a),) + args[i + 1:], constexprs))
+    names = list(constexprs)
+    for x, first in enumerate(names):
+        for y in range(x + 1, len(names)):
+            second = names[y]
+            a, b = constexprs[first], constexprs[second]
+            if type(a) is type(b) and a != b:  # the names trade places, the values stay in order
+                renamed = names[:x] + [second] + names[x + 1:y] + [first] + names[y + 1:]
+                out.append((args, dict(zip(renamed, constexprs.values()))))
+    return out
+
+
+def test_key_refines_tritons_specialization(launches):
+    seen, _ = launches
+    distinguished = 0
+    for kernel, _grid, args, constexprs in seen:
+        binder = kernel.device_caches[0][4]  # the stand-in device's binder, an sm_90 target
+        triton_keys, our_keys = {}, {}
+        for variant, given in _variants(args, constexprs):
+            _, specialization, options = binder(*variant, **dict(given, debug=False))
+            triton_key = (str(specialization), str(options))
+            ours = launch_module.key_of(variant, given)
+            # Equal keys of ours must mean Triton would run the same compiled kernel.
+            assert triton_keys.setdefault(ours, triton_key) == triton_key, (
+                f"{kernel.__name__}: launch's key merges calls Triton specializes apart")
+            our_keys.setdefault(triton_key, set()).add(ours)
+        distinguished += len(our_keys) > 1
+    assert distinguished == len(seen)  # every launch has a misaligned variant Triton tells apart
+
+
+def test_fallbacks_go_through_tritons_dispatch(launches):
+    seen, calls = launches
+    kernel, grid, args, constexprs = next(s for s in seen if s[0].__name__ == "_sum_squares_kernel")
+    launch_module.clear()
+    with launch_module.direct_launches(False):
+        for _ in range(2):
+            launch_module.launch(kernel, grid, *args, **constexprs)
+    assert launch_module.entries(kernel) == 0
+    # An argument outside the keyed types (a TMA descriptor is an unhashable dataclass): never cached.
+    @dataclasses.dataclass
+    class Descriptor:
+        base: torch.Tensor
+    odd = (Descriptor(args[0]),) + args[1:]
+    real_run = launch_overhead.JITFunction.run
+    launch_overhead.JITFunction.run = lambda self, *a, **k: calls.append(("dispatched", a))
+    try:
+        calls.clear()
+        for _ in range(2):
+            launch_module.launch(kernel, grid, *odd, **constexprs)
+    finally:
+        launch_overhead.JITFunction.run = real_run
+    assert [c[0] for c in calls] == ["dispatched", "dispatched"] and launch_module.entries(kernel) == 0
+    # A kernel with pre-run hooks: Triton runs them, so every call is Triton's.
+    kernel.pre_run_hooks.append(lambda *a, **k: None)
+    try:
+        for _ in range(2):
+            launch_module.launch(kernel, grid, *args, **constexprs)
+        assert launch_module.entries(kernel) == 0
+    finally:
+        kernel.pre_run_hooks.pop()
+
+
+def test_entries_are_bounded_per_site(launches, monkeypatch):
+    seen, _ = launches
+    kernel, grid, args, constexprs = next(s for s in seen if s[0].__name__ == "_sum_squares_kernel")
+    monkeypatch.setattr(launch_module, "MAX_ENTRIES", 3)
+    launch_module.clear()
+    ints = [i for i, a in enumerate(args) if type(a) is int]
+    for value in range(2, 8):  # six keys: one int argument takes six values
+        launch_module.launch(kernel, grid, *(value if i == ints[0] else a for i, a in enumerate(args)), **constexprs)
+    assert launch_module.entries(kernel) == 3
