@@ -187,6 +187,26 @@ def per_matrix(bucket: Bucket, values: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(values, bucket.cache[key], output_size=bucket.matrices)
 
 
+def radius_vector(bucket: Bucket, radii: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The bucket's hyperball radii as one (matrices,) vector in ``dtype``, concatenated once and
+    reused while every entry's radius is the same tensor at the same version: radii are recorded at
+    a parameter's first step and replaced only by ``load_state_dict`` (which rebuilds the plan), so
+    a step launches no cat for them. Inside a CUDA-graph capture the cat is captured as before, so a
+    replay reads the radius tensors themselves."""
+    capturing = bucket.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    try:
+        stamp = None if capturing else [(id(r), r._version) for r in radii]
+    except RuntimeError:  # an inference tensor keeps no version counter: no reuse
+        stamp = None
+    cached = bucket.cache.get(("radii", dtype))
+    if stamp is not None and cached is not None and cached[0] == stamp:
+        return cached[2]
+    vec = torch.cat([r.reshape(-1) for r in radii]).to(dtype)
+    if stamp is not None:  # the radii themselves are kept, so no id in the stamp can be reused
+        bucket.cache[("radii", dtype)] = (stamp, list(radii), vec)
+    return vec
+
+
 def gains(bucket: Bucket, sums: torch.Tensor, alphas: torch.Tensor | None,
           radii: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """From the per-matrix sums (K, 4): g (O_eff = g·s⊙O) and, for the hyperball, c (W ← c·(W + α·O_eff)),
@@ -196,7 +216,7 @@ def gains(bucket: Bucket, sums: torch.Tensor, alphas: torch.Tensor | None,
     ratio = s_q.sqrt() / (s_sq.sqrt() + v.normuon_eps) if v.normuon else torch.ones_like(s_q)
     if not v.hyperball:
         return ratio.to(torch.float32), None
-    radius = torch.cat([r.reshape(-1) for r in radii]).to(torch.float64)
+    radius = radius_vector(bucket, radii, torch.float64)
     g = ratio * radius / (ratio * s_sq.sqrt()).clamp_min(v.hyperball_eps)
     ag = per_matrix(bucket, alphas).to(torch.float64) * g
     norm = (s_w2 + 2 * ag * s_swo + ag * ag * s_sq).clamp_min(0).sqrt()

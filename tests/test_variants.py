@@ -138,6 +138,43 @@ def test_hyperball_radius_per_expert():
     _close(W, _reference(W0, grads, hyperball=True, batch=True), W0)
 
 
+def test_hyperball_radii_are_concatenated_once_and_follow_their_tensors():
+    """variants.radius_vector: one cat per bucket, reused while each radius is the same tensor at
+    the same version; an in-place edit or a replaced tensor is picked up; inference tensors (no
+    version counter) are concatenated every time."""
+    from types import SimpleNamespace
+
+    from muon_kernels import variants
+
+    bucket = SimpleNamespace(cache={}, device=torch.device("cpu"))
+    radii = [torch.tensor(2.0), torch.tensor([3.0, 4.0])]
+    first = variants.radius_vector(bucket, radii)
+    assert variants.radius_vector(bucket, radii) is first
+    assert torch.equal(first, torch.tensor([2.0, 3.0, 4.0]))
+    assert variants.radius_vector(bucket, radii, torch.float64).dtype == torch.float64
+    radii[1].mul_(2)
+    assert torch.equal(variants.radius_vector(bucket, radii), torch.tensor([2.0, 6.0, 8.0]))
+    radii[0] = torch.tensor(5.0)
+    assert torch.equal(variants.radius_vector(bucket, radii), torch.tensor([5.0, 6.0, 8.0]))
+    with torch.inference_mode():
+        frozen = [torch.tensor(1.0), torch.tensor(7.0)]
+    assert torch.equal(variants.radius_vector(bucket, frozen), torch.tensor([1.0, 7.0]))
+    assert variants.radius_vector(bucket, frozen) is not variants.radius_vector(bucket, frozen)
+
+
+def test_an_edited_hyperball_radius_takes_effect_at_the_next_step():
+    W0, grads = _data((24, 40))
+    W = nn.Parameter(W0.clone())
+    opt = mk.Muon([W], lr=0.02, constraint="hyperball", weight_decay=0.0)
+    for G in grads[:2]:
+        W.grad = G.clone()
+        opt.step()
+    opt.state[W]["hyperball_radius"].mul_(2)
+    W.grad = grads[2].clone()
+    opt.step()
+    torch.testing.assert_close(W.norm(), 2 * W0.norm(), rtol=2e-6, atol=0)
+
+
 def test_a_step_with_lr_zero_leaves_hyperball_parameters_bitwise_unchanged():
     """lr = 0 (a warm-up's first step; torch.distributed.checkpoint's state-initializing step) moves
     nothing: W is not re-projected by a factor a few ulps from 1."""

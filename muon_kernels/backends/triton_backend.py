@@ -118,7 +118,7 @@ def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.
         if v.normuon else None
     partials = variant_statistics_launch(ortho, params, vs, table, row_scale, v.normuon, v.hyperball, v.beta2,
                                      v.normuon_eps)
-    radius = (torch.cat([r.reshape(-1) for r in radii]) if len(radii) > 1 else radii[0].reshape(-1)) if radii else None
+    radius = variants.radius_vector(bucket, radii) if radii else None
     gains, shrink = variant_factors_launch(partials, variants.per_matrix(bucket, alphas) if v.hyperball else None,
                                            radius, v.normuon, v.hyperball, v.normuon_eps, v.hyperball_eps)
     return row_scale, gains, shrink if v.hyperball else None

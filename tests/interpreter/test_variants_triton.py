@@ -99,7 +99,8 @@ def test_factors_kernel_is_the_torch_formula(normuon, hyperball):
     alphas[1] = 0.0  # lr 0: W must stay exactly where it is
     radius = 1.0 + torch.rand(k, generator=g)
     v = Variant(normuon=normuon, hyperball=hyperball, normuon_eps=1e-10, hyperball_eps=1e-8)
-    bucket = SimpleNamespace(variant=v, entries=[SimpleNamespace(view=SimpleNamespace(batch=1))] * k)
+    bucket = SimpleNamespace(variant=v, entries=[SimpleNamespace(view=SimpleNamespace(batch=1))] * k,
+                             device=torch.device("cpu"), cache={})
     ref_g, ref_c = variants.gains(bucket, partials.sum(dim=1), alphas, [radius])
     gains, shrink = variant_factors_launch(partials, alphas if hyperball else None, radius if hyperball else None,
                                            normuon, hyperball, v.normuon_eps, v.hyperball_eps)
