@@ -34,25 +34,30 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from muon_kernels.triton_kernels import launch as launch_module  # noqa: E402
 
-STREAM = 0x5EED  # the stand-in driver's "current stream"
+DEVICES = (0, 1)  # the stand-in driver's devices: a key made on one must not serve the other
 
 
 class StandInDriver:
-    """What ``JITFunction.run`` and ``CompiledKernel[grid]`` ask Triton's driver for."""
+    """What ``JITFunction.run`` and ``CompiledKernel[grid]`` ask Triton's driver for; the current
+    device and stream are plain attributes a test may change."""
+
+    def __init__(self):
+        self.device, self.stream = 0, 0x5EED
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def get_current_stream(self, device):
-        return STREAM
+        return self.stream
 
     def get_current_target(self):
         return GPUTarget("cuda", 90, 32)
 
 
 class Calls(list):
-    """The stand-in launchers' record: (kernel name, arguments) per call while ``recording``; the
-    timing loops turn it off (a growing list of argument tuples would time the garbage collector)."""
+    """The stand-in launchers' record: (compiled kernel's name, arguments) per call while
+    ``recording``; the timing loops turn it off (a growing list of argument tuples would time the
+    garbage collector)."""
 
     recording = True
 
@@ -68,18 +73,33 @@ class StandInCompiled(CompiledKernel):
         self.src = None  # launch_metadata: no per-kernel metadata function
         self.function = f"CUfunction<{name}>"
         self.packed_metadata = (f"metadata<{name}>",)
-        self._run = lambda *args: calls.recording and calls.append((name, args))
+        self._run = lambda *args: self._launch(name, calls, args)
+
+    @staticmethod
+    def _launch(name: str, calls: Calls, args: tuple) -> None:
+        """Record, and call the enter and exit hooks with the launch metadata as the C launcher
+        does: (grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit
+        hook, kernel arguments...)."""
+        if calls.recording:
+            calls.append((name, args))
+        for hook in args[7:9]:
+            if hook is not None:
+                hook(args[6])
 
 
-class _EveryKey(dict):
-    """A kernel cache holding the stand-in under every key, so ``JITFunction.run`` never compiles."""
+class _StandInCache(dict):
+    """A kernel's cache for one device that "compiles" a distinct stand-in per Triton cache key
+    (named kernel@device#n), so ``JITFunction.run`` never compiles and a launch that reached the
+    wrong compiled kernel shows in the record."""
 
-    def __init__(self, compiled):
+    def __init__(self, name: str, device: int, calls: Calls):
         super().__init__()
-        self.compiled = compiled
+        self.name, self.device, self.calls = name, device, calls
 
     def get(self, key, default=None):
-        return self.compiled
+        if key not in self:
+            self[key] = StandInCompiled(f"{self.name}@{self.device}#{len(self)}", self.calls)
+        return self[key]
 
 
 def jit_kernels() -> list[JITFunction]:
@@ -95,30 +115,32 @@ def jit_kernels() -> list[JITFunction]:
 
 @contextlib.contextmanager
 def stand_in():
-    """Triton's driver and every kernel's device-0 cache replaced by stand-ins, and the Triton
+    """Triton's driver and every kernel's per-device caches replaced by stand-ins, and the Triton
     backend admitted on CPU tensors (its launches now go nowhere); yields the list the launchers'
-    calls are recorded into (name, arguments). Restores everything on exit."""
+    calls are recorded into (compiled kernel's name, arguments), with the stand-in driver as its
+    ``driver`` attribute. Restores everything on exit."""
     from muon_kernels import backends
 
     calls = Calls()
+    calls.driver = StandInDriver()
     saved_driver, saved_status = driver._active, backends._STATUS["triton"]
     backends._STATUS["triton"] = lambda device: (True, "stand-in driver: launches are recorded, not made")
-    saved = {k: k.device_caches.get(0) for k in jit_kernels()}
-    driver.set_active(StandInDriver())
+    saved = {(k, d): k.device_caches.get(d) for k in jit_kernels() for d in DEVICES}
+    driver.set_active(calls.driver)
     launch_module.clear()
     try:
-        for kernel in saved:
+        for kernel, device in saved:
             _, key_cache, target, backend, binder = kernel.create_binder()
-            kernel.device_caches[0] = (_EveryKey(StandInCompiled(kernel.__name__, calls)), key_cache, target,
-                                       backend, binder)
+            kernel.device_caches[device] = (_StandInCache(kernel.__name__, device, calls), key_cache, target,
+                                            backend, binder)
         yield calls
     finally:
         launch_module.clear()
-        for kernel, entry in saved.items():
+        for (kernel, device), entry in saved.items():
             if entry is None:
-                kernel.device_caches.pop(0, None)
+                kernel.device_caches.pop(device, None)
             else:
-                kernel.device_caches[0] = entry
+                kernel.device_caches[device] = entry
         driver.set_active(saved_driver)
         backends._STATUS["triton"] = saved_status
 

@@ -29,7 +29,12 @@ def _fill_value() -> float | None:
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty``, or NaN-filled under ``MUON_KERNELS_DEBUG_FILL=nan`` (floating dtypes)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+    return poisoned(torch.empty(shape, dtype=dtype, device=device))
+
+
+def poisoned(out: torch.Tensor) -> torch.Tensor:
+    """``out``, NaN-filled first under ``MUON_KERNELS_DEBUG_FILL=nan`` (floating dtypes): for a work
+    buffer handed out again, so the switch checks every use of it, not only the first."""
     fill = _fill_value()
     if fill is not None and out.is_floating_point():
         out.fill_(fill)

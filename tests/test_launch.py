@@ -98,25 +98,67 @@ def test_direct_launch_hands_the_launcher_what_triton_does(launches):
             launch_overhead.JITFunction.run = real_run
         assert not dispatched, f"{kernel.__name__}: the repeat went through JITFunction.run"
         assert launch_module.entries(kernel) == 1
-        (name0, triton_call), (_, first_call), (_, direct_call) = calls
-        assert name0 == kernel.__name__ and len(direct_call) == len(triton_call)
+        (compiled, triton_call), (first, first_call), (direct, direct_call) = calls
+        assert compiled == first == direct and compiled.startswith(kernel.__name__ + "@0#"), \
+            "the direct call reached another compiled kernel than Triton's dispatch"
+        assert len(direct_call) == len(triton_call)
         mismatched = [i for i, (a, b) in enumerate(zip(triton_call, direct_call)) if not _same(a, b)]
         assert not mismatched, f"{kernel.__name__}: launcher arguments differ at {mismatched}"
         assert all(_same(a, b) for a, b in zip(triton_call, first_call))
 
 
+def test_direct_launches_follow_the_stream_the_hooks_and_the_device(launches):
+    """The stream and the launch hooks are read on every direct call, as Triton's dispatch reads
+    them; a key made on one device never serves another (Triton compiles per device)."""
+    from triton import knobs
+
+    seen, calls = launches
+    driver = calls.driver
+    kernel, grid, args, constexprs = next(s for s in seen if s[0].__name__ == "_symmetric_matmul_kernel")
+    entered = []
+    hook = lambda metadata: entered.append(metadata.get()["stream"])  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch_module.clear()
+        calls.clear()
+        driver.stream = 0x1111
+        kernel[grid](*args, **constexprs)
+        launch_module.launch(kernel, grid, *args, **constexprs)
+        launch_module.launch(kernel, grid, *args, **constexprs)  # direct, on 0x1111
+        driver.stream = 0x2222
+        launch_module.launch(kernel, grid, *args, **constexprs)  # direct, on 0x2222
+        driver.device = 1
+        launch_module.launch(kernel, grid, *args, **constexprs)  # another device: Triton's dispatch
+        launch_module.launch(kernel, grid, *args, **constexprs)  # direct on device 1
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+        driver.device, driver.stream = 0, 0x5EED
+    streams = [call[3] for _, call in calls]
+    assert streams == [0x1111, 0x1111, 0x1111, 0x2222, 0x2222, 0x2222]
+    assert entered == streams  # the enter hook ran on every launch, with that launch's metadata
+    assert all(_same(a, b) for a, b in zip(calls[0][1], calls[2][1]))  # the hook's metadata (a LazyDict) alike
+    assert [name.split("#")[0] for name, _ in calls] == [f"{kernel.__name__}@{d}" for d in (0, 0, 0, 0, 1, 1)]
+    assert launch_module.entries(kernel) == 2
+
+
 def _variants(args: tuple, constexprs: dict) -> list[tuple[tuple, dict]]:
     """The call with what the key leaves out changed: every float, and every tensor moved to a new
     allocation of another shape with the same dtype and address mod 16. Plus changes Triton does
-    specialize on, so the check can fail: each tensor moved off 16-byte alignment, a 0 or 1 passed
-    as a bool, and two
+    specialize on, so the check can fail: each int in each of Triton's int classes, each tensor in
+    another dtype and off 16-byte alignment, a 0 or 1 passed as a bool, and two
     constexprs of one type trading names (as two call sites passing them in another order would;
     a key of values without names would merge those)."""
     out = [(args, constexprs)]
     for value in (0.0, 1.0, -2.5, 3.0e38, 1e-30, float("nan")):
         out.append((tuple(value if type(a) is float else a for a in args), constexprs))
     for i, a in enumerate(args):
+        if type(a) is int:  # Triton's int classes: 1, multiples of 16, others; i32, i64, u64
+            for value in (1, 16, 17, 2**31 + 16, 2**63 + 16):
+                out.append((args[:i] + (value,) + args[i + 1:], constexprs))
         if isinstance(a, torch.Tensor):
+            other = torch.float32 if a.dtype != torch.float32 else torch.bfloat16
+            retyped = torch.empty(a.numel() + 16, dtype=other)
+            out.append((args[:i] + (retyped,) + args[i + 1:], constexprs))  # allocations are 16-byte aligned
             fresh = torch.empty(a.numel() + 64, dtype=a.dtype)
             shift = ((a.data_ptr() & 15) - (fresh.data_ptr() & 15)) % 16 // a.element_size()
             moved = fresh[shift:shift + max(a.numel(), 1)]
@@ -196,3 +238,29 @@ def test_entries_are_bounded_per_site(launches, monkeypatch):
     for value in range(2, 8):  # six keys: one int argument takes six values
         launch_module.launch(kernel, grid, *(value if i == ints[0] else a for i, a in enumerate(args)), **constexprs)
     assert launch_module.entries(kernel) == 3
+
+
+def test_what_tritons_dispatch_hands_back_is_kept_only_when_it_is_a_compiled_kernel(launches):
+    """``kernel[grid]`` returns None when a jit_cache_hook skipped the launch (nothing is kept, so
+    the next call is Triton's again), and a FutureKernel in Triton 3.9's async compile mode (its
+    result, the compiled kernel, is kept)."""
+    seen, calls = launches
+    kernel, grid, args, constexprs = next(s for s in seen if s[0].__name__ == "_scale_cast_kernel")
+    real_run = launch_overhead.JITFunction.run
+    compiled = launch_overhead.StandInCompiled("resolved", calls)
+
+    class Future:
+        def result(self):
+            return compiled
+
+    for handed_back, kept in ((None, 0), (Future(), 1)):
+        launch_module.clear()
+        launch_overhead.JITFunction.run = lambda self, *a, **k: handed_back
+        try:
+            launch_module.launch(kernel, grid, *args, **constexprs)
+        finally:
+            launch_overhead.JITFunction.run = real_run
+        assert launch_module.entries(kernel) == kept
+    calls.clear()
+    launch_module.launch(kernel, grid, *args, **constexprs)
+    assert [name for name, _ in calls] == ["resolved"]

@@ -22,8 +22,11 @@ binder's specialization, and the direct call hands the launcher exactly what Tri
 
 Falls back to ``kernel[grid]`` on every call under the interpreter, for a kernel with pre-run
 hooks, for an argument of another type (a TMA descriptor), and with
-``MUON_KERNELS_DIRECT_LAUNCH=0``. Triton's compile knobs (``TRITON_DEBUG``, instrumentation) are
-read when a key's entry is made: set them before the first step, or call ``clear()``.
+``MUON_KERNELS_DIRECT_LAUNCH=0``. What ``JITFunction.run`` reads on every call and this key does
+not is read when a key's entry is made: Triton's compile knobs (``TRITON_DEBUG``, instrumentation,
+Triton 3.9's fpsan casts and stage-inspection hook) and its check that the module globals a kernel
+reads have not changed since it was compiled (this package never changes them). Set such knobs
+before the first step, or call ``clear()``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import os
 
 import torch
 
+from triton.compiler import CompiledKernel
 from triton.runtime.driver import driver
 
 from .config import is_interpreting
@@ -93,7 +97,10 @@ def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
         compiled[grid](*args, *tail)
         return
     compiled = kernel[grid](*args, **constexprs)
-    if len(site.entries) < MAX_ENTRIES:
+    if hasattr(compiled, "result"):  # Triton 3.9's async compile mode hands back a FutureKernel
+        compiled = compiled.result()
+    # None: a jit_cache_hook (or a warm-up) skipped the launch; nothing to call directly next time.
+    if isinstance(compiled, CompiledKernel) and len(site.entries) < MAX_ENTRIES:
         site.entries[key] = (compiled, constexpr_tail(kernel, len(args), constexprs))
 
 

@@ -236,11 +236,13 @@ def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor |
 
 
 class _Outputs:
-    """One recurrence's product outputs, allocated on first use and rewritten by every later step:
-    in ``recurrence.standard`` a step's A = X·Xᵀ and B = p(A) are dead once the next product has
-    read them, and a·X + B·X ping-pongs between two m×n buffers (never the X it reads). Four
-    allocations per call instead of one per product: at batch 1 a call is launch-bound and each
-    allocation (and its debug-fill check) is host time on the critical path."""
+    """One standard recurrence's product outputs, allocated on first use and rewritten by every
+    later step: in ``recurrence.standard`` a step's A = X·Xᵀ and B = p(A) are dead once the next
+    product has read them, and a·X + B·X ping-pongs between two m×n buffers (never the X it
+    reads). Four allocations per call instead of one per product: at batch 1 a call is
+    launch-bound and each allocation is host time on the critical path. Only for that schedule:
+    ``recurrence.gram`` keeps more products alive at once (``matmul_ops(reuse_outputs=False)``).
+    A buffer handed out again is NaN-filled again under ``MUON_KERNELS_DEBUG_FILL=nan``."""
 
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
@@ -249,29 +251,35 @@ class _Outputs:
         buf = self.buffers.get(name)
         if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
             buf = self.buffers[name] = workspace.empty(shape, dtype=like.dtype, device=like.device)
-        return buf
+            return buf
+        return workspace.poisoned(buf)
 
     def other_than(self, X: torch.Tensor) -> torch.Tensor:
-        first = self.get("X0", X.shape, X)
-        return self.get("X1", X.shape, X) if first.data_ptr() == X.data_ptr() else first
+        first = self.buffers.get("X0")
+        if first is not None and first.data_ptr() == X.data_ptr():
+            return self.get("X1", X.shape, X)
+        return self.get("X0", X.shape, X)
 
 
-def matmul_ops(fp32_precision: str = "ieee") -> recurrence.MatmulOps:
-    """The three products of one recurrence on these kernels (make one per call: the outputs are
-    the call's ``_Outputs``): X·Xᵀ and b·A + c·A·A on the symmetric (upper-tile, mirrored) kernel,
-    a·X + B·X on the fused-epilogue one; Gram NS on ``gram_newton_schulz``, the same schedule on
-    fused symmetric products."""
-    outputs = _Outputs()
+def matmul_ops(fp32_precision: str = "ieee", reuse_outputs: bool = False) -> recurrence.MatmulOps:
+    """The three products of a recurrence on these kernels: X·Xᵀ and b·A + c·A·A on the symmetric
+    (upper-tile, mirrored) kernel, a·X + B·X on the fused-epilogue one; Gram NS on
+    ``gram_newton_schulz``, the same schedule on fused symmetric products. ``reuse_outputs``: the
+    products write one call's ``_Outputs`` (make one ``matmul_ops`` per call, and only for
+    ``recurrence.run``, whose standard schedule never holds more than one A, one B and two X's);
+    otherwise each product takes a fresh output."""
+    outputs = _Outputs() if reuse_outputs else None
 
     def gram(X):
-        return symmetric_matmul(X, out=outputs.get("A", X.shape[:2] + X.shape[1:2], X), fp32_precision=fp32_precision)
+        out = outputs.get("A", X.shape[:2] + X.shape[1:2], X) if outputs else None
+        return symmetric_matmul(X, out=out, fp32_precision=fp32_precision)
 
     def poly(A, b, c):
-        return symmetric_matmul(A, alpha=c, D=A, beta=b, out=outputs.get("B", A.shape, A),
-                                fp32_precision=fp32_precision)
+        out = outputs.get("B", A.shape, A) if outputs else None
+        return symmetric_matmul(A, alpha=c, D=A, beta=b, out=out, fp32_precision=fp32_precision)
 
     def apply(B, X, a):
-        return ns_update(B, X, a, out=outputs.other_than(X), fp32_precision=fp32_precision)
+        return ns_update(B, X, a, out=outputs.other_than(X) if outputs else None, fp32_precision=fp32_precision)
 
     return recurrence.MatmulOps(gram=gram, poly=poly, apply=apply,
                                 gram_driver=functools.partial(gram_newton_schulz, fp32_precision=fp32_precision))
@@ -352,4 +360,5 @@ def cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.
 def newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, fp32_precision: str = "ieee") -> torch.Tensor:
     """The whole recurrence on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor.
     Standard NS, Gram NS and AOL all run muon_kernels.recurrence over these kernels (``matmul_ops``)."""
-    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, matmul_ops(fp32_precision))
+    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype,
+                          matmul_ops(fp32_precision, reuse_outputs=True))

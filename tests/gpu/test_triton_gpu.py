@@ -146,9 +146,9 @@ def test_launch_count_is_constant_per_bucket(monkeypatch, fill):
     (the list: README.md "Kernel launches of one step"; counted on the CPU interpreter by
     tests/interpreter/test_launch_count_triton.py). ``MUON_KERNELS_DEBUG_FILL=nan`` (which ``make
     gpu-check`` sets for the whole run) adds one fill per work buffer: the stack, the normalized X and
-    its partial sums, and the recurrence's product outputs, allocated once per call (A, B and two
-    m×n buffers) — 7 for the symmetric bucket, 4 for the small one. The plain count is measured with
-    the variable cleared, whatever the caller set."""
+    its partial sums, and each product's output (one call's A, B and two m×n buffers, refilled
+    before each reuse) — 3 + 3·steps for the symmetric bucket, 4 for the small one. The plain count
+    is measured with the variable cleared, whatever the caller set."""
     if fill:
         monkeypatch.setenv("MUON_KERNELS_DEBUG_FILL", "nan")
     else:
@@ -165,7 +165,7 @@ def test_launch_count_is_constant_per_bucket(monkeypatch, fill):
         opt.step()  # compile
         counts.append(_kernel_launches(opt))
     launches = (4 + 3 * steps) + 5
-    fills = (3 + 4) + 4 if fill else 0
+    fills = (3 + 3 * steps) + 4 if fill else 0
     assert counts[0] == counts[1] == launches + fills, counts
 
 

@@ -8,10 +8,10 @@ Per step, with ``ns_steps`` = s:
   a·X + B·X), fused update: 4 + 3·s;
 - small bucket: fused momentum, sum of squares, scale-and-cast, the one-kernel NS, fused update: 5.
 Under ``MUON_KERNELS_DEBUG_FILL=nan`` every work buffer taken from ``workspace.empty`` is also
-filled (one ``fill_`` each): the stack, the normalized X and its partials, and the recurrence's
-product outputs, allocated once per call and reused by every step — A = X·Xᵀ, B = p(A) and the two
-m×n buffers a·X + B·X alternates between (7 for the symmetric bucket with s >= 2; stack, X,
-partials and the output for the small one: 4).
+filled (one ``fill_`` each, and again each time it is reused): the stack, the normalized X and its
+partials, and every product's output — one call's A = X·Xᵀ, B = p(A) and the two m×n buffers
+a·X + B·X alternates between, refilled before each product (3 + 3·s for the symmetric bucket;
+stack, X, partials and the output for the small one: 4).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ TRITON_LAUNCHES = Counter({
     "triton:_small_newton_schulz_kernel": 1,
     "triton:_fused_apply_update_kernel": 2,
 })
-WORK_BUFFERS = (3 + 4) + 4
+WORK_BUFFERS = (3 + 3 * STEPS) + 4
 
 
 def _count(layers: int, monkeypatch, fill: bool) -> LaunchCounter:
