@@ -69,11 +69,14 @@ class StandInCompiled(CompiledKernel):
     def __init__(self, name: str, calls: Calls):  # noqa: super().__init__ would load a cubin
         self.name = name
         self.module = object()  # handles "loaded": _init_handles returns at once
-        self._module_pid = None  # nothing to unload (__del__)
+        self._module_pid = None
         self.src = None  # launch_metadata: no per-kernel metadata function
         self.function = f"CUfunction<{name}>"
         self.packed_metadata = (f"metadata<{name}>",)
         self._run = lambda *args: self._launch(name, calls, args)
+
+    def __del__(self):  # nothing was loaded, so nothing to unload (Triton 3.8's would ask the driver)
+        pass
 
     @staticmethod
     def _launch(name: str, calls: Calls, args: tuple) -> None:
