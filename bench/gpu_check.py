@@ -45,11 +45,13 @@ def load_targets(path: Path = TARGETS) -> list[dict]:
 
 def measure(target: dict, result: dict) -> tuple[float | None, str]:
     """(value, what it is) of a target in a bench result; None where that run did not measure it."""
-    if target["kind"] == "step_speedup":  # default math: not the ns_algorithm="auto" (-gram) or variant rows
+    if target["kind"] == "step_speedup":  # default math and launches: not the ns_algorithm="auto" (-gram),
+        # variant or diagnostic (Triton's own dispatch) rows
         rows = [r for r in result.get("step_speedups", [])
                 if r["model"] == target["model"] and r.get("width_divisor", 1) == 1
                 and (r["impl"] == target["impl"] if "impl" in target else
-                     not r["impl"].endswith(("-gram", "-cautious", "-normuon-hyperball", "-int8-momentum")))]
+                     not r["impl"].endswith(("-gram", "-cautious", "-normuon-hyperball", "-int8-momentum",
+                                             "-triton-dispatch")))]
         best = max(rows, key=lambda r: r["speedup"], default=None)
         return (best["speedup"], best["impl"]) if best else (None, "not measured")
     if target["kind"] == "ns_speedup":

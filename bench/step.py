@@ -81,6 +81,10 @@ def implementations(device: torch.device, quick: bool, width_divisor: int = 1, g
         # AdamW on the main stream, to see what the side stream gains
         impls.append(("ours-auto-serial-adamw", ours("auto", overlap_adamw=False)))
         impls.append(("ours-auto-table", ours("auto", dispatch="table")))  # the static dispatch table
+        if mk.available_backends(device)["triton"][0]:
+            # the same launches through Triton's per-call dispatch: what direct launches save
+            # (triton_kernels/launch.py; bench/README.md "Host time of a launch")
+            impls.append(("ours-auto-triton-dispatch", _triton_dispatch(ours("auto"))))
         # ns_algorithm="auto": Gram NS where measured faster (or above the table's aspect ratio)
         impls.append(("ours-auto-gram", ours("auto", ns_algorithm="auto")))
     if device.type == "cpu":
@@ -93,6 +97,20 @@ def implementations(device: torch.device, quick: bool, width_divisor: int = 1, g
     if group == "rest":
         return [(name, build) for name, build in impls if name not in DEFAULT_IMPLS]
     return impls
+
+
+def _triton_dispatch(build):
+    """``build`` with every Triton launch of its steps made through ``kernel[grid]``."""
+    from muon_kernels.triton_kernels import launch
+
+    def dispatched_build(mats, vecs):
+        step = build(mats, vecs)
+
+        def dispatched():
+            with launch.direct_launches(False):
+                step()
+        return dispatched
+    return dispatched_build
 
 
 # LLaMA-7B does not fit three fp32 copies of itself beside torch.optim.Muon's on one 80 GB GPU: it
