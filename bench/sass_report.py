@@ -10,7 +10,7 @@ pipelining and register use.
 
 One row per kernel × config × dtype: name, arch, dtype, config, is_matmul,
 tensor_core_instructions, warpgroup_mma_instructions (HGMMA), tma_instructions (UTMALDG),
-shared_bytes, registers, spills. Configs are every one the table, opt-in autotuning or
+shared_bytes, registers, spills, calls (CALL instructions: a called routine such as int64 division). Configs are every one the table, opt-in autotuning or
 bench/tune.py can pick (config.all_configs); a "+tma" config label means descriptor loads.
 """
 
@@ -61,6 +61,7 @@ class Row:
     registers: int
     spills: int
     expects_tensor_cores: bool
+    calls: int = 0  # CALL instructions: a called routine (ptxas's int64 division, say) in the kernel
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,9 @@ def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, 
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": kcfg.FP_FUSION})
 
 
-def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int, int, int]:
-    """(tensor-core instruction count, HGMMA count, UTMALDG count, registers, spilled bytes) from cuobjdump."""
+def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int, int, int, int]:
+    """(tensor-core instruction count, HGMMA count, UTMALDG count, registers, spilled bytes, CALL
+    instructions) from cuobjdump."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "kernel.cubin")
         path.write_bytes(cubin)
@@ -117,7 +119,8 @@ def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int, int, int]:
     tma = len(re.findall(r"\bUTMALDG\b", sass))
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     spills = int(re.search(r"STACK:(\d+)", usage).group(1))
-    return tensor_core, warpgroup, tma, registers, spills
+    calls = len(re.findall(r"\bCALL\.", sass))
+    return tensor_core, warpgroup, tma, registers, spills, calls
 
 
 @triton.jit
@@ -239,12 +242,17 @@ def kernel_cases(arch: int):
         for ema in (True, False):
             args = dict(GradPtrs="i64", BufPtrs="i64", Momenta="fp32", Stack=stack, Seeds="i64", StepPtrs="i64",
                         ScalePtrs="i64", **tables)
-            consts = dict(GRAD_DTYPE=_TL[param], BUF_DTYPE=_TL[buf], EMA=ema, NESTEROV=True,
-                          BLOCK=fused_update.BLOCK, EMULATE_RN=False, INT8=int8, STOCHASTIC=stochastic)
-            kind = "int8" if int8 else "bf16-stochastic" if stochastic else ""
-            name = f"fused_momentum[{'ema' if ema else 'sgd'}{', ' + kind if kind else ''}]"
-            elementwise.append((name, fused_update._fused_momentum_kernel, args, consts,
-                                f"block{fused_update.BLOCK}w4", f"{param}/{buf}", 4, 1, False, False))
+            # 32-bit index arithmetic, as every launch below 2^31 elements compiles it; the int64
+            # fallback once per kernel (fp32 ema) so that it stays checked too.
+            for index32 in ((True, False) if (param, buf, ema) == ("fp32", "fp32", True) else (True,)):
+                consts = dict(GRAD_DTYPE=_TL[param], BUF_DTYPE=_TL[buf], EMA=ema, NESTEROV=True,
+                              BLOCK=fused_update.BLOCK, EMULATE_RN=False, INDEX32=index32, INT8=int8,
+                              STOCHASTIC=stochastic)
+                kind = ", ".join(filter(None, ["int8" if int8 else "bf16-stochastic" if stochastic else "",
+                                               "" if index32 else "int64 index"]))
+                name = f"fused_momentum[{'ema' if ema else 'sgd'}{', ' + kind if kind else ''}]"
+                elementwise.append((name, fused_update._fused_momentum_kernel, args, consts,
+                                    f"block{fused_update.BLOCK}w4", f"{param}/{buf}", 4, 1, False, False))
     variants = {"": (False, False, False), "[cautious]": (True, False, False),
                 "[normuon+hyperball]": (False, True, True)}
     for param in ("fp32", "bf16", "fp16"):
@@ -252,10 +260,12 @@ def kernel_cases(arch: int):
             for suffix, (cautious, normuon, hyperball) in variants.items():
                 args = dict(ParamPtrs="i64", Alphas="fp32", Decays="fp32", Ortho=ortho, RowScale="fp32",
                             Gains="fp32", Shrink="fp32", NMAX=4096, **tables)
-                consts = dict(PARAM_DTYPE=_TL[param], BLOCK=fused_update.BLOCK, EMULATE_RN=False, CAUTIOUS=cautious,
-                              NORMUON=normuon, HYPERBALL=hyperball)
-                elementwise.append((f"fused_apply_update{suffix}", fused_update._fused_apply_update_kernel, args,
-                                    consts, f"block{fused_update.BLOCK}w4", f"{param}<-{ortho}", 4, 1, False, False))
+                for index32 in ((True, False) if (param, ortho) == ("fp32", "bf16") else (True,)):
+                    consts = dict(PARAM_DTYPE=_TL[param], BLOCK=fused_update.BLOCK, EMULATE_RN=False,
+                                  CAUTIOUS=cautious, NORMUON=normuon, HYPERBALL=hyperball, INDEX32=index32)
+                    name = f"fused_apply_update{suffix}" + ("" if index32 else "[int64 index]")
+                    elementwise.append((name, fused_update._fused_apply_update_kernel, args, consts,
+                                        f"block{fused_update.BLOCK}w4", f"{param}<-{ortho}", 4, 1, False, False))
             args = dict(Ortho=ortho, Table="i64", RowScale="fp32", Partials="fp32", MN=1024 * 4096, NMAX=4096,
                         BLOCKS=128, weight=0.05, eps=1e-10)
             consts = dict(PARAM_DTYPE=_TL[param], NORMUON=True, HYPERBALL=True, BLOCK_N=variant_statistics.BLOCK_N,
@@ -276,9 +286,9 @@ def report(arch: int, names: tuple[str, ...] = ()) -> list[Row]:
         if names and not any(n in name for n in names):
             continue
         compiled = compile_kernel(fn, args, consts, arch, warps, stages)
-        count, warpgroup, tma, registers, spills = inspect_cubin(compiled.asm["cubin"], arch)
+        count, warpgroup, tma, registers, spills, calls = inspect_cubin(compiled.asm["cubin"], arch)
         rows.append(Row(name, arch, dtype, label, is_matmul, count, warpgroup, tma, compiled.metadata.shared,
-                        registers, spills, tensor_cores))
+                        registers, spills, tensor_cores, calls))
     return rows
 
 
@@ -294,7 +304,7 @@ def main(argv=None) -> int:
             print(json.dumps(asdict(row)))
         return 0
     cols = ["name", "arch", "dtype", "config", "is_matmul", "tensor_core_instructions", "warpgroup_mma_instructions",
-            "tma_instructions", "shared_bytes", "registers", "spills"]
+            "tma_instructions", "shared_bytes", "registers", "spills", "calls"]
     cells = [[str(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

@@ -264,3 +264,13 @@ def test_what_tritons_dispatch_hands_back_is_kept_only_when_it_is_a_compiled_ker
     calls.clear()
     launch_module.launch(kernel, grid, *args, **constexprs)
     assert [name for name, _ in calls] == ["resolved"]
+
+
+def test_the_launch_overhead_benchmark_runs():
+    """bench/launch_overhead.py end to end on a small model (its numbers are the README's, on a GPU
+    host they are measured the same way; here only the harness is checked)."""
+    result = launch_overhead.measure("gpt2-small", layers=1, width_divisor=8, repeats=3, steps=2)
+    assert {"_fused_momentum_kernel", "_symmetric_matmul_kernel", "_ns_update_kernel",
+            "_fused_apply_update_kernel"} <= set(result["per_kernel"])
+    assert all(row["triton_dispatch_us"] > 0 and row["direct_us"] > 0 for row in result["per_kernel"].values())
+    assert result["step"]["launches"] > 0 and result["newton_schulz"]["launches"] == 17

@@ -37,6 +37,8 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
                      "fused_momentum[ema, bf16-stochastic]", "fused_momentum[sgd, bf16-stochastic]",
                      "fused_momentum[ema, int8]", "fused_momentum[sgd, int8]",
                      "fused_apply_update", "fused_apply_update[cautious]", "fused_apply_update[normuon+hyperball]",
+                     "fused_momentum[ema, int64 index]", "fused_apply_update[int64 index]",
+                     "fused_apply_update[cautious][int64 index]", "fused_apply_update[normuon+hyperball][int64 index]",
                      "variant_statistics", "variant_factors", "small_newton_schulz"}
     # Every config the table, autotuning or bench/tune.py can pick is compiled, split kernel included.
     labels = {r.config.rsplit(":", 2)[0] for r in rows if r.is_matmul and r.name != "small_newton_schulz"}
@@ -54,6 +56,18 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
             assert arch >= 90 and r.tma_instructions > 0, f"{where}: no UTMALDG"
         else:
             assert r.tma_instructions == 0, f"{where}: UTMALDG without a TMA config"
+    # The elementwise kernels' per-element index arithmetic is 32-bit below 2^31 elements: none of the
+    # int64 division routine's calls (~180 instructions each, per element) of the int64 fallback in a
+    # memory-bound loop; the plain momentum and update kernels call nothing at all. (Other calls are
+    # fp32 division's slow path: div_rn in int8 momentum and the variants.)
+    by_case = {(r.name, r.dtype): r for r in rows}
+    twins = [(by_case[(r.name.replace(", int64 index]", "]").replace("[int64 index]", ""), r.dtype)], r)
+             for r in rows if "int64 index" in r.name]
+    assert len(twins) == 4
+    for narrow, wide in twins:
+        assert narrow.calls < wide.calls, f"{narrow.name} {narrow.dtype} on sm_{arch}: {narrow.calls} calls"
+        if narrow.name in ("fused_momentum[ema]", "fused_apply_update"):
+            assert narrow.calls == 0, f"{narrow.name} {narrow.dtype} on sm_{arch} calls a routine"
     # Hopper runs the 16-bit products on warpgroup MMA, Blackwell (sm_100) on tcgen05.
     if arch in (90, 100):
         assert all(r.tensor_core_instructions > 0 for r in rows if r.is_matmul and r.dtype in ("bf16", "fp16"))

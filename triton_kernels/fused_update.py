@@ -33,22 +33,35 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @triton.jit
-def _stack_index(Meta, t, idx):
-    """Element ``idx`` of tensor ``t`` (row-major over its (batch, rows, cols) view) → its place in the stack."""
-    offset = tl.load(Meta + t * META_COLUMNS + 0)
-    rows = tl.load(Meta + t * META_COLUMNS + 1)
-    cols = tl.load(Meta + t * META_COLUMNS + 2)
-    transposed = tl.load(Meta + t * META_COLUMNS + 3)
-    per = rows * cols
-    b = idx // per
-    rem = idx - b * per
-    r = rem // cols
-    c = rem - r * cols
-    return tl.where(transposed != 0, offset + b * per + c * rows + r, offset + idx)
+def _divmod(x, d, INDEX32: tl.constexpr):
+    """(x // d, x % d) for non-negative int64 ``x`` and ``d``. With INDEX32 (the launcher checks that
+    every index and size of the launch is below 2^31) the division is 32-bit: a few inline
+    instructions, where an int64 one is a called ~180-instruction routine (sm_90 SASS) behind a
+    32-bit fast-path test, per element of a kernel that should be bound by memory alone."""
+    if INDEX32:
+        q = (x.to(tl.uint32) // d.to(tl.uint32)).to(tl.int64)
+    else:
+        q = x // d
+    return q, x - q * d
 
 
 @triton.jit
-def _memory_index(Meta, t, idx):
+def _stack_index(Meta, t, idx, INDEX32: tl.constexpr):
+    """Element ``idx`` of tensor ``t`` (row-major over its (batch, rows, cols) view) → its place in the
+    stack: offset + idx for a wide tensor, the transposed place for a tall one. Both are formed and
+    one chosen: in 32 bits the divisions are a few instructions, and a branch here made Triton 3.6's
+    ptxas give the int8 momentum kernel a stack frame on sm_90 and sm_100."""
+    offset = tl.load(Meta + t * META_COLUMNS + 0)
+    rows = tl.load(Meta + t * META_COLUMNS + 1)
+    cols = tl.load(Meta + t * META_COLUMNS + 2)
+    per = rows * cols
+    b, rem = _divmod(idx, per, INDEX32)
+    r, c = _divmod(rem, cols, INDEX32)
+    return tl.where(tl.load(Meta + t * META_COLUMNS + 3) != 0, offset + b * per + c * rows + r, offset + idx)
+
+
+@triton.jit
+def _memory_index(Meta, t, idx, INDEX32: tl.constexpr):
     """Element ``idx`` of tensor ``t`` → its offset in the tensor's memory: ``idx`` for a contiguous
     tensor; row·stride + col for a split piece that is a column block of a wider matrix."""
     cols = tl.load(Meta + t * META_COLUMNS + 2)
@@ -56,7 +69,8 @@ def _memory_index(Meta, t, idx):
     if stride == cols:
         mem = idx
     else:
-        mem = (idx // cols) * stride + idx % cols
+        r, c = _divmod(idx, cols, INDEX32)
+        mem = r * stride + c
     return mem
 
 
@@ -131,14 +145,15 @@ def _low_precision_store(m, buf, idx, mem, numel, mask, bits, ScalePtrs, t, BLOC
 def _fused_momentum_kernel(
     GradPtrs, BufPtrs, Meta, Numels, Momenta, ChunkTensor, ChunkStart, Stack, Seeds, StepPtrs, ScalePtrs,
     GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr, EMA: tl.constexpr, NESTEROV: tl.constexpr,
-    BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr, INT8: tl.constexpr = False, STOCHASTIC: tl.constexpr = False,
+    BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr, INDEX32: tl.constexpr, INT8: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     t = tl.load(ChunkTensor + pid)
     idx = tl.load(ChunkStart + pid) + tl.arange(0, BLOCK).to(tl.int64)
     numel = tl.load(Numels + t)
     mask = idx < numel
-    mem = _memory_index(Meta, t, idx)
+    mem = _memory_index(Meta, t, idx, INDEX32)
     grad = tl.load(GradPtrs + t).to(tl.pointer_type(GRAD_DTYPE))
     buf = tl.load(BufPtrs + t).to(tl.pointer_type(BUF_DTYPE))
     mu = tl.load(Momenta + 2 * t)
@@ -182,32 +197,34 @@ def _fused_momentum_kernel(
             u = g + mu * m.to(tl.float32)
     else:
         u = m
-    tl.store(Stack + _stack_index(Meta, t, idx), _round(u.to(tl.float32), Stack.dtype.element_ty, EMULATE_RN), mask=mask)
+    tl.store(Stack + _stack_index(Meta, t, idx, INDEX32), _round(u.to(tl.float32), Stack.dtype.element_ty, EMULATE_RN),
+             mask=mask)
 
 
 @triton.jit
 def _fused_apply_update_kernel(
     ParamPtrs, Meta, Numels, Alphas, Decays, ChunkTensor, ChunkStart, Ortho, RowScale, Gains, Shrink, NMAX,
     PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr, CAUTIOUS: tl.constexpr,
-    NORMUON: tl.constexpr, HYPERBALL: tl.constexpr,
+    NORMUON: tl.constexpr, HYPERBALL: tl.constexpr, INDEX32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(ChunkTensor + pid)
     idx = tl.load(ChunkStart + pid) + tl.arange(0, BLOCK).to(tl.int64)
     mask = idx < tl.load(Numels + t)
     param = tl.load(ParamPtrs + t).to(tl.pointer_type(PARAM_DTYPE))
-    mem = _memory_index(Meta, t, idx)
+    mem = _memory_index(Meta, t, idx, INDEX32)
     w = tl.load(param + mem, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(Ortho + _stack_index(Meta, t, idx), mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(Ortho + _stack_index(Meta, t, idx, INDEX32), mask=mask, other=0.0).to(tl.float32)
     if NORMUON or HYPERBALL:  # O_eff = g·s⊙O (muon_kernels/variants.py), per matrix k and neuron
         rows = tl.load(Meta + t * META_COLUMNS + 1)
         cols = tl.load(Meta + t * META_COLUMNS + 2)
         per = rows * cols
-        k = tl.load(Meta + t * META_COLUMNS + 0) // per + idx // per
+        b, rc = _divmod(idx, per, INDEX32)
+        k = tl.load(Meta + t * META_COLUMNS + 0) // per + b
         o = o * tl.load(Gains + k, mask=mask, other=0.0)
         if NORMUON:
-            rc = idx % per
-            neuron = tl.where(tl.load(Meta + t * META_COLUMNS + 4) != 0, rc % cols, rc // cols)
+            r, c = _divmod(rc, cols, INDEX32)
+            neuron = tl.where(tl.load(Meta + t * META_COLUMNS + 4) != 0, c, r)
             o = o * tl.load(RowScale + k * NMAX + neuron, mask=mask, other=0.0)
     o = _round(o, PARAM_DTYPE, EMULATE_RN).to(tl.float32)  # O is cast to the parameter's dtype first
     decay = tl.load(Decays + t)
@@ -222,6 +239,12 @@ def _fused_apply_update_kernel(
 
 def _block() -> int:
     return _BLOCK_INTERPRETER if is_interpreting() else BLOCK
+
+
+def index32(stack: torch.Tensor) -> bool:
+    """Whether every element index of a launch over ``stack``'s tensors (each at most the stack,
+    plus one block of masked lanes) fits the kernels' 32-bit index arithmetic (``_divmod``)."""
+    return stack.numel() + _block() < 2**31
 
 
 class Layout(NamedTuple):
@@ -314,7 +337,8 @@ def fused_momentum(grads, bufs, momenta: torch.Tensor, layout: Layout, stack: to
         _addresses(list(steps), device) if stochastic else momenta,
         _addresses(list(scales), device) if int8 else momenta,
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BUF_DTYPE=_TL_DTYPES[bufs[0].dtype], EMA=ema, NESTEROV=nesterov,
-        BLOCK=_block(), EMULATE_RN=is_interpreting(), INT8=int8, STOCHASTIC=stochastic, enable_fp_fusion=FP_FUSION,
+        BLOCK=_block(), EMULATE_RN=is_interpreting(), INDEX32=index32(stack), INT8=int8, STOCHASTIC=stochastic,
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -336,5 +360,5 @@ def fused_apply_update(params, alphas: torch.Tensor, decays: torch.Tensor, layou
         layout.chunk_tensor, layout.chunk_start, ortho, placeholder if row_scale is None else row_scale,
         placeholder if gains is None else gains, placeholder if shrink is None else shrink, ortho.shape[-1],
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=_block(), EMULATE_RN=is_interpreting(), CAUTIOUS=cautious,
-        NORMUON=row_scale is not None, HYPERBALL=shrink is not None, enable_fp_fusion=FP_FUSION,
+        NORMUON=row_scale is not None, HYPERBALL=shrink is not None, INDEX32=index32(ortho), enable_fp_fusion=FP_FUSION,
     )

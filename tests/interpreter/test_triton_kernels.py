@@ -407,3 +407,39 @@ def test_tensor_lr_in_the_fused_update_matches_float_lr():
         results.append(ps)
     for a, b in zip(*results):
         assert rel_err(b, a) <= 1e-6
+
+
+@pytest.mark.parametrize("options", [{}, {"adaptive": "normuon", "constraint": "hyperball", "weight_decay": 0.0},
+                                     {"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic"}])
+def test_32_bit_and_int64_index_arithmetic_give_the_same_bits(options, monkeypatch):
+    """The fused kernels' index decomposition (triton_kernels/fused_update.py ``_divmod``) in 32 bits,
+    as every launch below 2^31 elements compiles it, and in int64 (the fallback above): the same
+    parameters and momentum bit for bit, over wide, tall (transposed in the stack), batched, row-split
+    and column-split (row stride ≠ columns) matrices, with NorMuon's neuron index and stochastic
+    rounding's element index in play."""
+    from muon_kernels.triton_kernels import fused_update
+
+    results = {}
+    used = []
+    for index32 in (True, False):
+        monkeypatch.setattr(fused_update, "index32", lambda stack, v=index32: used.append(v) or v)
+        g = torch.Generator().manual_seed(11)
+        shapes = [(12, 20), (20, 12), (3, 12, 20)]
+        ps = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.2) for s in shapes]
+        qkv = torch.nn.Parameter(torch.randn(36, 12, generator=g) * 0.2)
+        c_attn = torch.nn.Parameter(torch.randn(12, 36, generator=g) * 0.2)
+        pieces = {k: v for k, v in options.items() if k not in ("constraint", "weight_decay")}  # no hyperball there
+        groups = [{"params": ps[:2], **options}, {"params": ps[2:], "matrix_view": "batch", **options},
+                  {"params": [qkv], "split_sizes": (12, 12, 12), **pieces},
+                  {"params": [c_attn], "split_sizes": (12, 12, 12), "matrix_view": "transposed", **pieces}]
+        everything = ps + [qkv, c_attn]
+        opt = mk.Muon(groups, lr=0.05, backend="triton", ns_dtype=torch.float32, ns_steps=2)
+        for _ in range(2):
+            for p in everything:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results[index32] = [p.detach().clone() for p in everything] + \
+            [opt.state[p]["momentum_buffer"].clone() for p in everything]
+    assert set(used) == {True, False}
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
