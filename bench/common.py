@@ -80,6 +80,15 @@ def with_environment(name: str, value: str, fn):
             os.environ[name] = before
 
 
+def through_triton_dispatch(fn):
+    """fn() with every Triton launch made through ``kernel[grid]`` (direct launches off): the rows
+    that measure what triton_kernels/launch.py saves."""
+    from muon_kernels.triton_kernels import launch
+
+    with launch.direct_launches(False):
+        return fn()
+
+
 def summarize(samples: list[float]) -> dict:
     return {"ms": statistics.median(samples), "p20": percentile(samples, 0.2), "p80": percentile(samples, 0.8)}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import muon_kernels as mk
-from common import MODELS, layer_shapes, summarize, time_call
+from common import MODELS, layer_shapes, summarize, through_triton_dispatch, time_call
 from phases import breakdown
 
 
@@ -101,15 +101,9 @@ def implementations(device: torch.device, quick: bool, width_divisor: int = 1, g
 
 def _triton_dispatch(build):
     """``build`` with every Triton launch of its steps made through ``kernel[grid]``."""
-    from muon_kernels.triton_kernels import launch
-
     def dispatched_build(mats, vecs):
         step = build(mats, vecs)
-
-        def dispatched():
-            with launch.direct_launches(False):
-                step()
-        return dispatched
+        return lambda: through_triton_dispatch(step)
     return dispatched_build
 
 

@@ -52,11 +52,11 @@ import triton  # noqa: E402
 from muon_kernels import recurrence  # noqa: E402
 from muon_kernels.backends import available_backends, select_backend, triton_backend  # noqa: E402
 from muon_kernels.ns_config import resolve_ns_config  # noqa: E402
-from muon_kernels.triton_kernels import config as kcfg, launch  # noqa: E402
+from muon_kernels.triton_kernels import config as kcfg  # noqa: E402
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, ns_update  # noqa: E402
 from muon_kernels.triton_kernels.symmetric_matmul import launch_shape, symmetric_matmul  # noqa: E402
 from muon_kernels.workspace import FILL_VARIABLE  # noqa: E402
-from common import with_environment  # noqa: E402
+from common import through_triton_dispatch, with_environment  # noqa: E402
 from newton_schulz import COEFFICIENTS, STEPS, naive_flops, plain_recurrence, torch_muon_routine  # noqa: E402
 
 SCHEMA = 1
@@ -201,7 +201,7 @@ def ns_item(run: Run, m: int, n: int, batch: int) -> None:
         # The same launches through Triton's own dispatch (launch.direct_launches off): the
         # difference to "ours" is the host time direct launches save (bench/README.md).
         impls.append(("ours-triton-dispatch", "standard", dtype, None,
-                      lambda dt=dtype: _triton_dispatch(lambda: newton_schulz(G, _ns_config(), dt))))
+                      lambda dt=dtype: through_triton_dispatch(lambda: newton_schulz(G, _ns_config(), dt))))
         # The measuring mode's "cublas" path: this normalization, cuBLAS's GEMMs.
         impls.append(("ours-cublas", "standard", dtype, None,
                       lambda dt=dtype: triton_backend.orthogonalize(G, _ns_config(), dt, path="cublas")))
@@ -244,11 +244,6 @@ def ns_item(run: Run, m: int, n: int, batch: int) -> None:
             row["error"] = f"{type(e).__name__}: {e}"[:500]
         run.add(row)
         run.write()
-
-
-def _triton_dispatch(fn):
-    with launch.direct_launches(False):
-        return fn()
 
 
 def _forced(sym_cfg, upd_cfg, fn):
