@@ -7,7 +7,9 @@ Implementations (names as in the JSON):
   restarts); ``ours-<backend>-aol``: the ``turbo`` preset (AOL preconditioning, 4 steps) — its
   TFLOP/s column still counts the 5 standard steps, so it reads as the speed of reaching the result,
 - ``ours-<backend>-cublas`` (GPU): the backend's normalization kernels, then cuBLAS's GEMMs (the
-  measuring mode's "cublas" path); ``ours-cuda-sm75``: the CUDA extension forced onto its Turing path,
+  measuring mode's "cublas" path); ``ours-triton-symmetric-cublas``: the Triton symmetric products
+  with cuBLAS's a·X + B·X (its "symmetric-cublas" path); ``ours-cuda-sm75``: the CUDA extension
+  forced onto its Turing path,
 - ``torch.optim.Muon``: torch's own routine, ``torch.optim._muon._zeropower_via_newtonschulz``,
   one matrix at a time (that is how torch.optim.Muon calls it),
 - ``cublas-recurrence``: the plain recurrence a user writes, ``bmm`` per term on the stack,
@@ -122,12 +124,13 @@ def implementations(device: torch.device):
             for suffix, config in VARIANTS.items():
                 impls.append((f"ours-{name}{suffix}", lambda s, b=backend, c=config: b.orthogonalize(s, c, torch.bfloat16)))
     if device.type == "cuda":
-        # The measuring mode's "cublas" paths (normalization kernels, then cuBLAS's GEMMs), alone.
-        for name in ("triton", "cuda"):
+        # The measuring mode's "cublas" paths (normalization kernels, then cuBLAS's GEMMs), alone,
+        # and the Triton backend's "symmetric-cublas" (its symmetric products, cuBLAS's a·X + B·X).
+        for name, path in (("triton", "cublas"), ("triton", "symmetric-cublas"), ("cuda", "cublas")):
             if available_backends(device)[name][0]:
                 backend, _ = select_backend(name, device)
-                impls.append((f"ours-{name}-cublas",
-                              lambda s, b=backend: b.orthogonalize(s, CONFIG, torch.bfloat16, path="cublas")))
+                impls.append((f"ours-{name}-{path}",
+                              lambda s, b=backend, p=path: b.orthogonalize(s, CONFIG, torch.bfloat16, path=p)))
     if device.type == "cuda" and available_backends(device)["cuda"][0] and torch.cuda.get_device_capability(device)[0] >= 8:
         # The Turing code path (fp16 mma.sync, register-staged loads) on this newer GPU: the only
         # place it can be timed here (issue 25 targets both CUDA paths against cuBLAS).

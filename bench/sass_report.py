@@ -10,7 +10,9 @@ pipelining and register use.
 
 One row per kernel × config × dtype: name, arch, dtype, config, is_matmul,
 tensor_core_instructions, warpgroup_mma_instructions (HGMMA), tma_instructions (UTMALDG),
-shared_bytes, registers, spills, calls (CALL instructions: a called routine such as int64 division). Configs are every one the table, opt-in autotuning or
+shared_bytes, registers, spills, calls (CALL instructions: a called routine such as int64 division),
+instructions (static SASS count, every branch once), vector_accesses (16-byte-or-wider global
+loads and stores). Configs are every one the table, opt-in autotuning or
 bench/tune.py can pick (config.all_configs); a "+tma" config label means descriptor loads.
 """
 
@@ -33,8 +35,7 @@ from triton.backends.compiler import GPUTarget
 from muon_kernels.triton_kernels import config as kcfg
 from muon_kernels.triton_kernels import fused_update, small_newton_schulz, variant_statistics
 from muon_kernels.triton_kernels.newton_schulz import _ns_update_kernel, _scale_cast_kernel, _sum_squares_kernel
-from muon_kernels.triton_kernels import symmetric_matmul as symmetric_matmul_module
-from muon_kernels.triton_kernels.symmetric_matmul import _symmetric_matmul_kernel
+from muon_kernels.triton_kernels.symmetric_matmul import _symmetric_matmul_kernel, fixup_rows
 
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64", "i8": "i8", "i32": "i32", "i64": "i64"}
@@ -62,6 +63,8 @@ class Row:
     spills: int
     expects_tensor_cores: bool
     calls: int = 0  # CALL instructions: a called routine (ptxas's int64 division, say) in the kernel
+    instructions: int = 0  # SASS instructions in the kernel (static: every branch counted once)
+    vector_accesses: int = 0  # global loads and stores of 16 bytes or more (LDG/STG .128/.256)
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,9 @@ def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, 
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": kcfg.FP_FUSION})
 
 
-def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int, int, int, int]:
+def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int, int, int, int, int, int]:
     """(tensor-core instruction count, HGMMA count, UTMALDG count, registers, spilled bytes, CALL
-    instructions) from cuobjdump."""
+    instructions, all instructions, 16-byte-or-wider global accesses) from cuobjdump."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "kernel.cubin")
         path.write_bytes(cubin)
@@ -120,7 +123,9 @@ def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int, int, int, int
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     spills = int(re.search(r"STACK:(\d+)", usage).group(1))
     calls = len(re.findall(r"\bCALL\.", sass))
-    return tensor_core, warpgroup, tma, registers, spills, calls
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.MULTILINE))
+    vector = len(re.findall(r"\b(?:LDG|STG)\.E(?:\.\w+)*?\.(?:128|256)\b", sass))
+    return tensor_core, warpgroup, tma, registers, spills, calls, instructions, vector
 
 
 @triton.jit
@@ -141,7 +146,7 @@ def _symmetric_case(name, cfg, cfg_label, dtype, precision, m, k, *, has_d=False
                     persistent=False, tensor_cores=True):
     tma = cfg.tma and dtype != "fp32"
     desc = Desc(dtype, (1, cfg.block_m, cfg.block_k)) if tma else None
-    args = dict(X=dtype, Y=dtype, D=dtype, C=dtype, Partial="fp32", X_desc=desc, Y_desc=desc, M=m, K=k,
+    args = dict(X=dtype, Y=dtype, D=dtype, C=dtype, Partial="fp32", Counter="i32", X_desc=desc, Y_desc=desc, M=m, K=k,
                 # A slice is a multiple of BLOCK_K at run time, so the JIT sees it divisible by 16.
                 items=4096, splits=3 if split else 1,
                 k_per_split=-(-k // (3 * cfg.block_k)) * cfg.block_k if split else k,
@@ -149,7 +154,8 @@ def _symmetric_case(name, cfg, cfg_label, dtype, precision, m, k, *, has_d=False
                 stride_db=m * m, stride_dm=m, stride_dn=1, stride_cb=m * m, stride_cm=m, stride_cn=1,
                 alpha=1.0, beta=0.0, shift=0.0)
     consts = dict(HAS_D=has_d, HAS_SHIFT=shift, SPLIT=split, BLOCK=cfg.block_m, BLOCK_K=cfg.block_k, UPCAST=False,
-                  PRECISION=precision, TMA=tma, PERSISTENT=persistent)
+                  PRECISION=precision, TMA=tma, PERSISTENT=persistent,
+                  ROWS=fixup_rows(cfg.block_m, 4 if dtype == "fp32" else 2))
     return (name, _symmetric_matmul_kernel, args, consts, cfg_label, dtype, cfg.num_warps, cfg.num_stages, True,
             tensor_cores)
 
@@ -168,7 +174,6 @@ def _update_case(name, cfg, cfg_label, dtype, precision, m, n, *, persistent=Fal
 def kernel_cases(arch: int):
     """(name, fn, args, constexprs, config label, dtype, num_warps, num_stages, is_matmul, expects tensor cores)."""
     matmul = []
-    reduce_blocks = set()
     for label, cfg in kcfg.all_configs(arch).items():
         if label.startswith(("fp32", "tune32")):
             variants = [("fp32", "ieee", False), ("fp32", "tf32", True)]
@@ -182,29 +187,27 @@ def kernel_cases(arch: int):
             case = dict(cfg=cfg, cfg_label=cfg_label, dtype=dtype, precision=precision, tensor_cores=tensor_cores)
             # The symmetric kernel takes square tiles (BLOCK = block_m); rectangles are ns_update-only.
             if cfg.block_m == cfg.block_n:
-                reduce_blocks.add((cfg.block_m, dtype))
                 matmul.append(_symmetric_case("symmetric_matmul[X·Xᵀ]", m=m, k=n, **case))
                 matmul.append(_symmetric_case("symmetric_matmul[b·A+c·A·A]", m=m, k=m, has_d=True, **case))
-                matmul.append(_symmetric_case("symmetric_matmul[split partials]", m=m, k=n, split=True, **case))
+                # Split: partials, the arrival counter and the last slice's fixup, with the narrowest
+                # epilogue (X·Xᵀ) and the widest (b·R + c·R·R + a·I: D and the shift); ptxas's
+                # register choices are not monotonic in the epilogue, so both are compiled.
+                matmul.append(_symmetric_case("symmetric_matmul[split X·Xᵀ]", m=m, k=n, split=True, **case))
+                matmul.append(_symmetric_case("symmetric_matmul[split b·R+c·R·R+a·I]", m=m, k=n, split=True,
+                                              has_d=True, shift=True, **case))
                 # Persistence is a launch choice on sm_90+ (config.PERSISTENT_MIN_ARCH; bench/tune.py
                 # times it): its kernel has the outer item loop, compiled once per config and precision.
                 if dtype != "fp16" and arch >= kcfg.PERSISTENT_MIN_ARCH:
-                    matmul.append(_symmetric_case("symmetric_matmul[persistent, split partials]", m=m, k=n,
+                    matmul.append(_symmetric_case("symmetric_matmul[persistent, split X·Xᵀ]", m=m, k=n,
                                                   split=True, persistent=True, **case))
+                    matmul.append(_symmetric_case("symmetric_matmul[persistent, split b·R+c·R·R+a·I]", m=m, k=n,
+                                                  split=True, has_d=True, shift=True, persistent=True, **case))
                 if table:
                     matmul.append(_symmetric_case("symmetric_matmul[b·R+c·R·R+a·I]", m=m, k=m, has_d=True,
                                                   shift=True, **case))
             matmul.append(_update_case("ns_update[a·X+B·X]", m=m, n=n, **case))
             if dtype != "fp16" and arch >= kcfg.PERSISTENT_MIN_ARCH:
                 matmul.append(_update_case("ns_update[persistent a·X+B·X]", m=m, n=n, persistent=True, **case))
-    reductions = []
-    for block, dtype in sorted(reduce_blocks):
-        rows = min(symmetric_matmul_module._REDUCE_ROWS, block)
-        args = dict(Partial="fp32", D=dtype, C=dtype, M=1024, splits=3, stride_db=1024 * 1024, stride_dm=1024,
-                    stride_dn=1, stride_cb=1024 * 1024, stride_cm=1024, stride_cn=1, alpha=1.0, beta=0.0, shift=0.0)
-        reductions.append(("symmetric_reduce", symmetric_matmul_module._symmetric_reduce_kernel, args,
-                           dict(HAS_D=True, HAS_SHIFT=True, BLOCK=block, ROWS=rows), f"{rows}x{block}w4", dtype, 4, 1,
-                           False, False))
     torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for dtype, precision, tensor_cores in (("bf16", "tf32", True), ("fp16", "tf32", True), ("fp32", "ieee", False)):
         # The largest padded tile the byte budget admits at a 1:4 aspect (the shape of an MLP matrix).
@@ -244,12 +247,16 @@ def kernel_cases(arch: int):
                         ScalePtrs="i64", **tables)
             # 32-bit index arithmetic, as every launch below 2^31 elements compiles it; the int64
             # fallback once per kernel (fp32 ema) so that it stays checked too.
-            for index32 in ((True, False) if (param, buf, ema) == ("fp32", "fp32", True) else (True,)):
+            # The 16-byte path (ALIGNED) beside the per-element one, for the plain buffers it serves.
+            paths = [(True, False)] + [(True, True)] * (not (int8 or stochastic))
+            if (param, buf, ema) == ("fp32", "fp32", True):
+                paths.append((False, False))
+            for index32, vector in paths:
                 consts = dict(GRAD_DTYPE=_TL[param], BUF_DTYPE=_TL[buf], EMA=ema, NESTEROV=True,
                               BLOCK=fused_update.BLOCK, EMULATE_RN=False, INDEX32=index32, INT8=int8,
-                              STOCHASTIC=stochastic)
+                              STOCHASTIC=stochastic, ALIGNED=vector)
                 kind = ", ".join(filter(None, ["int8" if int8 else "bf16-stochastic" if stochastic else "",
-                                               "" if index32 else "int64 index"]))
+                                               "" if index32 else "int64 index", "vector" if vector else ""]))
                 name = f"fused_momentum[{'ema' if ema else 'sgd'}{', ' + kind if kind else ''}]"
                 elementwise.append((name, fused_update._fused_momentum_kernel, args, consts,
                                     f"block{fused_update.BLOCK}w4", f"{param}/{buf}", 4, 1, False, False))
@@ -260,10 +267,13 @@ def kernel_cases(arch: int):
             for suffix, (cautious, normuon, hyperball) in variants.items():
                 args = dict(ParamPtrs="i64", Alphas="fp32", Decays="fp32", Ortho=ortho, RowScale="fp32",
                             Gains="fp32", Shrink="fp32", NMAX=4096, **tables)
-                for index32 in ((True, False) if (param, ortho) == ("fp32", "bf16") else (True,)):
+                paths = [(True, False), (True, True)] + [(False, False)] * ((param, ortho) == ("fp32", "bf16"))
+                for index32, vector in paths:
                     consts = dict(PARAM_DTYPE=_TL[param], BLOCK=fused_update.BLOCK, EMULATE_RN=False,
-                                  CAUTIOUS=cautious, NORMUON=normuon, HYPERBALL=hyperball, INDEX32=index32)
-                    name = f"fused_apply_update{suffix}" + ("" if index32 else "[int64 index]")
+                                  CAUTIOUS=cautious, NORMUON=normuon, HYPERBALL=hyperball, INDEX32=index32,
+                                  ALIGNED=vector)
+                    name = f"fused_apply_update{suffix}" + ("" if index32 else "[int64 index]") + \
+                        ("[vector]" if vector else "")
                     elementwise.append((name, fused_update._fused_apply_update_kernel, args, consts,
                                         f"block{fused_update.BLOCK}w4", f"{param}<-{ortho}", 4, 1, False, False))
             args = dict(Ortho=ortho, Table="i64", RowScale="fp32", Partials="fp32", MN=1024 * 4096, NMAX=4096,
@@ -276,7 +286,7 @@ def kernel_cases(arch: int):
     args = dict(Partials="fp32", Alphas="fp32", Radius="fp32", Eps="fp64", Gains="fp32", Shrink="fp32", BLOCKS=192)
     elementwise.append(("variant_factors", variant_statistics._variant_factors_kernel, args,
                         dict(NORMUON=True, HYPERBALL=True, CHUNK=64), "chunk64w4", "fp32->fp64", 4, 1, False, False))
-    return matmul + reductions + elementwise
+    return matmul + elementwise
 
 
 def report(arch: int, names: tuple[str, ...] = ()) -> list[Row]:
@@ -286,9 +296,10 @@ def report(arch: int, names: tuple[str, ...] = ()) -> list[Row]:
         if names and not any(n in name for n in names):
             continue
         compiled = compile_kernel(fn, args, consts, arch, warps, stages)
-        count, warpgroup, tma, registers, spills, calls = inspect_cubin(compiled.asm["cubin"], arch)
+        count, warpgroup, tma, registers, spills, calls, instructions, vector = inspect_cubin(compiled.asm["cubin"],
+                                                                                               arch)
         rows.append(Row(name, arch, dtype, label, is_matmul, count, warpgroup, tma, compiled.metadata.shared,
-                        registers, spills, tensor_cores, calls))
+                        registers, spills, tensor_cores, calls, instructions, vector))
     return rows
 
 
@@ -304,7 +315,7 @@ def main(argv=None) -> int:
             print(json.dumps(asdict(row)))
         return 0
     cols = ["name", "arch", "dtype", "config", "is_matmul", "tensor_core_instructions", "warpgroup_mma_instructions",
-            "tma_instructions", "shared_bytes", "registers", "spills", "calls"]
+            "tma_instructions", "shared_bytes", "registers", "spills", "calls", "instructions", "vector_accesses"]
     cells = [[str(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

@@ -7,7 +7,8 @@ Per shape (priority order: the shapes we lose at first, bench/README.md "Kernel 
 - ``ns`` rows: the whole 5-step keller recurrence — ours with the table's configs (``ours``;
   ``ours-triton-dispatch``, the same launches through Triton's per-call dispatch instead of direct
   launches; ``ours-backend``, the optimizer's own path choice, one-kernel for small matrices; ``ours-cublas``,
-  the normalization kernels with cuBLAS's GEMMs; ``cuda``, ``cuda-sm75`` and ``cuda-cublas``, the
+  the normalization kernels with cuBLAS's GEMMs; ``ours-symmetric-cublas``, the symmetric products
+  with cuBLAS's a·X + B·X; ``cuda``, ``cuda-sm75`` and ``cuda-cublas``, the
   CUDA extension's paths where it runs), ours with each
   candidate config forced on every product (config.forced), ours Gram NS (bf16 and fp16, default
   restarts, and fp16 with one restart), torch.optim.Muon's NS routine (one matrix at a time) and
@@ -19,6 +20,8 @@ Per shape (priority order: the shapes we lose at first, bench/README.md "Kernel 
   per candidate config, split factor (auto, 1, 2, 3, 4, 6, 8) and persistent on/off, with the
   split model's prediction beside the measurement (so the model's constants can be refit on a CPU).
   ``tflops`` counts naive FLOPs everywhere (a symmetric product executes about half of them).
+  ``product-cublas`` rows: the same three products on cuBLAS's batched GEMM (``bmm``/``baddbmm``),
+  the reference each kernel is judged against (and what the "symmetric-cublas" path uses for a·X + B·X).
 
 Timing: ``triton.testing.do_bench`` medians (CUDA events, L2 flushed before each repetition) and,
 for ``ns`` rows, ``do_bench_cudagraph`` medians too: the difference is host launch overhead.
@@ -202,9 +205,11 @@ def ns_item(run: Run, m: int, n: int, batch: int) -> None:
         # difference to "ours" is the host time direct launches save (bench/README.md).
         impls.append(("ours-triton-dispatch", "standard", dtype, None,
                       lambda dt=dtype: through_triton_dispatch(lambda: newton_schulz(G, _ns_config(), dt))))
-        # The measuring mode's "cublas" path: this normalization, cuBLAS's GEMMs.
-        impls.append(("ours-cublas", "standard", dtype, None,
-                      lambda dt=dtype: triton_backend.orthogonalize(G, _ns_config(), dt, path="cublas")))
+        # The measuring mode's "cublas" path: this normalization, cuBLAS's GEMMs; and its
+        # "symmetric-cublas" path: the symmetric products here, cuBLAS's a·X + B·X.
+        for path in ("cublas", "symmetric-cublas"):
+            impls.append((f"ours-{path}", "standard", dtype, None,
+                          lambda dt=dtype, p=path: triton_backend.orthogonalize(G, _ns_config(), dt, path=p)))
         for cfg in candidates(run.arch, dtype, "symmetric", run.smoke)[1 if run.smoke else 0:]:
             impls.append(("ours", "standard", dtype, cfg,
                           lambda dt=dtype, c=cfg: _forced(c, c, lambda: newton_schulz(G, _ns_config(), dt))))
@@ -270,6 +275,10 @@ def product_item(run: Run, m: int, n: int, batch: int) -> None:
         "poly": ("symmetric", m, m, m, lambda c: symmetric_matmul(A, alpha=2.0315, D=A, beta=-4.775, config=c)),
         "update": ("ns_update", m, n, m, lambda c: ns_update(A, X, 3.4445, config=c)),
     }
+    # cuBLAS's batched GEMM for the same product: what the "symmetric-cublas" path hands it
+    # (a·X + B·X) and what our symmetric products save FLOPs against (X·Xᵀ, b·A + c·A·A).
+    cublas = {"gram": lambda: torch.bmm(X, X.mT), "poly": lambda: torch.baddbmm(A, A, A, beta=-4.775, alpha=2.0315),
+              "update": lambda: torch.baddbmm(X, A, X, beta=3.4445)}
     exact = {"gram": X.double() @ X.double().mT,
              "poly": 2.0315 * A.double() @ A.double() - 4.775 * A.double(),
              "update": 3.4445 * X.double() + A.double() @ X.double()}
@@ -295,17 +304,30 @@ def product_item(run: Run, m: int, n: int, batch: int) -> None:
                         iters = triton.cdiv(pk, c.block_k)
                         row.update(tiles=tiles, splits=s, iterations=iters,
                                    predicted=kcfg.split_cost(tiles, iters, sms, s))
-                    try:
-                        out = _poisoned(lambda: call(c))
-                        row["rel_err"] = rel_err(out, exact[product])
-                        row["ok"] = bool(torch.isfinite(out).all()) and row["rel_err"] <= 2e-2
-                        row["repeatable"] = bool(torch.equal(out, call(c)))
-                        row["ms"] = timer.eager(lambda: call(c))
-                        row["tflops"] = row["flops"] / (row["ms"] * 1e-3) / 1e12
-                    except Exception as e:
-                        row["error"] = f"{type(e).__name__}: {e}"[:500]
-                    run.add(row)
+                    run.add(_product_measured(row, lambda c=c: call(c), exact[product], timer))
                 run.write()
+        if run.out_of_time():
+            run.doc["skipped"].append(f"product-cublas {product} {m}x{n}x{batch}")
+            continue
+        row = {"item": "product-cublas", "product": product, "shape": [m, n], "batch": batch, "dtype": "bfloat16",
+               "config": None, "label": "cublas", "flops": product_flops(product, m, n, batch)}
+        run.add(_product_measured(row, cublas[product], exact[product], timer))
+        run.write()
+
+
+def _product_measured(row: dict, call, exact: torch.Tensor, timer) -> dict:
+    """``row`` with the product's error against fp64 (work buffers NaN-poisoned), whether its bits
+    repeat, and its eager time — or the error it raised."""
+    try:
+        out = _poisoned(call)
+        row["rel_err"] = rel_err(out, exact)
+        row["ok"] = bool(torch.isfinite(out).all()) and row["rel_err"] <= 2e-2
+        row["repeatable"] = bool(torch.equal(out, call()))
+        row["ms"] = timer.eager(call)
+        row["tflops"] = row["flops"] / (row["ms"] * 1e-3) / 1e12
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"[:500]
+    return row
 
 
 def winners(doc: dict) -> list[dict]:

@@ -37,7 +37,7 @@ from muon_kernels.triton_kernels.symmetric_matmul import symmetric_matmul  # noq
 
 def step_launches() -> list:
     """(kernel, grid, args, constexprs) of every launch of a second Triton-backend step, taken
-    through Triton's dispatch, plus a split-K product and its reduction."""
+    through Triton's dispatch, plus a split-K product (reduced in the same launch)."""
     g = torch.Generator().manual_seed(0)
     plain = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in [(64, 192), (768, 2304), (4096, 1024)]]
     varied = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in [(256, 512), (512, 256)]]

@@ -28,10 +28,12 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
         pytest.skip(f"the installed Triton does not target sm_{arch}")  # the issue: "where it targets them"
     rows = sass_report.report(arch)
     names = {r.name for r in rows}
-    persistent = {"symmetric_matmul[persistent, split partials]", "ns_update[persistent a·X+B·X]"}
+    persistent = {"symmetric_matmul[persistent, split X·Xᵀ]", "symmetric_matmul[persistent, split b·R+c·R·R+a·I]",
+                  "ns_update[persistent a·X+B·X]"}
     assert names == (persistent if arch >= PERSISTENT_MIN_ARCH else set()) | {
                      "symmetric_matmul[X·Xᵀ]", "symmetric_matmul[b·A+c·A·A]",
-                     "symmetric_matmul[b·R+c·R·R+a·I]", "symmetric_matmul[split partials]", "symmetric_reduce",
+                     "symmetric_matmul[b·R+c·R·R+a·I]", "symmetric_matmul[split X·Xᵀ]",
+                     "symmetric_matmul[split b·R+c·R·R+a·I]",
                      "ns_update[a·X+B·X]", "normalize[sum_squares]", "normalize[scale_cast]",
                      "fused_momentum[ema]", "fused_momentum[sgd]",
                      "fused_momentum[ema, bf16-stochastic]", "fused_momentum[sgd, bf16-stochastic]",
@@ -39,6 +41,8 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
                      "fused_apply_update", "fused_apply_update[cautious]", "fused_apply_update[normuon+hyperball]",
                      "fused_momentum[ema, int64 index]", "fused_apply_update[int64 index]",
                      "fused_apply_update[cautious][int64 index]", "fused_apply_update[normuon+hyperball][int64 index]",
+                     "fused_momentum[ema, vector]", "fused_momentum[sgd, vector]", "fused_apply_update[vector]",
+                     "fused_apply_update[cautious][vector]", "fused_apply_update[normuon+hyperball][vector]",
                      "variant_statistics", "variant_factors", "small_newton_schulz"}
     # Every config the table, autotuning or bench/tune.py can pick is compiled, split kernel included.
     labels = {r.config.rsplit(":", 2)[0] for r in rows if r.is_matmul and r.name != "small_newton_schulz"}
@@ -68,6 +72,17 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
         assert narrow.calls < wide.calls, f"{narrow.name} {narrow.dtype} on sm_{arch}: {narrow.calls} calls"
         if narrow.name in ("fused_momentum[ema]", "fused_apply_update"):
             assert narrow.calls == 0, f"{narrow.name} {narrow.dtype} on sm_{arch} calls a routine"
+    # The 16-byte path (ALIGNED): gradients, buffers, parameters and wide tensors' stack slices move
+    # in 16-byte vectors, where the per-element path has none; the plain kernels also shrink (static
+    # counts, both of the vector path's branches included).
+    vectors = [(by_case[(r.name.replace(", vector]", "]").replace("[vector]", ""), r.dtype)], r)
+               for r in rows if "vector" in r.name]
+    assert len(vectors) == 4 * 2 + 3 * 2 * 3  # momentum: 4 dtype pairs × ema/sgd; update: 3 × 2 dtypes × 3 kinds
+    for scalar, vector in vectors:
+        where = f"{vector.name} {vector.dtype} on sm_{arch}"
+        assert scalar.vector_accesses == 0 and vector.vector_accesses >= 2, where
+        if "normuon" not in vector.name:
+            assert vector.instructions < scalar.instructions, (where, vector.instructions, scalar.instructions)
     # Hopper runs the 16-bit products on warpgroup MMA, Blackwell (sm_100) on tcgen05.
     if arch in (90, 100):
         assert all(r.tensor_core_instructions > 0 for r in rows if r.is_matmul and r.dtype in ("bf16", "fp16"))
@@ -82,10 +97,12 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
 
 def test_sass_report_cli_prints_json_rows():
     # The CLI's schema on a few kernels (the whole report runs in the test above).
-    run = subprocess.run([sys.executable, "sass_report.py", "--arch", "90", "--json", "--names", "reduce",
+    run = subprocess.run([sys.executable, "sass_report.py", "--arch", "90", "--json", "--names", "split b·R",
                           "scale_cast"], cwd=BENCH, capture_output=True, text=True, timeout=900, check=True)
     rows = [json.loads(line) for line in run.stdout.splitlines()]
-    assert rows and {r["name"] for r in rows} == {"symmetric_reduce", "normalize[scale_cast]"}
+    assert rows and {r["name"] for r in rows} == {"symmetric_matmul[split b·R+c·R·R+a·I]",
+                                                "symmetric_matmul[persistent, split b·R+c·R·R+a·I]",
+                                                "normalize[scale_cast]"}
     for row in rows:
         assert {"name", "arch", "dtype", "config", "is_matmul", "tensor_core_instructions",
                 "warpgroup_mma_instructions", "tma_instructions", "shared_bytes",
@@ -108,13 +125,14 @@ def test_matmul_offsets_are_int64_for_a_65536x32768_view():
     m, k = _HUGE["M"], _HUGE["K"]
     common = dict(UPCAST=False, PRECISION="tf32")
     symmetric = _ttir(_symmetric_matmul_kernel,
-                      dict(X="bf16", Y="bf16", D="bf16", C="bf16", Partial="fp32", X_desc=None, Y_desc=None, M=m, K=k,
+                      dict(X="bf16", Y="bf16", D="bf16", C="bf16", Partial="fp32", Counter="i32", X_desc=None,
+                           Y_desc=None, M=m, K=k,
                            items=4096, splits=1, k_per_split=k,
                            stride_xb=m * k, stride_xm=k, stride_xk=1, stride_yb=m * k, stride_ym=k, stride_yk=1,
                            stride_db=m * m, stride_dm=m, stride_dn=1, stride_cb=m * m, stride_cm=m, stride_cn=1,
                            alpha=1.0, beta=0.0, shift=0.0),
                       dict(HAS_D=True, HAS_SHIFT=True, SPLIT=False, BLOCK=128, BLOCK_K=64, TMA=False, PERSISTENT=False,
-                           **common))
+                           ROWS=16, **common))
     update = _ttir(_ns_update_kernel,
                    dict(B="bf16", X="bf16", Out="bf16", B_desc=None, X_desc=None, M=m, N=k, items=4096,
                         stride_bb=m * m, stride_bm=m, stride_bk=1, stride_xb=m * k, stride_xm=k, stride_xn=1,

@@ -38,8 +38,12 @@ def test_smoke_run_writes_the_schema(smoke):
             "winners", "notes", "shapes"} <= set(doc)
     ns = [r for r in doc["results"] if r["item"] == "ns"]
     products = [r for r in doc["results"] if r["item"] == "product"]
-    assert {r["impl"] for r in ns} >= {"ours", "ours-gram", "ours-gram-restart2", "cublas-recurrence"}
+    assert {r["impl"] for r in ns} >= {"ours", "ours-gram", "ours-gram-restart2", "ours-cublas",
+                                       "ours-symmetric-cublas", "cublas-recurrence"}
     assert {r["product"] for r in products} == {"gram", "poly", "update"}
+    cublas = [r for r in doc["results"] if r["item"] == "product-cublas"]
+    assert {(tuple(r["shape"]), r["batch"], r["product"]) for r in cublas} == \
+        {(tuple(r["shape"]), r["batch"], r["product"]) for r in products}
     for r in doc["results"]:
         assert ROW_KEYS <= set(r) and "error" not in r, r
         assert r["ok"] and r["repeatable"] and r["ms"] > 0 and r["rel_err"] <= (r.get("bound") or 2e-2)

@@ -31,10 +31,12 @@ H100/H200 (the table's "why" below; bench/README.md "Kernel notes (Hopper)" has 
   hide HBM latency at no register cost.
 - Split-K (symmetric products only; ``split_factor``): when a product has fewer output tiles than
   about two waves of the device's SMs, its K range is cut into S slices, each program writes an
-  fp32 partial tile, and a second launch sums the partials in a fixed order (no atomics: the same
-  bits on every run) and applies the epilogue. ``a·X + B·X`` is not split: its K is m, at most a
-  few dozen iterations, and it has (m/128)·(n/128) tiles — 144 at 768×3072, 256 at 1024×4096 —
-  where the model below never pays for the reduction.
+  fp32 partial tile, and the last of a tile's S programs to finish (an integer arrival counter per
+  tile) sums the partials in slice order and applies the epilogue in the same launch (a fixed
+  order, no floating-point atomics: the same bits on every run; one launch, not two).
+  ``a·X + B·X`` is not split: its K is m, at most a few dozen iterations, and it has
+  (m/128)·(n/128) tiles — 144 at 768×3072, 256 at 1024×4096 — where the model below never pays
+  for the reduction.
 - Persistent grids (``persistent=True``): min(items, SMs) programs each loop over work items.
   Off by default: with no warp specialization the epilogue of one tile does not overlap the next
   tile's loads, so the gain is the launch's block scheduling only; bench/tune.py times it. Offered
@@ -249,7 +251,11 @@ def sm_count(device: torch.device) -> int:
 #   converted and stored);
 # - SPLIT_PARTIAL: writing, or reading back, one fp32 partial tile (64 KB at 128×128; the partials
 #   of a product that needs splitting are a few MB and stay in the 50 MB L2);
-# - SPLIT_LAUNCH: the reduction's own launch and the drain between the two kernels (~3 µs).
+# - SPLIT_LAUNCH: the reduction's fixed cost (~3 µs). The CUDA backend, which shares this rule, runs
+#   a second launch and drains between the two kernels; the Triton kernels reduce in the same launch,
+#   where it stands for the arrival counter's round trip and the tail of the last slice's serial
+#   fixup (one program per tile reads all S partials). Not refit for that yet: bench/tune.py's
+#   split rows (factors 1…8 side by side) decide.
 SPLIT_FILL = 5
 SPLIT_PARTIAL = 3
 SPLIT_LAUNCH = 9

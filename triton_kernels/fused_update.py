@@ -10,11 +10,16 @@ of the two operations as torch's ``mul_`` then ``add_`` does.
 Tensors are reached through tables of addresses (apex's multi-tensor pattern): a program table
 maps each program to (tensor, chunk), so one launch covers every parameter of the bucket. All
 math is fp32 in registers. Parameters, gradients and buffers must be contiguous; the backend
-falls back to torch's foreach path otherwise.
+falls back to torch's foreach path otherwise. Where every tensor of a launch is whole (no column
+piece), sized in multiples of 8 and 16-byte aligned (``aligned``), the kernels take their
+16-byte path (``ALIGNED``): a pointer read from a table carries no alignment the compiler can
+see, so without it every access is one instruction per element.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -28,6 +33,10 @@ from .launch import launch
 BLOCK = 1024
 # per tensor: offset in the stack, rows, cols, transposed, neurons on columns, row stride in memory
 META_COLUMNS: tl.constexpr = tl.constexpr(6)
+# Elements of one 16-byte access at 16 bits: with ALIGNED every tensor's size and stack offset is a
+# multiple of this and every address a multiple of 16 bytes (``aligned`` checks), so the kernels'
+# loads and stores may be vectors (LDG.128/STG.128) instead of one instruction per element.
+VECTOR: tl.constexpr = tl.constexpr(8)
 _BLOCK_INTERPRETER = 256  # at least one int8 quantization block (256) per program
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.int8: tl.int8}
 
@@ -46,31 +55,103 @@ def _divmod(x, d, INDEX32: tl.constexpr):
 
 
 @triton.jit
-def _stack_index(Meta, t, idx, INDEX32: tl.constexpr):
-    """Element ``idx`` of tensor ``t`` (row-major over its (batch, rows, cols) view) → its place in the
-    stack: offset + idx for a wide tensor, the transposed place for a tall one. Both are formed and
-    one chosen: in 32 bits the divisions are a few instructions, and a branch here made Triton 3.6's
-    ptxas give the int8 momentum kernel a stack frame on sm_90 and sm_100."""
+def _transposed_index(Meta, t, idx, INDEX32: tl.constexpr):
+    """Element ``idx`` of tensor ``t`` (row-major over its (batch, rows, cols) view) → (the tensor's
+    offset in the stack, the element's place there if the tensor is tall, i.e. transposed)."""
     offset = tl.load(Meta + t * META_COLUMNS + 0)
     rows = tl.load(Meta + t * META_COLUMNS + 1)
     cols = tl.load(Meta + t * META_COLUMNS + 2)
     per = rows * cols
     b, rem = _divmod(idx, per, INDEX32)
     r, c = _divmod(rem, cols, INDEX32)
-    return tl.where(tl.load(Meta + t * META_COLUMNS + 3) != 0, offset + b * per + c * rows + r, offset + idx)
+    return offset, offset + b * per + c * rows + r
 
 
 @triton.jit
-def _memory_index(Meta, t, idx, INDEX32: tl.constexpr):
+def _stack_index(Meta, t, idx, INDEX32: tl.constexpr):
+    """Element ``idx`` of tensor ``t`` → its place in the stack: offset + idx for a wide tensor, the
+    transposed place for a tall one. Both are formed and one chosen: in 32 bits the divisions are a
+    few instructions, and a branch here made Triton 3.6's ptxas give the int8 momentum kernel a
+    stack frame on sm_90 and sm_100 (the ALIGNED kernels branch instead: ``_store_stack``)."""
+    offset, transposed = _transposed_index(Meta, t, idx, INDEX32)
+    return tl.where(tl.load(Meta + t * META_COLUMNS + 3) != 0, transposed, offset + idx)
+
+
+@triton.jit
+def _wide_offset(Meta, t):
+    """A wide tensor's offset in the stack, a multiple of VECTOR under ALIGNED (sizes are)."""
+    return tl.multiple_of(tl.load(Meta + t * META_COLUMNS + 0), VECTOR)
+
+
+@triton.jit
+def _store_stack(Stack, Meta, t, idx, value, mask, INDEX32: tl.constexpr):
+    """ALIGNED: ``value`` (element ``idx`` of tensor ``t``) into its place in the stack, in a branch
+    per tensor, so that a wide tensor's store is a contiguous, aligned vector store."""
+    if tl.load(Meta + t * META_COLUMNS + 3) != 0:
+        _, place = _transposed_index(Meta, t, idx, INDEX32)
+        tl.store(Stack + place, value, mask=mask)
+    else:
+        tl.store(Stack + _wide_offset(Meta, t) + idx, value, mask=mask)
+
+
+@triton.jit
+def _load_stack(Stack, Meta, t, idx, mask, INDEX32: tl.constexpr, ALIGNED: tl.constexpr):
+    """Element ``idx`` of tensor ``t`` read from its place in the stack (ALIGNED: a branch per
+    tensor, as ``_store_stack`` writes it)."""
+    if ALIGNED:
+        if tl.load(Meta + t * META_COLUMNS + 3) != 0:
+            _, place = _transposed_index(Meta, t, idx, INDEX32)
+            value = tl.load(Stack + place, mask=mask, other=0.0)
+        else:
+            value = tl.load(Stack + _wide_offset(Meta, t) + idx, mask=mask, other=0.0)
+    else:
+        value = tl.load(Stack + _stack_index(Meta, t, idx, INDEX32), mask=mask, other=0.0)
+    return value
+
+
+@triton.jit
+def _chunk(ChunkTensor, ChunkStart, Numels, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's (tensor, element indices, mask, tensor size). Under ALIGNED the compiler is
+    told what make_layout guarantees (chunks start at multiples of BLOCK) and what the launcher
+    checked (sizes are multiples of VECTOR, so the mask is constant over each vector). The
+    per-element path keeps its code as it was: the hints alone gave Triton 3.6's fp16 sgd kernel an
+    8-byte stack frame on sm_120."""
+    pid = tl.program_id(0)
+    t = tl.load(ChunkTensor + pid)
+    start = tl.load(ChunkStart + pid)
+    if ALIGNED:
+        start = tl.multiple_of(start, BLOCK)
+    idx = start + tl.arange(0, BLOCK).to(tl.int64)
+    numel = tl.load(Numels + t)
+    if ALIGNED:
+        numel = tl.multiple_of(numel, VECTOR)
+    return t, idx, idx < numel, numel
+
+
+@triton.jit
+def _tensor(Ptrs, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s data pointer from an address table (16-byte aligned under ALIGNED)."""
+    pointer = tl.load(Ptrs + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # on the pointer itself: the hint does not pass through the int-to-pointer cast
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _memory_index(Meta, t, idx, INDEX32: tl.constexpr, ALIGNED: tl.constexpr):
     """Element ``idx`` of tensor ``t`` → its offset in the tensor's memory: ``idx`` for a contiguous
-    tensor; row·stride + col for a split piece that is a column block of a wider matrix."""
-    cols = tl.load(Meta + t * META_COLUMNS + 2)
-    stride = tl.load(Meta + t * META_COLUMNS + 5)
-    if stride == cols:
+    tensor; row·stride + col for a split piece that is a column block of a wider matrix (never
+    under ALIGNED: the launcher checks that no tensor is such a piece)."""
+    if ALIGNED:
         mem = idx
     else:
-        r, c = _divmod(idx, cols, INDEX32)
-        mem = r * stride + c
+        cols = tl.load(Meta + t * META_COLUMNS + 2)
+        stride = tl.load(Meta + t * META_COLUMNS + 5)
+        if stride == cols:
+            mem = idx
+        else:
+            r, c = _divmod(idx, cols, INDEX32)
+            mem = r * stride + c
     return mem
 
 
@@ -146,16 +227,12 @@ def _fused_momentum_kernel(
     GradPtrs, BufPtrs, Meta, Numels, Momenta, ChunkTensor, ChunkStart, Stack, Seeds, StepPtrs, ScalePtrs,
     GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr, EMA: tl.constexpr, NESTEROV: tl.constexpr,
     BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr, INDEX32: tl.constexpr, INT8: tl.constexpr = False,
-    STOCHASTIC: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = False, ALIGNED: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(ChunkTensor + pid)
-    idx = tl.load(ChunkStart + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    numel = tl.load(Numels + t)
-    mask = idx < numel
-    mem = _memory_index(Meta, t, idx, INDEX32)
-    grad = tl.load(GradPtrs + t).to(tl.pointer_type(GRAD_DTYPE))
-    buf = tl.load(BufPtrs + t).to(tl.pointer_type(BUF_DTYPE))
+    t, idx, mask, numel = _chunk(ChunkTensor, ChunkStart, Numels, BLOCK, ALIGNED)
+    mem = _memory_index(Meta, t, idx, INDEX32, ALIGNED)
+    grad = _tensor(GradPtrs, t, GRAD_DTYPE, ALIGNED)
+    buf = _tensor(BufPtrs, t, BUF_DTYPE, ALIGNED)
     mu = tl.load(Momenta + 2 * t)
     weight = tl.load(Momenta + 2 * t + 1)  # fp32(1 - μ), rounded on the host as torch does
     if INT8 or STOCHASTIC:
@@ -197,24 +274,24 @@ def _fused_momentum_kernel(
             u = g + mu * m.to(tl.float32)
     else:
         u = m
-    tl.store(Stack + _stack_index(Meta, t, idx, INDEX32), _round(u.to(tl.float32), Stack.dtype.element_ty, EMULATE_RN),
-             mask=mask)
+    if ALIGNED:
+        _store_stack(Stack, Meta, t, idx, _round(u.to(tl.float32), Stack.dtype.element_ty, EMULATE_RN), mask, INDEX32)
+    else:  # written as before the vector path, so this path compiles as it did (ptxas's stack frames)
+        tl.store(Stack + _stack_index(Meta, t, idx, INDEX32), _round(u.to(tl.float32), Stack.dtype.element_ty,
+                                                                     EMULATE_RN), mask=mask)
 
 
 @triton.jit
 def _fused_apply_update_kernel(
     ParamPtrs, Meta, Numels, Alphas, Decays, ChunkTensor, ChunkStart, Ortho, RowScale, Gains, Shrink, NMAX,
     PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RN: tl.constexpr, CAUTIOUS: tl.constexpr,
-    NORMUON: tl.constexpr, HYPERBALL: tl.constexpr, INDEX32: tl.constexpr,
+    NORMUON: tl.constexpr, HYPERBALL: tl.constexpr, INDEX32: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(ChunkTensor + pid)
-    idx = tl.load(ChunkStart + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = idx < tl.load(Numels + t)
-    param = tl.load(ParamPtrs + t).to(tl.pointer_type(PARAM_DTYPE))
-    mem = _memory_index(Meta, t, idx, INDEX32)
+    t, idx, mask, _ = _chunk(ChunkTensor, ChunkStart, Numels, BLOCK, ALIGNED)
+    param = _tensor(ParamPtrs, t, PARAM_DTYPE, ALIGNED)
+    mem = _memory_index(Meta, t, idx, INDEX32, ALIGNED)
     w = tl.load(param + mem, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(Ortho + _stack_index(Meta, t, idx, INDEX32), mask=mask, other=0.0).to(tl.float32)
+    o = _load_stack(Ortho, Meta, t, idx, mask, INDEX32, ALIGNED).to(tl.float32)
     if NORMUON or HYPERBALL:  # O_eff = g·s⊙O (muon_kernels/variants.py), per matrix k and neuron
         rows = tl.load(Meta + t * META_COLUMNS + 1)
         cols = tl.load(Meta + t * META_COLUMNS + 2)
@@ -257,6 +334,9 @@ class Layout(NamedTuple):
     chunk_start: torch.Tensor  # int64 per program: first element of its chunk
     numels: torch.Tensor  # int64 per tensor
     meta: torch.Tensor  # int64 per tensor: (offset in the stack, rows, cols, transposed, neurons on columns, row stride)
+    # Every tensor contiguous (no column pieces) with a size that is a multiple of VECTOR: the
+    # kernels may use 16-byte accesses when the step's addresses are aligned too (``aligned``).
+    vectorizable: bool
 
 
 def make_layout(views, device: torch.device) -> Layout:
@@ -272,8 +352,16 @@ def make_layout(views, device: torch.device) -> Layout:
         offsets.append(offsets[-1] + n)
     meta = torch.tensor([(o, r, c, int(t), int(nc), ld) for o, (_, r, c, t, nc, ld) in zip(offsets, views)],
                         dtype=torch.int64)
+    vectorizable = all(n % VECTOR.value == 0 and ld == c for n, (_, _, c, _, _, ld) in zip(numels, views))
     return Layout(chunk_tensor.to(device), chunk_start.to(device), torch.tensor(numels, dtype=torch.int64).to(device),
-                  meta.to(device))
+                  meta.to(device), vectorizable)
+
+
+def aligned(layout: Layout, *addresses: int) -> bool:
+    """Whether a launch over ``layout`` may take the kernels' 16-byte vector path (ALIGNED): the
+    layout allows it and every tensor's address (parameters, gradients, buffers, the stack) is a
+    multiple of 16 bytes. A gradient bucket view or a parameter inside a flat buffer may not be."""
+    return layout.vectorizable and not functools.reduce(operator.or_, addresses, 0) & 15
 
 
 # Device copies of pointer tables, keyed by (device, pointers). A table only holds numbers, so an
@@ -292,7 +380,11 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _addresses(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return int_table(tuple(t.data_ptr() for t in tensors), device)
+    return int_table(pointers(tensors), device)
+
+
+def pointers(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple([t.data_ptr() for t in tensors])
 
 
 def int_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -330,15 +422,20 @@ def fused_momentum(grads, bufs, momenta: torch.Tensor, layout: Layout, stack: to
     device = stack.device
     layout = Layout(*layout)
     int8, stochastic = bufs[0].dtype == torch.int8, bool(steps)
+    grad_ptrs, buf_ptrs = pointers(grads), pointers(bufs)
+    # Low-precision momentum keeps the per-element path: its block scales and hashed bits are not
+    # what a vector path would speed up, and a branch per tensor gave Triton 3.6's int8 kernel a
+    # stack frame (``_stack_index``).
+    vector = not (int8 or stochastic) and aligned(layout, *grad_ptrs, *buf_ptrs, stack.data_ptr())
     launch(_fused_momentum_kernel, (checked_grid(layout.chunk_tensor.numel(), "fused_momentum"),),
-        _addresses(grads, device), _addresses(bufs, device), layout.meta, layout.numels, momenta,
+        int_table(grad_ptrs, device), int_table(buf_ptrs, device), layout.meta, layout.numels, momenta,
         layout.chunk_tensor, layout.chunk_start, stack,
         int_table(tuple(seeds), device) if stochastic else momenta,
         _addresses(list(steps), device) if stochastic else momenta,
         _addresses(list(scales), device) if int8 else momenta,
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BUF_DTYPE=_TL_DTYPES[bufs[0].dtype], EMA=ema, NESTEROV=nesterov,
         BLOCK=_block(), EMULATE_RN=is_interpreting(), INDEX32=index32(stack), INT8=int8, STOCHASTIC=stochastic,
-        enable_fp_fusion=FP_FUSION,
+        ALIGNED=vector, enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -355,10 +452,12 @@ def fused_apply_update(params, alphas: torch.Tensor, decays: torch.Tensor, layou
     device = ortho.device
     layout = Layout(*layout)
     placeholder = alphas  # never read: the constexpr branches that would read them are compiled out
+    param_ptrs = pointers(params)
     launch(_fused_apply_update_kernel, (checked_grid(layout.chunk_tensor.numel(), "fused_apply_update"),),
-        _addresses(params, device), layout.meta, layout.numels, alphas, decays,
+        int_table(param_ptrs, device), layout.meta, layout.numels, alphas, decays,
         layout.chunk_tensor, layout.chunk_start, ortho, placeholder if row_scale is None else row_scale,
         placeholder if gains is None else gains, placeholder if shrink is None else shrink, ortho.shape[-1],
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=_block(), EMULATE_RN=is_interpreting(), CAUTIOUS=cautious,
-        NORMUON=row_scale is not None, HYPERBALL=shrink is not None, INDEX32=index32(ortho), enable_fp_fusion=FP_FUSION,
+        NORMUON=row_scale is not None, HYPERBALL=shrink is not None, INDEX32=index32(ortho),
+        ALIGNED=aligned(layout, *param_ptrs, ortho.data_ptr()), enable_fp_fusion=FP_FUSION,
     )

@@ -3,7 +3,7 @@
 Per call: two launches normalize and cast the whole stack (per-tile scaled sums of squares, then a
 deterministic per-matrix reduction fused with the scale-and-cast into the iteration dtype);
 per step three launches: ``A = X·Xᵀ`` and ``B = b·A + c·A·A`` (symmetric, upper-triangle tiles
-only; split along K, plus one reduction launch, when they have few tiles) and ``X' = a·X + B·X``
+only; split along K, reduced in the same launch, when they have few tiles) and ``X' = a·X + B·X``
 (the a·X term in the epilogue, into a second buffer — no copies). Gram NS runs its own driver,
 ``gram_newton_schulz``, on the same kernels. ``cublas_newton_schulz`` keeps the normalization and
 hands the products to cuBLAS.
@@ -299,7 +299,7 @@ class _Slots:
 
 
 def gram_newton_schulz(X: torch.Tensor, coefficients, restarts: tuple[int, ...], R: torch.Tensor | None = None,
-                       fp32_precision: str = "ieee") -> torch.Tensor:
+                       fp32_precision: str = "ieee", cublas_qx: bool = False) -> torch.Tensor:
     """Gram Newton–Schulz on a normalized (k, m, n) stack: muon_kernels.recurrence.gram's schedule
     (same steps, same restarts, same final Q·X) with fewer launches, FLOPs and allocations.
 
@@ -313,21 +313,28 @@ def gram_newton_schulz(X: torch.Tensor, coefficients, restarts: tuple[int, ...],
     - one allocation of four m×m slots (never more are live: R, P, Q and a product in flight) and
       one m×n buffer that X and its restarts ping-pong with.
     Launches for 5 steps restarted before 1 and 3 (the 16-bit default): 17, as many as standard NS
-    (the recurrence: 17 products plus 3 clones and 3 diagonal adds). ``R`` = X·Xᵀ when the caller
-    has it (AOL formed it). X's buffer is scratch: restarts and the final Q·X ping-pong between it
-    and the spare, so the result may live in it (``newton_schulz`` passes its own normalized copy)."""
+    (the recurrence: 17 products plus 3 clones and 3 diagonal adds), split products included.
+    ``R`` = X·Xᵀ when the caller has it (AOL formed it). X's buffer is scratch: restarts and the
+    final Q·X ping-pong between it and the spare, so the result may live in it (``newton_schulz``
+    passes its own normalized copy).
+    ``cublas_qx``: the m×n products Q·X (restarts, the result) on cuBLAS's batched GEMM instead of
+    the a·X + B·X kernel (the "symmetric-cublas" path)."""
     k, m, n = X.shape
     if not coefficients or X.numel() == 0:
         return X
     slots = _Slots(4, k, m, X.dtype, X.device)
     spare = workspace.empty_like(X)  # X's partner: restarts write Q·X here, then the two swap
     sym = functools.partial(symmetric_matmul, fp32_precision=fp32_precision)
+
+    def qx(Q, X, out):
+        return torch.bmm(Q, X, out=out) if cublas_qx else ns_update(Q, X, 0.0, out=out, fp32_precision=fp32_precision)
+
     if R is None:
         R = sym(X, out=slots.take())
     Q = None
     for i, (a, b, c) in enumerate(coefficients):
         if i in restarts:
-            X, spare = ns_update(Q, X, 0.0, out=spare, fp32_precision=fp32_precision), X
+            X, spare = qx(Q, X, spare), X
             slots.give(Q)
             slots.give(R)
             R = sym(X, out=slots.take())
@@ -346,7 +353,7 @@ def gram_newton_schulz(X: torch.Tensor, coefficients, restarts: tuple[int, ...],
             slots.give(RP)
         if P is not Q:
             slots.give(P)
-    return ns_update(Q, X, 0.0, out=spare, fp32_precision=fp32_precision)
+    return qx(Q, X, spare)
 
 
 def cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
@@ -355,6 +362,21 @@ def cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.
     kernel (few output tiles, no split that pays), without the torch backend's ~15 small
     normalization ops, each a launch and a few µs of host time."""
     return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, recurrence.BATCHED_GEMM_OPS)
+
+
+def symmetric_cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+    """The recurrence with X·Xᵀ and b·A + c·A·A on the symmetric kernel (upper tiles: half their
+    FLOPs) and a·X + B·X on cuBLAS's batched GEMM. a·X + B·X is the one product of a step that is
+    not symmetric — 2m²n of the 3m²n + m³ FLOPs the symmetric path executes per step, half of them
+    at a square shape. On the H200 cuBLAS's recurrence (torch.optim.Muon's) ran 4096² at 715
+    TFLOP/s and its GEMM set the 802 TFLOP/s ceiling at 8192³, while the symmetric path executed
+    ~533 TFLOP/s at 4096² (its kernels at ~66% of that ceiling). Where cuBLAS's GEMM beats the
+    Triton a·X + B·X kernel, this path keeps the symmetric products' FLOP saving and cuBLAS's rate
+    on the rest. Gram NS likewise: its m×m products on the symmetric kernel, Q·X on cuBLAS. A path
+    for the measuring mode to time."""
+    ops = matmul_ops(reuse_outputs=True)._replace(apply=recurrence.BATCHED_GEMM_OPS.apply,
+                                                  gram_driver=functools.partial(gram_newton_schulz, cublas_qx=True))
+    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, ops)
 
 
 def newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, fp32_precision: str = "ieee") -> torch.Tensor:

@@ -19,12 +19,14 @@ import torch
 from ..ns_config import NSConfig
 from .fused_update import fused_apply_update, fused_momentum
 from .variant_statistics import blocks, variant_factors, variant_statistics
-from .newton_schulz import cublas_newton_schulz, newton_schulz
+from .newton_schulz import cublas_newton_schulz, newton_schulz, symmetric_cublas_newton_schulz
 from .small_newton_schulz import small_newton_schulz
 
 # Newton–Schulz by kernel path (the Triton backend's ``paths``): all steps in one kernel per
-# matrix, the symmetric kernels, or the normalization kernels with cuBLAS products.
-_NEWTON_SCHULZ = {"small": small_newton_schulz, "symmetric": newton_schulz, "cublas": cublas_newton_schulz}
+# matrix, the symmetric kernels, the normalization kernels with cuBLAS products, or the symmetric
+# kernels for X·Xᵀ and b·A + c·A·A with cuBLAS for a·X + B·X.
+_NEWTON_SCHULZ = {"small": small_newton_schulz, "symmetric": newton_schulz, "cublas": cublas_newton_schulz,
+                  "symmetric-cublas": symmetric_cublas_newton_schulz}
 
 
 def _traced() -> bool:
@@ -67,7 +69,8 @@ def eager_or_traced(op, mutated: tuple[int, ...] = ()):
 def newton_schulz_op(stack: torch.Tensor, coefficients: list[float], eps: float, norm_scale: float,
                      norm_offset: float, ns_dtype: torch.dtype, path: str, normalization: str,
                      algorithm: str, restarts: list[int]) -> torch.Tensor:
-    """Newton–Schulz on a (k, m, n) stack along kernel ``path`` ("small", "symmetric", "cublas");
+    """Newton–Schulz on a (k, m, n) stack along kernel ``path`` ("small", "symmetric", "cublas",
+    "symmetric-cublas");
     ``coefficients`` is the flattened per-step (a, b, c), the rest the fields of an ``NSConfig``
     (custom ops take only plain types)."""
     steps = tuple(tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3))
@@ -83,30 +86,33 @@ def _(stack, coefficients, eps, norm_scale, norm_offset, ns_dtype, path, normali
 @torch.library.custom_op("muon_kernels::fused_momentum", mutates_args=("bufs", "stack", "scales"))
 def fused_momentum_op(grads: list[torch.Tensor], bufs: list[torch.Tensor], momenta: torch.Tensor,
                       chunk_tensor: torch.Tensor, chunk_start: torch.Tensor, numels: torch.Tensor, meta: torch.Tensor,
-                      stack: torch.Tensor, ema: bool, nesterov: bool, scales: list[torch.Tensor],
+                      vectorizable: bool, stack: torch.Tensor, ema: bool, nesterov: bool, scales: list[torch.Tensor],
                       steps: list[torch.Tensor], seeds: list[int]) -> None:
-    """``scales``: int8 momentum's block scales (mutated); ``steps``/``seeds``: stochastic rounding."""
-    fused_momentum(grads, bufs, momenta, (chunk_tensor, chunk_start, numels, meta), stack, ema=ema, nesterov=nesterov,
-                   scales=scales, steps=steps, seeds=seeds)
+    """``scales``: int8 momentum's block scales (mutated); ``steps``/``seeds``: stochastic rounding.
+    ``chunk_tensor`` … ``vectorizable``: the bucket's ``fused_update.Layout``."""
+    fused_momentum(grads, bufs, momenta, (chunk_tensor, chunk_start, numels, meta, vectorizable), stack, ema=ema,
+                   nesterov=nesterov, scales=scales, steps=steps, seeds=seeds)
 
 
 @fused_momentum_op.register_fake
-def _(grads, bufs, momenta, chunk_tensor, chunk_start, numels, meta, stack, ema, nesterov, scales, steps, seeds):
+def _(grads, bufs, momenta, chunk_tensor, chunk_start, numels, meta, vectorizable, stack, ema, nesterov, scales, steps,
+      seeds):
     return None
 
 
 @torch.library.custom_op("muon_kernels::fused_apply_update", mutates_args=("params",))
 def fused_apply_update_op(params: list[torch.Tensor], alphas: torch.Tensor, decays: torch.Tensor,
                           chunk_tensor: torch.Tensor, chunk_start: torch.Tensor, numels: torch.Tensor,
-                          meta: torch.Tensor, ortho: torch.Tensor, cautious: bool, row_scale: torch.Tensor | None = None,
-                          gains: torch.Tensor | None = None, shrink: torch.Tensor | None = None) -> None:
-    fused_apply_update(params, alphas, decays, (chunk_tensor, chunk_start, numels, meta), ortho, cautious,
+                          meta: torch.Tensor, vectorizable: bool, ortho: torch.Tensor, cautious: bool,
+                          row_scale: torch.Tensor | None = None, gains: torch.Tensor | None = None,
+                          shrink: torch.Tensor | None = None) -> None:
+    fused_apply_update(params, alphas, decays, (chunk_tensor, chunk_start, numels, meta, vectorizable), ortho, cautious,
                        row_scale, gains, shrink)
 
 
 @fused_apply_update_op.register_fake
-def _(params, alphas, decays, chunk_tensor, chunk_start, numels, meta, ortho, cautious, row_scale=None, gains=None,
-      shrink=None):
+def _(params, alphas, decays, chunk_tensor, chunk_start, numels, meta, vectorizable, ortho, cautious, row_scale=None,
+      gains=None, shrink=None):
     return None
 
 
@@ -144,7 +150,7 @@ def _(partials, alphas, radius, normuon, hyperball, normuon_eps, hyperball_eps):
 
 # What the backends call (positional arguments; ``mutated`` mirrors each op's ``mutates_args``).
 newton_schulz_launch = eager_or_traced(newton_schulz_op)
-fused_momentum_launch = eager_or_traced(fused_momentum_op, mutated=(1, 7, 10))
+fused_momentum_launch = eager_or_traced(fused_momentum_op, mutated=(1, 8, 11))
 fused_apply_update_launch = eager_or_traced(fused_apply_update_op, mutated=(0,))
 variant_statistics_launch = eager_or_traced(variant_statistics_op, mutated=(2, 4))
 variant_factors_launch = eager_or_traced(variant_factors_op)

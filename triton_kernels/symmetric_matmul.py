@@ -11,9 +11,13 @@ tall matrix is the same call on its transposed view: the kernel reads through st
 transposed copy is made.
 
 Products with few output tiles (fewer than two waves of the device's SMs) are split along K
-(config.split_factor): each program accumulates one K slice of one tile into an fp32 partial,
-and ``_symmetric_reduce_kernel`` sums a tile's partials in slice order — a fixed order, no atomics,
-so repeated calls give the same bits — and applies the epilogue.
+(config.split_factor): each program accumulates one K slice of one tile into an fp32 partial and
+counts itself in at the tile's arrival counter; the tile's last program to arrive sums the tile's
+partials in slice order and applies the epilogue, in the same launch. The sum's order is fixed
+(slice 0, 1, …, whoever arrives last), so repeated calls give the same bits; the counter is an
+integer atomic, the only atomic, and never touches the floats. One launch per product instead of
+two: at batch 1 a skinny product is host-bound, and the second launch cost more host time than
+its kernel ran (bench/README.md, "Host time of a launch").
 """
 
 from __future__ import annotations
@@ -31,10 +35,16 @@ from .config import (FP_FUSION, MatmulConfig, cdiv, checked_grid, persistent_pro
 from .descriptors import descriptor, load_tile
 from .launch import launch
 
-# Rows of a tile one reduction program sums: eight programs per 128-row tile spread the partials'
-# reads over more SMs than the (few) tiles of a product that needed splitting, and keep a program's
-# 16×128 fp32 sum at 16 registers a thread (32 rows spilled 8 bytes on sm_100 under Triton 3.6).
-_REDUCE_ROWS = 16
+def fixup_rows(block: int, itemsize: int) -> int:
+    """Rows of a tile the last-arriving program sums at a time: 16 of a 128-wide tile (8 fp32
+    registers a thread at 8 warps), 8 of a 64-wide 16-bit one, the whole of a 64-wide fp32 one.
+    Chosen by compiling every split kernel the AOT test checks (plain and persistent, narrowest and
+    widest epilogue, sm_80…sm_120, Triton 3.6 and 3.9) with 4…64 rows: ptxas's choices are not
+    monotonic (an 8-byte stack frame appears at one row count and not at the next: 8 rows of a
+    128-wide tile on sm_100, 16 of a persistent 64-wide bf16 tile on sm_100, 32 of a 64-wide fp32
+    tile on sm_90, 8 or 16 of one on sm_100/sm_120), and these are the values with none anywhere."""
+    rows = 16 if block >= 128 else 8 if itemsize < 4 else 64
+    return min(rows, block)
 
 
 @triton.jit
@@ -82,8 +92,31 @@ def _symmetric_epilogue(acc, D, C, batch, rows, cols, M,
 
 
 @triton.jit
+def _fixup_tile(Partial, D, C, Counter, tile, splits, batch, ti, tj, M,
+                stride_db, stride_dm, stride_dn, stride_cb, stride_cm, stride_cn,
+                alpha, beta, shift, HAS_D: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """The last slice of a tile to arrive: the tile's ``splits`` partials summed in slice order
+    (fixed, whichever slice runs this), ROWS rows at a time, through the unsplit epilogue; then the
+    tile's counter back to zero for the next split launch on this stream."""
+    base = Partial + tile.to(tl.int64) * splits * (BLOCK * BLOCK)
+    cols = (tj * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    for r0 in range(0, BLOCK, ROWS):
+        local = r0 + tl.arange(0, ROWS)
+        offsets = local[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+        for s in range(splits):
+            # .cg: from L2, never a stale L1 line (other SMs wrote these partials during this launch).
+            acc += tl.load(base + s * (BLOCK * BLOCK) + offsets, cache_modifier=".cg")
+        _symmetric_epilogue(acc, D, C, batch, (ti * BLOCK + local).to(tl.int64), cols, M,
+                            stride_db, stride_dm, stride_dn, stride_cb, stride_cm, stride_cn,
+                            alpha, beta, shift, HAS_D, HAS_SHIFT)
+    tl.store(Counter + tile, 0)
+
+
+@triton.jit
 def _symmetric_item(
-    item, X, Y, D, C, Partial, X_desc, Y_desc,
+    item, X, Y, D, C, Partial, Counter, X_desc, Y_desc,
     M, K, splits, k_per_split, per_matrix,
     stride_xb, stride_xm, stride_xk,
     stride_yb, stride_ym, stride_yk,
@@ -92,6 +125,7 @@ def _symmetric_item(
     alpha, beta, shift,
     HAS_D: tl.constexpr, HAS_SHIFT: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     """One work item: K slice ``item % splits`` of tile ``item // splits`` of the batch's triangles."""
     tile = item // splits
@@ -122,6 +156,15 @@ def _symmetric_item(
         # 16-byte stores after one pass through shared memory.
         flat = tl.cast(item, tl.int64) * (BLOCK * BLOCK) + tl.arange(0, BLOCK * BLOCK)
         tl.store(Partial + flat, tl.reshape(acc, (BLOCK * BLOCK,)))
+        # Every thread's partial stores, then one release-acquire increment of the tile's counter
+        # (CUTLASS's semaphore pattern: barrier, then a gpu-scope release by one thread). The
+        # program that sees splits - 1 arrived last: every other slice's partial is visible to it.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Counter + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            _fixup_tile(Partial, D, C, Counter, tile, splits, batch, ti, tj, M,
+                        stride_db, stride_dm, stride_dn, stride_cb, stride_cm, stride_cn,
+                        alpha, beta, shift, HAS_D, HAS_SHIFT, BLOCK, ROWS)
     else:
         _symmetric_epilogue(acc, D, C, batch, rows_i, rows_j, M,
                             stride_db, stride_dm, stride_dn, stride_cb, stride_cm, stride_cn,
@@ -130,7 +173,7 @@ def _symmetric_item(
 
 @triton.jit
 def _symmetric_matmul_kernel(
-    X, Y, D, C, Partial, X_desc, Y_desc,
+    X, Y, D, C, Partial, Counter, X_desc, Y_desc,
     M, K, items, splits, k_per_split,
     stride_xb, stride_xm, stride_xk,
     stride_yb, stride_ym, stride_yk,
@@ -146,6 +189,7 @@ def _symmetric_matmul_kernel(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     PERSISTENT: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     # Work items are (tile, K slice) pairs, slice fastest, over the batch folded into grid axis 0
     # (axis 1 stops at 65,535 on a GPU; the interpreter never says so): one program per item, or
@@ -157,48 +201,55 @@ def _symmetric_matmul_kernel(
     per_matrix = tiles * (tiles + 1) // 2
     if PERSISTENT:
         for item in range(tl.program_id(0), items, tl.num_programs(0)):
-            _symmetric_item(item, X, Y, D, C, Partial, X_desc, Y_desc, M, K, splits, k_per_split, per_matrix,
+            _symmetric_item(item, X, Y, D, C, Partial, Counter, X_desc, Y_desc, M, K, splits, k_per_split, per_matrix,
                             stride_xb, stride_xm, stride_xk, stride_yb, stride_ym, stride_yk,
                             stride_db, stride_dm, stride_dn, stride_cb, stride_cm, stride_cn, alpha, beta, shift,
-                            HAS_D, HAS_SHIFT, SPLIT, BLOCK, BLOCK_K, UPCAST, PRECISION, TMA)
+                            HAS_D, HAS_SHIFT, SPLIT, BLOCK, BLOCK_K, UPCAST, PRECISION, TMA, ROWS)
     else:
-        _symmetric_item(tl.program_id(0), X, Y, D, C, Partial, X_desc, Y_desc, M, K, splits, k_per_split, per_matrix,
+        _symmetric_item(tl.program_id(0), X, Y, D, C, Partial, Counter, X_desc, Y_desc, M, K, splits, k_per_split, per_matrix,
                         stride_xb, stride_xm, stride_xk, stride_yb, stride_ym, stride_yk,
                         stride_db, stride_dm, stride_dn, stride_cb, stride_cm, stride_cn, alpha, beta, shift,
-                        HAS_D, HAS_SHIFT, SPLIT, BLOCK, BLOCK_K, UPCAST, PRECISION, TMA)
+                        HAS_D, HAS_SHIFT, SPLIT, BLOCK, BLOCK_K, UPCAST, PRECISION, TMA, ROWS)
 
 
-@triton.jit
-def _symmetric_reduce_kernel(
-    Partial, D, C,
-    M, splits,
-    stride_db, stride_dm, stride_dn,
-    stride_cb, stride_cm, stride_cn,
-    alpha, beta, shift,
-    HAS_D: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ROWS: tl.constexpr,
-):
-    """Rows [r·ROWS, (r+1)·ROWS) of one tile: its ``splits`` partials summed in slice order (fixed,
-    so every run gives the same bits), then the epilogue the unsplit kernel applies."""
-    pid = tl.program_id(0)
-    per_tile = BLOCK // ROWS
-    tile = pid // per_tile
-    r = pid - tile * per_tile
-    tiles = tl.cdiv(M, BLOCK)
-    b32, ti, tj = _tile_of(tile, tiles * (tiles + 1) // 2)
-    local = r * ROWS + tl.arange(0, ROWS)
-    offsets = local[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    base = Partial + tile.to(tl.int64) * splits * (BLOCK * BLOCK)
-    acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
-    for s in range(splits):
-        acc += tl.load(base + s * (BLOCK * BLOCK) + offsets)
-    rows = (ti * BLOCK + local).to(tl.int64)
-    cols = (tj * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    _symmetric_epilogue(acc, D, C, b32.to(tl.int64), rows, cols, M,
-                        stride_db, stride_dm, stride_dn, stride_cb, stride_cm, stride_cn,
-                        alpha, beta, shift, HAS_D, HAS_SHIFT)
+class ArrivalCounters:
+    """The split kernel's per-tile arrival counters: int32 zeros that every split launch leaves at
+    zero again (the last slice of each tile resets its counter), so one array serves every launch
+    that is ordered after the previous one — the launches of one stream. Kept per (device, stream):
+    launches on two streams may run at once and must not count into the same counters. Under CUDA
+    graph capture each launch gets fresh zeros instead (the zeroing is captured with it and redone
+    on every replay; the array belongs to the graph's memory pool), so a graph never shares
+    counters with eager launches or with another graph, whichever stream replays it."""
+
+    MIN_SIZE = 1024  # tiles; more than any product the split rule splits on today's GPUs (< 2 waves)
+
+    def __init__(self):
+        self.by_stream: dict[tuple, torch.Tensor] = {}
+
+    def get(self, device: torch.device, tiles: int) -> torch.Tensor:
+        if device.type != "cuda":  # the CPU interpreter runs programs one by one: one array per device
+            return self.kept((device, None), device, tiles)
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(tiles, dtype=torch.int32, device=device)
+        # The stream Triton launches on: the current device's current stream.
+        index = torch.cuda.current_device()
+        return self.kept((index, torch._C._cuda_getCurrentRawStream(index)), device, tiles)
+
+    def forget(self, counters: torch.Tensor) -> None:
+        """Drop a kept array whose launch raised (an interrupted interpreter run, a failed launch):
+        some of its counters may not be back at zero, and a later launch would misread them."""
+        self.by_stream = {k: v for k, v in self.by_stream.items() if v is not counters}
+
+    def kept(self, key: tuple, device: torch.device, tiles: int) -> torch.Tensor:
+        counters = self.by_stream.get(key)
+        if counters is None or counters.numel() < tiles:
+            # A bigger array replaces a smaller one: the old one is freed in stream order, after
+            # the launches already enqueued on this stream that use it.
+            counters = self.by_stream[key] = torch.zeros(max(tiles, self.MIN_SIZE), dtype=torch.int32, device=device)
+        return counters
+
+
+COUNTERS = ArrivalCounters()
 
 
 @functools.lru_cache(maxsize=4096)  # a handful of shapes per model; the split search costs ~10 µs of host time
@@ -260,31 +311,33 @@ def symmetric_matmul(
     y_desc = descriptor(Y, (block, cfg.block_k)) if cfg.tma else None
     tma = x_desc is not None and y_desc is not None
     dummy = D if D is not None else out  # never read when HAS_D is False
-    partial = (workspace.empty((tiles * splits, block, block), dtype=torch.float32, device=X.device)
-               if splits > 1 else out)
-    epilogue = dict(HAS_D=D is not None, HAS_SHIFT=shift != 0.0)
-    launch(_symmetric_matmul_kernel, (checked_grid(programs, "symmetric_matmul"),),
-        X, Y, dummy, out, partial, x_desc if tma else None, y_desc if tma else None,
-        m, k, tiles * splits, splits, k_per_split,
-        *X.stride(), *Y.stride(), *dummy.stride(), *out.stride(),
-        float(alpha), float(beta), float(shift),
-        SPLIT=splits > 1,
-        BLOCK=block,
-        BLOCK_K=cfg.block_k,
-        UPCAST=upcast_for(X),
-        PRECISION=precision_for(X.dtype, fp32_precision),
-        TMA=tma,
-        PERSISTENT=cfg.persistent,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        enable_fp_fusion=FP_FUSION,
-        **epilogue,
-    )
     if splits > 1:
-        rows = min(_REDUCE_ROWS, block)
-        launch(_symmetric_reduce_kernel, (checked_grid(tiles * (block // rows), "symmetric_reduce"),),
-            partial, dummy, out, m, splits, *dummy.stride(), *out.stride(),
+        partial = workspace.empty((tiles * splits, block, block), dtype=torch.float32, device=X.device)
+        counters = COUNTERS.get(X.device, tiles)
+    else:
+        partial = counters = out  # never read without a split
+    try:
+        launch(_symmetric_matmul_kernel, (checked_grid(programs, "symmetric_matmul"),),
+            X, Y, dummy, out, partial, counters, x_desc if tma else None, y_desc if tma else None,
+            m, k, tiles * splits, splits, k_per_split,
+            *X.stride(), *Y.stride(), *dummy.stride(), *out.stride(),
             float(alpha), float(beta), float(shift),
-            BLOCK=block, ROWS=rows, num_warps=4, enable_fp_fusion=FP_FUSION, **epilogue,
+            SPLIT=splits > 1,
+            BLOCK=block,
+            BLOCK_K=cfg.block_k,
+            UPCAST=upcast_for(X),
+            PRECISION=precision_for(X.dtype, fp32_precision),
+            TMA=tma,
+            PERSISTENT=cfg.persistent,
+            ROWS=fixup_rows(block, X.element_size()),
+            HAS_D=D is not None,
+            HAS_SHIFT=shift != 0.0,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            enable_fp_fusion=FP_FUSION,
         )
+    except BaseException:
+        if splits > 1:
+            COUNTERS.forget(counters)
+        raise
     return out

@@ -2,9 +2,9 @@
 
 Per bucket: one fused momentum → Nesterov → stack launch; Newton–Schulz either in one kernel
 (matrices that fit one CTA) or with the symmetric kernels (2 + 3·steps launches) — or, where the
-measuring mode finds it faster, the two normalization launches then cuBLAS's GEMMs ("cublas");
-one fused decay-and-update launch. Importing this module imports triton;
-the registry only does so when the backend is asked about.
+measuring mode finds it faster, the two normalization launches then cuBLAS's GEMMs ("cublas"), or
+cuBLAS for a·X + B·X only ("symmetric-cublas"); one fused decay-and-update launch. Importing this
+module imports triton; the registry only does so when the backend is asked about.
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ def _one_kernel(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, con
 
 def paths(m: int, n: int, ns_dtype: torch.dtype, device: torch.device, config: NSConfig | None = None) -> tuple[str, ...]:
     """The kernel paths that can orthogonalize such a bucket, this backend's own choice first. On a
-    GPU also "cublas": the normalization kernels with cuBLAS's GEMMs, for the measuring mode to
-    time (torch.optim.Muon's cuBLAS recurrence beat the symmetric kernels 2.4× at 1024×4096 on the
-    H200, and the torch backend's normalization costs ~15 launches more)."""
+    GPU also, for the measuring mode to time: "cublas", the normalization kernels with cuBLAS's
+    GEMMs (torch.optim.Muon's cuBLAS recurrence beat the symmetric kernels 2.4× at 1024×4096 on the
+    H200, and the torch backend's normalization costs ~15 launches more); and "symmetric-cublas":
+    the symmetric kernels' products (X·Xᵀ, b·A + c·A·A; Gram NS's m×m ones) with cuBLAS's
+    a·X + B·X (Gram NS: Q·X) — ``symmetric_cublas_newton_schulz``."""
     own = ("small", "symmetric") if _one_kernel(m, n, ns_dtype, device, config) else ("symmetric",)
-    return own + (("cublas",) if device.type == "cuda" else ())
+    return own + (("cublas", "symmetric-cublas") if device.type == "cuda" else ())
 
 
 def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
@@ -49,6 +51,10 @@ def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
     if path == "cublas":
         return "cublas", ("normalization kernels (2 launches), then cuBLAS's batched GEMMs for the products; fused "
                           "momentum and update")
+    if path == "symmetric-cublas":
+        return "symmetric-cublas", ("normalization kernels (2 launches), X·Xᵀ and b·A+c·A·A (Gram NS: its m×m "
+                                    "products) on the symmetric kernel (upper tiles, mirrored), a·X+B·X (Gram NS: "
+                                    "Q·X) on cuBLAS's batched GEMM; fused momentum and update")
     if config is not None and config.algorithm == "gram":
         return "symmetric-gram", ("Gram NS driver: X·Xᵀ, P = b·R + c·R·R + a·I, Q·P and P·(R·P) on the symmetric "
                                   "kernel (upper tiles, mirrored; split-K when few tiles), restarts and the final "
@@ -57,8 +63,8 @@ def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
         return "small", "whole matrix in one CTA: all NS steps in one kernel; fused momentum and update; 5 launches"
     return "symmetric", (
         "fused momentum→stack, triangular-grid X·Xᵀ and b·A+c·A·A (upper tiles, mirrored store), "
-        "a·X+B·X epilogue, fused update; 4 + 3·steps launches per bucket, plus one reduction per product "
-        "split along K (few output tiles)"
+        "a·X+B·X epilogue, fused update; 4 + 3·steps launches per bucket; products with few output tiles split "
+        "along K and reduce in the same launch"
     )
 
 

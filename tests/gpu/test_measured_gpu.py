@@ -52,8 +52,9 @@ def test_the_fastest_path_is_chosen_persisted_and_reused(cache, monkeypatch):
     assert chosen <= {r["choice"].removesuffix(":gram") for r in records.values()}
     assert all("auto (measured)" in b.why for b in opt._buckets)
     assert all("auto (measured)" in r.why for r in opt.plan())
-    # The Triton backend's cuBLAS-products path competes at every shape, beside the torch backend's.
-    assert all({"triton:cublas", "torch:baddbmm"} <= set(r["ms"]) for r in records.values()), records
+    # The Triton backend's cuBLAS-products paths compete at every shape, beside the torch backend's.
+    assert all({"triton:cublas", "triton:symmetric-cublas", "torch:baddbmm"} <= set(r["ms"])
+               for r in records.values()), records
 
     def no_timing(*args):
         raise AssertionError("timed again although the choice was cached")

@@ -66,6 +66,58 @@ def test_symmetric_matmul_and_mirrored_tiles_on_device():
     assert torch.equal(out[:, :128, 128:256], out[:, 128:256, :128].mT)
 
 
+def test_split_products_in_a_cuda_graph_and_on_two_streams_give_the_eager_bits():
+    """A split product reduces in its own launch: the last slice of a tile to arrive (an integer
+    counter per tile, acquire-release at GPU scope) sums the tile's partials in slice order. Its
+    counters are kept per stream and left at zero by every launch; under capture each launch takes
+    fresh zeros, zeroed again on every replay. So: eager repeats, graph replays and two streams
+    running split products at once all give the same bits, within bf16's error of fp64, and every
+    kept counter is zero afterwards."""
+    from dataclasses import replace
+
+    from muon_kernels.triton_kernels import symmetric_matmul as tsym
+    from muon_kernels.triton_kernels.config import matmul_config
+
+    cfg = replace(matmul_config(DEV, torch.bfloat16, 1024, 1024, 4096, kind="symmetric"), split_k=3)
+    Xs = [_randn(1, 1024, 4096, seed=s).to(DEV, torch.bfloat16) for s in (1, 2)]
+    eager = [symmetric_matmul(X, config=cfg) for X in Xs]
+    for X, out in zip(Xs, eager):
+        assert rel_err(out, X.double() @ X.double().mT) <= 2 * 2.0**-8
+        assert torch.equal(out, symmetric_matmul(X, config=cfg))
+    # Persistent programs (a tile's last arrival need not be its last slice), a batch, eight slices:
+    # the same sum in the same order, so the same bits as the plain split launch, every time.
+    X = _randn(3, 640, 2048, seed=3).to(DEV, torch.bfloat16)
+    plain = symmetric_matmul(X, config=replace(cfg, split_k=8))
+    for _ in range(10):
+        assert torch.equal(symmetric_matmul(X, config=replace(cfg, split_k=8, persistent=True)), plain)
+
+    static = torch.empty_like(eager[0])
+    kept = {key: id(c) for key, c in tsym.COUNTERS.by_stream.items()}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        symmetric_matmul(Xs[0], config=cfg, out=static)
+    assert {key: id(c) for key, c in tsym.COUNTERS.by_stream.items()} == kept  # fresh counters, none kept
+    for _ in range(3):
+        static.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static, eager[0])
+
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    outs = [[], []]
+    for _ in range(20):
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                outs[i].append(symmetric_matmul(Xs[i], config=cfg))
+    torch.cuda.synchronize()
+    for i in range(2):
+        assert all(torch.equal(o, eager[i]) for o in outs[i])
+    assert len(tsym.COUNTERS.by_stream) >= 3  # the default stream and the two side streams
+    assert not any(c.any() for c in tsym.COUNTERS.by_stream.values())
+
+
 def test_nan_member_does_not_leak_on_device():
     G = _randn(4, 200, 300).float().to(DEV)
     G[2, 5, 5] = float("nan")
@@ -76,6 +128,44 @@ def test_nan_member_does_not_leak_on_device():
 def _params(shapes, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter((torch.randn(s, generator=g) / s[1] ** 0.5).to(DEV, dtype)) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vector_and_per_element_fused_kernels_give_the_same_bits(dtype, monkeypatch):
+    """The fused momentum and update kernels' 16-byte path (tests/test_triton_aot.py checks its
+    LDG.E.128/STG.E.128) and their per-element path give the same parameters and momentum bit for
+    bit over wide and tall (transposed) matrices; parameters 4 bytes off 16-byte alignment (views
+    into a flat buffer) take the per-element path and step like the aligned ones."""
+    from muon_kernels.triton_kernels import fused_update
+
+    shapes = [(768, 768), (3072, 768), (768, 3072), (256, 1024)]
+    real, taken = fused_update.aligned, []
+    monkeypatch.setattr(fused_update, "aligned", lambda *args: taken.append(real(*args)) or taken[-1])
+
+    def run(params):
+        opt = mk.Muon(params, lr=0.02, backend="triton", weight_decay=0.01)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(DEV, dtype)
+            opt.step()
+        return [p.detach().clone() for p in params] + [opt.state[p]["momentum_buffer"].clone() for p in params]
+
+    vector = run(_params(shapes, dtype))
+    assert taken and all(taken)
+    taken.clear()
+    flat = torch.empty(sum(a * b for a, b in shapes) + 2, device=DEV, dtype=dtype)
+    offset, shifted = 4 // dtype.itemsize, []
+    for p in _params(shapes, dtype):
+        view = flat[offset:offset + p.numel()].view(p.shape)
+        view.copy_(p.detach())
+        shifted.append(torch.nn.Parameter(view))
+        offset += p.numel()
+    per_element = run(shifted)
+    assert all(p.data_ptr() % 16 == 4 for p in shifted)
+    assert True in taken and False in taken  # momentum (fresh buffers) vector; updates of shifted parameters not
+    for a, b in zip(vector, per_element):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -60,6 +60,65 @@ def test_split_partials_are_reduced_in_a_fixed_order(monkeypatch):
     assert torch.equal(first, symmetric_matmul(X, config=cfg))
 
 
+def _last_arrivals(tiles: int, splits: int, programs: int) -> list[int]:
+    """Per tile, the slice whose program arrives last when the interpreter runs ``programs``
+    persistent programs one after another, each striding over the items (slice fastest)."""
+    order = [item for p in range(programs) for item in range(p, tiles * splits, programs)]
+    return [max(range(splits), key=lambda s: order.index(t * splits + s)) for t in range(tiles)]
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.75])
+def test_the_last_slice_to_arrive_sums_in_slice_order_and_resets_the_counters(shift):
+    """Split products reduce in the launch itself: the last of a tile's slices to arrive (an integer
+    counter, the only atomic) sums the tile's partials in slice order. Persistent programs make some
+    tile's last arrival a slice other than its last; the bits still equal a plain launch's, where
+    the last slice always arrives last — and every counter is back at zero for the next launch."""
+    X = _randn(1, 70, 150, seed=6)
+    D = symmetric_matmul(_randn(1, 70, 40, seed=7))
+    plain, persistent = replace(BASE, split_k=3), replace(BASE, split_k=3, persistent=True)
+    tiles, splits, _, programs = launch_shape(1, 70, 150, persistent, INTERPRETER_SMS)
+    assert (tiles, splits, programs) == (6, 3, INTERPRETER_SMS)
+    assert any(s != splits - 1 for s in _last_arrivals(tiles, splits, programs))
+    counters = tsym.COUNTERS.get(X.device, tiles)
+    outs = [symmetric_matmul(X, alpha=0.5, D=D, beta=-2.0, shift=shift, config=cfg) for cfg in (plain, persistent)]
+    assert torch.equal(outs[0], outs[1])
+    exact = 0.5 * X.double() @ X.double().mT - 2.0 * D.double() + shift * torch.eye(70, dtype=torch.float64)
+    assert rel_err(outs[0], exact) <= FP32_TOL
+    assert tsym.COUNTERS.get(X.device, tiles) is counters and not counters.any()
+
+
+def test_arrival_counters_are_kept_per_stream_and_grow():
+    """One zeroed array per (device, stream), reused while big enough, replaced by a bigger one."""
+    counters = tsym.ArrivalCounters()
+    cpu = torch.device("cpu")
+    first = counters.kept(("dev", 1), cpu, 10)
+    assert first.dtype == torch.int32 and first.numel() == tsym.ArrivalCounters.MIN_SIZE and not first.any()
+    assert counters.kept(("dev", 1), cpu, 10) is first
+    assert counters.kept(("dev", 2), cpu, 10) is not first  # another stream: its own counters
+    bigger = counters.kept(("dev", 1), cpu, 3000)
+    assert bigger.numel() == 3000 and not bigger.any() and counters.kept(("dev", 1), cpu, 5) is bigger
+
+
+def test_a_split_launch_that_raises_forgets_its_counters(monkeypatch):
+    """An interrupted launch may leave counters above zero; its array is dropped, so the next split
+    launch starts from fresh zeros and gives the same bits as before."""
+    X = _randn(1, 70, 150, seed=8)
+    cfg = replace(BASE, split_k=3)
+    before = symmetric_matmul(X, config=cfg)
+    kept = tsym.COUNTERS.get(X.device, 6)
+
+    def interrupted(kernel, grid, *args, **constexprs):
+        args[5][0] = 2  # the counters: two slices of tile 0 arrived, then the run stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tsym, "launch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        symmetric_matmul(X, config=cfg)
+    monkeypatch.undo()
+    assert tsym.COUNTERS.get(X.device, 6) is not kept
+    assert torch.equal(symmetric_matmul(X, config=cfg), before)
+
+
 @pytest.mark.parametrize("variant", ["split2", "tma+split2+persistent"])
 def test_epilogue_with_second_operand_and_shift(variant):
     """alpha·X·Yᵀ + beta·D + shift·I for commuting symmetric X, Y (Gram NS's R·P and P = p(R))."""

@@ -141,8 +141,42 @@ def test_cublas_path_is_the_normalization_kernels_then_batched_gemms(ns_dtype, a
     assert triton_backend.kernel_path(24, 60, ns_dtype, G.device, config, "cublas")[0] == "cublas"
     # Offered on a GPU only (for the measuring mode to time); never this backend's own first choice.
     gpu = torch.device("cuda")
-    assert triton_backend.paths(4096, 4096, ns_dtype, gpu, config) == ("symmetric", "cublas")
+    assert triton_backend.paths(4096, 4096, ns_dtype, gpu, config) == ("symmetric", "cublas", "symmetric-cublas")
     assert triton_backend.paths(4096, 4096, ns_dtype, G.device, config) == ("symmetric",)
+
+
+@pytest.mark.parametrize("normalization", ["frobenius", "aol"])
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_symmetric_cublas_path_mixes_the_symmetric_products_with_a_batched_gemm(ns_dtype, normalization):
+    """The "symmetric-cublas" path: the Triton normalization, X·Xᵀ and b·A + c·A·A on the symmetric
+    kernel, a·X + B·X as the torch backend's batched GEMM — the same bits as running the recurrence
+    over exactly those products — and inside the band of the fp64 polar factor."""
+    from muon_kernels import recurrence
+    from muon_kernels.triton_kernels.symmetric_matmul import symmetric_matmul
+
+    G = _randn(2, 40, 72)
+    config = resolve_ns_config("keller", 5, 1e-7, ns_normalization=normalization)
+    out = triton_backend.orthogonalize(G, config, ns_dtype, path="symmetric-cublas")
+    ops = recurrence.MatmulOps(gram=lambda X: symmetric_matmul(X),
+                               poly=lambda A, b, c: symmetric_matmul(A, alpha=c, D=A, beta=b),
+                               apply=lambda B, X, a: torch.baddbmm(X, B, X, beta=a))
+    assert torch.equal(out, recurrence.run(normalize(G, config, ns_dtype), config, ns_dtype, ops))
+    if normalization == "frobenius":
+        ref = reference_ns(G)
+        bound = FP32_TOL if ns_dtype == torch.float32 else 2 * rel_err(plain_recurrence(G, ns_dtype), ref) + 1e-2
+        assert rel_err(out, ref) <= bound
+    assert triton_backend.kernel_path(40, 72, ns_dtype, G.device, config, "symmetric-cublas")[0] == "symmetric-cublas"
+
+
+def test_symmetric_cublas_path_runs_gram_ns_with_cublas_q_x():
+    """Gram NS on the "symmetric-cublas" path: the Gram driver's m×m products on the symmetric kernel,
+    its Q·X (restart and result) on torch.bmm — the Triton Gram path's math in another summation
+    order (fp32: within 1e-5 of it), and inside the fp64 polar factor's band."""
+    G = _randn(2, 24, 96)
+    config = resolve_ns_config("keller", 5, 1e-7, "gram", ns_gram_restarts=(2,))
+    out = triton_backend.orthogonalize(G, config, torch.float32, path="symmetric-cublas")
+    assert rel_err(out, triton_backend.orthogonalize(G, config, torch.float32, path="symmetric")) <= 1e-5
+    assert rel_err(out, reference_ns(G)) <= FP32_TOL
 
 
 def test_nan_member_does_not_leak():
@@ -443,3 +477,52 @@ def test_32_bit_and_int64_index_arithmetic_give_the_same_bits(options, monkeypat
     assert set(used) == {True, False}
     for a, b in zip(results[True], results[False]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("options", [{}, {"adaptive": "normuon", "constraint": "hyperball", "weight_decay": 0.0},
+                                     {"weight_decay_mode": "cautious", "weight_decay": 0.1}])
+def test_vector_and_per_element_paths_give_the_same_bits(options, monkeypatch):
+    """The fused kernels' 16-byte path (ALIGNED: contiguous tensors whose sizes are multiples of 8 at
+    16-byte aligned addresses; wide tensors' stack slices as vectors, tall ones transposed element by
+    element) and their per-element path: the same parameters and momentum bit for bit, over wide,
+    tall and batched matrices, bf16 and fp32; the default step takes the vector path."""
+    from muon_kernels.triton_kernels import fused_update
+
+    real_launch, taken = fused_update.launch, []
+
+    def recording(kernel, grid, *args, **constexprs):
+        taken.append(constexprs["ALIGNED"])
+        real_launch(kernel, grid, *args, **constexprs)
+
+    monkeypatch.setattr(fused_update, "launch", recording)
+    results = {}
+    for vector in (True, False):
+        if not vector:
+            monkeypatch.setattr(fused_update, "aligned", lambda *args: False)
+        taken.clear()
+        g = torch.Generator().manual_seed(12)
+        ps = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.2).to(dtype))
+              for s, dtype in [((16, 24), torch.float32), ((24, 16), torch.float32), ((2, 16, 24), torch.float32),
+                               ((16, 40), torch.bfloat16), ((40, 16), torch.bfloat16)]]
+        groups = [{"params": ps[:2], **options}, {"params": ps[2:3], "matrix_view": "batch", **options},
+                  {"params": ps[3:], **options}]
+        opt = mk.Muon(groups, lr=0.05, backend="triton", ns_dtype=torch.float32, ns_steps=2)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            opt.step()
+        assert taken and set(taken) == {vector}
+        results[vector] = [p.detach().clone() for p in ps] + [opt.state[p]["momentum_buffer"].clone() for p in ps]
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
+
+
+def test_vector_path_only_for_contiguous_multiple_of_8_tensors_at_aligned_addresses():
+    from muon_kernels.triton_kernels.fused_update import aligned, make_layout
+
+    cpu = torch.device("cpu")
+    good = make_layout([(1, 16, 24, False, False, 24), (2, 24, 16, True, False, 16)], cpu)
+    assert good.vectorizable and aligned(good, 4096, 8192, 1 << 20)
+    assert not aligned(good, 4096, 8192 + 4)  # one address 4 bytes off (a view inside a flat buffer)
+    assert not make_layout([(1, 16, 24, False, False, 24), (1, 3, 5, False, False, 5)], cpu).vectorizable  # 15 elements
+    assert not make_layout([(1, 16, 8, False, False, 24)], cpu).vectorizable  # a column piece of a 16×24 matrix
