@@ -11,15 +11,17 @@ one fill per buffer, so it is off by default. Read on every call, so a test can 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from .environment import Switch
+
 FILL_VARIABLE = "MUON_KERNELS_DEBUG_FILL"
+_FILL = Switch(FILL_VARIABLE)
 
 
 def _fill_value() -> float | None:
-    value = os.environ.get(FILL_VARIABLE, "")
+    value = _FILL.get()
     if value in ("", "0", "off"):
         return None
     if value != "nan":

@@ -27,11 +27,13 @@ from typing import Callable
 
 import torch
 
+from ..environment import Switch
 from .config import MatmulConfig, arch_of, is_interpreting, matmul_config, tuning_space
 
 ENV = "MUON_KERNELS_AUTOTUNE"
 CACHE_ENV = "MUON_KERNELS_AUTOTUNE_CACHE"
 KINDS = ("symmetric", "ns_update")
+_ENABLED = Switch(ENV)  # read per product launch: a test may switch tuning on between calls
 
 _LOCK = threading.Lock()
 # (cache file, key) -> the config chosen in this process: a launch asks on every call, and reading
@@ -40,7 +42,7 @@ _CHOSEN: dict[tuple[str, str], MatmulConfig] = {}
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "0") == "1"
+    return _ENABLED.get() == "1"
 
 
 def cache_path() -> Path:

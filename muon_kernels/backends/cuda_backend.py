@@ -20,12 +20,12 @@ on the FMA units (ieee fp32, like the torch reference).
 
 from __future__ import annotations
 
-import os
 import torch
 
 from .. import _C, momentum_precision, recurrence, variants, workspace
 from ..triton_kernels.config import sm_count, split_factor
 from ..bucket import Bucket
+from ..environment import Switch
 from ..ns_config import NSConfig
 from . import torch_backend
 from ..scalars import momenta, update_scalars
@@ -36,12 +36,13 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ALL = tuple(DTYPE_CODES)
 PATH_ENV = "MUON_KERNELS_CUDA_PATH"
 SM75, SM80 = 75, 80
+_PATH = Switch(PATH_ENV)
 
 
 def code_path(device: torch.device) -> int:
     """The tensor-core code path for ``device``: ``sm80`` from compute capability 8.0, else ``sm75``;
     ``MUON_KERNELS_CUDA_PATH=sm75`` forces the sm75 path."""
-    forced = os.environ.get(PATH_ENV, "").strip().lower()
+    forced = _PATH.get().strip().lower()
     if forced not in ("", "native", "sm75"):
         raise ValueError(f"{PATH_ENV}={forced!r} is not a code path: set it to 'sm75' (force the Turing path: fp16 "
                          "mma, no cp.async) or 'native', or unset it")
