@@ -276,7 +276,7 @@ def kernel_cases(arch: int):
                         ("[vector]" if vector else "")
                     elementwise.append((name, fused_update._fused_apply_update_kernel, args, consts,
                                         f"block{fused_update.BLOCK}w4", f"{param}<-{ortho}", 4, 1, False, False))
-            args = dict(Ortho=ortho, Table="i64", RowScale="fp32", Partials="fp32", MN=1024 * 4096, NMAX=4096,
+            args = dict(Ortho=ortho, Table="i64", RowScale="fp32", Partials="fp32", M=1024, N=4096,
                         BLOCKS=128, weight=0.05, eps=1e-10)
             consts = dict(PARAM_DTYPE=_TL[param], NORMUON=True, HYPERBALL=True, BLOCK_N=variant_statistics.BLOCK_N,
                           BLOCK_J=variant_statistics.BLOCK_J, EMULATE_RN=False)

@@ -83,6 +83,12 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
         assert scalar.vector_accesses == 0 and vector.vector_accesses >= 2, where
         if "normuon" not in vector.name:
             assert vector.instructions < scalar.instructions, (where, vector.instructions, scalar.instructions)
+    # The statistics pass reads the orthogonalized stack in 16-byte vectors in each of its four
+    # loops (neurons on the stack's rows or columns × the parameter transposed or not), where the
+    # per-element orientation it had before gave none.
+    statistics = [r for r in rows if r.name == "variant_statistics"]
+    assert statistics and all(r.vector_accesses >= 4 for r in statistics), \
+        [(r.dtype, r.vector_accesses) for r in statistics]
     # Hopper runs the 16-bit products on warpgroup MMA, Blackwell (sm_100) on tcgen05.
     if arch in (90, 100):
         assert all(r.tensor_core_instructions > 0 for r in rows if r.is_matmul and r.dtype in ("bf16", "fp16"))

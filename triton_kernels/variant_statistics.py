@@ -29,43 +29,75 @@ from .launch import launch
 TABLE_COLUMNS: tl.constexpr = tl.constexpr(6)  # per matrix: param, v (0: none), rows, cols, transposed, neurons on cols
 SUMS: tl.constexpr = tl.constexpr(4)  # per (matrix, block of neurons): Σq, Σs²q, Σs·(W·O), ΣW²
 BLOCK_N = 16
-BLOCK_J = 32
+BLOCK_J = 64
 _BLOCK_J_INTERPRETER = 16
 
 
 @triton.jit
+def _neuron_sums(O, W, i, live, length, o_stride_i, o_stride_j, w_stride_i, w_stride_j,
+                 HYPERBALL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Per neuron i of the block: Σ_j O_ij², and for the hyperball Σ_j W_ij·O_ij and Σ_j W_ij², over
+    ``length`` elements j in BLOCK_J steps. The strides are literals at each call (one of each pair
+    is 1), so the compiler sees which axis is contiguous and loads it in 16-byte vectors."""
+    # Elementwise accumulation, one reduction across lanes after the loop: a tl.sum per step was
+    # ~60 warp shuffles per step in the loop.
+    q = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
+    wo = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
+    w2 = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
+    for j0 in range(0, length, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
+        mask = live[:, None] & (j < length)[None, :]
+        o = tl.load(O + i[:, None] * o_stride_i + j[None, :] * o_stride_j, mask=mask, other=0.0).to(tl.float32)
+        q += o * o
+        if HYPERBALL:
+            w = tl.load(W + i[:, None] * w_stride_i + j[None, :] * w_stride_j, mask=mask, other=0.0).to(tl.float32)
+            wo += w * o
+            w2 += w * w
+    q = tl.sum(q, axis=1)
+    wo = tl.sum(wo, axis=1)
+    w2 = tl.sum(w2, axis=1)
+    return q, wo, w2
+
+
+@triton.jit
 def _variant_statistics_kernel(
-    Ortho, Table, RowScale, Partials, MN, NMAX, BLOCKS, weight, eps,
+    Ortho, Table, RowScale, Partials, M, N, BLOCKS, weight, eps,
     PARAM_DTYPE: tl.constexpr, NORMUON: tl.constexpr, HYPERBALL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, EMULATE_RN: tl.constexpr,
 ):
+    # Addressed in the stack's coordinates: matrix k is M×N, row-major (its element (a, b) at
+    # a·N + b), and its parameter holds (a, b) at a·N + b, or at b·M + a where it sits in the stack
+    # transposed. Neurons are the stack's rows where the parameter's neuron axis maps to them
+    # (rows of an untransposed matrix, columns of a transposed one), else its columns. Each of the
+    # four cases is its own loop with literal unit strides (a branch per program: the whole program
+    # works on one matrix): with the orientation chosen per element, as before, every load was
+    # one instruction per element behind 64-bit address arithmetic.
     k = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
     row = Table + k * TABLE_COLUMNS
-    rows = tl.load(row + 2)
-    cols = tl.load(row + 3)
     transposed = tl.load(row + 4) != 0
-    neuron_cols = tl.load(row + 5) != 0
-    count = tl.where(neuron_cols, cols, rows)
-    other = tl.where(neuron_cols, rows, cols)
+    on_rows = transposed == (tl.load(row + 5) != 0)  # neurons on the stack's rows
+    m = M.to(tl.int64)
+    n = N.to(tl.int64)
+    count = tl.where(on_rows, m, n)
+    other = tl.where(on_rows, n, m)
     i = nb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     live = i < count
-    q = tl.zeros([BLOCK_N], dtype=tl.float32)
-    wo = tl.zeros([BLOCK_N], dtype=tl.float32)
-    w2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j0 in range(0, other, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        mask = live[:, None] & (j < other)[None, :]
-        r = tl.where(neuron_cols, j[None, :], i[:, None])  # (row, col) of the stored matrix
-        c = tl.where(neuron_cols, i[:, None], j[None, :])
-        place = tl.where(transposed, c * rows + r, r * cols + c)  # where the stack keeps it
-        o = tl.load(Ortho + k * MN + place, mask=mask, other=0.0).to(tl.float32)
-        q += tl.sum(o * o, axis=1)
-        if HYPERBALL:
-            param = tl.load(row).to(tl.pointer_type(PARAM_DTYPE))
-            w = tl.load(param + r * cols + c, mask=mask, other=0.0).to(tl.float32)
-            wo += tl.sum(w * o, axis=1)
-            w2 += tl.sum(w * w, axis=1)
+    # A block past this matrix's neurons (the grid covers the stack's larger side) walks nothing
+    # and stores zero sums, instead of issuing a loop of fully masked loads.
+    length = tl.where(nb * BLOCK_N < count, other, 0)
+    O = Ortho + k * m * n
+    W = tl.load(row).to(tl.pointer_type(PARAM_DTYPE))
+    if on_rows:
+        if transposed:
+            q, wo, w2 = _neuron_sums(O, W, i, live, length, n, 1, 1, m, HYPERBALL, BLOCK_N, BLOCK_J)
+        else:
+            q, wo, w2 = _neuron_sums(O, W, i, live, length, n, 1, n, 1, HYPERBALL, BLOCK_N, BLOCK_J)
+    else:
+        if transposed:
+            q, wo, w2 = _neuron_sums(O, W, i, live, length, 1, n, m, 1, HYPERBALL, BLOCK_N, BLOCK_J)
+        else:
+            q, wo, w2 = _neuron_sums(O, W, i, live, length, 1, n, 1, n, HYPERBALL, BLOCK_N, BLOCK_J)
     s = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
     if NORMUON:
         v_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
@@ -74,7 +106,7 @@ def _variant_statistics_kernel(
         v = _lerp(v, tl.div_rn(q, other.to(tl.float32)), w_ema, EMULATE_RN)  # torch's lerp_, as the reference
         tl.store(v_ptr + i, v, mask=live)
         s = tl.div_rn(1.0, tl.sqrt_rn(v) + eps)
-        tl.store(RowScale + k * NMAX + i, s, mask=live)
+        tl.store(RowScale + k * n + i, s, mask=live)
     s = tl.where(live, s, 0.0)
     out = Partials + (k * BLOCKS + nb) * SUMS
     tl.store(out + 0, tl.sum(q, axis=0))
@@ -105,7 +137,7 @@ def variant_statistics(ortho: torch.Tensor, table: torch.Tensor, row_scale: torc
     partials = torch.empty((k, nb, SUMS.value), dtype=torch.float32, device=ortho.device)
     grid = (checked_grid(k, "variant_statistics"), checked_grid(nb, "variant_statistics", axis=1))
     launch(_variant_statistics_kernel, grid,
-        ortho, table, row_scale if row_scale is not None else partials, partials, m * n, n, nb, 1.0 - beta2, eps,
+        ortho, table, row_scale if row_scale is not None else partials, partials, m, n, nb, 1.0 - beta2, eps,
         PARAM_DTYPE=_TL_DTYPES[param_dtype], NORMUON=normuon, HYPERBALL=hyperball, BLOCK_N=BLOCK_N,
         BLOCK_J=_BLOCK_J_INTERPRETER if is_interpreting() else BLOCK_J, EMULATE_RN=is_interpreting(),
     )

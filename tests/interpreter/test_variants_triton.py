@@ -10,8 +10,11 @@ import torch
 import muon_kernels as mk
 from oracles import rel_err
 
-SHAPES = [(12, 20), (20, 12), (12, 20), (3, 12, 20)]
-VIEWS = [None, None, "transposed", "batch"]
+# Every case of the statistics kernel's stack-coordinate loops: neurons on the stack's rows
+# (wide (out, in); tall (in, out), transposed into the stack; 3D) or on its columns (tall (out, in),
+# transposed; wide (in, out)).
+SHAPES = [(12, 20), (20, 12), (12, 20), (3, 12, 20), (20, 12)]
+VIEWS = [None, None, "transposed", "batch", "transposed"]
 
 
 def _run(backend: str, dtype: torch.dtype, steps: int = 3, **options):
