@@ -43,7 +43,9 @@ H100/H200 (the table's "why" below; bench/README.md "Kernel notes (Hopper)" has 
   from sm_90 (``PERSISTENT_MIN_ARCH``): on sm_86/89 ptxas caps the 128×64 a·X + B·X kernel at 168
   registers (three blocks per SM) and the item loop's few extra values spill 8 bytes (Triton 3.6). Warp
   specialization itself is not offered: ``tl.range(..., warp_specialize=True)`` on either loop
-  compiled for sm_90 (Triton 3.9) to the same registers and no ``setmaxnreg`` — it did not apply.
+  compiled for sm_90 (Triton 3.9) to the same registers and no ``setmaxnreg`` — it did not apply;
+  on a minimal TMA-descriptor GEMM loop it fails to compile at 4 warps and does not apply at 8
+  (bench/README, "Kernel notes (Hopper)").
 """
 
 from __future__ import annotations
