@@ -61,7 +61,7 @@ install: build-tools
 test-old-triton: $(OLD_TRITON_ENV)
 ifneq ($(OLD_TRITON_ENV),)
 	MUON_KERNELS_SKIP_CUDA_BUILD=1 .venv-triton-old/bin/pip install --quiet --no-build-isolation --no-deps .
-	cd tests && ../.venv-triton-old/bin/python -m pytest -q test_triton_aot.py test_triton_interpreter.py test_launch.py
+	cd tests && ../.venv-triton-old/bin/python -m pytest -q test_triton_aot.py test_triton_interpreter.py test_launch.py test_replay.py
 endif
 
 test: install test-old-triton

@@ -33,6 +33,7 @@ from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from muon_kernels.triton_kernels import launch as launch_module  # noqa: E402
+from muon_kernels.triton_kernels import replay  # noqa: E402
 
 DEVICES = (0, 1)  # the stand-in driver's devices: a key made on one must not serve the other
 
@@ -209,12 +210,11 @@ def measure(model: str = "gpt2-small", layers: int = 12, width_divisor: int = 1,
                 "arguments": len(args) + len(kwargs),
             }
         step = {}
-        for direct in (False, True, False, True):  # interleaved: this VM's speed drifts
-            with launch_module.direct_launches(direct):
+        for label in MODES * 2:  # interleaved: this VM's speed drifts
+            with _mode(label):
                 opt.step()
                 ms = _best_us(opt.step, steps) / 1e3
-            label = "direct_ms" if direct else "triton_dispatch_ms"
-            step[label] = min(step.get(label, float("inf")), ms)
+            step[f"{label}_ms"] = min(step.get(f"{label}_ms", float("inf")), ms)
         calls.clear()
         calls.recording = True
         opt.step()
@@ -241,13 +241,24 @@ def newton_schulz_host_time(calls: Calls, repeats: int, shape=(1, 1024, 4096)) -
     launches = len(calls)
     calls.recording = False
     out = {"shape": list(shape), "launches": launches}
-    for direct in (False, True, False, True):
-        with launch_module.direct_launches(direct):
-            newton_schulz(G, config, torch.bfloat16)
-            us = _best_us(lambda: newton_schulz(G, config, torch.bfloat16), repeats)
-        label = "direct_us" if direct else "triton_dispatch_us"
-        out[label] = min(out.get(label, float("inf")), us)
+    for label in MODES * 2:
+        with _mode(label):
+            for _ in range(2):  # compile, then record
+                replay.call(newton_schulz, G, config, torch.bfloat16)
+            us = _best_us(lambda: replay.call(newton_schulz, G, config, torch.bfloat16), repeats)
+        out[f"{label}_us"] = min(out.get(f"{label}_us", float("inf")), us)
     return out
+
+
+# How the launches are made: Triton's dispatch per launch; direct launches (our key, then the
+# compiled kernel's launcher) with every call's Python; direct launches with recorded calls replayed.
+MODES = ("triton_dispatch", "direct", "replayed")
+
+
+@contextlib.contextmanager
+def _mode(label: str):
+    with launch_module.direct_launches(label != "triton_dispatch"), replay.replays(label == "replayed"):
+        yield
 
 
 def main() -> None:
@@ -267,10 +278,12 @@ def main() -> None:
     s = r["step"]
     print(f"{r['model']} step ({r['layers']} layers, width ÷{r['width_divisor']}, {s['launches']} launches): "
           f"{s['triton_dispatch_ms']:.3f} ms of host time with Triton's dispatch, {s['direct_ms']:.3f} ms with "
-          f"direct launches ({s['saved_us_per_launch']:.1f} µs less per launch)")
+          f"direct launches ({s['saved_us_per_launch']:.1f} µs less per launch), {s['replayed_ms']:.3f} ms with "
+          f"recorded calls replayed")
     n = r["newton_schulz"]
     print(f"newton_schulz {'x'.join(map(str, n['shape']))} ({n['launches']} launches): {n['triton_dispatch_us']:.0f} µs "
-          f"of host time per call with Triton's dispatch, {n['direct_us']:.0f} µs with direct launches")
+          f"of host time per call with Triton's dispatch, {n['direct_us']:.0f} µs with direct launches, "
+          f"{n['replayed_us']:.0f} µs replayed")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 Per shape (priority order: the shapes we lose at first, bench/README.md "Kernel notes (Hopper)"):
 - ``ns`` rows: the whole 5-step keller recurrence — ours with the table's configs (``ours``;
   ``ours-triton-dispatch``, the same launches through Triton's per-call dispatch instead of direct
-  launches; ``ours-backend``, the optimizer's own path choice, one-kernel for small matrices; ``ours-cublas``,
+  launches; ``ours-replayed``, the call recorded once and replayed (triton_kernels/replay.py; the
+  timed runs replay, the fp64 check runs under the debug fill, which turns replay off);
+  ``ours-backend``, the optimizer's own path choice, one-kernel for small matrices; ``ours-cublas``,
   the normalization kernels with cuBLAS's GEMMs; ``ours-symmetric-cublas``, the symmetric products
   with cuBLAS's a·X + B·X; ``cuda``, ``cuda-sm75`` and ``cuda-cublas``, the
   CUDA extension's paths where it runs), ours with each
@@ -56,6 +58,7 @@ from muon_kernels import recurrence  # noqa: E402
 from muon_kernels.backends import available_backends, select_backend, triton_backend  # noqa: E402
 from muon_kernels.ns_config import resolve_ns_config  # noqa: E402
 from muon_kernels.triton_kernels import config as kcfg  # noqa: E402
+from muon_kernels.triton_kernels import replay  # noqa: E402
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, ns_update  # noqa: E402
 from muon_kernels.triton_kernels.symmetric_matmul import launch_shape, symmetric_matmul  # noqa: E402
 from muon_kernels.workspace import FILL_VARIABLE  # noqa: E402
@@ -201,6 +204,10 @@ def ns_item(run: Run, m: int, n: int, batch: int) -> None:
         # What the optimizer runs: the backend also picks the one-kernel path for small matrices.
         impls.append(("ours-backend", "standard", dtype, None,
                       lambda dt=dtype: triton_backend.orthogonalize(G, _ns_config(), dt)))
+        # The call recorded once and replayed (triton_kernels/replay.py; "ours" runs every call's
+        # Python): the difference is the host time replay saves (bench/README.md).
+        impls.append(("ours-replayed", "standard", dtype, None,
+                      lambda dt=dtype: replay.call(newton_schulz, G, _ns_config(), dt)))
         # The same launches through Triton's own dispatch (launch.direct_launches off): the
         # difference to "ours" is the host time direct launches save (bench/README.md).
         impls.append(("ours-triton-dispatch", "standard", dtype, None,

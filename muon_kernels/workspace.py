@@ -11,6 +11,7 @@ one fill per buffer, so it is off by default. Read on every call, so a test can 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -20,7 +21,7 @@ FILL_VARIABLE = "MUON_KERNELS_DEBUG_FILL"
 _FILL = Switch(FILL_VARIABLE)
 
 
-def _fill_value() -> float | None:
+def fill_value() -> float | None:
     value = _FILL.get()
     if value in ("", "0", "off"):
         return None
@@ -29,15 +30,22 @@ def _fill_value() -> float | None:
     return float("nan")
 
 
+# Called with every buffer ``empty`` hands out (triton_kernels.replay records a call's buffers).
+observers: list[Callable[[torch.Tensor], None]] = []
+
+
 def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty``, or NaN-filled under ``MUON_KERNELS_DEBUG_FILL=nan`` (floating dtypes)."""
-    return poisoned(torch.empty(shape, dtype=dtype, device=device))
+    out = torch.empty(shape, dtype=dtype, device=device)
+    for observe in observers:
+        observe(out)
+    return poisoned(out)
 
 
 def poisoned(out: torch.Tensor) -> torch.Tensor:
     """``out``, NaN-filled first under ``MUON_KERNELS_DEBUG_FILL=nan`` (floating dtypes): for a work
     buffer handed out again, so the switch checks every use of it, not only the first."""
-    fill = _fill_value()
+    fill = fill_value()
     if fill is not None and out.is_floating_point():
         out.fill_(fill)
     return out

@@ -274,3 +274,5 @@ def test_the_launch_overhead_benchmark_runs():
             "_fused_apply_update_kernel"} <= set(result["per_kernel"])
     assert all(row["triton_dispatch_us"] > 0 and row["direct_us"] > 0 for row in result["per_kernel"].values())
     assert result["step"]["launches"] > 0 and result["newton_schulz"]["launches"] == 17
+    assert all(result["step"][f"{mode}_ms"] > 0 and result["newton_schulz"][f"{mode}_us"] > 0
+               for mode in launch_overhead.MODES)

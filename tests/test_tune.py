@@ -38,7 +38,7 @@ def test_smoke_run_writes_the_schema(smoke):
             "winners", "notes", "shapes"} <= set(doc)
     ns = [r for r in doc["results"] if r["item"] == "ns"]
     products = [r for r in doc["results"] if r["item"] == "product"]
-    assert {r["impl"] for r in ns} >= {"ours", "ours-gram", "ours-gram-restart2", "ours-cublas",
+    assert {r["impl"] for r in ns} >= {"ours", "ours-replayed", "ours-gram", "ours-gram-restart2", "ours-cublas",
                                        "ours-symmetric-cublas", "cublas-recurrence"}
     assert {r["product"] for r in products} == {"gram", "poly", "update"}
     cublas = [r for r in doc["results"] if r["item"] == "product-cublas"]

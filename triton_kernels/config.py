@@ -211,6 +211,11 @@ def forced(**by_kind: MatmulConfig):
         _FORCED.update(saved)
 
 
+def forcing() -> bool:
+    """Whether ``forced`` is active (every product then takes a config chosen outside the table)."""
+    return bool(_FORCED)
+
+
 def matmul_config(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, arch: int | None = None,
                   kind: str | None = None) -> MatmulConfig:
     """The config for an (m×k)·(k×n) product in ``dtype`` on ``device`` (or for ``arch`` when given):

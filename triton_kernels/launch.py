@@ -48,6 +48,11 @@ ENV = "MUON_KERNELS_DIRECT_LAUNCH"
 MAX_ENTRIES = 4096
 
 _direct = os.environ.get(ENV, "1") != "0"
+# Called with (compiled kernel, grid, args, constexpr tail) of every direct launch, and with None for
+# a launch through Triton's dispatch (triton_kernels.replay records a call's launches).
+observers: list = []
+# Called by ``clear`` (triton_kernels.replay forgets its recordings).
+on_clear: list = []
 _KEYED = (torch.Tensor, int, float, bool, str, type(None))
 
 
@@ -80,14 +85,14 @@ def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
     argument class has been launched before. ``args``: every non-constexpr parameter, in order;
     ``constexprs``: the constexpr parameters and Triton's options (num_warps, num_stages, ...)."""
     if not _direct or is_interpreting() or getattr(kernel, "pre_run_hooks", True):
-        kernel[grid](*args, **constexprs)
+        _dispatch(kernel, grid, args, constexprs)
         return
     grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     types = tuple(map(type, args))
     site = _sites.get((id(kernel), types))
     if site is None:
         if not all(issubclass(t, _KEYED) for t in types):  # a TMA descriptor: Triton's dispatch every time
-            kernel[grid](*args, **constexprs)
+            _dispatch(kernel, grid, args, constexprs)
             return
         site = _sites.setdefault((id(kernel), types), _Site(types))
     key = _key(site, args, constexprs)
@@ -95,13 +100,23 @@ def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
     if hit is not None:
         compiled, tail = hit
         compiled[grid](*args, *tail)
+        for observe in observers:
+            observe((compiled, grid, args, tail))
         return
-    compiled = kernel[grid](*args, **constexprs)
+    compiled = _dispatch(kernel, grid, args, constexprs)
     if hasattr(compiled, "result"):  # Triton 3.9's async compile mode hands back a FutureKernel
         compiled = compiled.result()
     # None: a jit_cache_hook (or a warm-up) skipped the launch; nothing to call directly next time.
     if isinstance(compiled, CompiledKernel) and len(site.entries) < MAX_ENTRIES:
         site.entries[key] = (compiled, constexpr_tail(kernel, len(args), constexprs))
+
+
+def _dispatch(kernel, grid, args: tuple, constexprs: dict):
+    """Triton's own launch path (binding, cache lookup, compile on a miss), reported as such."""
+    compiled = kernel[grid](*args, **constexprs)
+    for observe in observers:
+        observe(None)
+    return compiled
 
 
 def _key(site: _Site, args: tuple, constexprs: dict) -> tuple:
@@ -134,8 +149,16 @@ def constexpr_tail(kernel, given: int, constexprs: dict) -> tuple:
 
 
 def clear() -> None:
-    """Forget every entry: the next launch of each key goes through Triton's dispatch again."""
+    """Forget every entry: the next launch of each key goes through Triton's dispatch again (and,
+    through ``on_clear``, every recorded call: a recording holds compiled kernels)."""
     _sites.clear()
+    for forget in on_clear:
+        forget()
+
+
+def direct() -> bool:
+    """Whether launches take the direct path now."""
+    return _direct
 
 
 def entries(kernel) -> int:

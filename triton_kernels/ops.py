@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..ns_config import NSConfig
+from . import replay
 from .fused_update import fused_apply_update, fused_momentum
 from .variant_statistics import blocks, variant_factors, variant_statistics
 from .newton_schulz import cublas_newton_schulz, newton_schulz, symmetric_cublas_newton_schulz
@@ -75,7 +76,8 @@ def newton_schulz_op(stack: torch.Tensor, coefficients: list[float], eps: float,
     (custom ops take only plain types)."""
     steps = tuple(tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3))
     config = NSConfig(steps, eps, norm_scale, norm_offset, normalization, algorithm, tuple(restarts))
-    return _NEWTON_SCHULZ[path](stack, config, ns_dtype)
+    # Recorded once per signature, then replayed with fresh buffers (triton_kernels/replay.py).
+    return replay.call(_NEWTON_SCHULZ[path], stack, config, ns_dtype)
 
 
 @newton_schulz_op.register_fake

@@ -225,6 +225,7 @@ class ArrivalCounters:
 
     def __init__(self):
         self.by_stream: dict[tuple, torch.Tensor] = {}
+        self.forgotten = 0  # arrays dropped so far: a recorded call (triton_kernels.replay) holding one re-records
 
     def get(self, device: torch.device, tiles: int) -> torch.Tensor:
         if device.type != "cuda":  # the CPU interpreter runs programs one by one: one array per device
@@ -239,6 +240,7 @@ class ArrivalCounters:
         """Drop a kept array whose launch raised (an interrupted interpreter run, a failed launch):
         some of its counters may not be back at zero, and a later launch would misread them."""
         self.by_stream = {k: v for k, v in self.by_stream.items() if v is not counters}
+        self.forgotten += 1
 
     def kept(self, key: tuple, device: torch.device, tiles: int) -> torch.Tensor:
         counters = self.by_stream.get(key)

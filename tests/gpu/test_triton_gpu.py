@@ -219,6 +219,55 @@ def test_direct_launches_match_tritons_dispatch_bit_for_bit():
         assert torch.equal(a, b)
 
 
+def test_replayed_calls_give_the_plain_bits(monkeypatch):
+    """triton_kernels.replay (tests/test_replay.py checks its launcher arguments on a CPU): a recorded
+    call replayed with fresh buffers gives the plain path's bits — standard NS with split products
+    (1024×4096 at batch 1: X·Xᵀ splits on every GPU with more than 18 SMs), Gram NS with restarts,
+    the one-kernel small path, a batched transposed view and an input off 16-byte alignment — on
+    the default stream and on a side stream (its own recording and arrival counters), and a
+    Triton-backend step replays every bucket with the same parameters as without replay. The debug
+    fill turns replay off, so it is cleared here."""
+    from muon_kernels.triton_kernels import replay
+
+    monkeypatch.delenv("MUON_KERNELS_DEBUG_FILL", raising=False)
+    keller = resolve_ns_config("keller", 5, 1e-7)
+    gram = resolve_ns_config("keller", 5, 1e-7, "gram", ns_gram_restarts=(1, 3))
+    cases = [(newton_schulz, _randn(1, 1024, 4096).float().to(DEV), keller),
+             (newton_schulz, _randn(2, 512, 2048, seed=1).float().to(DEV), gram),
+             (small_newton_schulz, _randn(6, 40, 96, seed=2).float().to(DEV), keller),
+             (newton_schulz, _randn(3, 700, 300, seed=3).float().to(DEV).mT, keller),
+             (newton_schulz, _randn(2 * 300 * 500 + 1, seed=4).float().to(DEV)[1:].view(2, 300, 500), keller)]
+    side = torch.cuda.Stream()
+    replay.clear()
+    for fn, stack, cfg in cases:
+        with replay.replays(False):
+            plain = fn(stack, cfg, torch.bfloat16)
+        for stream in (torch.cuda.current_stream(), side):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                replayed = [replay.call(fn, stack, cfg, torch.bfloat16) for _ in range(4)]
+            torch.cuda.current_stream().wait_stream(stream)
+            for out in replayed:
+                assert torch.equal(out, plain)
+    assert replay.plans() == 2 * len(cases)
+
+    shapes = [(1024, 4096), (768, 768), (768, 768), (64, 192)]
+    results = []
+    for enabled in (False, True):
+        with replay.replays(enabled):
+            ps = _params(shapes)
+            opt = mk.Muon(ps, lr=0.02, backend="triton", dispatch="table")
+            g = torch.Generator().manual_seed(5)
+            for _ in range(4):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g).to(DEV)
+                opt.step()
+            results.append([p.detach().clone() for p in ps])
+    assert replay.plans() >= 2 * len(cases) + len(opt._buckets)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def _kernel_launches(opt) -> int:
     from torch.profiler import ProfilerActivity, profile
 

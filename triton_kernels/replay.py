@@ -1,0 +1,242 @@
+"""Replayed launch sequences: a Newton–Schulz call's launches, recorded once per call signature
+and replayed with fresh buffers, without the Python that chose them.
+
+Why: a batch-1 call at a skinny shape is host-bound. At 1024×4096 a call makes 17 launches of a
+few to ~25 µs of GPU work each, and the host spends ~12 µs of Python per launch choosing them —
+the product wrappers (configs, grids, split factors, work buffers), the direct launcher's key and
+Triton's runner — plus the C launcher's driver query for every tensor argument. None of that
+depends on the values in the stack: for a given (shape, strides, dtype, alignment, config, device,
+stream) the call makes the same launches with the same scalars, and only the buffers' addresses
+change. So the first such call is recorded — its work buffers (``workspace.empty``) in order and
+each launch's compiled kernel, grid and arguments, every tensor argument resolved to (buffer,
+byte offset) — and later calls allocate the same buffers and hand each compiled kernel's C
+launcher the new addresses as integers (which also skips its per-pointer driver query).
+
+A recording is kept only if the call did nothing else: every launch went through the direct path
+(``launch``: a first launch compiles through Triton's dispatch, a TMA descriptor always does), and
+no torch operation other than allocations and views ran (a ``TorchDispatchMode`` watches; the
+cuBLAS paths' ``bmm`` disqualifies them). A signature that fails ``ATTEMPTS`` recordings in a row
+is left to the plain path. Replay is off (the plain path runs) under the interpreter, during CUDA graph
+capture (split products need fresh arrival counters there), with ``MUON_KERNELS_DEBUG_FILL`` (every
+buffer must be poisoned), opt-in autotuning, a forced config (bench/tune.py), direct launches off,
+or ``MUON_KERNELS_REPLAY=0``. Tensors a launch reads that the call did not allocate (the split
+products' kept arrival counters) are held by the recording and passed as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton import knobs
+from triton.runtime.driver import driver
+
+from .. import workspace
+from ..environment import Switch
+from . import autotune, config, launch
+from .symmetric_matmul import COUNTERS
+
+ENV = "MUON_KERNELS_REPLAY"
+_SWITCH = Switch(ENV)
+ATTEMPTS = 2  # failed recordings in a row before a signature is left to the plain path
+MAX_PLANS = 4096  # signatures kept: a program that keeps making new shapes stops recording them
+
+_plans: dict[tuple, "_Plan"] = {}
+_failures: dict[tuple, int] = {}
+_recording = False
+_enabled = True
+
+
+class _Plan:
+    """One recorded call: its buffers (shape, dtype) in allocation order, its launches, where its
+    result lives, and the tensors its launches read that it did not allocate."""
+
+    __slots__ = ("buffers", "device", "launches", "output", "kept", "counters_forgotten")
+
+    def __init__(self, buffers, device, launches, output, kept):
+        self.buffers, self.device, self.launches, self.output, self.kept = buffers, device, launches, output, kept
+        self.counters_forgotten = COUNTERS.forgotten
+
+    def replay(self, stack: torch.Tensor, stream: int) -> torch.Tensor:
+        made = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self.buffers]
+        bases = (stack.data_ptr(), *[t.data_ptr() for t in made])
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        for compiled, grid, template, fills in self.launches:
+            args = list(template)
+            for position, source, offset in fills:
+                args[position] = bases[source] + offset
+            metadata = compiled.launch_metadata(grid, stream, *args) if enter is not None else None
+            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
+                         enter, leave, *args)
+        source, whole, shape, stride, offset = self.output
+        result = stack if source == 0 else made[source - 1]
+        return result if whole else result.as_strided(shape, stride, offset)
+
+
+class _Recording(TorchDispatchMode):
+    """Collects a call's buffers and launches; ``valid`` drops to False at anything else it does."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffers: list[torch.Tensor] = []
+        self.launches: list = []  # (record, buffers allocated before it)
+        self.allocations = 0
+        self.valid = True
+        self.thread = threading.get_ident()  # the observers are global: another thread's launch spoils it
+
+    def allocated(self, buffer: torch.Tensor) -> None:
+        if threading.get_ident() != self.thread:
+            self.valid = False
+        self.buffers.append(buffer)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _ALLOCATIONS:
+            self.allocations += 1
+        elif not func.is_view:
+            self.valid = False
+        return func(*args, **(kwargs or {}))
+
+    def launched(self, record) -> None:
+        if record is None or threading.get_ident() != self.thread:  # None: through Triton's dispatch (a
+            self.valid = False  # compile, or an argument it must bind itself)
+        else:
+            self.launches.append((record, len(self.buffers)))
+
+    def plan(self, stack: torch.Tensor, out: torch.Tensor) -> _Plan | None:
+        if self.allocations != len(self.buffers):  # something allocated outside workspace.empty
+            return None
+        spans = [_span(stack)] + [_span(t) for t in self.buffers]
+        kept: list[torch.Tensor] = []
+        launches = []
+        for (compiled, grid, args, tail), allocated in self.launches:
+            template = [*args, *tail]
+            fills = []
+            for position, value in enumerate(template):
+                if not isinstance(value, torch.Tensor):
+                    continue
+                found = _locate(spans, allocated, value.data_ptr())
+                if found is None:  # not this call's: kept alive by the plan, passed as it was
+                    kept.append(value)
+                    template[position] = value.data_ptr()
+                else:
+                    fills.append((position, *found))
+                    template[position] = 0
+            launches.append((compiled, grid, tuple(template), tuple(fills)))
+        found = _locate(spans, len(self.buffers), out.data_ptr())
+        if found is None:
+            return None
+        source, offset = found
+        base = stack if source == 0 else self.buffers[source - 1]
+        if offset % out.element_size() or out.dtype != base.dtype:
+            return None
+        whole = out.data_ptr() == base.data_ptr() and out.shape == base.shape and out.stride() == base.stride()
+        output = (source, whole, tuple(out.shape), out.stride(), offset // out.element_size())
+        return _Plan([(tuple(t.shape), t.dtype) for t in self.buffers], stack.device, launches, output, kept)
+
+
+_ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last] byte address ``t`` covers (its base pointer and the end of its extent)."""
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size() - 1
+
+
+def _locate(spans, allocated: int, address: int) -> tuple[int, int] | None:
+    """(index of the span holding ``address``, byte offset into it): the latest of the first
+    ``allocated`` buffers that holds it (an earlier one at the same address was freed before the
+    later one took its memory), else the input (index 0)."""
+    for i in (*range(allocated, 0, -1), 0):
+        first, last = spans[i]
+        if first <= address <= last:
+            return i, address - first
+    return None
+
+
+def usable(stack: torch.Tensor) -> bool:
+    """Whether a call on ``stack`` may be recorded or replayed now (the module docstring's list)."""
+    return (_enabled and not _recording and launch.direct() and not config.is_interpreting()
+            and stack.numel() > 0 and not config.forcing() and not autotune.enabled()
+            and workspace.fill_value() is None and _SWITCH.get() != "0"
+            and not (stack.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def call(fn: Callable[..., torch.Tensor], stack: torch.Tensor, *static) -> torch.Tensor:
+    """``fn(stack, *static)``, replayed when this signature has been recorded. ``static`` must
+    determine everything ``fn`` launches besides the stack's shape, strides, dtype and alignment."""
+    if not usable(stack):
+        return fn(stack, *static)
+    device = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(device)
+    key = (fn, static, stack.shape, stack.stride(), stack.dtype, stack.data_ptr() & 15, stack.device, device, stream)
+    plan = _plans.get(key)
+    if plan is not None and plan.counters_forgotten != COUNTERS.forgotten and plan.kept:
+        del _plans[key]  # a launch raised since the recording: the counters it holds may be the dropped ones
+        plan = None
+    if plan is not None:
+        try:
+            return plan.replay(stack, stream)
+        except BaseException:
+            forget(key)
+            raise
+    if _failures.get(key, 0) >= ATTEMPTS or len(_plans) >= MAX_PLANS:
+        return fn(stack, *static)
+    return _record(key, fn, stack, static)
+
+
+def _record(key: tuple, fn, stack: torch.Tensor, static: tuple) -> torch.Tensor:
+    global _recording
+    recording = _Recording()
+    workspace.observers.append(recording.allocated)
+    launch.observers.append(recording.launched)
+    _recording = True
+    try:
+        with recording:
+            out = fn(stack, *static)
+    finally:
+        _recording = False
+        workspace.observers.remove(recording.allocated)
+        launch.observers.remove(recording.launched)
+    plan = recording.plan(stack, out) if recording.valid and isinstance(out, torch.Tensor) else None
+    if plan is None:
+        _failures[key] = _failures.get(key, 0) + 1
+    else:
+        _plans[key] = plan
+        _failures.pop(key, None)
+    return out
+
+
+def forget(key: tuple) -> None:
+    """Drop a plan whose replay raised: its kept arrival counters may not be back at zero."""
+    plan = _plans.pop(key, None)
+    for t in plan.kept if plan is not None else ():
+        COUNTERS.forget(t)
+
+
+def clear() -> None:
+    """Forget every recording (``launch.clear`` calls this: a recording holds compiled kernels)."""
+    _plans.clear()
+    _failures.clear()
+
+
+launch.on_clear.append(clear)
+
+
+def plans() -> int:
+    """How many signatures replay (tests and benchmarks)."""
+    return len(_plans)
+
+
+@contextlib.contextmanager
+def replays(enabled: bool):
+    """Replay on or off inside the block (benchmarks time both in one process)."""
+    global _enabled
+    before, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = before
