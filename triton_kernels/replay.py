@@ -51,29 +51,42 @@ _enabled = True
 
 
 class _Plan:
-    """One recorded call: its buffers (shape, dtype) in allocation order, its launches, where its
-    result lives, and the tensors its launches read that it did not allocate."""
+    """One recorded call: its buffers (shape, dtype) in allocation order; its launches, each with
+    the buffers to allocate before it and to let go after it (the plain call's lifetimes, so the
+    caching allocator can hand a dead buffer's memory to a later one as it did there: the peak
+    stays the plain call's); where its result lives; and the tensors its launches read that it
+    did not allocate."""
 
-    __slots__ = ("buffers", "device", "launches", "output", "kept", "counters_forgotten")
+    __slots__ = ("buffers", "device", "launches", "trailing", "output", "kept", "counters_forgotten")
 
-    def __init__(self, buffers, device, launches, output, kept):
-        self.buffers, self.device, self.launches, self.output, self.kept = buffers, device, launches, output, kept
+    def __init__(self, buffers, device, launches, trailing, output, kept):
+        self.buffers, self.device, self.launches, self.trailing = buffers, device, launches, trailing
+        self.output, self.kept = output, kept
         self.counters_forgotten = COUNTERS.forgotten
 
+    def _allocate(self, made: list, bases: list, which) -> None:
+        for i in which:
+            shape, dtype = self.buffers[i - 1]
+            made[i] = torch.empty(shape, dtype=dtype, device=self.device)
+            bases[i] = made[i].data_ptr()
+
     def replay(self, stack: torch.Tensor, stream: int) -> torch.Tensor:
-        made = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self.buffers]
-        bases = (stack.data_ptr(), *[t.data_ptr() for t in made])
+        made: list = [stack] + [None] * len(self.buffers)  # index 0: the input, i: buffer i - 1
+        bases = [stack.data_ptr()] + [0] * len(self.buffers)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        for compiled, grid, template, fills in self.launches:
+        for compiled, grid, template, fills, allocate, release in self.launches:
+            self._allocate(made, bases, allocate)
             args = list(template)
             for position, source, offset in fills:
                 args[position] = bases[source] + offset
             metadata = compiled.launch_metadata(grid, stream, *args) if enter is not None else None
             compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
                          enter, leave, *args)
+            for i in release:  # its memory goes back to the allocator, reusable in this stream's order
+                made[i] = None
+        self._allocate(made, bases, self.trailing)
         source, whole, shape, stride, offset = self.output
-        result = stack if source == 0 else made[source - 1]
-        return result if whole else result.as_strided(shape, stride, offset)
+        return made[source] if whole else made[source].as_strided(shape, stride, offset)
 
 
 class _Recording(TorchDispatchMode):
@@ -134,7 +147,19 @@ class _Recording(TorchDispatchMode):
             return None
         whole = out.data_ptr() == base.data_ptr() and out.shape == base.shape and out.stride() == base.stride()
         output = (source, whole, tuple(out.shape), out.stride(), offset // out.element_size())
-        return _Plan([(tuple(t.shape), t.dtype) for t in self.buffers], stack.device, launches, output, kept)
+        # Lifetimes: buffer i is allocated before the first launch recorded after its allocation and
+        # let go after the last launch that uses it; one no launch uses and that is not the result
+        # is never allocated.
+        last = {i: j for j, (_, _, _, fills) in enumerate(launches) for _, i, _ in fills if i}
+        if source:
+            last[source] = len(launches)
+        first = {i: next((j for j, (_, made) in enumerate(self.launches) if made >= i), len(launches))
+                 for i in last}
+        launches = [(*entry, tuple(i for i in sorted(first) if first[i] == j),
+                     tuple(i for i in sorted(last) if last[i] == j)) for j, entry in enumerate(launches)]
+        trailing = tuple(i for i in sorted(first) if first[i] == len(launches))
+        return _Plan([(tuple(t.shape), t.dtype) for t in self.buffers], stack.device, launches, trailing, output,
+                     kept)
 
 
 _ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
