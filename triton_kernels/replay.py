@@ -16,10 +16,13 @@ A recording is kept only if the call did nothing else: every launch went through
 (``launch``: a first launch compiles through Triton's dispatch, a TMA descriptor always does), and
 no torch operation other than allocations and views ran (a ``TorchDispatchMode`` watches; the
 cuBLAS paths' ``bmm`` disqualifies them). A signature that fails ``ATTEMPTS`` recordings in a row
-is left to the plain path. Replay is off (the plain path runs) under the interpreter, during CUDA graph
-capture (split products need fresh arrival counters there), with ``MUON_KERNELS_DEBUG_FILL`` (every
-buffer must be poisoned), opt-in autotuning, a forced config (bench/tune.py), direct launches off,
-or ``MUON_KERNELS_REPLAY=0``. Tensors a launch reads that the call did not allocate (the split
+is left to the plain path. Replay is off (the plain path runs) under the interpreter, during CUDA
+graph capture (split products need fresh arrival counters there), with ``MUON_KERNELS_DEBUG_FILL``
+(every buffer must be poisoned), opt-in autotuning, a forced config (bench/tune.py), direct
+launches off, or ``MUON_KERNELS_REPLAY=0``. Launch hooks get what Triton's runner gives them (no
+kernel here defines ``launch_metadata``, so no hook sees a tensor argument either way). Several
+threads recording at once spoil each other's recordings (the observers are global): their calls
+then stay on the plain path. Tensors a launch reads that the call did not allocate (the split
 products' kept arrival counters) are held by the recording and passed as they were.
 """
 
@@ -79,6 +82,7 @@ class _Plan:
             args = list(template)
             for position, source, offset in fills:
                 args[position] = bases[source] + offset
+            # As Triton's runner does it (its hooks are a HookChain from Triton 3.9, None before).
             metadata = compiled.launch_metadata(grid, stream, *args) if enter is not None else None
             compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
                          enter, leave, *args)
@@ -90,12 +94,17 @@ class _Plan:
 
 
 class _Recording(TorchDispatchMode):
-    """Collects a call's buffers and launches; ``valid`` drops to False at anything else it does."""
+    """Collects a call's buffers and launches; ``valid`` drops to False at anything else it does.
+    It keeps no buffer alive (only each one's span, shape, strides and dtype), so the recording
+    call frees its buffers when the plain call would: each launch's tensors are resolved to
+    (buffer, offset) as it is made."""
 
-    def __init__(self):
+    def __init__(self, stack: torch.Tensor):
         super().__init__()
-        self.buffers: list[torch.Tensor] = []
-        self.launches: list = []  # (record, buffers allocated before it)
+        self.spans = [_span(stack)]  # index 0: the input, i: buffer i - 1
+        self.buffers: list[tuple] = []  # per buffer: (shape, strides, dtype)
+        self.launches: list = []  # (compiled, grid, template, fills, buffers allocated before it)
+        self.kept: list[torch.Tensor] = []
         self.allocations = 0
         self.valid = True
         self.thread = threading.get_ident()  # the observers are global: another thread's launch spoils it
@@ -103,7 +112,8 @@ class _Recording(TorchDispatchMode):
     def allocated(self, buffer: torch.Tensor) -> None:
         if threading.get_ident() != self.thread:
             self.valid = False
-        self.buffers.append(buffer)
+        self.spans.append(_span(buffer))
+        self.buffers.append((tuple(buffer.shape), buffer.stride(), buffer.dtype))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in _ALLOCATIONS:
@@ -115,51 +125,48 @@ class _Recording(TorchDispatchMode):
     def launched(self, record) -> None:
         if record is None or threading.get_ident() != self.thread:  # None: through Triton's dispatch (a
             self.valid = False  # compile, or an argument it must bind itself)
-        else:
-            self.launches.append((record, len(self.buffers)))
+            return
+        compiled, grid, args, tail = record
+        template = [*args, *tail]
+        fills = []
+        for position, value in enumerate(template):
+            if not isinstance(value, torch.Tensor):
+                continue
+            found = _locate(self.spans, len(self.buffers), value.data_ptr())
+            if found is None:  # not this call's: kept alive by the plan, passed as it was
+                self.kept.append(value)
+                template[position] = value.data_ptr()
+            else:
+                fills.append((position, *found))
+                template[position] = 0
+        self.launches.append((compiled, grid, tuple(template), tuple(fills), len(self.buffers)))
 
     def plan(self, stack: torch.Tensor, out: torch.Tensor) -> _Plan | None:
         if self.allocations != len(self.buffers):  # something allocated outside workspace.empty
             return None
-        spans = [_span(stack)] + [_span(t) for t in self.buffers]
-        kept: list[torch.Tensor] = []
-        launches = []
-        for (compiled, grid, args, tail), allocated in self.launches:
-            template = [*args, *tail]
-            fills = []
-            for position, value in enumerate(template):
-                if not isinstance(value, torch.Tensor):
-                    continue
-                found = _locate(spans, allocated, value.data_ptr())
-                if found is None:  # not this call's: kept alive by the plan, passed as it was
-                    kept.append(value)
-                    template[position] = value.data_ptr()
-                else:
-                    fills.append((position, *found))
-                    template[position] = 0
-            launches.append((compiled, grid, tuple(template), tuple(fills)))
-        found = _locate(spans, len(self.buffers), out.data_ptr())
+        found = _locate(self.spans, len(self.buffers), out.data_ptr())
         if found is None:
             return None
         source, offset = found
-        base = stack if source == 0 else self.buffers[source - 1]
-        if offset % out.element_size() or out.dtype != base.dtype:
-            return None
-        whole = out.data_ptr() == base.data_ptr() and out.shape == base.shape and out.stride() == base.stride()
+        shape, stride, dtype = (tuple(stack.shape), stack.stride(), stack.dtype) if source == 0 \
+            else self.buffers[source - 1]
+        whole = offset == 0 and tuple(out.shape) == shape and out.stride() == stride
+        if offset % out.element_size() or out.dtype != dtype or (source == 0 and not whole):
+            return None  # (a view into the input would need its storage offset: no call returns one)
         output = (source, whole, tuple(out.shape), out.stride(), offset // out.element_size())
         # Lifetimes: buffer i is allocated before the first launch recorded after its allocation and
         # let go after the last launch that uses it; one no launch uses and that is not the result
         # is never allocated.
-        last = {i: j for j, (_, _, _, fills) in enumerate(launches) for _, i, _ in fills if i}
+        last = {i: j for j, launch in enumerate(self.launches) for _, i, _ in launch[3] if i}
         if source:
-            last[source] = len(launches)
-        first = {i: next((j for j, (_, made) in enumerate(self.launches) if made >= i), len(launches))
+            last[source] = len(self.launches)
+        first = {i: next((j for j, launch in enumerate(self.launches) if launch[4] >= i), len(self.launches))
                  for i in last}
-        launches = [(*entry, tuple(i for i in sorted(first) if first[i] == j),
-                     tuple(i for i in sorted(last) if last[i] == j)) for j, entry in enumerate(launches)]
+        launches = [(*launch[:4], tuple(i for i in sorted(first) if first[i] == j),
+                     tuple(i for i in sorted(last) if last[i] == j)) for j, launch in enumerate(self.launches)]
         trailing = tuple(i for i in sorted(first) if first[i] == len(launches))
-        return _Plan([(tuple(t.shape), t.dtype) for t in self.buffers], stack.device, launches, trailing, output,
-                     kept)
+        return _Plan([(shape, dtype) for shape, _, dtype in self.buffers], stack.device, launches, trailing,
+                     output, self.kept)
 
 
 _ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
@@ -200,7 +207,7 @@ def call(fn: Callable[..., torch.Tensor], stack: torch.Tensor, *static) -> torch
     key = (fn, static, stack.shape, stack.stride(), stack.dtype, stack.data_ptr() & 15, stack.device, device, stream)
     plan = _plans.get(key)
     if plan is not None and plan.counters_forgotten != COUNTERS.forgotten and plan.kept:
-        del _plans[key]  # a launch raised since the recording: the counters it holds may be the dropped ones
+        _plans.pop(key, None)  # a launch raised since the recording: the counters it holds may be the dropped ones
         plan = None
     if plan is not None:
         try:
@@ -208,14 +215,14 @@ def call(fn: Callable[..., torch.Tensor], stack: torch.Tensor, *static) -> torch
         except BaseException:
             forget(key)
             raise
-    if _failures.get(key, 0) >= ATTEMPTS or len(_plans) >= MAX_PLANS:
+    if _failures.get(key, 0) >= ATTEMPTS or len(_plans) >= MAX_PLANS or len(_failures) >= MAX_PLANS:
         return fn(stack, *static)
     return _record(key, fn, stack, static)
 
 
 def _record(key: tuple, fn, stack: torch.Tensor, static: tuple) -> torch.Tensor:
     global _recording
-    recording = _Recording()
+    recording = _Recording(stack)
     workspace.observers.append(recording.allocated)
     launch.observers.append(recording.launched)
     _recording = True

@@ -250,6 +250,10 @@ def test_replayed_calls_give_the_plain_bits(monkeypatch):
             for out in replayed:
                 assert torch.equal(out, plain)
     assert replay.plans() == 2 * len(cases)
+    # The split case's two recordings hold their own stream's arrival counters.
+    split = [plan for key, plan in replay._plans.items() if key[1][0] is keller and key[2] == (1, 1024, 4096)]
+    assert len(split) == 2 and all(plan.kept for plan in split)
+    assert not {id(t) for t in split[0].kept} & {id(t) for t in split[1].kept}
 
     shapes = [(1024, 4096), (768, 768), (768, 768), (64, 192)]
     results = []
