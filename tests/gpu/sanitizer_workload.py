@@ -1,10 +1,13 @@
 """A small run of every CUDA and Triton kernel, for compute-sanitizer (tests/gpu/test_sanitizer.py)."""
 
+import os
+
 import torch
 
 import muon_kernels as mk
 from muon_kernels.backends import available_backends, select_backend
 from muon_kernels.ns_config import resolve_ns_config
+from muon_kernels.triton_kernels import replay
 
 DEV = torch.device("cuda")
 config = resolve_ns_config("keller", 2, 1e-7)
@@ -22,5 +25,15 @@ for name in ("triton", "cuda"):
         for p in ps:
             p.grad = torch.randn_like(p)
         opt.step()
+# Recorded Newton–Schulz calls replayed with fresh buffers (triton_kernels/replay.py), whose
+# launchers take raw addresses: the debug fill that make gpu-check sets turns replay off, so it is
+# cleared for these calls (split products included: the last shape).
+os.environ.pop("MUON_KERNELS_DEBUG_FILL", None)
+triton = select_backend("triton", DEV)[0]
+for shape in ((2, 24, 40), (1, 130, 300), (1, 256, 4096)):
+    x = torch.randn(shape, device=DEV)
+    for _ in range(3):
+        triton.orthogonalize(x, config, torch.bfloat16)
+assert replay.plans() >= 3, replay.plans()
 torch.cuda.synchronize()
 print("workload done")
