@@ -1,4 +1,5 @@
-"""The package's environment switches, read on every use at the cost of a dictionary lookup.
+"""The package's environment switches, read on every use at the cost of a dictionary lookup, and
+the process-wide toggles benchmarks flip for a block.
 
 Some switches are read on every call so that a test or a user can flip them between calls
 (``MUON_KERNELS_DEBUG_FILL`` per work buffer, ``MUON_KERNELS_AUTOTUNE`` per product launch): ~30
@@ -12,6 +13,7 @@ sees (``os.environ[...] = ``, ``del``, pytest's ``monkeypatch.setenv``; like it,
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -37,3 +39,20 @@ class Switch:
         if raw is not self._raw:  # a value that was set again is a new object: decode it once
             self._value, self._raw = env.decodevalue(raw), raw
         return self._value
+
+
+class Toggle:
+    """A process-wide on/off (``on``) that benchmarks and tests flip for a block: ``with t.set(False):``."""
+
+    __slots__ = ("on",)
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    @contextlib.contextmanager
+    def set(self, on: bool):
+        before, self.on = self.on, on
+        try:
+            yield
+        finally:
+            self.on = before

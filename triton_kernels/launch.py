@@ -31,7 +31,6 @@ before the first step, or call ``clear()``.
 
 from __future__ import annotations
 
-import contextlib
 import operator
 import os
 
@@ -40,6 +39,7 @@ import torch
 from triton.compiler import CompiledKernel
 from triton.runtime.driver import driver
 
+from ..environment import Toggle
 from .config import is_interpreting
 
 ENV = "MUON_KERNELS_DIRECT_LAUNCH"
@@ -47,7 +47,7 @@ ENV = "MUON_KERNELS_DIRECT_LAUNCH"
 # keeps making new ones (new shapes every call) stops adding entries and pays Triton's dispatch.
 MAX_ENTRIES = 4096
 
-_direct = os.environ.get(ENV, "1") != "0"
+_DIRECT = Toggle(os.environ.get(ENV, "1") != "0")
 # Called with (compiled kernel, grid, args, constexpr tail) of every direct launch, and with None for
 # a launch through Triton's dispatch (triton_kernels.replay records a call's launches).
 observers: list = []
@@ -84,7 +84,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
     """``kernel[grid](*args, **constexprs)``, through the compiled kernel directly when this
     argument class has been launched before. ``args``: every non-constexpr parameter, in order;
     ``constexprs``: the constexpr parameters and Triton's options (num_warps, num_stages, ...)."""
-    if not _direct or is_interpreting() or getattr(kernel, "pre_run_hooks", True):
+    if not _DIRECT.on or is_interpreting() or getattr(kernel, "pre_run_hooks", True):
         _dispatch(kernel, grid, args, constexprs)
         return
     grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
@@ -158,7 +158,7 @@ def clear() -> None:
 
 def direct() -> bool:
     """Whether launches take the direct path now."""
-    return _direct
+    return _DIRECT.on
 
 
 def entries(kernel) -> int:
@@ -166,12 +166,6 @@ def entries(kernel) -> int:
     return sum(len(site.entries) for (k, _), site in _sites.items() if k == id(kernel))
 
 
-@contextlib.contextmanager
 def direct_launches(enabled: bool):
     """Direct launches on or off inside the block (benchmarks time both in one process)."""
-    global _direct
-    before, _direct = _direct, enabled
-    try:
-        yield
-    finally:
-        _direct = before
+    return _DIRECT.set(enabled)

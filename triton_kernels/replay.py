@@ -28,7 +28,6 @@ products' kept arrival counters) are held by the recording and passed as they we
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Callable
 
@@ -38,7 +37,7 @@ from triton import knobs
 from triton.runtime.driver import driver
 
 from .. import workspace
-from ..environment import Switch
+from ..environment import Switch, Toggle
 from . import autotune, config, launch
 from .symmetric_matmul import COUNTERS
 
@@ -50,7 +49,7 @@ MAX_PLANS = 4096  # signatures kept: a program that keeps making new shapes stop
 _plans: dict[tuple, "_Plan"] = {}
 _failures: dict[tuple, int] = {}
 _recording = False
-_enabled = True
+_ENABLED = Toggle(True)
 
 
 class _Plan:
@@ -191,7 +190,7 @@ def _locate(spans, allocated: int, address: int) -> tuple[int, int] | None:
 
 def usable(stack: torch.Tensor) -> bool:
     """Whether a call on ``stack`` may be recorded or replayed now (the module docstring's list)."""
-    return (_enabled and not _recording and launch.direct() and not config.is_interpreting()
+    return (_ENABLED.on and not _recording and launch.direct() and not config.is_interpreting()
             and stack.numel() > 0 and not config.forcing() and not autotune.enabled()
             and workspace.fill_value() is None and _SWITCH.get() != "0"
             and not (stack.is_cuda and torch.cuda.is_current_stream_capturing()))
@@ -263,12 +262,6 @@ def plans() -> int:
     return len(_plans)
 
 
-@contextlib.contextmanager
 def replays(enabled: bool):
     """Replay on or off inside the block (benchmarks time both in one process)."""
-    global _enabled
-    before, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = before
+    return _ENABLED.set(enabled)
