@@ -26,7 +26,9 @@ Per shape (priority order: the shapes we lose at first, bench/README.md "Kernel 
   the reference each kernel is judged against (and what the "symmetric-cublas" path uses for a·X + B·X).
 
 Timing: ``triton.testing.do_bench`` medians (CUDA events, L2 flushed before each repetition) and,
-for ``ns`` rows, ``do_bench_cudagraph`` medians too: the difference is host launch overhead.
+for ``ns`` rows, ``do_bench_cudagraph`` medians too: the difference is host launch overhead; and
+``host_us``, the host's time to enqueue one call (5 calls, no sync between them), so a row whose
+``host_us`` exceeds its ``ms`` is host-bound.
 Everything goes into ONE JSON, ``DIR/tune-<device>-<date>.json``, rewritten after every item so it
 stays valid when ``--budget-minutes`` stops the run (``complete: false``, ``skipped: [...]``).
 ``winners`` holds, per (arch, dtype, kind, shape class), the fastest product config where it beat
@@ -103,6 +105,22 @@ class Timer:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
+
+    def host(self, fn, calls: int = 5) -> float:
+        """µs of host time per call: the time to enqueue ``calls`` calls with no sync between them,
+        the GPU running behind (on a CPU, the call itself). A call of more than ~200 launches (the
+        per-matrix torch.optim.Muon loop at a batch of 48) fills the launch queue and waits on the
+        GPU, so for those rows it reads the GPU's pace instead."""
+        calls = 1 if self.smoke else calls
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        if self.cuda:
+            torch.cuda.synchronize()
+        return elapsed / calls * 1e6
 
     def graph(self, fn) -> float | None:
         if not self.cuda:
@@ -250,6 +268,7 @@ def ns_item(run: Run, m: int, n: int, batch: int) -> None:
             row["ok"] = bool(torch.isfinite(first).all()) and row["rel_err"] <= bound[dtype]
             row["repeatable"] = bool(torch.equal(first, fn()))
             row["ms"] = timer.eager(fn)
+            row["host_us"] = timer.host(fn)
             row["ms_graph"] = None if run.smoke else _try(lambda: timer.graph(fn))
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
         except Exception as e:  # recorded, not fatal: one broken variant must not lose the run

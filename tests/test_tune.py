@@ -40,6 +40,7 @@ def test_smoke_run_writes_the_schema(smoke):
     products = [r for r in doc["results"] if r["item"] == "product"]
     assert {r["impl"] for r in ns} >= {"ours", "ours-replayed", "ours-gram", "ours-gram-restart2", "ours-cublas",
                                        "ours-symmetric-cublas", "cublas-recurrence"}
+    assert all(r["host_us"] > 0 for r in ns if "error" not in r)
     assert {r["product"] for r in products} == {"gram", "poly", "update"}
     cublas = [r for r in doc["results"] if r["item"] == "product-cublas"]
     assert {(tuple(r["shape"]), r["batch"], r["product"]) for r in cublas} == \
