@@ -164,3 +164,21 @@ def test_normalization_divides_and_takes_square_roots_round_to_nearest():
         dict(BLOCK_R=64, BLOCK_C=256, BLOCK_P=1024), 90, 4, 1).asm["ptx"]
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
     assert not re.search(r"sqrt\.approx|div\.full|div\.approx|rcp\.approx", ptx)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("m, n", [(1, 4096), (1, 1), (16, 1), (1024, 4096)])
+def test_statistics_kernel_compiles_for_single_row_and_column_stacks(arch, m, n):
+    """On a GPU Triton turns an int argument equal to 1 into a constant (a Python int in the kernel
+    body): the statistics pass must compile for a 1×n or n×1 stack (a 1-output conv, a Linear(d, 1)
+    in a NorMuon group), which the interpreter, specializing nothing, cannot show."""
+    import triton.language as tl
+
+    from muon_kernels.triton_kernels import variant_statistics as vs
+
+    args = dict(Ortho="bf16", Table="i64", RowScale="fp32", Partials="fp32", M=m, N=n, BLOCKS=128, weight=0.05,
+                eps=1e-10)
+    consts = dict(PARAM_DTYPE=tl.float32, NORMUON=True, HYPERBALL=True, BLOCK_N=vs.BLOCK_N, BLOCK_J=vs.BLOCK_J,
+                  EMULATE_RN=False)
+    kernel = sass_report.compile_kernel(vs._variant_statistics_kernel, args, consts, arch, 4, 1)
+    assert "ld.global" in kernel.asm["ptx"]

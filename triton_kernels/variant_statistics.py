@@ -77,8 +77,10 @@ def _variant_statistics_kernel(
     row = Table + k * TABLE_COLUMNS
     transposed = tl.load(row + 4) != 0
     on_rows = transposed == (tl.load(row + 5) != 0)  # neurons on the stack's rows
-    m = M.to(tl.int64)
-    n = N.to(tl.int64)
+    # int64 scalars made with tl.full: on a GPU Triton turns an int argument equal to 1 into a
+    # constant (a Python int, no .to), as for a 1×n matrix's stack.
+    m = tl.full([], M, tl.int64)
+    n = tl.full([], N, tl.int64)
     count = tl.where(on_rows, m, n)
     other = tl.where(on_rows, n, m)
     i = nb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
