@@ -48,7 +48,8 @@ CASES = {  # (function, stack, config, ns_dtype); off a GPU the products take 32
 
 
 class _Allocations(TorchDispatchMode):
-    """Every tensor allocated while active, in order."""
+    """Every tensor allocated while active, in order. It holds them, so no address is reused within
+    the call and a pointer names one allocation (``_LiveBytes``, which measures peaks, must not)."""
 
     def __init__(self):
         super().__init__()
