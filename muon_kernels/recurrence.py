@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from . import workspace
 from .ns_config import POLAR_EXPRESS, NSConfig
 
 
@@ -38,10 +39,64 @@ class MatmulOps(NamedTuple):
     # A backend's own Gram NS with ``gram``'s schedule (X, coefficients, restarts, R or None) -> X,
     # where it can fuse what the three products cannot (the Triton kernels); None: ``gram`` below.
     gram_driver: Callable[..., torch.Tensor] | None = None
+    # Where the products write: ``Outputs`` (one call's buffers, rewritten step after step), or None
+    # (a fresh tensor per product).
+    outputs: "Outputs | None" = None
 
 
-# cuBLAS's (or the CPU BLAS's) batched GEMMs, one per product: X·Xᵀ; b·A + c·A·A; a·X + B·X (beta=0
-# ignores X, NaN included). The torch backend's products, and the Triton backend's "cublas" path.
+class Outputs:
+    """One call's product outputs for the standard schedule, allocated on first use and rewritten by
+    every later step: a step's A = X·Xᵀ and B = p(A) are dead once the next product has read them,
+    and a·X + B·X ping-pongs between two m×n buffers, never the X it reads. ``spare`` is the
+    normalized X the call was given (its own copy): dead once the first step has read it, so it is
+    the second of the two m×n buffers. A call then holds one A, one B and two X's (2mn + 2m² per
+    matrix) where fresh outputs held three X's — the normalized input stays referenced by the
+    callers' frames until the recurrence returns — and at batch 1 four allocations instead of one
+    per product are less host time on a launch-bound call. ``recurrence.gram`` keeps more products
+    alive at once, so it refuses ops that carry outputs (Gram NS drivers manage their own buffers).
+    A buffer handed out again is NaN-filled again under ``MUON_KERNELS_DEBUG_FILL=nan``."""
+
+    def __init__(self, spare: torch.Tensor):
+        self.applied = 0
+        self.buffers: dict[str, torch.Tensor] = {"X1": spare}
+
+    def _get(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[name] = workspace.empty(shape, dtype=like.dtype, device=like.device)
+            return buf
+        return workspace.poisoned(buf)
+
+    def gram(self, X: torch.Tensor) -> torch.Tensor:
+        """The buffer for X·Xᵀ."""
+        return self._get("A", X.shape[:-1] + X.shape[-2:-1], X)
+
+    def poly(self, A: torch.Tensor) -> torch.Tensor:
+        """The buffer for b·A + c·A·A."""
+        return self._get("B", A.shape, A)
+
+    def apply(self, X: torch.Tensor) -> torch.Tensor:
+        """The buffer for a·X + B·X: the m×n buffer that is not X — X0 for the first step (whose X
+        is the spare), then each step the one the step before did not write. Counted, not compared
+        by address: a traced step's fake tensors have none."""
+        self.applied += 1
+        return self._get("X0" if self.applied % 2 else "X1", X.shape, X)
+
+
+def batched_gemm_ops(outputs: Outputs | None = None) -> MatmulOps:
+    """cuBLAS's (or the CPU BLAS's) batched GEMMs, one per product: X·Xᵀ; b·A + c·A·A; a·X + B·X
+    (beta=0 ignores X, NaN included); into ``outputs``' buffers, or fresh tensors."""
+    if outputs is None:
+        return BATCHED_GEMM_OPS
+    return MatmulOps(
+        gram=lambda X: torch.bmm(X, X.mT, out=outputs.gram(X)),
+        poly=lambda A, b, c: torch.baddbmm(A, A, A, beta=b, alpha=c, out=outputs.poly(A)),
+        apply=lambda B, X, a: torch.baddbmm(X, B, X, beta=a, out=outputs.apply(X)),
+        outputs=outputs,
+    )
+
+
+# The torch backend's products, and the Triton backend's "cublas" path, with fresh outputs.
 BATCHED_GEMM_OPS = MatmulOps(
     gram=lambda X: torch.bmm(X, X.mT),
     poly=lambda A, b, c: torch.baddbmm(A, A, A, beta=b, alpha=c),
@@ -49,15 +104,17 @@ BATCHED_GEMM_OPS = MatmulOps(
 )
 
 
-def aol(X: torch.Tensor, A: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+def aol(X: torch.Tensor, A: torch.Tensor, floor: float, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """AOL rescaling of X (k, m, n) given A = X·Xᵀ: (diag(s)·X, diag(s)·A·diag(s)) with
     s = max(Σ_j |A_ij|, floor)^-1/2, computed in fp32 and rounded once to X's dtype. X is already
     Frobenius-normalized (AOL is scale-invariant, so that changes nothing but keeps 16-bit A finite),
     which makes the floor relative to ‖U‖²: a row whose squared norm is below it is not blown up.
-    Zero rows (a zero matrix, or the cuda backend's zero padding) stay zero."""
+    Zero rows (a zero matrix, or the cuda backend's zero padding) stay zero. ``in_place``: X is
+    the caller's to overwrite, and diag(s)·X goes into it (the same bits: an in-place multiply of a
+    16-bit X by fp32 s computes in fp32 and rounds once, without an fp32 copy of X)."""
     acc = torch.promote_types(X.dtype, torch.float32)
     s = A.to(acc).abs().sum(dim=-1).clamp_min(floor).rsqrt()
-    X = (X.to(acc) * s.unsqueeze(-1)).to(X.dtype)
+    X = X.mul_(s.unsqueeze(-1)) if in_place else (X.to(acc) * s.unsqueeze(-1)).to(X.dtype)
     A = (A.to(acc) * s.unsqueeze(-1) * s.unsqueeze(-2)).to(A.dtype)
     return X, A
 
@@ -76,6 +133,9 @@ def gram(X: torch.Tensor, coefficients, restarts: tuple[int, ...], ops: MatmulOp
     """Gram Newton–Schulz: the same polynomial map as ``standard`` iterated on R = X·Xᵀ (m×m) and an
     accumulated m×m factor Q, restarted from X before each step in ``restarts``; X = Q·X at the end."""
     steps = len(coefficients)
+    if ops.outputs is not None:
+        raise ValueError("recurrence.gram: ops that write into Outputs (the standard schedule's ping-pong "
+                         "buffers) would overwrite products Gram NS still holds; pass ops with fresh outputs")
     if steps == 0:
         return X
     if R is None:
@@ -99,17 +159,29 @@ def gram(X: torch.Tensor, coefficients, restarts: tuple[int, ...], ops: MatmulOp
 
 
 def run(X: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, ops: MatmulOps) -> torch.Tensor:
-    """The recurrence ``config`` describes (algorithm resolved: "standard" or "gram") on a normalized X."""
+    """The recurrence ``config`` describes (algorithm resolved: "standard" or "gram") on a normalized X;
+    where ``ops.outputs`` is given, X must be its spare (the call's own copy: it is overwritten)."""
     if config.steps == 0 or X.numel() == 0:
         return X
     A = None
-    if config.normalization == "aol":
-        X, A = aol(X, ops.gram(X), config.floor)
+    if config.normalization == "aol":  # into X where it is the call's own (ops.outputs' spare)
+        X, A = aol(X, ops.gram(X), config.floor, in_place=ops.outputs is not None)
     if config.algorithm == "gram":
         if ops.gram_driver is not None:
             return ops.gram_driver(X, config.coefficients, config.gram_restarts(ns_dtype), A)
         return gram(X, config.coefficients, config.gram_restarts(ns_dtype), ops, A)
     return standard(X, config.coefficients, ops, A)
+
+
+def run_owned(X: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype,
+              make_ops: Callable[[Outputs | None], MatmulOps]) -> torch.Tensor:
+    """``run`` on the call's own normalized X (overwritten), with ``make_ops(outputs)``'s products
+    writing into one ``Outputs`` — X among its buffers — except where ``recurrence.gram`` runs (no
+    Gram driver), which holds more products than those buffers: it gets fresh outputs."""
+    ops = make_ops(Outputs(X))
+    if config.algorithm == "gram" and ops.gram_driver is None:
+        ops = make_ops(None)
+    return run(X, config, ns_dtype, ops)
 
 
 def flops(m: int, n: int, config: NSConfig, ns_dtype: torch.dtype) -> int:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import sys
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from live_memory import LiveTensors
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("replay is off under the interpreter", allow_module_level=True)
@@ -49,7 +50,7 @@ CASES = {  # (function, stack, config, ns_dtype); off a GPU the products take 32
 
 class _Allocations(TorchDispatchMode):
     """Every tensor allocated while active, in order. It holds them, so no address is reused within
-    the call and a pointer names one allocation (``_LiveBytes``, which measures peaks, must not)."""
+    the call and a pointer names one allocation (``live_memory.LiveTensors``, which measures peaks, must not)."""
 
     def __init__(self):
         super().__init__()
@@ -293,33 +294,11 @@ def test_a_launch_from_another_thread_spoils_a_recording():
     assert not recording.valid
 
 
-class _LiveBytes(TorchDispatchMode):
-    """The most bytes of allocated tensors alive at once while active (CPython frees a tensor when
-    its last reference goes, so on a CPU this is exact for calls that keep no views of dead bases)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default):
-            size = out.untyped_storage().nbytes()
-            self.live += size
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(out, self._freed, size)
-        return out
-
-    def _freed(self, size):
-        self.live -= size
-
-
 @pytest.mark.parametrize("case", ["standard", "unsplit", "batched, transposed view, fp32"])
 def test_a_replay_holds_no_more_memory_than_the_plain_call(calls, case):
     """Buffers are allocated before their first launch and let go after their last, so a replay's
-    peak is at most the plain call's (a replayed standard call holds two of its three m×n buffers
-    at once, where the plain call keeps the normalized input to the end; a replay that let nothing
-    go before it returned would exceed the plain peak here)."""
+    peak is at most the plain call's (a replay that let nothing go before it returned would exceed
+    the plain peak here)."""
     fn, make, cfg, dtype = CASES[case]
     stack = make()
     for _ in range(2):
@@ -327,13 +306,13 @@ def test_a_replay_holds_no_more_memory_than_the_plain_call(calls, case):
     calls.recording = False  # the record would hold every launch's tensors
     peaks = []
     for enabled in (False, True):
-        with replay.replays(enabled), _LiveBytes() as live:
+        with replay.replays(enabled), LiveTensors() as live:
             out = replay.call(fn, stack, cfg, dtype)
         del out
-        peaks.append(live.peak)
+        peaks.append(live.peak_bytes)
     assert replay.plans() == 1 and 0 < peaks[1] <= peaks[0], peaks
     replay.clear()  # the recording call too: it keeps its buffers' geometry, not the buffers
-    with _LiveBytes() as live:
+    with LiveTensors() as live:
         out = replay.call(fn, stack, cfg, dtype)
     del out
-    assert replay.plans() == 1 and live.peak == peaks[0]
+    assert replay.plans() == 1 and live.peak_bytes == peaks[0]

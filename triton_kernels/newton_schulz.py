@@ -235,54 +235,25 @@ def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor |
     return out
 
 
-class _Outputs:
-    """One standard recurrence's product outputs, allocated on first use and rewritten by every
-    later step: in ``recurrence.standard`` a step's A = X·Xᵀ and B = p(A) are dead once the next
-    product has read them, and a·X + B·X ping-pongs between two m×n buffers (never the X it
-    reads). Four allocations per call instead of one per product: at batch 1 a call is
-    launch-bound and each allocation is host time on the critical path. Only for that schedule:
-    ``recurrence.gram`` keeps more products alive at once (``matmul_ops(reuse_outputs=False)``).
-    A buffer handed out again is NaN-filled again under ``MUON_KERNELS_DEBUG_FILL=nan``."""
-
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-        buf = self.buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self.buffers[name] = workspace.empty(shape, dtype=like.dtype, device=like.device)
-            return buf
-        return workspace.poisoned(buf)
-
-    def other_than(self, X: torch.Tensor) -> torch.Tensor:
-        first = self.buffers.get("X0")
-        if first is not None and first.data_ptr() == X.data_ptr():
-            return self.get("X1", X.shape, X)
-        return self.get("X0", X.shape, X)
-
-
-def matmul_ops(fp32_precision: str = "ieee", reuse_outputs: bool = False) -> recurrence.MatmulOps:
+def matmul_ops(fp32_precision: str = "ieee", outputs: recurrence.Outputs | None = None) -> recurrence.MatmulOps:
     """The three products of a recurrence on these kernels: X·Xᵀ and b·A + c·A·A on the symmetric
     (upper-tile, mirrored) kernel, a·X + B·X on the fused-epilogue one; Gram NS on
-    ``gram_newton_schulz``, the same schedule on fused symmetric products. ``reuse_outputs``: the
-    products write one call's ``_Outputs`` (make one ``matmul_ops`` per call, and only for
-    ``recurrence.run``, whose standard schedule never holds more than one A, one B and two X's);
-    otherwise each product takes a fresh output."""
-    outputs = _Outputs() if reuse_outputs else None
+    ``gram_newton_schulz``, the same schedule on fused symmetric products. The products write into
+    ``outputs`` (one call's, for the standard schedule: ``recurrence.Outputs``), else fresh buffers."""
 
     def gram(X):
-        out = outputs.get("A", X.shape[:2] + X.shape[1:2], X) if outputs else None
-        return symmetric_matmul(X, out=out, fp32_precision=fp32_precision)
+        return symmetric_matmul(X, out=outputs.gram(X) if outputs else None, fp32_precision=fp32_precision)
 
     def poly(A, b, c):
-        out = outputs.get("B", A.shape, A) if outputs else None
-        return symmetric_matmul(A, alpha=c, D=A, beta=b, out=out, fp32_precision=fp32_precision)
+        return symmetric_matmul(A, alpha=c, D=A, beta=b, out=outputs.poly(A) if outputs else None,
+                                fp32_precision=fp32_precision)
 
     def apply(B, X, a):
-        return ns_update(B, X, a, out=outputs.other_than(X) if outputs else None, fp32_precision=fp32_precision)
+        return ns_update(B, X, a, out=outputs.apply(X) if outputs else None, fp32_precision=fp32_precision)
 
     return recurrence.MatmulOps(gram=gram, poly=poly, apply=apply,
-                                gram_driver=functools.partial(gram_newton_schulz, fp32_precision=fp32_precision))
+                                gram_driver=functools.partial(gram_newton_schulz, fp32_precision=fp32_precision),
+                                outputs=outputs)
 
 
 class _Slots:
@@ -361,7 +332,7 @@ def cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.
     for the products (``recurrence.BATCHED_GEMM_OPS``): where cuBLAS's tiles beat the symmetric
     kernel (few output tiles, no split that pays), without the torch backend's ~15 small
     normalization ops, each a launch and a few µs of host time."""
-    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, recurrence.BATCHED_GEMM_OPS)
+    return recurrence.run_owned(normalize(stack, config, ns_dtype), config, ns_dtype, recurrence.batched_gemm_ops)
 
 
 def symmetric_cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
@@ -374,13 +345,15 @@ def symmetric_cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dty
     Triton a·X + B·X kernel, this path keeps the symmetric products' FLOP saving and cuBLAS's rate
     on the rest. Gram NS likewise: its m×m products on the symmetric kernel, Q·X on cuBLAS. A path
     for the measuring mode to time."""
-    ops = matmul_ops(reuse_outputs=True)._replace(apply=recurrence.BATCHED_GEMM_OPS.apply,
-                                                  gram_driver=functools.partial(gram_newton_schulz, cublas_qx=True))
-    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, ops)
+    def ops(outputs):
+        return matmul_ops(outputs=outputs)._replace(apply=recurrence.batched_gemm_ops(outputs).apply,
+                                                    gram_driver=functools.partial(gram_newton_schulz, cublas_qx=True))
+
+    return recurrence.run_owned(normalize(stack, config, ns_dtype), config, ns_dtype, ops)
 
 
 def newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, fp32_precision: str = "ieee") -> torch.Tensor:
     """The whole recurrence on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor.
     Standard NS, Gram NS and AOL all run muon_kernels.recurrence over these kernels (``matmul_ops``)."""
-    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype,
-                          matmul_ops(fp32_precision, reuse_outputs=True))
+    return recurrence.run_owned(normalize(stack, config, ns_dtype), config, ns_dtype,
+                                functools.partial(matmul_ops, fp32_precision))

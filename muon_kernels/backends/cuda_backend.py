@@ -249,7 +249,7 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     if path == "cublas":
         x = _normalized(stack, config, workspace.empty((k, m, n), dtype=work, device=stack.device))
         with torch.cuda.device(stack.device):
-            return out.copy_(recurrence.run(x, config, ns_dtype, recurrence.BATCHED_GEMM_OPS))
+            return out.copy_(recurrence.run_owned(x, config, ns_dtype, recurrence.batched_gemm_ops))
     if not config.plain:  # Gram NS and AOL: the same kernels from Python, one launch per product
         return _orthogonalize_ops(stack, config, ns_dtype, work, code, out)
     steps = config.steps

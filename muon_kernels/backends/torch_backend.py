@@ -9,6 +9,7 @@ whole stack with one batched GEMM per term.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import defaultdict
 
@@ -285,15 +286,15 @@ def symmetric_matmul(X: torch.Tensor, out: torch.Tensor, add: torch.Tensor | Non
     return out
 
 
-def _symmetric_gram(X: torch.Tensor) -> torch.Tensor:
-    out = X.new_empty(X.shape[:-1] + X.shape[-2:-1])
+def _symmetric_gram(X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = X.new_empty(X.shape[:-1] + X.shape[-2:-1]) if out is None else out
     for x, o in zip(X, out):
         symmetric_matmul(x, o)
     return out
 
 
-def _symmetric_poly(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
-    out = torch.empty_like(A)
+def _symmetric_poly(A: torch.Tensor, b: float, c: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = torch.empty_like(A) if out is None else out
     for a, o in zip(A, out):  # A·A = A·Aᵀ: A is symmetric
         symmetric_matmul(a, o, a, beta=b, alpha=c)
     return out
@@ -303,13 +304,25 @@ def _symmetric_poly(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
 SYMMETRIC_OPS = MATMUL_OPS._replace(gram=_symmetric_gram, poly=_symmetric_poly)
 
 
+def matmul_ops(device: torch.device, m: int, outputs: recurrence.Outputs | None = None) -> recurrence.MatmulOps:
+    """The products for an m-row bucket on ``device``: batched GEMMs, or on a CPU from
+    CPU_SYMMETRIC_MIN_ROWS rows the symmetric ones; into ``outputs`` where given."""
+    ops = recurrence.batched_gemm_ops(outputs)
+    if device.type != "cpu" or m < CPU_SYMMETRIC_MIN_ROWS:
+        return ops
+    if outputs is None:
+        return SYMMETRIC_OPS
+    return ops._replace(gram=lambda X: _symmetric_gram(X, outputs.gram(X)),
+                        poly=lambda A, b, c: _symmetric_poly(A, b, c, outputs.poly(A)))
+
+
 def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, path: str | None = None) -> torch.Tensor:
     """Newton–Schulz on a (k, m, n) stack with m <= n; returns (k, m, n) in ``ns_dtype``. The
     algorithm (standard or Gram) and normalization (Frobenius or AOL) are the config's; this
-    backend has one path."""
-    m = stack.shape[-2]
-    ops = SYMMETRIC_OPS if stack.device.type == "cpu" and m >= CPU_SYMMETRIC_MIN_ROWS else MATMUL_OPS
-    return recurrence.run(normalize(stack, config, ns_dtype), config, ns_dtype, ops)
+    backend has one path. The standard schedule writes into one set of buffers (``recurrence.Outputs``,
+    the normalized copy among them: ``recurrence.run_owned``)."""
+    return recurrence.run_owned(normalize(stack, config, ns_dtype), config, ns_dtype,
+                                functools.partial(matmul_ops, stack.device, stack.shape[-2]))
 
 
 def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=None) -> None:

@@ -1,0 +1,125 @@
+"""How much memory a step holds: Newton–Schulz keeps two m×n iterates (the normalized copy is one of
+them), and the optimizer lets go of a bucket's buffers before the next bucket allocates its own.
+
+Measured with ``live_memory.LiveTensors`` on a CPU: the torch backend for real, the Triton paths with
+bench/launch_overhead.py's stand-in driver and launchers (the kernels are real JITFunctions that
+launch nothing, so every buffer is allocated and freed exactly as on a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from live_memory import LiveTensors
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import muon_kernels as mk  # noqa: E402
+from muon_kernels import recurrence  # noqa: E402
+from muon_kernels.backends import torch_backend  # noqa: E402
+from muon_kernels.ns_config import resolve_ns_config  # noqa: E402
+
+KELLER = resolve_ns_config("keller", 5, 1e-7)
+CONFIGS = {"standard": KELLER, "aol": resolve_ns_config("turbo", 4, 1e-7)}
+K, M, N = 3, 64, 160
+
+
+def _iterates_alive(fn, stack: torch.Tensor, ns_dtype: torch.dtype) -> int:
+    """The most (k, m, n) tensors of the iteration dtype alive at once during ``fn(stack)``."""
+    with LiveTensors() as live:
+        out = fn(stack)
+    assert out.shape == stack.shape and out.dtype == ns_dtype
+    return live.peak_count[(tuple(stack.shape), ns_dtype)]
+
+
+@pytest.mark.parametrize("normalization", CONFIGS)
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_torch_backend_holds_two_iterates(normalization, ns_dtype):
+    """The normalized copy, then the products' two ping-pong buffers — one of which is that copy —
+    and AOL's scaling into the same copy: two (k, m, n) iterates at most (fresh outputs held three,
+    AOL with them four)."""
+    cfg = CONFIGS[normalization]
+    stack = torch.randn(K, M, N)
+    fn = lambda s: torch_backend.orthogonalize(s, cfg, ns_dtype)  # noqa: E731
+    assert _iterates_alive(fn, stack, ns_dtype) == 2
+
+
+@pytest.mark.parametrize("normalization", CONFIGS)
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_reused_outputs_give_the_fresh_outputs_bits(normalization, ns_dtype):
+    """``run_owned`` (products into one ``Outputs``, AOL in place) against ``run`` with a fresh
+    tensor per product: bit for bit, standard and AOL, 16-bit and fp32 (an in-place multiply of a
+    16-bit X by fp32 s rounds once, as the copy did)."""
+    cfg = CONFIGS[normalization]
+    X = torch_backend.normalize(torch.randn(K, M, N, generator=torch.Generator().manual_seed(3)), cfg, ns_dtype)
+    fresh = recurrence.run(X.clone(), cfg, ns_dtype, recurrence.BATCHED_GEMM_OPS)
+    reused = recurrence.run_owned(X.clone(), cfg, ns_dtype, recurrence.batched_gemm_ops)
+    assert torch.equal(fresh, reused)
+
+
+def test_gram_refuses_shared_outputs():
+    """``recurrence.gram`` holds R, Q, Z and their products at once: ping-pong buffers would overwrite
+    one of them, so it refuses such ops, and ``run_owned`` gives it fresh outputs."""
+    cfg = replace(KELLER, algorithm="gram", restarts=(2,))
+    X = torch_backend.normalize(torch.randn(2, 16, 48), cfg, torch.float32)
+    with pytest.raises(ValueError, match="fresh outputs"):
+        recurrence.gram(X, cfg.coefficients, (2,), recurrence.batched_gemm_ops(recurrence.Outputs(X.clone())))
+    fresh = recurrence.run(X.clone(), cfg, torch.float32, recurrence.BATCHED_GEMM_OPS)
+    assert torch.equal(recurrence.run_owned(X.clone(), cfg, torch.float32, recurrence.batched_gemm_ops), fresh)
+
+
+def _shapes_step_peak(shapes, steps: int = 3) -> int:
+    """Peak bytes allocated during the last of ``steps`` torch-backend steps over one matrix per shape
+    (the earlier steps make the state, scratch and plan)."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = mk.Muon(params, lr=0.02, backend="torch")
+    for i in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if i < steps - 1:
+            opt.step()
+    assert len(opt._buckets) == len(shapes)
+    with LiveTensors() as live:
+        opt.step()
+    return live.peak_bytes
+
+
+@pytest.mark.parametrize("order", ["small first", "large first"])
+def test_a_step_holds_one_bucket_at_a_time(order):
+    """A bucket's stack and update are let go before the next bucket allocates: the step's peak is the
+    largest single bucket's (the optimizer loop held the previous bucket's update through the next
+    bucket's Newton–Schulz, and its stack while the next one was allocated)."""
+    shapes = [(96, 160), (32, 48)] if order == "large first" else [(32, 48), (96, 160)]
+    alone = max(_shapes_step_peak([s]) for s in shapes)
+    assert _shapes_step_peak(shapes) == alone
+
+
+# ------------------------------------------------------------- Triton paths (stand-in launchers)
+@pytest.fixture
+def stand_in():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the stand-in driver replaces compiled kernels: not under the interpreter")
+    import launch_overhead
+
+    with launch_overhead.stand_in() as calls:
+        calls.recording = False
+        yield
+
+
+@pytest.mark.parametrize("path", ["symmetric", "cublas", "symmetric-cublas"])
+@pytest.mark.parametrize("normalization", CONFIGS)
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_triton_paths_hold_two_iterates(stand_in, path, normalization, ns_dtype):
+    from muon_kernels.triton_kernels import replay
+    from muon_kernels.triton_kernels.ops import _NEWTON_SCHULZ
+
+    cfg = CONFIGS[normalization]
+    stack = torch.randn(K, M, N)
+    with replay.replays(False):
+        assert _iterates_alive(lambda s: _NEWTON_SCHULZ[path](s, cfg, ns_dtype), stack, ns_dtype) == 2
