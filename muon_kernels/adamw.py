@@ -14,19 +14,6 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
-def check_adamw_settings(lr, betas, eps, weight_decay, where: str) -> None:
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError(f"{where}lr must be a float or a 1-element tensor")
-    if not 0.0 <= float(lr):
-        raise ValueError(f"{where}lr must be >= 0, got {float(lr)}")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
-        raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
-    if not 0.0 <= eps:
-        raise ValueError(f"{where}eps must be >= 0, got {eps}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"{where}weight_decay must be >= 0, got {weight_decay}")
-
-
 def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
     """One AdamW step over the parameters of ``group`` that have gradients (validated by the caller)."""
     if not params:

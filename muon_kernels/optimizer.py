@@ -15,8 +15,8 @@ import torch
 from torch.optim import Optimizer
 
 from . import distributed as dist_muon
-from . import graphs, momentum_precision, settings, variants
-from .adamw import ADAMW_KEYS, adamw_step, check_adamw_settings
+from . import checkpoint, graphs, momentum_precision, settings, variants
+from .adamw import ADAMW_KEYS, adamw_step
 from .backends import measured
 from .plan import build_buckets, check_params, describe, group_items
 
@@ -92,7 +92,7 @@ class Muon(Optimizer):
         adamw_eps: float = 1e-10,
         adamw_weight_decay: float = 0.0,
     ) -> None:
-        check_adamw_settings(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, "adamw_")
+        settings.check_adamw_settings(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, "adamw_")
         if max_workspace_bytes is not None and not (isinstance(max_workspace_bytes, int) and max_workspace_bytes > 0):
             raise ValueError(f"max_workspace_bytes must be None or an int > 0, got {max_workspace_bytes!r}")
         self.max_workspace_bytes = max_workspace_bytes
@@ -203,20 +203,20 @@ class Muon(Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """torch's layout; dtype settings are saved by name ("bfloat16"), because torch.distributed's
-        checkpoint utilities only walk tensors, numbers, strings and containers."""
+        """torch's layout, readable by torch.optim.Muon and torch.distributed's checkpoint utilities
+        (muon_kernels/checkpoint.py)."""
         state = super().state_dict()
-        for group in state["param_groups"]:
-            for key in settings.DTYPE_KEYS:
-                if isinstance(group.get(key), torch.dtype):
-                    group[key] = str(group[key]).removeprefix("torch.")
+        checkpoint.portable_groups(state["param_groups"])
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Accepts ours and torch.optim.Muon's; keys an older state_dict lacks keep this optimizer's values."""
+        """Accepts ours and torch.optim.Muon's; keys an older state_dict lacks keep this optimizer's values.
+        A saved state tensor whose shape does not fit its parameter raises ValueError before anything
+        is loaded."""
         state_dict = dict(state_dict)
         saved_groups = deepcopy(state_dict["param_groups"])
         for index, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            checkpoint.restore_settings(saved)
             if current["use_muon"]:
                 variants.check_checkpoint(saved, current, index)
             for key, value in current.items():
@@ -227,6 +227,8 @@ class Muon(Optimizer):
                     if not isinstance(dtype, torch.dtype):
                         raise ValueError(f"state_dict param group has {key}={saved[key]!r}, which is not a torch dtype")
                     saved[key] = dtype
+        if len(saved_groups) == len(self.param_groups):  # (torch's own check names any other mismatch)
+            checkpoint.check_state_shapes(self.param_groups, saved_groups, state_dict["state"])
         state_dict["param_groups"] = saved_groups
         super().load_state_dict(state_dict)
         # torch casts every state tensor to its parameter's dtype; a momentum buffer kept in another
@@ -254,7 +256,9 @@ class Muon(Optimizer):
              tuple((id(p), p.dtype, p.device, p.shape) for p in params))
             for gi, group, params in work
         ) + (id(self._replicated()),)
-        if key != self._plan_key:
+        if key != self._plan_key:  # (a parameter's shape is in the key: its momentum must still fit it)
+            checkpoint.check_state_fits([p for _, _, params in work for p in params], self.state, "momentum_buffer",
+                                        lambda: settings.names(self.param_groups))
             buckets = build_buckets([it for gi, group, params in work for it in group_items(gi, group, params)])
             self._placements = dist_muon.place(buckets, settings.names(self.param_groups), self._replicated(),
                                                verify=True)
@@ -403,6 +407,8 @@ class Muon(Optimizer):
         settings.check_changed_groups(self.param_groups, self._validated)
         work = settings.check_grads(self.param_groups)
         settings.check_distributed_grads(self.param_groups, self._replicated())
+        checkpoint.check_state_fits([p for _, group, params in work if not group["use_muon"] for p in params],
+                                    self.state, "exp_avg", lambda: settings.names(self.param_groups))
         buckets = self._plan_buckets([w for w in work if w[1]["use_muon"] and w[2]])
         key = None if self._graph is None else self._graph_key(work)
         self._init_variant_state(buckets)

@@ -34,7 +34,8 @@ def matrix_view(shape: torch.Size | tuple[int, ...], view: str | None, name: str
         raise ValueError(f"matrix_view must be one of {MATRIX_VIEWS} or None, got {view!r} (parameter {name})")
     if len(shape) < 2:
         raise ValueError(
-            f"parameter {name} with shape {shape} is in a group with use_muon=True, but Muon only "
+            f"parameter {name if 'shape' in name else f'{name} with shape {shape}'} is in a group with use_muon=True, "
+            "but Muon only "
             "orthogonalizes matrices (2D and up); put it in a group with use_muon=False (AdamW), "
             "e.g. with muon_kernels.param_groups(model)"
         )

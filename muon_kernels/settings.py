@@ -7,13 +7,14 @@ whose settings changed since their last check (a scheduler's or a user's writes 
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
 
 from . import distributed as dist_muon
 from . import momentum_precision, splits, variants
-from .adamw import ADAMW_KEYS, check_adamw_settings
+from .adamw import ADAMW_KEYS
 from .backends import BACKEND_NAMES
 from .ns_config import NSConfig, check_ns_dtype, resolve_ns_config
 
@@ -64,17 +65,28 @@ def ns_config(group: dict) -> NSConfig:
                              group["ns_normalization"], group["ns_gram_restarts"])
 
 
+def number(name: str, value: Any, tensor: bool = False) -> float:
+    """``value`` as a float where it is a real number (or, with ``tensor``, a 1-element tensor: a
+    scheduler's lr), else ValueError naming the setting — before anything compares or multiplies it
+    (a string lr would otherwise fail in the middle of a step)."""
+    if tensor and isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{name} must be a float or a 1-element real tensor, got a tensor of shape "
+                             f"{tuple(value.shape)} and dtype {value.dtype}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number{' or a 1-element tensor' if tensor else ''}, got {value!r}")
+    return float(value)
+
+
 def check_muon_settings(group: dict) -> None:
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("lr must be a float or a 1-element tensor")
-    if not 0.0 <= float(lr):
-        raise ValueError(f"lr must be >= 0, got {float(lr)}")
-    if not 0.0 <= group["weight_decay"]:
+    if not 0.0 <= number("lr", group["lr"], tensor=True):
+        raise ValueError(f"lr must be >= 0, got {float(group['lr'])}")
+    if not 0.0 <= number("weight_decay", group["weight_decay"]):
         raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
     if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {group['weight_decay_mode']!r}")
-    if not 0.0 <= group["momentum"] < 1.0:
+    if not 0.0 <= number("momentum", group["momentum"]) < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
     if not isinstance(group["nesterov"], bool):
         raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
@@ -93,6 +105,19 @@ def check_muon_settings(group: dict) -> None:
     momentum_precision.check_settings(group)
 
 
+def check_adamw_settings(lr, betas, eps, weight_decay, where: str) -> None:
+    """An AdamW group's settings (``where``: "adamw_" for the constructor's defaults)."""
+    if not 0.0 <= number(f"{where}lr", lr, tensor=True):
+        raise ValueError(f"{where}lr must be >= 0, got {float(lr)}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(not isinstance(b, bool) and isinstance(b, numbers.Real) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
+    if not 0.0 <= number(f"{where}eps", eps):
+        raise ValueError(f"{where}eps must be >= 0, got {eps}")
+    if not 0.0 <= number(f"{where}weight_decay", weight_decay):
+        raise ValueError(f"{where}weight_decay must be >= 0, got {weight_decay}")
+
+
 def check_adamw_group(group: dict) -> None:
     check_adamw_settings(group["lr"], group["betas"], group["eps"], group["weight_decay"], "")
 
@@ -108,6 +133,11 @@ def check_changed_groups(param_groups: list[dict], validated: dict[int, tuple]) 
             check_muon_settings(group) if group["use_muon"] else check_adamw_group(group)
         except ValueError as exc:
             raise ValueError(f"param group {gi}: {exc}; nothing was modified") from None
+        except KeyError as exc:  # use_muon flipped after construction: the other kind's settings are absent
+            kind = "a Muon" if group["use_muon"] else "an AdamW"
+            raise ValueError(f"param group {gi} has use_muon={group['use_muon']!r} but no {exc.args[0]!r}, which "
+                             f"{kind} group needs: a group's kind is fixed when it is added (add a new group with "
+                             "add_param_group instead); nothing was modified") from None
         validated[gi] = key
 
 

@@ -100,6 +100,13 @@ def state_shape(view: MatrixView) -> tuple[int, ...]:
     return (view.batch, count) if view.kind in ("batch", "batch_transposed") else (count,)
 
 
+def expected_state_shapes(view: MatrixView, part=None, p: torch.Tensor | None = None) -> dict[str, tuple[int, ...]]:
+    """The shapes of the variants' state for a parameter viewed as ``view``: NorMuon's v (a split
+    piece's v is a slice of its parameter's, one per row of ``p``) and the hyperball radius."""
+    v = state_shape(view) if part is None else (p.shape[part[0]],)
+    return {"normuon_v": v, "hyperball_radius": state_shape(view)[:-1]}
+
+
 def frobenius_norms(p: torch.Tensor, view: MatrixView) -> torch.Tensor:
     """fp32 (fp64 for fp64) Frobenius norm of each matrix of the view, two-stage (accurate)."""
     acc = torch.promote_types(p.dtype, torch.float32)
@@ -117,8 +124,8 @@ def init_state(entries, state, names: dict[int, str]) -> None:
     radii = {}
     for p, view, v, part in entries:
         st = state[p]
-        if v.normuon and "normuon_v" not in st:  # a split piece's v is a slice of its parameter's
-            shape = state_shape(view) if part is None else (p.shape[part[0]],)
+        if v.normuon and "normuon_v" not in st:
+            shape = expected_state_shapes(view, part, p)["normuon_v"]
             st["normuon_v"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         if v.hyperball and "hyperball_radius" not in st:
             radii[p] = (frobenius_norms(p, view), view, names[id(p)])
@@ -130,7 +137,7 @@ def init_state(entries, state, names: dict[int, str]) -> None:
                              "Frobenius norm, but a matrix of it has norm 0; initialize it (e.g. nn.init) before the "
                              "first step or put it in a group with constraint='none'")
     for p, (norms, view, _) in radii.items():
-        state[p]["hyperball_radius"] = norms.to(torch.float32).reshape(state_shape(view)[:-1])
+        state[p]["hyperball_radius"] = norms.to(torch.float32).reshape(expected_state_shapes(view)["hyperball_radius"])
 
 
 def state_tensors(bucket: Bucket, state) -> tuple[list, list]:

@@ -117,3 +117,80 @@ def test_missing_group_keys_get_this_optimizers_values():
     assert [g["use_muon"] for g in fresh.param_groups] == [True, False]
     assert fresh.param_groups[0]["momentum_form"] == "sgd"
     _train(model, fresh, 1, seed=1)
+
+
+def test_our_default_checkpoint_steps_in_torch_optim_muon_like_torchs_own():
+    """Our default ``ns_steps=None`` is saved as the count it stands for (5), which torch.optim.Muon
+    reads as an int: loaded there, it steps exactly as torch's own checkpoint of the same run does."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(8, 12) * 0.3) for _ in range(2)]
+    ours = mk.Muon([torch.nn.Parameter(w.detach().clone()) for w in weights], lr=0.03)
+    theirs = torch.optim.Muon([torch.nn.Parameter(w.detach().clone()) for w in weights], lr=0.03)
+    assert ours.param_groups[0]["ns_steps"] is None
+    saved = _roundtrip(ours.state_dict())
+    assert saved["param_groups"][0]["ns_steps"] == 5 == theirs.param_groups[0]["ns_steps"]
+    mine = mk.Muon([torch.nn.Parameter(w.detach().clone()) for w in weights], lr=0.03)
+    mine.load_state_dict(saved)  # and back into ours: the same 5 steps
+    loaded = torch.optim.Muon([torch.nn.Parameter(w.detach().clone()) for w in weights])
+    loaded.load_state_dict(saved)
+    for opt in (loaded, theirs):
+        for p in opt.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    for p, q in zip(loaded.param_groups[0]["params"], theirs.param_groups[0]["params"]):
+        assert torch.equal(p, q)
+    # Back from torch: still our None where torch kept the count, torch's value where it changed it.
+    back = mk.Muon([torch.nn.Parameter(w.detach().clone()) for w in weights])
+    back.load_state_dict(_roundtrip(loaded.state_dict()))
+    assert back.param_groups[0]["ns_steps"] is None and "ns_steps_setting" not in back.param_groups[0]
+    loaded.param_groups[0]["ns_steps"] = 3
+    back.load_state_dict(_roundtrip(loaded.state_dict()))
+    assert back.param_groups[0]["ns_steps"] == 3
+
+
+def _layouts(shapes, **kwargs):
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = mk.Muon(params, lr=0.02, **kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt
+
+
+def _state(opt):
+    return {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+
+
+@pytest.mark.parametrize("saved_shapes, shapes, key", [
+    ([(8, 16), (16,)], [(8, 16), (64,)], "exp_avg"),  # a resized bias (torch's fused CPU AdamW corrupted memory)
+    ([(8, 16), (16,)], [(16, 8), (16,)], "momentum_buffer"),  # a transposed weight
+])
+def test_a_checkpoint_of_another_layout_is_refused_at_load(saved_shapes, shapes, key):
+    """Each saved state tensor must have the shape this optimizer would give its parameter: a
+    mismatch raises at load, naming the parameter and the state, and nothing is loaded."""
+    saved = _roundtrip(_layouts(saved_shapes).state_dict())
+    opt = _layouts(shapes)
+    before = _state(opt)
+    with pytest.raises(ValueError, match=rf"saved '{key}' has shape .*nothing was loaded"):
+        opt.load_state_dict(saved)
+    after = _state(opt)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(v, after[i][k]) for i, s in before.items() for k, v in s.items())
+
+
+@pytest.mark.parametrize("key, kwargs", [
+    ("momentum_scale", {"momentum_dtype": "int8"}),
+    ("normuon_v", {"adaptive": "normuon"}),
+    ("hyperball_radius", {"constraint": "hyperball", "weight_decay": 0.0}),
+])
+def test_a_variant_state_of_the_wrong_shape_is_refused_at_load(key, kwargs):
+    """The low-precision scales and the variants' state are checked against the shapes the optimizer
+    makes for them (a wrong-sized v or radius would be read out of bounds by the fused kernels)."""
+    opt = _layouts([(8, 16), (32, 8)], **kwargs)
+    saved = _roundtrip(opt.state_dict())
+    good = saved["state"][1][key]
+    saved["state"][1][key] = torch.zeros(tuple(good.shape) + (2,), dtype=good.dtype)
+    with pytest.raises(ValueError, match=rf"parameter #1 of shape \(32, 8\): saved '{key}' has shape"):
+        _layouts([(8, 16), (32, 8)], **kwargs).load_state_dict(saved)
+    saved["state"][1][key] = good
+    _layouts([(8, 16), (32, 8)], **kwargs).load_state_dict(saved)  # the right shapes load

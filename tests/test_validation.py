@@ -212,3 +212,54 @@ def test_fp64_parameters():
     opt.step()
     assert opt.state[p]["momentum_buffer"].dtype == torch.float64
     assert rel_err(p.detach() - p0, -0.1 * reference_ns(p.grad)) <= 1e-4
+
+
+@pytest.mark.parametrize("kwargs", [{"lr": "0.02"}, {"lr": None}, {"weight_decay": "0.1"}, {"momentum": "0.9"},
+                                    {"adamw_lr": "1e-3"}, {"adamw_eps": None}, {"adamw_betas": ("0.9", 0.95)}])
+def test_settings_that_are_not_numbers_are_refused_at_construction(kwargs):
+    """A string lr passed ``float(lr) >= 0`` and failed in the middle of the first step."""
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=rf"{name} must be"):
+        mk.Muon(nn.Linear(4, 6).parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("group, key, value, match", [
+    (0, "lr", "0.1", "param group 0: lr must be a number"),
+    (0, "lr", None, "param group 0: lr must be a number"),
+    (0, "weight_decay", "x", "param group 0: weight_decay must be a number"),
+    (1, "eps", "1e-8", "param group 1: eps must be a number"),
+    (0, "use_muon", False, r"param group 0 has use_muon=False but no 'betas'.*fixed when it is added"),
+    (1, "use_muon", True, r"parameter #0 of shape \(6,\) is in a group with use_muon=True, but Muon only"),
+])
+def test_group_edits_that_cannot_step_raise_before_anything_changes(group, key, value, match):
+    opt, a, b, bias = _two_group_optimizer()
+    for p in (a, b, bias):
+        p.grad = torch.randn_like(p)
+    before = _snapshot(opt)
+    opt.param_groups[group][key] = value
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    params, state = _snapshot(opt)
+    assert all(torch.equal(x, y) for g0, g1 in zip(before[0], params) for x, y in zip(g0, g1))
+    assert all(torch.equal(v, state[i][k]) for i, s in before[1].items() for k, v in s.items())
+
+
+@pytest.mark.parametrize("which", ["muon", "adamw"])
+def test_a_parameter_resized_under_its_state_raises_before_anything_changes(which):
+    """``p.data = <another shape>`` between steps: the momentum (or AdamW's moments) no longer fit.
+    The step refuses before it modifies anything (it stepped the AdamW half, then failed in the
+    Muon half; torch's fused CPU AdamW does not check shapes at all)."""
+    opt, a, b, bias = _two_group_optimizer()
+    target = a if which == "muon" else bias
+    target.data = torch.randn(target.shape[0] + 2, *target.shape[1:])
+    for p in (a, b, bias):
+        p.grad = torch.randn_like(p)
+    before = _snapshot(opt)
+    key = "momentum_buffer" if which == "muon" else "exp_avg"
+    with pytest.raises(ValueError, match=rf"optimizer state '{key}' has shape .*now has shape .*nothing was modified"):
+        opt.step()
+    params, state = _snapshot(opt)
+    assert all(torch.equal(x, y) for g0, g1 in zip(before[0], params) for x, y in zip(g0, g1))
+    assert all(torch.equal(v, state[i][k]) for i, s in before[1].items() for k, v in s.items())
+    del opt.state[target]  # the fix the message names: the step then runs
+    opt.step()
