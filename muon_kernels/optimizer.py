@@ -199,7 +199,8 @@ class Muon(Optimizer):
         for item in group["params"]:
             p = item[1] if isinstance(item, tuple) else item
             (muon if p.ndim >= 2 else rest)["params"].append(item)
-        return [part for part in (muon, rest) if part["params"]]
+        # An empty group stays one (Muon) group, as torch keeps it: later groups keep their indices.
+        return [part for part in (muon, rest) if part["params"]] or [muon]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

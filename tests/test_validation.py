@@ -263,3 +263,15 @@ def test_a_parameter_resized_under_its_state_raises_before_anything_changes(whic
     assert all(torch.equal(v, state[i][k]) for i, s in before[1].items() for k, v in s.items())
     del opt.state[target]  # the fix the message names: the step then runs
     opt.step()
+
+
+def test_an_empty_group_is_kept_so_later_groups_keep_their_indices():
+    """As torch.optim.Muon keeps it: a scheduler's per-group values and a checkpoint's groups line up."""
+    w = nn.Parameter(torch.randn(4, 6))
+    ours = mk.Muon([{"params": []}, {"params": [w], "lr": 0.05}])
+    theirs = torch.optim.Muon([{"params": []}, {"params": [nn.Parameter(w.detach().clone())], "lr": 0.05}])
+    assert len(ours.param_groups) == len(theirs.param_groups) == 2 and ours.param_groups[1]["lr"] == 0.05
+    w.grad = torch.randn_like(w)
+    ours.step()
+    again = mk.Muon([{"params": []}, {"params": [nn.Parameter(w.detach().clone())], "lr": 0.05}])
+    again.load_state_dict(ours.state_dict())
