@@ -5,7 +5,8 @@ planner, the backends, the variants, the distributed path) can import these type
 an import cycle (tests/test_structure.py walks the import graph and fails on any).
 
 A bucket is a list of matrices that one backend call orthogonalizes (or a few, when
-``max_workspace_bytes`` splits it into chunks). Its ``layout`` says how the backends' momentum and
+``max_workspace_bytes`` splits it into chunks; a local bucket over that cap is planned as several:
+``Bucket.within``). Its ``layout`` says how the backends' momentum and
 update functions lay its entries out in the tensor between them:
 
 - ``"stack"``: a (K, m, n) stack of the oriented matrices (tall ones transposed), which Newton–Schulz
@@ -17,7 +18,7 @@ update functions lay its entries out in the tensor between them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 
 import torch
@@ -234,6 +235,28 @@ class Bucket:
                                                                                   self.device)
         per_chunk = max(1, min(per_chunk, per_call or total))
         return [(s, min(s + per_chunk, total)) for s in range(0, total, per_chunk)]
+
+    def within(self, max_workspace_bytes: int | None) -> list["Bucket"]:
+        """This bucket as consecutive buckets of whole entries whose working set — the stack included,
+        which ``chunks`` cannot bound: the momentum writes it whole — stays under the cap, as even as
+        the entries allow (equal shapes share ``backend="auto"``'s measurements). One entry larger
+        than the cap is a bucket of its own, chunked in ``orthogonalize``. The stack, its update and
+        the products then take the cap, not the bucket's size: a LLaMA-1B step kept a 3.2 GB fp32 stack
+        and a 1.6 GB update of its 48 MLP matrices beside 1 GB chunks."""
+        if not max_workspace_bytes or len(self.entries) < 2:
+            return [self]
+        per_bucket = max(1, max_workspace_bytes // self.matrix_bytes())
+        if self.matrices <= per_bucket:
+            return [self]
+        target = -(-self.matrices // -(-self.matrices // per_bucket))  # even sizes, none above per_bucket
+        parts, size = [[]], 0
+        for e in self.entries:
+            if parts[-1] and size + e.view.batch > target:
+                parts.append([])
+                size = 0
+            parts[-1].append(e)
+            size += e.view.batch
+        return [replace(self, entries=part, cache={}) for part in parts]
 
     @property
     def scratch(self) -> Scratch:

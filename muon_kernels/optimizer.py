@@ -8,6 +8,7 @@ groups, one batched orthogonalization per bucket of same-shape matrices.
 
 from __future__ import annotations
 
+import itertools
 from copy import deepcopy
 from typing import Any
 
@@ -256,18 +257,27 @@ class Muon(Optimizer):
             (gi, *(settings.freeze(group[k]) for k in settings.PLAN_KEYS),
              tuple((id(p), p.dtype, p.device, p.shape) for p in params))
             for gi, group, params in work
-        ) + (id(self._replicated()),)
+        ) + (id(self._replicated()), self.max_workspace_bytes)
         if key != self._plan_key:  # (a parameter's shape is in the key: its momentum must still fit it)
             checkpoint.check_state_fits([p for _, _, params in work for p in params], self.state, "momentum_buffer",
                                         lambda: settings.names(self.param_groups))
             buckets = build_buckets([it for gi, group, params in work for it in group_items(gi, group, params)])
-            self._placements = dist_muon.place(buckets, settings.names(self.param_groups), self._replicated(),
-                                               verify=True)
+            placements = dist_muon.place(buckets, settings.names(self.param_groups), self._replicated(),
+                                         verify=True)
+            buckets, self._placements = self._within_cap(buckets, placements)
             measured.resolve(buckets, self._placements, self.dispatch, self.max_workspace_bytes)
             self._buckets = buckets
             self._plan_key = key
             self._plan_version += 1
         return self._buckets
+
+    def _within_cap(self, buckets, placements) -> tuple[list, list]:
+        """Local buckets over ``max_workspace_bytes`` as several (``Bucket.within``); a distributed
+        bucket stays whole: its matrices are shared out among the ranks already."""
+        pairs = [(b, p) for bucket, placement in zip(buckets, placements)
+                 for b, p in zip(bucket.within(self.max_workspace_bytes) if placement.kind == "local" else [bucket],
+                                 itertools.repeat(placement))]
+        return [b for b, _ in pairs], [p for _, p in pairs]
 
     def _replicated(self):
         return dist_muon.replicated_group(self.distributed, self.process_group)
@@ -277,7 +287,8 @@ class Muon(Optimizer):
         work = [(gi, g, [p for p in g["params"] if p.numel() > 0])
                 for gi, g in enumerate(self.param_groups) if g["use_muon"]]
         buckets = build_buckets([it for gi, g, ps in work for it in group_items(gi, g, ps)])
-        placements = dist_muon.place(buckets, settings.names(self.param_groups), self._replicated())
+        buckets, placements = self._within_cap(buckets, dist_muon.place(buckets, settings.names(self.param_groups),
+                                                                         self._replicated()))
         measured.resolve(buckets, placements, self.dispatch, self.max_workspace_bytes, collectives=False)
         return describe(self.param_groups, buckets, [(p.kind, p.owners) for p in placements])
 

@@ -123,3 +123,40 @@ def test_triton_paths_hold_two_iterates(stand_in, path, normalization, ns_dtype)
     stack = torch.randn(K, M, N)
     with replay.replays(False):
         assert _iterates_alive(lambda s: _NEWTON_SCHULZ[path](s, cfg, ns_dtype), stack, ns_dtype) == 2
+
+
+def _capped_run(cap, steps: int = 3):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(32, 64)) for _ in range(5)] + [torch.nn.Parameter(torch.randn(64, 32))]
+    opt = mk.Muon(params, lr=0.02, backend="torch", max_workspace_bytes=cap)
+    g = torch.Generator().manual_seed(1)
+    peak = 0
+    for i in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        with LiveTensors() as live:
+            opt.step()
+        peak = live.peak_bytes if i else peak  # after the first step: state and scratch exist
+    return opt, params, peak
+
+
+def test_a_bucket_over_the_workspace_cap_is_planned_as_several():
+    """``max_workspace_bytes`` bounds a bucket's whole working set, its stack included (which
+    ``Bucket.chunks`` cannot: the momentum writes the stack whole): a local bucket over the cap is
+    planned as consecutive buckets of whole entries, as even as they come. The steps are bit for bit
+    those of one bucket, and hold less."""
+    per_matrix = _capped_run(None, steps=1)[0]._buckets[0].matrix_bytes()
+    capped, params, capped_peak = _capped_run(3 * per_matrix)
+    whole, reference, whole_peak = _capped_run(None)
+    assert [b.matrices for b in capped._buckets] == [3, 3] and [b.matrices for b in whole._buckets] == [6]
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+    assert capped_peak < whole_peak
+    assert str(capped.plan()).count("bucket of 3 matrices 32×64") == 6
+    # Uneven: 6 matrices at 4 per bucket are two buckets of 3, not 4 and 2.
+    assert [b.matrices for b in _capped_run(4 * per_matrix, steps=1)[0]._buckets] == [3, 3]
+    # The cap is part of the plan: changing it re-plans.
+    capped.max_workspace_bytes = None
+    for p in params:
+        p.grad = torch.randn_like(p)
+    capped.step()
+    assert [b.matrices for b in capped._buckets] == [6]
