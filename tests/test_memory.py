@@ -1,7 +1,7 @@
 """How much memory a step holds: Newton–Schulz keeps two m×n iterates (the normalized copy is one of
 them), and the optimizer lets go of a bucket's buffers before the next bucket allocates its own.
 
-Measured with ``live_memory.LiveTensors`` on a CPU: the torch backend for real, the Triton paths with
+Measured with ``step_memory.LiveTensors`` on a CPU: the torch backend for real, the Triton paths with
 bench/launch_overhead.py's stand-in driver and launchers (the kernels are real JITFunctions that
 launch nothing, so every buffer is allocated and freed exactly as on a GPU).
 """
@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from live_memory import LiveTensors
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import muon_kernels as mk  # noqa: E402
 from muon_kernels import recurrence  # noqa: E402
 from muon_kernels.backends import torch_backend  # noqa: E402
 from muon_kernels.ns_config import resolve_ns_config  # noqa: E402
+from step_memory import LiveTensors  # noqa: E402
 
 KELLER = resolve_ns_config("keller", 5, 1e-7)
 CONFIGS = {"standard": KELLER, "aol": resolve_ns_config("turbo", 4, 1e-7)}

@@ -19,7 +19,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from live_memory import LiveTensors
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("replay is off under the interpreter", allow_module_level=True)
@@ -27,6 +26,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import launch_overhead  # noqa: E402
+from step_memory import LiveTensors  # noqa: E402
 import muon_kernels as mk  # noqa: E402
 from muon_kernels import workspace  # noqa: E402
 from muon_kernels.ns_config import resolve_ns_config  # noqa: E402
@@ -50,7 +50,7 @@ CASES = {  # (function, stack, config, ns_dtype); off a GPU the products take 32
 
 class _Allocations(TorchDispatchMode):
     """Every tensor allocated while active, in order. It holds them, so no address is reused within
-    the call and a pointer names one allocation (``live_memory.LiveTensors``, which measures peaks, must not)."""
+    the call and a pointer names one allocation (``step_memory.LiveTensors``, which measures peaks, must not)."""
 
     def __init__(self):
         super().__init__()
