@@ -250,8 +250,8 @@ class Bucket:
             return [self]
         target = -(-self.matrices // -(-self.matrices // per_bucket))  # even sizes, none above per_bucket
         parts, size = [[]], 0
-        for e in self.entries:
-            if parts[-1] and size + e.view.batch > target:
+        for e in self.entries:  # a part ends at the even size, or where the next entry would cross the cap
+            if parts[-1] and (size >= target or size + e.view.batch > per_bucket):
                 parts.append([])
                 size = 0
             parts[-1].append(e)

@@ -26,7 +26,9 @@ from .settings import DTYPE_KEYS, label, ns_config
 
 # Beside an ``ns_steps`` saved as a count: the group's own setting (None), restored by our load so a
 # checkpoint round-trips exactly — unless the saved count was changed since (torch.optim.Muon may
-# have stepped and saved with another ns_steps).
+# have stepped and saved with another ns_steps). torch.distributed.checkpoint's flattened optimizer
+# state keeps only the keys the live groups have, so through it None comes back as the count: the
+# same steps, until the group's ns_coefficients change to a preset with another count.
 NS_STEPS_SETTING = "ns_steps_setting"
 
 
@@ -64,6 +66,19 @@ def _expected_shapes(gi: int, group: dict, saved: dict) -> dict[int, dict[str, t
     for it in group_items(gi, merged, [p for p in params if p.numel() > 0]):
         shapes[id(it.param)].update(variants.expected_state_shapes(it.view, it.part, it.param))
     return shapes
+
+
+def fill_empty_groups(groups: list[dict], saved_groups: list[dict]) -> list[dict]:
+    """``saved_groups`` with a placeholder at each of this optimizer's empty groups, where it has
+    exactly that many groups more: a checkpoint from before empty groups were kept (they were
+    dropped at construction) loads into one built the same way."""
+    empty = [i for i, g in enumerate(groups) if not g["params"]]
+    if not empty or len(groups) - len(saved_groups) != len(empty):
+        return saved_groups
+    filled = list(saved_groups)
+    for i in empty:
+        filled.insert(i, {**{k: v for k, v in groups[i].items() if k != "params"}, "params": []})
+    return filled
 
 
 def check_state_shapes(groups: list[dict], saved_groups: list[dict], saved_state: dict[Any, dict]) -> None:

@@ -216,13 +216,13 @@ class Muon(Optimizer):
         A saved state tensor whose shape does not fit its parameter raises ValueError before anything
         is loaded."""
         state_dict = dict(state_dict)
-        saved_groups = deepcopy(state_dict["param_groups"])
+        saved_groups = checkpoint.fill_empty_groups(self.param_groups, deepcopy(state_dict["param_groups"]))
         for index, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            checkpoint.restore_settings(saved)
             if current["use_muon"]:
                 variants.check_checkpoint(saved, current, index)
             for key, value in current.items():
                 saved.setdefault(key, value)
+            checkpoint.restore_settings(saved)
             for key in settings.DTYPE_KEYS:
                 if isinstance(saved.get(key), str) and saved[key] != momentum_precision.INT8:
                     dtype = getattr(torch, saved[key], None)

@@ -66,9 +66,10 @@ def ns_config(group: dict) -> NSConfig:
 
 
 def number(name: str, value: Any, tensor: bool = False) -> float:
-    """``value`` as a float where it is a real number (or, with ``tensor``, a 1-element tensor: a
-    scheduler's lr), else ValueError naming the setting — before anything compares or multiplies it
-    (a string lr would otherwise fail in the middle of a step)."""
+    """``value`` as a float where it is a real number (or, with ``tensor``, a 1-element real tensor,
+    as torch's optimizers take for lr, betas and weight decay), else ValueError naming the setting —
+    before anything compares or multiplies it (a string lr would otherwise fail in the middle of a
+    step)."""
     if tensor and isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex():
             raise ValueError(f"{name} must be a float or a 1-element real tensor, got a tensor of shape "
@@ -82,11 +83,11 @@ def number(name: str, value: Any, tensor: bool = False) -> float:
 def check_muon_settings(group: dict) -> None:
     if not 0.0 <= number("lr", group["lr"], tensor=True):
         raise ValueError(f"lr must be >= 0, got {float(group['lr'])}")
-    if not 0.0 <= number("weight_decay", group["weight_decay"]):
+    if not 0.0 <= number("weight_decay", group["weight_decay"], tensor=True):
         raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
     if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {group['weight_decay_mode']!r}")
-    if not 0.0 <= number("momentum", group["momentum"]) < 1.0:
+    if not 0.0 <= number("momentum", group["momentum"], tensor=True) < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
     if not isinstance(group["nesterov"], bool):
         raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
@@ -110,11 +111,11 @@ def check_adamw_settings(lr, betas, eps, weight_decay, where: str) -> None:
     if not 0.0 <= number(f"{where}lr", lr, tensor=True):
         raise ValueError(f"{where}lr must be >= 0, got {float(lr)}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(not isinstance(b, bool) and isinstance(b, numbers.Real) and 0.0 <= b < 1.0 for b in betas)):
+            and all(0.0 <= number(f"{where}betas", b, tensor=True) < 1.0 for b in betas)):
         raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
-    if not 0.0 <= number(f"{where}eps", eps):
+    if not 0.0 <= number(f"{where}eps", eps, tensor=True):
         raise ValueError(f"{where}eps must be >= 0, got {eps}")
-    if not 0.0 <= number(f"{where}weight_decay", weight_decay):
+    if not 0.0 <= number(f"{where}weight_decay", weight_decay, tensor=True):
         raise ValueError(f"{where}weight_decay must be >= 0, got {weight_decay}")
 
 

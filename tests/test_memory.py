@@ -159,3 +159,16 @@ def test_a_bucket_over_the_workspace_cap_is_planned_as_several():
         p.grad = torch.randn_like(p)
     capped.step()
     assert [b.matrices for b in capped._buckets] == [6]
+
+
+def test_uneven_entries_fill_a_bucket_up_to_the_cap():
+    """Expert stacks of 2 matrices under a cap of 4: buckets of 4 and 2, not three of 2."""
+    params = [torch.nn.Parameter(torch.randn(2, 32, 64)) for _ in range(3)]
+    probe = mk.Muon(params, backend="torch", matrix_view="batch", max_workspace_bytes=None)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    probe.step()
+    cap = 4 * probe._buckets[0].matrix_bytes()
+    opt = mk.Muon(params, backend="torch", matrix_view="batch", max_workspace_bytes=cap)
+    opt.step()
+    assert [b.matrices for b in opt._buckets] == [4, 2]

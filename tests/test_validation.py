@@ -275,3 +275,30 @@ def test_an_empty_group_is_kept_so_later_groups_keep_their_indices():
     ours.step()
     again = mk.Muon([{"params": []}, {"params": [nn.Parameter(w.detach().clone())], "lr": 0.05}])
     again.load_state_dict(ours.state_dict())
+
+
+def test_one_element_tensor_settings_are_numbers():
+    """As torch's optimizers take them (a scheduler may keep betas or weight decay as tensors)."""
+    t = torch.tensor
+    w, b = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(6))
+    opt = mk.Muon([{"params": [w], "weight_decay": t(0.01), "momentum": t(0.9)},
+                   {"params": [b], "use_muon": False, "betas": (t(0.9), t(0.95)), "weight_decay": t(0.1)}])
+    for p in (w, b):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with pytest.raises(ValueError, match="betas must be"):
+        mk.Muon([w], adamw_betas=(t([0.9, 0.8]), 0.95))
+
+
+def test_a_checkpoint_without_the_empty_groups_loads():
+    """Before empty groups were kept, ``{"params": []}`` was dropped at construction: such a
+    checkpoint has exactly the empty groups fewer, and loads with each group's state in place."""
+    w = nn.Parameter(torch.randn(4, 6))
+    old = mk.Muon([{"params": [w], "lr": 0.05}])
+    w.grad = torch.randn_like(w)
+    old.step()
+    q = nn.Parameter(w.detach().clone())
+    new = mk.Muon([{"params": []}, {"params": [q], "lr": 0.05}])
+    new.load_state_dict(old.state_dict())
+    assert len(new.param_groups) == 2 and new.param_groups[0]["params"] == []
+    assert torch.equal(new.state[q]["momentum_buffer"], old.state[w]["momentum_buffer"])
