@@ -33,10 +33,14 @@ from muon_kernels import workspace
 class LiveTensors(TorchDispatchMode):
     """``peak_bytes``: the most bytes of tracked storages alive at once, and ``at_peak`` the (shape,
     dtype, bytes) of each then; ``peak_count[(shape, dtype)]``: the most tensors of that shape and
-    dtype alive at once (by the tensor that allocated the storage)."""
+    dtype alive at once (by the tensor that allocated the storage). ``dispatch=False``: only the
+    buffers ``workspace.empty`` hands out (all the Triton backend allocates), with no dispatch mode
+    active — under one, the backends run their custom ops through the dispatcher, and a custom op may
+    not return memory of its input, so a step would not consume its stacks."""
 
-    def __init__(self):
+    def __init__(self, dispatch: bool = True):
         super().__init__()
+        self.dispatch = dispatch
         self.live: dict[int, tuple[int, tuple]] = {}  # storage address -> (bytes, (shape, dtype))
         self.bytes = self.peak_bytes = 0
         self.at_peak: list[tuple] = []
@@ -45,11 +49,11 @@ class LiveTensors(TorchDispatchMode):
 
     def __enter__(self):
         workspace.observers.append(self.track)
-        return super().__enter__()
+        return super().__enter__() if self.dispatch else self
 
     def __exit__(self, *exc):
         workspace.observers.remove(self.track)
-        return super().__exit__(*exc)
+        return super().__exit__(*exc) if self.dispatch else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -103,7 +107,7 @@ def measure(model: str, layers: int, max_workspace_bytes: int | None) -> dict:
         opt.max_workspace_bytes = max_workspace_bytes
         for _ in range(2):  # state, tables, plan
             opt.step()
-        with LiveTensors() as live:
+        with LiveTensors(dispatch=False) as live:
             opt.step()
     return {"model": model, "layers": layers, "max_workspace_bytes": max_workspace_bytes,
             "buckets": [(b.matrices, b.m, b.n, str(b.dtype)) for b in opt._buckets],

@@ -218,7 +218,8 @@ class Bucket:
     def matrix_bytes(self) -> int:
         """Workspace one matrix needs: the fp32 stack, X and X_next (m×n), and the m×m temporaries —
         A and B, or for Gram NS R, Z, Q, R·Z and the next R — at the sizes the backend allocates them
-        (the cuda backend pads each dimension to a multiple of 128)."""
+        (the cuda backend pads each dimension to a multiple of 128). A bound: a step's consumed stack
+        holds one of X and X_next."""
         ns = torch.finfo(self.ns_dtype).bits // 8
         pad = getattr(self.backend, "padded", lambda size: size)
         m, n = pad(self.m), pad(self.n)
@@ -266,12 +267,13 @@ class Bucket:
             self.cache["scratch"] = Scratch(self.device)
         return self.cache["scratch"]
 
-    def orthogonalize(self, stack: torch.Tensor, max_workspace_bytes: int | None) -> torch.Tensor:
+    def orthogonalize(self, stack: torch.Tensor, max_workspace_bytes: int | None, consume: bool = False) -> torch.Tensor:
         """One backend call per bucket, or one per chunk when the workspace cap (or the backend's
         per-call limit) splits it. On a CPU the chunks write into a buffer kept per stack shape (a
-        whole bucket, or a rank's share of one)."""
+        whole bucket, or a rank's share of one). ``consume``: the caller gives the stack up, and the
+        backend may use its memory (the result may lie in it)."""
         chunks = self.chunks(max_workspace_bytes, stack.shape[0])
-        kwargs = {} if self.path is None else {"path": self.path}
+        kwargs = ({} if self.path is None else {"path": self.path}) | ({"consume": True} if consume else {})
         if len(chunks) == 1:
             return self.backend.orthogonalize(stack, self.config, self.ns_dtype, **kwargs)
         if stack.device.type == "cpu":

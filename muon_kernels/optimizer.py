@@ -322,8 +322,8 @@ class Muon(Optimizer):
                 replicated.append((bucket, dist_muon.start_replicated(bucket, placement.owners, placement.group, stack,
                                                                       self.max_workspace_bytes)))
             else:
-                bucket.apply_update(bucket.orthogonalize(stack, self.max_workspace_bytes), self.param_groups,
-                                    self.state)
+                bucket.apply_update(bucket.orthogonalize(stack, self.max_workspace_bytes, consume=True),
+                                    self.param_groups, self.state)
             del stack  # not held while the next bucket allocates its own (nor its update, above)
         scatters = [(bucket, placement, dist_muon.start_sharded_scatter(bucket, placement.owners, placement.group,
                                                                         gathered, self.max_workspace_bytes))

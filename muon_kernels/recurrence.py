@@ -49,16 +49,18 @@ class Outputs:
     every later step: a step's A = X·Xᵀ and B = p(A) are dead once the next product has read them,
     and a·X + B·X ping-pongs between two m×n buffers, never the X it reads. ``spare`` is the
     normalized X the call was given (its own copy): dead once the first step has read it, so it is
-    the second of the two m×n buffers. A call then holds one A, one B and two X's (2mn + 2m² per
+    the second of the two m×n buffers (``second``, where given, the first: memory the caller gives up,
+    such as a consumed stack's). A call then holds one A, one B and two X's (2mn + 2m² per
     matrix) where fresh outputs held three X's — the normalized input stays referenced by the
     callers' frames until the recurrence returns — and at batch 1 four allocations instead of one
     per product are less host time on a launch-bound call. ``recurrence.gram`` keeps more products
     alive at once, so it refuses ops that carry outputs (Gram NS drivers manage their own buffers).
     A buffer handed out again is NaN-filled again under ``MUON_KERNELS_DEBUG_FILL=nan``."""
 
-    def __init__(self, spare: torch.Tensor):
+    def __init__(self, spare: torch.Tensor, second: torch.Tensor | None = None):
         self.applied = 0
-        self.buffers: dict[str, torch.Tensor] = {"X1": spare}
+        self.second = second  # the other m×n buffer where the caller has one (a consumed stack's memory)
+        self.buffers: dict[str, torch.Tensor] = {"X1": spare} if second is None else {"X1": spare, "X0": second}
 
     def _get(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
         buf = self.buffers.get(name)
@@ -174,11 +176,12 @@ def run(X: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, ops: MatmulOps
 
 
 def run_owned(X: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype,
-              make_ops: Callable[[Outputs | None], MatmulOps]) -> torch.Tensor:
+              make_ops: Callable[[Outputs | None], MatmulOps], second: torch.Tensor | None = None) -> torch.Tensor:
     """``run`` on the call's own normalized X (overwritten), with ``make_ops(outputs)``'s products
-    writing into one ``Outputs`` — X among its buffers — except where ``recurrence.gram`` runs (no
-    Gram driver), which holds more products than those buffers: it gets fresh outputs."""
-    ops = make_ops(Outputs(X))
+    writing into one ``Outputs`` — X (and ``second``) among its buffers — except where
+    ``recurrence.gram`` runs (no Gram driver), which holds more products than those buffers: it gets
+    fresh outputs."""
+    ops = make_ops(Outputs(X, second))
     if config.algorithm == "gram" and ops.gram_driver is None:
         ops = make_ops(None)
     return run(X, config, ns_dtype, ops)

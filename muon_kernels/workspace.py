@@ -55,6 +55,16 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
     return empty(t.shape, dtype=t.dtype, device=t.device)
 
 
+def reinterpret(t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A contiguous ``shape`` tensor of ``dtype`` over the memory of contiguous ``t`` (from its first
+    byte), where it fits: a dead tensor's memory as a work buffer; else None. Views only (no
+    allocation, so a recorded call sees none: triton_kernels/replay.py)."""
+    size = math.prod(shape) * dtype.itemsize
+    if not t.is_contiguous() or size > t.numel() * t.element_size():
+        return None
+    return t.view(-1).view(torch.uint8).narrow(0, 0, size).view(dtype).view(shape)
+
+
 class Scratch:
     """Named work buffers reused from call to call by whoever keeps this object (a CPU bucket, a
     thread, one call's chunks): each name is one allocation that only grows, handed out whole when

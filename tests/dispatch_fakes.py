@@ -18,7 +18,7 @@ def fake_backend(name: str, wrong: bool = False) -> types.ModuleType:
     mod.paths = lambda m, n, ns_dtype, device, config=None: ("default",)
     mod.kernel_path = lambda m, n, ns_dtype, device, config=None, path=None: (path or "default", f"fake {name}")
 
-    def orthogonalize(stack, config, ns_dtype, path=None):
+    def orthogonalize(stack, config, ns_dtype, path=None, consume=False):
         out = torch_backend.orthogonalize(stack, config, ns_dtype)
         return out * 2 if wrong else out
 

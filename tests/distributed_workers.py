@@ -99,9 +99,9 @@ class CountMatrices:
         self._inner = torch_backend.orthogonalize
         torch_backend.orthogonalize = self
 
-    def __call__(self, stack, config, ns_dtype):
+    def __call__(self, stack, config, ns_dtype, **kwargs):
         self.count += stack.shape[0]
-        return self._inner(stack, config, ns_dtype)
+        return self._inner(stack, config, ns_dtype, **kwargs)
 
 
 def _shard(model, mesh):

@@ -34,7 +34,8 @@ def test_plan_says_the_cpu_strategy_and_buckets_are_called_in_chunks(monkeypatch
     assert all(f"CPU: up to {per} matrices per call" in r.why for r in rows)
     seen = []
     original = torch_backend.orthogonalize
-    monkeypatch.setattr(torch_backend, "orthogonalize", lambda s, c, d: seen.append(s.shape[0]) or original(s, c, d))
+    monkeypatch.setattr(torch_backend, "orthogonalize",
+                        lambda s, c, d, **kw: seen.append(s.shape[0]) or original(s, c, d, **kw))
     monkeypatch.setattr(torch_backend, "CPU_CALL_BYTES", 2 * 2 * (2 * 256 * 1024 + 2 * 256 * 256))
     for p in model.parameters():
         p.grad = torch.randn_like(p)

@@ -114,14 +114,28 @@ def stand_in():
 @pytest.mark.parametrize("path", ["symmetric", "cublas", "symmetric-cublas"])
 @pytest.mark.parametrize("normalization", CONFIGS)
 @pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
-def test_triton_paths_hold_two_iterates(stand_in, path, normalization, ns_dtype):
+@pytest.mark.parametrize("consume", [False, True])
+def test_triton_paths_hold_two_iterates(stand_in, path, normalization, ns_dtype, consume):
+    """Two (k, m, n) iterates, and one allocated where the caller gives its fp32 stack up (the other
+    lies in the stack's memory: over it for an fp32 iteration, in its first half for a 16-bit one)."""
     from muon_kernels.triton_kernels import replay
     from muon_kernels.triton_kernels.ops import _NEWTON_SCHULZ
 
     cfg = CONFIGS[normalization]
     stack = torch.randn(K, M, N)
     with replay.replays(False):
-        assert _iterates_alive(lambda s: _NEWTON_SCHULZ[path](s, cfg, ns_dtype), stack, ns_dtype) == 2
+        fn = lambda s: _NEWTON_SCHULZ[path](s, cfg, ns_dtype, consume=consume)  # noqa: E731
+        assert _iterates_alive(fn, stack, ns_dtype) == (1 if consume else 2)
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_the_torch_backend_allocates_one_iterate_from_a_consumed_stack(ns_dtype):
+    """fp32 stack: scaled in place (no fp32 copy), and the second m×n buffer in its memory."""
+    stack = torch.randn(K, M, N)
+    with LiveTensors() as live:
+        torch_backend.orthogonalize(stack, KELLER, ns_dtype, consume=True)
+    assert live.peak_count[((K, M, N), ns_dtype)] == 1
+    assert live.peak_count[((K, M, N), torch.float32)] == (1 if ns_dtype == torch.float32 else 0)
 
 
 def _capped_run(cap, steps: int = 3):

@@ -11,6 +11,7 @@ of replayed results on a GPU are tests/gpu's (test_triton_gpu.py::test_replayed_
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,11 @@ CASES = {  # (function, stack, config, ns_dtype); off a GPU the products take 32
     "gram, restarts": (newton_schulz, lambda: torch.randn(2, 128, 512),
                        resolve_ns_config("keller", 5, 1e-7, "gram", ns_gram_restarts=(1, 3)), torch.bfloat16),
     "small": (small_newton_schulz, lambda: torch.randn(5, 24, 40), KELLER, torch.bfloat16),
+    # A stack the caller gives up: the second m×n buffer in its memory, the result there too (5 steps).
+    "consumed fp32 stack": (functools.partial(newton_schulz, consume=True), lambda: torch.randn(2, 64, 192), KELLER,
+                            torch.bfloat16),
+    "consumed, normalized over the stack": (functools.partial(newton_schulz, consume=True),
+                                            lambda: torch.randn(2, 64, 192).bfloat16(), KELLER, torch.bfloat16),
 }
 
 

@@ -18,9 +18,9 @@ def calls(monkeypatch):
     seen = []
     original = torch_backend.orthogonalize
 
-    def counting(stack, config, ns_dtype):
+    def counting(stack, config, ns_dtype, path=None, consume=False):
         seen.append(tuple(stack.shape))
-        return original(stack, config, ns_dtype)
+        return original(stack, config, ns_dtype, consume=consume)
 
     monkeypatch.setattr(torch_backend, "orthogonalize", counting)
     return seen

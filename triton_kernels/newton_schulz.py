@@ -186,11 +186,13 @@ def _ns_update_kernel(
                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, UPCAST, PRECISION, TMA)
 
 
-def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """``stack / max(norm_scale·‖stack‖_F + norm_offset, floor)`` per matrix into a new contiguous
-    (k, m, n) tensor of ``ns_dtype``; ``stack`` may be any strided view (a transposed one included)."""
+    (k, m, n) tensor of ``ns_dtype`` (or ``out``: the stack's own memory may be it, each tile is read
+    before it is written); ``stack`` may be any strided view (a transposed one included)."""
     k, r, c = stack.shape
-    out = workspace.empty((k, r, c), dtype=ns_dtype, device=stack.device)
+    out = workspace.empty((k, r, c), dtype=ns_dtype, device=stack.device) if out is None else out
     if out.numel() == 0:
         return out
     br, bc = _NORM_TILE_INTERPRETER if is_interpreting() else _NORM_TILE
@@ -235,6 +237,17 @@ def ns_update(B: torch.Tensor, X: torch.Tensor, a: float, *, out: torch.Tensor |
     return out
 
 
+def consumed(stack: torch.Tensor, ns_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What a stack the caller gives up can hold, as (normalized X, the products' other m×n buffer):
+    X over the stack itself where their elements are as wide (normalization reads a tile before it
+    writes it), else the other buffer over the stack's memory where it fits (an fp32 stack, a 16-bit
+    iteration: the stack is dead once X is normalized). Either way the call allocates one m×n buffer
+    fewer; (None, None) for a non-contiguous or a narrower stack."""
+    if stack.element_size() == ns_dtype.itemsize:
+        return workspace.reinterpret(stack, ns_dtype, tuple(stack.shape)), None
+    return None, workspace.reinterpret(stack, ns_dtype, tuple(stack.shape))
+
+
 def matmul_ops(fp32_precision: str = "ieee", outputs: recurrence.Outputs | None = None) -> recurrence.MatmulOps:
     """The three products of a recurrence on these kernels: X·Xᵀ and b·A + c·A·A on the symmetric
     (upper-tile, mirrored) kernel, a·X + B·X on the fused-epilogue one; Gram NS on
@@ -251,9 +264,9 @@ def matmul_ops(fp32_precision: str = "ieee", outputs: recurrence.Outputs | None 
     def apply(B, X, a):
         return ns_update(B, X, a, out=outputs.apply(X) if outputs else None, fp32_precision=fp32_precision)
 
-    return recurrence.MatmulOps(gram=gram, poly=poly, apply=apply,
-                                gram_driver=functools.partial(gram_newton_schulz, fp32_precision=fp32_precision),
-                                outputs=outputs)
+    driver = functools.partial(gram_newton_schulz, fp32_precision=fp32_precision,
+                               spare=outputs.second if outputs else None)
+    return recurrence.MatmulOps(gram=gram, poly=poly, apply=apply, gram_driver=driver, outputs=outputs)
 
 
 class _Slots:
@@ -270,7 +283,8 @@ class _Slots:
 
 
 def gram_newton_schulz(X: torch.Tensor, coefficients, restarts: tuple[int, ...], R: torch.Tensor | None = None,
-                       fp32_precision: str = "ieee", cublas_qx: bool = False) -> torch.Tensor:
+                       fp32_precision: str = "ieee", cublas_qx: bool = False,
+                       spare: torch.Tensor | None = None) -> torch.Tensor:
     """Gram Newton–Schulz on a normalized (k, m, n) stack: muon_kernels.recurrence.gram's schedule
     (same steps, same restarts, same final Q·X) with fewer launches, FLOPs and allocations.
 
@@ -289,12 +303,16 @@ def gram_newton_schulz(X: torch.Tensor, coefficients, restarts: tuple[int, ...],
     final Q·X ping-pong between it and the spare, so the result may live in it (``newton_schulz``
     passes its own normalized copy).
     ``cublas_qx``: the m×n products Q·X (restarts, the result) on cuBLAS's batched GEMM instead of
-    the a·X + B·X kernel (the "symmetric-cublas" path)."""
+    the a·X + B·X kernel (the "symmetric-cublas" path). ``spare``: X's partner where the caller has
+    one (a consumed stack's memory), else a fresh buffer."""
     k, m, n = X.shape
     if not coefficients or X.numel() == 0:
         return X
     slots = _Slots(4, k, m, X.dtype, X.device)
-    spare = workspace.empty_like(X)  # X's partner: restarts write Q·X here, then the two swap
+    if spare is None:
+        spare = workspace.empty_like(X)  # X's partner: restarts write Q·X here, then the two swap
+    else:
+        spare = workspace.poisoned(spare)
     sym = functools.partial(symmetric_matmul, fp32_precision=fp32_precision)
 
     def qx(Q, X, out):
@@ -327,15 +345,24 @@ def gram_newton_schulz(X: torch.Tensor, coefficients, restarts: tuple[int, ...],
     return qx(Q, X, spare)
 
 
-def cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+def _run(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, make_ops, consume: bool) -> torch.Tensor:
+    """Normalize, then the recurrence over ``make_ops``'s products, writing into one set of buffers
+    (``recurrence.run_owned``); with ``consume`` the stack's memory is among them (``consumed``)."""
+    over, second = consumed(stack, ns_dtype) if consume else (None, None)
+    return recurrence.run_owned(normalize(stack, config, ns_dtype, out=over), config, ns_dtype, make_ops, second)
+
+
+def cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype,
+                         consume: bool = False) -> torch.Tensor:
     """The same recurrence with this module's two-launch normalization and cuBLAS's batched GEMMs
     for the products (``recurrence.BATCHED_GEMM_OPS``): where cuBLAS's tiles beat the symmetric
     kernel (few output tiles, no split that pays), without the torch backend's ~15 small
     normalization ops, each a launch and a few µs of host time."""
-    return recurrence.run_owned(normalize(stack, config, ns_dtype), config, ns_dtype, recurrence.batched_gemm_ops)
+    return _run(stack, config, ns_dtype, recurrence.batched_gemm_ops, consume)
 
 
-def symmetric_cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+def symmetric_cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype,
+                                   consume: bool = False) -> torch.Tensor:
     """The recurrence with X·Xᵀ and b·A + c·A·A on the symmetric kernel (upper tiles: half their
     FLOPs) and a·X + B·X on cuBLAS's batched GEMM. a·X + B·X is the one product of a step that is
     not symmetric — 2m²n of the 3m²n + m³ FLOPs the symmetric path executes per step, half of them
@@ -346,14 +373,16 @@ def symmetric_cublas_newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dty
     on the rest. Gram NS likewise: its m×m products on the symmetric kernel, Q·X on cuBLAS. A path
     for the measuring mode to time."""
     def ops(outputs):
+        driver = functools.partial(gram_newton_schulz, cublas_qx=True, spare=outputs.second if outputs else None)
         return matmul_ops(outputs=outputs)._replace(apply=recurrence.batched_gemm_ops(outputs).apply,
-                                                    gram_driver=functools.partial(gram_newton_schulz, cublas_qx=True))
+                                                    gram_driver=driver)
 
-    return recurrence.run_owned(normalize(stack, config, ns_dtype), config, ns_dtype, ops)
+    return _run(stack, config, ns_dtype, ops, consume)
 
 
-def newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, fp32_precision: str = "ieee") -> torch.Tensor:
-    """The whole recurrence on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor.
+def newton_schulz(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, fp32_precision: str = "ieee",
+                  consume: bool = False) -> torch.Tensor:
+    """The whole recurrence on a (k, m, n) stack with m <= n; returns a (k, m, n) ``ns_dtype`` tensor:
+    a new one, or with ``consume`` (the caller gives the stack up) possibly over the stack's memory.
     Standard NS, Gram NS and AOL all run muon_kernels.recurrence over these kernels (``matmul_ops``)."""
-    return recurrence.run_owned(normalize(stack, config, ns_dtype), config, ns_dtype,
-                                functools.partial(matmul_ops, fp32_precision))
+    return _run(stack, config, ns_dtype, functools.partial(matmul_ops, fp32_precision), consume)

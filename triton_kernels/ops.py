@@ -14,6 +14,8 @@ itself is called, so tracing sees one opaque call with its declared mutations.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..ns_config import NSConfig
@@ -66,6 +68,21 @@ def eager_or_traced(op, mutated: tuple[int, ...] = ()):
     return call
 
 
+# The same with ``consume=True``: the stack's memory among the call's buffers (one object per path,
+# so replay's signatures stay the same from call to call). The one-kernel path needs no m×n buffer.
+_CONSUMING = {path: fn if path == "small" else functools.partial(fn, consume=True)
+              for path, fn in _NEWTON_SCHULZ.items()}
+
+
+def _newton_schulz(stack: torch.Tensor, coefficients: list[float], eps: float, norm_scale: float,
+                   norm_offset: float, ns_dtype: torch.dtype, path: str, normalization: str, algorithm: str,
+                   restarts: list[int], consume: bool = False) -> torch.Tensor:
+    steps = tuple(tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3))
+    config = NSConfig(steps, eps, norm_scale, norm_offset, normalization, algorithm, tuple(restarts))
+    # Recorded once per signature, then replayed with fresh buffers (triton_kernels/replay.py).
+    return replay.call((_CONSUMING if consume else _NEWTON_SCHULZ)[path], stack, config, ns_dtype)
+
+
 @torch.library.custom_op("muon_kernels::newton_schulz", mutates_args=())
 def newton_schulz_op(stack: torch.Tensor, coefficients: list[float], eps: float, norm_scale: float,
                      norm_offset: float, ns_dtype: torch.dtype, path: str, normalization: str,
@@ -74,10 +91,8 @@ def newton_schulz_op(stack: torch.Tensor, coefficients: list[float], eps: float,
     "symmetric-cublas");
     ``coefficients`` is the flattened per-step (a, b, c), the rest the fields of an ``NSConfig``
     (custom ops take only plain types)."""
-    steps = tuple(tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3))
-    config = NSConfig(steps, eps, norm_scale, norm_offset, normalization, algorithm, tuple(restarts))
-    # Recorded once per signature, then replayed with fresh buffers (triton_kernels/replay.py).
-    return replay.call(_NEWTON_SCHULZ[path], stack, config, ns_dtype)
+    return _newton_schulz(stack, coefficients, eps, norm_scale, norm_offset, ns_dtype, path, normalization,
+                          algorithm, restarts)
 
 
 @newton_schulz_op.register_fake
@@ -151,8 +166,19 @@ def _(partials, alphas, radius, normuon, hyperball, normuon_eps, hyperball_eps):
     return partials.new_empty((k,)), partials.new_empty((k if hyperball else 0,))
 
 # What the backends call (positional arguments; ``mutated`` mirrors each op's ``mutates_args``).
-newton_schulz_launch = eager_or_traced(newton_schulz_op)
+_newton_schulz_launch = eager_or_traced(newton_schulz_op)
 fused_momentum_launch = eager_or_traced(fused_momentum_op, mutated=(1, 8, 11))
 fused_apply_update_launch = eager_or_traced(fused_apply_update_op, mutated=(0,))
 variant_statistics_launch = eager_or_traced(variant_statistics_op, mutated=(2, 4))
 variant_factors_launch = eager_or_traced(variant_factors_op)
+
+
+def newton_schulz_launch(*args, consume: bool = False) -> torch.Tensor:
+    """``newton_schulz_op``'s arguments; with ``consume`` (the caller gives the stack up) its memory is
+    among the call's buffers (newton_schulz.consumed) wherever the op's body runs directly. A custom
+    op may not return memory of its input, so a traced call (or one autograd would see) takes the
+    op, without consuming."""
+    if consume and not _traced() and not _needs_autograd(args):
+        torch.autograd.graph.increment_version(args[0])  # its memory is overwritten
+        return _newton_schulz(*args, consume=True)
+    return _newton_schulz_launch(*args)

@@ -23,7 +23,9 @@ launches off, or ``MUON_KERNELS_REPLAY=0``. Launch hooks get what Triton's runne
 kernel here defines ``launch_metadata``, so no hook sees a tensor argument either way). Several
 threads recording at once spoil each other's recordings (the observers are global): their calls
 then stay on the plain path. Tensors a launch reads that the call did not allocate (the split
-products' kept arrival counters) are held by the recording and passed as they were.
+products' kept arrival counters) are held by the recording and passed as they were. A result in the
+memory of a stack the caller gave up (``consume``: newton_schulz.consumed) is rebuilt over the new
+stack's.
 """
 
 from __future__ import annotations
@@ -88,8 +90,13 @@ class _Plan:
             for i in release:  # its memory goes back to the allocator, reusable in this stream's order
                 made[i] = None
         self._allocate(made, bases, self.trailing)
-        source, whole, shape, stride, offset = self.output
-        return made[source] if whole else made[source].as_strided(shape, stride, offset)
+        source, whole, shape, stride, offset, dtype = self.output
+        if whole:
+            return made[source]
+        if dtype is None:
+            return made[source].as_strided(shape, stride, offset)
+        # another dtype over the start of the memory (a consumed stack's: newton_schulz.consumed)
+        return workspace.reinterpret(made[source], dtype, shape)
 
 
 class _Recording(TorchDispatchMode):
@@ -149,10 +156,17 @@ class _Recording(TorchDispatchMode):
         source, offset = found
         shape, stride, dtype = (tuple(stack.shape), stack.stride(), stack.dtype) if source == 0 \
             else self.buffers[source - 1]
-        whole = offset == 0 and tuple(out.shape) == shape and out.stride() == stride
-        if offset % out.element_size() or out.dtype != dtype or (source == 0 and not whole):
+        whole = offset == 0 and tuple(out.shape) == shape and out.stride() == stride and out.dtype == dtype
+        if whole:
+            output = (source, True, None, None, 0, None)
+        elif out.dtype != dtype:  # a consumed stack's memory as another dtype (newton_schulz.consumed)
+            if source or offset or not out.is_contiguous() or workspace.reinterpret(stack, out.dtype, out.shape) is None:
+                return None
+            output = (0, False, tuple(out.shape), None, 0, out.dtype)
+        elif offset % out.element_size() or source == 0:
             return None  # (a view into the input would need its storage offset: no call returns one)
-        output = (source, whole, tuple(out.shape), out.stride(), offset // out.element_size())
+        else:
+            output = (source, False, tuple(out.shape), out.stride(), offset // out.element_size(), None)
         # Lifetimes: buffer i is allocated before the first launch recorded after its allocation and
         # let go after the last launch that uses it; one no launch uses and that is not the result
         # is never allocated.

@@ -228,8 +228,10 @@ def _padded_ops(dtype: torch.dtype, path: int, device: torch.device) -> recurren
     return recurrence.MatmulOps(gram, poly, apply)
 
 
-def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, path: str | None = None) -> torch.Tensor:
-    """Newton–Schulz on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor.
+def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, path: str | None = None,
+                  consume: bool = False) -> torch.Tensor:
+    """Newton–Schulz on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor
+    (``consume``, the caller giving the stack up, changes nothing here: the work buffers are padded).
     ``stack`` may be any strided view (normalization reads it through its strides); an fp64 stack
     (fp64 parameters) is normalized from an fp32 copy, since the iteration is at most fp32 anyway.
     The standard recurrence runs in the C++ driver (one call); Gram NS and AOL run the recurrence

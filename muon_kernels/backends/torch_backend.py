@@ -226,7 +226,7 @@ def _scaled_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
     return _thread.scratch(("normalize", dtype), shape, dtype)
 
 
-def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> torch.Tensor:
+def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, consume: bool = False) -> torch.Tensor:
     """``stack / max(norm_scale·‖stack‖_F + norm_offset, floor)`` per matrix, in fp32 (fp64 for fp64
     input), cast to ns_dtype, in one canonical (contiguous) layout.
 
@@ -237,7 +237,8 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
     loses up to 6e-4 on a CPU. The divisor is never formed unscaled, so ``‖U‖²`` beyond fp32's
     range still normalizes (1e30 gradients) and eps = 0 still orthogonalizes 1e-30 ones. One path
     on every device, with no host sync. The input is made contiguous first and the output is a new
-    contiguous tensor, so results do not depend on the input's strides.
+    contiguous tensor (with ``consume``, an fp32 stack is scaled in place, and may be the output), so
+    results do not depend on the input's strides.
     """
     acc = torch.promote_types(stack.dtype, torch.float32)  # fp32, or fp64 for fp64 parameters
     stack = stack.contiguous()
@@ -248,7 +249,10 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype) -> t
     _, exponent = torch.frexp(amax)  # amax = f·2^e, f in [0.5, 1); 0, inf and NaN give e = 0
     limit = _MAX_EXPONENT[acc]
     inv = _power_of_two(-exponent.clamp(-limit, limit), acc).view(k, 1, 1)  # 2^-e: scaled |x| < 1
-    y = torch.mul(stack, inv, out=_scaled_buffer((k, m, n), acc, stack.device, reusable=ns_dtype != acc))
+    # The scaled copy over the stack itself where the caller gives it up (``consume``) and it is fp32.
+    over = consume and stack.dtype == acc
+    y = torch.mul(stack, inv, out=stack if over else _scaled_buffer((k, m, n), acc, stack.device,
+                                                                    reusable=ns_dtype != acc))
     norms = torch.linalg.vector_norm(torch.linalg.vector_norm(y, dim=-1), dim=-1).view(k, 1, 1)
     # Everything in the scaled domain: ‖y‖ = ‖x‖·2^-e, so the divisor is denom·2^-e.
     denom = torch.maximum(norms * config.norm_scale + config.norm_offset * inv, config.floor * inv)
@@ -316,13 +320,23 @@ def matmul_ops(device: torch.device, m: int, outputs: recurrence.Outputs | None 
                         poly=lambda A, b, c: _symmetric_poly(A, b, c, outputs.poly(A)))
 
 
-def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, path: str | None = None) -> torch.Tensor:
+def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, path: str | None = None,
+                  consume: bool = False) -> torch.Tensor:
     """Newton–Schulz on a (k, m, n) stack with m <= n; returns (k, m, n) in ``ns_dtype``. The
     algorithm (standard or Gram) and normalization (Frobenius or AOL) are the config's; this
     backend has one path. The standard schedule writes into one set of buffers (``recurrence.Outputs``,
-    the normalized copy among them: ``recurrence.run_owned``)."""
-    return recurrence.run_owned(normalize(stack, config, ns_dtype), config, ns_dtype,
-                                functools.partial(matmul_ops, stack.device, stack.shape[-2]))
+    the normalized copy among them: ``recurrence.run_owned``). ``consume``: the caller gives the
+    stack up; normalization scales an fp32 stack in place, and the products' second m×n buffer lies
+    in its memory where X does not."""
+    # A traced step leaves buffers to the compiler (whose functionalization of writes through a
+    # dtype-reinterpreted view of the stack gave wrong results): nothing is consumed there.
+    consume = consume and not torch.compiler.is_compiling()
+    X = normalize(stack, config, ns_dtype, consume)
+    second = None
+    if consume and X.untyped_storage().data_ptr() != stack.untyped_storage().data_ptr():
+        second = workspace.reinterpret(stack, ns_dtype, tuple(X.shape))
+    return recurrence.run_owned(X, config, ns_dtype, functools.partial(matmul_ops, stack.device, stack.shape[-2]),
+                                second)
 
 
 def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=None) -> None:

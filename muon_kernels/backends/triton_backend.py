@@ -68,12 +68,16 @@ def kernel_path(m: int, n: int, ns_dtype: torch.dtype, device: torch.device,
     )
 
 
-def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, path: str | None = None) -> torch.Tensor:
+def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, path: str | None = None,
+                  consume: bool = False) -> torch.Tensor:
+    """``consume``: the caller gives the stack up, and its memory serves as a work buffer (the result
+    may lie in it)."""
     _, m, n = stack.shape
     flat = [float(v) for step in config.coefficients for v in step]
     path = path or paths(m, n, ns_dtype, stack.device, config)[0]
     return newton_schulz_launch(stack, flat, config.eps, config.norm_scale, config.norm_offset, ns_dtype, path,
-                                config.normalization, config.algorithm, list(config.gram_restarts(ns_dtype)))
+                                config.normalization, config.algorithm, list(config.gram_restarts(ns_dtype)),
+                                consume=consume)
 
 
 def _layout(bucket: Bucket) -> Layout:

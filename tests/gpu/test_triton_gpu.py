@@ -219,6 +219,30 @@ def test_direct_launches_match_tritons_dispatch_bit_for_bit():
         assert torch.equal(a, b)
 
 
+def test_consumed_stacks_give_the_kept_stacks_bits(monkeypatch):
+    """A stack the caller gives up (``consume=True``, every local bucket of a step) holds one of
+    Newton–Schulz's m×n buffers — X normalized over it (bf16 stack, bf16 iteration; fp32 and fp32),
+    or the products' second buffer in its memory (fp32 stack, bf16 iteration) — on every Triton path,
+    standard and Gram NS: the bits of a kept stack, plain and replayed (the result rebuilt over each
+    new stack's memory). The debug fill turns replay off, so it is cleared here (the plain calls
+    run with it in tests/interpreter/test_consume_triton.py)."""
+    from muon_kernels.triton_kernels import replay
+    from muon_kernels.triton_kernels.ops import _CONSUMING, _NEWTON_SCHULZ
+
+    monkeypatch.delenv("MUON_KERNELS_DEBUG_FILL", raising=False)
+    configs = [resolve_ns_config("keller", 5, 1e-7), resolve_ns_config("keller", 5, 1e-7, "gram", ns_gram_restarts=(1, 3))]
+    for path in ("symmetric", "cublas", "symmetric-cublas"):
+        for stack_dtype, ns_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                      (torch.float32, torch.float32)):
+            for cfg in configs:
+                stack = _randn(3, 512, 1536, seed=7).to(DEV, stack_dtype)
+                with replay.replays(False):
+                    kept = _NEWTON_SCHULZ[path](stack, cfg, ns_dtype)
+                    assert torch.equal(_NEWTON_SCHULZ[path](stack.clone(), cfg, ns_dtype, consume=True), kept)
+                for _ in range(3):  # recorded, then replayed
+                    assert torch.equal(replay.call(_CONSUMING[path], stack.clone(), cfg, ns_dtype), kept)
+
+
 def test_replayed_calls_give_the_plain_bits(monkeypatch):
     """triton_kernels.replay (tests/test_replay.py checks its launcher arguments on a CPU): a recorded
     call replayed with fresh buffers gives the plain path's bits — standard NS with split products
