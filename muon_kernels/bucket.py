@@ -267,7 +267,8 @@ class Bucket:
             self.cache["scratch"] = Scratch(self.device)
         return self.cache["scratch"]
 
-    def orthogonalize(self, stack: torch.Tensor, max_workspace_bytes: int | None, consume: bool = False) -> torch.Tensor:
+    def orthogonalize(self, stack: torch.Tensor, max_workspace_bytes: int | None,
+                      consume: bool = False) -> torch.Tensor:
         """One backend call per bucket, or one per chunk when the workspace cap (or the backend's
         per-call limit) splits it. On a CPU the chunks write into a buffer kept per stack shape (a
         whole bucket, or a rank's share of one). ``consume``: the caller gives the stack up, and the

@@ -7,10 +7,10 @@ torch.optim.Muon, which reads ``ns_steps`` as an int, steps from our checkpoint.
 
 Checked: every saved state tensor has the shape this optimizer would have made for its parameter
 under the settings being loaded; and at a step, that the state still fits parameters whose data a
-user replaced by a tensor of another shape. A checkpoint of another model layout (a resized embedding or bias,
-parameters in another order) otherwise loads silently and fails in the middle of a later step —
-after the AdamW half has stepped — or, in torch's fused CPU AdamW kernel, which does not check
-shapes, corrupts memory.
+user replaced by a tensor of another shape. A checkpoint of another model layout (a resized
+embedding or bias, parameters in another order) otherwise loads silently and fails in the middle of
+a later step — after the AdamW half has stepped — or, in torch's fused CPU AdamW kernel, which does
+not check shapes, corrupts memory.
 """
 
 from __future__ import annotations
