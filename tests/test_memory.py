@@ -186,3 +186,13 @@ def test_uneven_entries_fill_a_bucket_up_to_the_cap():
     opt = mk.Muon(params, backend="torch", matrix_view="batch", max_workspace_bytes=cap)
     opt.step()
     assert [b.matrices for b in opt._buckets] == [4, 2]
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_a_functionalized_call_keeps_its_stack(ns_dtype):
+    """Under torch.func.functionalize the stack is a functional tensor with no memory to lend: the
+    call keeps it (it raised on the storage address) and gives the eager bits."""
+    stack = torch.randn(K, M, N)
+    eager = torch_backend.orthogonalize(stack.clone(), KELLER, ns_dtype)
+    traced = torch.func.functionalize(lambda s: torch_backend.orthogonalize(s, KELLER, ns_dtype, consume=True))
+    assert torch.equal(traced(stack.clone()), eager)

@@ -219,7 +219,9 @@ _thread = threading.local()
 
 
 def _scaled_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, reusable: bool) -> torch.Tensor:
-    if device.type != "cpu" or not reusable or torch.compiler.is_compiling():
+    # Not kept under a dispatch mode (fake tensors): a buffer made there is no real tensor's scratch.
+    if (device.type != "cpu" or not reusable or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() > 0):
         return torch.empty(shape, dtype=dtype, device=device)
     if not hasattr(_thread, "scratch"):
         _thread.scratch = workspace.Scratch(device)
@@ -329,12 +331,12 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     stack up; normalization scales an fp32 stack in place, and the products' second m×n buffer lies
     in its memory where X does not."""
     # A traced step leaves buffers to the compiler (whose functionalization of writes through a
-    # dtype-reinterpreted view of the stack gave wrong results): nothing is consumed there.
-    consume = consume and not torch.compiler.is_compiling()
+    # dtype-reinterpreted view of the stack gave wrong results), and a functional or fake tensor has
+    # no memory to lend: only a plain tensor in eager execution is consumed.
+    consume = consume and type(stack) is torch.Tensor and not torch.compiler.is_compiling()
     X = normalize(stack, config, ns_dtype, consume)
-    second = None
-    if consume and X.untyped_storage().data_ptr() != stack.untyped_storage().data_ptr():
-        second = workspace.reinterpret(stack, ns_dtype, tuple(X.shape))
+    # X is the stack itself where normalization scaled it in place and kept its dtype.
+    second = workspace.reinterpret(stack, ns_dtype, tuple(X.shape)) if consume and X is not stack else None
     return recurrence.run_owned(X, config, ns_dtype, functools.partial(matmul_ops, stack.device, stack.shape[-2]),
                                 second)
 

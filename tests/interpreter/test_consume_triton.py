@@ -59,21 +59,42 @@ def test_a_narrower_or_strided_stack_is_not_consumed():
         assert torch.equal(stack, before)
 
 
-def test_a_triton_step_gives_the_torch_backends_bits_with_consumed_stacks():
-    """The optimizer hands each local bucket's stack over (``consume=True``); the Triton step's
-    parameters stay those of the torch backend's step (fp32 iteration: both reduce alike here)."""
-    shapes = [(24, 40), (40, 24), (24, 40)]
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_step_with_consumed_stacks_takes_the_same_steps(monkeypatch, backend):
+    """The optimizer hands each local bucket's stack over (``consume=True``); three steps give the
+    parameters of the same steps with every stack kept (Bucket.orthogonalize forced to keep them).
+    The Triton one-kernel path, which has no m×n buffer to lend, is switched off so the symmetric
+    kernels run and really consume (counted)."""
+    import muon_kernels.triton_kernels.newton_schulz as triton_ns
+    from muon_kernels.backends import triton_backend
+    from muon_kernels.bucket import Bucket
+
+    monkeypatch.setattr(triton_backend, "small_path", lambda *args: False)
+    calls = []
+    real_consumed = triton_ns.consumed
+    monkeypatch.setattr(triton_ns, "consumed", lambda *a: calls.append(a[0].shape) or real_consumed(*a))
+    shapes = [(24, 40), (40, 24), (24, 40), (16, 16)]
     start = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
-    params = {b: [torch.nn.Parameter(w.clone()) for w in start] for b in ("triton", "torch")}
-    opts = {b: mk.Muon(ps, lr=0.02, backend=b, ns_dtype=torch.float32) for b, ps in params.items()}
-    for step in range(2):
-        for b, ps in params.items():
-            g = torch.Generator().manual_seed(step)
-            for p in ps:
-                p.grad = torch.randn(p.shape, generator=g)
-            opts[b].step()
-    for p, q in zip(params["triton"], params["torch"]):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    keep = Bucket.orthogonalize
+
+    def run(consume: bool):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = mk.Muon(params, lr=0.02, backend=backend)
+        with monkeypatch.context() as m:
+            if not consume:
+                m.setattr(Bucket, "orthogonalize", lambda self, stack, cap, consume=False: keep(self, stack, cap))
+            for step in range(3):
+                g = torch.Generator().manual_seed(10 + step)
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+        return params
+
+    kept = run(False)
+    assert not calls
+    consumed = run(True)
+    assert len(calls) == (6 if backend == "triton" else 0)  # two buckets, three steps
+    assert all(torch.equal(p, q) for p, q in zip(consumed, kept))
 
 
 @pytest.mark.parametrize("stack_dtype, ns_dtype", DTYPES)
