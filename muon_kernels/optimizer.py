@@ -8,7 +8,6 @@ groups, one batched orthogonalization per bucket of same-shape matrices.
 
 from __future__ import annotations
 
-import itertools
 from copy import deepcopy
 from typing import Any
 
@@ -274,9 +273,8 @@ class Muon(Optimizer):
     def _within_cap(self, buckets, placements) -> tuple[list, list]:
         """Local buckets over ``max_workspace_bytes`` as several (``Bucket.within``); a distributed
         bucket stays whole: its matrices are shared out among the ranks already."""
-        pairs = [(b, p) for bucket, placement in zip(buckets, placements)
-                 for b, p in zip(bucket.within(self.max_workspace_bytes) if placement.kind == "local" else [bucket],
-                                 itertools.repeat(placement))]
+        pairs = [(part, placement) for bucket, placement in zip(buckets, placements)
+                 for part in (bucket.within(self.max_workspace_bytes) if placement.kind == "local" else [bucket])]
         return [b for b, _ in pairs], [p for _, p in pairs]
 
     def _replicated(self):
