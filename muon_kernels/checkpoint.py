@@ -97,17 +97,48 @@ def check_state_shapes(groups: list[dict], saved_groups: list[dict], saved_state
                         "order); nothing was loaded")
 
 
-def check_state_fits(params: list[torch.Tensor], state: dict, key: str, names) -> None:
+def check_state_settings(groups: list[dict], state: dict, names) -> None:
+    """Raise ValueError, when the plan is rebuilt and before the step modifies anything, where a Muon
+    parameter's int8 scales or variant state (NorMuon's v, the hyperball radii) no longer has the
+    shape the group's current settings need: ``matrix_view``, ``split_sizes`` or ``num_heads``
+    changed since the state was made (a Triton kernel would index past the end of a shorter v). A
+    change that keeps the shapes (a square matrix's view) keeps the state."""
+    for gi, group in enumerate(groups):
+        if not group["use_muon"] or not any(p in state for p in group["params"]):
+            continue
+        expected = _expected_shapes(gi, group, group)
+        for p in group["params"]:
+            for key, value in state.get(p, {}).items():
+                want = expected[id(p)].get(key)
+                if (key != "momentum_buffer" and want is not None and isinstance(value, torch.Tensor)
+                        and tuple(value.shape) != tuple(want)):
+                    raise ValueError(
+                        f"param group {gi}, parameter {names()[id(p)]}: its optimizer state {key!r} has shape "
+                        f"{tuple(value.shape)}, but the group's current settings (matrix_view, split_sizes, "
+                        f"num_heads) need {tuple(want)}: restore the setting, or reset the parameter's state (del "
+                        "optimizer.state[p]); nothing was modified")
+
+
+def check_state_fits(params: list[torch.Tensor], state: dict, key: str, names, same_dtype: bool = False) -> None:
     """Raise ValueError before a step modifies anything where a parameter's state ``key``
     ("momentum_buffer", AdamW's "exp_avg") no longer has its shape (its ``.data`` was replaced by a
-    tensor of another shape). ``names()``: each parameter's label by id, built only for the message.
-    ~0.3 µs a parameter: a step runs it over its AdamW parameters (the Muon ones when the plan is
-    rebuilt, which a parameter's new shape does)."""
+    tensor of another shape) — or, with ``same_dtype`` (AdamW's, whose state torch keeps in the
+    parameter's dtype), its dtype (the model was converted, ``model.double()``, after the state was
+    made). ``names()``: each parameter's label by id, built only for the message. ~0.3 µs a
+    parameter: a step runs it over its AdamW parameters (the Muon ones when the plan is rebuilt,
+    which a parameter's new shape does)."""
     for p in params:
         st = state.get(p)
         buf = st.get(key) if st else None
-        if buf is not None and buf.shape != p.shape:
+        if buf is None:
+            continue
+        if buf.shape != p.shape:
             raise ValueError(f"parameter {names()[id(p)]}: its optimizer state {key!r} has shape "
                              f"{tuple(buf.shape)}, but the parameter now has shape {tuple(p.shape)} (its data was "
                              "replaced by a tensor of another shape?): reset its state (del optimizer.state[p]) "
                              "or restore its shape; nothing was modified")
+        if same_dtype and buf.dtype != p.dtype:
+            raise ValueError(f"parameter {names()[id(p)]}: its optimizer state {key!r} is {buf.dtype}, but the "
+                             f"parameter is now {p.dtype} (the model was converted after the state was made): convert "
+                             "the state with optimizer.load_state_dict(optimizer.state_dict()), which casts it to "
+                             "each parameter's dtype, or reset it (del optimizer.state[p]); nothing was modified")

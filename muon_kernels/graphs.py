@@ -6,8 +6,8 @@ replayed in 6.7 ms against 8.5 ms eager). Validation and planning still run on t
 (no device work); what follows them — momentum, Newton–Schulz, the updates, AdamW — is the graph.
 
 A graph replays on the addresses and values it was captured with, so it is valid only while every
-parameter and gradient keeps its storage, the group settings keep their values and the bucket plan
-stands (optimizer state is created by the first eager step and replaced only with a new plan). ``StepGraph`` keys the capture by both: the first step with a new key runs eagerly (it is the
+parameter, gradient and state tensor keeps its storage, the group settings keep their values and
+the bucket plan stands. ``StepGraph`` keys the capture by all of them: the first step with a new key runs eagerly (it is the
 warm-up: Triton compiles, state is created, the measured dispatch decides), the next step with the
 same key is captured and replayed, and every later one is replayed. A key that changes every step —
 gradients freed by ``zero_grad(set_to_none=True)``, a float lr rewritten by a scheduler — runs
@@ -24,11 +24,20 @@ import torch
 WARN_AFTER = 3
 
 
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
 def capture(run) -> torch.cuda.CUDAGraph:
-    """``run``'s kernels captured into a CUDA graph (not executed: replay executes them). Errors of
-    this thread only: a data-loader thread's CUDA calls during the capture do not break it."""
+    """``run``'s kernels captured into a CUDA graph (not executed: replay executes them), on the
+    current device (the optimizer makes it its parameters'). Errors of this thread only: a
+    data-loader thread's CUDA calls during the capture do not break it. The capture stream is this
+    device's own: ``torch.cuda.graph``'s default one is made once, on whichever device was current
+    the first time."""
+    device = torch.cuda.current_device()
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, stream=_CAPTURE_STREAMS[device], capture_error_mode="thread_local"):
         run()
     return graph
 
@@ -46,9 +55,11 @@ class StepGraph:
         self.failed = False  # a capture raised: every step runs eagerly from then on
         self.captures = 0
 
-    def step(self, key: tuple, run) -> str:
+    def step(self, key_of, run) -> str:
         """Run the device work ``run`` for this step: "replay", "capture" (captured, then replayed)
-        or "eager"."""
+        or "eager". ``key_of()``: this step's key; after an eager step it is asked again, so state the
+        step created (the first step's momentum buffers) is in the key the next step must match."""
+        key = key_of()
         if self.graph is not None and key == self.key:
             self.graph.replay()
             return "replay"
@@ -60,8 +71,9 @@ class StepGraph:
                 graph = self.capture(run)
             except Exception as exc:  # e.g. a host sync or host-to-device copy inside the step
                 self.failed = True
-                warnings.warn(f"Muon(cuda_graph=True): capturing the step failed ({exc!r}); stepping eagerly from "
-                              "now on", stacklevel=3)
+                cause = f", raised while handling {exc.__context__!r}" if exc.__context__ is not None else ""
+                warnings.warn(f"Muon(cuda_graph=True): capturing the step failed ({exc!r}{cause}); stepping eagerly "
+                              "from now on", stacklevel=3)
             else:
                 self.graph, self.key, self.misses = graph, key, 0
                 self.captures += 1
@@ -74,7 +86,7 @@ class StepGraph:
             warnings.warn(f"Muon(cuda_graph=True): the step ran eagerly {self.misses} times in a row because "
                           f"{_what_changed(self.pending, key)} since the previous step, so no captured graph can "
                           "be replayed", stacklevel=3)
-        self.pending = key
+        self.pending = key_of()
         return "eager"
 
 
@@ -85,5 +97,7 @@ def _what_changed(before: tuple | None, after: tuple) -> str:
     if before[1] != after[1]:
         return ("a param group setting changed value (a scheduler writing a float lr: give lr, and adamw_lr, as "
                 "device tensors and update them in place, lr.fill_(value))")
+    if before[3] != after[3]:
+        return "optimizer state was replaced (optimizer.state cleared or a state tensor assigned)"
     return ("the bucket plan was rebuilt (a parameter's dtype or shape, a plan setting, the optimizer's options, or "
             "load_state_dict changed)")

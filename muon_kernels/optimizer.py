@@ -8,6 +8,7 @@ groups, one batched orthogonalization per bucket of same-shape matrices.
 
 from __future__ import annotations
 
+import contextlib
 from copy import deepcopy
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import distributed as dist_muon
-from . import checkpoint, graphs, momentum_precision, settings, variants
+from . import checkpoint, graphs, momentum_precision, settings, variants, workspace
 from .adamw import ADAMW_KEYS, adamw_step
 from .backends import measured
 from .plan import build_buckets, check_params, describe, group_items
@@ -196,11 +197,44 @@ class Muon(Optimizer):
         muon = {**group, "params": [], "use_muon": True}
         rest = {k: v for k, v in group.items() if k not in ("lr", "eps", "weight_decay")}
         rest.update(params=[], use_muon=False)
-        for item in group["params"]:
+        names = group.get("param_names")  # given as a key (groups copied from another optimizer): split alike
+        parallel = isinstance(names, (list, tuple)) and len(names) == len(group["params"])
+        if parallel:
+            muon["param_names"], rest["param_names"] = [], []
+        for i, item in enumerate(group["params"]):
             p = item[1] if isinstance(item, tuple) else item
-            (muon if p.ndim >= 2 else rest)["params"].append(item)
+            part = muon if p.ndim >= 2 else rest
+            part["params"].append(item)
+            if parallel:
+                part["param_names"].append(names[i])
         # An empty group stays one (Muon) group, as torch keeps it: later groups keep their indices.
         return [part for part in (muon, rest) if part["params"]] or [muon]
+
+    # ------------------------------------------------------------------ copies
+    # What a copy keeps besides torch's defaults, state and groups: the constructor's options. The
+    # plan, measured choices, side streams and a captured graph are rebuilt by the copy's first step.
+    _OPTIONS = ("max_workspace_bytes", "dispatch", "overlap_adamw", "distributed", "process_group", "_adamw_defaults")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """copy.deepcopy, pickle and torch.save of the optimizer (torch's keeps only defaults, state
+        and param_groups, which would leave a copy that cannot step)."""
+        if self.process_group is not None:
+            raise TypeError("a Muon with a process_group cannot be copied or pickled (a process group is a live "
+                            "communicator): save opt.state_dict() and load it into a Muon built with the group")
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in self._OPTIONS}, cuda_graph=self._graph is not None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also called by torch's load_state_dict with state and param_groups only: then nothing else
+        is touched."""
+        state = dict(state)
+        cuda_graph = state.pop("cuda_graph", None)
+        super().__setstate__(state)
+        if cuda_graph is not None:  # an unpickled or copied optimizer: its caches start empty
+            self._graph = graphs.StepGraph() if cuda_graph else None
+            self._side_streams, self._validated, self._buckets, self._placements = {}, {}, [], []
+            self._plan_key, self._plan_version = None, 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -213,7 +247,11 @@ class Muon(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Accepts ours and torch.optim.Muon's; keys an older state_dict lacks keep this optimizer's values.
         A saved state tensor whose shape does not fit its parameter raises ValueError before anything
-        is loaded."""
+        is loaded. Load hooks run as torch runs them: the pre-hooks first (a dict one returns is the one
+        loaded and checked), the post-hooks last."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            returned = hook(self, state_dict)
+            state_dict = state_dict if returned is None else returned
         state_dict = dict(state_dict)
         saved_groups = checkpoint.fill_empty_groups(self.param_groups, deepcopy(state_dict["param_groups"]))
         for index, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
@@ -231,7 +269,12 @@ class Muon(Optimizer):
         if len(saved_groups) == len(self.param_groups):  # (torch's own check names any other mismatch)
             checkpoint.check_state_shapes(self.param_groups, saved_groups, state_dict["state"])
         state_dict["param_groups"] = saved_groups
-        super().load_state_dict(state_dict)
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        try:  # torch's load without the hooks: they run here, around the whole load
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
         # torch casts every state tensor to its parameter's dtype; a momentum buffer kept in another
         # dtype (momentum_dtype=fp32 for bf16 params, int8), the int8 scales, the stochastic-rounding
         # step counter and the variants' fp32 state are restored from the saved tensors instead.
@@ -247,6 +290,8 @@ class Muon(Optimizer):
                     if value is not None:
                         self.state[p][key] = value.to(device=p.device, dtype=dtype)
         self._plan_key = None
+        for hook in post.values():
+            hook(self)
 
     # ------------------------------------------------------------------ plan
     def _plan_buckets(self, work: list[tuple[int, dict, list[torch.Tensor]]]):
@@ -260,6 +305,7 @@ class Muon(Optimizer):
         if key != self._plan_key:  # (a parameter's shape is in the key: its momentum must still fit it)
             checkpoint.check_state_fits([p for _, _, params in work for p in params], self.state, "momentum_buffer",
                                         lambda: settings.names(self.param_groups))
+            checkpoint.check_state_settings(self.param_groups, self.state, lambda: settings.names(self.param_groups))
             buckets = build_buckets([it for gi, group, params in work for it in group_items(gi, group, params)])
             placements = dist_muon.place(buckets, settings.names(self.param_groups), self._replicated(),
                                          verify=True)
@@ -298,14 +344,24 @@ class Muon(Optimizer):
         self._advance_momentum_steps(buckets)
         adamw = [(group, params) for _, group, params in work if not group["use_muon"] and params]
         side = self._adamw_stream(adamw, buckets)
-        if side is None:
-            for group, params in adamw:
-                adamw_step(group, params, self.state)
-        else:
+        if side is not None:
             side.wait_stream(torch.cuda.current_stream(side.device))  # AdamW reads what the caller wrote
-            with torch.cuda.stream(side):
+        try:
+            with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
                 for group, params in adamw:
                     adamw_step(group, params, self.state)
+            self._muon_half(buckets)
+        finally:
+            if side is not None:
+                # The caller's stream waits for AdamW before anything after the step (a read of the
+                # parameters, a free of the gradients) runs — also when the step raised (a capture's
+                # fork must be joined, and a caller that catches the error may free the gradients
+                # AdamW reads); every tensor AdamW touched was allocated on that stream or stays on
+                # the side stream, so the caching allocator needs no record_stream.
+                torch.cuda.current_stream(side.device).wait_stream(side)
+
+    def _muon_half(self, buckets) -> None:
+        """Momentum, Newton–Schulz and the update of every bucket."""
         # Collectives are started in the same order on every rank: sharded gathers, replicated
         # gathers, sharded scatters; local work and later buckets' Newton–Schulz overlap them.
         gathers, replicated = [], []
@@ -330,12 +386,6 @@ class Muon(Optimizer):
             bucket.apply_update(dist_muon.finish_replicated(handle), self.param_groups, self.state)
         for bucket, placement, handle in scatters:
             dist_muon.finish_sharded(bucket, placement, handle, self.param_groups, self.state)
-        if side is not None:
-            # The caller's stream waits for AdamW before anything after the step (a read of the
-            # parameters, a free of the gradients) runs; every tensor AdamW touched was allocated
-            # on that stream or stays on the side stream, so the caching allocator needs no
-            # record_stream.
-            torch.cuda.current_stream(side.device).wait_stream(side)
 
     def _adamw_stream(self, adamw: list, buckets) -> torch.cuda.Stream | None:
         """The side stream for the AdamW half: when overlapping is on, there is Muon work to overlap,
@@ -351,11 +401,10 @@ class Muon(Optimizer):
         return self._side_streams[device]
 
     def _graph_key(self, work: list[tuple[int, dict, list[torch.Tensor]]]) -> tuple:
-        """What a captured step depends on: the parameters' and gradients' storages, the group
-        settings, the plan and the options that shape the captured work; raises ValueError where a
-        step cannot be captured (before the step changes anything on the device). Optimizer state is
-        created by the first (eager) step and replaced only by ``load_state_dict`` or a momentum dtype
-        change, which rebuild the plan, so it needs no key."""
+        """What a captured step depends on besides its state (``_state_storages``, which the first,
+        eager, step creates): the parameters' and gradients' storages, the group settings, the plan
+        and the options that shape the captured work; raises ValueError where a step cannot be
+        captured (before the step changes anything on the device)."""
         if any(placement.kind != "local" for placement in self._placements):
             raise ValueError("cuda_graph=True does not capture the collectives of DDP/FSDP2 (distributed buckets): "
                              "pass cuda_graph=False (under DDP, distributed='off' also works where every rank "
@@ -364,9 +413,27 @@ class Muon(Optimizer):
             if not group["capturable"]:
                 raise ValueError(f"param group {gi} has capturable=False, but cuda_graph=True captures the step: "
                                  "leave capturable at cuda_graph's default (True) for every group")
+        devices = {p.device for _, _, params in work for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"cuda_graph=True captures one device's work, but the parameters are on "
+                             f"{sorted(map(str, devices))}: pass cuda_graph=False (or one optimizer per device)")
+        for gi, group in enumerate(self.param_groups):
+            read_on_host = ("momentum", "weight_decay") if group["use_muon"] else ("betas", "eps", "weight_decay")
+            for key in read_on_host:
+                values = group[key] if isinstance(group[key], (tuple, list)) else (group[key],)
+                if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
+                    raise ValueError(f"param group {gi}: {key} is a device tensor, which a step reads on the host "
+                                     "(a sync that a CUDA graph cannot capture): give it as a float (lr alone may be "
+                                     "a device tensor under cuda_graph=True)")
         storages = tuple(t.data_ptr() for _, _, params in work for p in params for t in (p, p.grad))
         return (storages, tuple(settings.settings_key(g) for g in self.param_groups),
                 (self._plan_version, self.max_workspace_bytes, self.overlap_adamw))
+
+    def _state_storages(self, work) -> tuple:
+        """The addresses of every state tensor of the stepped parameters: a graph replays on them, so
+        state replaced by hand (optimizer.state cleared, a tensor assigned) needs a new capture."""
+        return tuple(t.data_ptr() for _, _, params in work for p in params
+                     for t in self.state.get(p, {}).values() if isinstance(t, torch.Tensor))
 
     def _momentum_buffer(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """The momentum buffer in the group's momentum dtype (int8 with its block scales), created
@@ -418,12 +485,15 @@ class Muon(Optimizer):
         work = settings.check_grads(self.param_groups)
         settings.check_distributed_grads(self.param_groups, self._replicated())
         checkpoint.check_state_fits([p for _, group, params in work if not group["use_muon"] for p in params],
-                                    self.state, "exp_avg", lambda: settings.names(self.param_groups))
+                                    self.state, "exp_avg", lambda: settings.names(self.param_groups), same_dtype=True)
         buckets = self._plan_buckets([w for w in work if w[1]["use_muon"] and w[2]])
         key = None if self._graph is None else self._graph_key(work)
         self._init_variant_state(buckets)
         if self._graph is None:
             self._device_step(work, buckets)
         else:
-            self._graph.step(key, lambda: self._device_step(work, buckets))
+            device = next((p.device for _, _, params in work for p in params), torch.device("cpu"))
+            with workspace.on_device(device):  # the capture's stream and device are the parameters'
+                self._graph.step(lambda: (*key, self._state_storages(work)),
+                                 lambda: self._device_step(work, buckets))
         return loss

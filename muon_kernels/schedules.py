@@ -119,7 +119,9 @@ class PolynomialLR(_ClosedFormLR):
 
 
 class DiminishingLR(_ClosedFormLR):
-    """η / √(t + 1) (η_min is a floor when min_lr_ratio > 0). ``total_steps`` is optional."""
+    """η_min + (η - η_min) / √(t + 1): η / √(t + 1) with the default min_lr_ratio = 0, like the other
+    schedules a blend toward η_min = min_lr_ratio·η otherwise (not max(η / √(t + 1), η_min)).
+    ``total_steps`` is optional."""
 
     _needs_total = False
 

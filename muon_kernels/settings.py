@@ -121,6 +121,8 @@ def check_adamw_settings(lr, betas, eps, weight_decay, where: str) -> None:
 
 def check_adamw_group(group: dict) -> None:
     check_adamw_settings(group["lr"], group["betas"], group["eps"], group["weight_decay"], "")
+    if not isinstance(group["capturable"], bool):
+        raise ValueError(f"capturable must be True or False, got {group['capturable']!r}")
 
 
 def check_changed_groups(param_groups: list[dict], validated: dict[int, tuple]) -> None:
@@ -169,6 +171,11 @@ def check_grads(param_groups: list[dict]) -> list[tuple[int, dict, list[torch.Te
                 raise RuntimeError(
                     f"parameter {label(group, i, p)}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}"
                 )
+            if group["use_muon"] and not g.is_floating_point():
+                raise RuntimeError(f"parameter {label(group, i, p)}: Muon needs a floating-point gradient, got {g.dtype}")
+            if not group["use_muon"] and g.dtype != p.dtype:  # torch's AdamW would fail half-way through the group
+                raise RuntimeError(f"parameter {label(group, i, p)}: gradient dtype {g.dtype} != parameter dtype "
+                                   f"{p.dtype}; AdamW steps a parameter with a gradient of its own dtype")
             params.append(p)
         work.append((gi, group, params))
     return work

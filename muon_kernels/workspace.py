@@ -1,5 +1,6 @@
 """Work buffers: those the kernel backends take fresh each call (and the debug switch that poisons
-them), and ``Scratch``, the one way a buffer is kept and reused from call to call.
+them), and ``Scratch``, the one way a buffer is kept and reused from call to call; and
+``on_device``, the device a call's launches go to.
 
 ``MUON_KERNELS_DEBUG_FILL=nan`` fills every buffer the Triton and CUDA backends take from
 ``torch.empty`` with NaN, so a kernel that reads an element nobody wrote (the "padding holds
@@ -10,6 +11,7 @@ one fill per buffer, so it is off by default. Read on every call, so a test can 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -89,3 +91,14 @@ class Scratch:
                 self.buffers[name] = buf
             return buf
         return buf.view(-1)[:n].view(shape)
+
+
+def on_device(device: torch.device):
+    """A context making ``device`` the current CUDA device where it is not already. Triton's dispatch,
+    the direct launches and replay (triton_kernels/) and a graph capture go to the current device's
+    current stream, so a call on tensors of another GPU (``model.to("cuda:1")`` without
+    ``torch.cuda.set_device(1)``) would otherwise launch on device 0 with device 1's addresses;
+    torch's own ops guard themselves by their tensors' device."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -22,7 +22,7 @@ class HostCopy(AssertionError):
 
 @contextlib.contextmanager
 def no_host_to_device_copies():
-    real_tensor, real_as_tensor, real_to = torch.tensor, torch.as_tensor, torch.Tensor.to
+    real_as_tensor, real_to = torch.as_tensor, torch.Tensor.to
 
     def tensor(*args, **kwargs):
         raise HostCopy(f"torch.tensor({args[0] if args else ''!r}) in a steady-state step (a host-to-device copy on a GPU)")

@@ -194,3 +194,78 @@ def test_a_variant_state_of_the_wrong_shape_is_refused_at_load(key, kwargs):
         _layouts([(8, 16), (32, 8)], **kwargs).load_state_dict(saved)
     saved["state"][1][key] = good
     _layouts([(8, 16), (32, 8)], **kwargs).load_state_dict(saved)  # the right shapes load
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_optimizer_steps_like_the_original(how):
+    """torch's ``Optimizer.__getstate__`` keeps only defaults, state and param_groups: a copy made
+    through it alone could not step (the constructor's options and caches were gone)."""
+    import copy
+    import pickle
+
+    model = _model()
+    opt = mk.Muon(model.parameters(), lr=0.02, adamw_lr=1e-3, max_workspace_bytes=2**20, ns_coefficients="quintic")
+    _train(model, opt, 2, seed=1)
+    if how == "deepcopy":
+        twin_model, twin = copy.deepcopy((model, opt))
+    elif how == "pickle":
+        twin_model, twin = pickle.loads(pickle.dumps((model, opt)))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, opt), buffer)
+        buffer.seek(0)
+        twin_model, twin = torch.load(buffer, weights_only=False)
+    assert twin.max_workspace_bytes == 2**20 and twin._adamw_defaults == opt._adamw_defaults
+    assert twin.plan() == opt.plan()
+    _train(model, opt, 2, seed=2)
+    _train(twin_model, twin, 2, seed=2)
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+        assert opt.state[a].keys() == twin.state[b].keys()
+        for key, value in opt.state[a].items():
+            assert torch.equal(value, twin.state[b][key]), key
+    twin.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})  # reads the AdamW defaults
+    assert twin.param_groups[-1]["lr"] == 1e-3
+
+
+def test_load_hooks_run_around_the_whole_load():
+    """As torch runs them: a pre-hook sees the dict first (and the dict it returns is the one checked
+    and loaded, so it can fix an old checkpoint's layout); a post-hook runs after everything, so
+    state it sets stays."""
+    model = _model()
+    opt = mk.Muon(model.parameters(), lr=0.02)
+    _train(model, opt, 2, seed=1)
+    saved = _roundtrip(opt.state_dict())
+    matrix = next(p for p in model.parameters() if p.ndim == 2)
+    pid = next(i for i, p in enumerate(opt.param_groups[0]["params"]) if p is matrix)
+    good = saved["state"][pid]["momentum_buffer"]
+    saved["state"][pid]["momentum_buffer"] = good.t().contiguous()  # an old layout, (in, out)
+    calls = []
+
+    def fix_layout(optimizer, state_dict):
+        calls.append("pre")
+        fixed = dict(state_dict, state={k: dict(v) for k, v in state_dict["state"].items()})
+        fixed["state"][pid]["momentum_buffer"] = fixed["state"][pid]["momentum_buffer"].t()
+        return fixed
+
+    fresh_model = _model()
+    fresh = mk.Muon(fresh_model.parameters(), lr=0.02)
+    with pytest.raises(ValueError, match="saved 'momentum_buffer' has shape"):
+        fresh.load_state_dict(saved)  # without the hook: refused
+    fresh.register_load_state_dict_pre_hook(fix_layout)
+    fresh_matrix = next(p for p in fresh_model.parameters() if p.ndim == 2)
+    fresh.register_load_state_dict_post_hook(lambda o: (calls.append("post"),
+                                                        o.state[fresh_matrix]["momentum_buffer"].zero_()))
+    fresh.load_state_dict(saved)
+    assert calls == ["pre", "post"]
+    assert torch.count_nonzero(fresh.state[fresh_matrix]["momentum_buffer"]) == 0  # the post-hook's write stayed
+    # with a pre-hook that returns nothing, the loaded values are the saved ones
+    calls.clear()
+    saved["state"][pid]["momentum_buffer"] = good
+    plain = mk.Muon(_model().parameters(), lr=0.02)
+    plain.register_load_state_dict_pre_hook(lambda o, sd: calls.append("pre"))
+    plain.register_load_state_dict_post_hook(lambda o: calls.append("post"))
+    plain.load_state_dict(saved)
+    assert calls == ["pre", "post"]
+    loaded = plain.state[plain.param_groups[0]["params"][pid]]["momentum_buffer"]
+    assert torch.equal(loaded, good)

@@ -29,7 +29,7 @@ class FakeGraph:
 def test_a_key_runs_eagerly_then_is_captured_then_replayed():
     g = graphs.StepGraph(capture_fn=FakeGraph)
     ran = []
-    modes = [g.step(key, lambda: ran.append(1)) for key in ["a", "a", "a", "b", "b", "b", "a"]]
+    modes = [g.step(lambda key=key: key, lambda: ran.append(1)) for key in ["a", "a", "a", "b", "b", "b", "a"]]
     assert modes == ["eager", "capture", "replay", "eager", "capture", "replay", "eager"]
     assert len(ran) == len(modes) and g.captures == 2
 
@@ -170,3 +170,79 @@ def test_every_group_must_be_capturable():
     with pytest.raises(ValueError, match="capturable=False"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_replaced_state_is_captured_anew():
+    """A graph replays on the state tensors it was captured with: state replaced by hand (a trainer
+    resetting the optimizer) must not be left to a graph reading the old, freed memory."""
+    model, twin = _model(), _model()
+    opt = _graphed(model)
+    ref = mk.Muon(twin.parameters(), lr=0.02, ns_dtype=torch.float32)
+    assert _modes(opt, model, 3) == ["eager", "capture", "replay"]
+    _modes_plain(ref, twin, 3)
+    for o, m in ((opt, model), (ref, twin)):
+        for p in m.parameters():
+            for key, value in o.state[p].items():
+                o.state[p][key] = value.clone()  # same values, new memory
+    assert _modes(opt, model, 3) == ["eager", "capture", "replay"]
+    _modes_plain(ref, twin, 3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    opt.state.clear()
+    assert _modes(opt, model, 2) == ["eager", "capture"]
+
+
+def test_a_graph_over_several_devices_is_refused():
+    model = _model()
+    opt = _graphed(model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    group = opt.param_groups[0]
+    other = torch.zeros(2, 2, device="meta")
+    with pytest.raises(ValueError, match=r"captures one device's work, but the parameters are on \['cpu', 'meta'\]"):
+        opt._graph_key([(0, group, [group["params"][0], other])])
+
+
+class _FakeStream:
+    def __init__(self, name, device):
+        self.name, self.device, self.waited = name, device, []
+
+    def wait_stream(self, other):
+        self.waited.append(other.name)
+
+
+def test_the_adamw_side_stream_is_joined_when_the_step_raises(monkeypatch):
+    """The side stream forks from the caller's stream; if the Muon half raises, the caller's stream
+    must still wait for it (a capture needs the join, and a caller that catches the error may free
+    the gradients AdamW is reading)."""
+    import contextlib
+
+    model = _model()
+    opt = mk.Muon(model.parameters(), lr=0.02)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    main, side = _FakeStream("main", torch.device("cpu")), _FakeStream("side", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(opt, "_adamw_stream", lambda adamw, buckets: side)
+
+    def broken(buckets):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(opt, "_muon_half", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    assert side.waited == ["main"] and main.waited == ["side"]
+
+
+def test_launches_go_to_the_tensors_device(monkeypatch):
+    """Triton launches (and a capture) go to the current device: a call on another GPU's tensors
+    makes that GPU current for the call; on the current device or a CPU nothing is switched."""
+    from muon_kernels.workspace import on_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    switch = on_device(torch.device("cuda", 0))
+    assert isinstance(switch, torch.cuda.device) and switch.idx == 0
+    assert not isinstance(on_device(torch.device("cuda", 1)), torch.cuda.device)
+    assert not isinstance(on_device(torch.device("cpu")), torch.cuda.device)

@@ -302,3 +302,53 @@ def test_a_checkpoint_without_the_empty_groups_loads():
     new.load_state_dict(old.state_dict())
     assert len(new.param_groups) == 2 and new.param_groups[0]["params"] == []
     assert torch.equal(new.state[q]["momentum_buffer"], old.state[w]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("case", ["fp64 gradient of an fp32 bias", "bias converted after its state was made",
+                                  "integer gradient of a matrix"])
+def test_a_gradient_or_state_of_the_wrong_dtype_is_refused_before_anything_changes(case):
+    """torch's AdamW would step the group's first parameters (and advance every step counter) before
+    failing on a mismatched dtype; a Muon matrix would cast an integer gradient silently."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    opt = mk.Muon(model.parameters(), lr=0.02)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    biases = [model[0].bias, model[1].bias]
+    if case == "fp64 gradient of an fp32 bias":
+        biases[1].grad.data = biases[1].grad.data.double()  # (torch refuses the plain assignment)
+        match = r"parameter #1 of shape \(3,\): gradient dtype torch.float64 != parameter dtype torch.float32"
+    elif case == "bias converted after its state was made":
+        biases[1].data = biases[1].data.double()
+        biases[1].grad = None
+        biases[1].grad = torch.randn_like(biases[1])
+        match = r"state 'exp_avg' is torch.float32, but the parameter is now torch.float64"
+    else:
+        model[1].weight.grad.data = torch.ones(3, 8, dtype=torch.int64)
+        match = r"Muon needs a floating-point gradient, got torch.int64"
+    before = _snapshot(opt)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        opt.step()
+    after = _snapshot(opt)
+    for x, y in zip(before[0], after[0]):
+        for p, q in zip(x, y):
+            assert torch.equal(p, q)
+    for key in before[1]:
+        for name in before[1][key]:
+            assert torch.equal(before[1][key][name], after[1][key][name]), name
+    if case == "bias converted after its state was made":  # the fix the message gives works
+        opt.load_state_dict(opt.state_dict())
+        opt.step()
+        assert opt.state[biases[1]]["exp_avg"].dtype == torch.float64
+
+
+def test_a_group_with_param_names_is_split_with_its_names():
+    """A group copied from another optimizer's param_groups carries ``param_names``; each half keeps
+    its own parameters' names (the messages, plan() and state_dict name the right tensor)."""
+    model = nn.Linear(4, 8)
+    opt = mk.Muon([{"params": [model.weight, model.bias], "param_names": ["weight", "bias"]}], lr=0.02)
+    assert [g["param_names"] for g in opt.param_groups] == [["weight"], ["bias"]]
+    model.bias.grad = torch.zeros(8)
+    model.bias.grad.data = torch.zeros(3)  # (torch refuses the plain assignment)
+    with pytest.raises(RuntimeError, match=r"parameter 'bias': gradient shape \(3,\)"):
+        opt.step()

@@ -330,3 +330,32 @@ def test_tensor_lr_matches_float_lr():
             opt.step()
         results.append(W.detach())
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, options, old, new", [
+    ((16, 24), {"adaptive": "normuon"}, None, "transposed"),  # v per row (16) → per column (24)
+    ((3, 8, 20), {"constraint": "hyperball", "weight_decay": 0.0}, "batch", "flatten"),  # 3 radii → 1
+    ((3, 8, 20), {"constraint": "hyperball", "weight_decay": 0.0}, "flatten", "batch"),  # 1 radius → 3
+])
+def test_a_view_change_that_reshapes_variant_state_is_refused_before_anything_changes(shape, options, old, new):
+    """matrix_view is a group setting a user may rewrite between steps; the variants' state was made
+    for the old view (the Triton statistics kernel would write past the end of a shorter v, and a
+    radius vector of the wrong length would set wrong norms): refused at the next step, naming the
+    parameter, before anything is modified; resetting the state as the message says steps again."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(shape))
+    opt = mk.Muon([{"params": [p], "use_muon": True, "matrix_view": old, **options}], lr=0.02,
+                  ns_dtype=torch.float32)
+    p.grad = torch.randn(shape)
+    opt.step()
+    opt.param_groups[0]["matrix_view"] = new
+    p.grad = torch.randn(shape)
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(ValueError, match=r"parameter #0 of shape .*: its optimizer state '(normuon_v|hyperball_radius)' "
+                                         r"has shape .* but the group's current settings"):
+        opt.step()
+    assert torch.equal(p, before[0])
+    assert all(torch.equal(v, before[1][k]) for k, v in opt.state[p].items())
+    del opt.state[p]
+    opt.step()
+    assert torch.isfinite(p).all()

@@ -369,9 +369,12 @@ def aligned(layout: Layout, *addresses: int) -> bool:
 # device, which is what CUDA-graph capture needs (no host-to-device copy may be captured). Eager
 # steps whose gradients are reallocated every step (zero_grad(set_to_none=True)) make new tables,
 # so those live in a bounded LRU; a table used while a CUDA graph is being captured is pinned for
-# the life of the process instead, because the graph replays with its address baked in.
+# the life of the process instead, because the graph replays with its address baked in. The bound
+# holds every table of a step many times over (3–7 per bucket: a step of a few hundred buckets, a
+# large model's under max_workspace_bytes, must not evict its own tables, which would copy them
+# to the device again every step and make the step uncapturable); a table is a few hundred bytes.
 _ADDRESS_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-_ADDRESS_TABLES_MAX = 512
+_ADDRESS_TABLES_MAX = 8192
 _PINNED_TABLES: dict[tuple, torch.Tensor] = {}
 
 

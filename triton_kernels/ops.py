@@ -19,6 +19,7 @@ import functools
 import torch
 
 from ..ns_config import NSConfig
+from ..workspace import on_device
 from . import replay
 from .fused_update import fused_apply_update, fused_momentum
 from .variant_statistics import blocks, variant_factors, variant_statistics
@@ -80,7 +81,8 @@ def _newton_schulz(stack: torch.Tensor, coefficients: list[float], eps: float, n
     steps = tuple(tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3))
     config = NSConfig(steps, eps, norm_scale, norm_offset, normalization, algorithm, tuple(restarts))
     # Recorded once per signature, then replayed with fresh buffers (triton_kernels/replay.py).
-    return replay.call((_CONSUMING if consume else _NEWTON_SCHULZ)[path], stack, config, ns_dtype)
+    with on_device(stack.device):
+        return replay.call((_CONSUMING if consume else _NEWTON_SCHULZ)[path], stack, config, ns_dtype)
 
 
 @torch.library.custom_op("muon_kernels::newton_schulz", mutates_args=())
@@ -107,8 +109,9 @@ def fused_momentum_op(grads: list[torch.Tensor], bufs: list[torch.Tensor], momen
                       steps: list[torch.Tensor], seeds: list[int]) -> None:
     """``scales``: int8 momentum's block scales (mutated); ``steps``/``seeds``: stochastic rounding.
     ``chunk_tensor`` … ``vectorizable``: the bucket's ``fused_update.Layout``."""
-    fused_momentum(grads, bufs, momenta, (chunk_tensor, chunk_start, numels, meta, vectorizable), stack, ema=ema,
-                   nesterov=nesterov, scales=scales, steps=steps, seeds=seeds)
+    with on_device(stack.device):
+        fused_momentum(grads, bufs, momenta, (chunk_tensor, chunk_start, numels, meta, vectorizable), stack, ema=ema,
+                       nesterov=nesterov, scales=scales, steps=steps, seeds=seeds)
 
 
 @fused_momentum_op.register_fake
@@ -123,8 +126,9 @@ def fused_apply_update_op(params: list[torch.Tensor], alphas: torch.Tensor, deca
                           meta: torch.Tensor, vectorizable: bool, ortho: torch.Tensor, cautious: bool,
                           row_scale: torch.Tensor | None = None, gains: torch.Tensor | None = None,
                           shrink: torch.Tensor | None = None) -> None:
-    fused_apply_update(params, alphas, decays, (chunk_tensor, chunk_start, numels, meta, vectorizable), ortho, cautious,
-                       row_scale, gains, shrink)
+    with on_device(ortho.device):
+        fused_apply_update(params, alphas, decays, (chunk_tensor, chunk_start, numels, meta, vectorizable), ortho,
+                           cautious, row_scale, gains, shrink)
 
 
 @fused_apply_update_op.register_fake
@@ -140,8 +144,9 @@ def variant_statistics_op(ortho: torch.Tensor, params: list[torch.Tensor], state
     """The statistics pass (triton_kernels/variant_statistics.py). ``params`` and ``states`` (NorMuon's
     v, updated in place) are reached through ``table``; they are arguments so the mutation and the
     reads are declared."""
-    return variant_statistics(ortho, table, row_scale, param_dtype=params[0].dtype, normuon=normuon,
-                              hyperball=hyperball, beta2=beta2, eps=eps)
+    with on_device(ortho.device):
+        return variant_statistics(ortho, table, row_scale, param_dtype=params[0].dtype, normuon=normuon,
+                                  hyperball=hyperball, beta2=beta2, eps=eps)
 
 
 @variant_statistics_op.register_fake
@@ -155,8 +160,9 @@ def variant_factors_op(partials: torch.Tensor, alphas: torch.Tensor | None, radi
                        normuon: bool, hyperball: bool, normuon_eps: float,
                        hyperball_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, c) per matrix from the statistics pass's partial sums; c is empty without the hyperball."""
-    gains, shrink = variant_factors(partials, alphas, radius, normuon=normuon, hyperball=hyperball,
-                                    normuon_eps=normuon_eps, hyperball_eps=hyperball_eps)
+    with on_device(partials.device):
+        gains, shrink = variant_factors(partials, alphas, radius, normuon=normuon, hyperball=hyperball,
+                                        normuon_eps=normuon_eps, hyperball_eps=hyperball_eps)
     return gains, shrink if shrink is not None else gains.new_empty(0)
 
 

@@ -314,7 +314,9 @@ def _layout(bucket: Bucket) -> dict:
 
 def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.Tensor, state) -> dict:
     """One statistics launch (NorMuon's v updated in place), then the per-matrix scalars from the
-    partial sums; returns the fused update's variant arguments (device pointers)."""
+    partial sums; returns the fused update's variant arguments (device pointers) and the tensors
+    behind them, which the caller holds until the update is launched (freed before, their memory
+    could be handed to another allocation, or unmapped without the caching allocator)."""
     v = bucket.variant
     vs, radii = variants.state_tensors(bucket, state)
     values = variants.statistics_table(bucket, params, vs)
@@ -330,9 +332,10 @@ def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.
                           partials=partials.data_ptr(), weight=1.0 - v.beta2, eps=v.normuon_eps, normuon=v.normuon,
                           hyperball=v.hyperball, stream=_stream(bucket.device))
     gains, shrink = variants.gains(bucket, partials.sum(dim=1), alphas, radii)
-    return dict(neuron_cols=[int(variants.neurons(e.view)[1]) for e in bucket.entries],
-                row_scale=row_scale.data_ptr() if row_scale is not None else 0, gains=gains.data_ptr(),
-                shrink=shrink.data_ptr() if shrink is not None else 0, nmax=n)
+    pointers = dict(neuron_cols=[int(variants.neurons(e.view)[1]) for e in bucket.entries],
+                    row_scale=row_scale.data_ptr() if row_scale is not None else 0, gains=gains.data_ptr(),
+                    shrink=shrink.data_ptr() if shrink is not None else 0, nmax=n)
+    return pointers, (row_scale, gains, shrink)
 
 
 def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) -> torch.Tensor:
@@ -386,7 +389,8 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=
     ortho = ortho.contiguous()
     alphas, decays = update_scalars(bucket, groups)
     with torch.cuda.device(bucket.device):
-        extra = _variant_factors(bucket, ortho, params, alphas, state) if bucket.variant.active else {}
+        # ``held``: the tensors behind ``extra``'s pointers, alive until the launch is enqueued
+        extra, held = _variant_factors(bucket, ortho, params, alphas, state) if bucket.variant.active else ({}, ())
         _C.fused_apply_update(
             params=[p.data_ptr() for p in params], **_layout(bucket), param_dtype=DTYPE_CODES[params[0].dtype],
             alphas=alphas.data_ptr(), decays=decays.data_ptr(), stack=ortho.data_ptr(),

@@ -37,7 +37,8 @@ import torch
 
 from ..bucket import Bucket
 from ..ns_config import NSConfig
-from ..recurrence import choose_algorithm, gram_outside_band
+from ..recurrence import gram_outside_band
+from ..workspace import on_device
 
 MODES = ("measure", "table")
 ENV = "MUON_KERNELS_DISPATCH"
@@ -191,7 +192,8 @@ def measure(bucket: Bucket, batch: int, options: list[Candidate]) -> dict:
             excluded[option.label] = f"error {err:.2e} > band {bounds[algorithm]:.2e}"
             continue
         run = lambda o=option: o.backend.orthogonalize(stack, o.config, bucket.ns_dtype, path=o.path)  # noqa: E731
-        ms[option.label] = float(time_candidate(option, run, bucket.device))
+        with on_device(bucket.device):  # the events on the stream the kernels run on
+            ms[option.label] = float(time_candidate(option, run, bucket.device))
     return {"choice": min(ms, key=ms.get) if ms else None, "ms": ms, "excluded": excluded}
 
 

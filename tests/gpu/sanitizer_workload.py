@@ -19,12 +19,16 @@ for name in ("triton", "cuda"):
     for shape in ((2, 24, 40), (1, 130, 300), (1, 256, 4096)):
         for ns_dtype in (torch.bfloat16, torch.float32):
             backend.orthogonalize(torch.randn(shape, device=DEV), config, ns_dtype)
-    ps = [torch.nn.Parameter(torch.randn(s, device=DEV)) for s in ((40, 24), (24, 40), (130, 300))]
-    opt = mk.Muon(ps, backend=name, ns_steps=2)
-    for _ in range(2):
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        opt.step()
+    # The plain step, and the variants' statistics and update (NorMuon + hyperball: the per-matrix
+    # factors live in tensors that must outlive the update's launch; the test runs without the
+    # caching allocator, so a freed one is unmapped memory).
+    for variant in ({}, {"adaptive": "normuon", "constraint": "hyperball", "weight_decay": 0.0}):
+        ps = [torch.nn.Parameter(torch.randn(s, device=DEV)) for s in ((40, 24), (24, 40), (130, 300))]
+        opt = mk.Muon(ps, backend=name, ns_steps=2, **variant)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
 # Recorded Newton–Schulz calls replayed with fresh buffers (triton_kernels/replay.py), whose
 # launchers take raw addresses: the debug fill that make gpu-check sets turns replay off, so it is
 # cleared for these calls (split products included: the last shape).

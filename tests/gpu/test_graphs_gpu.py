@@ -81,3 +81,36 @@ def test_adamw_on_a_side_stream_gives_the_same_bits_under_the_caching_allocator(
         assert (DEV in opt._side_streams) == overlap
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_a_device_tensor_momentum_is_refused_before_the_capture():
+    """A step reads momentum and weight decay on the host: as CUDA tensors they would be a sync inside
+    the capture. Refused with the setting named, before anything is modified."""
+    mats, vecs = _params()
+    opt = _opt(mats, vecs, torch.tensor(0.02, device=DEV), cuda_graph=True)
+    opt.param_groups[0]["momentum"] = torch.tensor(0.95, device=DEV)
+    _grads(mats + vecs, 0)
+    before = [p.detach().clone() for p in mats + vecs]
+    with pytest.raises(ValueError, match="param group 0: momentum is a device tensor"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(mats + vecs, before))
+
+
+def test_replaced_state_is_captured_anew_bit_for_bit():
+    """State replaced by hand after a capture (same values, new memory) gives the eager step's bits:
+    the graph is dropped, not replayed on the old memory."""
+    runs = []
+    for graph in (False, True):
+        mats, vecs = _params()
+        opt = _opt(mats, vecs, torch.tensor(0.02, device=DEV), cuda_graph=graph)
+        for i in range(6):
+            if i == 3:
+                for p in mats + vecs:
+                    opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+            _grads(mats + vecs, i)
+            opt.step()
+        runs.append([p.detach().clone() for p in mats + vecs])
+        if graph:
+            assert opt._graph.captures == 2
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
