@@ -97,26 +97,26 @@ def check_state_shapes(groups: list[dict], saved_groups: list[dict], saved_state
                         "order); nothing was loaded")
 
 
-def check_state_settings(groups: list[dict], state: dict, names) -> None:
-    """Raise ValueError, when the plan is rebuilt and before the step modifies anything, where a Muon
-    parameter's int8 scales or variant state (NorMuon's v, the hyperball radii) no longer has the
-    shape the group's current settings need: ``matrix_view``, ``split_sizes`` or ``num_heads``
-    changed since the state was made (a Triton kernel would index past the end of a shorter v). A
-    change that keeps the shapes (a square matrix's view) keeps the state."""
-    for gi, group in enumerate(groups):
-        if not group["use_muon"] or not any(p in state for p in group["params"]):
+def check_state_settings(items, state: dict, names) -> None:
+    """Raise ValueError, when the plan is rebuilt and before the step modifies anything, where the
+    variant state of a matrix about to step (``items``: plan.Item; NorMuon's v, the hyperball radii,
+    for the variants its group has on) no longer has the shape its group's settings need:
+    ``matrix_view``, ``split_sizes`` or ``num_heads`` changed since the state was made (a Triton
+    kernel would index past the end of a shorter v). A change that keeps the shapes (a square
+    matrix's view) keeps the state."""
+    for it in items:
+        st = state.get(it.param)
+        if not st:
             continue
-        expected = _expected_shapes(gi, group, group)
-        for p in group["params"]:
-            for key, value in state.get(p, {}).items():
-                want = expected[id(p)].get(key)
-                if (key != "momentum_buffer" and want is not None and isinstance(value, torch.Tensor)
-                        and tuple(value.shape) != tuple(want)):
-                    raise ValueError(
-                        f"param group {gi}, parameter {names()[id(p)]}: its optimizer state {key!r} has shape "
-                        f"{tuple(value.shape)}, but the group's current settings (matrix_view, split_sizes, "
-                        f"num_heads) need {tuple(want)}: restore the setting, or reset the parameter's state (del "
-                        "optimizer.state[p]); nothing was modified")
+        expected = variants.expected_state_shapes(it.view, it.part, it.param)
+        for key, on in (("normuon_v", it.variant.normuon), ("hyperball_radius", it.variant.hyperball)):
+            value = st.get(key)
+            if on and isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(expected[key]):
+                raise ValueError(
+                    f"parameter {names()[id(it.param)]}: its optimizer state {key!r} has shape {tuple(value.shape)}, "
+                    f"but its group's current settings (matrix_view, split_sizes, num_heads) need "
+                    f"{tuple(expected[key])}: restore the setting, or reset the parameter's state (del "
+                    "optimizer.state[p]); nothing was modified")
 
 
 def check_state_fits(params: list[torch.Tensor], state: dict, key: str, names, same_dtype: bool = False) -> None:

@@ -54,6 +54,7 @@ class StepGraph:
         self.warned = False
         self.failed = False  # a capture raised: every step runs eagerly from then on
         self.captures = 0
+        self.checked: tuple | None = None  # the last key the optimizer found capturable
 
     def step(self, key_of, run) -> str:
         """Run the device work ``run`` for this step: "replay", "capture" (captured, then replayed)
@@ -71,7 +72,10 @@ class StepGraph:
                 graph = self.capture(run)
             except Exception as exc:  # e.g. a host sync or host-to-device copy inside the step
                 self.failed = True
-                cause = f", raised while handling {exc.__context__!r}" if exc.__context__ is not None else ""
+                root = exc
+                while root.__context__ is not None:  # a failed capture_end (or join) raises over the cause
+                    root = root.__context__
+                cause = f", raised while handling {root!r}" if root is not exc else ""
                 warnings.warn(f"Muon(cuda_graph=True): capturing the step failed ({exc!r}{cause}); stepping eagerly "
                               "from now on", stacklevel=3)
             else:
@@ -97,7 +101,7 @@ def _what_changed(before: tuple | None, after: tuple) -> str:
     if before[1] != after[1]:
         return ("a param group setting changed value (a scheduler writing a float lr: give lr, and adamw_lr, as "
                 "device tensors and update them in place, lr.fill_(value))")
-    if before[3] != after[3]:
-        return "optimizer state was replaced (optimizer.state cleared or a state tensor assigned)"
-    return ("the bucket plan was rebuilt (a parameter's dtype or shape, a plan setting, the optimizer's options, or "
-            "load_state_dict changed)")
+    if before[2] != after[2]:
+        return ("the bucket plan was rebuilt (a parameter's dtype or shape, a plan setting, the optimizer's options, "
+                "or load_state_dict changed)")
+    return "optimizer state was replaced (optimizer.state cleared or a state tensor assigned)"

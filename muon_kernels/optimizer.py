@@ -237,11 +237,28 @@ class Muon(Optimizer):
             self._plan_key, self._plan_version = None, 0
 
     # ------------------------------------------------------------------ state
+    @contextlib.contextmanager
+    def _hooks_held(self, *names: str):
+        """torch's own method runs without the hooks ``names`` (attributes of Optimizer): ours runs
+        them around our additions, where torch runs them around its own work."""
+        held = {name: getattr(self, name) for name in names}
+        for name in names:
+            setattr(self, name, {})
+        try:
+            yield held
+        finally:
+            for name, hooks in held.items():
+                setattr(self, name, hooks)
+
     def state_dict(self) -> dict[str, Any]:
         """torch's layout, readable by torch.optim.Muon and torch.distributed's checkpoint utilities
-        (muon_kernels/checkpoint.py)."""
-        state = super().state_dict()
+        (muon_kernels/checkpoint.py). Post-hooks see (and may replace) the dict that is returned."""
+        with self._hooks_held("_optimizer_state_dict_post_hooks") as held:
+            state = super().state_dict()
         checkpoint.portable_groups(state["param_groups"])
+        for hook in held["_optimizer_state_dict_post_hooks"].values():
+            returned = hook(self, state)
+            state = state if returned is None else returned
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -249,6 +266,7 @@ class Muon(Optimizer):
         A saved state tensor whose shape does not fit its parameter raises ValueError before anything
         is loaded. Load hooks run as torch runs them: the pre-hooks first (a dict one returns is the one
         loaded and checked), the post-hooks last."""
+        state_dict = dict(state_dict)  # as torch: a hook editing it in place leaves the caller's dict alone
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             returned = hook(self, state_dict)
             state_dict = state_dict if returned is None else returned
@@ -269,12 +287,8 @@ class Muon(Optimizer):
         if len(saved_groups) == len(self.param_groups):  # (torch's own check names any other mismatch)
             checkpoint.check_state_shapes(self.param_groups, saved_groups, state_dict["state"])
         state_dict["param_groups"] = saved_groups
-        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
-        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
-        try:  # torch's load without the hooks: they run here, around the whole load
+        with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks") as held:
             super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
         # torch casts every state tensor to its parameter's dtype; a momentum buffer kept in another
         # dtype (momentum_dtype=fp32 for bf16 params, int8), the int8 scales, the stochastic-rounding
         # step counter and the variants' fp32 state are restored from the saved tensors instead.
@@ -290,7 +304,7 @@ class Muon(Optimizer):
                     if value is not None:
                         self.state[p][key] = value.to(device=p.device, dtype=dtype)
         self._plan_key = None
-        for hook in post.values():
+        for hook in held["_optimizer_load_state_dict_post_hooks"].values():
             hook(self)
 
     # ------------------------------------------------------------------ plan
@@ -305,8 +319,9 @@ class Muon(Optimizer):
         if key != self._plan_key:  # (a parameter's shape is in the key: its momentum must still fit it)
             checkpoint.check_state_fits([p for _, _, params in work for p in params], self.state, "momentum_buffer",
                                         lambda: settings.names(self.param_groups))
-            checkpoint.check_state_settings(self.param_groups, self.state, lambda: settings.names(self.param_groups))
-            buckets = build_buckets([it for gi, group, params in work for it in group_items(gi, group, params)])
+            items = [it for gi, group, params in work for it in group_items(gi, group, params)]
+            checkpoint.check_state_settings(items, self.state, lambda: settings.names(self.param_groups))
+            buckets = build_buckets(items)
             placements = dist_muon.place(buckets, settings.names(self.param_groups), self._replicated(),
                                          verify=True)
             buckets, self._placements = self._within_cap(buckets, placements)
@@ -403,8 +418,17 @@ class Muon(Optimizer):
     def _graph_key(self, work: list[tuple[int, dict, list[torch.Tensor]]]) -> tuple:
         """What a captured step depends on besides its state (``_state_storages``, which the first,
         eager, step creates): the parameters' and gradients' storages, the group settings, the plan
-        and the options that shape the captured work; raises ValueError where a step cannot be
-        captured (before the step changes anything on the device)."""
+        and the options that shape the captured work. A key not seen before is checked: ValueError
+        where such a step cannot be captured (before the step changes anything on the device)."""
+        storages = tuple([t.data_ptr() for _, _, params in work for p in params for t in (p, p.grad)])
+        key = (storages, tuple([settings.settings_key(g) for g in self.param_groups]),
+               (self._plan_version, self.max_workspace_bytes, self.overlap_adamw))
+        if key != self._graph.checked:
+            self._check_capturable(work)
+            self._graph.checked = key
+        return key
+
+    def _check_capturable(self, work) -> None:
         if any(placement.kind != "local" for placement in self._placements):
             raise ValueError("cuda_graph=True does not capture the collectives of DDP/FSDP2 (distributed buckets): "
                              "pass cuda_graph=False (under DDP, distributed='off' also works where every rank "
@@ -413,11 +437,6 @@ class Muon(Optimizer):
             if not group["capturable"]:
                 raise ValueError(f"param group {gi} has capturable=False, but cuda_graph=True captures the step: "
                                  "leave capturable at cuda_graph's default (True) for every group")
-        devices = {p.device for _, _, params in work for p in params}
-        if len(devices) > 1:
-            raise ValueError(f"cuda_graph=True captures one device's work, but the parameters are on "
-                             f"{sorted(map(str, devices))}: pass cuda_graph=False (or one optimizer per device)")
-        for gi, group in enumerate(self.param_groups):
             read_on_host = ("momentum", "weight_decay") if group["use_muon"] else ("betas", "eps", "weight_decay")
             for key in read_on_host:
                 values = group[key] if isinstance(group[key], (tuple, list)) else (group[key],)
@@ -425,15 +444,17 @@ class Muon(Optimizer):
                     raise ValueError(f"param group {gi}: {key} is a device tensor, which a step reads on the host "
                                      "(a sync that a CUDA graph cannot capture): give it as a float (lr alone may be "
                                      "a device tensor under cuda_graph=True)")
-        storages = tuple(t.data_ptr() for _, _, params in work for p in params for t in (p, p.grad))
-        return (storages, tuple(settings.settings_key(g) for g in self.param_groups),
-                (self._plan_version, self.max_workspace_bytes, self.overlap_adamw))
+        devices = {p.device for _, _, params in work for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"cuda_graph=True captures one device's work, but the parameters are on "
+                             f"{sorted(map(str, devices))}: pass cuda_graph=False (or one optimizer per device)")
 
     def _state_storages(self, work) -> tuple:
         """The addresses of every state tensor of the stepped parameters: a graph replays on them, so
         state replaced by hand (optimizer.state cleared, a tensor assigned) needs a new capture."""
-        return tuple(t.data_ptr() for _, _, params in work for p in params
-                     for t in self.state.get(p, {}).values() if isinstance(t, torch.Tensor))
+        get, none, tensor = self.state.get, {}, torch.Tensor
+        return tuple([t.data_ptr() for _, _, params in work for p in params for t in get(p, none).values()
+                      if isinstance(t, tensor)])
 
     def _momentum_buffer(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """The momentum buffer in the group's momentum dtype (int8 with its block scales), created

@@ -269,3 +269,23 @@ def test_load_hooks_run_around_the_whole_load():
     assert calls == ["pre", "post"]
     loaded = plain.state[plain.param_groups[0]["params"][pid]]["momentum_buffer"]
     assert torch.equal(loaded, good)
+
+
+def test_hooks_see_what_torch_would_show_them():
+    """A state_dict post-hook sees (and may replace) the dict state_dict() returns — ns_steps as a
+    count, dtypes by name; a load pre-hook that edits the dict in place leaves the caller's alone."""
+    model = _model()
+    opt = mk.Muon(model.parameters(), lr=0.02)
+    _train(model, opt, 1, seed=1)
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append((sd["param_groups"][0]["ns_steps"],
+                                                                 sd["param_groups"][0]["ns_dtype"])))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": "replaced"})
+    saved = opt.state_dict()
+    assert seen == [(5, "bfloat16")] and saved["note"] == "replaced"
+    del saved["note"]
+    fresh = mk.Muon(_model().parameters(), lr=0.02)
+    fresh.register_load_state_dict_pre_hook(lambda o, sd: sd.update(param_groups=[dict(g) for g in sd["param_groups"]],
+                                                                     extra=1))
+    fresh.load_state_dict(saved)
+    assert "extra" not in saved

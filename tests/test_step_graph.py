@@ -200,6 +200,7 @@ def test_a_graph_over_several_devices_is_refused():
     opt.step()
     group = opt.param_groups[0]
     other = torch.zeros(2, 2, device="meta")
+    other.grad = torch.zeros(2, 2, device="meta")
     with pytest.raises(ValueError, match=r"captures one device's work, but the parameters are on \['cpu', 'meta'\]"):
         opt._graph_key([(0, group, [group["params"][0], other])])
 

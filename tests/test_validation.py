@@ -352,3 +352,15 @@ def test_a_group_with_param_names_is_split_with_its_names():
     model.bias.grad.data = torch.zeros(3)  # (torch refuses the plain assignment)
     with pytest.raises(RuntimeError, match=r"parameter 'bias': gradient shape \(3,\)"):
         opt.step()
+
+
+def test_an_adamw_groups_capturable_is_validated_when_rewritten():
+    model = nn.Linear(4, 8)
+    opt = mk.Muon(model.parameters(), lr=0.02)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.param_groups[1]["capturable"] = "yes"
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param group 1: capturable must be True or False, got 'yes'"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(before[0][1], opt.param_groups[1]["params"]))

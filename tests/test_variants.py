@@ -352,10 +352,30 @@ def test_a_view_change_that_reshapes_variant_state_is_refused_before_anything_ch
     p.grad = torch.randn(shape)
     before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
     with pytest.raises(ValueError, match=r"parameter #0 of shape .*: its optimizer state '(normuon_v|hyperball_radius)' "
-                                         r"has shape .* but the group's current settings"):
+                                         r"has shape .* but its group's current settings"):
         opt.step()
     assert torch.equal(p, before[0])
     assert all(torch.equal(v, before[1][k]) for k, v in opt.state[p].items())
     del opt.state[p]
     opt.step()
     assert torch.isfinite(p).all()
+
+
+def test_stale_variant_state_of_a_parameter_that_does_not_step_blocks_nothing():
+    """Only the matrices about to step are checked: a frozen parameter (no gradient) keeps its old
+    state without stopping the others; it is checked once it steps again."""
+    torch.manual_seed(0)
+    frozen, live = nn.Parameter(torch.randn(16, 24)), nn.Parameter(torch.randn(16, 24))
+    opt = mk.Muon([frozen, live], lr=0.02, adaptive="normuon", ns_dtype=torch.float32)
+    for p in (frozen, live):
+        p.grad = torch.randn(16, 24)
+    opt.step()
+    frozen.grad = None
+    opt.param_groups[0]["matrix_view"] = "transposed"
+    opt.state[live].clear()
+    live.grad = torch.randn(16, 24)
+    opt.step()
+    assert opt.state[live]["normuon_v"].shape == (24,)
+    frozen.grad = torch.randn(16, 24)
+    with pytest.raises(ValueError, match=r"parameter #0 of shape \(16, 24\): its optimizer state 'normuon_v'"):
+        opt.step()

@@ -312,7 +312,7 @@ def _layout(bucket: Bucket) -> dict:
     return bucket.cache["cuda_layout"]
 
 
-def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.Tensor, state) -> dict:
+def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.Tensor, state) -> tuple[dict, tuple]:
     """One statistics launch (NorMuon's v updated in place), then the per-matrix scalars from the
     partial sums; returns the fused update's variant arguments (device pointers) and the tensors
     behind them, which the caller holds until the update is launched (freed before, their memory

@@ -126,3 +126,27 @@ def test_factors_kernel_is_the_torch_formula(normuon, hyperball):
     assert torch.isnan(ref_g[2]) and torch.isnan(gains[2])
     if hyperball:
         assert torch.isnan(ref_c[2]) and torch.isnan(shrink[2])
+
+
+def test_every_op_body_launches_on_its_tensors_device(monkeypatch):
+    """Triton launches go to the current device, so each op body makes its tensors' device current
+    (``workspace.on_device``): a step on a GPU that is not the current one would otherwise launch on
+    the current one with the other's addresses. A NorMuon + hyperball step reaches every op."""
+    import contextlib
+    import sys
+
+    from muon_kernels.triton_kernels import ops
+
+    seen = set()
+
+    def on_device(device):
+        seen.add((sys._getframe(1).f_code.co_name, device.type))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(ops, "on_device", on_device)
+    p = torch.nn.Parameter(torch.randn(24, 40))
+    opt = mk.Muon([p], lr=0.02, backend="triton", adaptive="normuon", constraint="hyperball", weight_decay=0.0)
+    p.grad = torch.randn(24, 40)
+    opt.step()
+    assert seen == {(name, "cpu") for name in ("_newton_schulz", "fused_momentum_op", "fused_apply_update_op",
+                                                 "variant_statistics_op", "variant_factors_op")}
