@@ -1,8 +1,9 @@
 """`make gpu-check OUT=<dir>`: everything a lent GPU must run, as one command under a time budget.
 
-1. the GPU tests (``tests/gpu``) with every kernel work buffer NaN-filled
-   (``MUON_KERNELS_DEBUG_FILL=nan``), compute-sanitizer included where it is installed, reported to
-   ``<dir>/pytest-gpu.xml`` and ``pytest-gpu.txt``;
+1. the GPU tests (``tests/gpu``, most important file first: ``GPU_TEST_FILES``) with every kernel
+   work buffer NaN-filled (``MUON_KERNELS_DEBUG_FILL=nan``), compute-sanitizer included where it is
+   installed, reported to ``<dir>/pytest-gpu.xml`` and ``pytest-gpu.txt``, and test by test, as
+   each ends, to ``pytest-gpu-progress.txt`` (what survives a run its budget stops);
 2. ``bench/run.py --budget-minutes`` into ``<dir>`` (priority order, valid JSON when stopped early)
    and its plots;
 3. ``<dir>/summary.md``: test counts, every target of ``bench/targets.json`` with its measured
@@ -75,16 +76,37 @@ def measure(target: dict, result: dict) -> tuple[float | None, str]:
     return (best["fraction_of_copy"], best["impl"]) if best else (None, "not measured")
 
 
-def test_counts(junit: Path) -> dict:
-    if not junit.is_file():
-        return {"tests": 0, "failures": 0, "errors": 1, "skipped": 0, "note": f"{junit.name} missing"}
-    root = ET.parse(junit).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root)
-    return {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+# The GPU test files, most important first (a run stopped by its budget loses the tail): the Triton
+# kernels the product runs on, then the step graph, the sanitizer over every kernel, the variants,
+# the measured dispatch, Gram NS, hardening, and the CUDA fallback.
+GPU_TEST_FILES = ("test_triton_gpu.py", "test_graphs_gpu.py", "test_sanitizer.py", "test_variants_gpu.py",
+                  "test_measured_gpu.py", "test_ns_algorithms_gpu.py", "test_gpu_hardening.py", "test_cuda_gpu.py")
+PROGRESS = "pytest-gpu-progress.txt"
+
+
+def gpu_test_paths(tests: Path = REPO / "tests" / "gpu") -> list[str]:
+    """Every tests/gpu file, in GPU_TEST_FILES' order, then any file it does not list."""
+    present = sorted(p.name for p in tests.glob("test_*.py"))
+    return [f"gpu/{name}" for name in [*(f for f in GPU_TEST_FILES if f in present),
+                                       *(f for f in present if f not in GPU_TEST_FILES)]]
+
+
+def test_counts(junit: Path, progress: Path | None = None) -> dict:
+    """From the junit XML; from the progress log where the run was stopped before writing it."""
+    if junit.is_file():
+        root = ET.parse(junit).getroot()
+        suites = [root] if root.tag == "testsuite" else list(root)
+        return {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    if progress is not None and progress.is_file():
+        outcomes = [line.split("\t", 1)[0] for line in progress.read_text().splitlines() if line]
+        return {"tests": len(outcomes), "failures": outcomes.count("failed"), "errors": outcomes.count("error"),
+                "skipped": outcomes.count("skipped"),
+                "note": f"stopped before the end: counted from {progress.name}, which lists each test"}
+    return {"tests": 0, "failures": 0, "errors": 1, "skipped": 0, "note": f"{junit.name} missing"}
 
 
 def summary(out: Path, targets: list[dict]) -> str:
-    counts = test_counts(out / "pytest-gpu.xml")
+    counts = test_counts(out / "pytest-gpu.xml", out / PROGRESS)
     results = sorted(out.glob("*.json"), key=lambda p: p.stat().st_mtime)
     result = json.loads(results[-1].read_text()) if results else {}
     lines = [f"# gpu-check: {result.get('device', 'no bench result')}", "",
@@ -98,7 +120,7 @@ def summary(out: Path, targets: list[dict]) -> str:
         verdict = "not measured" if value is None else ("met" if value >= t["min"] else "MISSED")
         shown = "-" if value is None else f"{value:.3g}"
         lines.append(f"| {t['name']} | >= {t['min']} | {shown} | {by} | {verdict} |")
-    lines += ["", "Commit under bench/results/: the JSON, the PNGs, pytest-gpu.xml/txt and this summary; then run",
+    lines += ["", f"Commit under bench/results/: the JSON, the PNGs, pytest-gpu.xml/txt, {PROGRESS} and this summary; then run",
               "`python bench/crossovers.py` and summarise in bench/README.md (misses included)."]
     return "\n".join(lines) + "\n"
 
@@ -126,12 +148,13 @@ def main(argv=None, runner=_run, clock=time.monotonic) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = clock()
     total = 60.0 * args.minutes
-    env = dict(os.environ, MUON_KERNELS_DEBUG_FILL="nan")
+    (out / PROGRESS).unlink(missing_ok=True)
+    env = dict(os.environ, MUON_KERNELS_DEBUG_FILL="nan", MUON_KERNELS_TEST_PROGRESS=str(out / PROGRESS))
     # Tests first (correctness before speed), at most 45% of the budget; the bench gets what is left
     # less a reserve for the item that is running when its budget ends, the plots and this summary.
-    tests_rc = runner([sys.executable, "-m", "pytest", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+    tests_rc = runner([sys.executable, "-m", "pytest", *gpu_test_paths(), "-q", "-rfEs", "-p", "no:cacheprovider",
                        f"--junitxml={out / 'pytest-gpu.xml'}"], out / "pytest-gpu.txt", 0.45 * total, env)
-    bench_env = dict(os.environ)  # timings without the debug fill
+    bench_env = {k: v for k, v in os.environ.items() if k != "MUON_KERNELS_TEST_PROGRESS"}  # no debug fill
     bench_minutes = max(0.5, (total - (clock() - start)) / 60.0 - 1.5)
     bench_rc = runner([sys.executable, str(BENCH / "run.py"), "--out-dir", str(out), "--budget-minutes",
                        f"{bench_minutes:.2f}"], out / "bench.txt", 60.0 * (bench_minutes + 1.0), bench_env)

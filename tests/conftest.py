@@ -1,7 +1,31 @@
-"""Shared fixtures."""
+"""Shared fixtures, and a progress log for runs that may be cut off."""
+
+import os
 
 import pytest
 import torch
+
+# ``make gpu-check`` (bench/gpu_check.py) gives the GPU tests a share of a hard time budget: a run
+# stopped at its end writes no junit XML and no failure report, so each outcome is appended to
+# this file as the test ends (one line: outcome, node id, seconds, the failure's message or the
+# skip's reason).
+PROGRESS_ENV = "MUON_KERNELS_TEST_PROGRESS"
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get(PROGRESS_ENV)
+    if not path or (report.when != "call" and not (report.failed or report.skipped)):
+        return
+    outcome = "error" if report.failed and report.when != "call" else report.outcome
+    detail = ""
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)  # the exception's own message, where pytest has it
+        detail = (crash.message if crash is not None else str(report.longrepr)).strip()
+        detail = " ".join(detail.split())[:300]
+    elif report.skipped and isinstance(report.longrepr, tuple):
+        detail = str(report.longrepr[2])[:300]
+    with open(path, "a") as f:
+        f.write(f"{outcome}\t{report.nodeid}\t{report.duration:.2f}\t{detail}\n")
 
 
 @pytest.fixture

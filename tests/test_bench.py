@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -311,6 +312,7 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
     def runner(cmd, log, timeout, env):
         calls.append((cmd, timeout, env.get("MUON_KERNELS_DEBUG_FILL")))
         clock.now += 100.0
+        assert ("MUON_KERNELS_TEST_PROGRESS" in env) == ("pytest" in cmd)
         if "pytest" in cmd:
             (tmp_path / "pytest-gpu.xml").write_text(
                 '<testsuites><testsuite tests="5" failures="1" errors="0" skipped="1"/></testsuites>')
@@ -323,13 +325,43 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
 
     assert gpu_check.main(["--out", str(tmp_path), "--minutes", "8"], runner=runner, clock=clock) == 0
     (tests_cmd, tests_timeout, fill), (bench_cmd, bench_timeout, bench_fill) = calls
-    assert "gpu" in tests_cmd and "pytest" in tests_cmd and fill == "nan" and tests_timeout == pytest.approx(0.45 * 480)
+    files = [a for a in tests_cmd if a.startswith("gpu/")]
+    assert files[0] == "gpu/test_triton_gpu.py" and files[-1] == "gpu/test_cuda_gpu.py"
+    assert sorted(files) == sorted(f"gpu/{p.name}" for p in (Path(__file__).parent / "gpu").glob("test_*.py"))
+    assert "pytest" in tests_cmd and fill == "nan" and tests_timeout == pytest.approx(0.45 * 480)
     assert bench_fill is None  # timings without the debug fill
     budget = float(bench_cmd[bench_cmd.index("--budget-minutes") + 1])
     assert budget == pytest.approx((480 - 100) / 60 - 1.5, abs=0.01)
     text = (tmp_path / "summary.md").read_text()
     assert "5 tests, 1 failures, 0 errors, 1 skipped" in text
     assert "| 5.2 | ours-auto | met |" in text and "not measured" in text
+
+
+def test_gpu_tests_stopped_by_the_budget_still_report_each_outcome(tmp_path):
+    """A pytest run killed at its share of the budget writes no junit XML: the progress log that
+    tests/conftest.py appends to as each test ends is what the summary counts."""
+    import gpu_check
+
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_some.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert 1 == 2, 'wrong bits'\n"
+        "@pytest.mark.skip(reason='needs a CUDA device')\n"
+        "def test_skipped(): pass\n")
+    (tests / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, MUON_KERNELS_TEST_PROGRESS=str(out / gpu_check.PROGRESS))
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)], env=env,
+                   capture_output=True, check=False)
+    lines = [line.split("\t") for line in (out / gpu_check.PROGRESS).read_text().splitlines()]
+    assert [(o, n.split("::")[-1]) for o, n, *_ in lines] == [("passed", "test_ok"), ("failed", "test_bad"),
+                                                              ("skipped", "test_skipped")]
+    assert "wrong bits" in lines[1][3] and "needs a CUDA device" in lines[2][3]
+    counts = gpu_check.test_counts(out / "pytest-gpu.xml", out / gpu_check.PROGRESS)
+    assert (counts["tests"], counts["failures"], counts["skipped"]) == (3, 1, 1) and "stopped" in counts["note"]
 
 
 # ---------------------------------------------------------------- option measurements (docs/newton_schulz.md)
