@@ -54,10 +54,19 @@ def _depthwise(module: nn.Module) -> bool:
     return isinstance(module, _CONV) and module.groups > 1 and module.groups == module.in_channels
 
 
+# A parameter a module registers itself (not a layer's ``weight``) whose name says it is a learned
+# token or position table: ViT's cls_token / position_embeddings (1, N, d), open_clip's
+# positional_embedding (N, d), Swin's relative_position_bias_table. Their shapes look like matrices
+# or expert stacks, but they are embeddings.
+_EMBEDDING_NAMES = ("embed", "token", "position", "pos_", "bias_table")
+
+
 def _route(module: nn.Module, pname: str, p, conv1d_cls) -> tuple[str, str]:
     """(group, why) for a parameter that is neither an embedding, a head nor tied to either."""
     if pname == "bias" or pname.endswith("_bias"):
         return "adamw", "bias"
+    if pname != "weight" and any(word in pname.lower() for word in _EMBEDDING_NAMES):
+        return "adamw", f"learned token / position table ({pname})"
     if p.ndim < 2:
         kind = "norm" if "norm" in type(module).__name__.lower() else f"{p.ndim}-D parameter"
         return "adamw", kind
@@ -98,12 +107,17 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
     (q|k|v stacked) and transformers' GPT-2 ``c_attn`` (q|k|v, or k|v for cross-attention) — go to
     their own group with ``split_sizes``, so each block is orthogonalized on its own; other likely
     fused projections stay whole, and their reason in ``plan()`` says so.
-    AdamW: embeddings; the output head (``head=`` a module, a module name, or a list of them — a
+    AdamW: embeddings, and parameters a module registers itself whose name says they are learned
+    tokens or position tables (``cls_token``, ``position_embeddings``, ``*bias_table``); the output head (``head=`` a module, a module name, or a list of them — a
     container covers every parameter under it; by default ``model.get_output_embeddings()`` where
     the model has it) and any weight tied to an embedding; biases of any ndim (``bias``, ``*_bias``);
     norms and other vectors; depthwise convolutions (docs/param_groups.md says why).
     Each parameter is passed with its name, and each group carries ``param_reasons``, which
-    ``Muon.plan()`` shows. Every parameter lands in exactly one group; empty groups are left out.
+    ``Muon.plan()`` shows. Every trainable parameter lands in exactly one group; empty groups are
+    left out. Frozen parameters (``requires_grad=False``) are not included: to train one later,
+    unfreeze it and add it with its name — each group of ``param_groups(submodule)``, or
+    ``{"params": [(name, p)]}`` (an optimizer with named parameters refuses unnamed ones, as torch
+    does).
     """
     heads, notes = _head_modules(model, head)
     embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, _EMBEDDING)}

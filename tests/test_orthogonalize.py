@@ -143,3 +143,10 @@ def test_empty_and_bad_inputs():
         mk.orthogonalize(torch.ones(3, 3), backend="tensorrt")
     with pytest.raises(ValueError, match="triton backend needs a CUDA tensor, got cpu"):
         mk.orthogonalize(torch.ones(3, 3), backend="triton")
+
+
+def test_a_tensor_that_requires_grad_gives_a_plain_result():
+    G = torch.randn(16, 32, requires_grad=True)
+    out = mk.orthogonalize(G, ns_dtype=torch.float32)
+    assert not out.requires_grad and G.grad is None
+    assert torch.equal(out, mk.orthogonalize(G.detach(), ns_dtype=torch.float32))

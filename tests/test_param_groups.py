@@ -186,3 +186,24 @@ def test_transposed_views_change_the_lr_scale_only():
     assert views[(6, 24)] == "6×24 stored (in, out)" and views[(3, 6, 24)] == "batch 3×(6×24) stored (in, out)"
     with pytest.raises(ValueError, match="3D shape"):
         mk.Muon([{"params": [nn.Parameter(torch.randn(2, 3, 4))], "matrix_view": "transposed"}])
+
+
+def test_learned_tokens_and_position_tables_go_to_adamw():
+    """A module's own parameters named as learned tokens or position tables are embeddings, whatever
+    their shape: ViT's (1, 1, d) cls_token and (1, N, d) position_embeddings looked like a stack of
+    one matrix, Swin's (L, heads) bias table like a matrix."""
+    class Patches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, 32))
+            self.position_embeddings = nn.Parameter(torch.zeros(1, 17, 32))
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(49, 2))
+            self.proj = nn.Linear(32, 32)
+            self.experts = nn.Parameter(torch.zeros(4, 32, 32))
+
+    groups = mk.param_groups(Patches())
+    routed = {name: (g["use_muon"], why) for g in groups
+              for (name, _), why in zip(g["params"], g["param_reasons"])}
+    for name in ("cls_token", "position_embeddings", "relative_position_bias_table"):
+        assert routed[name] == (False, f"learned token / position table ({name})")
+    assert routed["proj.weight"][0] and routed["experts"][0]
