@@ -43,7 +43,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def time_call(fn, *, device: torch.device, warmup: int, repeat: int, before=None) -> list[float]:
     """Per-repetition milliseconds: CUDA events on a GPU, wall clock (perf_counter) on a CPU.
-    ``before`` (e.g. an L2 flush) runs ahead of each repetition, outside the timed region."""
+    ``before`` (e.g. an L2 flush) runs ahead of each repetition, outside the timed region, and is
+    waited for: were it still running when the start event is queued, the host would enqueue ``fn``
+    meanwhile, and a host-bound call would be timed as max(device time, host time − flush time)."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -52,6 +54,7 @@ def time_call(fn, *, device: torch.device, warmup: int, repeat: int, before=None
         for _ in range(repeat):
             if before is not None:
                 before()
+                torch.cuda.synchronize(device)
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -93,7 +96,12 @@ def summarize(samples: list[float]) -> dict:
     return {"ms": statistics.median(samples), "p20": percentile(samples, 0.2), "p80": percentile(samples, 0.8)}
 
 
+COMMIT_ENV = "MUON_KERNELS_COMMIT"  # a copy of the tree without .git (a lent GPU machine's) names its commit here
+
+
 def git_commit() -> str:
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()

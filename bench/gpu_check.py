@@ -113,7 +113,8 @@ def summary(out: Path, targets: list[dict]) -> str:
              "tests/gpu: " + ", ".join(f"{v} {k}" for k, v in counts.items()), ""]
     if result:
         lines.append(f"bench: {results[-1].name}, complete={result.get('complete')}, "
-                     f"skipped {len(result.get('skipped', []))} items")
+                     f"skipped {len(result.get('skipped', []))} items, {len(result.get('errors', []))} failed")
+        lines += [f"- failed: {section} {what}: {error}" for section, what, error in result.get("errors", [])]
     lines += ["", "| target | needs | measured | by | verdict |", "|---|---|---|---|---|"]
     for t in targets:
         value, by = measure(t, result)

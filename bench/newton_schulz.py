@@ -115,8 +115,10 @@ def _peers(device: torch.device) -> tuple[list[tuple[str, object]], list[str]]:
     return found, notes
 
 
-def implementations(device: torch.device):
-    """(name, fn(stack) -> orthogonalized stack) for everything that runs here, and notes."""
+def implementations(device: torch.device, compiled: bool = True):
+    """(name, fn(stack) -> orthogonalized stack) for everything that runs here, and notes.
+    ``compiled``: the torch.compile row (its inductor compile costs 10–40 s per shape, which a
+    budgeted run spends on rows no target reads)."""
     impls = []
     for name, (ok, _) in available_backends(device).items():
         if ok:
@@ -148,10 +150,15 @@ def implementations(device: torch.device):
     else:
         notes.append(f"torch.optim.Muon: torch {torch.__version__} has no torch.optim._muon._zeropower_via_newtonschulz")
     impls.append(("cublas-recurrence", plain_recurrence))
-    if device.type == "cuda":
-        impls.append(("compiled-recurrence", torch.compile(plain_recurrence, dynamic=False)))
-    else:
+    if device.type != "cuda":
         notes.append("compiled-recurrence: not run on a CPU (inductor compile time would dominate a smoke run)")
+    elif not compiled:
+        notes.append("compiled-recurrence: left out of a budgeted run (an inductor compile per shape)")
+    else:
+        # dynamo counts recompiles per code object across calls: past its limit (8 shapes) the row
+        # would silently run eagerly, so each run of points starts from an empty cache
+        torch._dynamo.reset()
+        impls.append(("compiled-recurrence", torch.compile(plain_recurrence, dynamic=False)))
     peers, peer_notes = _peers(device)
     return impls + peers, notes + peer_notes
 
@@ -187,9 +194,10 @@ def points(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
 
 
 def run(device: torch.device, *, quick: bool, warmup: int, repeat: int, progress,
-        todo: list[tuple[int, int, int]] | None = None) -> tuple[list[dict], list[str]]:
-    """Every (m, n, batch) of ``todo`` (default: the whole sweep, ``points``) for every implementation."""
-    impls, notes = implementations(device)
+        todo: list[tuple[int, int, int]] | None = None, compiled: bool = True) -> tuple[list[dict], list[str]]:
+    """Every (m, n, batch) of ``todo`` (default: the whole sweep, ``points``) for every implementation
+    (``compiled``: with the torch.compile row)."""
+    impls, notes = implementations(device, compiled)
     flush = _flush_l2(device)
     rows = []
     todo = points(device, quick) if todo is None else todo

@@ -20,6 +20,7 @@ import contextlib
 import functools
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 import muon_kernels.optimizer as optimizer_module
@@ -88,14 +89,20 @@ def breakdown(step, device: torch.device, steps: int = 3) -> dict:
     events = prof.key_averages()
     phases = {}
     for e in events:
-        if e.key.startswith(PREFIX):
+        # A phase is its CPU range: host time, and the device time of the kernels launched inside it.
+        # (On a GPU the profiler also lists a GPU-side copy of each range under the same name: a span
+        # on the device timeline, gaps included, with no host time.)
+        if e.key.startswith(PREFIX) and e.device_type == DeviceType.CPU:
             phases[e.key.removeprefix(PREFIX)] = {"device_ms": _device_us(e) / 1e3 / steps if cuda else None,
                                                   "host_ms": e.cpu_time_total / 1e3 / steps,
                                                   "calls": e.count // steps}
     out = {"wall_ms": wall, "phases": phases, "profiled_steps": steps}
     if cuda:
+        # Kernel time once: the device's own events (a CPU op's self device time is its kernels' again,
+        # and the GPU-side ranges are spans, not work), as torch's profiler table totals them.
         kernels = sum(float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
-                      for e in events) / 1e3 / steps
+                      for e in events
+                      if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)) / 1e3 / steps
         out.update(kernel_ms=kernels, host_gap_ms=max(wall - kernels, 0.0))
     return out
 

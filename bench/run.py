@@ -38,8 +38,9 @@ from common import MODELS, RESULTS_DIR, environment, layer_shapes, table, write_
 SECTIONS = ("ns", "algorithms", "update", "step")
 GPU_MODELS = ["gpt2-small", "gpt2-medium", "gpt2-xl", "llama-1b", "llama-7b"]
 # What a short GPU session must bring back first (bench/targets.json names them): oriented (m, n, batch).
-PRIORITY_NS_POINTS = [(4096, 4096, 1), (1024, 4096, 1), (768, 768, 48)]
-PRIORITY_MODELS = ["gpt2-small", "llama-1b"]
+PRIORITY_NS_POINTS = [(4096, 4096, 1), (1024, 4096, 1), (768, 768, 48), (8192, 8192, 1), (2048, 8192, 1)]
+PRIORITY_MODELS = ["gpt2-small", "llama-1b"]  # also the CPU run's models
+TARGET_MODELS = ["gpt2-small", "llama-1b", "gpt2-medium"]  # a GPU run's step targets, in this order
 
 
 class Budget:
@@ -62,9 +63,10 @@ def work_plan(device: torch.device, sections, models: list[str], quick: bool,
     it is (model, width divisor, group): the model's default rows (``step.DEFAULT_IMPLS``:
     torch.optim.Muon, ours-auto, ours-triton) are one item and the rest (other backends, variants)
     a later one, so a budgeted run reaches LLaMA-1B's default rows before any variant row (those
-    took ~15 s each on an H200). Order on a GPU: GPT-2 small's defaults, the NS target points,
-    LLaMA-1B's defaults, both models' other rows, the update section, the algorithms, the rest of
-    the NS sweep, then the other models (defaults first)."""
+    took ~15 s each on an H200). Order on a GPU: GPT-2 small's defaults, every NS target point,
+    LLaMA-1B's and GPT-2 medium's defaults, the update section's target model (GPT-2 small), the
+    target models' other rows, the other update models, the algorithms, the rest of the NS sweep,
+    then the other models (defaults first): every target is measured before any row no target reads."""
     items: list[tuple[str, object]] = []
     step_models = [m for m in models if "step" in sections]
     ns_points = newton_schulz.points(device, quick) if "ns" in sections else []
@@ -75,14 +77,16 @@ def work_plan(device: torch.device, sections, models: list[str], quick: bool,
     else:
         def steps(model_list, groups):
             return [("step", (m, w)) for m in model_list for w in widths] if "default" in groups else []
-    priority = [m for m in PRIORITY_MODELS if m in step_models]
-    others = [m for m in step_models if m not in PRIORITY_MODELS]
+    first = TARGET_MODELS if device.type == "cuda" else PRIORITY_MODELS
+    priority = [m for m in first if m in step_models]
+    others = [m for m in step_models if m not in first]
+    update_models = [m for m in models if "update" in sections]
     items += steps(priority[:1], ["default"])
     items += [("ns", p) for p in first_ns]
     items += steps(priority[1:], ["default"])
+    items += [("update", m) for m in update_models if m == "gpt2-small" and device.type == "cuda"]
     items += steps(priority, ["rest"])
-    if "update" in sections:
-        items += [("update", m) for m in models]
+    items += [("update", m) for m in update_models if ("update", m) not in items]
     if "algorithms" in sections:
         items += [("algorithms", p) for p in ns_algorithms.points(device)]
     items += [("ns", p) for p in ns_points if p not in first_ns]
@@ -153,6 +157,37 @@ def _phase_table(rows: list[dict]) -> str:
                        "AdamW d/h"])
 
 
+def _run_item(section: str, what, result: dict, device, quick: bool, warmup: int, repeat: int, progress,
+              with_phases: bool, widths, out_dir, compiled: bool = True) -> None:
+    """One work item's rows into ``result`` (``compiled``: the NS section's torch.compile row, left out
+    of budgeted runs)."""
+    if section == "ns":
+        rows, notes = newton_schulz.run(device, quick=quick, warmup=warmup, repeat=repeat, progress=progress,
+                                        todo=[what], compiled=compiled)
+        result["ns"] += rows
+        result["ns_speedups"] = newton_schulz.speedups(result["ns"])
+        result["notes"] += [n for n in notes if n not in result["notes"]]
+    elif section == "algorithms":
+        result["ns_algorithms"] += ns_algorithms.run(device, warmup=warmup, repeat=repeat, progress=progress,
+                                                     todo=[what])
+    elif section == "update":
+        result["update"] += update.run(device, model=what, width_divisor=max(widths), warmup=warmup,
+                                       repeat=repeat, progress=progress)
+    else:
+        model, width_divisor, *group = what  # (model, width) on a CPU, (model, width, group) on a GPU
+
+        def on_row(row):  # each row in the JSON as soon as it is done
+            result["step"].append(row)
+            result["step_speedups"] = step.speedups(result["step"])
+            write_results(result, out_dir)
+
+        step.run(device, models=[model], width_divisor=width_divisor, quick=quick, warmup=warmup, repeat=repeat,
+                 progress=progress, group=(group or [None])[0], phases=with_phases, on_row=on_row)
+        if result["ceilings"] and not any(f["model"] == model and f["width_divisor"] == width_divisor
+                                          for f in result["floors"]):
+            result["floors"].append(_floor(model, width_divisor, result["ceilings"]))
+
+
 def main(argv=None, clock=time.monotonic) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
@@ -192,33 +227,21 @@ def main(argv=None, clock=time.monotonic) -> int:
         result["ceilings"] = phases.ceilings(device)
     budget = Budget(args.budget_minutes, clock)
     path = None
+    result["errors"] = []
     for section, what in work_plan(device, args.sections, models, quick, widths):
         if budget.spent():
             result["skipped"].append([section, list(what) if isinstance(what, tuple) else what])
             continue
-        if section == "ns":
-            rows, notes = newton_schulz.run(device, quick=quick, warmup=warmup, repeat=repeat, progress=progress,
-                                            todo=[what])
-            result["ns"] += rows
-            result["ns_speedups"] = newton_schulz.speedups(result["ns"])
-            result["notes"] += [n for n in notes if n not in result["notes"]]
-        elif section == "algorithms":
-            result["ns_algorithms"] += ns_algorithms.run(device, warmup=warmup, repeat=repeat, progress=progress,
-                                                         todo=[what])
-        elif section == "update":
-            result["update"] += update.run(device, model=what, width_divisor=max(widths), warmup=warmup,
-                                           repeat=repeat, progress=progress)
-        else:
-            model, width_divisor, *group = what  # (model, width) on a CPU, (model, width, group) on a GPU
-            result["step"] += step.run(device, models=[model], width_divisor=width_divisor, quick=quick,
-                                       warmup=warmup, repeat=repeat, progress=progress, group=(group or [None])[0],
-                                       phases=with_phases)
-            result["step_speedups"] = step.speedups(result["step"])
-            if result["ceilings"] and not any(f["model"] == model and f["width_divisor"] == width_divisor
-                                              for f in result["floors"]):
-                result["floors"].append(_floor(model, width_divisor, result["ceilings"]))
+        try:
+            _run_item(section, what, result, device, quick, warmup, repeat, progress, with_phases, widths, args.out_dir,
+                      compiled=args.budget_minutes is None)
+        except Exception as exc:  # an item that fails (out of memory, a backend error) does not end the run
+            result["errors"].append([section, list(what) if isinstance(what, tuple) else what, repr(exc)[:500]])
+            print(f"\n{section} {what} failed: {exc!r}", file=sys.stderr)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         path = write_results(result, args.out_dir)  # valid JSON after every item
-    result["complete"] = not result["skipped"]
+    result["complete"] = not result["skipped"] and not result["errors"]
     progress.done()
     if result["skipped"]:
         print(f"budget of {args.budget_minutes} min spent: skipped {len(result['skipped'])} items "

@@ -16,14 +16,16 @@ from phases import breakdown
 
 
 def make_params(model: str, layers: int, width_divisor: int, device: torch.device, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """Parameters and gradients drawn on ``device`` itself (LLaMA-1B's 2.1 G numbers took 7–10 s per
+    row from the CPU generator and a host copy): the same values for every row on one device."""
+    g = torch.Generator(device=device).manual_seed(seed)
     matrices, vectors = layer_shapes(model, width_divisor)
     mats, vecs = [], []
     for _ in range(layers):
-        mats += [torch.nn.Parameter((torch.randn(s, generator=g) / s[1] ** 0.5).to(device)) for s in matrices]
-        vecs += [torch.nn.Parameter(torch.zeros(n).to(device)) for n in vectors]
+        mats += [torch.nn.Parameter(torch.randn(s, generator=g, device=device) / s[1] ** 0.5) for s in matrices]
+        vecs += [torch.nn.Parameter(torch.zeros(n, device=device)) for n in vectors]
     for p in mats + vecs:
-        p.grad = torch.randn(p.shape, generator=g).to(device)
+        p.grad = torch.randn(p.shape, generator=g, device=device)
     return mats, vecs
 
 
@@ -82,7 +84,8 @@ def implementations(device: torch.device, quick: bool, width_divisor: int = 1, g
         impls.append(("ours-auto-serial-adamw", ours("auto", overlap_adamw=False)))
         impls.append(("ours-auto-table", ours("auto", dispatch="table")))  # the static dispatch table
         if mk.available_backends(device)["triton"][0]:
-            # the same launches through Triton's per-call dispatch: what direct launches save
+            # the same launches through Triton's per-call dispatch: what direct launches and replayed calls
+            # save together (replay needs direct launches)
             # (triton_kernels/launch.py; bench/README.md "Host time of a launch")
             impls.append(("ours-auto-triton-dispatch", _triton_dispatch(ours("auto"))))
         # ns_algorithm="auto": Gram NS where measured faster (or above the table's aspect ratio)
@@ -116,10 +119,12 @@ CPU_FULL_WIDTH_LAYER_LIMIT = {"llama-1b": 1, "llama-7b": 1}
 
 
 def run(device: torch.device, *, models: list[str], width_divisor: int, quick: bool, warmup: int, repeat: int,
-        progress, group: str | None = None, phases: bool | None = None) -> list[dict]:
+        progress, group: str | None = None, phases: bool | None = None, on_row=None) -> list[dict]:
     """Rows for ``models``; ``group`` (GPU only) restricts them as ``implementations`` does. A CPU
     run pairs every row with its own reference twin, so it always takes every row at once.
-    ``phases`` (default: on a GPU) adds each row's per-phase breakdown (bench/phases.py)."""
+    ``phases`` (default: on a GPU) adds each row's per-phase breakdown (bench/phases.py).
+    ``on_row(row)`` is called as each row is done (a budgeted run writes it at once: a LLaMA-1B
+    group of rows takes minutes, and a run stopped inside it would lose them all)."""
     phases = device.type == "cuda" if phases is None else phases
     if group is not None and device.type == "cpu":
         raise ValueError("the CPU step section interleaves every row with its reference: run it with group=None")
@@ -139,6 +144,8 @@ def run(device: torch.device, *, models: list[str], width_divisor: int, quick: b
                 row["paired_reference_ms"] = summarize(row["paired_reference_samples"])["ms"] * scale
             results.append({"model": model, **row, "width_divisor": width_divisor, "layers": layers,
                             "layers_run": run_layers, **stats})
+            if on_row is not None:
+                on_row(results[-1])
     return results
 
 
@@ -160,8 +167,19 @@ def _one_by_one(device, model, run_layers, width_divisor, quick, warmup, repeat,
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        samples = time_call(step, device=device, warmup=warmup, repeat=repeat)
-        row = {"impl": name, "samples": samples, "extra_memory_bytes": torch.cuda.max_memory_allocated() - base}
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        first_steps = torch.cuda.max_memory_allocated() - base
+        # The steady state's peak: optimizer state (allocated by now) and each step's transients, not
+        # the first step's one-off work (the measured dispatch's trial runs, compilation).
+        torch.cuda.reset_peak_memory_stats()
+        samples = time_call(step, device=device, warmup=0, repeat=repeat)
+        row = {"impl": name, "samples": samples, "extra_memory_bytes": torch.cuda.max_memory_allocated() - base,
+               "first_steps_extra_memory_bytes": first_steps}
+        graph = getattr(getattr(step, "__self__", None), "_graph", None)
+        if graph is not None:  # a graph row that could not capture is eager steps: say so in the row
+            row["graph_captures"], row["graph_failed"] = graph.captures, graph.failed
         if phases:
             row["phases"] = breakdown(step, device)
         yield row

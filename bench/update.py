@@ -15,7 +15,7 @@ import torch
 import muon_kernels as mk
 from muon_kernels import settings
 from common import MODELS, summarize, time_call
-from step import make_params
+from step import LAYER_LIMIT, make_params
 
 
 def _bytes(mats: list[torch.Tensor]) -> int:
@@ -63,7 +63,10 @@ def copy_gbps(nbytes: int, device: torch.device, warmup: int, repeat: int) -> fl
 
 
 def run(device: torch.device, *, model: str, width_divisor: int, warmup: int, repeat: int, progress) -> list[dict]:
-    mats, _ = make_params(model, MODELS[model]["layers"], width_divisor, device)
+    """Rows per implementation; a model over ``step.LAYER_LIMIT`` runs that many layers (a bandwidth
+    fraction needs no more; LLaMA-7B's 32 layers with their copy buffers do not fit an 80 GB GPU)."""
+    layers = min(MODELS[model]["layers"], LAYER_LIMIT.get(model, MODELS[model]["layers"]))
+    mats, _ = make_params(model, layers, width_divisor, device)
     nbytes = _bytes(mats)
     copy = copy_gbps(nbytes, device, warmup, repeat)
     impls = [(f"ours-{name}", _ours(name, mats)) for name, (ok, _) in mk.available_backends(device).items() if ok]

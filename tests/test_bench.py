@@ -160,9 +160,23 @@ def test_work_plan_puts_the_gpu_targets_first():
     import run
 
     plan = run.work_plan(torch.device("cuda"), run.SECTIONS, run.GPU_MODELS, quick=True)
-    assert plan[:7] == [("step", ("gpt2-small", 1, "default")), ("ns", (4096, 4096, 1)), ("ns", (1024, 4096, 1)),
-                        ("ns", (768, 768, 48)), ("step", ("llama-1b", 1, "default")),
-                        ("step", ("gpt2-small", 1, "rest")), ("step", ("llama-1b", 1, "rest"))]
+    # every target of bench/targets.json before any row no target reads
+    assert plan[:12] == [("step", ("gpt2-small", 1, "default")), ("ns", (4096, 4096, 1)), ("ns", (1024, 4096, 1)),
+                         ("ns", (768, 768, 48)), ("ns", (8192, 8192, 1)), ("ns", (2048, 8192, 1)),
+                         ("step", ("llama-1b", 1, "default")), ("step", ("gpt2-medium", 1, "default")),
+                         ("update", "gpt2-small"), ("step", ("gpt2-small", 1, "rest")),
+                         ("step", ("llama-1b", 1, "rest")), ("step", ("gpt2-medium", 1, "rest"))]
+    import gpu_check
+
+    targets = gpu_check.load_targets()
+    first = plan[:9]
+    for t in targets:
+        if t["kind"] == "step_speedup":
+            assert ("step", (t["model"], 1, "default")) in first
+        elif t["kind"] == "ns_speedup":
+            assert ("ns", (*t["shape"], t["batch"])) in first
+        else:
+            assert ("update", t["model"]) in first
     assert len(plan) == len(set(plan))  # nothing twice
     steps = [what for section, what in plan if section == "step"]
     assert {m for m, _, _ in steps} == set(run.GPU_MODELS)
@@ -232,12 +246,15 @@ def test_budget_stops_cleanly_with_a_valid_json(tmp_path, monkeypatch):
                  "mm_peak_tflops": 2.0, "fraction_of_peak": 0.5 / ms}
                 for impl, ms in (("ours-torch", 1.0), ("cublas-recurrence", 2.0))], []
 
-    def fake_step(device, *, models, **kw):
+    def fake_step(device, *, models, on_row, **kw):
         done.append(("step", models[0]))
         clock.now += 60.0
-        return [{"model": models[0], "impl": impl, "ms": ms, "width_divisor": 8, "layers": 12, "layers_run": 12,
+        rows = [{"model": models[0], "impl": impl, "ms": ms, "width_divisor": 8, "layers": 12, "layers_run": 12,
                  "extra_memory_bytes": None, "samples": [ms]} for impl, ms in (("torch.optim.Muon", 3.0),
                                                                                ("ours-torch", 1.0))]
+        for row in rows:  # as the real one: each row handed over as it is done
+            on_row(row)
+        return rows
 
     monkeypatch.setattr(run.newton_schulz, "run", fake_ns)
     monkeypatch.setattr(run.step, "run", fake_step)
@@ -255,6 +272,37 @@ def test_budget_stops_cleanly_with_a_valid_json(tmp_path, monkeypatch):
     assert [r["impl"] for r in result["step"]] == ["torch.optim.Muon", "ours-torch"]
     assert result["step_speedups"] == [{"model": "gpt2-small", "width_divisor": 8, "impl": "ours-torch",
                                         "speedup": 3.0}]
+
+
+def test_a_failing_item_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """One item raising (an out-of-memory model, a backend error) must not cost the items after it:
+    the error is in the JSON (and the summary), the rows already done stay."""
+    import run
+
+    def flaky_ns(device, *, todo, **kw):
+        if todo[0][0] == 40:
+            raise RuntimeError("CUDA out of memory")
+        return [{"shape": list(todo[0][:2]), "batch": todo[0][2], "impl": "ours-torch", "ms": 1.0, "samples": [1.0],
+                 "tflops": 1.0, "mm_peak_tflops": 2.0, "fraction_of_peak": 0.5}], []
+
+    def rows_then_failure(device, *, models, on_row, **kw):
+        on_row({"model": models[0], "impl": "torch.optim.Muon", "ms": 3.0, "width_divisor": 8, "layers": 12,
+                "layers_run": 12, "extra_memory_bytes": None, "samples": [3.0]})
+        raise RuntimeError("the second row failed")
+
+    monkeypatch.setattr(run.newton_schulz, "points", lambda device, quick: [(40, 96, 1), (64, 128, 1)])
+    monkeypatch.setattr(run.newton_schulz, "run", flaky_ns)
+    monkeypatch.setattr(run.step, "run", rows_then_failure)
+    monkeypatch.setitem(sys.modules, "plots", type(sys)("plots"))
+    sys.modules["plots"].draw = lambda result, stem: []
+    argv = ["--sections", "ns", "step", "--out-dir", str(tmp_path), "--models", "gpt2-small", "--width-divisor", "8"]
+    assert run.main(argv) == 0
+    [path] = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert [e[:2] for e in result["errors"]] == [["step", ["gpt2-small", 8]], ["ns", [40, 96, 1]]]
+    assert "out of memory" in result["errors"][1][2] and result["complete"] is False
+    assert [r["shape"] for r in result["ns"]] == [[64, 128]]  # the item after the failure ran
+    assert [r["impl"] for r in result["step"]] == ["torch.optim.Muon"]  # the row done before it stays
 
 
 def test_targets_parse_and_measure():
