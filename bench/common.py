@@ -149,7 +149,9 @@ def write_results(result: dict, out_dir: Path = RESULTS_DIR) -> Path:
     device = re.sub(r"[^A-Za-z0-9._-]+", "-", result["device"]).strip("-").lower()
     date = _dt.date.today().isoformat()
     path = out_dir / f"{device}-{date}-{result['commit']}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    tmp = path.with_suffix(".tmp")  # rewritten after every row: a run killed mid-write keeps the last whole one
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
     return path
 
 

@@ -83,7 +83,11 @@ def torch_muon_routine():
         from torch.optim._muon import _zeropower_via_newtonschulz
     except ImportError:
         return None
-    return lambda stack: torch.stack([_zeropower_via_newtonschulz(g, COEFFICIENTS, STEPS, 1e-7) for g in stack])
+    def routine(stack):  # one matrix at a time, as torch.optim.Muon steps; one matrix's result is not copied
+        if stack.shape[0] == 1:  # (a batch-1 call is a few hundred µs: a stacking copy would be a few % of it)
+            return _zeropower_via_newtonschulz(stack[0], COEFFICIENTS, STEPS, 1e-7).unsqueeze(0)
+        return torch.stack([_zeropower_via_newtonschulz(g, COEFFICIENTS, STEPS, 1e-7) for g in stack])
+    return routine
 
 
 def gram_newton_schulz_peer(coefficients, restarts, device: torch.device):

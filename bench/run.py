@@ -10,12 +10,15 @@ its 16 layers there, scaled), each implementation interleaved with its own torch
     python bench/run.py [--sections ns algorithms update step] [--models gpt2-small ...] [--repeat N] [--quick]
                         [--width-divisor N ...] [--budget-minutes M]
 
-Work runs in a fixed priority order (``work_plan``): GPT-2 small's default step rows
-(torch.optim.Muon, ours-auto, ours-triton), the NS points the GPU targets name (4096², 1024×4096,
-48 × 768²), LLaMA-1B's default step rows, both models' other step rows (backends, variants), the
-update section, then the rest of the sweep. The JSON is rewritten after every item, so it is valid whenever the run stops; with
-``--budget-minutes`` no new item starts once the budget is spent, and the JSON says what was
-skipped (``complete: false``, ``skipped``).
+Work runs in a fixed priority order (``work_plan``): on a GPU every target of bench/targets.json
+first — GPT-2 small's default step rows (torch.optim.Muon, ours-auto, ours-auto-graph,
+ours-triton), the five NS target points, LLaMA-1B's and GPT-2 medium's default step rows, the
+update section on GPT-2 small — then those models' other step rows (backends, variants), then the
+rest of the sweep. The JSON is rewritten (atomically) after every item and every step row, so it is
+valid whenever the run stops; an item that raises is recorded under ``errors`` and the run goes
+on; with ``--budget-minutes`` no new item starts once the budget is spent, and the JSON says what
+was skipped (``complete: false``, ``skipped``). Budgeted runs leave out the NS section's
+compiled-recurrence row (an inductor compile per shape).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def work_plan(device: torch.device, sections, models: list[str], quick: bool,
     A step item is (model, width divisor) on a CPU, every width of a model in the order given (each
     row there is interleaved with its own reference twin, so a model's rows run together). On a GPU
     it is (model, width divisor, group): the model's default rows (``step.DEFAULT_IMPLS``:
-    torch.optim.Muon, ours-auto, ours-triton) are one item and the rest (other backends, variants)
+    torch.optim.Muon, ours-auto, ours-auto-graph, ours-triton) are one item and the rest (other backends, variants)
     a later one, so a budgeted run reaches LLaMA-1B's default rows before any variant row (those
     took ~15 s each on an H200). Order on a GPU: GPT-2 small's defaults, every NS target point,
     LLaMA-1B's and GPT-2 medium's defaults, the update section's target model (GPT-2 small), the
@@ -232,14 +235,19 @@ def main(argv=None, clock=time.monotonic) -> int:
         if budget.spent():
             result["skipped"].append([section, list(what) if isinstance(what, tuple) else what])
             continue
+        failed = False
         try:
             _run_item(section, what, result, device, quick, warmup, repeat, progress, with_phases, widths, args.out_dir,
                       compiled=args.budget_minutes is None)
         except Exception as exc:  # an item that fails (out of memory, a backend error) does not end the run
             result["errors"].append([section, list(what) if isinstance(what, tuple) else what, repr(exc)[:500]])
             print(f"\n{section} {what} failed: {exc!r}", file=sys.stderr)
-            if device.type == "cuda":
+            failed = True
+        if failed and device.type == "cuda":  # after the except: its traceback no longer holds the tensors
+            try:
                 torch.cuda.empty_cache()
+            except Exception:  # a sticky CUDA error: the next item reports its own failure
+                pass
         path = write_results(result, args.out_dir)  # valid JSON after every item
     result["complete"] = not result["skipped"] and not result["errors"]
     progress.done()

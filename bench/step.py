@@ -180,6 +180,9 @@ def _one_by_one(device, model, run_layers, width_divisor, quick, warmup, repeat,
         graph = getattr(getattr(step, "__self__", None), "_graph", None)
         if graph is not None:  # a graph row that could not capture is eager steps: say so in the row
             row["graph_captures"], row["graph_failed"] = graph.captures, graph.failed
+            # A captured graph keeps its transients in its private pool (reserved, not allocated, while
+            # it replays): what it holds is its capture's peak, in the warm-up steps.
+            row["extra_memory_bytes"] = max(row["extra_memory_bytes"], first_steps)
         if phases:
             row["phases"] = breakdown(step, device)
         yield row

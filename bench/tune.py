@@ -64,7 +64,7 @@ from muon_kernels.triton_kernels import replay  # noqa: E402
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, ns_update  # noqa: E402
 from muon_kernels.triton_kernels.symmetric_matmul import launch_shape, symmetric_matmul  # noqa: E402
 from muon_kernels.workspace import FILL_VARIABLE  # noqa: E402
-from common import through_triton_dispatch, with_environment  # noqa: E402
+from common import git_commit, through_triton_dispatch, with_environment  # noqa: E402
 from newton_schulz import COEFFICIENTS, STEPS, naive_flops, plain_recurrence, torch_muon_routine  # noqa: E402
 
 SCHEMA = 1
@@ -175,7 +175,7 @@ class Run:
         stamp = datetime.date.today().isoformat()
         self.path = Path(args.out) / f"tune-{'smoke' if args.smoke else name.replace(' ', '_')}-{stamp}.json"
         self.doc = {
-            "schema": SCHEMA, "smoke": args.smoke, "device": name,
+            "schema": SCHEMA, "smoke": args.smoke, "device": name, "commit": git_commit(),
             "capability": list(torch.cuda.get_device_capability(device)) if cuda else None,
             "arch": self.arch, "sms": kcfg.sm_count(device),
             "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
@@ -207,6 +207,9 @@ def _poisoned(fn):
 
 def ns_item(run: Run, m: int, n: int, batch: int) -> None:
     """The whole recurrence per implementation and config at one shape."""
+    if run.out_of_time():  # before the fp64 reference: a spent budget computes nothing more
+        run.doc["skipped"].append(f"ns {m}x{n}x{batch}")
+        return
     device, timer = run.device, run.timer
     g = torch.Generator(device="cpu").manual_seed(m * 7919 + n * 31 + batch)
     G = torch.randn(batch, m, n, generator=g).to(device)
@@ -292,6 +295,9 @@ def _try(fn):
 
 def product_item(run: Run, m: int, n: int, batch: int) -> None:
     """Each product alone, per candidate config, split factor and persistence."""
+    if run.out_of_time():
+        run.doc["skipped"].append(f"product {m}x{n}x{batch}")
+        return
     device, timer, dtype = run.device, run.timer, torch.bfloat16
     g = torch.Generator(device="cpu").manual_seed(m + n + batch)
     X = (torch.randn(batch, m, n, generator=g) / (m * n) ** 0.5 * 4).to(device, dtype)

@@ -78,5 +78,6 @@ def run(device: torch.device, *, model: str, width_divisor: int, warmup: int, re
         stats = summarize(samples)
         gbps = nbytes / (stats["ms"] * 1e-3) / 1e9
         rows.append({"model": model, "width_divisor": width_divisor, "impl": name, **stats, "bytes": nbytes,
+                     "layers": MODELS[model]["layers"], "layers_run": layers,
                      "gbps": gbps, "copy_gbps": copy, "fraction_of_copy": gbps / copy, "samples": samples})
     return rows
