@@ -297,8 +297,8 @@ def write_report(result: dict, docs: Path, *, json_name: str) -> Path:
         lines += ["", "![convergence-quadratic.png](convergence-quadratic.png)"]
     if not figures:
         lines += ["", "(matplotlib is not installed, so no figures were drawn: `pip install .[experiments]`.)"]
-    lines += ["", "Not done: the optional GPT-2-small-shaped sweep on a GPU (no GPU has been available to this project's "
-              "sessions so far).", ""]
+    lines += ["", "Not done: the optional GPT-2-small-shaped sweep on a GPU (the one GPU session so far, an H200 on "
+              "2026-12-04, ran the tests and the benchmark only).", ""]
     path = docs / "convergence.md"
     path.write_text("\n".join(lines))
     return path

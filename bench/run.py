@@ -3,7 +3,8 @@ ours against the references, side by side in one process on whatever device exis
 
 Writes bench/results/<device>-<date>-<commit>.json (every raw repetition under ``samples``) and,
 with matplotlib installed, PNG plots beside it (bench/plots.py). On a CPU (``quick: true``) the
-Newton–Schulz, algorithm and update sections are smoke runs (small shapes, widths divided by 8),
+Newton–Schulz and update sections are smoke runs (small shapes, widths divided by 8; the algorithm
+section runs its full CPU shapes),
 and the step section measures GPT-2 small and LLaMA-1B at widths ÷8, ÷4 and full (LLaMA-1B one of
 its 16 layers there, scaled), each implementation interleaved with its own torch.optim.Muon twin.
 
@@ -195,7 +196,7 @@ def main(argv=None, clock=time.monotonic) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS),
-                        help="step models (default: all five on a GPU, gpt2-small on a CPU)")
+                        help="step models (default: all five on a GPU, gpt2-small and llama-1b on a CPU)")
     parser.add_argument("--repeat", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer points and repetitions (always on for a CPU)")

@@ -74,7 +74,8 @@ NS_NORMALIZATIONS = ("frobenius", "aol")
 # first + every, ... (0-based). Measured (docs/newton_schulz.md): in 16 bits R's rounding noise in
 # small or null directions is amplified ~a² per step with nothing re-anchoring it to X, so one
 # restart (before step 2, gram-newton-schulz's default) let rank-deficient and condition-1e6 spectra
-# reach errors of 0.4–14 where standard NS has 0.03–0.3; restarting every 2 steps (before 1, 3, ...)
+# reach errors of 0.4–14 where standard NS has 0.03–0.3 in a development sweep (the committed table:
+# it holds at 5 steps, fails at 8); restarting every 2 steps (before 1, 3, ...)
 # keeps them at standard NS's level. In fp32 five unrestarted steps stay within 2.5e-3 of the fp64
 # recurrence on those spectra (50× closer than standard NS in bf16, the default) and eight do not
 # (0.12), so fp32 restarts every 5 steps.

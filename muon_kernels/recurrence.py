@@ -205,12 +205,13 @@ def flops(m: int, n: int, config: NSConfig, ns_dtype: torch.dtype) -> int:
 
 # "auto" picks Gram when n/m reaches this, per device type and iteration dtype. CPU: measured on a
 # 2-core EPYC (bench/results/cpu/ns_algorithms.json, torch backend, default restarts): fp32 Gram is
-# 1.12× at n/m = 1.5, 1.57× at 3, 1.8× at 4; bf16 (two restarts) 1.05× at 1.5, 1.22× at 3; fp16
-# never (CPU fp16 GEMMs are ~80× slower than bf16). GPUs, not measured yet (no GPU lent): where
+# 0.95× at n/m = 1.5, 1.22× at 2, 1.57× at 3, 1.8–2.0× at 4; bf16 (two restarts) 1.01× at 1.5, 1.06×
+# at 2, 1.17× at 3, 1.28–1.30× at 4; fp16 never (CPU fp16 GEMMs are ~80× slower than bf16). GPUs,
+# no Gram threshold measured yet (the 2026-12-04 H200 run timed single points only): where
 # ``flops`` makes Gram 20% cheaper than standard NS (fp32 unrestarted: n/m >= 2; 16-bit with two
 # restarts: n/m >= 3), leaving room for Gram's extra launches.
 AUTO_GRAM_ASPECT: dict[tuple[str, torch.dtype], float] = {
-    ("cpu", torch.float32): 1.5,
+    ("cpu", torch.float32): 2.0,
     ("cpu", torch.bfloat16): 2.0,
     ("cpu", torch.float16): float("inf"),
     ("cuda", torch.float32): 2.0,

@@ -222,8 +222,8 @@ def test_auto_picks_by_aspect_ratio_and_plan_says_why():
     wide, square = nn.Parameter(torch.randn(16, 64)), nn.Parameter(torch.randn(32, 32))
     opt = mk.Muon([wide, square], ns_algorithm="auto", ns_dtype=torch.float32)
     rows = {r.shape: r for r in opt.plan()}
-    assert "auto: Gram NS (n/m = 4.00 >= 1.5)" in rows[(16, 64)].why
-    assert "auto: standard NS (n/m = 1.00 < 1.5)" in rows[(32, 32)].why
+    assert "auto: Gram NS (n/m = 4.00 >= 2)" in rows[(16, 64)].why
+    assert "auto: standard NS (n/m = 1.00 < 2)" in rows[(32, 32)].why
     turbo = mk.Muon([nn.Parameter(torch.randn(16, 64))], ns_coefficients="turbo")
     assert "standard NS, AOL preconditioning" in turbo.plan()[0].why
     assert recurrence.choose_algorithm(resolve_ns_config("keller", None, 1e-7, "auto"), 16, 64, torch.float16,
