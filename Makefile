@@ -52,10 +52,11 @@ install: build-tools
 	$(PY) -m pip install --quiet --no-build-isolation $(INSTALL_SPEC)
 	$(if $(PEER_SPEC),$(PY) -m pip install --quiet --no-deps $(PEER_SPEC))
 
-# triton 3.6's interpreter converts 1-element arrays with int(), which numpy >= 2.4 refuses.
+# numpy unpinned, as on the GPU machine: triton 3.6's interpreter converts 1-element arrays with
+# int(), which numpy >= 2.4 refuses, and triton_kernels/config.py squeezes them first (as 3.9 does).
 .venv-triton-old/.installed-$(TRITON_OLD):
 	$(PYTHON) -m venv .venv-triton-old
-	.venv-triton-old/bin/pip install --quiet "$(TORCH_SPEC)" "triton==$(TRITON_OLD)" "numpy<2.4" pytest scipy hypothesis setuptools wheel
+	.venv-triton-old/bin/pip install --quiet "$(TORCH_SPEC)" "triton==$(TRITON_OLD)" numpy pytest scipy hypothesis setuptools wheel
 	touch $@
 
 test-old-triton: $(OLD_TRITON_ENV)

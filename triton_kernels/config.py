@@ -136,6 +136,29 @@ def is_interpreting() -> bool:
     return _INTERPRETING
 
 
+def _interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter turns a scalar (a loop bound such as ``range(k_lo, k_hi, BLOCK_K)``)
+    into an int with ``int(1-element array)``, which numpy >= 2.4 refuses; Triton 3.9 squeezes the
+    array first. The same conversion, squeezed, on any Triton whose interpreter patches tensors this
+    way: a machine with a newer numpy (the GPU machine's is not pinned) still runs the interpreter."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "squeezes_scalars", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.squeezes_scalars = True
+    interpreter._patch_lang_tensor = patched
+
+
+if _INTERPRETING:
+    _interpreter_scalar_index()
+
+
 def upcast_for(x: torch.Tensor) -> bool:
     """Under the CPU interpreter tl.dot on bf16 multiplies raw bit patterns: upcast 16-bit operands."""
     return is_interpreting() and x.dtype in (torch.bfloat16, torch.float16)

@@ -526,3 +526,14 @@ def test_vector_path_only_for_contiguous_multiple_of_8_tensors_at_aligned_addres
     assert not aligned(good, 4096, 8192 + 4)  # one address 4 bytes off (a view inside a flat buffer)
     assert not make_layout([(1, 16, 24, False, False, 24), (1, 3, 5, False, False, 5)], cpu).vectorizable  # 15 elements
     assert not make_layout([(1, 16, 8, False, False, 24)], cpu).vectorizable  # a column piece of a 16×24 matrix
+
+
+def test_the_interpreter_reads_scalars_whatever_numpy_says():
+    """Triton 3.6's interpreter converted a scalar loop bound with int(1-element array), which numpy
+    >= 2.4 refuses (every kernel with a runtime range failed); config squeezes it first, as 3.9 does.
+    (The Triton 3.6 pass with numpy 2.4 is the real check: every split-K kernel loops over a range.)"""
+    from triton.runtime import interpreter
+
+    from muon_kernels.triton_kernels import config
+
+    assert config.is_interpreting() and interpreter._patch_lang_tensor.squeezes_scalars
