@@ -8,11 +8,12 @@ momentum, Newton–Schulz, the updates, AdamW — is the graph.
 
 A graph replays on the addresses and values it was captured with, so it is valid only while every
 parameter, gradient and state tensor keeps its storage, the group settings keep their values and
-the bucket plan stands. ``StepGraph`` keys the capture by all of them: the first step with a new key runs eagerly (it is the
-warm-up: Triton compiles, state is created, the measured dispatch decides), the next step with the
-same key is captured and replayed, and every later one is replayed. A key that changes every step —
-gradients freed by ``zero_grad(set_to_none=True)``, a float lr rewritten by a scheduler — runs
-eagerly, and after a few such steps one warning says what changed and how to keep the graph.
+the bucket plan stands. ``StepGraph`` keys the capture by all of them: the first step with a new
+key runs eagerly (it is the warm-up: Triton compiles, state is created, the measured dispatch
+decides), the next step with the same key is captured and replayed, and every later one is
+replayed. A key that changes every step — gradients freed by ``zero_grad(set_to_none=True)``, a
+float lr rewritten by a scheduler — runs eagerly, and after a few such steps one warning says what
+changed and how to keep the graph.
 """
 
 from __future__ import annotations

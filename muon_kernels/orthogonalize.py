@@ -10,6 +10,7 @@ from .ns_config import CoefficientSpec, check_ns_dtype, resolve_ns_config
 from .recurrence import choose_algorithm
 
 
+@torch.no_grad()  # the iteration has no derivative here: a G that requires grad gives a plain result
 def orthogonalize(
     G: torch.Tensor,
     *,
@@ -28,8 +29,9 @@ def orthogonalize(
     ``G`` is a matrix, or a batch of matrices over its leading dims. Each matrix is normalized and
     iterated on its own, so a NaN in one never reaches another. Tall matrices are iterated as their
     transpose (m <= n). The norm is overflow/underflow-safe (eps = 0 orthogonalizes a 1e-30
-    gradient — down to the normal range's end, ~1e-38, not subnormal ones; a 1e30 one is not zeroed), and the iteration starts from one canonical contiguous
-    layout, so the result does not depend on ``G``'s strides. The result never requires grad (the
+    gradient — down to the normal range's end, ~1e-38, not subnormal ones; a 1e30 one is not
+    zeroed), and the iteration starts from one canonical contiguous layout, so the result does not
+    depend on ``G``'s strides. The result never requires grad (the
     iteration is not differentiated; a ``G`` that requires grad is read as its values).
 
     ``ns_steps=None`` runs the preset's own number of steps (5; "turbo": 4). ``ns_algorithm``:
@@ -53,12 +55,6 @@ def orthogonalize(
     rows, cols = G.shape[-2:]
     if G.numel() == 0:
         return torch.zeros_like(G)
-    with torch.no_grad():  # the iteration has no derivative here: a G that requires grad gives a plain result
-        return _orthogonalize(G, config, ns_dtype, backend, dispatch)
-
-
-def _orthogonalize(G: torch.Tensor, config, ns_dtype: torch.dtype, backend: str, dispatch: str) -> torch.Tensor:
-    rows, cols = G.shape[-2:]
     stack = G.reshape(-1, rows, cols)
     if rows > cols:
         stack = stack.mT

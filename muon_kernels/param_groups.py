@@ -108,9 +108,10 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
     their own group with ``split_sizes``, so each block is orthogonalized on its own; other likely
     fused projections stay whole, and their reason in ``plan()`` says so.
     AdamW: embeddings, and parameters a module registers itself whose name says they are learned
-    tokens or position tables (``cls_token``, ``position_embeddings``, ``*bias_table``); the output head (``head=`` a module, a module name, or a list of them — a
-    container covers every parameter under it; by default ``model.get_output_embeddings()`` where
-    the model has it) and any weight tied to an embedding; biases of any ndim (``bias``, ``*_bias``);
+    tokens or position tables (``cls_token``, ``position_embeddings``, ``*bias_table``); the output
+    head (``head=`` a module, a module name, or a list of them — a container covers every parameter
+    under it; by default ``model.get_output_embeddings()`` where the model has it) and any weight
+    tied to an embedding; biases of any ndim (``bias``, ``*_bias``);
     norms and other vectors; depthwise convolutions (docs/param_groups.md says why).
     Each parameter is passed with its name, and each group carries ``param_reasons``, which
     ``Muon.plan()`` shows. Every trainable parameter lands in exactly one group; empty groups are
