@@ -62,6 +62,7 @@ PRESET_NORMALIZATION: dict[str, tuple[float, float]] = {
     "polar_express": (1.02, 1e-6),
     "turbo": (1.0, 0.0),
 }
+MAX_STEPS = 100  # torch.optim.Muon's bound: more steps than any coefficient set needs
 # Steps a preset runs when ns_steps is None (a tuple or a per-step list runs DEFAULT_STEPS).
 PRESET_STEPS: dict[str, int] = {"keller": 5, "quintic": 5, "polar_express": 5, "turbo": 4}
 # The normalization a preset was derived for, used when ns_normalization is None.
@@ -147,8 +148,11 @@ def resolve_ns_config(ns_coefficients: CoefficientSpec, ns_steps: int | None, ep
     "frobenius"). ``ns_gram_restarts`` (Gram only) lists the 0-based steps before which the Gram
     iteration restarts from X; None picks ``RESTART_SCHEDULE`` by iteration dtype.
     """
-    if ns_steps is not None and (isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 0):
-        raise ValueError(f"ns_steps must be an int >= 0 (or None: the preset's own count), got {ns_steps!r}")
+    # below MAX_STEPS as torch.optim.Muon requires (it refuses more at step(); here at construction)
+    if ns_steps is not None and (isinstance(ns_steps, bool) or not isinstance(ns_steps, int)
+                                 or not 0 <= ns_steps < MAX_STEPS):
+        raise ValueError(f"ns_steps must be an int in [0, {MAX_STEPS}) (or None: the preset's own count), "
+                         f"got {ns_steps!r}")
     if ns_algorithm not in NS_ALGORITHMS:
         raise ValueError(f"ns_algorithm must be one of {NS_ALGORITHMS}, got {ns_algorithm!r}")
     if ns_normalization is not None and ns_normalization not in NS_NORMALIZATIONS:

@@ -29,27 +29,42 @@ class Muon(Optimizer):
 
     A param group without ``use_muon`` is split at construction into a Muon group (ndim >= 2) and an
     AdamW group (the rest); the AdamW part takes the ``adamw_*`` settings, not the Muon ``lr``,
-    ``eps`` and ``weight_decay`` of the group it came from.
+    ``eps`` and ``weight_decay`` of the group it came from. A group may set its own value of any
+    argument below except the optimizer-wide ``dispatch``, ``max_workspace_bytes``, ``distributed``,
+    ``process_group``, ``cuda_graph``, ``overlap_adamw`` and ``adamw_*`` (an AdamW group sets ``lr``,
+    ``betas``, ``eps``, ``weight_decay``).
 
-    ``ns_algorithm`` ("standard", "gram", "auto"), ``ns_normalization`` (None: the preset's own,
-    "frobenius", "aol") and ``ns_gram_restarts`` choose how each bucket is orthogonalized
-    (docs/newton_schulz.md); ``ns_steps=None`` runs the preset's own number of steps. All are group
-    keys, saved in ``state_dict()``; a checkpoint without them loads with this optimizer's values.
-    ``weight_decay_mode="cautious"`` decays only the entries where W and the update O agree in sign.
-    ``adaptive="normuon"`` (``normuon_beta2``, ``normuon_eps``) rescales O per output neuron by a
-    second-moment EMA and back to its norm; ``constraint="hyperball"`` (``hyperball_eps``; needs
-    ``weight_decay=0``) keeps each matrix on the sphere of its initial Frobenius norm
-    (muon_kernels/variants.py). A state_dict saved with other variant names refuses to load.
-    ``split_sizes``/``num_heads`` orthogonalize the pieces of a fused projection on their own
-    (muon_kernels/splits.py); ``momentum_dtype="int8"`` or ``torch.bfloat16`` with
-    ``momentum_rounding="stochastic"`` keep the momentum in low precision
-    (muon_kernels/momentum_precision.py).
-
-    ``dispatch="measure"`` (default) lets ``backend="auto"`` time every path per bucket on a GPU and
-    keep the fastest (muon_kernels/backends/measured.py); ``"table"`` keeps the static table.
-    ``cuda_graph=True`` captures the step's device work in a CUDA graph and replays it while no
-    storage or setting changes (muon_kernels/graphs.py); ``overlap_adamw`` (default) runs the AdamW
-    half on a side stream beside the Muon half on a GPU.
+    Args (torch.optim.Muon's, same positions and defaults):
+        params: tensors, ``(name, tensor)`` pairs or param groups (``muon_kernels.param_groups(model)``
+            routes embeddings and the output head to AdamW).
+        lr, weight_decay, momentum, nesterov, eps: as torch.optim.Muon (decoupled decay ``W *= 1 - lr·wd``,
+            momentum ``M = μM + (1-μ)G``, Nesterov ``U = (1-μ)G + μM``, ``eps`` clamps ‖U‖_F).
+        ns_coefficients: ``(a, b, c)``, a list of per-step tuples, or a preset name ("keller",
+            "quintic", "polar_express", "turbo"; ``muon_kernels.PRESETS``).
+        ns_steps: None (the preset's own count; 5 for tuples) or an int in [0, 100).
+        adjust_lr_fn: None/"original", "match_rms_adamw" or "spectral" (the per-shape lr scale).
+    Keyword-only (README "Options beyond torch.optim.Muon" has the details):
+        backend: "auto", "torch", "triton", "cuda"; dispatch: "measure" (time every path per bucket on
+            a GPU, keep the fastest) or "table".
+        ns_algorithm ("standard", "gram", "auto"), ns_normalization (None, "frobenius", "aol"),
+            ns_gram_restarts, ns_dtype (bf16, fp16, fp32): how each bucket is orthogonalized
+            (docs/newton_schulz.md).
+        weight_decay_mode: "decoupled" or "cautious" (decay only where W and O agree in sign).
+        adaptive, normuon_beta2, normuon_eps: "normuon" rescales O per output neuron by a
+            second-moment EMA; constraint, hyperball_eps: "hyperball" keeps each matrix on the sphere
+            of its initial norm (needs weight_decay=0) (muon_kernels/variants.py).
+        split_sizes, num_heads: orthogonalize the pieces of a fused projection on their own.
+        momentum_dtype (None, a float dtype, "int8"), momentum_rounding ("nearest", "stochastic"),
+            momentum_form ("ema", "sgd"): the momentum buffer's storage and recurrence.
+        matrix_view: None, "transposed", "batch", "batch_transposed", "flatten".
+        max_workspace_bytes: cap on one bucket's working set (None: no cap).
+        distributed ("auto", "off"), process_group: DDP/FSDP2 (each matrix orthogonalized on one rank).
+        capturable: no host syncs in a step (CUDA-graph capture); cuda_graph: capture the step's device
+            work once and replay it while no storage or setting changes (muon_kernels/graphs.py).
+        overlap_adamw: run the AdamW half on a side stream beside the Muon half on a GPU.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW half's settings.
+    A state_dict saved with other variant names refuses to load; one with fewer keys loads with this
+    optimizer's values for them.
     """
 
     def __init__(
@@ -272,6 +287,14 @@ class Muon(Optimizer):
             state_dict = state_dict if returned is None else returned
         state_dict = dict(state_dict)
         saved_groups = checkpoint.fill_empty_groups(self.param_groups, deepcopy(state_dict["param_groups"]))
+        if len(saved_groups) != len(self.param_groups):
+            kinds = ", ".join("Muon" if g["use_muon"] else "AdamW" for g in self.param_groups)
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)} ({kinds}): a group given without use_muon is split at construction "
+                "into a Muon group (its matrices) and an AdamW group (the rest). To go on from a torch.optim.Muon "
+                "checkpoint over the matrices, build Muon(matrices, ...) and load it, then add the other "
+                "parameters with add_param_group({'params': rest, 'use_muon': False}); nothing was loaded")
         for index, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if current["use_muon"]:
                 variants.check_checkpoint(saved, current, index)
@@ -284,8 +307,7 @@ class Muon(Optimizer):
                     if not isinstance(dtype, torch.dtype):
                         raise ValueError(f"state_dict param group has {key}={saved[key]!r}, which is not a torch dtype")
                     saved[key] = dtype
-        if len(saved_groups) == len(self.param_groups):  # (torch's own check names any other mismatch)
-            checkpoint.check_state_shapes(self.param_groups, saved_groups, state_dict["state"])
+        checkpoint.check_state_shapes(self.param_groups, saved_groups, state_dict["state"])
         state_dict["param_groups"] = saved_groups
         with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks") as held:
             super().load_state_dict(state_dict)
@@ -497,7 +519,9 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Performs a single optimization step."""
+        """One step of every parameter with a gradient; ``closure`` (re-evaluates the model and returns
+        the loss) runs first, with gradients enabled, and its loss is returned. Every group and
+        gradient is checked before anything is modified."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -73,7 +73,9 @@ def check_params(group: dict, tensors: list[torch.Tensor], names: list[str]) -> 
     for i, p in enumerate(tensors):
         name = label(labels, i, p)
         if torch.is_complex(p):
-            raise ValueError(f"parameter {name}: Muon does not support complex parameters")
+            raise ValueError(f"parameter {name}: Muon does not support complex parameters; step it with another "
+                             "optimizer, or orthogonalize a real matrix instead (e.g. a real parameter of shape "
+                             "(rows, 2·cols) whose halves your model combines into the complex weight)")
         view = matrix_view(p.shape, group["matrix_view"], name)
         for part, _ in splits.pieces(view, group["split_sizes"], group["num_heads"], name):
             if group["momentum_dtype"] == momentum_precision.INT8:
@@ -223,7 +225,9 @@ def _muon_row(common: tuple, group: dict, reason: str | None, entries: list) -> 
     dtype = str(b.ns_dtype).removeprefix("torch.")
     variant = "".join(f"; {v}" for v in ("cautious weight decay" if b.cautious else "", b.variant.describe(),
                                          b.low_precision.describe()) if v)
-    buckets_of = "; ".join(dict.fromkeys(f"bucket of {x.matrices} matrices {x.m}×{x.n} {dtype}" for x, *_ in entries))
+    # m×n as iterated: a view with more rows than columns is orthogonalized transposed
+    buckets_of = "; ".join(dict.fromkeys(f"bucket of {x.matrices} matri{'x' if x.matrices == 1 else 'ces'}, "
+                                         f"iterated as {x.m}×{x.n} {dtype}" for x, *_ in entries))
     view = e.view.describe()
     if e.part is not None:
         split = splits.describe(group["split_sizes"], group["num_heads"])

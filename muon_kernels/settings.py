@@ -159,23 +159,28 @@ def check_grads(param_groups: list[dict]) -> list[tuple[int, dict, list[torch.Te
                         "(a host lr would be copied during CUDA-graph capture)"
                     )
         params = []
+        kind = "Muon" if group["use_muon"] else "AdamW"
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None or (group["use_muon"] and p.numel() == 0):
                 continue
+            # the group and its kind: a group without use_muon was split at construction, so an
+            # index counts within its Muon or its AdamW half, not in the list the user passed
+            where = f"param group {gi} ({kind}), parameter {label(group, i, p)}"
             if g.is_sparse:
-                raise RuntimeError(f"parameter {label(group, i, p)}: Muon does not support sparse gradients")
+                raise RuntimeError(f"{where}: {kind} here does not support sparse gradients; give it a dense "
+                                   "gradient (e.g. nn.Embedding(..., sparse=False)) or step it with "
+                                   "torch.optim.SparseAdam; nothing was modified")
             if group["use_muon"] and torch.is_complex(g):
-                raise RuntimeError(f"parameter {label(group, i, p)}: Muon does not support complex gradients")
+                raise RuntimeError(f"{where}: Muon does not support complex gradients; nothing was modified")
             if g.shape != p.shape:
-                raise RuntimeError(
-                    f"parameter {label(group, i, p)}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}"
-                )
+                raise RuntimeError(f"{where}: gradient shape {tuple(g.shape)} != parameter shape "
+                                   f"{tuple(p.shape)}; nothing was modified")
             if group["use_muon"] and not g.is_floating_point():
-                raise RuntimeError(f"parameter {label(group, i, p)}: Muon needs a floating-point gradient, got {g.dtype}")
+                raise RuntimeError(f"{where}: Muon needs a floating-point gradient, got {g.dtype}; nothing was modified")
             if not group["use_muon"] and g.dtype != p.dtype:  # torch's AdamW would fail half-way through the group
-                raise RuntimeError(f"parameter {label(group, i, p)}: gradient dtype {g.dtype} != parameter dtype "
-                                   f"{p.dtype}; AdamW steps a parameter with a gradient of its own dtype")
+                raise RuntimeError(f"{where}: gradient dtype {g.dtype} != parameter dtype {p.dtype}; AdamW steps "
+                                   "a parameter with a gradient of its own dtype; nothing was modified")
             params.append(p)
         work.append((gi, group, params))
     return work

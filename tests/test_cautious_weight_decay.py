@@ -135,5 +135,5 @@ def test_groups_with_different_modes_get_their_own_buckets():
     opt = mk.Muon([{"params": [a], "use_muon": True}, {"params": [b], "use_muon": True, "weight_decay_mode": "cautious"}],
                   weight_decay=0.5, lr=0.1)
     rows = opt.plan()
-    assert "bucket of 1 matrices" in rows[0].why and "bucket of 1 matrices" in rows[1].why
+    assert "bucket of 1 matrix, iterated as" in rows[0].why and "bucket of 1 matrix," in rows[1].why
     assert "cautious" not in rows[0].why and "cautious weight decay" in rows[1].why

@@ -164,7 +164,7 @@ def test_a_bucket_over_the_workspace_cap_is_planned_as_several():
     assert [b.matrices for b in capped._buckets] == [3, 3] and [b.matrices for b in whole._buckets] == [6]
     assert all(torch.equal(p, q) for p, q in zip(params, reference))
     assert capped_peak < whole_peak
-    assert str(capped.plan()).count("bucket of 3 matrices 32×64") == 6
+    assert str(capped.plan()).count("bucket of 3 matrices, iterated as 32×64") == 6
     # Uneven: 6 matrices at 4 per bucket are two buckets of 3, not 4 and 2.
     assert [b.matrices for b in _capped_run(4 * per_matrix, steps=1)[0]._buckets] == [3, 3]
     # The cap is part of the plan: changing it re-plans.

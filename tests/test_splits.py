@@ -66,7 +66,7 @@ def test_gqa_sizes_and_per_head_split():
     fused, separate, opt, _ = _fused_vs_separate((d, 2 * d), [d // heads] * heads, 0, {"num_heads": heads})
     assert torch.equal(fused, separate)
     row = opt.plan()[0]
-    assert row.view == "4 pieces: 8×64" and "4 heads" in row.why and "bucket of 4 matrices 8×64" in row.why
+    assert row.view == "4 pieces: 8×64" and "4 heads" in row.why and "bucket of 4 matrices, iterated as 8×64" in row.why
     # split_sizes then num_heads: each of q, k, v cut into its heads
     fused, separate, *_ = _fused_vs_separate((3 * d, d), [d // heads] * 3 * heads, 0,
                                               {"split_sizes": (d, d, d), "num_heads": heads})

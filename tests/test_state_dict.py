@@ -119,6 +119,28 @@ def test_missing_group_keys_get_this_optimizers_values():
     _train(model, fresh, 1, seed=1)
 
 
+def test_a_torch_optim_muon_checkpoint_into_a_split_group_explains_the_split():
+    """The common migration: torch.optim.Muon over the matrices, then one Muon over all parameters
+    (split at construction into a Muon and an AdamW group). The group counts differ; the message
+    says why and how to build the optimizer so it loads, and nothing is loaded."""
+    model = _model()
+    weights = [p for p in model.parameters() if p.ndim == 2]
+    theirs = torch.optim.Muon(weights, lr=0.03)
+    _train(model, theirs, 2, seed=1)
+    ours = mk.Muon(model.parameters(), lr=0.03)
+    before = [dict(g) for g in ours.param_groups]
+    with pytest.raises(ValueError, match=r"has 1 parameter groups, this optimizer has 2 \(Muon, AdamW\): a group given "
+                                         r"without use_muon is split at construction.*nothing was loaded"):
+        ours.load_state_dict(theirs.state_dict())
+    assert not ours.state and [dict(g) for g in ours.param_groups] == before
+    fixed = mk.Muon(weights, lr=0.03)  # the recipe the message gives
+    fixed.load_state_dict(theirs.state_dict())
+    fixed.add_param_group({"params": [p for p in model.parameters() if p.ndim < 2], "use_muon": False})
+    assert all(torch.equal(fixed.state[w]["momentum_buffer"], theirs.state[w]["momentum_buffer"]) for w in weights)
+    _train(model, fixed, 1, seed=2)  # every parameter steps, the AdamW ones from fresh state
+    assert all("exp_avg" in fixed.state[p] for p in model.parameters() if p.ndim < 2)
+
+
 def test_our_default_checkpoint_steps_in_torch_optim_muon_like_torchs_own():
     """Our default ``ns_steps=None`` is saved as the count it stands for (5), which torch.optim.Muon
     reads as an int: loaded there, it steps exactly as torch's own checkpoint of the same run does."""

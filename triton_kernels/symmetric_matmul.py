@@ -232,8 +232,12 @@ class ArrivalCounters:
             return self.kept((device, None), device, tiles)
         if torch.cuda.is_current_stream_capturing():
             return torch.zeros(tiles, dtype=torch.int32, device=device)
-        # The stream Triton launches on: the current device's current stream.
-        index = torch.cuda.current_device()
+        # The stream Triton launches on: the device's current stream (the callers make X's device
+        # the current one). Keyed by X's device, where the array is allocated, so an array is never
+        # handed to a launch on another device. The key is the raw handle: a stream destroyed with
+        # work still queued and a new one given its handle would share an array (torch's pooled
+        # streams are never destroyed; synchronize an external stream before destroying it).
+        index = device.index if device.index is not None else torch.cuda.current_device()
         return self.kept((index, torch._C._cuda_getCurrentRawStream(index)), device, tiles)
 
     def forget(self, counters: torch.Tensor) -> None:

@@ -99,6 +99,19 @@ def test_arrival_counters_are_kept_per_stream_and_grow():
     assert bigger.numel() == 3000 and not bigger.any() and counters.kept(("dev", 1), cpu, 5) is bigger
 
 
+def test_arrival_counters_are_keyed_by_the_arrays_device(monkeypatch):
+    """A CUDA array is keyed by the device it is allocated on and that device's current stream,
+    not by whichever device is current: an array on cuda:1 is never handed to a cuda:0 launch."""
+    counters, keys = tsym.ArrivalCounters(), []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)  # CPU torch
+    monkeypatch.setattr(counters, "kept", lambda key, device, tiles: keys.append(key))
+    counters.get(torch.device("cuda", 1), 10)
+    counters.get(torch.device("cuda"), 10)  # no index: the current device's
+    assert keys == [(1, 1001), (0, 1000)]
+
+
 def test_a_split_launch_that_raises_forgets_its_counters(monkeypatch):
     """An interrupted launch may leave counters above zero; its array is dropped, so the next split
     launch starts from fresh zeros and gives the same bits as before."""
