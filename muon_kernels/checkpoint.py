@@ -83,10 +83,16 @@ def fill_empty_groups(groups: list[dict], saved_groups: list[dict]) -> list[dict
 
 def check_state_shapes(groups: list[dict], saved_groups: list[dict], saved_state: dict[Any, dict]) -> None:
     """Raise ValueError, naming the group, the parameter and the state, where a saved state tensor's
-    shape differs from the one its parameter needs."""
+    shape differs from the one its parameter needs, or an int8 momentum comes without its scales."""
     for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
         expected = _expected_shapes(gi, group, saved)
         for i, (p, pid) in enumerate(zip(group["params"], saved["params"])):
+            buf = saved_state.get(pid, {}).get("momentum_buffer")
+            if group["use_muon"] and isinstance(buf, torch.Tensor) and buf.dtype == torch.int8 \
+                    and "momentum_scale" not in saved_state[pid]:
+                raise ValueError(f"state_dict: param group {gi}, parameter {label(group, i, p)}: saved int8 "
+                                 "'momentum_buffer' without its block scales ('momentum_scale'): the checkpoint is "
+                                 "incomplete; nothing was loaded")
             for key, value in saved_state.get(pid, {}).items():
                 want = expected[id(p)].get(key)
                 if want is not None and isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(want):

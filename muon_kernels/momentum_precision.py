@@ -292,10 +292,10 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 def _convert(buf: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
     """(buffer in ``dtype``, its int8 scales or None) for a plain tensor."""
     rows = buf.shape[0]
-    values = dequantize(buf.reshape(rows, -1), scale).view(buf.shape) if buf.dtype == torch.int8 else buf.float()
+    values = dequantize(buf.reshape(rows, -1), scale).view(buf.shape) if buf.dtype == torch.int8 else buf
     if dtype != torch.int8:
-        return values.to(dtype), None
-    q, new_scale = quantize(values.reshape(rows, -1), None)
+        return values.to(dtype), None  # one rounding from a float buffer's own dtype
+    q, new_scale = quantize(values.float().reshape(rows, -1), None)
     return q.view(buf.shape), new_scale
 
 

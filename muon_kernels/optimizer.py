@@ -313,18 +313,21 @@ class Muon(Optimizer):
             super().load_state_dict(state_dict)
         # torch casts every state tensor to its parameter's dtype; a momentum buffer kept in another
         # dtype (momentum_dtype=fp32 for bf16 params, int8), the int8 scales, the stochastic-rounding
-        # step counter and the variants' fp32 state are restored from the saved tensors instead.
+        # step counter and the variants' fp32 state are restored from the saved tensors instead. A
+        # buffer saved in another dtype than its group's momentum_dtype (changed after that
+        # parameter's last step) is converted as the saving optimizer's next step would have.
         for group, saved in zip(self.param_groups, saved_groups):
             if not group["use_muon"]:
                 continue
             for p, pid in zip(group["params"], saved["params"]):
-                dtypes = {"momentum_buffer": momentum_precision.buffer_dtype(group, p.dtype),
-                          "momentum_scale": torch.float32, "momentum_step": torch.int64, "normuon_v": torch.float32,
-                          "hyperball_radius": torch.float32}
+                dtypes = {"momentum_buffer": None, "momentum_scale": torch.float32, "momentum_step": torch.int64,
+                          "normuon_v": torch.float32, "hyperball_radius": torch.float32}
                 for key, dtype in dtypes.items():
                     value = state_dict["state"].get(pid, {}).get(key)
                     if value is not None:
                         self.state[p][key] = value.to(device=p.device, dtype=dtype)
+                if "momentum_buffer" in self.state[p]:
+                    self._momentum_buffer(p, group)
         self._plan_key = None
         for hook in held["_optimizer_load_state_dict_post_hooks"].values():
             hook(self)
@@ -341,7 +344,12 @@ class Muon(Optimizer):
         if key != self._plan_key:  # (a parameter's shape is in the key: its momentum must still fit it)
             checkpoint.check_state_fits([p for _, _, params in work for p in params], self.state, "momentum_buffer",
                                         lambda: settings.names(self.param_groups))
-            items = [it for gi, group, params in work for it in group_items(gi, group, params)]
+            items = []
+            for gi, group, params in work:  # a setting that does not fit a parameter, named with its group
+                try:
+                    items += group_items(gi, group, params)
+                except ValueError as exc:
+                    raise ValueError(f"param group {gi}: {exc}; nothing was modified") from None
             checkpoint.check_state_settings(items, self.state, lambda: settings.names(self.param_groups))
             buckets = build_buckets(items)
             placements = dist_muon.place(buckets, settings.names(self.param_groups), self._replicated(),

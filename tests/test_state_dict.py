@@ -62,6 +62,51 @@ def test_resume_is_bit_identical(dtype, momentum_dtype):
             assert torch.equal(value, opt2.state[b][key]), key
 
 
+@pytest.mark.parametrize("old, new", [(None, "int8"), ("int8", torch.float32), ("int8", torch.bfloat16),
+                                      (torch.float32, torch.bfloat16)])
+def test_a_checkpoint_saved_after_a_momentum_dtype_change_resumes_bit_identically(old, new):
+    """A buffer takes a changed momentum_dtype at its parameter's next step with a gradient. A
+    checkpoint saved before that (right after the change, or after a step without that gradient)
+    holds the old dtype (int8 with its scales); loading converts it as that step would have."""
+    model = _model()
+    opt = mk.Muon(model.parameters(), lr=0.02, momentum_dtype=old)
+    _train(model, opt, 2, seed=1)
+    opt.param_groups[0]["momentum_dtype"] = new
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    model[0].weight.grad = None  # this matrix keeps its old buffer through the step
+    opt.step()
+    assert opt.state[model[0].weight]["momentum_buffer"].dtype != opt.state[model[2].weight]["momentum_buffer"].dtype
+    saved_model, saved_opt = _roundtrip(model.state_dict()), _roundtrip(opt.state_dict())
+
+    resumed = _model(seed=99)
+    resumed.load_state_dict(saved_model)
+    opt2 = mk.Muon(resumed.parameters(), lr=0.02, momentum_dtype=old)
+    opt2.load_state_dict(saved_opt)
+    _train(model, opt, 2, seed=2)
+    _train(resumed, opt2, 2, seed=2)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+        assert opt.state[a].keys() == opt2.state[b].keys()
+        for key, value in opt.state[a].items():
+            assert torch.equal(value, opt2.state[b][key]), key
+
+
+def test_an_int8_momentum_without_its_scales_is_refused():
+    model = _model()
+    opt = mk.Muon(model.parameters(), lr=0.02, momentum_dtype="int8")
+    _train(model, opt, 1, seed=1)
+    saved = opt.state_dict()
+    for state in saved["state"].values():
+        state.pop("momentum_scale", None)
+    fresh = mk.Muon(model.parameters(), lr=0.02, momentum_dtype="int8")
+    with pytest.raises(ValueError, match=r"param group 0, parameter #0 of shape \(24, 12\): saved int8 'momentum_buffer' "
+                                         r"without its block scales"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state
+
+
 def test_group_settings_survive_weights_only_roundtrip():
     model = _model()
     opt = mk.Muon(model.parameters(), ns_coefficients=[(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)], ns_dtype=torch.float16,

@@ -367,3 +367,34 @@ def test_an_adamw_groups_capturable_is_validated_when_rewritten():
     with pytest.raises(ValueError, match=r"param group 1: capturable must be True or False, got 'yes'"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(before[0][1], opt.param_groups[1]["params"]))
+
+
+@pytest.mark.parametrize("group, key, value, match", [
+    (1, "split_sizes", (4, 4), r"param group 1: parameter #0 of shape \(12, 8\): split_sizes \(4, 4\) sum to 8"),
+    (1, "num_heads", 5, r"param group 1: parameter #0 of shape \(12, 8\): num_heads=5 does not divide"),
+    (0, "matrix_view", "rows", r"param group 0: matrix_view must be one of"),
+    (0, "backend", "cuda", r"param group 0: backend='cuda' cannot run on cpu"),
+    (2, "use_muon", True, r"param group 2: parameter #0 of shape \(8,\) is in a group with use_muon=True"),
+])
+def test_a_setting_that_fits_no_parameter_names_its_group_and_changes_nothing(group, key, value, match):
+    """Settings checked against the parameters when the step is planned (splits, views, the
+    backend, a group turned into a Muon group) name the group too, and leave everything as it was."""
+    torch.manual_seed(0)
+    a, b, bias = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(12, 8)), nn.Parameter(torch.randn(8))
+    opt = mk.Muon([{"params": [a]}, {"params": [b]}, {"params": [bias], "use_muon": False}], lr=0.02)
+    for p in (a, b, bias):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[group][key] = value
+    if key == "use_muon":  # a Muon group's settings, so the failure is the parameter's, not a missing key
+        opt.param_groups[group].update({k: v for k, v in opt.defaults.items() if k not in opt.param_groups[group]})
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=match + r".*nothing was modified"):
+        opt.step()
+    after = _snapshot(opt)
+    for x, y in zip(before[0], after[0]):
+        for p, q in zip(x, y):
+            assert torch.equal(p, q)
+    for k in before[1]:
+        for name in before[1][k]:
+            assert torch.equal(before[1][k][name], after[1][k][name])
