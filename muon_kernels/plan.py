@@ -74,8 +74,8 @@ def check_params(group: dict, tensors: list[torch.Tensor], names: list[str]) -> 
         name = label(labels, i, p)
         if torch.is_complex(p):
             raise ValueError(f"parameter {name}: Muon does not support complex parameters; step it with another "
-                             "optimizer, or orthogonalize a real matrix instead (e.g. a real parameter of shape "
-                             "(rows, 2·cols) whose halves your model combines into the complex weight)")
+                             "optimizer (e.g. torch.optim.AdamW), or keep its real and imaginary parts as two real "
+                             "parameters")
         view = matrix_view(p.shape, group["matrix_view"], name)
         for part, _ in splits.pieces(view, group["split_sizes"], group["num_heads"], name):
             if group["momentum_dtype"] == momentum_precision.INT8:

@@ -168,8 +168,8 @@ def check_grads(param_groups: list[dict]) -> list[tuple[int, dict, list[torch.Te
             # index counts within its Muon or its AdamW half, not in the list the user passed
             where = f"param group {gi} ({kind}), parameter {label(group, i, p)}"
             if g.is_sparse:
-                raise RuntimeError(f"{where}: {kind} here does not support sparse gradients; give it a dense "
-                                   "gradient (e.g. nn.Embedding(..., sparse=False)) or step it with "
+                raise RuntimeError(f"{where}: a sparse gradient, which the {kind} half does not support; give it "
+                                   "a dense gradient (e.g. nn.Embedding(..., sparse=False)) or step it with "
                                    "torch.optim.SparseAdam; nothing was modified")
             if group["use_muon"] and torch.is_complex(g):
                 raise RuntimeError(f"{where}: Muon does not support complex gradients; nothing was modified")

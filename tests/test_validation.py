@@ -80,7 +80,7 @@ def test_sparse_gradient_raises_before_anything_changes():
     b.grad = torch.randn(5, 3).to_sparse()  # in the last group: earlier groups must be untouched too
     before = _snapshot(opt)
     # the group after the split of the first one ([a] Muon, [bias] AdamW), and a fix
-    match = r"param group 2 \(Muon\), parameter #0 of shape \(5, 3\): Muon here does not support sparse gradients; give"
+    match = r"param group 2 \(Muon\), parameter #0 of shape \(5, 3\): a sparse gradient, which the Muon half does not support; give"
     with pytest.raises(RuntimeError, match=match):
         opt.step()
     after = _snapshot(opt)
