@@ -24,6 +24,7 @@ previous bucket's collective is in flight, and each handle keeps its buffers ali
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import replace
 from typing import NamedTuple
@@ -99,8 +100,8 @@ def bucket_layout(bucket: Bucket, names: dict[int, str], replicated) -> tuple[st
     if not all(dt):
         p = params[dt.index(False)]
         raise ValueError(f"parameter {names[id(p)]} is a plain tensor in the same bucket as DTensor parameters; "
-                         "shard every parameter of the model (fully_shard the root module too) or put it in its own "
-                         "param group with different Muon settings")
+                         "shard every parameter of the model (fully_shard the root module too): a plain parameter "
+                         "beside FSDP2 shards has gradients that no rank synchronizes")
     mesh = params[0].device_mesh
     for p in params:
         if p.device_mesh != mesh:
@@ -148,17 +149,18 @@ class Placement(NamedTuple):
     shard: Bucket | None = None  # sharded: this rank's shard bucket (its rows of each entry)
 
 
-def place(buckets: list[Bucket], names: dict[int, str], replicated, verify: bool = False) -> list[Placement]:
+def place(buckets: list[Bucket], names: dict[int, str], replicated, verify: list | None = None) -> list[Placement]:
     """Per bucket: how it is computed, over which group, which rank orthogonalizes each entry (ranks
     are assigned per group, in bucket order) and, for FSDP2 shards, this rank's shard bucket.
-    ``verify`` (step only, never plan(), which one rank may call alone): check with one collective
-    per group that every rank planned the same buckets."""
+    ``verify`` (step only, never plan(), which one rank may call alone): each param group's settings
+    (``settings.settings_key(group, portable=True)``), to check with one collective per group that
+    every rank planned the same buckets with the same settings (``check_same_plan``)."""
     kinds = [bucket_layout(b, names, replicated) for b in buckets]
     placements = [Placement(kind, group, None) for kind, group in kinds]
     for group in dict.fromkeys(g for kind, g in kinds if kind != "local"):
         idx = [i for i, (kind, g) in enumerate(kinds) if kind != "local" and g is group]
-        if verify:
-            check_same_plan(group, [buckets[i] for i in idx], replicated=group is replicated)
+        if verify is not None:
+            check_same_plan(group, [buckets[i] for i in idx], verify, replicated=group is replicated)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         for i, owners in zip(idx, assign_owners([buckets[i] for i in idx], world)):
             shard = shard_bucket(buckets[i], world, rank) if kinds[i][0] == "sharded" else None
@@ -388,15 +390,59 @@ def _finish_variant(bucket: Bucket, placement: Placement, out: torch.Tensor, gro
 _PLAIN_HINT = ("parameters differ across ranks: distributed='auto' treats plain parameters as replicated (DDP); for "
                "per-rank models (pipeline stages) pass distributed='off'")
 _MESH_HINT = "the sharded Muon parameters differ across the ranks of their mesh"
+_SETTINGS_HINT = ("the Muon settings of the same parameters differ across ranks (lr, weight_decay, momentum, "
+                  "Newton–Schulz, momentum precision, variants, splits or backend): every rank must build the "
+                  "optimizer and change its param_groups alike, or each matrix is stepped with its owner's")
+_GRADS_TOLERANCE = 1e-9  # relative: all-reduced gradients agree bit for bit; per-rank models by O(1)
 
 
-def check_same_plan(group, buckets: list[Bucket], *, replicated: bool) -> None:
-    """One all-reduce when the plan is (re)built: every rank must have planned the same buckets, or
-    their collectives would not match."""
-    # Ints only: Python salts str hashes per process, but an int tuple hashes the same everywhere.
-    signature = hash(tuple((len(b.entries), b.m, b.n, b.matrices, b.dtype.itemsize) for b in buckets)) % 2**62
-    if _differs_across(group, [signature], _device(group, buckets))[0]:
+def check_same_plan(group, buckets: list[Bucket], group_settings: list, *, replicated: bool) -> None:
+    """One all-reduce when the plan is (re)built: every rank must have planned the same buckets with
+    the same settings, or their collectives would not match (or, where only settings differ, each
+    matrix would be stepped with its owner's). For replicated buckets also the gradients: the
+    premise of orthogonalizing each matrix on one rank for all is that every rank holds the same
+    (all-reduced) gradients, and per-rank models of the same shapes (identical pipeline stages)
+    plan the same buckets but do not. ``group_settings``: per param group, its settings key."""
+    used = sorted({e.group for b in buckets for e in b.entries})
+    values = [_digest([(gi, group_settings[gi]) for gi in used]),
+              _digest([(len(b.entries), b.m, b.n, b.matrices, b.dtype.itemsize) for b in buckets])]
+    device = _device(group, buckets)
+    plain = [b for b in buckets if not is_dtensor(b.entries[0].param)]  # (a shard's gradient is its own)
+    sums = _gradient_sums(plain).to(device)
+    hi, lo = _spread(group, torch.cat([torch.tensor(values, dtype=torch.float64, device=device), sums]))
+    if hi[1] != lo[1]:
         raise RuntimeError(f"ranks planned different Muon buckets: {_PLAIN_HINT if replicated else _MESH_HINT}")
+    if hi[0] != lo[0]:
+        raise RuntimeError(f"ranks planned different Muon settings: {_SETTINGS_HINT}")
+    far = (hi[2:] - lo[2:]).abs() > _GRADS_TOLERANCE * torch.maximum(hi[2:].abs(), lo[2:].abs())
+    if far.any():
+        b = plain[int(far.nonzero()[0, 0]) // 2]
+        raise RuntimeError(f"the gradients of the replicated Muon parameters differ across ranks (bucket of "
+                           f"{b.matrices} matrices {b.m}×{b.n}): {_PLAIN_HINT}, or process_group= the ranks that "
+                           "replicate them")
+
+
+def _digest(value) -> int:
+    """52 bits of a hash of ``repr(value)`` that every process computes alike (Python salts str
+    hashes per process) and a float64 carries exactly."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little") % 2**52
+
+
+def _gradient_sums(buckets: list[Bucket]) -> torch.Tensor:
+    """Per bucket, the fp64 sum and absolute sum of its parameters' gradients (float64 (2·buckets,))."""
+    sums = []
+    for b in buckets:
+        grads = [p.grad for p in dict.fromkeys(e.param for e in b.entries)]
+        sums += [sum(g.sum(dtype=torch.float64) for g in grads), sum(g.abs().sum(dtype=torch.float64) for g in grads)]
+    return torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
+
+
+def _spread(group, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MAX all-reduce of (v, -v): each value's largest and smallest across the ranks (on the host)."""
+    both = torch.cat([values, -values])
+    dist.all_reduce(both, group=group, op=dist.ReduceOp.MAX)
+    both = both.cpu()
+    return both[:len(values)], -both[len(values):]
 
 
 def _differs_across(group, values: list[int], device) -> list[bool]:

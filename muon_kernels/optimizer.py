@@ -353,7 +353,7 @@ class Muon(Optimizer):
             checkpoint.check_state_settings(items, self.state, lambda: settings.names(self.param_groups))
             buckets = build_buckets(items)
             placements = dist_muon.place(buckets, settings.names(self.param_groups), self._replicated(),
-                                         verify=True)
+                                         verify=[settings.settings_key(g, portable=True) for g in self.param_groups])
             buckets, self._placements = self._within_cap(buckets, placements)
             measured.resolve(buckets, self._placements, self.dispatch, self.max_workspace_bytes)
             self._buckets = buckets

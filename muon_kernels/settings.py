@@ -45,12 +45,13 @@ def freeze(value: Any) -> Any:
     return tuple(freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def settings_key(group: dict) -> tuple:
+def settings_key(group: dict, portable: bool = False) -> tuple:
     """What a group's validation depends on. A tensor lr counts by identity and shape: its value is
-    the scheduler's to change in place, and reading it back would cost a host sync every step."""
+    the scheduler's to change in place, and reading it back would cost a host sync every step.
+    ``portable``: the same in every process (a tensor by dtype and shape), for comparing ranks."""
     keys = MUON_SETTINGS if group["use_muon"] else ADAMW_SETTINGS
     return tuple(
-        ("tensor", id(v), tuple(v.shape)) if isinstance(v, torch.Tensor) else freeze(v)
+        ("tensor", str(v.dtype) if portable else id(v), tuple(v.shape)) if isinstance(v, torch.Tensor) else freeze(v)
         for v in (group.get(k) for k in keys)
     )
 

@@ -311,6 +311,45 @@ def per_rank_models(rank, world, ns_dtype, out):
     return {"error": error, "unchanged": unchanged, "moved": moved}
 
 
+def same_shape_stages(rank, world, ns_dtype, out):
+    """Pipeline stages of identical blocks: every rank plans the same buckets, but its parameters
+    and gradients are its own. "auto" must refuse from the gradients (and touch nothing); "off"
+    steps each rank's own stage."""
+    torch.manual_seed(rank)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        make_optimizer(model, ns_dtype).step()
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    make_optimizer(model, ns_dtype, distributed="off").step()
+    moved = not any(torch.equal(a, p) for a, p in zip(before, model.parameters()) if p.ndim == 2)
+    return {"error": error, "unchanged": unchanged, "moved": moved}
+
+
+def settings_per_rank(rank, world, ns_dtype, out):
+    """The same replicated model with a setting that differs on one rank: refused, naming settings."""
+    errors = {}
+    for key, value in (("momentum", 0.9), ("momentum_dtype", "int8"), ("ns_steps", 3)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt = make_optimizer(model, ns_dtype, **({key: value} if rank == 1 else {}))
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step()
+            errors[key] = None
+        except RuntimeError as e:
+            errors[key] = str(e)
+        errors[key + " unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    return errors
+
+
 # Option sets the layouts train with, by scenario name: "train_<ddp|fsdp>_<name>" trains with them,
 # "fsdp_resume_<name>" checkpoints and resumes FSDP2 training with them.
 OPTION_SETS = {"gram_aol": GRAM_AOL, "cautious": CAUTIOUS, "variants": VARIANTS, "split": SPLIT,

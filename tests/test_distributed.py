@@ -172,3 +172,16 @@ def test_per_rank_models_need_distributed_off(tmp_path):
     for res in _spawn(tmp_path, "per_rank_models", 2):
         assert "distributed='off'" in res["error"] and res["unchanged"]
         assert res["moved"]
+
+
+def test_same_shape_stages_are_told_apart_by_their_gradients(tmp_path):
+    """Identical pipeline stages plan the same buckets; their gradients differ, and "auto" says so."""
+    for res in _spawn(tmp_path, "same_shape_stages", 2):
+        assert "gradients of the replicated Muon parameters differ across ranks" in res["error"]
+        assert "distributed='off'" in res["error"] and res["unchanged"] and res["moved"]
+
+
+def test_settings_that_differ_across_ranks_are_refused(tmp_path):
+    for res in _spawn(tmp_path, "settings_per_rank", 2):
+        for key in ("momentum", "momentum_dtype", "ns_steps"):
+            assert "ranks planned different Muon settings" in res[key] and res[key + " unchanged"], key
