@@ -407,14 +407,19 @@ def check_same_plan(group, buckets: list[Bucket], group_settings: list, *, repli
     values = [_digest([(gi, group_settings[gi]) for gi in used]),
               _digest([(len(b.entries), b.m, b.n, b.matrices, b.dtype.itemsize) for b in buckets])]
     device = _device(group, buckets)
-    plain = [b for b in buckets if not is_dtensor(b.entries[0].param)]  # (a shard's gradient is its own)
-    sums = _gradient_sums(plain).to(device)
-    hi, lo = _spread(group, torch.cat([torch.tensor(values, dtype=torch.float64, device=device), sums]))
-    if hi[1] != lo[1]:
-        raise RuntimeError(f"ranks planned different Muon buckets: {_PLAIN_HINT if replicated else _MESH_HINT}")
+    # the digests first: a fixed-length collective, so ranks that planned different buckets still match
+    hi, lo = _spread(group, torch.tensor(values, dtype=torch.float64, device=device))
     if hi[0] != lo[0]:
         raise RuntimeError(f"ranks planned different Muon settings: {_SETTINGS_HINT}")
-    far = (hi[2:] - lo[2:]).abs() > _GRADS_TOLERANCE * torch.maximum(hi[2:].abs(), lo[2:].abs())
+    if hi[1] != lo[1]:
+        raise RuntimeError(f"ranks planned different Muon buckets: {_PLAIN_HINT if replicated else _MESH_HINT}")
+    plain = [b for b in buckets if not is_dtensor(b.entries[0].param)]  # (a shard's gradient is its own)
+    if not plain:
+        return
+    hi, lo = _spread(group, _gradient_sums(plain).to(device))
+    # both sums measured against the absolute one: a signed sum near zero must not count as far apart
+    scale = torch.maximum(hi[1::2].abs(), lo[1::2].abs()).repeat_interleave(2)
+    far = (hi - lo).abs() > _GRADS_TOLERANCE * scale
     if far.any():
         b = plain[int(far.nonzero()[0, 0]) // 2]
         raise RuntimeError(f"the gradients of the replicated Muon parameters differ across ranks (bucket of "
@@ -429,12 +434,14 @@ def _digest(value) -> int:
 
 
 def _gradient_sums(buckets: list[Bucket]) -> torch.Tensor:
-    """Per bucket, the fp64 sum and absolute sum of its parameters' gradients (float64 (2·buckets,))."""
+    """Per bucket, the fp64 sum and absolute sum of its parameters' gradients (float64 (2·buckets,),
+    on the host: a DDP module's parameters may span devices)."""
     sums = []
     for b in buckets:
         grads = [p.grad for p in dict.fromkeys(e.param for e in b.entries)]
-        sums += [sum(g.sum(dtype=torch.float64) for g in grads), sum(g.abs().sum(dtype=torch.float64) for g in grads)]
-    return torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
+        sums += [sum(g.sum(dtype=torch.float64).cpu() for g in grads),
+                 sum(torch.linalg.vector_norm(g, 1, dtype=torch.float64).cpu() for g in grads)]
+    return torch.stack(sums)
 
 
 def _spread(group, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

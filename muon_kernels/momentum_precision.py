@@ -294,7 +294,7 @@ def _convert(buf: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
     rows = buf.shape[0]
     values = dequantize(buf.reshape(rows, -1), scale).view(buf.shape) if buf.dtype == torch.int8 else buf
     if dtype != torch.int8:
-        return values.to(dtype), None  # one rounding from a float buffer's own dtype
+        return values.to(dtype), None
     q, new_scale = quantize(values.float().reshape(rows, -1), None)
     return q.view(buf.shape), new_scale
 

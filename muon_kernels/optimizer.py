@@ -326,7 +326,7 @@ class Muon(Optimizer):
                     value = state_dict["state"].get(pid, {}).get(key)
                     if value is not None:
                         self.state[p][key] = value.to(device=p.device, dtype=dtype)
-                if "momentum_buffer" in self.state[p]:
+                if "momentum_buffer" in self.state.get(p, {}):
                     self._momentum_buffer(p, group)
         self._plan_key = None
         for hook in held["_optimizer_load_state_dict_post_hooks"].values():

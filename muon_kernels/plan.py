@@ -109,8 +109,9 @@ def group_items(group_index: int, group: dict, params: list[torch.Tensor]):
     index = {id(p): i for i, p in enumerate(group["params"])}
     variant = variants.variant(group)
     low = momentum_precision.mode(group)
-    for device in dict.fromkeys(p.device for p in params):
-        select_backend(group["backend"], device)  # raises if a backend set after construction can't run there
+    if group["backend"] != "auto":  # raises if a backend set after construction cannot run there
+        for device in dict.fromkeys(p.device for p in params):
+            select_backend(group["backend"], device)
     for p in params:
         name = label(group, index[id(p)], p)
         whole = matrix_view(p.shape, group["matrix_view"], name)

@@ -331,6 +331,22 @@ def same_shape_stages(rank, world, ns_dtype, out):
     return {"error": error, "unchanged": unchanged, "moved": moved}
 
 
+def different_buckets(rank, world, ns_dtype, out):
+    """As many Muon parameters on every rank, bucketed differently (8×8 and 16×8 against two 8×8):
+    a clear error on every rank, not collectives of different lengths."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 16 if rank == 0 else 8))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        make_optimizer(model, ns_dtype).step()
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    return {"error": error, "unchanged": all(torch.equal(a, p) for a, p in zip(before, model.parameters()))}
+
+
 def settings_per_rank(rank, world, ns_dtype, out):
     """The same replicated model with a setting that differs on one rank: refused, naming settings."""
     errors = {}

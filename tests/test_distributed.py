@@ -181,6 +181,11 @@ def test_same_shape_stages_are_told_apart_by_their_gradients(tmp_path):
         assert "distributed='off'" in res["error"] and res["unchanged"] and res["moved"]
 
 
+def test_ranks_that_bucket_differently_get_an_error_not_a_hang(tmp_path):
+    for res in _spawn(tmp_path, "different_buckets", 2):
+        assert "ranks planned different Muon buckets" in res["error"] and res["unchanged"]
+
+
 def test_settings_that_differ_across_ranks_are_refused(tmp_path):
     for res in _spawn(tmp_path, "settings_per_rank", 2):
         for key in ("momentum", "momentum_dtype", "ns_steps"):

@@ -435,7 +435,8 @@ def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr, w
 
 def _signs_agree(w: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """W·O >= 0 elementwise, as W·sign(O) >= 0: a product by ±1 or 0 is exact (W·O of tiny values
-    would underflow to 0), true where the signs agree or either is zero. Three passes over memory
-    where comparing the signs and the zeros took seven (a W of ±inf against an O of 0 reads as
-    disagreeing; its decayed value is the same ±inf)."""
+    would underflow to 0), true where the signs agree or either is zero — the kernels' decision for
+    every finite W and O — in three passes over memory where comparing the signs and the zeros took
+    seven. Non-finite values may decide otherwise (±inf·0 and a NaN in O); W is inf or NaN there
+    either way."""
     return torch.mul(w, o.sign()) >= 0
