@@ -292,6 +292,22 @@ def unsupported_layouts(rank, world, ns_dtype, out):
     return {"errors": errors}
 
 
+def _auto_refuses(model, ns_dtype, then_off: bool = True) -> dict:
+    """Step ``model`` (gradients set) with distributed="auto": the error it raises and whether the
+    parameters stayed as they were; with ``then_off``, whether distributed="off" then steps them."""
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        make_optimizer(model, ns_dtype).step()
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    res = {"error": error, "unchanged": all(torch.equal(a, p) for a, p in zip(before, model.parameters()))}
+    if then_off:
+        make_optimizer(model, ns_dtype, distributed="off").step()
+        res["moved"] = not any(torch.equal(a, p) for a, p in zip(before, model.parameters()) if p.ndim == 2)
+    return res
+
+
 def per_rank_models(rank, world, ns_dtype, out):
     """Pipeline-style: each rank owns different layers. "auto" must refuse (and touch nothing);
     "off" steps each rank's own model."""
@@ -299,16 +315,7 @@ def per_rank_models(rank, world, ns_dtype, out):
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(rank + 1)])
     for p in model.parameters():
         p.grad = torch.randn_like(p)
-    before = [p.detach().clone() for p in model.parameters()]
-    try:
-        make_optimizer(model, ns_dtype).step()
-        error = None
-    except RuntimeError as e:
-        error = str(e)
-    unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    make_optimizer(model, ns_dtype, distributed="off").step()
-    moved = not any(torch.equal(a, p) for a, p in zip(before, model.parameters()) if p.ndim == 2)
-    return {"error": error, "unchanged": unchanged, "moved": moved}
+    return _auto_refuses(model, ns_dtype)
 
 
 def same_shape_stages(rank, world, ns_dtype, out):
@@ -319,16 +326,7 @@ def same_shape_stages(rank, world, ns_dtype, out):
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     for p in model.parameters():
         p.grad = torch.randn_like(p)
-    before = [p.detach().clone() for p in model.parameters()]
-    try:
-        make_optimizer(model, ns_dtype).step()
-        error = None
-    except RuntimeError as e:
-        error = str(e)
-    unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    make_optimizer(model, ns_dtype, distributed="off").step()
-    moved = not any(torch.equal(a, p) for a, p in zip(before, model.parameters()) if p.ndim == 2)
-    return {"error": error, "unchanged": unchanged, "moved": moved}
+    return _auto_refuses(model, ns_dtype)
 
 
 def different_buckets(rank, world, ns_dtype, out):
@@ -338,13 +336,7 @@ def different_buckets(rank, world, ns_dtype, out):
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 16 if rank == 0 else 8))
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    before = [p.detach().clone() for p in model.parameters()]
-    try:
-        make_optimizer(model, ns_dtype).step()
-        error = None
-    except RuntimeError as e:
-        error = str(e)
-    return {"error": error, "unchanged": all(torch.equal(a, p) for a, p in zip(before, model.parameters()))}
+    return _auto_refuses(model, ns_dtype, then_off=False)
 
 
 def settings_per_rank(rank, world, ns_dtype, out):

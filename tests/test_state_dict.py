@@ -25,6 +25,15 @@ def _train(model, opt, steps, seed):
         opt.step()
 
 
+def _assert_same(model, opt, twin_model, twin):
+    """Parameters and every state tensor equal, bit for bit."""
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+        assert opt.state[a].keys() == twin.state[b].keys()
+        for key, value in opt.state[a].items():
+            assert torch.equal(value, twin.state[b][key]), key
+
+
 def _roundtrip(state_dict):
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
@@ -86,11 +95,7 @@ def test_a_checkpoint_saved_after_a_momentum_dtype_change_resumes_bit_identicall
     opt2.load_state_dict(saved_opt)
     _train(model, opt, 2, seed=2)
     _train(resumed, opt2, 2, seed=2)
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-        assert opt.state[a].keys() == opt2.state[b].keys()
-        for key, value in opt.state[a].items():
-            assert torch.equal(value, opt2.state[b][key]), key
+    _assert_same(model, opt, resumed, opt2)
 
 
 def test_an_int8_momentum_without_its_scales_is_refused():
@@ -286,11 +291,7 @@ def test_a_copied_optimizer_steps_like_the_original(how):
     assert twin.plan() == opt.plan()
     _train(model, opt, 2, seed=2)
     _train(twin_model, twin, 2, seed=2)
-    for a, b in zip(model.parameters(), twin_model.parameters()):
-        assert torch.equal(a, b)
-        assert opt.state[a].keys() == twin.state[b].keys()
-        for key, value in opt.state[a].items():
-            assert torch.equal(value, twin.state[b][key]), key
+    _assert_same(model, opt, twin_model, twin)
     twin.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})  # reads the AdamW defaults
     assert twin.param_groups[-1]["lr"] == 1e-3
 

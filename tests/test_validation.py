@@ -18,6 +18,18 @@ def _snapshot(opt):
     )
 
 
+def _assert_unchanged(before, after):
+    """Two ``_snapshot``s hold the same parameters and state, bit for bit."""
+    for x, y in zip(before[0], after[0]):
+        for p, q in zip(x, y):
+            assert torch.equal(p, q)
+    assert before[1].keys() == after[1].keys()
+    for key in before[1]:
+        assert before[1][key].keys() == after[1][key].keys()
+        for name in before[1][key]:
+            assert torch.equal(before[1][key][name], after[1][key][name]), name
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -84,13 +96,7 @@ def test_sparse_gradient_raises_before_anything_changes():
     with pytest.raises(RuntimeError, match=match):
         opt.step()
     after = _snapshot(opt)
-    for x, y in zip(before[0], after[0]):
-        for p, q in zip(x, y):
-            assert torch.equal(p, q)
-    assert before[1].keys() == after[1].keys()
-    for key in before[1]:
-        for name in before[1][key]:
-            assert torch.equal(before[1][key][name], after[1][key][name])
+    _assert_unchanged(before, after)
 
 
 def test_complex_parameters_are_rejected_at_construction():
@@ -333,12 +339,7 @@ def test_a_gradient_or_state_of_the_wrong_dtype_is_refused_before_anything_chang
     with pytest.raises((ValueError, RuntimeError), match=match):
         opt.step()
     after = _snapshot(opt)
-    for x, y in zip(before[0], after[0]):
-        for p, q in zip(x, y):
-            assert torch.equal(p, q)
-    for key in before[1]:
-        for name in before[1][key]:
-            assert torch.equal(before[1][key][name], after[1][key][name]), name
+    _assert_unchanged(before, after)
     if case == "bias converted after its state was made":  # the fix the message gives works
         opt.load_state_dict(opt.state_dict())
         opt.step()
@@ -392,9 +393,4 @@ def test_a_setting_that_fits_no_parameter_names_its_group_and_changes_nothing(gr
     with pytest.raises(ValueError, match=match + r".*nothing was modified"):
         opt.step()
     after = _snapshot(opt)
-    for x, y in zip(before[0], after[0]):
-        for p, q in zip(x, y):
-            assert torch.equal(p, q)
-    for k in before[1]:
-        for name in before[1][k]:
-            assert torch.equal(before[1][k][name], after[1][k][name])
+    _assert_unchanged(before, after)
