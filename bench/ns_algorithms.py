@@ -43,8 +43,9 @@ CONFIGS = {
 }
 
 
-def points(device: torch.device) -> list[tuple[int, int, str]]:
-    return GPU_POINTS if device.type == "cuda" else CPU_POINTS
+def points(device: torch.device, divisor: int = 1) -> list[tuple[int, int, str]]:
+    """The device's points, every width divided by ``divisor`` (a smoke run of the section)."""
+    return [(m // divisor, n // divisor, dt) for m, n, dt in (GPU_POINTS if device.type == "cuda" else CPU_POINTS)]
 
 
 def _references(G: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import newton_schulz  # noqa: E402
+import ns_algorithms  # noqa: E402
 
 
 def test_naive_flops_match_design_md():
@@ -60,6 +61,8 @@ def test_benchmark_writes_results(tmp_path):
         assert row["tflops"] == pytest.approx(newton_schulz.naive_flops(m, n, row["batch"]) / row["ms"] / 1e9)
     assert {s["impl"] for s in result["ns_speedups"]} == {"ours-torch", "ours-torch-gram", "ours-torch-aol"}
     algorithms = {(tuple(r["shape"]), r["dtype"], r["algorithm"]): r for r in result["ns_algorithms"]}
+    # an explicit --width-divisor shrinks the algorithms section's points too (a smoke run)
+    assert {(m, n, dt) for (m, n), dt, _ in algorithms} == set(ns_algorithms.points(torch.device("cpu"), 8))
     assert {a for _, _, a in algorithms} == {"standard", "gram", "turbo", "standard-4"}
     for (shape, dtype, algorithm), r in algorithms.items():
         assert r["ms"] > 0 and r["speedup"] == pytest.approx(algorithms[(shape, dtype, "standard")]["ms"] / r["ms"])
