@@ -92,6 +92,20 @@ def through_triton_dispatch(fn):
         return fn()
 
 
+def bf16_slowdown(size: int = 512) -> float:
+    """How many times longer a ``size``² bf16 matmul takes than an fp32 one on this CPU (best of 3
+    each): about 0.5–2 where bf16 is native (AVX512_BF16, AMX, ARM BF16), tens where it is emulated
+    (a 2-core EPYC without AVX-512: one bf16 768×3072 Newton–Schulz call took ~20 s against 0.2 s)."""
+    a32 = torch.randn(size, size)
+    a16 = a32.bfloat16()
+    best = {}
+    for a in (a32, a16, a32, a16, a32, a16):
+        start = time.perf_counter()
+        a @ a
+        best[a.dtype] = min(best.get(a.dtype, float("inf")), time.perf_counter() - start)
+    return best[torch.bfloat16] / best[torch.float32]
+
+
 def summarize(samples: list[float]) -> dict:
     return {"ms": statistics.median(samples), "p20": percentile(samples, 0.2), "p80": percentile(samples, 0.8)}
 

@@ -37,7 +37,7 @@ import ns_algorithms
 import step
 import update
 import phases
-from common import MODELS, RESULTS_DIR, environment, layer_shapes, table, write_results
+from common import MODELS, RESULTS_DIR, bf16_slowdown, environment, layer_shapes, table, write_results
 
 SECTIONS = ("ns", "algorithms", "update", "step")
 GPU_MODELS = ["gpt2-small", "gpt2-medium", "gpt2-xl", "llama-1b", "llama-7b"]
@@ -45,6 +45,7 @@ GPU_MODELS = ["gpt2-small", "gpt2-medium", "gpt2-xl", "llama-1b", "llama-7b"]
 PRIORITY_NS_POINTS = [(4096, 4096, 1), (1024, 4096, 1), (768, 768, 48), (8192, 8192, 1), (2048, 8192, 1)]
 PRIORITY_MODELS = ["gpt2-small", "llama-1b"]  # also the CPU run's models
 TARGET_MODELS = ["gpt2-small", "llama-1b", "gpt2-medium"]  # a GPU run's step targets, in this order
+EMULATED_BF16 = 4.0  # a bf16 matmul this many times an fp32 one's time: bf16 is emulated on this CPU
 
 
 class Budget:
@@ -59,7 +60,8 @@ class Budget:
 
 
 def work_plan(device: torch.device, sections, models: list[str], quick: bool,
-              widths: tuple[int, ...] = (1,), algorithm_divisor: int = 1) -> list[tuple[str, object]]:
+              widths: tuple[int, ...] = (1,), algorithm_divisor: int = 1,
+              algorithm_dtypes=("float32", "bfloat16", "float16")) -> list[tuple[str, object]]:
     """(section, what) items in priority order; each runs on its own and leaves a valid result.
 
     A step item is (model, width divisor) on a CPU, every width of a model in the order given (each
@@ -92,7 +94,7 @@ def work_plan(device: torch.device, sections, models: list[str], quick: bool,
     items += steps(priority, ["rest"])
     items += [("update", m) for m in update_models if ("update", m) not in items]
     if "algorithms" in sections:
-        items += [("algorithms", p) for p in ns_algorithms.points(device, algorithm_divisor)]
+        items += [("algorithms", p) for p in ns_algorithms.points(device, algorithm_divisor) if p[2] in algorithm_dtypes]
     items += [("ns", p) for p in ns_points if p not in first_ns]
     items += steps(others, ["default"]) + steps(others, ["rest"])
     return items
@@ -214,7 +216,12 @@ def main(argv=None, clock=time.monotonic) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
-    widths = tuple(args.width_divisor or ((8, 4, 1) if device.type == "cpu" else (1,)))
+    # A CPU that emulates bf16 would spend hours on the full-width bf16 rows: by default it runs the
+    # ÷8 step rows and the algorithms section's fp32 points (the note in the output says so).
+    slowdown = bf16_slowdown() if device.type == "cpu" else 1.0
+    emulated = slowdown > EMULATED_BF16
+    widths = tuple(args.width_divisor or ((8,) if emulated else (8, 4, 1) if device.type == "cpu" else (1,)))
+    algorithm_dtypes = ("float32",) if emulated and not args.width_divisor else ("float32", "bfloat16", "float16")
     repeat = args.repeat or (3 if quick else 20)
     warmup = args.warmup or (1 if quick else 5)
     models = args.models or (GPU_MODELS if device.type == "cuda" else PRIORITY_MODELS)
@@ -234,8 +241,12 @@ def main(argv=None, clock=time.monotonic) -> int:
     budget = Budget(args.budget_minutes, clock)
     path = None
     result["errors"] = []
+    if emulated:
+        result["notes"].append(f"this CPU emulates bf16 (a 512² bf16 matmul took {slowdown:.0f}× an fp32 one): by "
+                               "default the step section runs widths ÷8 only and the algorithms section its fp32 "
+                               "points (--width-divisor chooses); pass ns_dtype=torch.float32 on such a CPU")
     for section, what in work_plan(device, args.sections, models, quick, widths,
-                                   max(args.width_divisor) if args.width_divisor else 1):
+                                   max(args.width_divisor) if args.width_divisor else 1, algorithm_dtypes):
         if budget.spent():
             result["skipped"].append([section, list(what) if isinstance(what, tuple) else what])
             continue

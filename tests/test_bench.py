@@ -277,6 +277,27 @@ def test_budget_stops_cleanly_with_a_valid_json(tmp_path, monkeypatch):
                                         "speedup": 3.0}]
 
 
+@pytest.mark.parametrize("slowdown", [0.6, 20.0])
+def test_a_cpu_that_emulates_bf16_runs_the_small_rows_by_default(tmp_path, monkeypatch, slowdown):
+    """Where a bf16 matmul takes EMULATED_BF16× an fp32 one or more, the default CPU run keeps to
+    widths ÷8 and the algorithms section's fp32 points (the full bf16 rows would take hours), and
+    says so; elsewhere it runs every width and dtype."""
+    import run
+
+    planned, work_plan = [], run.work_plan
+    monkeypatch.setattr(run, "bf16_slowdown", lambda: slowdown)
+    monkeypatch.setattr(run, "work_plan", lambda *args: planned.append(args[4:]) or [])
+    monkeypatch.setitem(sys.modules, "plots", type(sys)("plots"))
+    sys.modules["plots"].draw = lambda result, stem: []
+    assert run.main(["--out-dir", str(tmp_path)]) == 0
+    emulated = slowdown > run.EMULATED_BF16
+    assert planned == [((8,), 1, ("float32",)) if emulated else ((8, 4, 1), 1, ("float32", "bfloat16", "float16"))]
+    [path] = tmp_path.glob("*.json")
+    assert any("emulates bf16" in n for n in json.loads(path.read_text())["notes"]) == emulated
+    fp32_only = work_plan(torch.device("cpu"), ["algorithms"], [], True, algorithm_dtypes=("float32",))
+    assert [p for _, p in fp32_only] == [p for p in ns_algorithms.points(torch.device("cpu")) if p[2] == "float32"]
+
+
 def test_a_failing_item_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     """One item raising (an out-of-memory model, a backend error) must not cost the items after it:
     the error is in the JSON (and the summary), the rows already done stay."""
