@@ -452,14 +452,6 @@ def _spread(group, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return both[:len(values)], -both[len(values):]
 
 
-def _differs_across(group, values: list[int], device) -> list[bool]:
-    """One MAX all-reduce of (v, -v) pairs: for each value, whether the ranks disagree on it."""
-    both = torch.tensor([x for v in values for x in (v, -v)], dtype=torch.int64, device=device)
-    dist.all_reduce(both, group=group, op=dist.ReduceOp.MAX)
-    pairs = both.tolist()
-    return [pairs[2 * i] != -pairs[2 * i + 1] for i in range(len(values))]
-
-
 def _device(group, items) -> torch.device | str:
     """Where a small control tensor for ``group`` lives: the device of ``items`` (tensors or buckets) for NCCL."""
     return items[0].device if dist.get_backend(group) == "nccl" else "cpu"
@@ -470,8 +462,9 @@ def check_grad_agreement(group, params: list[torch.Tensor], names: dict[int, str
     issue different collectives and hang. One small all-reduce per step (a second one only to name
     the culprit); raises the same error on every rank."""
     flags = [p.grad is not None for p in params]
-    count_differs, flags_differ = _differs_across(group, [len(params), hash(tuple(flags)) % 2**62],
-                                                  _device(group, params))
+    hi, lo = _spread(group, torch.tensor([len(params), _digest(flags)], dtype=torch.float64,
+                                         device=_device(group, params)))
+    count_differs, flags_differ = (hi != lo).tolist()
     if count_differs:
         raise RuntimeError(f"ranks hold different numbers of Muon parameters: {_PLAIN_HINT if replicated else _MESH_HINT}")
     if not flags_differ:
