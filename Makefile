@@ -33,6 +33,13 @@ INSTALL_SPEC := ".[test,bench,experiments]"
 PEER_SPEC := gram-newton-schulz==0.1.6
 endif
 # make gpu-check: where its results go, and its whole time budget (tests + bench) in minutes.
+# make test spreads the suite over TEST_WORKERS processes (pytest-xdist; about half the wall time on
+# CI's 2 cores) where pytest-xdist is installed (the test extra, both environments): one per core
+# nproc reports, at most 4 (each holds torch; the longest tests bound the gain beyond that).
+# Without pytest-xdist (a host environment such as the offline GPU machine), or with
+# TEST_WORKERS=1, the suite runs in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+XDIST = $$($(1) -c "import xdist" 2>/dev/null && [ "$(TEST_WORKERS)" -gt 1 ] && echo "-n $(TEST_WORKERS)")
 OUT ?= gpu-check
 GPU_CHECK_MINUTES ?= 8.5
 
@@ -56,18 +63,18 @@ install: build-tools
 # int(), which numpy >= 2.4 refuses, and triton_kernels/config.py squeezes them first (as 3.9 does).
 .venv-triton-old/.installed-$(TRITON_OLD):
 	$(PYTHON) -m venv .venv-triton-old
-	.venv-triton-old/bin/pip install --quiet "$(TORCH_SPEC)" "triton==$(TRITON_OLD)" numpy pytest scipy hypothesis setuptools wheel
+	.venv-triton-old/bin/pip install --quiet "$(TORCH_SPEC)" "triton==$(TRITON_OLD)" numpy pytest pytest-xdist scipy hypothesis setuptools wheel
 	touch $@
 
 test-old-triton: $(OLD_TRITON_ENV)
 ifneq ($(OLD_TRITON_ENV),)
 	MUON_KERNELS_SKIP_CUDA_BUILD=1 .venv-triton-old/bin/pip install --quiet --no-build-isolation --no-deps .
-	cd tests && ../.venv-triton-old/bin/python -m pytest -q test_triton_aot.py test_triton_interpreter.py test_launch.py test_replay.py
+	cd tests && ../.venv-triton-old/bin/python -m pytest -q $(call XDIST,../.venv-triton-old/bin/python) test_triton_aot.py test_triton_interpreter.py test_launch.py test_replay.py
 endif
 
 test: install test-old-triton
 	@$(PY) -c "import pytest, scipy" 2>/dev/null || { echo "make test needs pytest and scipy in $(PY)'s environment (pip install pytest scipy hypothesis)"; exit 2; }
-	cd tests && $(PY) -m pytest -q $(PYTEST_ARGS)
+	cd tests && $(PY) -m pytest -q $(call XDIST,$(PY)) $(PYTEST_ARGS)
 
 # One prepared command for a lent GPU (README, GPU section): _C built for this device's arch only,
 # tests/gpu with NaN-filled work buffers and compute-sanitizer, the budgeted bench, a summary in $(OUT).

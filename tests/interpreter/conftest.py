@@ -1,7 +1,7 @@
 """Tests of the Triton kernels on the CPU interpreter.
 
 They run only in a process started with TRITON_INTERPRET=1 (the flag must be set before the
-kernels are defined); tests/test_triton_interpreter.py starts that process, once per Triton version.
+kernels are defined); tests/test_triton_interpreter.py starts one per file, under each Triton version.
 """
 
 import os
