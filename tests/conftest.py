@@ -28,6 +28,23 @@ def pytest_runtest_logreport(report):
         f.write(f"{outcome}\t{report.nodeid}\t{report.duration:.2f}\t{detail}\n")
 
 
+# The suite's longest tests (minutes each on a 2-core CPU), longest first. pytest-xdist hands tests
+# to its workers in collection order; these, collected last alphabetically, kept one worker busy
+# for minutes after the other had finished. Started first, they overlap the many short tests.
+LONGEST_FIRST = ("test_bench.py::test_accuracy_script", "test_triton_interpreter.py", "test_triton_aot.py",
+                 "test_bench.py::test_benchmark_writes_results", "test_convergence.py", "test_tune.py")
+
+
+def _longest_first(item) -> int:
+    where = f"{item.path.name}::{item.name}"
+    return next((i for i, prefix in enumerate(LONGEST_FIRST) if where.startswith(prefix)), len(LONGEST_FIRST))
+
+
+def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (every worker sorts alike); one process keeps file order
+        items.sort(key=_longest_first)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
