@@ -291,11 +291,12 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 def _convert(buf: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
     """(buffer in ``dtype``, its int8 scales or None) for a plain tensor."""
-    rows = buf.shape[0]
-    values = dequantize(buf.reshape(rows, -1), scale).view(buf.shape) if buf.dtype == torch.int8 else buf
+    # Explicit columns: an FSDP2 rank's shard of a matrix with fewer rows than ranks has none.
+    rows, cols = buf.shape[0], math.prod(buf.shape[1:])
+    values = dequantize(buf.reshape(rows, cols), scale).view(buf.shape) if buf.dtype == torch.int8 else buf
     if dtype != torch.int8:
         return values.to(dtype), None
-    q, new_scale = quantize(values.float().reshape(rows, -1), None)
+    q, new_scale = quantize(values.float().reshape(rows, cols), None)
     return q.view(buf.shape), new_scale
 
 

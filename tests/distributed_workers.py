@@ -77,18 +77,30 @@ SPLIT_COLUMNS = {"split_square": (8, 16), "split_view": "transposed", "adaptive"
 # rows' part of the parameter's stream); int8 blocks are replicated (DDP) only.
 STOCHASTIC_BF16 = {"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic"}
 INT8 = {"momentum_dtype": "int8", "momentum_rounding": "stochastic"}
+# momentum_dtype changed before step 2 ("fsdp_momentum_<name>"): every shard's buffer converted at its
+# next step, the head's empty shard (0 rows) included. (options, change)
+MOMENTUM_CHANGES = {"int8_to_fp32": (INT8, {"momentum_dtype": torch.float32, "momentum_rounding": "nearest"}),
+                    "int8_to_bf16": (INT8, {"momentum_dtype": torch.bfloat16}),
+                    "fp32_to_int8": ({}, INT8)}
 
 
-def reference(world: int, ns_dtype, steps: int = STEPS, options: dict | None = None):
+def reference(world: int, ns_dtype, steps: int = STEPS, options: dict | None = None, change: dict | None = None):
     """Single process, the concatenated batch: what every distributed run must reproduce."""
     model = make_model()
     opt = make_optimizer(model, ns_dtype, **(options or {}))
     x, y = make_data(world)
-    for _ in range(steps):
+    for step in range(steps):
+        _change(opt, step, change)
         loss_fn(model, x, y).backward()
         opt.step()
         opt.zero_grad()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _change(opt, step: int, change: dict | None) -> None:
+    """``change`` written into the Muon group's settings before step 2 (a setting changed mid-training)."""
+    if change and step == 1:
+        opt.param_groups[0].update(change)
 
 
 class CountMatrices:
@@ -138,7 +150,7 @@ def train_ddp(rank, world, ns_dtype, out, options=None):
             "state": opt.state_dict()}
 
 
-def train_fsdp(rank, world, ns_dtype, out, options=None):
+def train_fsdp(rank, world, ns_dtype, out, options=None, change=None):
     from torch.distributed.device_mesh import init_device_mesh
 
     counter = CountMatrices()
@@ -146,7 +158,8 @@ def train_fsdp(rank, world, ns_dtype, out, options=None):
     _shard(model, init_device_mesh("cpu", (world,)))
     opt = make_optimizer(model, ns_dtype, **(options or {}))
     x, y = _local_batch(rank, world)
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        _change(opt, step, change)
         loss_fn(model, x, y).backward()
         opt.step()
         opt.zero_grad()
@@ -191,9 +204,12 @@ def measured_dispatch(rank, world, ns_dtype, out):
     return {"params": _full(model.module), "chosen": [b.backend.NAME for b in opt._buckets], "timed": fake.timed}
 
 
-def fsdp_resume(rank, world, ns_dtype, out, optimizer_options=None):
-    """Train 2 steps, take full model + optimizer state dicts, restore them into fresh objects,
-    train 2 more; compare with 4 uninterrupted steps."""
+def fsdp_resume(rank, world, ns_dtype, out, optimizer_options=None, sharded=False):
+    """Train 2 steps, checkpoint model + optimizer, restore them into fresh objects, train 2 more;
+    compare with 4 uninterrupted steps. The checkpoint: full state dicts in memory, or (``sharded``)
+    each rank's shards written to files by torch.distributed.checkpoint and read back into the fresh
+    objects' own state dicts, as a sharded FSDP2 checkpoint is used."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -219,11 +235,18 @@ def fsdp_resume(rank, world, ns_dtype, out, optimizer_options=None):
 
     model, opt = fresh()
     run(model, opt, 2)
-    options = StateDictOptions(full_state_dict=True)
-    msd, osd = get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options)
+    options = StateDictOptions(full_state_dict=not sharded)
+    saved = {"model": get_model_state_dict(model, options=options),
+             "optim": get_optimizer_state_dict(model, opt, options=options)}
     model2, opt2 = fresh()
-    set_model_state_dict(model2, msd, options=options)
-    set_optimizer_state_dict(model2, opt2, osd, options=options)
+    if sharded:
+        path = os.path.join(out, "checkpoint")
+        dcp.save(saved, checkpoint_id=path)
+        # The fresh objects' own (sharded) state dicts, filled in place from the files.
+        saved = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+        dcp.load(saved, checkpoint_id=path)
+    set_model_state_dict(model2, saved["model"], options=options)
+    set_optimizer_state_dict(model2, opt2, saved["optim"], options=options)
     run(model2, opt2, 2)
     return {"straight": straight, "resumed": _full(model2)}
 
@@ -359,7 +382,8 @@ def settings_per_rank(rank, world, ns_dtype, out):
 
 
 # Option sets the layouts train with, by scenario name: "train_<ddp|fsdp>_<name>" trains with them,
-# "fsdp_resume_<name>" checkpoints and resumes FSDP2 training with them.
+# "fsdp_resume_<name>" checkpoints and resumes FSDP2 training with them (full state dicts), and
+# "fsdp_sharded_resume[_<name>]" with a sharded torch.distributed.checkpoint on files.
 OPTION_SETS = {"gram_aol": GRAM_AOL, "cautious": CAUTIOUS, "variants": VARIANTS, "split": SPLIT,
                "split_columns": SPLIT_COLUMNS,
                "stochastic_bf16": STOCHASTIC_BF16, "int8": INT8}
@@ -373,9 +397,13 @@ def _scenario(name: str):
     if name.startswith("train_") and layout in ("ddp", "fsdp") and options in OPTION_SETS:
         train = train_ddp if layout == "ddp" else train_fsdp
         return lambda rank, world, ns_dtype, out: train(rank, world, ns_dtype, out, OPTION_SETS[options])
-    if name.startswith("fsdp_resume_"):
-        options = OPTION_SETS[name.removeprefix("fsdp_resume_")]
-        return lambda rank, world, ns_dtype, out: fsdp_resume(rank, world, ns_dtype, out, options)
+    if name.startswith("fsdp_momentum_"):
+        options, change = MOMENTUM_CHANGES[name.removeprefix("fsdp_momentum_")]
+        return lambda rank, world, ns_dtype, out: train_fsdp(rank, world, ns_dtype, out, options, change)
+    if name.startswith(("fsdp_resume_", "fsdp_sharded_resume")):
+        sharded, _, options = name.removeprefix("fsdp_").partition("resume")
+        options = OPTION_SETS[options.removeprefix("_")] if options else None
+        return lambda rank, world, ns_dtype, out: fsdp_resume(rank, world, ns_dtype, out, options, bool(sharded))
     raise KeyError(f"no distributed scenario {name!r}")
 
 

@@ -43,8 +43,8 @@ def _matrices() -> int:
     return sum(1 for p in workers.make_model().parameters() if p.ndim == 2)
 
 
-def _assert_matches_reference(results, world, ns_dtype, options=None, tolerance=None):
-    ref = workers.reference(world, ns_dtype, options=options)
+def _assert_matches_reference(results, world, ns_dtype, options=None, tolerance=None, change=None):
+    ref = workers.reference(world, ns_dtype, options=options, change=change)
     start = {n: p.detach() for n, p in workers.make_model().named_parameters()}
     assert all((ref[n] - start[n]).norm() > 0 for n in ref)
     if tolerance is None and ns_dtype == torch.float32:
@@ -140,11 +140,32 @@ def test_low_precision_momentum_training_equals_one_process(tmp_path, scenario, 
     assert "rounding" in results[0]["plan"]
 
 
+@pytest.mark.parametrize("change", sorted(workers.MOMENTUM_CHANGES))
+def test_momentum_dtype_changed_mid_training_under_fsdp2_equals_one_process(tmp_path, change):
+    """Each rank converts its shard's buffer (int8 with its rows' scales) at the next step, a rank
+    whose shard of the 1-row head is empty included: the run is the one-process run with the same change."""
+    options, new = workers.MOMENTUM_CHANGES[change]
+    results = _spawn(tmp_path, f"fsdp_momentum_{change}", 2)
+    _assert_matches_reference(results, 2, torch.float32, options, change=new)
+
+
 @pytest.mark.parametrize("scenario", ["fsdp_resume", "fsdp_resume_int8", "fsdp_resume_variants",
                                       "fsdp_resume_split_columns"])
 def test_fsdp2_full_state_dict_resumes_identically(tmp_path, scenario):
     """Also with int8 momentum (its block scales are DTensors sharded like the momentum) and with
     NorMuon + hyperball (v and the radii replicated), and with split pieces of columns."""
+    for res in _spawn(tmp_path, scenario, 2):
+        for name, want in res["straight"].items():
+            assert torch.equal(res["resumed"][name], want), name
+
+
+@pytest.mark.parametrize("scenario", ["fsdp_sharded_resume", "fsdp_sharded_resume_int8",
+                                      "fsdp_sharded_resume_variants", "fsdp_sharded_resume_split_columns",
+                                      "fsdp_sharded_resume_stochastic_bf16"])
+def test_fsdp2_sharded_checkpoint_resumes_identically(tmp_path, scenario):
+    """The same through torch.distributed.checkpoint's files: each rank saves its shards (int8
+    momentum with its sharded scales, NorMuon's v, the bf16 buffer and its step counter) and loads
+    them into a fresh optimizer's own state dict, which set_optimizer_state_dict then loads."""
     for res in _spawn(tmp_path, scenario, 2):
         for name, want in res["straight"].items():
             assert torch.equal(res["resumed"][name], want), name
