@@ -32,7 +32,6 @@ INSTALL_SPEC := ".[test,bench,experiments]"
 # (quack-kernels, cutlass-dsl): its torch path runs on a CPU.
 PEER_SPEC := gram-newton-schulz==0.1.6
 endif
-# make gpu-check: where its results go, and its whole time budget (tests + bench) in minutes.
 # make test spreads the suite over TEST_WORKERS processes (pytest-xdist; about half the wall time on
 # CI's 2 cores) where pytest-xdist is installed (the test extra, both environments): one per core
 # nproc reports, at most 4 (each holds torch; the longest tests bound the gain beyond that).
@@ -40,6 +39,7 @@ endif
 # TEST_WORKERS=1, the suite runs in one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 XDIST = $$($(1) -c "import xdist" 2>/dev/null && [ "$(TEST_WORKERS)" -gt 1 ] && echo "-n $(TEST_WORKERS)")
+# make gpu-check: where its results go, and its whole time budget (tests + bench) in minutes.
 OUT ?= gpu-check
 GPU_CHECK_MINUTES ?= 8.5
 
