@@ -150,22 +150,14 @@ def test_momentum_dtype_changed_mid_training_under_fsdp2_equals_one_process(tmp_
 
 
 @pytest.mark.parametrize("scenario", ["fsdp_resume", "fsdp_resume_int8", "fsdp_resume_variants",
-                                      "fsdp_resume_split_columns"])
-def test_fsdp2_full_state_dict_resumes_identically(tmp_path, scenario):
-    """Also with int8 momentum (its block scales are DTensors sharded like the momentum) and with
-    NorMuon + hyperball (v and the radii replicated), and with split pieces of columns."""
-    for res in _spawn(tmp_path, scenario, 2):
-        for name, want in res["straight"].items():
-            assert torch.equal(res["resumed"][name], want), name
-
-
-@pytest.mark.parametrize("scenario", ["fsdp_sharded_resume", "fsdp_sharded_resume_int8",
+                                      "fsdp_resume_split_columns", "fsdp_sharded_resume", "fsdp_sharded_resume_int8",
                                       "fsdp_sharded_resume_variants", "fsdp_sharded_resume_split_columns",
                                       "fsdp_sharded_resume_stochastic_bf16"])
-def test_fsdp2_sharded_checkpoint_resumes_identically(tmp_path, scenario):
-    """The same through torch.distributed.checkpoint's files: each rank saves its shards (int8
-    momentum with its sharded scales, NorMuon's v, the bf16 buffer and its step counter) and loads
-    them into a fresh optimizer's own state dict, which set_optimizer_state_dict then loads."""
+def test_fsdp2_checkpoint_resumes_identically(tmp_path, scenario):
+    """Full state dicts, and sharded ones through torch.distributed.checkpoint's files (each rank saves
+    its shards and loads them into a fresh optimizer's own state dict): also with int8 momentum (its
+    block scales are DTensors sharded like the momentum), NorMuon + hyperball (v and the radii
+    replicated), split pieces of columns and the bf16 buffer with its step counter."""
     for res in _spawn(tmp_path, scenario, 2):
         for name, want in res["straight"].items():
             assert torch.equal(res["resumed"][name], want), name
