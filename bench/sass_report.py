@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -108,27 +109,66 @@ def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, 
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": kcfg.FP_FUSION})
 
 
-def inspect_cubin(cubin: bytes, arch: int) -> tuple[int, int, int, int, int, int, int, int]:
-    """(tensor-core instruction count, HGMMA count, UTMALDG count, registers, spilled bytes, CALL
-    instructions, all instructions, 16-byte-or-wider global accesses) from nvdisasm and cuobjdump."""
+def _code(cubin: bytes) -> bytes:
+    """The kernel's machine code: its ELF's ``.text.*`` sections, in file order."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    entry, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * entry) for i in range(count)]
+    strings = headers[names][4]
+    code = b""
+    for name, _type, _flags, _addr, offset, size in headers:
+        if cubin[strings + name:cubin.index(b"\0", strings + name)].startswith(b".text."):
+            code += cubin[offset:offset + size]
+    return code
+
+
+def disassemble(cubins: list[bytes], arch: int) -> list[str]:
+    """Each cubin's SASS, one instruction per line, from ONE nvdisasm call.
+
+    nvdisasm spends ~0.35 s setting up an arch before it reads a byte, whatever the file's size
+    (measured: a 16-byte input takes as long as a 30-KB kernel), and it reads one ELF per call. Its
+    raw mode (``-b SMxy``) decodes a bare instruction stream instead: the kernels' code sections
+    concatenated are disassembled at once and split back by byte offset. Volta and later encode
+    every instruction in 16 self-contained bytes, so each one decodes the same wherever it sits;
+    only branch targets print as offsets where an ELF would name labels (nothing here reads them).
+    """
+    codes = [_code(c) for c in cubins]
+    starts, end = [], 0
+    for code in codes:
+        starts.append(end)
+        end += len(code)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "code.bin")
+        path.write_bytes(b"".join(codes))
+        text = subprocess.run([str(TRITON_BIN / "nvdisasm"), "-b", f"SM{arch}", str(path)], capture_output=True,
+                              text=True, check=True).stdout
+    lines: list[list[str]] = [[] for _ in codes]
+    kernel = 0
+    for line in text.splitlines():
+        offset = re.match(r"\s+/\*([0-9a-f]{4,})\*/", line)
+        if offset:
+            while kernel + 1 < len(codes) and int(offset.group(1), 16) >= starts[kernel + 1]:
+                kernel += 1
+            lines[kernel].append(line)
+    return ["\n".join(x) for x in lines]
+
+
+def inspect_cubins(cubins: list[bytes], arch: int) -> list[tuple[int, int, int, int, int, int, int, int]]:
+    """Per cubin: (tensor-core instruction count, HGMMA count, UTMALDG count, registers, spilled bytes,
+    CALL instructions, all instructions, 16-byte-or-wider global accesses) from nvdisasm and cuobjdump."""
+    found = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "kernel.cubin")
-        path.write_bytes(cubin)
-        usage = subprocess.run([str(TRITON_BIN / "cuobjdump"), "-res-usage", str(path)], capture_output=True,
-                               text=True, check=True).stdout
-        # The instructions alone (-c), without the register dataflow comments (-ndf): the same text as
-        # cuobjdump -sass in a quarter less time, which over ~1300 kernels per Triton is minutes of make test.
-        sass = subprocess.run([str(TRITON_BIN / "nvdisasm"), "-c", "-ndf", str(path)], capture_output=True,
-                              text=True, check=True).stdout
-    tensor_core = sum(len(re.findall(rf"\b{op}\b", sass)) for op in TENSOR_CORE_OPCODES[arch])
-    warpgroup = len(re.findall(r"\bHGMMA\b", sass))
-    tma = len(re.findall(r"\bUTMALDG\b", sass))
-    registers = int(re.search(r"REG:(\d+)", usage).group(1))
-    spills = int(re.search(r"STACK:(\d+)", usage).group(1))
-    calls = len(re.findall(r"\bCALL\.", sass))
-    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.MULTILINE))
-    vector = len(re.findall(r"\b(?:LDG|STG)\.E(?:\.\w+)*?\.(?:128|256)\b", sass))
-    return tensor_core, warpgroup, tma, registers, spills, calls, instructions, vector
+        for cubin, sass in zip(cubins, disassemble(cubins, arch)):
+            path.write_bytes(cubin)  # cuobjdump's resource summary takes milliseconds: one call per cubin
+            usage = subprocess.run([str(TRITON_BIN / "cuobjdump"), "-res-usage", str(path)], capture_output=True,
+                                   text=True, check=True).stdout
+            found.append((sum(len(re.findall(rf"\b{op}\b", sass)) for op in TENSOR_CORE_OPCODES[arch]),
+                          len(re.findall(r"\bHGMMA\b", sass)), len(re.findall(r"\bUTMALDG\b", sass)),
+                          int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1)),
+                          len(re.findall(r"\bCALL\.", sass)), len(sass.splitlines()),
+                          len(re.findall(r"\b(?:LDG|STG)\.E(?:\.\w+)*?\.(?:128|256)\b", sass))))
+    return found
 
 
 @triton.jit
@@ -294,14 +334,14 @@ def kernel_cases(arch: int):
 
 def report(arch: int, names: tuple[str, ...] = ()) -> list[Row]:
     """Rows for every kernel case on ``arch`` (only those whose name contains one of ``names``, when given)."""
+    cases = [case for case in kernel_cases(arch) if not names or any(n in case[0] for n in names)]
+    compiled = [compile_kernel(fn, args, consts, arch, warps, stages)
+                for _, fn, args, consts, _, _, warps, stages, _, _ in cases]
     rows = []
-    for name, fn, args, consts, label, dtype, warps, stages, is_matmul, tensor_cores in kernel_cases(arch):
-        if names and not any(n in name for n in names):
-            continue
-        compiled = compile_kernel(fn, args, consts, arch, warps, stages)
-        count, warpgroup, tma, registers, spills, calls, instructions, vector = inspect_cubin(compiled.asm["cubin"],
-                                                                                               arch)
-        rows.append(Row(name, arch, dtype, label, is_matmul, count, warpgroup, tma, compiled.metadata.shared,
+    for (name, _, _, _, label, dtype, _, _, is_matmul, tensor_cores), kernel, found in zip(
+            cases, compiled, inspect_cubins([k.asm["cubin"] for k in compiled], arch)):
+        count, warpgroup, tma, registers, spills, calls, instructions, vector = found
+        rows.append(Row(name, arch, dtype, label, is_matmul, count, warpgroup, tma, kernel.metadata.shared,
                         registers, spills, tensor_cores, calls, instructions, vector))
     return rows
 
