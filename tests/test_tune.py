@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 ROW_KEYS = {"item", "shape", "batch", "dtype", "config", "label", "flops"}
 
@@ -26,13 +24,10 @@ def _run(tmp_path: Path, *extra: str) -> dict:
     return json.loads(files[0].read_text()), run.stdout
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("tune"))
-
-
-def test_smoke_run_writes_the_schema(smoke):
-    doc, stdout = smoke
+def test_smoke_run_writes_the_schema_and_winners_config_reads(tmp_path):
+    """One smoke run (~40 s on 2 cores) serves both checks: as two tests, pytest-xdist would run it
+    once per worker."""
+    doc, stdout = _run(tmp_path)
     assert doc["schema"] == 1 and doc["smoke"] is True and doc["complete"] is True and doc["skipped"] == []
     assert {"device", "capability", "arch", "sms", "versions", "budget_minutes", "elapsed_s", "ceilings", "results",
             "winners", "notes", "shapes"} <= set(doc)
@@ -54,11 +49,9 @@ def test_smoke_run_writes_the_schema(smoke):
     assert any(r["table"] for r in products)
     assert "ms" in stdout.splitlines()[0] and "wrote" in stdout
 
-
-def test_winners_are_in_the_form_config_reads(smoke, tmp_path):
+    # The winners are in the form config.py reads.
     from muon_kernels.triton_kernels import config as kcfg
 
-    doc, _ = smoke
     fake = dict(doc, arch=90)
     # Make one non-table config clearly faster than the table at every point of its class.
     for r in fake["results"]:
