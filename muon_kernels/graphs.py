@@ -96,6 +96,39 @@ class StepGraph:
         return "eager"
 
 
+def check_capturable(param_groups: list[dict], placements, work) -> None:
+    """ValueError where a step of these groups cannot be captured: distributed buckets (their
+    collectives), a group with capturable=False, a device tensor among the settings a step reads on
+    the host, or parameters on several devices. ``work``: (group index, group, parameters) per group."""
+    if any(placement.kind != "local" for placement in placements):
+        raise ValueError("cuda_graph=True does not capture the collectives of DDP/FSDP2 (distributed buckets): "
+                         "pass cuda_graph=False (under DDP, distributed='off' also works where every rank "
+                         "should step on its own)")
+    for gi, group in enumerate(param_groups):
+        if not group["capturable"]:
+            raise ValueError(f"param group {gi} has capturable=False, but cuda_graph=True captures the step: "
+                             "leave capturable at cuda_graph's default (True) for every group")
+        read_on_host = ("momentum", "weight_decay") if group["use_muon"] else ("betas", "eps", "weight_decay")
+        for key in read_on_host:
+            values = group[key] if isinstance(group[key], (tuple, list)) else (group[key],)
+            if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
+                raise ValueError(f"param group {gi}: {key} is a device tensor, which a step reads on the host "
+                                 "(a sync that a CUDA graph cannot capture): give it as a float (lr alone may be "
+                                 "a device tensor under cuda_graph=True)")
+    devices = {p.device for _, _, params in work for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"cuda_graph=True captures one device's work, but the parameters are on "
+                         f"{sorted(map(str, devices))}: pass cuda_graph=False (or one optimizer per device)")
+
+
+def state_storages(state, work) -> tuple:
+    """The addresses of every state tensor of the stepped parameters: a graph replays on them, so
+    state replaced by hand (optimizer.state cleared, a tensor assigned) needs a new capture."""
+    get, none, tensor = state.get, {}, torch.Tensor
+    return tuple([t.data_ptr() for _, _, params in work for p in params for t in get(p, none).values()
+                  if isinstance(t, tensor)])
+
+
 def _what_changed(before: tuple | None, after: tuple) -> str:
     if before is None or before[0] != after[0]:
         return ("a parameter or gradient moved to new memory (zero_grad(set_to_none=True) frees the gradients: use "

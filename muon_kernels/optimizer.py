@@ -446,7 +446,7 @@ class Muon(Optimizer):
         return self._side_streams[device]
 
     def _graph_key(self, work: list[tuple[int, dict, list[torch.Tensor]]]) -> tuple:
-        """What a captured step depends on besides its state (``_state_storages``, which the first,
+        """What a captured step depends on besides its state (``graphs.state_storages``, which the first,
         eager, step creates): the parameters' and gradients' storages, the group settings, the plan
         and the options that shape the captured work. A key not seen before is checked: ValueError
         where such a step cannot be captured (before the step changes anything on the device)."""
@@ -454,37 +454,9 @@ class Muon(Optimizer):
         key = (storages, tuple([settings.settings_key(g) for g in self.param_groups]),
                (self._plan_version, self.max_workspace_bytes, self.overlap_adamw))
         if key != self._graph.checked:
-            self._check_capturable(work)
+            graphs.check_capturable(self.param_groups, self._placements, work)
             self._graph.checked = key
         return key
-
-    def _check_capturable(self, work) -> None:
-        if any(placement.kind != "local" for placement in self._placements):
-            raise ValueError("cuda_graph=True does not capture the collectives of DDP/FSDP2 (distributed buckets): "
-                             "pass cuda_graph=False (under DDP, distributed='off' also works where every rank "
-                             "should step on its own)")
-        for gi, group in enumerate(self.param_groups):
-            if not group["capturable"]:
-                raise ValueError(f"param group {gi} has capturable=False, but cuda_graph=True captures the step: "
-                                 "leave capturable at cuda_graph's default (True) for every group")
-            read_on_host = ("momentum", "weight_decay") if group["use_muon"] else ("betas", "eps", "weight_decay")
-            for key in read_on_host:
-                values = group[key] if isinstance(group[key], (tuple, list)) else (group[key],)
-                if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
-                    raise ValueError(f"param group {gi}: {key} is a device tensor, which a step reads on the host "
-                                     "(a sync that a CUDA graph cannot capture): give it as a float (lr alone may be "
-                                     "a device tensor under cuda_graph=True)")
-        devices = {p.device for _, _, params in work for p in params}
-        if len(devices) > 1:
-            raise ValueError(f"cuda_graph=True captures one device's work, but the parameters are on "
-                             f"{sorted(map(str, devices))}: pass cuda_graph=False (or one optimizer per device)")
-
-    def _state_storages(self, work) -> tuple:
-        """The addresses of every state tensor of the stepped parameters: a graph replays on them, so
-        state replaced by hand (optimizer.state cleared, a tensor assigned) needs a new capture."""
-        get, none, tensor = self.state.get, {}, torch.Tensor
-        return tuple([t.data_ptr() for _, _, params in work for p in params for t in get(p, none).values()
-                      if isinstance(t, tensor)])
 
     def _momentum_buffer(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """The momentum buffer in the group's momentum dtype (int8 with its block scales), created
@@ -547,6 +519,6 @@ class Muon(Optimizer):
         else:
             device = next((p.device for _, _, params in work for p in params), torch.device("cpu"))
             with workspace.on_device(device):  # the capture's stream and device are the parameters'
-                self._graph.step(lambda: (*key, self._state_storages(work)),
+                self._graph.step(lambda: (*key, graphs.state_storages(self.state, work)),
                                  lambda: self._device_step(work, buckets))
         return loss
