@@ -36,9 +36,11 @@ endif
 # CI's 2 cores) where pytest-xdist is installed (the test extra, both environments): one per core
 # nproc reports, at most 4 (each holds torch; the longest tests bound the gain beyond that).
 # Without pytest-xdist (a host environment such as the offline GPU machine), or with
-# TEST_WORKERS=1, the suite runs in one process.
+# TEST_WORKERS=1, the suite runs in one process. Tests go out one at a time (--maxschedchunk 1), in
+# tests/conftest.py's longest-first order: by default pytest-xdist hands each worker a quarter of its
+# share as one contiguous run up front, which put every minutes-long test on the first worker.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
-XDIST = $$($(1) -c "import xdist" 2>/dev/null && [ "$(TEST_WORKERS)" -gt 1 ] && echo "-n $(TEST_WORKERS)")
+XDIST = $$($(1) -c "import xdist" 2>/dev/null && [ "$(TEST_WORKERS)" -gt 1 ] && echo "-n $(TEST_WORKERS) --maxschedchunk 1")
 # make gpu-check: where its results go, and its whole time budget (tests + bench) in minutes.
 OUT ?= gpu-check
 GPU_CHECK_MINUTES ?= 8.5

@@ -29,9 +29,10 @@ def pytest_runtest_logreport(report):
 
 
 # The suite's longest tests (a minute or more each on a 2-core CPU), longest first. pytest-xdist hands
-# tests to its workers in collection order; these, collected last alphabetically, kept one worker
-# busy for minutes after the other had finished. Started first, they overlap the many short tests.
-# The AOT compiles lead: with a cold Triton cache (a fresh CI machine) each arch is 1–2 minutes.
+# tests to its workers in collection order (make test: one at a time, --maxschedchunk 1); these,
+# collected last alphabetically, kept one worker busy for minutes after the other had finished.
+# Started first, they overlap the many short tests. The AOT compiles lead: with a cold Triton cache
+# (a fresh CI machine) each arch takes 1–3.5 minutes.
 LONGEST_FIRST = ("test_triton_aot.py", "test_triton_interpreter.py", "test_bench.py::test_accuracy_script",
                  "test_tune.py", "test_bench.py::test_benchmark_writes_results", "test_convergence.py")
 
