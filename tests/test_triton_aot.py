@@ -115,6 +115,31 @@ def test_sass_report_cli_prints_json_rows():
                 "registers", "spills"} <= set(row)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_one_raw_disassembly_splits_into_each_kernels_own(arch):
+    """sass_report.disassemble decodes many kernels' code in one nvdisasm call (raw mode) and splits it
+    by offset; each kernel's instructions must be those nvdisasm prints from that kernel's own ELF."""
+    import tempfile
+
+    names = ("normalize[scale_cast]", "fused_momentum[ema, int8]", "symmetric_matmul[X·Xᵀ]")
+    cases = [next(c for c in sass_report.kernel_cases(arch) if c[0] == name) for name in names]
+    cubins = [sass_report.compile_kernel(fn, args, consts, arch, warps, stages).asm["cubin"]
+              for _, fn, args, consts, _, _, warps, stages, _, _ in cases]
+
+    def opcodes(sass: str) -> list[str]:  # the instruction (predicate, opcode and modifiers), not operands
+        return [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+((?:@!?U?P\w+\s+)?[A-Z][\w.]*)", sass)]
+
+    split = sass_report.disassemble(cubins, arch)
+    assert len(split) == len(cubins)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cubin, sass in zip(names, cubins, split):
+            path = Path(tmp, "k.cubin")
+            path.write_bytes(cubin)
+            own = subprocess.run([str(sass_report.TRITON_BIN / "nvdisasm"), "-c", "-ndf", str(path)],
+                                 capture_output=True, text=True, check=True).stdout
+            assert opcodes(sass) == opcodes(own) and len(opcodes(own)) > 50, name
+
+
 # A 65536×32768 view: every stride and size fits int32, so Triton passes them as i32, and inside
 # one matrix row × stride reaches 2^31. The matmul kernels must form those products in int64.
 _HUGE = dict(M=65536, K=32768, N=32768)
