@@ -12,6 +12,10 @@ REPRODUCE_ARGS ?=
 # version) in a second environment. Where the host python already has torch (the GPU machine
 # itself, offline) that second environment is not built: the host's Triton is the one to test.
 TRITON_OLD ?= 3.6.0
+# Its AOT pass compiles every kernel for the archs every supported Triton must target (sass_report's
+# REQUIRED_ARCHS: sm_80…sm_90, the GPU machine's sm_90 among them); Blackwell's, ~4 CPU-minutes of a
+# cold Triton cache, are compiled by the main pass's Triton only.
+OLD_TRITON_AOT_SKIP ?= 100 120
 
 HOST_HAS_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo yes)
 ifeq ($(HOST_HAS_TORCH),yes)
@@ -71,7 +75,7 @@ install: build-tools
 test-old-triton: $(OLD_TRITON_ENV)
 ifneq ($(OLD_TRITON_ENV),)
 	MUON_KERNELS_SKIP_CUDA_BUILD=1 .venv-triton-old/bin/pip install --quiet --no-build-isolation --no-deps .
-	cd tests && ../.venv-triton-old/bin/python -m pytest -q $(call XDIST,../.venv-triton-old/bin/python) test_triton_aot.py test_triton_interpreter.py test_launch.py test_replay.py
+	cd tests && ../.venv-triton-old/bin/python -m pytest -q $(call XDIST,../.venv-triton-old/bin/python) test_triton_aot.py test_triton_interpreter.py test_launch.py test_replay.py $(foreach a,$(OLD_TRITON_AOT_SKIP),--deselect "tests/test_triton_aot.py::test_kernels_compile_use_tensor_cores_fit_and_do_not_spill[$(a)]")
 endif
 
 test: install test-old-triton
