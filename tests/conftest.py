@@ -42,6 +42,18 @@ def _longest_first(item) -> int:
     return next((i for i, prefix in enumerate(LONGEST_FIRST) if where.startswith(prefix)), len(LONGEST_FIRST))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker (and every process it starts: bench scripts, interpreter
+    children, distributed ranks) computes on its share of the cores. With torch's default of one
+    thread per core in every worker, two heavy tests side by side oversubscribed the cores: OpenMP's
+    spinning threads made a 25-s test take 330 s in one clean run on 2 cores."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if hasattr(config, "workerinput") and workers:
+        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if hasattr(config, "workerinput"):  # a pytest-xdist worker (every worker sorts alike); one process keeps file order
         items.sort(key=_longest_first)
