@@ -4,13 +4,15 @@ Run under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors), a Triton
 executes the same Python launchers it runs on a GPU. ``LaunchCounter`` records, in order:
 
 - every Triton kernel launch (``InterpretedFunction.run``), by kernel name;
-- every torch op issued outside those launches that would be a CUDA kernel on a GPU: ops that
-  compute or write tensor data (fills, copies, arithmetic, reductions, ``zeros``) — not views,
-  ``empty``, metadata ops, or ``item()`` (a device-to-host copy, which the GPU test's profiler
-  filter drops with the other memcpys).
+- every torch op that would be a CUDA kernel on a GPU: ops that compute or write tensor data
+  (fills, copies, arithmetic, reductions, ``zeros``) — not views, ``empty``, metadata ops, or
+  ``item()`` (a device-to-host copy, which the GPU test's profiler filter drops with the other
+  memcpys).
 
-Inside an interpreted launch the interpreter itself copies arguments to and from host buffers
-with torch ops; those are the launch's implementation, not launches, and are not counted.
+The Triton kernels' bodies are not interpreted (their outputs stay unwritten): which kernels a
+step launches is decided on the host from shapes, dtypes and options, never from tensor values,
+and interpreting the bodies was ~99 % of a counted step's CPU time. What the kernels compute is
+what the other interpreter tests check.
 
 On a GPU, ``torch.tensor(values).to(device)`` is a host-to-device memcpy; a steady-state step
 makes none (every table is cached after the first step), so counting the second step of a run
@@ -55,44 +57,27 @@ class _TorchOps(TorchDispatchMode):
                 with self:  # the op's body, seen op by op
                     return opdef._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
-        if self.counter.depth == 0:
-            name = _op_name(func)
-            if not func.is_view and name not in _NO_KERNEL:
-                self.counter.launches.append(("torch", name))
+        if not func.is_view and _op_name(func) not in _NO_KERNEL:
+            self.counter.launches.append(("torch", _op_name(func)))
         return out
 
 
 class LaunchCounter:
     """``with LaunchCounter() as c: opt.step()``; then ``c.launches`` is [(kind, name), ...] with
-    kind "triton" or "torch", in launch order.
+    kind "triton" or "torch", in launch order."""
 
-    ``run_kernels=False`` counts the Triton launches without interpreting their bodies (their outputs
-    are left unwritten): which kernels a step launches is decided on the host from shapes, dtypes and
-    options, never from tensor values, and interpreting the bodies is ~99 % of a counted step's CPU
-    time. The kernels' results are what the other interpreter tests check."""
-
-    def __init__(self, run_kernels: bool = True):
+    def __init__(self):
         self.launches: list[tuple[str, str]] = []
-        self.depth = 0
-        self.run_kernels = run_kernels
 
     def __enter__(self):
         from triton.runtime.interpreter import InterpretedFunction
 
         self._cls = InterpretedFunction
-        self._run = run = InterpretedFunction.run
-        counter = self
+        self._run = InterpretedFunction.run
+        launches = self.launches
 
-        def counted_run(fn_self, *args, **kwargs):
-            if counter.depth == 0:
-                counter.launches.append(("triton", getattr(fn_self.fn, "__name__", "kernel")))
-            if not counter.run_kernels:
-                return None
-            counter.depth += 1
-            try:
-                return run(fn_self, *args, **kwargs)
-            finally:
-                counter.depth -= 1
+        def counted_run(fn_self, *args, **kwargs):  # recorded, not run (the module docstring says why)
+            launches.append(("triton", getattr(fn_self.fn, "__name__", "kernel")))
 
         InterpretedFunction.run = counted_run
         self._mode = _TorchOps(self)

@@ -52,7 +52,7 @@ def _count(layers: int, monkeypatch, fill: bool) -> LaunchCounter:
     for _ in range(2):  # the first step builds the cached tables; the second is the steady state
         for p in ps:
             p.grad = torch.randn(p.shape, generator=g)
-        with LaunchCounter(run_kernels=False) as counter:
+        with LaunchCounter() as counter:
             opt.step()
     return counter
 
@@ -107,6 +107,6 @@ def test_variants_add_their_launches_per_bucket_not_per_parameter(monkeypatch, o
         for _ in range(2):
             for p in ps:
                 p.grad = torch.randn(p.shape, generator=g)
-            with LaunchCounter(run_kernels=False) as counter:
+            with LaunchCounter() as counter:
                 opt.step()
         assert counter.by_name() == plain + Counter(extra), counter.launches
