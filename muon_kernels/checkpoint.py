@@ -15,6 +15,7 @@ not check shapes, corrupts memory.
 
 from __future__ import annotations
 
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -79,6 +80,59 @@ def fill_empty_groups(groups: list[dict], saved_groups: list[dict]) -> list[dict
     for i in empty:
         filled.insert(i, {**{k: v for k, v in groups[i].items() if k != "params"}, "params": []})
     return filled
+
+
+def saved_groups(groups: list[dict], state_dict: dict) -> list[dict]:
+    """The checkpoint's param groups as they will load into ``groups``: one per group (else ValueError,
+    with the recipe for a torch.optim.Muon checkpoint), keys the checkpoint lacks taken from the live
+    group, settings and dtypes restored from ``portable_groups``' form, variant settings and every
+    saved state tensor's shape checked. Raises before anything is loaded."""
+    saved_groups = fill_empty_groups(groups, deepcopy(state_dict["param_groups"]))
+    if len(saved_groups) != len(groups):
+        kinds = ", ".join("Muon" if g["use_muon"] else "AdamW" for g in groups)
+        raise ValueError(
+            f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
+            f"{len(groups)} ({kinds}): a group given without use_muon is split at construction "
+            "into a Muon group (its matrices) and an AdamW group (the rest). To go on from a torch.optim.Muon "
+            "checkpoint over the matrices, build Muon(matrices, ...) and load it, then add the other "
+            "parameters with add_param_group({'params': rest, 'use_muon': False}); nothing was loaded")
+    for index, (current, saved) in enumerate(zip(groups, saved_groups)):
+        if current["use_muon"]:
+            variants.check_checkpoint(saved, current, index)
+        for key, value in current.items():
+            saved.setdefault(key, value)
+        restore_settings(saved)
+        for key in DTYPE_KEYS:
+            if isinstance(saved.get(key), str) and saved[key] != momentum_precision.INT8:
+                dtype = getattr(torch, saved[key], None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"state_dict param group has {key}={saved[key]!r}, which is not a torch dtype")
+                saved[key] = dtype
+    check_state_shapes(groups, saved_groups, state_dict["state"])
+    return saved_groups
+
+
+# Muon state whose dtype is not its parameter's (None: the buffer keeps the dtype it was saved in).
+_KEPT_DTYPES = {"momentum_buffer": None, "momentum_scale": torch.float32, "momentum_step": torch.int64,
+                "normuon_v": torch.float32, "hyperball_radius": torch.float32}
+
+
+def restore_state_dtypes(groups: list[dict], saved_groups: list[dict], saved_state: dict, state: dict) -> None:
+    """After torch's load, which casts every state tensor to its parameter's dtype: a momentum buffer
+    kept in another dtype (momentum_dtype=fp32 for bf16 params, int8), the int8 scales, the
+    stochastic-rounding step counter and the variants' fp32 state, from the saved tensors. A buffer
+    saved in another dtype than its group's momentum_dtype (changed after that parameter's last
+    step) is converted as the saving optimizer's next step would have."""
+    for group, saved in zip(groups, saved_groups):
+        if not group["use_muon"]:
+            continue
+        for p, pid in zip(group["params"], saved["params"]):
+            for key, dtype in _KEPT_DTYPES.items():
+                value = saved_state.get(pid, {}).get(key)
+                if value is not None:
+                    state[p][key] = value.to(device=p.device, dtype=dtype)
+            if "momentum_buffer" in state.get(p, {}):
+                momentum_precision.momentum_buffer(state, p, group)
 
 
 def check_state_shapes(groups: list[dict], saved_groups: list[dict], saved_state: dict[Any, dict]) -> None:

@@ -1,6 +1,8 @@
 """Low-precision momentum: bf16 with stochastic rounding, and 8-bit (int8, one fp32 scale per block
 of 256 values). The torch reference of both; the Triton and CUDA momentum kernels do the same
-arithmetic with the same integer hash, so every backend stores the same bits.
+arithmetic with the same integer hash, so every backend stores the same bits. Also each parameter's
+momentum state itself: the buffer in its group's dtype (``momentum_buffer``) and the stochastic
+rounding's step counters (``advance_steps``).
 
 **Stochastic rounding** (``momentum_rounding="stochastic"``): the new momentum is formed in fp32
 from the stored one and the gradient at its own precision, then rounded to bf16 up or down with
@@ -257,6 +259,37 @@ def _dequantize_(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     for v, cols in _parts(y):
         v.mul_(scale[:, cols].unsqueeze(2))
     return y
+
+
+def momentum_buffer(state: dict, p: torch.Tensor, group: dict) -> torch.Tensor:
+    """``state[p]``'s momentum buffer in the group's momentum dtype (int8 with its block scales),
+    created at the parameter's first step or converted when the group's momentum_dtype changed."""
+    st = state[p]
+    dtype = buffer_dtype(group, p.dtype)
+    if "momentum_buffer" not in st:
+        int8 = dtype == torch.int8
+        layout = torch.contiguous_format if int8 else torch.preserve_format  # int8 blocks: runs of a contiguous row
+        st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=layout)
+        if int8:
+            st["momentum_scale"] = new_scales(p)
+    elif st["momentum_buffer"].dtype != dtype:
+        st["momentum_buffer"] = convert(st, p, dtype)
+    return st["momentum_buffer"]
+
+
+def advance_steps(buckets, state: dict) -> None:
+    """Stochastic rounding draws from (seed, step): one increment per parameter per step, on the
+    parameter's device (no host round trip; a CUDA graph replays it)."""
+    steps = {}
+    for b in buckets:
+        if b.low_precision.stochastic:
+            for e in b.entries:
+                st = state[e.param]
+                if "momentum_step" not in st:
+                    st["momentum_step"] = torch.zeros((), dtype=torch.int64, device=e.param.device)
+                steps[id(e.param)] = st["momentum_step"]
+    if steps:
+        torch._foreach_add_(list(steps.values()), 1)
 
 
 def convert(state: dict, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

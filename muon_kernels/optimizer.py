@@ -9,7 +9,6 @@ groups, one batched orthogonalization per bucket of same-shape matrices.
 from __future__ import annotations
 
 import contextlib
-from copy import deepcopy
 from typing import Any
 
 import torch
@@ -286,48 +285,11 @@ class Muon(Optimizer):
             returned = hook(self, state_dict)
             state_dict = state_dict if returned is None else returned
         state_dict = dict(state_dict)
-        saved_groups = checkpoint.fill_empty_groups(self.param_groups, deepcopy(state_dict["param_groups"]))
-        if len(saved_groups) != len(self.param_groups):
-            kinds = ", ".join("Muon" if g["use_muon"] else "AdamW" for g in self.param_groups)
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
-                f"{len(self.param_groups)} ({kinds}): a group given without use_muon is split at construction "
-                "into a Muon group (its matrices) and an AdamW group (the rest). To go on from a torch.optim.Muon "
-                "checkpoint over the matrices, build Muon(matrices, ...) and load it, then add the other "
-                "parameters with add_param_group({'params': rest, 'use_muon': False}); nothing was loaded")
-        for index, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if current["use_muon"]:
-                variants.check_checkpoint(saved, current, index)
-            for key, value in current.items():
-                saved.setdefault(key, value)
-            checkpoint.restore_settings(saved)
-            for key in settings.DTYPE_KEYS:
-                if isinstance(saved.get(key), str) and saved[key] != momentum_precision.INT8:
-                    dtype = getattr(torch, saved[key], None)
-                    if not isinstance(dtype, torch.dtype):
-                        raise ValueError(f"state_dict param group has {key}={saved[key]!r}, which is not a torch dtype")
-                    saved[key] = dtype
-        checkpoint.check_state_shapes(self.param_groups, saved_groups, state_dict["state"])
+        saved_groups = checkpoint.saved_groups(self.param_groups, state_dict)
         state_dict["param_groups"] = saved_groups
         with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks") as held:
             super().load_state_dict(state_dict)
-        # torch casts every state tensor to its parameter's dtype; a momentum buffer kept in another
-        # dtype (momentum_dtype=fp32 for bf16 params, int8), the int8 scales, the stochastic-rounding
-        # step counter and the variants' fp32 state are restored from the saved tensors instead. A
-        # buffer saved in another dtype than its group's momentum_dtype (changed after that
-        # parameter's last step) is converted as the saving optimizer's next step would have.
-        for group, saved in zip(self.param_groups, saved_groups):
-            if not group["use_muon"]:
-                continue
-            for p, pid in zip(group["params"], saved["params"]):
-                dtypes = {"momentum_buffer": None, "momentum_scale": torch.float32, "momentum_step": torch.int64,
-                          "normuon_v": torch.float32, "hyperball_radius": torch.float32}
-                for key, dtype in dtypes.items():
-                    value = state_dict["state"].get(pid, {}).get(key)
-                    if value is not None:
-                        self.state[p][key] = value.to(device=p.device, dtype=dtype)
-                if "momentum_buffer" in self.state.get(p, {}):
-                    self._momentum_buffer(p, group)
+        checkpoint.restore_state_dtypes(self.param_groups, saved_groups, state_dict["state"], self.state)
         self._plan_key = None
         for hook in held["_optimizer_load_state_dict_post_hooks"].values():
             hook(self)
@@ -386,7 +348,7 @@ class Muon(Optimizer):
         """Everything a step does on the device, after validation and planning (the part
         ``cuda_graph=True`` captures). AdamW runs on a side stream beside the Muon half where
         ``overlap_adamw`` and a CUDA device make that possible."""
-        self._advance_momentum_steps(buckets)
+        momentum_precision.advance_steps(buckets, self.state)
         adamw = [(group, params) for _, group, params in work if not group["use_muon"] and params]
         side = self._adamw_stream(adamw, buckets)
         if side is not None:
@@ -412,7 +374,8 @@ class Muon(Optimizer):
         gathers, replicated = [], []
         for bucket, placement in zip(buckets, self._placements):
             steps = placement.shard or bucket  # an FSDP2 rank steps its rows of each matrix
-            bufs = [e.piece(self._momentum_buffer(e.param, self.param_groups[e.group])) for e in steps.entries]
+            bufs = [e.piece(momentum_precision.momentum_buffer(self.state, e.param, self.param_groups[e.group]))
+                    for e in steps.entries]
             grads = [e.piece(e.param.grad) for e in steps.entries]
             stack = steps.momentum_stack(grads, bufs, self.param_groups, self.state)
             if placement.kind == "sharded":
@@ -457,36 +420,6 @@ class Muon(Optimizer):
             graphs.check_capturable(self.param_groups, self._placements, work)
             self._graph.checked = key
         return key
-
-    def _momentum_buffer(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """The momentum buffer in the group's momentum dtype (int8 with its block scales), created
-        at the first step or converted when the group's momentum_dtype changed."""
-        state = self.state[p]
-        dtype = momentum_precision.buffer_dtype(group, p.dtype)
-        if "momentum_buffer" not in state:
-            int8 = dtype == torch.int8
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype,
-                                                        memory_format=torch.contiguous_format if int8
-                                                        else torch.preserve_format)
-            if int8:
-                state["momentum_scale"] = momentum_precision.new_scales(p)
-        elif state["momentum_buffer"].dtype != dtype:
-            state["momentum_buffer"] = momentum_precision.convert(state, p, dtype)
-        return state["momentum_buffer"]
-
-    def _advance_momentum_steps(self, buckets) -> None:
-        """Stochastic rounding draws from (seed, step): one increment per parameter per step, on the
-        parameter's device (no host round trip; a CUDA graph replays it)."""
-        steps = {}
-        for b in buckets:
-            if b.low_precision.stochastic:
-                for e in b.entries:
-                    st = self.state[e.param]
-                    if "momentum_step" not in st:
-                        st["momentum_step"] = torch.zeros((), dtype=torch.int64, device=e.param.device)
-                    steps[id(e.param)] = st["momentum_step"]
-        if steps:
-            torch._foreach_add_(list(steps.values()), 1)
 
     def _init_variant_state(self, buckets) -> None:
         """NorMuon's v and the hyperball radii of parameters stepping for the first time, before
