@@ -9,7 +9,9 @@
 
 Writes bench/results/convergence-<date>.json (raw curves) and, through convergence_report.py,
 docs/convergence.md with its figures. ``--quick`` is the under-5-minutes version on 2 CPU cores;
-``--smoke-steps N`` caps every run at N steps (tests).
+``--smoke-steps N`` caps every run at N steps (tests). Those two modes write
+``convergence-<date>-<mode>.json`` and their report into ``bench/results/convergence-<date>-<mode>/``
+(or ``--docs-dir``), leaving the committed full-mode docs/convergence.md as it is.
 """
 
 from __future__ import annotations
@@ -163,7 +165,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke-steps", type=int, default=None, help="cap every run at this many steps")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
-    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs", help="where convergence.md and figures go")
+    parser.add_argument("--docs-dir", type=Path, default=None,
+                        help="where convergence.md and figures go (default: docs/ for a full run, a folder beside "
+                             "the JSON for --quick and --smoke-steps)")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke_steps else ("quick" if args.quick else "full")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -184,7 +188,8 @@ def main(argv=None) -> int:
 
     from convergence_report import write_report
 
-    doc = write_report(result, args.docs_dir, json_name=path.name)
+    docs_dir = args.docs_dir or (REPO / "docs" if mode == "full" else args.out_dir / path.stem)
+    doc = write_report(result, docs_dir, json_name=path.name)
     print(f"report: {doc}")
     return 0
 

@@ -17,13 +17,18 @@ TASKS = ["digits", "chars"] if importlib.util.find_spec("sklearn") else ["chars"
 
 
 def test_convergence_smoke_run(tmp_path):
-    run = subprocess.run(
+    committed = BENCH.parent / "docs" / "convergence.md"
+    before = committed.read_bytes()
+    run = subprocess.run(  # no --docs-dir: a smoke (or quick) run's report goes beside its JSON
         [sys.executable, "convergence.py", "--smoke-steps", "20", "--tasks", *TASKS,
-         "--out-dir", str(tmp_path / "results"), "--docs-dir", str(tmp_path / "docs")],
+         "--out-dir", str(tmp_path / "results")],
         cwd=BENCH, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]
+    assert committed.read_bytes() == before  # the committed full-mode report is left alone
     [path] = (tmp_path / "results").glob("convergence-*.json")
+    assert path.name.endswith("-smoke.json")
+    docs = tmp_path / "results" / path.stem
     result = json.loads(path.read_text())
     assert result["mode"] == "smoke" and [t["key"] for t in result["tasks"]] == TASKS
     for task in result["tasks"]:
@@ -42,11 +47,11 @@ def test_convergence_smoke_run(tmp_path):
         constant = [r for r in sweep if r["batch_schedule"] == "constant"]
         assert growing and constant
     assert {row["method"] for row in result["quadratic"]["rows"]} == {"muon", "gd", "sgd-momentum"}
-    doc = (tmp_path / "docs" / "convergence.md").read_text()
+    doc = (docs / "convergence.md").read_text()
     for claim in ("larger constant batch", "growing batch", "Diminishing lr", "Nesterov", "low-rank"):
         assert claim in doc
     # the figures are optional (pip install .[experiments]); the document says which way it went
     if importlib.util.find_spec("matplotlib") is None:
         assert "matplotlib is not installed, so no figures were drawn" in doc
     else:
-        assert (tmp_path / "docs" / "convergence-quadratic.png").stat().st_size > 0
+        assert (docs / "convergence-quadratic.png").stat().st_size > 0
