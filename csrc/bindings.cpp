@@ -103,16 +103,17 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("symmetric_matmul",
         [](uintptr_t p, uintptr_t d, uintptr_t c, int dtype, int64_t batch, int64_t rows, int64_t k, float alpha,
-           float beta, int path, uintptr_t stream, int64_t splits, uintptr_t split_partial) {
+           float beta, int path, uintptr_t stream, int64_t splits, uintptr_t split_partial, uintptr_t split_counters) {
           symmetric_matmul({ptr(p), ptr(d), ptr(c), dtype_of(dtype), batch, rows, k, alpha, beta, splits,
-                            ptr<float>(split_partial)},
+                            ptr<float>(split_partial), ptr<int32_t>(split_counters)},
                            path_of(path), stream_of(stream));
         },
         py::arg("p"), py::arg("d"), py::arg("c"), py::arg("dtype"), py::arg("batch"), py::arg("m"), py::arg("k"),
         py::arg("alpha"), py::arg("beta"), py::arg("path"), py::arg("stream"), py::arg("splits") = 1,
-        py::arg("split_partial") = 0,
+        py::arg("split_partial") = 0, py::arg("split_counters") = 0,
         "c = alpha·p·pᵀ + beta·d on padded stacks (d may be 0: none); upper tiles only, mirrored store. "
-        "splits > 1: K cut into slices summed in a fixed order (split_partial: split_partial_elements floats).");
+        "splits > 1: K cut into slices summed in a fixed order in the same launch (split_partial: "
+        "split_partial_elements floats; split_counters: batch · symmetric_tiles(m) int32 zeros, left at zero).");
 
   m.def("split_partial_elements", &split_partial_elements, py::arg("batch"), py::arg("m"), py::arg("splits"),
         "fp32 elements of the workspace a (batch, m, m) symmetric product split into `splits` K slices needs.");
@@ -133,7 +134,7 @@ PYBIND11_MODULE(_C, m) {
            uintptr_t x, uintptr_t y, uintptr_t a, uintptr_t b, int work_dtype, uintptr_t out, int out_dtype,
            uintptr_t partial, uintptr_t denom, std::vector<float> coefficients, float norm_scale, float norm_offset,
            float floor, int path, uintptr_t stream, int64_t gram_splits, int64_t square_splits,
-           uintptr_t split_partial) {
+           uintptr_t split_partial, uintptr_t split_counters) {
           NewtonSchulzParams p;
           p.normalize = normalize_params(in, in_dtype, in_strides, batch, rows, cols, partial, denom, norm_scale,
                                          norm_offset, floor);
@@ -148,6 +149,7 @@ PYBIND11_MODULE(_C, m) {
           p.gram_splits = gram_splits;
           p.square_splits = square_splits;
           p.split_partial = ptr<float>(split_partial);
+          p.split_counters = ptr<int32_t>(split_counters);
           newton_schulz(p, path_of(path), stream_of(stream));
         },
         py::arg("input"), py::arg("in_dtype"), py::arg("in_strides"), py::arg("batch"), py::arg("rows"),
@@ -155,6 +157,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("out_dtype"), py::arg("partial"), py::arg("denom"), py::arg("coefficients"),
         py::arg("norm_scale"), py::arg("norm_offset"), py::arg("floor"), py::arg("path"), py::arg("stream"),
         py::arg("gram_splits") = 1, py::arg("square_splits") = 1, py::arg("split_partial") = 0,
+        py::arg("split_counters") = 0,
         "The whole recurrence: normalize, then per step A = x·xᵀ, B = b·A + c·A·A, x = a·x + B·x "
         "(x·xᵀ and A·A split along K into gram_splits / square_splits slices when > 1).");
 

@@ -57,8 +57,11 @@ struct NormalizeParams {
 // symmetric. m and k are multiples of kPad; all three share one dtype.
 // splits > 1 (products with too few tiles to fill the GPU): each tile's K extent is cut into that
 // many slices (fewer if a slice would be empty), each slice's fp32 product written to
-// split_partial, then summed in slice order (fixed: repeats give the same bits) by a second launch
-// that applies the epilogue. split_partial holds split_partial_elements(batch, m, splits) floats.
+// split_partial; the slice that arrives last at its tile's counter (split_counters) sums them in
+// slice order (fixed: repeats give the same bits) and applies the epilogue, in the same launch.
+// split_partial holds split_partial_elements(batch, m, splits) floats; split_counters holds
+// batch · symmetric_tiles(m) int32 zeros, which every launch leaves at zero (so one array serves the
+// launches of one stream; launches that may run at once need arrays of their own).
 struct SymmetricMatmulParams {
   const void* p = nullptr;
   const void* d = nullptr;
@@ -68,6 +71,7 @@ struct SymmetricMatmulParams {
   float alpha = 1.f, beta = 0.f;
   int64_t splits = 1;
   float* split_partial = nullptr;
+  int32_t* split_counters = nullptr;
 };
 
 // Output tiles of a symmetric product (the upper triangle of 128×128 tiles, per matrix).
@@ -105,6 +109,7 @@ struct NewtonSchulzParams {
   int64_t gram_splits = 1;              // K slices of x·xᵀ (k = padded cols) and of A·A (k = padded
   int64_t square_splits = 1;            // rows); see SymmetricMatmulParams
   float* split_partial = nullptr;       // room for the larger of the two splits' workspaces
+  int32_t* split_counters = nullptr;    // batch · symmetric_tiles(padded(rows)) int32 zeros, left at zero
 };
 
 void normalize(const NormalizeParams& params, cudaStream_t stream);

@@ -195,6 +195,49 @@ __device__ __forceinline__ void triangular_tile(int64_t t, int64_t& ti, int64_t&
   ti = t - j * (j + 1) / 2;
 }
 
+// A split product's fixup, in the block of each slice once its partial is stored (CUTLASS's
+// semaphore pattern, as the Triton split kernel): the slice counts itself in at its tile's
+// counter, and the one that arrives last sums the tile's partials in slice order — fixed, whoever
+// arrives last, so repeats give the same bits; floats are never atomic — applies the unsplit
+// kernel's epilogue and resets the counter to zero for the next launch on the stream.
+// Not inlined, with plain arguments, and the tile's indices recomputed from the block's: inlined,
+// the values it needs were carried through the main loop, which spilled in the kernels at their
+// register caps (fp32 at 128 on sm_90, the sm75 path at 255 on sm_75); a struct reference
+// would have copied the params to the stack.
+template <typename T>
+__device__ __noinline__ void fixup_split_tile(float* split_partial, int32_t* split_counters, T* c, const T* d,
+                                              int64_t m, float alpha, float beta, int64_t splits,
+                                              int64_t batch_offset) {
+  const int64_t batch = batch_offset + blockIdx.y, tile = blockIdx.x / splits, tiles = gridDim.x / splits;
+  __shared__ int arrived_last;
+  __threadfence();  // this thread's partial stores are visible device-wide before the count below
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t* counter = split_counters + batch * tiles + tile;
+    arrived_last = atomicAdd(counter, 1) == splits - 1;
+    if (arrived_last) {
+      *counter = 0;  // every slice has counted in
+      __threadfence();  // the other slices' partials are read after their counts were seen
+    }
+  }
+  __syncthreads();
+  if (!arrived_last) return;
+  int64_t ti, tj;
+  triangular_tile(tile, ti, tj);
+  const float* slices = split_partial + (batch * tiles + tile) * splits * kSplitTile;
+  const SymmetricEpilogue<T> epilogue{c, d, m, alpha, beta};
+  for (int e = 2 * threadIdx.x; e < kSplitTile; e += 2 * blockDim.x) {
+    // .cg: from L2, where the other blocks' stores are, never from a stale L1 line.
+    float2 sum = __ldcg(reinterpret_cast<const float2*>(slices + e));
+    for (int64_t s = 1; s < splits; ++s) {
+      const float2 v = __ldcg(reinterpret_cast<const float2*>(slices + s * kSplitTile + e));
+      sum.x += v.x;
+      sum.y += v.y;
+    }
+    epilogue(batch, ti * kSplitTileEdge + e / kSplitTileEdge, tj * kSplitTileEdge + e % kSplitTileEdge, sum.x, sum.y);
+  }
+}
+
 // One block per upper-triangle tile (per K slice of it when split): blockIdx.x = tile · splits + slice.
 template <typename T, CodePath PATH>
 __global__ void __launch_bounds__(GemmFor<T, PATH, true>::type::kThreads, GemmFor<T, PATH, true>::type::kMinBlocksPerSM)
@@ -219,30 +262,11 @@ __global__ void __launch_bounds__(GemmFor<T, PATH, true>::type::kThreads, GemmFo
       const int64_t tiles = gridDim.x / p.splits;
       const PartialEpilogue epilogue{p.split_partial + ((batch * tiles + tile) * p.splits + slice) * kSplitTile};
       Gemm::run(rows_i + k0, p.k, rows_j + k0, p.k, extent, smem, batch, 0, 0, epilogue);
+      fixup_split_tile<T>(p.split_partial, p.split_counters, static_cast<T*>(p.c), static_cast<const T*>(p.d), p.m,
+                          p.alpha, p.beta, p.splits, batch_offset);
     }
   } else {
     __trap();
-  }
-}
-
-// The split product's second launch: per tile, its slices' fp32 products summed in slice order
-// (a fixed order, so repeats give the same bits), then the unsplit kernel's epilogue.
-constexpr int kReduceThreads = 256;
-template <typename T>
-__global__ void __launch_bounds__(kReduceThreads) split_reduce_kernel(SymmetricMatmulParams p, int64_t batch_offset) {
-  const int64_t batch = batch_offset + blockIdx.y, tile = blockIdx.x;
-  int64_t ti, tj;
-  triangular_tile(tile, ti, tj);
-  const float* slices = p.split_partial + (batch * gridDim.x + tile) * p.splits * kSplitTile;
-  const SymmetricEpilogue<T> epilogue{static_cast<T*>(p.c), static_cast<const T*>(p.d), p.m, p.alpha, p.beta};
-  for (int e = 2 * threadIdx.x; e < kSplitTile; e += 2 * kReduceThreads) {
-    float2 sum = *reinterpret_cast<const float2*>(slices + e);
-    for (int64_t s = 1; s < p.splits; ++s) {
-      const float2 v = *reinterpret_cast<const float2*>(slices + s * kSplitTile + e);
-      sum.x += v.x;
-      sum.y += v.y;
-    }
-    epilogue(batch, ti * kSplitTileEdge + e / kSplitTileEdge, tj * kSplitTileEdge + e % kSplitTileEdge, sum.x, sum.y);
   }
 }
 
@@ -282,11 +306,14 @@ void require_buffer(const void* ptr, const char* what, const char* name) {
           std::string(what) + ": " + name + " must be 16-byte aligned (a fresh torch allocation is)");
 }
 
-void require_splits(int64_t splits, const float* split_partial, const char* what) {
+void require_splits(int64_t splits, const float* split_partial, const int32_t* split_counters, const char* what) {
   require(splits >= 1, std::string(what) + ": splits must be >= 1, got " + std::to_string(splits));
   require(splits == 1 || (split_partial != nullptr && reinterpret_cast<uintptr_t>(split_partial) % 16 == 0),
           std::string(what) + ": a split product (splits > 1) needs split_partial, a 16-byte aligned fp32 buffer of "
                               "split_partial_elements(batch, m, splits) elements");
+  require(splits == 1 || (split_counters != nullptr && reinterpret_cast<uintptr_t>(split_counters) % 4 == 0),
+          std::string(what) + ": a split product (splits > 1) needs split_counters, batch · symmetric_tiles(m) int32 "
+                              "zeros (each launch leaves them at zero)");
 }
 
 void require_padded(int64_t size, const char* what, const char* name) {
@@ -349,9 +376,6 @@ void launch_symmetric_matmul(const SymmetricMatmulParams& params, cudaStream_t s
   auto kernel = symmetric_matmul_kernel<T, PATH>;
   allow_shared_memory(kernel, Gemm::kSmemBytes, "symmetric_matmul");
   launch_batched(kernel, tiles * p.splits, Gemm::kThreads, Gemm::kSmemBytes, p.batch, p, stream, "symmetric_matmul");
-  if (p.splits > 1) {
-    launch_batched(split_reduce_kernel<T>, tiles, kReduceThreads, 0, p.batch, p, stream, "symmetric_matmul");
-  }
 }
 
 template <typename T, typename OutT, CodePath PATH>
@@ -432,7 +456,7 @@ int64_t split_partial_elements(int64_t batch, int64_t m, int64_t splits) {
 
 void symmetric_matmul(const SymmetricMatmulParams& p, CodePath path, cudaStream_t stream) {
   const char* what = "symmetric_matmul";
-  require_splits(p.splits, p.split_partial, what);
+  require_splits(p.splits, p.split_partial, p.split_counters, what);
   require_dtype(p.dtype, what);
   require_buffer(p.p, what, "p");
   require_buffer(p.c, what, "c");
@@ -494,7 +518,7 @@ void newton_schulz(const NewtonSchulzParams& p, CodePath path, cudaStream_t stre
           "newton_schulz: out_dtype must equal work_dtype (or be bfloat16 with a float16 work dtype)");
   require_path(path, p.work_dtype, "newton_schulz");
   require(p.gram_splits >= 1 && p.square_splits >= 1, "newton_schulz: gram_splits and square_splits must be >= 1");
-  require_splits(std::max(p.gram_splits, p.square_splits), p.split_partial, "newton_schulz");
+  require_splits(std::max(p.gram_splits, p.square_splits), p.split_partial, p.split_counters, "newton_schulz");
   norm.out = p.x;
   norm.out_dtype = p.work_dtype;
   norm.out_rows = m;
@@ -504,10 +528,12 @@ void newton_schulz(const NewtonSchulzParams& p, CodePath path, cudaStream_t stre
   void* y = p.y;
   for (size_t s = 0; s < steps; ++s) {
     const float a = p.coefficients[3 * s], b = p.coefficients[3 * s + 1], c = p.coefficients[3 * s + 2];
-    run_symmetric_matmul({x, nullptr, p.a, p.work_dtype, in.batch, m, n, 1.f, 0.f, p.gram_splits, p.split_partial},
-                         path, stream);
-    run_symmetric_matmul({p.a, p.a, p.b, p.work_dtype, in.batch, m, m, c, b, p.square_splits, p.split_partial}, path,
-                         stream);
+    run_symmetric_matmul(
+        {x, nullptr, p.a, p.work_dtype, in.batch, m, n, 1.f, 0.f, p.gram_splits, p.split_partial, p.split_counters},
+        path, stream);
+    run_symmetric_matmul(
+        {p.a, p.a, p.b, p.work_dtype, in.batch, m, m, c, b, p.square_splits, p.split_partial, p.split_counters}, path,
+        stream);
     if (s + 1 == steps) {  // the last step writes the unpadded result in the output dtype
       run_ns_update({p.b, x, p.out, p.work_dtype, p.out_dtype, in.batch, m, n, in.rows, in.cols, a}, path, stream);
     } else {

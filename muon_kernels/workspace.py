@@ -1,6 +1,7 @@
 """Work buffers: those the kernel backends take fresh each call (and the debug switch that poisons
-them), and ``Scratch``, the one way a buffer is kept and reused from call to call; and
-``on_device``, the device a call's launches go to.
+them), and ``Scratch``, the one way a buffer is kept and reused from call to call; the split
+products' arrival counters (``COUNTERS``), kept per stream; and ``on_device``, the device a call's
+launches go to.
 
 ``MUON_KERNELS_DEBUG_FILL=nan`` fills every buffer the Triton and CUDA backends take from
 ``torch.empty`` with NaN, so a kernel that reads an element nobody wrote (the "padding holds
@@ -91,6 +92,53 @@ class Scratch:
                 self.buffers[name] = buf
             return buf
         return buf.view(-1)[:n].view(shape)
+
+
+class ArrivalCounters:
+    """Split products' per-tile arrival counters (the Triton symmetric kernel and the CUDA extension's
+    both sum their K slices in the same launch): int32 zeros that every split launch leaves at zero
+    again (the last slice of each tile resets its counter), so one array serves every launch that is
+    ordered after the previous one — the launches of one stream. Kept per (device, stream):
+    launches on two streams may run at once and must not count into the same counters. Under CUDA
+    graph capture each launch gets fresh zeros instead (the zeroing is captured with it and redone
+    on every replay; the array belongs to the graph's memory pool), so a graph never shares
+    counters with eager launches or with another graph, whichever stream replays it."""
+
+    MIN_SIZE = 1024  # tiles; more than any product the split rule splits on today's GPUs (< 2 waves)
+
+    def __init__(self):
+        self.by_stream: dict[tuple, torch.Tensor] = {}
+        self.forgotten = 0  # arrays dropped so far: a recorded call (triton_kernels.replay) holding one re-records
+
+    def get(self, device: torch.device, tiles: int) -> torch.Tensor:
+        if device.type != "cuda":  # the CPU interpreter runs programs one by one: one array per device
+            return self.kept((device, None), device, tiles)
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(tiles, dtype=torch.int32, device=device)
+        # The stream of the launch: the device's current stream (Triton launches there, the callers
+        # making X's device the current one; the CUDA backend passes the extension that stream). Keyed by X's device, where the array is allocated, so an array is never
+        # handed to a launch on another device. The key is the raw handle: a stream destroyed with
+        # work still queued and a new one given its handle would share an array (torch's pooled
+        # streams are never destroyed; synchronize an external stream before destroying it).
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return self.kept((index, torch._C._cuda_getCurrentRawStream(index)), device, tiles)
+
+    def forget(self, counters: torch.Tensor) -> None:
+        """Drop a kept array whose launch raised (an interrupted interpreter run, a failed launch):
+        some of its counters may not be back at zero, and a later launch would misread them."""
+        self.by_stream = {k: v for k, v in self.by_stream.items() if v is not counters}
+        self.forgotten += 1
+
+    def kept(self, key: tuple, device: torch.device, tiles: int) -> torch.Tensor:
+        counters = self.by_stream.get(key)
+        if counters is None or counters.numel() < tiles:
+            # A bigger array replaces a smaller one: the old one is freed in stream order, after
+            # the launches already enqueued on this stream that use it.
+            counters = self.by_stream[key] = torch.zeros(max(tiles, self.MIN_SIZE), dtype=torch.int32, device=device)
+        return counters
+
+
+COUNTERS = ArrivalCounters()
 
 
 def on_device(device: torch.device):

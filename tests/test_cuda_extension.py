@@ -29,7 +29,7 @@ needs_build = pytest.mark.skipif(not BUILT, reason="nvcc is not on this machine,
 
 # Every kernel the extension must carry, by the name nvcc mangles into its symbol.
 KERNELS = ("sum_squares_kernel", "norm_divisor_kernel", "scale_cast_kernel", "symmetric_matmul_kernel",
-           "ns_update_kernel", "split_reduce_kernel", "fused_momentum_kernel", "fused_apply_update_kernel", "variant_statistics_kernel",
+           "ns_update_kernel", "fused_momentum_kernel", "fused_apply_update_kernel", "variant_statistics_kernel",
            "low_precision_momentum_kernel")
 MATMUL_KERNELS = ("symmetric_matmul_kernel", "ns_update_kernel")
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import workspace
+from ..workspace import COUNTERS
 from . import autotune
 from .config import (FP_FUSION, MatmulConfig, cdiv, checked_grid, persistent_programs, precision_for,
                      sm_count, split_factor, upcast_for)
@@ -210,52 +211,6 @@ def _symmetric_matmul_kernel(
                         stride_xb, stride_xm, stride_xk, stride_yb, stride_ym, stride_yk,
                         stride_db, stride_dm, stride_dn, stride_cb, stride_cm, stride_cn, alpha, beta, shift,
                         HAS_D, HAS_SHIFT, SPLIT, BLOCK, BLOCK_K, UPCAST, PRECISION, TMA, ROWS)
-
-
-class ArrivalCounters:
-    """The split kernel's per-tile arrival counters: int32 zeros that every split launch leaves at
-    zero again (the last slice of each tile resets its counter), so one array serves every launch
-    that is ordered after the previous one — the launches of one stream. Kept per (device, stream):
-    launches on two streams may run at once and must not count into the same counters. Under CUDA
-    graph capture each launch gets fresh zeros instead (the zeroing is captured with it and redone
-    on every replay; the array belongs to the graph's memory pool), so a graph never shares
-    counters with eager launches or with another graph, whichever stream replays it."""
-
-    MIN_SIZE = 1024  # tiles; more than any product the split rule splits on today's GPUs (< 2 waves)
-
-    def __init__(self):
-        self.by_stream: dict[tuple, torch.Tensor] = {}
-        self.forgotten = 0  # arrays dropped so far: a recorded call (triton_kernels.replay) holding one re-records
-
-    def get(self, device: torch.device, tiles: int) -> torch.Tensor:
-        if device.type != "cuda":  # the CPU interpreter runs programs one by one: one array per device
-            return self.kept((device, None), device, tiles)
-        if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(tiles, dtype=torch.int32, device=device)
-        # The stream Triton launches on: the device's current stream (the callers make X's device
-        # the current one). Keyed by X's device, where the array is allocated, so an array is never
-        # handed to a launch on another device. The key is the raw handle: a stream destroyed with
-        # work still queued and a new one given its handle would share an array (torch's pooled
-        # streams are never destroyed; synchronize an external stream before destroying it).
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return self.kept((index, torch._C._cuda_getCurrentRawStream(index)), device, tiles)
-
-    def forget(self, counters: torch.Tensor) -> None:
-        """Drop a kept array whose launch raised (an interrupted interpreter run, a failed launch):
-        some of its counters may not be back at zero, and a later launch would misread them."""
-        self.by_stream = {k: v for k, v in self.by_stream.items() if v is not counters}
-        self.forgotten += 1
-
-    def kept(self, key: tuple, device: torch.device, tiles: int) -> torch.Tensor:
-        counters = self.by_stream.get(key)
-        if counters is None or counters.numel() < tiles:
-            # A bigger array replaces a smaller one: the old one is freed in stream order, after
-            # the launches already enqueued on this stream that use it.
-            counters = self.by_stream[key] = torch.zeros(max(tiles, self.MIN_SIZE), dtype=torch.int32, device=device)
-        return counters
-
-
-COUNTERS = ArrivalCounters()
 
 
 @functools.lru_cache(maxsize=4096)  # a handful of shapes per model; the split search costs ~10 µs of host time

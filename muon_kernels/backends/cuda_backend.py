@@ -3,8 +3,9 @@
 For GPUs Triton does not serve (Turing sm_75, or no working Triton) and as a second opinion on
 the Triton kernels elsewhere. Per bucket: one fused momentum → Nesterov → stack launch per 32
 tensors; Newton–Schulz as 3 normalization launches then 3 per step (symmetric X·Xᵀ and
-b·A + c·A·A on tensor cores, upper-triangle tiles, mirrored store, each split along K with one
-fixed-order reduction launch when it has too few tiles to fill the GPU; a·X + B·X); one fused
+b·A + c·A·A on tensor cores, upper-triangle tiles, mirrored store, each split along K when it has
+too few tiles to fill the GPU, the slices summed in a fixed order by the last to arrive, in the
+same launch; a·X + B·X); one fused
 decay-and-update launch per 32 tensors. The extension is torch-free: this module hands it data
 pointers, sizes, dtype codes and the current stream, and allocates every buffer with torch (so
 the caching allocator and stream order apply).
@@ -19,6 +20,8 @@ on the FMA units (ieee fp32, like the torch reference).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -129,10 +132,27 @@ def splits(batch: int, m: int, k: int, dtype: torch.dtype, device: torch.device)
     return split_factor(batch * t * (t + 1) // 2, k // K_STEP[dtype], sm_count(device))
 
 
-def _split_workspace(batch: int, m: int, count: int, device: torch.device) -> torch.Tensor | None:
-    """The fp32 slices of a product split ``count`` ways (None when unsplit)."""
+def _split_workspace(batch: int, m: int, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fp32 slices of a product split ``count`` ways and the arrival counters its last slices
+    reduce at (the Triton kernels' per-stream zeros, ``workspace.COUNTERS``); None when unsplit."""
     elements = _C.split_partial_elements(batch, m, count)
-    return workspace.empty((elements,), dtype=torch.float32, device=device) if elements else None
+    if not elements:
+        return None
+    t = m // TILE
+    return (workspace.empty((elements,), dtype=torch.float32, device=device),
+            workspace.COUNTERS.get(device, batch * t * (t + 1) // 2))
+
+
+@contextlib.contextmanager
+def _split_launch(split: tuple[torch.Tensor, torch.Tensor] | None):
+    """The addresses of ``split`` (zeros when unsplit) for the extension's launch; a launch that raises
+    drops its counters (some may not be back at zero)."""
+    try:
+        yield {"split_partial": split[0].data_ptr(), "split_counters": split[1].data_ptr()} if split else {}
+    except BaseException:
+        if split:
+            workspace.COUNTERS.forget(split[1])
+        raise
 
 
 def _stream(device: torch.device) -> int:
@@ -171,11 +191,10 @@ def _symmetric(x: torch.Tensor, d: torch.Tensor | None, out: torch.Tensor, alpha
     """out = alpha·x·xᵀ + beta·d on padded stacks, split along K when the product has few tiles."""
     k, mp, kp = x.shape
     count = splits(k, mp, kp, x.dtype, x.device)
-    slices = _split_workspace(k, mp, count, x.device)
-    _C.symmetric_matmul(p=x.data_ptr(), d=d.data_ptr() if d is not None else 0, c=out.data_ptr(),
-                        dtype=DTYPE_CODES[x.dtype], batch=k, m=mp, k=kp, alpha=float(alpha), beta=float(beta),
-                        path=path, stream=_stream(x.device), splits=count,
-                        split_partial=slices.data_ptr() if slices is not None else 0)
+    with _split_launch(_split_workspace(k, mp, count, x.device)) as split:
+        _C.symmetric_matmul(p=x.data_ptr(), d=d.data_ptr() if d is not None else 0, c=out.data_ptr(),
+                            dtype=DTYPE_CODES[x.dtype], batch=k, m=mp, k=kp, alpha=float(alpha), beta=float(beta),
+                            path=path, stream=_stream(x.device), splits=count, **split)
 
 
 def ns_update(b: torch.Tensor, x: torch.Tensor, a: float) -> torch.Tensor:
@@ -261,16 +280,15 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     b = workspace.empty_like(a)
     partial, denom = _norm_workspace(stack)
     gram_splits, square_splits = splits(k, mp, np_, work, stack.device), splits(k, mp, mp, work, stack.device)
-    slices = _split_workspace(k, mp, max(gram_splits, square_splits), stack.device)
-    with torch.cuda.device(stack.device):
+    with torch.cuda.device(stack.device), _split_launch(
+            _split_workspace(k, mp, max(gram_splits, square_splits), stack.device)) as split:
         _C.newton_schulz(
             input=stack.data_ptr(), in_dtype=DTYPE_CODES[stack.dtype], in_strides=stack.stride(), batch=k, rows=m,
             cols=n, x=x.data_ptr(), y=y.data_ptr(), a=a.data_ptr(), b=b.data_ptr(), work_dtype=DTYPE_CODES[work],
             out=out.data_ptr(), out_dtype=DTYPE_CODES[ns_dtype], partial=partial.data_ptr(), denom=denom.data_ptr(),
             coefficients=[float(v) for step in config.coefficients for v in step], norm_scale=float(config.norm_scale),
             norm_offset=float(config.norm_offset), floor=float(config.floor), path=code,
-            stream=_stream(stack.device), gram_splits=gram_splits, square_splits=square_splits,
-            split_partial=slices.data_ptr() if slices is not None else 0,
+            stream=_stream(stack.device), gram_splits=gram_splits, square_splits=square_splits, **split,
         )
     return out
 

@@ -89,10 +89,10 @@ def test_the_last_slice_to_arrive_sums_in_slice_order_and_resets_the_counters(sh
 
 def test_arrival_counters_are_kept_per_stream_and_grow():
     """One zeroed array per (device, stream), reused while big enough, replaced by a bigger one."""
-    counters = tsym.ArrivalCounters()
+    counters = workspace.ArrivalCounters()
     cpu = torch.device("cpu")
     first = counters.kept(("dev", 1), cpu, 10)
-    assert first.dtype == torch.int32 and first.numel() == tsym.ArrivalCounters.MIN_SIZE and not first.any()
+    assert first.dtype == torch.int32 and first.numel() == workspace.ArrivalCounters.MIN_SIZE and not first.any()
     assert counters.kept(("dev", 1), cpu, 10) is first
     assert counters.kept(("dev", 2), cpu, 10) is not first  # another stream: its own counters
     bigger = counters.kept(("dev", 1), cpu, 3000)
@@ -102,7 +102,7 @@ def test_arrival_counters_are_kept_per_stream_and_grow():
 def test_arrival_counters_are_keyed_by_the_arrays_device(monkeypatch):
     """A CUDA array is keyed by the device it is allocated on and that device's current stream,
     not by whichever device is current: an array on cuda:1 is never handed to a cuda:0 launch."""
-    counters, keys = tsym.ArrivalCounters(), []
+    counters, keys = workspace.ArrivalCounters(), []
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)  # CPU torch
