@@ -27,7 +27,7 @@ def _bytes(mats: list[torch.Tensor]) -> int:
 def _ours(backend: str, mats):
     opt = mk.Muon(mats, lr=0.02, weight_decay=0.1, backend=backend)
     work = settings.check_grads(opt.param_groups)
-    buckets = opt._plan_buckets([w for w in work if w[2]])
+    buckets, _ = opt._plan_buckets([w for w in work if w[2]])
     orthos = [torch.randn(b.matrices, b.m, b.n, device=b.device).bfloat16() for b in buckets]
 
     @torch.no_grad()

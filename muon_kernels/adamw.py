@@ -1,8 +1,10 @@
 """The AdamW side of ``Muon``: groups with ``use_muon=False`` (biases, norms, embeddings, heads).
 
-State layout is torch.optim.AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``) so checkpoints read
-the same; the math is torch's own functional ``adamw`` (fused kernel where the device has one,
-foreach otherwise).
+State layout is torch.optim.AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``, and ``max_exp_avg_sq``
+with amsgrad) so checkpoints read the same; the math is torch's own functional ``adamw`` (fused
+kernel where the device has one, foreach otherwise). A group's ``amsgrad`` and ``maximize`` mean
+what they mean to torch.optim.AdamW (default False); ``foreach`` and ``fused`` are chosen here by
+torch's own rule, and ``differentiable=True`` is refused (the step runs under no_grad).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from torch.optim.adamw import adamw
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
 ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+# Group keys of torch.optim.AdamW honoured per group, with torch's defaults.
+ADAMW_FLAGS = {"amsgrad": False, "maximize": False}
 
 
 def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
@@ -23,7 +27,8 @@ def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
     # capturable only means something (and torch only accepts it) for accelerator tensors.
     capturable = bool(group.get("capturable", False)) and not fused and params[0].device.type != "cpu"
     on_device = fused or capturable  # the fused kernel and capturable foreach read the step count on the device
-    exp_avgs, exp_avg_sqs, steps = [], [], []
+    amsgrad = group.get("amsgrad", False)
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
     for p in params:
         st = state[p]
         if not st:
@@ -32,8 +37,12 @@ def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         elif on_device and st["step"].device != p.device:
             st["step"] = st["step"].to(p.device)
+        if amsgrad and "max_exp_avg_sq" not in st:  # torch makes it at the first step (or amsgrad turned on later)
+            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         exp_avgs.append(st["exp_avg"])
         exp_avg_sqs.append(st["exp_avg_sq"])
+        if amsgrad:
+            max_exp_avg_sqs.append(st["max_exp_avg_sq"])
         steps.append(st["step"])
     beta1, beta2 = group["betas"]
     adamw(
@@ -41,17 +50,17 @@ def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
         [p.grad for p in params],
         exp_avgs,
         exp_avg_sqs,
-        [],
+        max_exp_avg_sqs,
         steps,
         foreach=foreach,
         fused=fused,
         has_complex=any(torch.is_complex(p) for p in params),
-        amsgrad=False,
+        amsgrad=amsgrad,
         beta1=beta1,
         beta2=beta2,
         lr=group["lr"],
         weight_decay=group["weight_decay"],
         eps=group["eps"],
-        maximize=False,
+        maximize=group.get("maximize", False),
         capturable=capturable,
     )

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from . import distributed as dist_muon
 from . import checkpoint, graphs, momentum_precision, settings, variants, workspace
-from .adamw import ADAMW_KEYS, adamw_step
+from .adamw import ADAMW_FLAGS, ADAMW_KEYS, adamw_step
 from .backends import measured
 from .plan import build_buckets, check_params, describe, group_items
 
@@ -201,6 +201,8 @@ class Muon(Optimizer):
         else:
             for key in ADAMW_KEYS:
                 group.setdefault(key, self._adamw_defaults[key])
+            for key, value in ADAMW_FLAGS.items():
+                group.setdefault(key, value)
             group.setdefault("capturable", self.defaults["capturable"])
             settings.check_adamw_group(group)
         super().add_param_group(group)
@@ -297,7 +299,10 @@ class Muon(Optimizer):
     # ------------------------------------------------------------------ plan
     def _plan_buckets(self, work: list[tuple[int, dict, list[torch.Tensor]]]):
         """The buckets of this step's Muon parameters and their placements, rebuilt only when a
-        plan key, a parameter's identity, dtype, device or shape, or the process group changed."""
+        plan key, a parameter's identity, dtype, device or shape, or the process group changed.
+        The step hands both on as locals, never reading them back from ``self``: under
+        ``torch.compile(opt.step)`` Dynamo (torch 2.13) drops attribute writes on an optimizer made
+        in a compiled frame, so a frame resumed after a graph break would read a stale plan."""
         key = tuple(
             (gi, *(settings.freeze(group[k]) for k in settings.PLAN_KEYS),
              tuple((id(p), p.dtype, p.device, p.shape) for p in params))
@@ -316,12 +321,12 @@ class Muon(Optimizer):
             buckets = build_buckets(items)
             placements = dist_muon.place(buckets, settings.names(self.param_groups), self._replicated(),
                                          verify=[settings.settings_key(g, portable=True) for g in self.param_groups])
-            buckets, self._placements = self._within_cap(buckets, placements)
-            measured.resolve(buckets, self._placements, self.dispatch, self.max_workspace_bytes)
-            self._buckets = buckets
+            buckets, placements = self._within_cap(buckets, placements)
+            measured.resolve(buckets, placements, self.dispatch, self.max_workspace_bytes)
+            self._buckets, self._placements = buckets, placements
             self._plan_key = key
             self._plan_version += 1
-        return self._buckets
+        return self._buckets, self._placements
 
     def _within_cap(self, buckets, placements) -> tuple[list, list]:
         """Local buckets over ``max_workspace_bytes`` as several (``Bucket.within``); a distributed
@@ -344,7 +349,7 @@ class Muon(Optimizer):
         return describe(self.param_groups, buckets, [(p.kind, p.owners) for p in placements])
 
     # ------------------------------------------------------------------ step
-    def _device_step(self, work: list[tuple[int, dict, list[torch.Tensor]]], buckets) -> None:
+    def _device_step(self, work: list[tuple[int, dict, list[torch.Tensor]]], buckets, placements) -> None:
         """Everything a step does on the device, after validation and planning (the part
         ``cuda_graph=True`` captures). AdamW runs on a side stream beside the Muon half where
         ``overlap_adamw`` and a CUDA device make that possible."""
@@ -357,7 +362,7 @@ class Muon(Optimizer):
             with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
                 for group, params in adamw:
                     adamw_step(group, params, self.state)
-            self._muon_half(buckets)
+            self._muon_half(buckets, placements)
         finally:
             if side is not None:
                 # The caller's stream waits for AdamW before anything after the step (a read of the
@@ -367,12 +372,12 @@ class Muon(Optimizer):
                 # the side stream, so the caching allocator needs no record_stream.
                 torch.cuda.current_stream(side.device).wait_stream(side)
 
-    def _muon_half(self, buckets) -> None:
+    def _muon_half(self, buckets, placements) -> None:
         """Momentum, Newton–Schulz and the update of every bucket."""
         # Collectives are started in the same order on every rank: sharded gathers, replicated
         # gathers, sharded scatters; local work and later buckets' Newton–Schulz overlap them.
         gathers, replicated = [], []
-        for bucket, placement in zip(buckets, self._placements):
+        for bucket, placement in zip(buckets, placements):
             steps = placement.shard or bucket  # an FSDP2 rank steps its rows of each matrix
             bufs = [e.piece(momentum_precision.momentum_buffer(self.state, e.param, self.param_groups[e.group]))
                     for e in steps.entries]
@@ -408,7 +413,7 @@ class Muon(Optimizer):
             self._side_streams[device] = torch.cuda.Stream(device)
         return self._side_streams[device]
 
-    def _graph_key(self, work: list[tuple[int, dict, list[torch.Tensor]]]) -> tuple:
+    def _graph_key(self, work: list[tuple[int, dict, list[torch.Tensor]]], placements) -> tuple:
         """What a captured step depends on besides its state (``graphs.state_storages``, which the first,
         eager, step creates): the parameters' and gradients' storages, the group settings, the plan
         and the options that shape the captured work. A key not seen before is checked: ValueError
@@ -417,7 +422,7 @@ class Muon(Optimizer):
         key = (storages, tuple([settings.settings_key(g) for g in self.param_groups]),
                (self._plan_version, self.max_workspace_bytes, self.overlap_adamw))
         if key != self._graph.checked:
-            graphs.check_capturable(self.param_groups, self._placements, work)
+            graphs.check_capturable(self.param_groups, placements, work)
             self._graph.checked = key
         return key
 
@@ -425,8 +430,8 @@ class Muon(Optimizer):
         """NorMuon's v and the hyperball radii of parameters stepping for the first time, before
         anything is modified (a zero-norm hyperball matrix raises here)."""
         entries = [(e.param, e.view, b.variant, e.part) for b in buckets for e in b.entries
-                   if (b.variant.normuon and "normuon_v" not in self.state[e.param])
-                   or (b.variant.hyperball and "hyperball_radius" not in self.state[e.param])]
+                   if (b.variant.normuon and "normuon_v" not in self.state.get(e.param, {}))
+                   or (b.variant.hyperball and "hyperball_radius" not in self.state.get(e.param, {}))]
         if entries:
             variants.init_state(entries, self.state, settings.names(self.param_groups))
 
@@ -444,14 +449,14 @@ class Muon(Optimizer):
         settings.check_distributed_grads(self.param_groups, self._replicated())
         checkpoint.check_state_fits([p for _, group, params in work if not group["use_muon"] for p in params],
                                     self.state, "exp_avg", lambda: settings.names(self.param_groups), same_dtype=True)
-        buckets = self._plan_buckets([w for w in work if w[1]["use_muon"] and w[2]])
-        key = None if self._graph is None else self._graph_key(work)
+        buckets, placements = self._plan_buckets([w for w in work if w[1]["use_muon"] and w[2]])
+        key = None if self._graph is None else self._graph_key(work, placements)
         self._init_variant_state(buckets)
         if self._graph is None:
-            self._device_step(work, buckets)
+            self._device_step(work, buckets, placements)
         else:
             device = next((p.device for _, _, params in work for p in params), torch.device("cpu"))
             with workspace.on_device(device):  # the capture's stream and device are the parameters'
                 self._graph.step(lambda: (*key, graphs.state_storages(self.state, work)),
-                                 lambda: self._device_step(work, buckets))
+                                 lambda: self._device_step(work, buckets, placements))
         return loss

@@ -14,7 +14,7 @@ import torch
 
 from . import distributed as dist_muon
 from . import momentum_precision, splits, variants
-from .adamw import ADAMW_KEYS
+from .adamw import ADAMW_FLAGS, ADAMW_KEYS
 from .backends import BACKEND_NAMES
 from .ns_config import NSConfig, check_ns_dtype, resolve_ns_config
 
@@ -38,7 +38,7 @@ MUON_SETTINGS = (
     "ns_algorithm", "ns_normalization", "ns_gram_restarts", "weight_decay_mode", "ns_dtype", "momentum_dtype",
     "momentum_form", "matrix_view", "capturable", "momentum_rounding", *variants.DEFAULTS, *splits.DEFAULTS,
 )
-ADAMW_SETTINGS = (*ADAMW_KEYS, "capturable")
+ADAMW_SETTINGS = (*ADAMW_KEYS, *ADAMW_FLAGS, "capturable", "differentiable")
 
 
 def freeze(value: Any) -> Any:
@@ -122,8 +122,12 @@ def check_adamw_settings(lr, betas, eps, weight_decay, where: str) -> None:
 
 def check_adamw_group(group: dict) -> None:
     check_adamw_settings(group["lr"], group["betas"], group["eps"], group["weight_decay"], "")
-    if not isinstance(group["capturable"], bool):
-        raise ValueError(f"capturable must be True or False, got {group['capturable']!r}")
+    for key in ("capturable", *ADAMW_FLAGS):
+        if not isinstance(group.get(key, False), bool):
+            raise ValueError(f"{key} must be True or False, got {group[key]!r}")
+    if group.get("differentiable", False):
+        raise ValueError("differentiable=True is not supported: the AdamW half steps under torch.no_grad() (as "
+                         "Muon's step does); remove the key or set it to False")
 
 
 def check_changed_groups(param_groups: list[dict], validated: dict[int, tuple]) -> None:

@@ -121,21 +121,20 @@ def init_state(entries, state, names: dict[int, str]) -> None:
     record hyperball radii for parameters stepping for the first
     time. Every radius is checked before any is stored: a zero-norm matrix raises ValueError and
     leaves the state as it was (one host read, on the first step only)."""
-    radii = {}
+    vs, radii = {}, {}
     for p, view, v, part in entries:
-        st = state[p]
+        st = state.get(p, {})
         if v.normuon and "normuon_v" not in st:
-            shape = expected_state_shapes(view, part, p)["normuon_v"]
-            st["normuon_v"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            vs[p] = expected_state_shapes(view, part, p)["normuon_v"]
         if v.hyperball and "hyperball_radius" not in st:
             radii[p] = (frobenius_norms(p, view), view, names[id(p)])
-    if not radii:
-        return
     for p, (norms, view, name) in radii.items():
         if not bool((norms > 0).all()):
             raise ValueError(f"parameter {name}: constraint='hyperball' keeps each matrix on the sphere of its initial "
                              "Frobenius norm, but a matrix of it has norm 0; initialize it (e.g. nn.init) before the "
                              "first step or put it in a group with constraint='none'")
+    for p, shape in vs.items():
+        state[p]["normuon_v"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
     for p, (norms, view, _) in radii.items():
         state[p]["hyperball_radius"] = norms.to(torch.float32).reshape(expected_state_shapes(view)["hyperball_radius"])
 

@@ -74,7 +74,7 @@ def test_momentum_written_into_the_stack_equals_blend_then_concatenate(form, nes
     shapes = [(24, 40), (40, 24), (24, 40)]  # wide, tall (transposed into the stack), wide
     params = [nn.Parameter(torch.randn(s)) for s in shapes]
     opt = mk.Muon(params, momentum_form=form, nesterov=nesterov, momentum=0.9)
-    [bucket] = opt._plan_buckets([(0, opt.param_groups[0], params)])
+    [bucket], _ = opt._plan_buckets([(0, opt.param_groups[0], params)])
     grads = [torch.randn(s) for s in shapes]
     bufs = [torch.randn(s) for s in shapes]
     want_bufs = [b.clone() for b in bufs]

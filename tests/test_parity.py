@@ -163,3 +163,47 @@ def test_match_on_a_real_model_loss():
         t_muon.step()
         t_adam.step()
     assert _displacement_err(list(ours.parameters()), list(theirs.parameters()), start) <= DISPLACEMENT_TOL
+
+
+@pytest.mark.parametrize("flags", [{"amsgrad": True}, {"maximize": True}, {"amsgrad": True, "maximize": True}])
+def test_adamw_groups_honour_amsgrad_and_maximize_as_torch(flags):
+    """A use_muon=False group's amsgrad and maximize mean what they mean to torch.optim.AdamW (they
+    were once dropped silently): the same bits as torch's (fused) AdamW with the same flags, the
+    same state keys, and a checkpoint that resumes identically."""
+    g = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=g) for s in ((7,), (5, 3))]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    settings = {"lr": 0.01, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+    opt = mk.Muon([{"params": ours, "use_muon": False, **settings, **flags}])
+    ref = torch.optim.AdamW(theirs, **settings, **flags, fused=True)  # ours takes torch's fused kernel on a CPU too
+    for step in range(6):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=g) * (3.0 if step == 1 else 0.5)  # a large step: amsgrad's max holds
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+        if step == 2:  # resume through a checkpoint half way
+            saved = opt.state_dict()
+            opt = mk.Muon([{"params": ours, "use_muon": False, **settings, **flags}])
+            opt.load_state_dict(saved)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        assert set(opt.state[a]) == set(ref.state[b])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("amsgrad", 1, "amsgrad must be True or False"),
+    ("maximize", "yes", "maximize must be True or False"),
+    ("differentiable", True, "differentiable=True is not supported"),
+])
+def test_adamw_group_flags_are_checked(key, value, message):
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=message):
+        mk.Muon([{"params": [p], "use_muon": False, key: value}])
+    opt = mk.Muon([{"params": [p], "use_muon": False}])
+    opt.param_groups[0][key] = value
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=f"param group 0: {message}.*nothing was modified"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and not opt.state

@@ -47,7 +47,7 @@ def test_qkv_split_equals_three_separate_matrices_bitwise():
     qkv = nn.Parameter(torch.randn(3 * d, d))
     opt = mk.Muon([{"params": [qkv], "split_sizes": (d, d, d)}, {"params": [proj]}], lr=0.05)
     work = [(i, g, g["params"]) for i, g in enumerate(opt.param_groups)]
-    [bucket] = opt._plan_buckets(work)
+    [bucket], _ = opt._plan_buckets(work)
     assert bucket.matrices == 4 and (bucket.m, bucket.n) == (d, d)
     assert all(e.scale == 1.0 for e in bucket.entries)  # each piece scaled from (768, 768), not (2304, 768)
 

@@ -202,7 +202,7 @@ def test_a_graph_over_several_devices_is_refused():
     other = torch.zeros(2, 2, device="meta")
     other.grad = torch.zeros(2, 2, device="meta")
     with pytest.raises(ValueError, match=r"captures one device's work, but the parameters are on \['cpu', 'meta'\]"):
-        opt._graph_key([(0, group, [group["params"][0], other])])
+        opt._graph_key([(0, group, [group["params"][0], other])], opt._placements)
 
 
 class _FakeStream:
@@ -228,7 +228,7 @@ def test_the_adamw_side_stream_is_joined_when_the_step_raises(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(opt, "_adamw_stream", lambda adamw, buckets: side)
 
-    def broken(buckets):
+    def broken(buckets, placements):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(opt, "_muon_half", broken)

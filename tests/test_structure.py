@@ -120,6 +120,32 @@ def test_compiled_step_matches_eager():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("options", [{"constraint": "hyperball"}, {"adaptive": "normuon", "constraint": "hyperball"}])
+def test_compiled_step_with_first_steps_after_a_graph_break_matches_eager(options):
+    """A matrix's first hyperball step reads its norms on the host (a graph break under
+    torch.compile). Dynamo drops attribute writes made on an optimizer in a compiled frame, so a
+    plan stored on ``self`` and read back after the break was stale: the whole Muon half of every
+    step in which a matrix stepped for the first time was skipped. Here the second layer gets its
+    first gradient at the second step, and a third matrix joins by add_param_group at the third."""
+    def run(compiled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.Linear(16, 8, bias=False))
+        late = nn.Parameter(torch.randn(8, 8))
+        opt = mk.Muon(model.parameters(), lr=0.02, ns_dtype=torch.float32, weight_decay=0.0, **options)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for i in range(4):
+            if i == 2:
+                opt.add_param_group({"params": [late], "use_muon": True})
+            gen = torch.Generator().manual_seed(i)
+            for j, p in enumerate([*model.parameters(), late]):
+                p.grad = None if (j == 1 and i == 0) or (j == 2 and i < 2) else torch.randn(p.shape, generator=gen)
+            step()
+        return [p.detach().clone() for p in (*model.parameters(), late)]
+
+    for eager, compiled in zip(run(False), run(True)):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- import graph
 REPO = Path(__file__).resolve().parent.parent
 # Source folders of the installed package (setup.py's package_dir: triton_kernels/ is installed

@@ -236,17 +236,18 @@ def test_bad_options_written_into_a_group_modify_nothing():
     assert all(torch.equal(opt.state[W][k], v) for k, v in before[1].items())
 
 
-def test_zero_norm_matrix_under_hyperball_raises_and_modifies_nothing():
+@pytest.mark.parametrize("adaptive", ["none", "normuon"])
+def test_zero_norm_matrix_under_hyperball_raises_and_modifies_nothing(adaptive):
     live = nn.Parameter(torch.randn(8, 12))
     dead = nn.Parameter(torch.zeros(8, 12))
-    opt = mk.Muon([("live", live), ("dead", dead)], constraint="hyperball", weight_decay=0.0)
+    opt = mk.Muon([("live", live), ("dead", dead)], constraint="hyperball", adaptive=adaptive, weight_decay=0.0)
     for p in (live, dead):
         p.grad = torch.randn_like(p)
     before = live.detach().clone()
     with pytest.raises(ValueError, match="parameter 'dead'.*norm 0"):
         opt.step()
     assert torch.equal(live.detach(), before)
-    assert not opt.state[live] and not opt.state[dead]
+    assert len(opt.state) == 0 and opt.state_dict()["state"] == {}  # not even an empty entry (NorMuon's v)
 
 
 def test_plan_names_the_variant():

@@ -16,7 +16,7 @@ def _apply(backend: str, dtype: torch.dtype, mode: str):
     with torch.no_grad():
         ps[0][0, :5] = 0.0  # exact zeros in W
     opt = mk.Muon(ps, lr=0.1, weight_decay=0.5, weight_decay_mode=mode, backend=backend, ns_dtype=torch.float32)
-    [bucket] = opt._plan_buckets([(0, opt.param_groups[0], ps)])
+    [bucket], _ = opt._plan_buckets([(0, opt.param_groups[0], ps)])
     ortho = torch.randn(bucket.matrices, bucket.m, bucket.n, generator=g)
     ortho[1, :3] = 0.0  # exact zeros in O
     with torch.no_grad():  # as inside Muon.step()

@@ -238,7 +238,7 @@ def test_fused_momentum_and_update_match_the_torch_path(form, nesterov, dtype, m
         ]
         opt = mk.Muon(groups, backend=backend, ns_dtype=torch.float32, ns_steps=1, nesterov=nesterov,
                       momentum_form=form, momentum_dtype=momentum_dtype)
-        assert len(opt._plan_buckets([(i, g, g["params"]) for i, g in enumerate(opt.param_groups)])) == 1
+        assert len(opt._plan_buckets([(i, g, g["params"]) for i, g in enumerate(opt.param_groups)])[0]) == 1
         g = torch.Generator().manual_seed(4)
         for _ in range(2):
             for p in ps:

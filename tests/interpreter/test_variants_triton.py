@@ -56,7 +56,7 @@ def test_statistics_kernel_sums_and_second_moments_match_the_torch_pass():
     from muon_kernels.triton_kernels.variant_statistics import matrix_table
 
     ps, opt = _run("triton", torch.float32, steps=0, adaptive="normuon", constraint="hyperball")
-    [bucket] = opt._plan_buckets([(i, grp, grp["params"]) for i, grp in enumerate(opt.param_groups)])
+    [bucket], _ = opt._plan_buckets([(i, grp, grp["params"]) for i, grp in enumerate(opt.param_groups)])
     opt._init_variant_state([bucket])
     g = torch.Generator().manual_seed(7)
     for p in ps:  # a v that is not all zeros
