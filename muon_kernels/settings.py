@@ -164,31 +164,40 @@ def check_grads(param_groups: list[dict]) -> list[tuple[int, dict, list[torch.Te
                         "(a host lr would be copied during CUDA-graph capture)"
                     )
         params = []
-        kind = "Muon" if group["use_muon"] else "AdamW"
+        muon = group["use_muon"]
         for i, p in enumerate(group["params"]):
             g = p.grad
-            if g is None or (group["use_muon"] and p.numel() == 0):
+            if g is None or (muon and p.numel() == 0):
                 continue
-            # the group and its kind: a group without use_muon was split at construction, so an
-            # index counts within its Muon or its AdamW half, not in the list the user passed
-            where = f"param group {gi} ({kind}), parameter {label(group, i, p)}"
-            if g.is_sparse:
-                raise RuntimeError(f"{where}: a sparse gradient, which the {kind} half does not support; give it "
-                                   "a dense gradient (e.g. nn.Embedding(..., sparse=False)) or step it with "
-                                   "torch.optim.SparseAdam; nothing was modified")
-            if group["use_muon"] and torch.is_complex(g):
-                raise RuntimeError(f"{where}: Muon does not support complex gradients; nothing was modified")
-            if g.shape != p.shape:
-                raise RuntimeError(f"{where}: gradient shape {tuple(g.shape)} != parameter shape "
-                                   f"{tuple(p.shape)}; nothing was modified")
-            if group["use_muon"] and not g.is_floating_point():
-                raise RuntimeError(f"{where}: Muon needs a floating-point gradient, got {g.dtype}; nothing was modified")
-            if not group["use_muon"] and g.dtype != p.dtype:  # torch's AdamW would fail half-way through the group
-                raise RuntimeError(f"{where}: gradient dtype {g.dtype} != parameter dtype {p.dtype}; AdamW steps "
-                                   "a parameter with a gradient of its own dtype; nothing was modified")
+            # One cheap test per gradient (a step runs it over every parameter: the messages cost
+            # ~2 µs each to build); the message only on failure. AdamW: a gradient of the parameter's
+            # own dtype (torch's would fail half-way through the group); Muon: a real floating-point
+            # one (complex dtypes are not floating point).
+            if g.is_sparse or g.shape != p.shape or (not g.dtype.is_floating_point if muon else g.dtype != p.dtype):
+                raise _grad_error(gi, group, i, p, g)
             params.append(p)
         work.append((gi, group, params))
     return work
+
+
+def _grad_error(gi: int, group: dict, i: int, p: torch.Tensor, g: torch.Tensor) -> RuntimeError:
+    kind = "Muon" if group["use_muon"] else "AdamW"
+    # the group and its kind: a group without use_muon was split at construction, so an index
+    # counts within its Muon or its AdamW half, not in the list the user passed
+    where = f"param group {gi} ({kind}), parameter {label(group, i, p)}"
+    if g.is_sparse:
+        return RuntimeError(f"{where}: a sparse gradient, which the {kind} half does not support; give it a dense "
+                            "gradient (e.g. nn.Embedding(..., sparse=False)) or step it with torch.optim.SparseAdam; "
+                            "nothing was modified")
+    if group["use_muon"] and g.dtype.is_complex:
+        return RuntimeError(f"{where}: Muon does not support complex gradients; nothing was modified")
+    if g.shape != p.shape:
+        return RuntimeError(f"{where}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}; "
+                            "nothing was modified")
+    if group["use_muon"]:
+        return RuntimeError(f"{where}: Muon needs a floating-point gradient, got {g.dtype}; nothing was modified")
+    return RuntimeError(f"{where}: gradient dtype {g.dtype} != parameter dtype {p.dtype}; AdamW steps a parameter "
+                        "with a gradient of its own dtype; nothing was modified")
 
 
 def names(param_groups: list[dict]) -> dict[int, str]:

@@ -314,7 +314,7 @@ def test_a_checkpoint_without_the_empty_groups_loads():
 
 
 @pytest.mark.parametrize("case", ["fp64 gradient of an fp32 bias", "bias converted after its state was made",
-                                  "integer gradient of a matrix"])
+                                  "integer gradient of a matrix", "complex gradient of a matrix"])
 def test_a_gradient_or_state_of_the_wrong_dtype_is_refused_before_anything_changes(case):
     """torch's AdamW would step the group's first parameters (and advance every step counter) before
     failing on a mismatched dtype; a Muon matrix would cast an integer gradient silently."""
@@ -332,9 +332,12 @@ def test_a_gradient_or_state_of_the_wrong_dtype_is_refused_before_anything_chang
         biases[1].grad = None
         biases[1].grad = torch.randn_like(biases[1])
         match = r"state 'exp_avg' is torch.float32, but the parameter is now torch.float64"
-    else:
+    elif case == "integer gradient of a matrix":
         model[1].weight.grad.data = torch.ones(3, 8, dtype=torch.int64)
         match = r"Muon needs a floating-point gradient, got torch.int64"
+    else:
+        model[1].weight.grad.data = torch.ones(3, 8, dtype=torch.complex64)
+        match = r"param group 0 \(Muon\), parameter #1 of shape \(3, 8\): Muon does not support complex gradients"
     before = _snapshot(opt)
     with pytest.raises((ValueError, RuntimeError), match=match):
         opt.step()
