@@ -19,6 +19,7 @@ from muon_kernels.backends import available_backends, torch_backend
 from muon_kernels.ns_config import resolve_ns_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from arrival_counters import check_streams_and_graph  # noqa: E402
 from oracles import plain_recurrence, reference_ns, rel_err, scalar_map  # noqa: E402
 from summation_order import serial_fma_matmul, symmetric_epilogue, update_epilogue  # noqa: E402
 
@@ -157,36 +158,11 @@ def test_split_reduces_in_its_launch_on_streams_and_in_graphs(path, monkeypatch)
     counters (workspace.COUNTERS, shared with the Triton kernels) that every launch leaves at zero:
     the same bits on two streams at once and in a replayed CUDA graph (which takes fresh counters
     at capture, none kept) as eagerly, and every kept counter back at zero."""
-    from muon_kernels import workspace
-
     monkeypatch.setattr(cuda_backend, "splits", lambda batch, m, k, dtype, device: 5)
     for dtype in _kernel_dtypes(path):
         Xs = [_randn(3, 300, 1000, seed=s).to(DEV, dtype) for s in (4, 5)]
         eager = [cuda_backend.symmetric_matmul(X, alpha=0.5) for X in Xs]
-        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-        for s in streams:
-            s.wait_stream(torch.cuda.current_stream())
-        outs = [[], []]
-        for _ in range(20):
-            for i, s in enumerate(streams):
-                with torch.cuda.stream(s):
-                    outs[i].append(cuda_backend.symmetric_matmul(Xs[i], alpha=0.5))
-        torch.cuda.synchronize()
-        for i in range(2):
-            assert all(torch.equal(o, eager[i]) for o in outs[i]), (dtype, i)
-        assert len(workspace.COUNTERS.by_stream) >= 3  # the default stream and the two side streams
-        assert not any(c.any() for c in workspace.COUNTERS.by_stream.values())
-
-        kept = {key: id(c) for key, c in workspace.COUNTERS.by_stream.items()}
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = cuda_backend.symmetric_matmul(Xs[0], alpha=0.5)
-        assert {key: id(c) for key, c in workspace.COUNTERS.by_stream.items()} == kept  # fresh counters
-        for _ in range(3):
-            static.zero_()
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(static, eager[0]), dtype
+        check_streams_and_graph(lambda x: cuda_backend.symmetric_matmul(x, alpha=0.5), Xs, eager)
 
 
 def test_split_newton_schulz_driver(path, monkeypatch):

@@ -17,6 +17,7 @@ import muon_kernels as mk
 from muon_kernels.ns_config import resolve_ns_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from arrival_counters import check_streams_and_graph  # noqa: E402
 from oracles import plain_recurrence, reference_ns, rel_err, scalar_map  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -75,7 +76,6 @@ def test_split_products_in_a_cuda_graph_and_on_two_streams_give_the_eager_bits()
     kept counter is zero afterwards."""
     from dataclasses import replace
 
-    from muon_kernels.triton_kernels import symmetric_matmul as tsym
     from muon_kernels.triton_kernels.config import matmul_config
 
     cfg = replace(matmul_config(DEV, torch.bfloat16, 1024, 1024, 4096, kind="symmetric"), split_k=3)
@@ -91,31 +91,7 @@ def test_split_products_in_a_cuda_graph_and_on_two_streams_give_the_eager_bits()
     for _ in range(10):
         assert torch.equal(symmetric_matmul(X, config=replace(cfg, split_k=8, persistent=True)), plain)
 
-    static = torch.empty_like(eager[0])
-    kept = {key: id(c) for key, c in tsym.COUNTERS.by_stream.items()}
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        symmetric_matmul(Xs[0], config=cfg, out=static)
-    assert {key: id(c) for key, c in tsym.COUNTERS.by_stream.items()} == kept  # fresh counters, none kept
-    for _ in range(3):
-        static.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static, eager[0])
-
-    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-    for s in streams:
-        s.wait_stream(torch.cuda.current_stream())
-    outs = [[], []]
-    for _ in range(20):
-        for i, s in enumerate(streams):
-            with torch.cuda.stream(s):
-                outs[i].append(symmetric_matmul(Xs[i], config=cfg))
-    torch.cuda.synchronize()
-    for i in range(2):
-        assert all(torch.equal(o, eager[i]) for o in outs[i])
-    assert len(tsym.COUNTERS.by_stream) >= 3  # the default stream and the two side streams
-    assert not any(c.any() for c in tsym.COUNTERS.by_stream.values())
+    check_streams_and_graph(lambda x: symmetric_matmul(x, config=cfg), Xs, eager)
 
 
 def test_nan_member_does_not_leak_on_device():
