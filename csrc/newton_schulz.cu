@@ -209,9 +209,9 @@ __device__ __noinline__ void fixup_split_tile(float* split_partial, int32_t* spl
                                               int64_t m, float alpha, float beta, int64_t splits,
                                               int64_t batch_offset) {
   const int64_t batch = batch_offset + blockIdx.y, tile = blockIdx.x / splits, tiles = gridDim.x / splits;
-  __shared__ int arrived_last;
   __threadfence();  // this thread's partial stores are visible device-wide before the count below
   __syncthreads();
+  int arrived_last = 0;
   if (threadIdx.x == 0) {
     int32_t* counter = split_counters + batch * tiles + tile;
     arrived_last = atomicAdd(counter, 1) == splits - 1;
@@ -220,8 +220,10 @@ __device__ __noinline__ void fixup_split_tile(float* split_partial, int32_t* spl
       __threadfence();  // the other slices' partials are read after their counts were seen
     }
   }
-  __syncthreads();
-  if (!arrived_last) return;
+  // A barrier that also broadcasts thread 0's answer: no __shared__ flag, because any static
+  // shared memory would push the sm80 path's 48 KB of dynamic shared memory over the limit that
+  // needs no opt-in, and cost the sm75 path its second block per SM on Turing (64 KB per SM).
+  if (!__syncthreads_or(arrived_last)) return;
   int64_t ti, tj;
   triangular_tile(tile, ti, tj);
   const float* slices = split_partial + (batch * tiles + tile) * splits * kSplitTile;
