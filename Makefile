@@ -1,7 +1,8 @@
 # Two commands on a fresh machine: `make bench` (the main job) and `make test`.
 # Both use the python3 on PATH when it already imports torch (a user's CUDA environment, the GPU
-# machine: nothing is downloaded there), else make .venv with TORCH_SPEC. The package is installed
-# with --no-build-isolation so an offline machine with the build tools present works.
+# machine: nothing is downloaded there when it has the build tools, which build-tools pip-installs
+# otherwise), else make .venv with TORCH_SPEC. The package is installed with --no-build-isolation
+# so an offline machine with the build tools present works.
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?=
@@ -22,8 +23,8 @@ ifeq ($(HOST_HAS_TORCH),yes)
 PY := $(PYTHON)
 ENV_DEPS :=
 OLD_TRITON_ENV :=
-# A host environment (a user's CUDA setup, the offline GPU machine) keeps the packages it has:
-# nothing is resolved or downloaded. make test then needs pytest and scipy there (hypothesis too,
+# A host environment (a user's CUDA setup, the offline GPU machine) keeps the packages it has: the
+# package's dependencies are not resolved or downloaded (only missing build tools are: build-tools). make test then needs pytest and scipy there (hypothesis too,
 # or the property tests are skipped).
 INSTALL_SPEC := --no-deps .
 PEER_SPEC :=

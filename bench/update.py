@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import muon_kernels as mk
-from muon_kernels import settings
+from muon_kernels import momentum_precision, settings
 from common import MODELS, summarize, time_call
 from step import LAYER_LIMIT, make_params
 
@@ -34,7 +34,8 @@ def _ours(backend: str, mats):
     def run():
         for bucket, ortho in zip(buckets, orthos):
             grads = [e.param.grad for e in bucket.entries]
-            bufs = [opt._momentum_buffer(e.param, opt.param_groups[e.group]) for e in bucket.entries]
+            bufs = [momentum_precision.momentum_buffer(opt.state, e.param, opt.param_groups[e.group])
+                    for e in bucket.entries]
             bucket.momentum_stack(grads, bufs, opt.param_groups, opt.state)
             bucket.apply_update(ortho, opt.param_groups, opt.state)
     return run

@@ -3,8 +3,9 @@
 State layout is torch.optim.AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``, and ``max_exp_avg_sq``
 with amsgrad) so checkpoints read the same; the math is torch's own functional ``adamw`` (fused
 kernel where the device has one, foreach otherwise). A group's ``amsgrad`` and ``maximize`` mean
-what they mean to torch.optim.AdamW (default False); ``foreach`` and ``fused`` are chosen here by
-torch's own rule, and ``differentiable=True`` is refused (the step runs under no_grad).
+what they mean to torch.optim.AdamW (default False; a group given without ``use_muon`` may not
+maximize, since its Muon half cannot); ``foreach`` and ``fused`` are chosen here by torch's own
+rule, and ``differentiable=True`` is refused (the step runs under no_grad).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         elif on_device and st["step"].device != p.device:
             st["step"] = st["step"].to(p.device)
-        if amsgrad and "max_exp_avg_sq" not in st:  # torch makes it at the first step (or amsgrad turned on later)
+        # torch makes it at a parameter's first step; here also when amsgrad is turned on later
+        # (where torch.optim.AdamW raises KeyError), starting from zeros
+        if amsgrad and "max_exp_avg_sq" not in st:
             st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         exp_avgs.append(st["exp_avg"])
         exp_avg_sqs.append(st["exp_avg_sq"])

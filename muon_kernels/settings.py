@@ -37,6 +37,7 @@ MUON_SETTINGS = (
     "lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn", "backend",
     "ns_algorithm", "ns_normalization", "ns_gram_restarts", "weight_decay_mode", "ns_dtype", "momentum_dtype",
     "momentum_form", "matrix_view", "capturable", "momentum_rounding", *variants.DEFAULTS, *splits.DEFAULTS,
+    "maximize",
 )
 ADAMW_SETTINGS = (*ADAMW_KEYS, *ADAMW_FLAGS, "capturable", "differentiable")
 
@@ -102,6 +103,10 @@ def check_muon_settings(group: dict) -> None:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {group['backend']!r}")
     if not isinstance(group["capturable"], bool):
         raise ValueError(f"capturable must be True or False, got {group['capturable']!r}")
+    if group.get("maximize", False):  # torch.optim.Muon has none; AdamW groups honour it (adamw.py)
+        raise ValueError("maximize=True: Muon has no maximize (torch.optim.Muon neither); minimize the negated "
+                         "loss instead. Only a use_muon=False (AdamW) group may maximize, and a group given "
+                         "without use_muon is split into a Muon and an AdamW half, so it may not")
     variants.check_settings(group)
     splits.check_settings(group)
     momentum_precision.check_settings(group)

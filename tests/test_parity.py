@@ -198,6 +198,8 @@ def test_adamw_groups_honour_amsgrad_and_maximize_as_torch(flags):
     ("differentiable", True, "differentiable=True is not supported"),
 ])
 def test_adamw_group_flags_are_checked(key, value, message):
+    """Checked at construction and, written into param_groups later, at the next step (which then
+    modifies nothing)."""
     p = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match=message):
         mk.Muon([{"params": [p], "use_muon": False, key: value}])
@@ -207,3 +209,21 @@ def test_adamw_group_flags_are_checked(key, value, message):
     with pytest.raises(ValueError, match=f"param group 0: {message}.*nothing was modified"):
         opt.step()
     assert torch.equal(p.detach(), torch.ones(3)) and not opt.state
+
+
+@pytest.mark.parametrize("group", [{"use_muon": True}, {}], ids=["Muon group", "group split into Muon and AdamW"])
+def test_a_muon_group_refuses_maximize(group):
+    """AdamW groups maximize; Muon cannot (nor can torch.optim.Muon): a Muon group, or a group that is
+    split into a Muon and an AdamW half (whose biases alone would otherwise climb), is refused."""
+    W, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
+    params = [W] if group else [W, b]
+    with pytest.raises(ValueError, match="maximize=True: Muon has no maximize"):
+        mk.Muon([{"params": params, "maximize": True, **group}])
+    opt = mk.Muon([{"params": params, **group}])
+    opt.param_groups[0]["maximize"] = True
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="param group 0: maximize=True: Muon has no maximize.*nothing was modified"):
+        opt.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(params, before)) and not opt.state

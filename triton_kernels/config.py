@@ -281,11 +281,11 @@ def sm_count(device: torch.device) -> int:
 #   converted and stored);
 # - SPLIT_PARTIAL: writing, or reading back, one fp32 partial tile (64 KB at 128×128; the partials
 #   of a product that needs splitting are a few MB and stay in the 50 MB L2);
-# - SPLIT_LAUNCH: the reduction's fixed cost (~3 µs). The CUDA backend, which shares this rule, runs
-#   a second launch and drains between the two kernels; the Triton kernels reduce in the same launch,
-#   where it stands for the arrival counter's round trip and the tail of the last slice's serial
-#   fixup (one program per tile reads all S partials). Not refit for that yet: bench/tune.py's
-#   split rows (factors 1…8 side by side) decide.
+# - SPLIT_LAUNCH: the reduction's fixed cost (~3 µs, once a second launch and its drain). Both
+#   backends (the CUDA one shares this rule) now reduce in the same launch, where it stands for the
+#   arrival counter's round trip and the tail of the last slice's serial fixup (one program per
+#   tile reads all S partials). Not refit for that yet: bench/tune.py's split rows (factors 1…8
+#   side by side) decide.
 SPLIT_FILL = 5
 SPLIT_PARTIAL = 3
 SPLIT_LAUNCH = 9
