@@ -2,7 +2,8 @@
 
 State layout is torch.optim.AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``, and ``max_exp_avg_sq``
 with amsgrad) so checkpoints read the same; the math is torch's own functional ``adamw`` (fused
-kernel where the device has one, foreach otherwise). A group's ``amsgrad`` and ``maximize`` mean
+kernel where the device has one and every parameter and gradient is contiguous, foreach
+otherwise). A group's ``amsgrad`` and ``maximize`` mean
 what they mean to torch.optim.AdamW (default False; a group given without ``use_muon`` may not
 maximize, since its Muon half cannot); ``foreach`` and ``fused`` are chosen here by torch's own
 rule, and ``differentiable=True`` is refused (the step runs under no_grad).
@@ -23,8 +24,13 @@ def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
     """One AdamW step over the parameters of ``group`` that have gradients (validated by the caller)."""
     if not params:
         return
-    # torch's own rule: the fused kernel where every parameter's device has one, else foreach.
-    fused, foreach = _default_to_fused_or_foreach(params, False, use_fused=not torch.compiler.is_compiling())
+    # The fused kernel (where every parameter's device has one; torch.optim.AdamW's own default is
+    # foreach) only over dense, contiguous parameters and gradients: it addresses every tensor as flat
+    # memory, so a transposed or strided parameter or an expanded gradient would be read past its
+    # end and written outside it (a review measured both on the CPU). Else torch's foreach.
+    dense = all(p.is_contiguous() and p.grad.is_contiguous() for p in params)
+    fused, foreach = _default_to_fused_or_foreach(params, False,
+                                                  use_fused=dense and not torch.compiler.is_compiling())
     # capturable only means something (and torch only accepts it) for accelerator tensors.
     capturable = bool(group.get("capturable", False)) and not fused and params[0].device.type != "cpu"
     on_device = fused or capturable  # the fused kernel and capturable foreach read the step count on the device

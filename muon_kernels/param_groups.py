@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch import nn
 
 from . import splits
@@ -95,6 +96,21 @@ _GROUP_KEYS = {
 }
 
 
+def _memory(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage address, first byte, one past the last byte) that ``t`` spans; None where it has no
+    memory to compare (meta tensors, empty ones)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    base = t.untyped_storage().data_ptr()
+    start = base + t.storage_offset() * t.element_size()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return base, start, start + (last + 1) * t.element_size()
+
+
+def _overlap(a, b) -> bool:
+    return a is not None and b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+
+
 def param_groups(model: nn.Module, *, head=None) -> list[dict]:
     """Split ``model``'s trainable parameters into named Muon and AdamW groups for ``Muon(...)``.
 
@@ -122,6 +138,7 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
     """
     heads, notes = _head_modules(model, head)
     embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, _EMBEDDING)}
+    embedding_memory = [(_memory(m.weight), name) for name, m in model.named_modules() if isinstance(m, _EMBEDDING)]
     conv1d_cls = _transformers_conv1d()
     groups: dict[str, dict] = {k: {"params": [], "param_reasons": [], **keys} for k, keys in _GROUP_KEYS.items()}
     modules = dict(model.named_modules())
@@ -135,6 +152,10 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
                 key, why = "adamw", "embedding"
             elif id(p) in embeddings:
                 key, why = "adamw", f"output head (tied to {embeddings[id(p)]})"
+            elif tied := next((name for span, name in embedding_memory if _overlap(span, _memory(p))), None):
+                # tied by memory, not by object (head.weight = nn.Parameter(emb.weight.data)): Muon
+                # and AdamW would both step the same numbers
+                key, why = "adamw", f"output head (tied to {tied}: shares its memory)"
             elif id(p) in heads:
                 key, why = "adamw", heads[id(p)]
             else:

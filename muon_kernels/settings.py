@@ -175,10 +175,12 @@ def check_grads(param_groups: list[dict]) -> list[tuple[int, dict, list[torch.Te
             if g is None or (muon and p.numel() == 0):
                 continue
             # One cheap test per gradient (a step runs it over every parameter: the messages cost
-            # ~2 µs each to build); the message only on failure. AdamW: a gradient of the parameter's
-            # own dtype (torch's would fail half-way through the group); Muon: a real floating-point
-            # one (complex dtypes are not floating point).
-            if g.is_sparse or g.shape != p.shape or (not g.dtype.is_floating_point if muon else g.dtype != p.dtype):
+            # ~2 µs each to build); the message only on failure. Muon: a real floating-point gradient
+            # (complex dtypes are not floating point); AdamW: a floating-point or complex one of the
+            # parameter's own dtype (torch's would fail half-way through the group, its state made).
+            dtype = g.dtype
+            ok = dtype.is_floating_point if muon else dtype == p.dtype and (dtype.is_floating_point or dtype.is_complex)
+            if g.is_sparse or g.shape != p.shape or not ok:
                 raise _grad_error(gi, group, i, p, g)
             params.append(p)
         work.append((gi, group, params))
@@ -199,8 +201,9 @@ def _grad_error(gi: int, group: dict, i: int, p: torch.Tensor, g: torch.Tensor) 
     if g.shape != p.shape:
         return RuntimeError(f"{where}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}; "
                             "nothing was modified")
-    if group["use_muon"]:
-        return RuntimeError(f"{where}: Muon needs a floating-point gradient, got {g.dtype}; nothing was modified")
+    if not (g.dtype.is_floating_point or g.dtype.is_complex):
+        what = "a floating-point" if group["use_muon"] else "a floating-point (or complex)"
+        return RuntimeError(f"{where}: {kind} needs {what} gradient, got {g.dtype}; nothing was modified")
     return RuntimeError(f"{where}: gradient dtype {g.dtype} != parameter dtype {p.dtype}; AdamW steps a parameter "
                         "with a gradient of its own dtype; nothing was modified")
 

@@ -70,6 +70,20 @@ def test_head_by_module_and_by_tying():
         mk.param_groups(net, head="nope")
 
 
+def test_a_head_tied_by_memory_goes_to_adamw_with_the_embedding():
+    """head.weight = nn.Parameter(embed.weight.data) ties by memory, not by object: Muon and AdamW
+    would both step the same numbers. A view into part of the table counts too; a parameter beside
+    it in another tensor does not."""
+    net = Net()
+    net.head.weight = nn.Parameter(net.embed.weight.data)
+    net.proj.weight = nn.Parameter(net.embed.weight.data[:16])  # the table's first rows
+    reasons = {name: (g["use_muon"], why) for g in mk.param_groups(net)
+               for (name, _), why in zip(g["params"], g["param_reasons"])}
+    assert reasons["head.weight"] == (False, "output head (tied to embed: shares its memory)")
+    assert reasons["proj.weight"] == (False, "output head (tied to embed: shares its memory)")
+    assert reasons["conv1.weight"][0] is True
+
+
 def test_optimizer_steps_every_routed_parameter():
     net = Net()
     opt = mk.Muon(mk.param_groups(net, head=net.head), lr=0.02)

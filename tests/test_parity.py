@@ -227,3 +227,31 @@ def test_a_muon_group_refuses_maximize(group):
     with pytest.raises(ValueError, match="param group 0: maximize=True: Muon has no maximize.*nothing was modified"):
         opt.step()
     assert all(torch.equal(p.detach(), q) for p, q in zip(params, before)) and not opt.state
+
+
+@pytest.mark.parametrize("layout", ["expanded gradient", "strided parameter", "transposed parameter"])
+def test_adamw_groups_match_torch_on_non_contiguous_layouts(layout):
+    """torch's fused AdamW kernel addresses every tensor as flat memory: over an expanded gradient or
+    a strided parameter it read past the gradient and wrote outside the parameter (the memory
+    between a strided parameter's elements changed). Such groups take torch's foreach path: the
+    numbers of torch.optim.AdamW (whose default is foreach), and nothing outside the parameter moves."""
+    g = torch.Generator().manual_seed(5)
+    store = torch.zeros(12, 6)
+    if layout == "strided parameter":
+        ours = torch.nn.Parameter(store[::2])
+    elif layout == "transposed parameter":
+        ours = torch.nn.Parameter(torch.randn(6, 4, generator=g).t())
+    else:
+        ours = torch.nn.Parameter(torch.randn(4, 6, generator=g))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    opt = mk.Muon([{"params": [ours], "use_muon": False, "lr": 1e-2}])
+    ref = torch.optim.AdamW([theirs], lr=1e-2, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
+    for _ in range(3):
+        grad = torch.randn(1, 6, generator=g).expand(4, 6) if layout == "expanded gradient" \
+            else torch.randn(ours.shape, generator=g)
+        ours.grad, theirs.grad = grad, grad.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+    if layout == "strided parameter":
+        assert not store[1::2].any()  # the rows between the parameter's own are untouched

@@ -314,7 +314,8 @@ def test_a_checkpoint_without_the_empty_groups_loads():
 
 
 @pytest.mark.parametrize("case", ["fp64 gradient of an fp32 bias", "bias converted after its state was made",
-                                  "integer gradient of a matrix", "complex gradient of a matrix"])
+                                  "integer gradient of a matrix", "complex gradient of a matrix",
+                                  "integer parameter in an AdamW group"])
 def test_a_gradient_or_state_of_the_wrong_dtype_is_refused_before_anything_changes(case):
     """torch's AdamW would step the group's first parameters (and advance every step counter) before
     failing on a mismatched dtype; a Muon matrix would cast an integer gradient silently."""
@@ -332,6 +333,11 @@ def test_a_gradient_or_state_of_the_wrong_dtype_is_refused_before_anything_chang
         biases[1].grad = None
         biases[1].grad = torch.randn_like(biases[1])
         match = r"state 'exp_avg' is torch.float32, but the parameter is now torch.float64"
+    elif case == "integer parameter in an AdamW group":  # torch's AdamW fails in its lerp, its state made
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(3, dtype=torch.int64), requires_grad=False)],
+                             "use_muon": False})
+        opt.param_groups[-1]["params"][0].grad = torch.ones(3, dtype=torch.int64)
+        match = r"param group 2 \(AdamW\), parameter #0 of shape \(3,\): AdamW needs a floating-point \(or complex\) gradient, got torch.int64"
     elif case == "integer gradient of a matrix":
         model[1].weight.grad.data = torch.ones(3, 8, dtype=torch.int64)
         match = r"Muon needs a floating-point gradient, got torch.int64"
@@ -397,3 +403,18 @@ def test_a_setting_that_fits_no_parameter_names_its_group_and_changes_nothing(gr
         opt.step()
     after = _snapshot(opt)
     _assert_unchanged(before, after)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_parameter_listed_twice_in_a_group_is_refused(named):
+    """torch.optim warns that this will become an error and steps such a parameter twice (momentum
+    updated between the two); ours would update both copies' momentum first: refused, naming it."""
+    W, other = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(3, 3))
+    params = [("w", W), ("w_again", W)] if named else [W, W]
+    with pytest.raises(ValueError, match=r"parameter (of shape \(4, 4\)|'w_again') is listed twice in one param "
+                                         r"group \(positions 0 and 1\): list it once"):
+        mk.Muon(params)
+    opt = mk.Muon([("other", other)] if named else [other])
+    with pytest.raises(ValueError, match="listed twice"):
+        opt.add_param_group({"params": params})
+    assert len(opt.param_groups) == 1
