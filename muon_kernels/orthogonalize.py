@@ -37,8 +37,8 @@ def orthogonalize(
     ``ns_steps=None`` runs the preset's own number of steps (5; "turbo": 4). ``ns_algorithm``:
     "standard", "gram" (Gram Newton–Schulz: iterate on the m×m Gram matrix, restarted before the
     steps in ``ns_gram_restarts``; None: per-dtype defaults) or "auto" (Gram from an aspect
-    ratio per device and dtype: measured on CPUs, the FLOP model's on GPUs). ``ns_normalization``: "frobenius" or "aol" (Turbo-Muon's diagonal preconditioning);
-    None: the preset's own. docs/newton_schulz.md has the math and the measurements.
+    ratio per device and dtype: measured on CPUs, the FLOP model's on GPUs). ``ns_normalization``:
+    "frobenius" or "aol" (Turbo-Muon's diagonal preconditioning); None: the preset's own. docs/newton_schulz.md has the math and the measurements.
     ``dispatch``: how ``backend="auto"`` chooses on a GPU — "measure" (time every path on the first
     call for this shape, persist the fastest: muon_kernels/backends/measured.py) or "table".
     """

@@ -116,8 +116,9 @@ class ArrivalCounters:
         if torch.cuda.is_current_stream_capturing():
             return torch.zeros(tiles, dtype=torch.int32, device=device)
         # The stream of the launch: the device's current stream (Triton launches there, the callers
-        # making X's device the current one; the CUDA backend passes the extension that stream). Keyed by X's device, where the array is allocated, so an array is never
-        # handed to a launch on another device. The key is the raw handle: a stream destroyed with
+        # making X's device the current one; the CUDA backend passes the extension that stream).
+        # Keyed by X's device, where the array is allocated, so an array is never handed to a
+        # launch on another device. The key is the raw handle: a stream destroyed with
         # work still queued and a new one given its handle would share an array (torch's pooled
         # streams are never destroyed; synchronize an external stream before destroying it).
         index = device.index if device.index is not None else torch.cuda.current_device()

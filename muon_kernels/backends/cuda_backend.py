@@ -132,7 +132,8 @@ def splits(batch: int, m: int, k: int, dtype: torch.dtype, device: torch.device)
     return split_factor(batch * t * (t + 1) // 2, k // K_STEP[dtype], sm_count(device))
 
 
-def _split_workspace(batch: int, m: int, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _split_workspace(batch: int, m: int, count: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The fp32 slices of a product split ``count`` ways and the arrival counters its last slices
     reduce at (the Triton kernels' per-stream zeros, ``workspace.COUNTERS``); None when unsplit."""
     elements = _C.split_partial_elements(batch, m, count)
