@@ -175,14 +175,7 @@ class Muon(Optimizer):
         if isinstance(group["params"], set):
             raise TypeError("params must be an ordered collection (a list), not a set")
         group["params"] = list(group["params"])
-        seen: dict[int, int] = {}
-        for i, item in enumerate(group["params"]):
-            p = item[1] if isinstance(item, tuple) else item
-            if seen.setdefault(id(p), i) != i:
-                name = repr(item[0]) if isinstance(item, tuple) else f"of shape {tuple(p.shape)}"
-                raise ValueError(f"parameter {name} is listed twice in one param group (positions {seen[id(p)]} "
-                                 f"and {i}): list it once (torch.optim warns that this will become an error, and "
-                                 "steps such a parameter twice)")
+        settings.check_listed_once(group["params"])
         parts = self._split_by_ndim(group) if "use_muon" not in group else [group]
         count = len(self.param_groups)
         try:

@@ -135,6 +135,19 @@ def check_adamw_group(group: dict) -> None:
                          "Muon's step does); remove the key or set it to False")
 
 
+def check_listed_once(items: list) -> None:
+    """A group's parameters (tensors or (name, tensor) pairs) each once: torch.optim warns that a
+    repeat will become an error and steps such a parameter twice; ours would not step it as torch."""
+    seen: dict[int, int] = {}
+    for i, item in enumerate(items):
+        p = item[1] if isinstance(item, tuple) else item
+        if seen.setdefault(id(p), i) != i:
+            name = repr(item[0]) if isinstance(item, tuple) else f"of shape {tuple(p.shape)}"
+            raise ValueError(f"parameter {name} is listed twice in one param group (positions {seen[id(p)]} and "
+                             f"{i}): list it once (torch.optim warns that this will become an error, and steps such "
+                             "a parameter twice)")
+
+
 def check_changed_groups(param_groups: list[dict], validated: dict[int, tuple]) -> None:
     """Re-validate every group whose settings changed since its last check (``validated``: group
     index → settings key of its last successful check, updated here), naming the group."""
