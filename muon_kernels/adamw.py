@@ -3,10 +3,10 @@
 State layout is torch.optim.AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``, and ``max_exp_avg_sq``
 with amsgrad) so checkpoints read the same; the math is torch's own functional ``adamw`` (fused
 kernel where the device has one and every parameter and gradient is contiguous, foreach
-otherwise). A group's ``amsgrad`` and ``maximize`` mean
-what they mean to torch.optim.AdamW (default False; a group given without ``use_muon`` may not
-maximize, since its Muon half cannot); ``foreach`` and ``fused`` are chosen here by torch's own
-rule, and ``differentiable=True`` is refused (the step runs under no_grad).
+otherwise; ``foreach`` and ``fused`` are not group keys). A group's ``amsgrad`` and ``maximize``
+mean what they mean to torch.optim.AdamW (default False; a group given without ``use_muon`` may not
+maximize, since its Muon half cannot); ``differentiable=True`` is refused (the step runs under
+no_grad).
 """
 
 from __future__ import annotations

@@ -107,8 +107,13 @@ def _memory(t: torch.Tensor) -> tuple[int, int, int] | None:
     return base, start, start + (last + 1) * t.element_size()
 
 
-def _overlap(a, b) -> bool:
-    return a is not None and b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+def _sharing(p: torch.Tensor, spans: list[tuple[tuple[int, int, int] | None, str]]) -> str | None:
+    """The name of the first of ``spans`` (memory span, name) whose memory ``p`` overlaps, else None."""
+    mine = _memory(p)
+    if mine is None:
+        return None
+    return next((name for span, name in spans
+                 if span is not None and span[0] == mine[0] and span[1] < mine[2] and mine[1] < span[2]), None)
 
 
 def param_groups(model: nn.Module, *, head=None) -> list[dict]:
@@ -152,7 +157,7 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
                 key, why = "adamw", "embedding"
             elif id(p) in embeddings:
                 key, why = "adamw", f"output head (tied to {embeddings[id(p)]})"
-            elif tied := next((name for span, name in embedding_memory if _overlap(span, _memory(p))), None):
+            elif tied := _sharing(p, embedding_memory):
                 # tied by memory, not by object (head.weight = nn.Parameter(emb.weight.data)): Muon
                 # and AdamW would both step the same numbers
                 key, why = "adamw", f"output head (tied to {tied}: shares its memory)"
