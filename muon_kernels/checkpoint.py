@@ -22,6 +22,7 @@ import torch
 
 from . import momentum_precision, variants
 from .plan import group_items
+from . import settings
 from .settings import DTYPE_KEYS, label, ns_config
 
 
@@ -97,19 +98,37 @@ def saved_groups(groups: list[dict], state_dict: dict) -> list[dict]:
             "checkpoint over the matrices, build Muon(matrices, ...) and load it, then add the other "
             "parameters with add_param_group({'params': rest, 'use_muon': False}); nothing was loaded")
     for index, (current, saved) in enumerate(zip(groups, saved_groups)):
-        if current["use_muon"]:
-            variants.check_checkpoint(saved, current, index)
-        for key, value in current.items():
-            saved.setdefault(key, value)
-        restore_settings(saved)
-        for key in DTYPE_KEYS:
-            if isinstance(saved.get(key), str) and saved[key] != momentum_precision.INT8:
-                dtype = getattr(torch, saved[key], None)
-                if not isinstance(dtype, torch.dtype):
-                    raise ValueError(f"state_dict param group has {key}={saved[key]!r}, which is not a torch dtype")
-                saved[key] = dtype
+        try:
+            _merge(current, saved)
+        except ValueError as exc:
+            raise ValueError(f"state_dict param group {index}: {exc}; nothing was loaded") from None
     check_state_shapes(groups, saved_groups, state_dict["state"])
     return saved_groups
+
+
+def _merge(current: dict, saved: dict) -> None:
+    """``saved`` as it will load into the live group ``current``, checked as a step checks a group:
+    the same kind (Muon or AdamW), the same variants, every setting valid. The backend stays the live
+    group's: it says where this optimizer runs (a checkpoint saved on a GPU with backend="triton"
+    loads into one built with backend="torch" on a CPU), not what it computes."""
+    kind = saved.get("use_muon", current["use_muon"])
+    if kind != current["use_muon"]:
+        raise ValueError(f"it was saved with use_muon={kind!r}, this optimizer's group has use_muon="
+                         f"{current['use_muon']!r}: load it into an optimizer whose groups are of the same kinds, in "
+                         "the same order")
+    if current["use_muon"]:
+        variants.check_checkpoint(saved, current)
+        saved["backend"] = current["backend"]
+    for key, value in current.items():
+        saved.setdefault(key, value)
+    restore_settings(saved)
+    for key in DTYPE_KEYS:
+        if isinstance(saved.get(key), str) and saved[key] != momentum_precision.INT8:
+            dtype = getattr(torch, saved[key], None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"{key}={saved[key]!r} is not a torch dtype")
+            saved[key] = dtype
+    settings.check_muon_settings(saved) if current["use_muon"] else settings.check_adamw_group(saved)
 
 
 # Muon state whose dtype is not its parameter's (None: the buffer keeps the dtype it was saved in).
@@ -122,7 +141,8 @@ def restore_state_dtypes(groups: list[dict], saved_groups: list[dict], saved_sta
     kept in another dtype (momentum_dtype=fp32 for bf16 params, int8), the int8 scales, the
     stochastic-rounding step counter and the variants' fp32 state, from the saved tensors. A buffer
     saved in another dtype than its group's momentum_dtype (changed after that parameter's last
-    step) is converted as the saving optimizer's next step would have."""
+    step) is kept as saved: that parameter's next step with a gradient converts it, as the saving
+    optimizer's would have — and not at all if the setting is changed back before then."""
     for group, saved in zip(groups, saved_groups):
         if not group["use_muon"]:
             continue
@@ -131,15 +151,16 @@ def restore_state_dtypes(groups: list[dict], saved_groups: list[dict], saved_sta
                 value = saved_state.get(pid, {}).get(key)
                 if value is not None:
                     state[p][key] = value.to(device=p.device, dtype=dtype)
-            if "momentum_buffer" in state.get(p, {}):
-                momentum_precision.momentum_buffer(state, p, group)
 
 
 def check_state_shapes(groups: list[dict], saved_groups: list[dict], saved_state: dict[Any, dict]) -> None:
     """Raise ValueError, naming the group, the parameter and the state, where a saved state tensor's
     shape differs from the one its parameter needs, or an int8 momentum comes without its scales."""
     for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
-        expected = _expected_shapes(gi, group, saved)
+        try:
+            expected = _expected_shapes(gi, group, saved)
+        except ValueError as exc:  # a saved setting that does not fit a parameter (split_sizes, num_heads)
+            raise ValueError(f"state_dict param group {gi}: {exc}; nothing was loaded") from None
         for i, (p, pid) in enumerate(zip(group["params"], saved["params"])):
             buf = saved_state.get(pid, {}).get("momentum_buffer")
             if group["use_muon"] and isinstance(buf, torch.Tensor) and buf.dtype == torch.int8 \

@@ -20,6 +20,8 @@ from typing import Sequence, Union
 
 import torch
 
+from .real_number import is_real
+
 Coefficients = tuple[float, float, float]
 CoefficientSpec = Union[str, Coefficients, Sequence[Coefficients]]
 
@@ -125,9 +127,10 @@ class NSConfig:
 
 def _as_triple(value, where: str) -> Coefficients:
     try:
-        triple = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        triple = ()
+        values = () if isinstance(value, str) else tuple(value)
+    except TypeError:
+        values = ()
+    triple = tuple(float(v) for v in values) if all(map(is_real, values)) else ()
     if len(triple) != 3:
         raise ValueError(
             f"ns_coefficients: {where} must be three numbers (a, b, c), got {value!r}; "
@@ -170,9 +173,7 @@ def resolve_ns_config(ns_coefficients: CoefficientSpec, ns_steps: int | None, ep
         norm = PRESET_NORMALIZATION[ns_coefficients]
         natural_steps = PRESET_STEPS[ns_coefficients]
         preconditioning = PRESET_PRECONDITIONING[ns_coefficients]
-    elif isinstance(ns_coefficients, (tuple, list)) and ns_coefficients and all(
-        isinstance(v, (int, float)) for v in ns_coefficients
-    ):
+    elif isinstance(ns_coefficients, (tuple, list)) and ns_coefficients and all(is_real(v) for v in ns_coefficients):
         per_step = (_as_triple(ns_coefficients, "the tuple"),)
     elif isinstance(ns_coefficients, (tuple, list)) and ns_coefficients:
         per_step = tuple(_as_triple(t, f"step {i}") for i, t in enumerate(ns_coefficients))
@@ -181,7 +182,7 @@ def resolve_ns_config(ns_coefficients: CoefficientSpec, ns_steps: int | None, ep
             f"ns_coefficients must be a preset name {sorted(PRESETS)}, a tuple (a, b, c) or a "
             f"non-empty list of per-step tuples, got {ns_coefficients!r}"
         )
-    if not isinstance(eps, (int, float)) or not eps >= 0.0:
+    if not is_real(eps) or not eps >= 0.0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     if ns_steps is None:
         ns_steps = natural_steps

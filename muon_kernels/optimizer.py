@@ -176,6 +176,7 @@ class Muon(Optimizer):
             raise TypeError("params must be an ordered collection (a list), not a set")
         group["params"] = list(group["params"])
         settings.check_listed_once(group["params"])
+        settings.check_group_keys(group)
         parts = self._split_by_ndim(group) if "use_muon" not in group else [group]
         count = len(self.param_groups)
         try:
@@ -183,6 +184,8 @@ class Muon(Optimizer):
                 self._add_group(part)
         except BaseException:
             del self.param_groups[count:]
+            for index in range(count, count + len(parts)):
+                self._validated.pop(index, None)
             raise
 
     def _add_group(self, group: dict[str, Any]) -> None:
@@ -207,6 +210,8 @@ class Muon(Optimizer):
             group.setdefault("capturable", self.defaults["capturable"])
             settings.check_adamw_group(group)
         super().add_param_group(group)
+        # Checked just now; the record also fixes the group's kind (settings.check_changed_groups).
+        self._validated[len(self.param_groups) - 1] = settings.settings_key(self.param_groups[-1])
 
     def _split_by_ndim(self, group: dict) -> list[dict]:
         """A group without ``use_muon``: matrices (ndim >= 2) to Muon, the rest to AdamW."""
@@ -230,7 +235,9 @@ class Muon(Optimizer):
     # ------------------------------------------------------------------ copies
     # What a copy keeps besides torch's defaults, state and groups: the constructor's options. The
     # plan, measured choices, side streams and a captured graph are rebuilt by the copy's first step.
-    _OPTIONS = ("max_workspace_bytes", "dispatch", "overlap_adamw", "distributed", "process_group", "_adamw_defaults")
+    # ``_validated`` too: each group's last checked settings, which also fix its kind.
+    _OPTIONS = ("max_workspace_bytes", "dispatch", "overlap_adamw", "distributed", "process_group", "_adamw_defaults",
+                "_validated")
 
     def __getstate__(self) -> dict[str, Any]:
         """copy.deepcopy, pickle and torch.save of the optimizer (torch's keeps only defaults, state
@@ -250,7 +257,7 @@ class Muon(Optimizer):
         super().__setstate__(state)
         if cuda_graph is not None:  # an unpickled or copied optimizer: its caches start empty
             self._graph = graphs.StepGraph() if cuda_graph else None
-            self._side_streams, self._validated, self._buckets, self._placements = {}, {}, [], []
+            self._side_streams, self._buckets, self._placements = {}, [], []
             self._plan_key, self._plan_version = None, 0
 
     # ------------------------------------------------------------------ state

@@ -7,7 +7,6 @@ whose settings changed since their last check (a scheduler's or a user's writes 
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from . import momentum_precision, splits, variants
 from .adamw import ADAMW_FLAGS, ADAMW_KEYS
 from .backends import BACKEND_NAMES
 from .ns_config import NSConfig, check_ns_dtype, resolve_ns_config
+from .real_number import number
 
 MOMENTUM_FORMS = ("ema", "sgd")
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
@@ -40,10 +40,15 @@ MUON_SETTINGS = (
     "maximize",
 )
 ADAMW_SETTINGS = (*ADAMW_KEYS, *ADAMW_FLAGS, "capturable", "differentiable")
+# The constructor's settings that hold for every group (Muon's docstring).
+OPTIMIZER_WIDE = ("dispatch", "max_workspace_bytes", "distributed", "process_group", "cuda_graph", "overlap_adamw",
+                  *(f"adamw_{k}" for k in ADAMW_KEYS))
 
 
 def freeze(value: Any) -> Any:
-    return tuple(freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+    """A setting as a comparable key: sequences as tuples, each scalar with its type — Python has
+    0 == False and 5.0 == 5, but a value changed from one to the other must be checked again."""
+    return tuple(freeze(v) for v in value) if isinstance(value, (list, tuple)) else (type(value), value)
 
 
 def settings_key(group: dict, portable: bool = False) -> tuple:
@@ -51,10 +56,10 @@ def settings_key(group: dict, portable: bool = False) -> tuple:
     the scheduler's to change in place, and reading it back would cost a host sync every step.
     ``portable``: the same in every process (a tensor by dtype and shape), for comparing ranks."""
     keys = MUON_SETTINGS if group["use_muon"] else ADAMW_SETTINGS
-    return tuple(
+    return (freeze(group["use_muon"]), *(
         ("tensor", str(v.dtype) if portable else id(v), tuple(v.shape)) if isinstance(v, torch.Tensor) else freeze(v)
         for v in (group.get(k) for k in keys)
-    )
+    ))
 
 
 def label(group: dict, index: int, p: torch.Tensor) -> str:
@@ -65,21 +70,6 @@ def label(group: dict, index: int, p: torch.Tensor) -> str:
 def ns_config(group: dict) -> NSConfig:
     return resolve_ns_config(group["ns_coefficients"], group["ns_steps"], group["eps"], group["ns_algorithm"],
                              group["ns_normalization"], group["ns_gram_restarts"])
-
-
-def number(name: str, value: Any, tensor: bool = False) -> float:
-    """``value`` as a float where it is a real number (or, with ``tensor``, a 1-element real tensor,
-    as torch's optimizers take for lr, betas and weight decay), else ValueError naming the setting —
-    before anything compares or multiplies it (a string lr would otherwise fail in the middle of a
-    step)."""
-    if tensor and isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            raise ValueError(f"{name} must be a float or a 1-element real tensor, got a tensor of shape "
-                             f"{tuple(value.shape)} and dtype {value.dtype}")
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number{' or a 1-element tensor' if tensor else ''}, got {value!r}")
-    return float(value)
 
 
 def check_muon_settings(group: dict) -> None:
@@ -148,22 +138,41 @@ def check_listed_once(items: list) -> None:
                              "a parameter twice)")
 
 
+def check_group_keys(group: dict) -> None:
+    """A group handed to ``add_param_group``: ``use_muon`` a bool where given, and none of the
+    optimizer-wide settings, which a group would otherwise carry without effect."""
+    if "use_muon" in group and not isinstance(group["use_muon"], bool):
+        raise ValueError(f"use_muon must be True (Muon) or False (AdamW), or left out to split the group into its "
+                         f"matrices (Muon) and the rest (AdamW), got {group['use_muon']!r}")
+    for key in OPTIMIZER_WIDE:
+        if key in group:
+            fix = ("give those parameters a group with use_muon=False and its own lr, betas, eps, weight_decay"
+                   if key.startswith("adamw_") else f"pass {key} to Muon(...)")
+            raise ValueError(f"{key} is an optimizer-wide setting, not a param group's: {fix}")
+
+
 def check_changed_groups(param_groups: list[dict], validated: dict[int, tuple]) -> None:
     """Re-validate every group whose settings changed since its last check (``validated``: group
-    index → settings key of its last successful check, updated here), naming the group."""
+    index → settings key of its last successful check, made when the group was added and updated
+    here), naming the group. A group's kind (``use_muon``) is fixed when it is added."""
     for gi, group in enumerate(param_groups):
         key = settings_key(group)
-        if validated.get(gi) == key:
+        before = validated.get(gi)
+        if before == key:
             continue
+        if before is not None and before[0] != key[0]:
+            raise ValueError(f"param group {gi}: use_muon changed from {before[0][1]!r} to {group['use_muon']!r}, but "
+                             "a group's kind is fixed when it is added: add a new group with add_param_group instead; "
+                             "nothing was modified")
         try:
             check_muon_settings(group) if group["use_muon"] else check_adamw_group(group)
         except ValueError as exc:
             raise ValueError(f"param group {gi}: {exc}; nothing was modified") from None
-        except KeyError as exc:  # use_muon flipped after construction: the other kind's settings are absent
+        except KeyError as exc:  # a group put into param_groups by hand, not by add_param_group
             kind = "a Muon" if group["use_muon"] else "an AdamW"
             raise ValueError(f"param group {gi} has use_muon={group['use_muon']!r} but no {exc.args[0]!r}, which "
-                             f"{kind} group needs: a group's kind is fixed when it is added (add a new group with "
-                             "add_param_group instead); nothing was modified") from None
+                             f"{kind} group needs: add groups with add_param_group, which fills in the defaults; "
+                             "nothing was modified") from None
         validated[gi] = key
 
 

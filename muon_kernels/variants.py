@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .bucket import Bucket, MatrixView, Variant
+from .real_number import is_real
 
 ADAPTIVE_MODES = ("none", "normuon")
 CONSTRAINTS = ("none", "hyperball")
@@ -54,10 +55,10 @@ def check_settings(group: dict) -> None:
     if group["adaptive"] not in ADAPTIVE_MODES:
         raise ValueError(f"adaptive must be one of {ADAPTIVE_MODES}, got {group['adaptive']!r}")
     beta2 = group["normuon_beta2"]
-    if not (isinstance(beta2, (int, float)) and 0.0 <= beta2 < 1.0):
+    if not (is_real(beta2) and 0.0 <= beta2 < 1.0):
         raise ValueError(f"normuon_beta2 must be a float in [0, 1), got {beta2!r}")
     for key in ("normuon_eps", "hyperball_eps"):
-        if not (isinstance(group[key], (int, float)) and group[key] > 0.0):
+        if not (is_real(group[key]) and group[key] > 0.0):
             raise ValueError(f"{key} must be a float > 0, got {group[key]!r}")
     if group["constraint"] not in CONSTRAINTS:
         raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {group['constraint']!r}")
@@ -68,15 +69,15 @@ def check_settings(group: dict) -> None:
         raise ValueError("constraint='hyperball' has no weight decay: leave weight_decay_mode='decoupled'")
 
 
-def check_checkpoint(saved: dict, current: dict, index: int) -> None:
+def check_checkpoint(saved: dict, current: dict) -> None:
     """A checkpoint's variant names must match this optimizer's: its state (NorMuon's v, the radii)
     means nothing under other settings, and silently switching variants would change training."""
     for key, before in CHECKPOINT_NAMES.items():
         value = saved.get(key, before)
         if value != current[key]:
-            raise ValueError(f"param group {index}: the state_dict was saved with {key}={value!r} but this optimizer "
-                             f"has {key}={current[key]!r}; construct the optimizer with {key}={value!r} to resume it "
-                             "(or load only the model weights to switch variants)")
+            raise ValueError(f"it was saved with {key}={value!r} but this optimizer has {key}={current[key]!r}; "
+                             f"construct the optimizer with {key}={value!r} to resume it (or load only the model "
+                             "weights to switch variants)")
 
 
 # ------------------------------------------------------------------------------------ layout

@@ -357,3 +357,78 @@ def test_hooks_see_what_torch_would_show_them():
                                                                      extra=1))
     fresh.load_state_dict(saved)
     assert "extra" not in saved
+
+
+def test_a_momentum_dtype_changed_and_changed_back_before_the_parameter_steps_resumes_bit_identically():
+    """fp32 → int8 while a matrix has no gradient, a checkpoint, then back to fp32: the straight run
+    never converts that buffer. Loading converted it at once (fp32 → int8), and the step after the
+    change back converted it again (int8 → fp32), losing precision the straight run kept."""
+    def run(resume: bool):
+        model = _model()
+        opt = mk.Muon(model.parameters(), lr=0.02)
+        _train(model, opt, 2, seed=1)
+        opt.param_groups[0]["momentum_dtype"] = "int8"
+        opt.zero_grad()
+        model(torch.randn(16, 12, generator=torch.Generator().manual_seed(5))).pow(2).mean().backward()
+        model[0].weight.grad = None  # this matrix keeps its fp32 buffer through the step
+        opt.step()
+        if resume:
+            saved_model, saved = _roundtrip(model.state_dict()), _roundtrip(opt.state_dict())
+            model = _model(seed=99)
+            model.load_state_dict(saved_model)
+            opt = mk.Muon(model.parameters(), lr=0.02)
+            opt.load_state_dict(saved)
+            assert opt.state[model[0].weight]["momentum_buffer"].dtype == torch.float32  # as saved
+            for key, value in saved["state"][0].items():
+                assert torch.equal(opt.state_dict()["state"][0][key], value), key
+        opt.param_groups[0]["momentum_dtype"] = None
+        _train(model, opt, 2, seed=2)
+        return model, opt
+
+    straight, resumed = run(resume=False), run(resume=True)
+    _assert_same(*straight, *resumed)
+
+
+@pytest.mark.parametrize("group, key, value, match", [
+    (1, "betas", (0.9, 1.5), r"betas must be two numbers in \[0, 1\)"),
+    (0, "momentum_rounding", "sometimes", "momentum_rounding must be one of"),
+    (0, "nesterov", 1, "nesterov must be True or False"),
+    (1, "amsgrad", "no", "amsgrad must be True or False"),
+    (0, "use_muon", False, "it was saved with use_muon=False, this optimizer's group has use_muon=True"),
+    (0, "ns_coefficients", "nonsense", "unknown preset 'nonsense'"),
+    (0, "momentum_dtype", "float33", "momentum_dtype='float33' is not a torch dtype"),
+])
+def test_a_checkpoint_with_a_setting_a_step_would_refuse_is_refused_at_load(group, key, value, match):
+    """Loaded settings went unchecked: the load replaced every group (converting an int8 momentum
+    on the way) and only the next step refused, saying "nothing was modified"."""
+    model = _model()
+    opt = mk.Muon(model.parameters(), lr=0.02, momentum_dtype="int8")
+    _train(model, opt, 2, seed=1)
+    saved = opt.state_dict()
+    saved["param_groups"][group][key] = value
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=rf"state_dict param group {group}: .*{match}.*nothing was loaded"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, state in before["state"].items():
+        assert all(torch.equal(v, after["state"][index][k]) for k, v in state.items())
+
+
+def test_a_checkpoint_keeps_the_loading_optimizers_backend():
+    """A checkpoint saved on a GPU with backend="triton" loads into an optimizer built with
+    backend="torch" on a CPU (it was refused: "backend='triton' cannot run on cpu") and resumes as
+    the torch backend would."""
+    model = _model()
+    opt = mk.Muon(model.parameters(), lr=0.02, backend="torch")
+    _train(model, opt, 2, seed=1)
+    saved = _roundtrip(opt.state_dict())
+    twin_model = _model(seed=99)
+    twin_model.load_state_dict(model.state_dict())
+    twin = mk.Muon(twin_model.parameters(), lr=0.02, backend="torch")
+    saved["param_groups"][0]["backend"] = "triton"
+    twin.load_state_dict(saved)
+    assert twin.param_groups[0]["backend"] == "torch"
+    _train(model, opt, 2, seed=2)
+    _train(twin_model, twin, 2, seed=2)
+    _assert_same(model, opt, twin_model, twin)

@@ -224,11 +224,12 @@ def test_the_import_graph_has_no_cycle():
     bucket/ns_config types): no module imports one that imports it back, type-only imports included."""
     modules = _modules()
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
-    # The leaves import no muon_kernels module but the environment switches, which import none.
-    leaves = {"muon_kernels.ns_config", "muon_kernels.workspace", "muon_kernels.environment"}
-    assert all({m for m in graph[leaf] if m.startswith("muon_kernels")} <= {"muon_kernels.environment"}
-               for leaf in leaves)
-    assert not {m for m in graph["muon_kernels.environment"] if m.startswith("muon_kernels")}
+    # The leaves import no muon_kernels module but the environment switches and the number check,
+    # which import none.
+    roots = {"muon_kernels.environment", "muon_kernels.real_number"}
+    leaves = {"muon_kernels.ns_config", "muon_kernels.workspace", *roots}
+    assert all({m for m in graph[leaf] if m.startswith("muon_kernels")} <= roots for leaf in leaves)
+    assert not {m for root in roots for m in graph[root] if m.startswith("muon_kernels")}
     assert "muon_kernels.bucket" in graph and graph["muon_kernels.bucket"] <= leaves
     assert graph["muon_kernels.backends.torch_backend"] >= {"muon_kernels.bucket"}  # the walk sees imports
     assert _cycles(graph) == []

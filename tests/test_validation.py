@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from fractions import Fraction
 
 import pytest
 import torch
@@ -237,8 +238,8 @@ def test_settings_that_are_not_numbers_are_refused_at_construction(kwargs):
     (0, "lr", None, "param group 0: lr must be a number"),
     (0, "weight_decay", "x", "param group 0: weight_decay must be a number"),
     (1, "eps", "1e-8", "param group 1: eps must be a number"),
-    (0, "use_muon", False, r"param group 0 has use_muon=False but no 'betas'.*fixed when it is added"),
-    (1, "use_muon", True, r"parameter #0 of shape \(6,\) is in a group with use_muon=True, but Muon only"),
+    (0, "use_muon", False, r"param group 0: use_muon changed from True to False.*fixed when it is added"),
+    (1, "use_muon", True, r"param group 1: use_muon changed from False to True.*fixed when it is added"),
 ])
 def test_group_edits_that_cannot_step_raise_before_anything_changes(group, key, value, match):
     opt, a, b, bias = _two_group_optimizer()
@@ -384,11 +385,10 @@ def test_an_adamw_groups_capturable_is_validated_when_rewritten():
     (1, "num_heads", 5, r"param group 1: parameter #0 of shape \(12, 8\): num_heads=5 does not divide"),
     (0, "matrix_view", "rows", r"param group 0: matrix_view must be one of"),
     (0, "backend", "cuda", r"param group 0: backend='cuda' cannot run on cpu"),
-    (2, "use_muon", True, r"param group 2: parameter #0 of shape \(8,\) is in a group with use_muon=True"),
 ])
 def test_a_setting_that_fits_no_parameter_names_its_group_and_changes_nothing(group, key, value, match):
     """Settings checked against the parameters when the step is planned (splits, views, the
-    backend, a group turned into a Muon group) name the group too, and leave everything as it was."""
+    backend) name the group too, and leave everything as it was."""
     torch.manual_seed(0)
     a, b, bias = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(12, 8)), nn.Parameter(torch.randn(8))
     opt = mk.Muon([{"params": [a]}, {"params": [b]}, {"params": [bias], "use_muon": False}], lr=0.02)
@@ -396,8 +396,6 @@ def test_a_setting_that_fits_no_parameter_names_its_group_and_changes_nothing(gr
         p.grad = torch.randn_like(p)
     opt.step()
     opt.param_groups[group][key] = value
-    if key == "use_muon":  # a Muon group's settings, so the failure is the parameter's, not a missing key
-        opt.param_groups[group].update({k: v for k, v in opt.defaults.items() if k not in opt.param_groups[group]})
     before = _snapshot(opt)
     with pytest.raises(ValueError, match=match + r".*nothing was modified"):
         opt.step()
@@ -418,3 +416,104 @@ def test_a_parameter_listed_twice_in_a_group_is_refused(named):
     with pytest.raises(ValueError, match="listed twice"):
         opt.add_param_group({"params": params})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("group, key, value", [(1, "amsgrad", 0), (0, "nesterov", 1), (0, "ns_steps", 5.0),
+                                               (0, "capturable", 0)])
+def test_a_setting_rewritten_as_an_equal_value_of_another_type_is_checked_again(group, key, value):
+    """Python has 0 == False and 5.0 == 5: such a rewrite was taken for no change, so it was never
+    checked, and failed in the middle of the step (AdamW's fused kernel refused amsgrad=0 after the
+    stochastic-rounding counters had advanced) or was saved into a checkpoint nobody could load."""
+    def build():
+        torch.manual_seed(0)
+        a, bias = nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(6))
+        return mk.Muon([{"params": [a]}, {"params": [bias], "use_muon": False}], lr=0.05, backend="torch",
+                       momentum_dtype=torch.bfloat16, momentum_rounding="stochastic"), a, bias
+
+    def step(opt, a, bias, seed):
+        g = torch.Generator().manual_seed(seed)
+        a.grad, bias.grad = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+        opt.step()
+
+    opt, a, bias = build()
+    twin, a2, bias2 = build()
+    for seed in (1, 2):
+        step(opt, a, bias, seed)
+        step(twin, a2, bias2, seed)
+    before = _snapshot(opt)
+    correct = opt.param_groups[group][key]
+    opt.param_groups[group][key] = value
+    with pytest.raises(ValueError, match=rf"param group {group}: {key} must be.*nothing was modified"):
+        step(opt, a, bias, 3)
+    _assert_unchanged(before, _snapshot(opt))
+    opt.param_groups[group][key] = correct
+    step(opt, a, bias, 3)
+    step(twin, a2, bias2, 3)
+    for p, q in ((a, a2), (bias, bias2)):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == twin.state[q].keys()
+        assert all(torch.equal(v, twin.state[q][k]) for k, v in opt.state[p].items())
+
+
+@pytest.mark.parametrize("value", [None, "False", 1])
+def test_use_muon_must_be_a_bool(value):
+    """use_muon=None read as "decide for me" but sent every matrix to AdamW; "False" sent them to Muon."""
+    opt = mk.Muon([nn.Parameter(torch.randn(4, 6))])
+    with pytest.raises(ValueError, match=r"use_muon must be True \(Muon\) or False \(AdamW\), or left out"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(5, 3))], "use_muon": value})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("key, value, fix", [("adamw_lr", 1e-2, "use_muon=False and its own lr"),
+                                             ("cuda_graph", True, r"pass cuda_graph to Muon\(...\)"),
+                                             ("max_workspace_bytes", 2**20, r"pass max_workspace_bytes to Muon")])
+def test_an_optimizer_wide_setting_in_a_group_is_refused(key, value, fix):
+    """A group's adamw_lr was accepted and ignored: its AdamW half stepped at the default lr."""
+    w, b = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match=rf"{key} is an optimizer-wide setting, not a param group's: .*{fix}"):
+        mk.Muon([{"params": [w, b], key: value}])
+    opt = mk.Muon([w])
+    with pytest.raises(ValueError, match=rf"{key} is an optimizer-wide setting"):
+        opt.add_param_group({"params": [b], key: value})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_groups_kind_stays_fixed_in_a_copy():
+    opt, a, b, bias = _two_group_optimizer()
+    twin = copy.deepcopy(opt)
+    twin.param_groups[1]["use_muon"] = True  # the bias's AdamW half
+    with pytest.raises(ValueError, match="param group 1: use_muon changed from False to True"):
+        twin.step()
+
+
+@pytest.mark.parametrize("kwargs", [{"momentum": Fraction(9, 10)}, {"adamw_lr": Fraction(1, 1000)},
+                                    {"adamw_betas": (Fraction(9, 10), 0.95)}, {"lr": Fraction(1, 50)},
+                                    {"eps": Fraction(1, 10**7)}, {"ns_coefficients": ("3.4445", "-4.775", "2.0315")},
+                                    {"normuon_beta2": Fraction(1, 2), "adaptive": "normuon"}])
+def test_numbers_torch_cannot_take_are_refused_at_construction(kwargs):
+    """A Fraction passed the check (numbers.Real) and failed inside a torch op in the middle of a step."""
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=rf"{name}.* must be"):
+        mk.Muon(nn.Linear(4, 6).parameters(), **kwargs)
+
+
+def test_numpy_scalars_are_numbers_for_every_setting():
+    """np.float32 was taken for lr and refused for eps, normuon_beta2 and ns_coefficients."""
+    np = pytest.importorskip("numpy")
+    values = {"lr": 0.02, "momentum": 0.9, "eps": 1e-7, "normuon_beta2": 0.9, "normuon_eps": 1e-10,
+              "adamw_lr": 1e-3, "adamw_betas": (0.9, 0.95)}
+    as_numpy = {k: tuple(map(np.float32, v)) if isinstance(v, tuple) else np.float32(v) for k, v in values.items()}
+    as_float = {k: tuple(map(float, v)) if isinstance(v, tuple) else float(v) for k, v in as_numpy.items()}
+    coefficients = (3.4445, -4.775, 2.0315)
+    results = []
+    for kwargs, coeffs in ((as_numpy, tuple(map(np.float32, coefficients))),
+                           (as_float, tuple(float(np.float32(c)) for c in coefficients))):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 5)
+        opt = mk.Muon(model.parameters(), adaptive="normuon", ns_coefficients=coeffs, backend="torch", **kwargs)
+        for _ in range(2):
+            model(torch.randn(3, 6)).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(x, y) for x, y in zip(*results))
