@@ -11,10 +11,12 @@ import sys
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import splits
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _EMBEDDING = (nn.Embedding, nn.EmbeddingBag)
 # The note plan() shows when neither head= nor the model names an output head.
 NO_HEAD_NOTE = ("no output head identified: the model has no get_output_embeddings() and head= was not given; "
@@ -64,7 +66,20 @@ _EMBEDDING_NAMES = ("embed", "token", "position", "pos_", "bias_table")
 
 def _route(module: nn.Module, pname: str, p, conv1d_cls) -> tuple[str, str]:
     """(group, why) for a parameter that is neither an embedding, a head nor tied to either."""
-    if pname == "bias" or pname.endswith("_bias"):
+    key, why = _layout(module, pname, p, conv1d_cls)
+    if key == "adamw":
+        return key, why
+    sides = p.shape[1:] if key in ("batch", "batch_transposed") else (p.shape[0], p.numel() // max(p.shape[0], 1))
+    if min(sides) == 1:
+        # Its polar factor is g/‖g‖ (normalized SGD): AdamW's per-coordinate steps suit a vector —
+        # weight norm's magnitudes (out, 1, …), nn.MultiheadAttention's bias_k (1, 1, E), Linear(d, 1).
+        return "adamw", f"a vector stored as {'×'.join(map(str, p.shape))} ({why}: {'×'.join(map(str, sides))})"
+    return key, why
+
+
+def _layout(module: nn.Module, pname: str, p, conv1d_cls) -> tuple[str, str]:
+    """(group, why) from the module's type and the parameter's name and ndim."""
+    if pname == "bias" or pname.endswith("_bias") or pname.startswith("bias_"):  # MHA's bias_k, bias_v
         return "adamw", "bias"
     if pname != "weight" and any(word in pname.lower() for word in _EMBEDDING_NAMES):
         return "adamw", f"learned token / position table ({pname})"
@@ -78,6 +93,11 @@ def _route(module: nn.Module, pname: str, p, conv1d_cls) -> tuple[str, str]:
             return "transposed", "Conv1D stored (in, out)"
         return "plain", "matrix (out, in)"
     if isinstance(module, _CONV):
+        if isinstance(module, _CONV_TRANSPOSED):
+            # Stored (in, out/groups, k…) and flattened as stored: the filter of the adjoint
+            # convolution, whose polar factor is the same tensor; the lr scale and NorMuon's neurons
+            # follow the stored rows (in), as in every Muon that flattens conv filters.
+            return "flatten", "transposed-conv filter (in, out, k…)"
         return "flatten", "conv filter"
     if p.ndim == 3:
         if getattr(module, "is_transposed", None) is True:  # transformers' fused experts say so
@@ -132,8 +152,11 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
     tokens or position tables (``cls_token``, ``position_embeddings``, ``*bias_table``); the output
     head (``head=`` a module, a module name, or a list of them — a container covers every parameter
     under it; by default ``model.get_output_embeddings()`` where the model has it) and any weight
-    tied to an embedding; biases of any ndim (``bias``, ``*_bias``);
-    norms and other vectors; depthwise convolutions (docs/param_groups.md says why).
+    tied to an embedding; biases of any ndim (``bias``, ``*_bias``, ``bias_*``);
+    norms and other vectors, vectors stored as matrices (one row or column per matrix);
+    depthwise convolutions (docs/param_groups.md says why). Tensors of ``torch.nn.utils.parametrize``
+    (``weight_norm``: ``<layer>.parametrizations.weight.original0/1``) are routed as the layer's
+    ``weight``.
     Each parameter is passed with its name, and each group carries ``param_reasons``, which
     ``Muon.plan()`` shows. Every trainable parameter lands in exactly one group; empty groups are
     left out. Frozen parameters (``requires_grad=False``) are not included: to train one later,
@@ -148,11 +171,19 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
     groups: dict[str, dict] = {k: {"params": [], "param_reasons": [], **keys} for k, keys in _GROUP_KEYS.items()}
     modules = dict(model.named_modules())
     seen: set[int] = set()
-    for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
+    for mname, owner in model.named_modules():
+        for pname, p in owner.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
+            module, mname_routed, pname_routed = owner, mname, pname
+            if isinstance(owner, parametrize.ParametrizationList):
+                # torch.nn.utils.parametrize (weight_norm, spectral_norm, orthogonal): the tensors
+                # live at "<layer>.parametrizations.<name>.original[i]"; route each as <layer>.<name>
+                # (a magnitude (out, 1, …) then goes to AdamW as a vector).
+                layer, _, pname_routed = f".{mname}".rpartition(".parametrizations.")
+                mname_routed = layer[1:]
+                module = modules[mname_routed]
             if isinstance(module, _EMBEDDING):
                 key, why = "adamw", "embedding"
             elif id(p) in embeddings:
@@ -164,10 +195,10 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
             elif id(p) in heads:
                 key, why = "adamw", heads[id(p)]
             else:
-                key, why = _route(module, pname, p, conv1d_cls)
+                key, why = _route(module, pname_routed, p, conv1d_cls)
                 if key in ("plain", "transposed"):  # a fused projection the module states: split it
-                    parent = modules.get(mname.rpartition(".")[0]) if mname else None
-                    split, note = splits.recognise(module, parent, pname, p, conv1d_cls)
+                    parent = modules.get(mname_routed.rpartition(".")[0]) if mname_routed else None
+                    split, note = splits.recognise(module, parent, pname_routed, p, conv1d_cls)
                     if split is not None:
                         base, key = key, f"{key}:{sorted(split.items())}"
                         groups.setdefault(key, {"params": [], "param_reasons": [], **_GROUP_KEYS[base], **split})

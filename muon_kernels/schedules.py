@@ -27,6 +27,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from .real_number import is_real
+
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -47,7 +49,7 @@ def _check_common(total_steps, warmup_steps, min_lr_ratio, need_total: bool) -> 
             f"warmup_steps ({warmup_steps}) must be smaller than total_steps ({total_steps}): "
             "the decay runs over the steps after the warm-up"
         )
-    if not 0.0 <= float(min_lr_ratio) <= 1.0:
+    if not (is_real(min_lr_ratio) and 0.0 <= min_lr_ratio <= 1.0):
         raise ValueError(f"min_lr_ratio must be in [0, 1] (η_min as a fraction of each group's lr), got {min_lr_ratio!r}")
 
 
@@ -108,7 +110,7 @@ class PolynomialLR(_ClosedFormLR):
 
     def __init__(self, optimizer, total_steps, *, power: float = 1.0, warmup_steps: int = 0,
                  min_lr_ratio: float = 0.0, last_epoch: int = -1):
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
+        if not is_real(power) or not power > 0:
             raise ValueError(f"power must be a number > 0, got {power!r}")
         self.power = float(power)
         super().__init__(optimizer, total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
@@ -155,7 +157,7 @@ class ExponentialBatchSize:
 
     def __init__(self, initial_batch_size: int, growth: float, every: int, max_batch_size: int | None = None):
         self.initial_batch_size = _positive_int("initial_batch_size", initial_batch_size)
-        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth > 1.0:
+        if not is_real(growth) or not growth > 1.0:
             raise ValueError(f"growth must be a number > 1 (δ; use ConstantBatchSize for δ = 1), got {growth!r}")
         self.growth = float(growth)
         self.every = _positive_int("every", every)
@@ -166,13 +168,24 @@ class ExponentialBatchSize:
                     f"max_batch_size ({max_batch_size}) must be >= initial_batch_size ({initial_batch_size})"
                 )
         self.max_batch_size = max_batch_size
+        # The first growth count k at which b0·δ^k reaches the cap, found once: δ^k itself overflows a
+        # float past ~1024/log2(δ) counts, which a capped schedule reaches in a long enough run.
+        self._capped_from = None
+        if max_batch_size is not None:
+            k = max(0, math.floor(math.log(max_batch_size / initial_batch_size) / math.log(self.growth)) - 1)
+            while initial_batch_size * self.growth ** k < max_batch_size:
+                k += 1
+            self._capped_from = k
 
     def __call__(self, step: int) -> int:
         k = step // self.every
-        cap = self.max_batch_size
-        if cap is not None and self.initial_batch_size * self.growth ** k >= cap:
-            return cap
-        return round(self.initial_batch_size * self.growth ** k)
+        if self._capped_from is not None and k >= self._capped_from:
+            return self.max_batch_size
+        try:
+            return round(self.initial_batch_size * self.growth ** k)
+        except OverflowError:
+            raise OverflowError(f"ExponentialBatchSize: the batch size at step {step} ({self.initial_batch_size}·"
+                                f"{self.growth}^{k}) is beyond a float's range; give max_batch_size") from None
 
     def __repr__(self) -> str:
         return (f"ExponentialBatchSize({self.initial_batch_size}, growth={self.growth}, every={self.every}, "

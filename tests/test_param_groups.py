@@ -221,3 +221,50 @@ def test_learned_tokens_and_position_tables_go_to_adamw():
     for name in ("cls_token", "position_embeddings", "relative_position_bias_table"):
         assert routed[name] == (False, f"learned token / position table ({name})")
     assert routed["proj.weight"][0] and routed["experts"][0]
+
+
+def _routes(model):
+    """name → (use_muon, matrix_view, reason) for every parameter param_groups routes."""
+    return {name: (g["use_muon"], g.get("matrix_view"), why) for g in mk.param_groups(model)
+            for (name, _), why in zip(g["params"], g["param_reasons"])}
+
+
+def test_vectors_stored_as_matrices_go_to_adamw():
+    """A matrix with one row or one column (per matrix of a stack) has the polar factor g/‖g‖:
+    nn.MultiheadAttention's bias_k/bias_v (1, 1, E) went to Muon as a stack of one 1×E matrix."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.MultiheadAttention(16, 2, add_bias_kv=True), nn.Linear(32, 1),
+                          nn.Linear(1, 8), Experts(n=3, d=1, f=24))
+    routes = _routes(model)
+    assert routes["1.bias_k"] == routes["1.bias_v"] == (False, None, "bias")
+    for name, shape in (("2.weight", "1×32"), ("3.weight", "8×1"), ("4.w_in", "3×1×24")):
+        use_muon, _, why = routes[name]
+        assert not use_muon and why.startswith(f"a vector stored as {shape}"), (name, why)
+    assert routes["0.weight"][0] and routes["1.in_proj_weight"][0] and routes["1.out_proj.weight"][0]
+
+
+def test_parametrized_weights_are_routed_as_their_layers_weight():
+    """torch.nn.utils.parametrize keeps a weight's tensors on a ParametrizationList
+    ("<layer>.parametrizations.weight.original0/1"): routed by that list, weight norm's conv
+    direction (out, in, k) went to Muon as `out` separate in×k "experts", its magnitude as
+    matrices, and a weight-normed depthwise conv to Muon."""
+    from torch.nn.utils import parametrizations
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(16, 32)),
+                          parametrizations.weight_norm(nn.Conv1d(16, 32, 5)),
+                          parametrizations.weight_norm(nn.Conv2d(8, 8, 3, groups=8)),
+                          parametrizations.spectral_norm(nn.Linear(8, 8)))
+    routes = _routes(model)
+    assert routes["0.parametrizations.weight.original1"] == (True, None, "matrix (out, in)")
+    assert routes["1.parametrizations.weight.original1"] == (True, "flatten", "conv filter")
+    assert routes["3.parametrizations.weight.original"] == (True, None, "matrix (out, in)")
+    for name in ("0.parametrizations.weight.original0", "1.parametrizations.weight.original0"):
+        assert not routes[name][0] and routes[name][2].startswith("a vector stored as"), name
+    for name in ("2.parametrizations.weight.original0", "2.parametrizations.weight.original1"):
+        assert not routes[name][0] and routes[name][2].startswith("depthwise conv"), name
+    top = _routes(parametrizations.weight_norm(nn.Linear(4, 6)))  # the model itself parametrized
+    assert top["parametrizations.weight.original1"] == (True, None, "matrix (out, in)")
+    assert not top["parametrizations.weight.original0"][0]
+
+
+def test_transposed_conv_filters_are_flattened_as_stored_and_say_so():
+    routes = _routes(nn.Sequential(nn.ConvTranspose2d(16, 8, 2, stride=2)))
+    assert routes["0.weight"] == (True, "flatten", "transposed-conv filter (in, out, k…)")

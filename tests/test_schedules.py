@@ -143,6 +143,26 @@ def test_exponential_batch_sizes():
     assert s(200) == round(10 * 1.5 ** 200)  # no cap: keeps growing
 
 
+@pytest.mark.parametrize("b0, growth, every, cap", [(64, 2, 100, 4096), (64, 1.5, 1, 100), (3, 1.1, 1, 1000),
+                                                  (7, 1.0001, 1, 8), (5, 2, 1, 5), (64, 2, 1, 4095)])
+def test_a_capped_exponential_batch_size_stays_at_its_cap_however_late(b0, growth, every, cap):
+    """b0·δ^k overflows a float past ~1024/log2(δ) growth counts (step 102,400 at δ = 2 every 100
+    steps): a capped schedule raised OverflowError there, and so did a sampler resumed that late."""
+    s = mk.ExponentialBatchSize(b0, growth, every, max_batch_size=cap)
+    for t in range(0, 600 * every, every):
+        size = b0 * growth ** (t // every)  # the formula, while it is a float
+        assert s(t) == (cap if size >= cap else round(size)), t
+    assert s(10**9) == cap
+    sampler = mk.ScheduledBatchSampler(1000, s, seed=0)
+    sampler.set_step(2000 * every)
+    assert len(next(iter(sampler))) == cap
+
+
+def test_an_uncapped_exponential_batch_size_beyond_a_float_says_what_to_do():
+    with pytest.raises(OverflowError, match="give max_batch_size"):
+        mk.ExponentialBatchSize(64, 2, 1)(5000)
+
+
 def test_sampler_sizes_and_epoch_coverage():
     sched = mk.ExponentialBatchSize(3, 2, 2, max_batch_size=20)
     sampler = mk.ScheduledBatchSampler(37, sched, num_steps=12, seed=5)

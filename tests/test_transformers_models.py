@@ -60,6 +60,8 @@ def _expected(model: nn.Module, head: nn.Module | None):
                 out[name] = ("Muon", (fused[id(module)], fused[id(module)]))
             elif isinstance(module, Conv1D):  # weight (nx, nf): in = nx, out = nf
                 out[name] = ("Muon", (module.nf, module.nx))
+            elif isinstance(module, nn.Linear) and 1 in (module.out_features, module.in_features):
+                out[name] = ("AdamW", None)  # a vector (Qwen2-MoE's shared_expert_gate: hidden → 1)
             elif isinstance(module, nn.Linear):
                 out[name] = ("Muon", (module.out_features, module.in_features))
             elif isinstance(module, nn.Conv2d):
