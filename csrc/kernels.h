@@ -157,9 +157,10 @@ struct VariantFactors {
 // place and s_i = 1 / (√v_i + eps) into row_scale; per (matrix, block of kVariantNeurons neurons)
 // the partial sums (Σq, Σs²q, Σs·(W·O), ΣW²). The table (device, kVariantTableColumns int64 per
 // matrix) holds: parameter address of the matrix, its v address (0 without NorMuon), rows, cols,
-// transposed (in the stack), neurons on the view's columns.
+// transposed (in the stack), neurons on the view's columns, and the parameter's row stride (its
+// cols, or a wider matrix's for a column slice).
 constexpr int kVariantNeurons = 8;
-constexpr int kVariantTableColumns = 6;
+constexpr int kVariantTableColumns = 7;
 struct VariantStatisticsParams {
   const void* ortho = nullptr;  // (matrices, m, n) stack
   DType ortho_dtype = DType::kBFloat16;

@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kVariantNeurons * kWarp) variant_statistics_ke
                                                                                       int64_t blocks) {
   const int64_t k = blockIdx.x, nb = blockIdx.y;
   const int64_t* row = p.table + k * kVariantTableColumns;
-  const int64_t rows = row[2], cols = row[3];
+  const int64_t rows = row[2], cols = row[3], row_stride = row[6];
   const bool transposed = row[4] != 0, neuron_cols = row[5] != 0;
   const int64_t count = neuron_cols ? cols : rows, other = neuron_cols ? rows : cols;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kVariantNeurons * kWarp) variant_statistics_ke
       const float o = to_float(ortho[transposed ? c * rows + r : r * cols + c]);
       q += o * o;
       if (p.hyperball) {
-        const float w = to_float(param[r * cols + c]);
+        const float w = to_float(param[r * row_stride + c]);
         wo += w * o;
         w2 += w * w;
       }

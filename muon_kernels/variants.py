@@ -159,14 +159,18 @@ def table_views(bucket: Bucket) -> list[tuple]:
 
 
 def matrix_table(params, vs, views) -> tuple[int, ...]:
-    """The statistics kernels' per-matrix table (Triton and CUDA read the same one), 6 int64 per
+    """The statistics kernels' per-matrix table (Triton and CUDA read the same one), 7 int64 per
     matrix: parameter address of the matrix, its NorMuon v address (0 without ``vs``), rows, cols,
-    transposed in the stack, neurons on the view's columns."""
+    transposed in the stack, neurons on the view's columns, and the parameter's row stride: its cols,
+    or a wider matrix's where it is a column slice (the fused backends take contiguous tensors and 2D
+    ones with unit column stride)."""
     values = []
     for i, (p, (batch, rows, cols, transposed, neuron_cols, count)) in enumerate(zip(params, views)):
+        ld = p.stride(0) if p.ndim == 2 and rows > 1 else cols
         for b in range(batch):
             values += [p.data_ptr() + b * rows * cols * p.element_size(),
-                       vs[i].data_ptr() + b * count * 4 if vs else 0, rows, cols, int(transposed), int(neuron_cols)]
+                       vs[i].data_ptr() + b * count * 4 if vs else 0, rows, cols, int(transposed), int(neuron_cols),
+                       ld]
     return tuple(values)
 
 

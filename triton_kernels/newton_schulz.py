@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import recurrence, workspace
+from ..backends import torch_backend
 from ..ns_config import NSConfig
 from . import autotune
 from .config import (FP_FUSION, MatmulConfig, cdiv, checked_grid, is_interpreting, persistent_programs,
@@ -190,7 +191,12 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype,
               out: torch.Tensor | None = None) -> torch.Tensor:
     """``stack / max(norm_scale·‖stack‖_F + norm_offset, floor)`` per matrix into a new contiguous
     (k, m, n) tensor of ``ns_dtype`` (or ``out``: the stack's own memory may be it, each tile is read
-    before it is written); ``stack`` may be any strided view (a transposed one included)."""
+    before it is written); ``stack`` may be any strided view (a transposed one included).
+    An fp64 stack (fp64 parameters) is normalized by the torch backend, in fp64: these kernels scale
+    in fp32, where an entry beyond fp32's range (|x| > 3.4e38) would be inf and the matrix NaN."""
+    if stack.dtype == torch.float64:
+        normalized = torch_backend.normalize(stack, config, ns_dtype)
+        return normalized if out is None else out.copy_(normalized)
     k, r, c = stack.shape
     out = workspace.empty((k, r, c), dtype=ns_dtype, device=stack.device) if out is None else out
     if out.numel() == 0:

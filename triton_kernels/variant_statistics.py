@@ -26,7 +26,8 @@ from .config import cdiv, checked_grid, is_interpreting
 from .fused_update import _TL_DTYPES, _lerp, int_table
 from .launch import launch
 
-TABLE_COLUMNS: tl.constexpr = tl.constexpr(6)  # per matrix: param, v (0: none), rows, cols, transposed, neurons on cols
+# per matrix: param, v (0: none), rows, cols, transposed, neurons on cols, the param's row stride
+TABLE_COLUMNS: tl.constexpr = tl.constexpr(7)
 SUMS: tl.constexpr = tl.constexpr(4)  # per (matrix, block of neurons): Σq, Σs²q, Σs·(W·O), ΣW²
 BLOCK_N = 16
 BLOCK_J = 64
@@ -66,8 +67,8 @@ def _variant_statistics_kernel(
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, EMULATE_RN: tl.constexpr,
 ):
     # Addressed in the stack's coordinates: matrix k is M×N, row-major (its element (a, b) at
-    # a·N + b), and its parameter holds (a, b) at a·N + b, or at b·M + a where it sits in the stack
-    # transposed. Neurons are the stack's rows where the parameter's neuron axis maps to them
+    # a·N + b), and its parameter holds (a, b) at a·ld + b, or at b·ld + a where it sits in the stack
+    # transposed (ld: the parameter's row stride, N or M unless it is a column slice of a wider one). Neurons are the stack's rows where the parameter's neuron axis maps to them
     # (rows of an untransposed matrix, columns of a transposed one), else its columns. Each of the
     # four cases is its own loop with literal unit strides (a branch per program: the whole program
     # works on one matrix): with the orientation chosen per element, as before, every load was
@@ -90,16 +91,17 @@ def _variant_statistics_kernel(
     length = tl.where(nb * BLOCK_N < count, other, 0)
     O = Ortho + k * m * n
     W = tl.load(row).to(tl.pointer_type(PARAM_DTYPE))
+    ld = tl.load(row + 6)
     if on_rows:
         if transposed:
-            q, wo, w2 = _neuron_sums(O, W, i, live, length, n, 1, 1, m, HYPERBALL, BLOCK_N, BLOCK_J)
+            q, wo, w2 = _neuron_sums(O, W, i, live, length, n, 1, 1, ld, HYPERBALL, BLOCK_N, BLOCK_J)
         else:
-            q, wo, w2 = _neuron_sums(O, W, i, live, length, n, 1, n, 1, HYPERBALL, BLOCK_N, BLOCK_J)
+            q, wo, w2 = _neuron_sums(O, W, i, live, length, n, 1, ld, 1, HYPERBALL, BLOCK_N, BLOCK_J)
     else:
         if transposed:
-            q, wo, w2 = _neuron_sums(O, W, i, live, length, 1, n, m, 1, HYPERBALL, BLOCK_N, BLOCK_J)
+            q, wo, w2 = _neuron_sums(O, W, i, live, length, 1, n, ld, 1, HYPERBALL, BLOCK_N, BLOCK_J)
         else:
-            q, wo, w2 = _neuron_sums(O, W, i, live, length, 1, n, 1, n, HYPERBALL, BLOCK_N, BLOCK_J)
+            q, wo, w2 = _neuron_sums(O, W, i, live, length, 1, n, 1, ld, HYPERBALL, BLOCK_N, BLOCK_J)
     s = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
     if NORMUON:
         v_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))

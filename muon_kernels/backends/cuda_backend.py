@@ -22,6 +22,7 @@ on the FMA units (ieee fp32, like the torch reference).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -253,11 +254,14 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     """Newton–Schulz on a (k, m, n) stack with m <= n; returns a new (k, m, n) ``ns_dtype`` tensor
     (``consume``, the caller giving the stack up, changes nothing here: the work buffers are padded).
     ``stack`` may be any strided view (normalization reads it through its strides); an fp64 stack
-    (fp64 parameters) is normalized from an fp32 copy, since the iteration is at most fp32 anyway.
+    (fp64 parameters) is normalized by the torch backend, in fp64 (an fp32 copy would turn entries
+    beyond fp32's range into inf, the matrix into NaN), and the kernels' own normalization is then
+    the identity: X / max(0·‖X‖ + 1, floor) = X.
     The standard recurrence runs in the C++ driver (one call); Gram NS and AOL run the recurrence
     module over ``_padded_ops``; ``path="cublas"`` runs it over cuBLAS's GEMMs on unpadded buffers."""
     if stack.dtype == torch.float64:
-        stack = stack.float()
+        stack = torch_backend.normalize(stack, config, torch.float32)
+        config = dataclasses.replace(config, norm_scale=0.0, norm_offset=1.0)
     _require((stack, "stack", ALL, False))
     if ns_dtype not in DTYPE_CODES:
         raise ValueError(f"cuda backend: ns_dtype must be one of float32, float16, bfloat16, got {ns_dtype}")

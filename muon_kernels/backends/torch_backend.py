@@ -343,8 +343,11 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
 
 def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=None) -> None:
     """W *= 1 - lr·wd; W -= lr·scale·O — for every parameter of the bucket, foreach per (group, scale).
-    On a CPU, O is added in its own dtype (torch's add_ computes in the parameter's precision, so the
-    bits are those of converting first) instead of converting the whole stack first. A bucket with a
+    On a CPU, O is added in its own dtype instead of converting the whole stack first: where O is
+    the narrower (bf16 O, fp32 parameters) the bits are those of converting first (widening is
+    exact); where it is the wider (fp32 O from ns_dtype=fp32, bf16 parameters) add_ computes in fp32
+    and rounds once, where a GPU, which converts O first, rounds twice (1 ulp apart in ~2% of the
+    elements; torch.optim.Muon's O is bf16, so it has neither case). A bucket with a
     variant (NorMuon, hyperball; ``state`` holds theirs) first turns O into O_eff = g·s⊙O
     (muon_kernels/variants.py), and the hyperball then rescales each matrix by its c."""
     shrink = None

@@ -132,3 +132,13 @@ def test_the_one_kernel_path_at_its_real_byte_boundary(ns_dtype):
         assert triton_backend.kernel_path(rows, cols, ns_dtype, DEV)[0] == path
         G = _randn(2, rows, cols, seed=4)
         _check_against_fp64(triton_backend.orthogonalize(G, KELLER, ns_dtype), G, ns_dtype)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e40, 1e300])
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_fp64_stacks_beyond_fp32s_range(backend, scale, ns_dtype):
+    """fp64 parameters: both backends cast to fp32 before scaling, so an entry beyond fp32's range
+    (1e40) became inf and the matrix NaN; now the torch backend normalizes fp64 stacks in fp64."""
+    G = torch.randn(3, 96, 160, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEV)
+    out = backend.orthogonalize(G * scale, KELLER, ns_dtype)
+    _check_against_fp64(out, G, ns_dtype)

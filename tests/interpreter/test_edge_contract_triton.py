@@ -44,6 +44,22 @@ def test_huge_and_tiny_norms_are_exact_to_fp32_rounding():
         assert rel_err(out, exact) <= 4 * 2.0**-24, scale
 
 
+@pytest.mark.parametrize("path", ["symmetric", "small"])
+@pytest.mark.parametrize("scale", [1e40, 1e300])
+def test_fp64_stacks_beyond_fp32s_range_orthogonalize(path, scale):
+    """fp64 parameters: the fp32 normalization kernels turned entries beyond fp32's range into inf
+    and the matrix into NaN (1e40), where the torch backend scales in fp64."""
+    G = _randn(2, 37, 70, seed=2) * scale
+    config = resolve_ns_config("keller", 5, 0.0)
+    run = newton_schulz if path == "symmetric" else small_newton_schulz
+    out = run(G, config, torch.float32)
+    assert rel_err(out, reference_ns(G / scale, eps=0.0)) <= FP32_TOL
+    p = torch.nn.Parameter(torch.zeros(37, 70, dtype=torch.float64))
+    p.grad = G[0].clone()
+    mk.Muon([p], lr=0.1, weight_decay=0.0, momentum=0.0, eps=0.0, backend="triton", ns_dtype=torch.float32).step()
+    assert rel_err(p.detach(), -0.1 * reference_ns(G[0] / scale, eps=0.0)) <= FP32_TOL
+
+
 def test_public_api_with_eps_zero_and_a_1e_minus_30_gradient():
     out = mk.orthogonalize(torch.randn(1, 3) * 1e-30, eps=0.0, ns_dtype=torch.float32, backend="triton")
     assert torch.isfinite(out).all() and out.abs().max() > 0.1

@@ -150,3 +150,34 @@ def test_every_op_body_launches_on_its_tensors_device(monkeypatch):
     opt.step()
     assert seen == {(name, "cpu") for name in ("_newton_schulz", "fused_momentum_op", "fused_apply_update_op",
                                                  "variant_statistics_op", "variant_factors_op")}
+
+
+@pytest.mark.parametrize("options", [{"constraint": "hyperball"}, {"adaptive": "normuon", "constraint": "hyperball"}])
+def test_hyperball_on_column_slices_of_wider_matrices(options):
+    """Parameters that are column slices of a wider matrix (stride (ld, 1): the fused update takes
+    them): the statistics pass read W as if it were contiguous, so ΣW·O and ΣW² came from the wrong
+    memory — W left its sphere (17×33: ‖W‖ 2.4495 for radius 2.4370; tall 33×10: 9.7× the torch
+    backend's displacement error)."""
+    def run(backend):
+        g = torch.Generator().manual_seed(6)
+        storage = [torch.randn(rows, cols + 9, generator=g) for rows, cols in ((17, 33), (33, 10), (12, 20))]
+        before = [s.clone() for s in storage]
+        ps = [torch.nn.Parameter(s[:, 5:5 + s.shape[1] - 9]) for s in storage]
+        assert all(not p.is_contiguous() and p.stride(1) == 1 for p in ps)
+        views = [None, None, "transposed"]
+        opt = mk.Muon([{"params": [p], "matrix_view": v} for p, v in zip(ps, views)], lr=0.05, weight_decay=0.0,
+                      backend=backend, ns_dtype=torch.float32, **options)
+        radii = [p.detach().norm() for p in ps]
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return ps, radii, storage, before
+
+    ref, radii, _, _ = run("torch")
+    out, _, storage, before = run("triton")
+    for a, b, r in zip(ref, out, radii):
+        assert rel_err(b.detach(), a.detach()) <= 2e-5
+        assert abs(float(b.detach().norm()) - float(r)) <= 1e-5 * float(r)  # on its sphere
+    for s, s0 in zip(storage, before):  # the columns around each slice are untouched
+        assert torch.equal(s[:, :5], s0[:, :5]) and torch.equal(s[:, -4:], s0[:, -4:])
