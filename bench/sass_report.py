@@ -185,7 +185,7 @@ def targets(arch: int) -> bool:
     return True
 
 
-def _symmetric_case(name, cfg, cfg_label, dtype, precision, m, k, *, has_d=False, shift=False, split=False,
+def _symmetric_case(name, cfg, cfg_label, dtype, precision, m, k, *, arch, has_d=False, shift=False, split=False,
                     persistent=False, tensor_cores=True):
     tma = cfg.tma and dtype != "fp32"
     desc = Desc(dtype, (1, cfg.block_m, cfg.block_k)) if tma else None
@@ -198,7 +198,7 @@ def _symmetric_case(name, cfg, cfg_label, dtype, precision, m, k, *, has_d=False
                 alpha=1.0, beta=0.0, shift=0.0)
     consts = dict(HAS_D=has_d, HAS_SHIFT=shift, SPLIT=split, BLOCK=cfg.block_m, BLOCK_K=cfg.block_k, UPCAST=False,
                   PRECISION=precision, TMA=tma, PERSISTENT=persistent,
-                  ROWS=fixup_rows(cfg.block_m, 4 if dtype == "fp32" else 2))
+                  ROWS=fixup_rows(cfg.block_m, 4 if dtype == "fp32" else 2, arch))
     return (name, _symmetric_matmul_kernel, args, consts, cfg_label, dtype, cfg.num_warps, cfg.num_stages, True,
             tensor_cores)
 
@@ -228,26 +228,27 @@ def kernel_cases(arch: int):
             cfg_label = f"{label}:{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}" \
                         f"{'+tma' if cfg.tma and dtype != 'fp32' else ''}:{precision}"
             case = dict(cfg=cfg, cfg_label=cfg_label, dtype=dtype, precision=precision, tensor_cores=tensor_cores)
+            symmetric = dict(case, arch=arch)
             # The symmetric kernel takes square tiles (BLOCK = block_m); rectangles are ns_update-only.
             if cfg.block_m == cfg.block_n:
-                matmul.append(_symmetric_case("symmetric_matmul[X·Xᵀ]", m=m, k=n, **case))
-                matmul.append(_symmetric_case("symmetric_matmul[b·A+c·A·A]", m=m, k=m, has_d=True, **case))
+                matmul.append(_symmetric_case("symmetric_matmul[X·Xᵀ]", m=m, k=n, **symmetric))
+                matmul.append(_symmetric_case("symmetric_matmul[b·A+c·A·A]", m=m, k=m, has_d=True, **symmetric))
                 # Split: partials, the arrival counter and the last slice's fixup, with the narrowest
                 # epilogue (X·Xᵀ) and the widest (b·R + c·R·R + a·I: D and the shift); ptxas's
                 # register choices are not monotonic in the epilogue, so both are compiled.
-                matmul.append(_symmetric_case("symmetric_matmul[split X·Xᵀ]", m=m, k=n, split=True, **case))
+                matmul.append(_symmetric_case("symmetric_matmul[split X·Xᵀ]", m=m, k=n, split=True, **symmetric))
                 matmul.append(_symmetric_case("symmetric_matmul[split b·R+c·R·R+a·I]", m=m, k=n, split=True,
-                                              has_d=True, shift=True, **case))
+                                              has_d=True, shift=True, **symmetric))
                 # Persistence is a launch choice on sm_90+ (config.PERSISTENT_MIN_ARCH; bench/tune.py
                 # times it): its kernel has the outer item loop, compiled once per config and precision.
                 if dtype != "fp16" and arch >= kcfg.PERSISTENT_MIN_ARCH:
                     matmul.append(_symmetric_case("symmetric_matmul[persistent, split X·Xᵀ]", m=m, k=n,
-                                                  split=True, persistent=True, **case))
+                                                  split=True, persistent=True, **symmetric))
                     matmul.append(_symmetric_case("symmetric_matmul[persistent, split b·R+c·R·R+a·I]", m=m, k=n,
-                                                  split=True, has_d=True, shift=True, persistent=True, **case))
+                                                  split=True, has_d=True, shift=True, persistent=True, **symmetric))
                 if table:
                     matmul.append(_symmetric_case("symmetric_matmul[b·R+c·R·R+a·I]", m=m, k=m, has_d=True,
-                                                  shift=True, **case))
+                                                  shift=True, **symmetric))
             matmul.append(_update_case("ns_update[a·X+B·X]", m=m, n=n, **case))
             if dtype != "fp16" and arch >= kcfg.PERSISTENT_MIN_ARCH:
                 matmul.append(_update_case("ns_update[persistent a·X+B·X]", m=m, n=n, persistent=True, **case))

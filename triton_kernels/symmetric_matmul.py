@@ -31,20 +31,26 @@ import triton.language as tl
 from .. import workspace
 from ..workspace import COUNTERS
 from . import autotune
-from .config import (FP_FUSION, MatmulConfig, cdiv, checked_grid, persistent_programs, precision_for,
+from .config import (FP_FUSION, MatmulConfig, arch_of, cdiv, checked_grid, persistent_programs, precision_for,
                      sm_count, split_factor, upcast_for)
 from .descriptors import descriptor, load_tile
 from .launch import launch
 
-def fixup_rows(block: int, itemsize: int) -> int:
+def fixup_rows(block: int, itemsize: int, arch: int) -> int:
     """Rows of a tile the last-arriving program sums at a time: 16 of a 128-wide tile (8 fp32
-    registers a thread at 8 warps), 8 of a 64-wide 16-bit one, the whole of a 64-wide fp32 one.
-    Chosen by compiling every split kernel the AOT test checks (plain and persistent, narrowest and
-    widest epilogue, sm_80…sm_120, Triton 3.6 and 3.9) with 4…64 rows: ptxas's choices are not
-    monotonic (an 8-byte stack frame appears at one row count and not at the next: 8 rows of a
-    128-wide tile on sm_100, 16 of a persistent 64-wide bf16 tile on sm_100, 32 of a 64-wide fp32
-    tile on sm_90, 8 or 16 of one on sm_100/sm_120), and these are the values with none anywhere."""
-    rows = 16 if block >= 128 else 8 if itemsize < 4 else 64
+    registers a thread at 8 warps), 8 of a 64-wide 16-bit one, 16 of a 64-wide fp32 one (all of it
+    on sm_100). Chosen by compiling every split kernel the AOT test checks (plain and persistent,
+    narrowest and widest epilogue, sm_80…sm_120, Triton 3.6 to 3.9) with 4…64 rows: ptxas's choices
+    are not monotonic, nor the same from one Triton to the next (a 64-wide fp32 tile on sm_90 has an
+    8–24-byte stack frame at 64 rows under 3.7/3.8, at 32 under 3.6/3.9, at 4 under 3.9; on sm_100
+    at 8–32 rows under 3.6/3.7; on sm_120 at all but 16), and these are the values with none
+    anywhere. ``arch``: the device's compute capability (0 under the interpreter)."""
+    if block >= 128:
+        rows = 16
+    elif itemsize < 4:
+        rows = 8
+    else:
+        rows = 64 if arch == 100 else 16
     return min(rows, block)
 
 
@@ -290,7 +296,7 @@ def symmetric_matmul(
             PRECISION=precision_for(X.dtype, fp32_precision),
             TMA=tma,
             PERSISTENT=cfg.persistent,
-            ROWS=fixup_rows(block, X.element_size()),
+            ROWS=fixup_rows(block, X.element_size(), arch_of(X.device.index) if X.is_cuda else 0),
             HAS_D=D is not None,
             HAS_SHIFT=shift != 0.0,
             num_warps=cfg.num_warps,
