@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from . import momentum_precision, variants
+from . import momentum_precision, settings, variants
 from .plan import group_items
-from . import settings
 from .settings import DTYPE_KEYS, label, ns_config
 
 

@@ -258,6 +258,7 @@ class Muon(Optimizer):
         if cuda_graph is not None:  # an unpickled or copied optimizer: its caches start empty
             self._graph = graphs.StepGraph() if cuda_graph else None
             self._side_streams, self._buckets, self._placements = {}, [], []
+            self.__dict__.setdefault("_validated", {})  # a copy pickled before the records were kept
             self._plan_key, self._plan_version = None, 0
 
     # ------------------------------------------------------------------ state
