@@ -111,6 +111,8 @@ def _merge(current: dict, saved: dict) -> None:
     group's: it says where this optimizer runs (a checkpoint saved on a GPU with backend="triton"
     loads into one built with backend="torch" on a CPU), not what it computes."""
     kind = saved.get("use_muon", current["use_muon"])
+    if not isinstance(kind, bool):
+        raise ValueError(f"use_muon must be True or False, got {kind!r}")
     if kind != current["use_muon"]:
         raise ValueError(f"it was saved with use_muon={kind!r}, this optimizer's group has use_muon="
                          f"{current['use_muon']!r}: load it into an optimizer whose groups are of the same kinds, in "

@@ -158,6 +158,10 @@ def table_views(bucket: Bucket) -> list[tuple]:
             for e in bucket.entries]
 
 
+# int64 per matrix in ``matrix_table`` (the compiled extension's kVariantTableColumns must agree).
+TABLE_COLUMNS = 7
+
+
 def matrix_table(params, vs, views) -> tuple[int, ...]:
     """The statistics kernels' per-matrix table (Triton and CUDA read the same one), 7 int64 per
     matrix: parameter address of the matrix, its NorMuon v address (0 without ``vs``), rows, cols,

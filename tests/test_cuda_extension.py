@@ -226,6 +226,19 @@ def test_cuda_backend_reports_why_it_cannot_run_here():
         select_backend("cuda", torch.device("cpu"))
 
 
+@needs_build
+def test_an_extension_with_another_variant_table_layout_is_not_used(monkeypatch):
+    """The statistics table's layout is shared by Python and _C (7 columns since the row stride): a
+    _C built from older sources (an in-place build) would read it 6 at a time — other entries'
+    values as addresses. Such an extension is reported unusable, on any machine."""
+    from muon_kernels import _C, variants
+
+    assert _C.VARIANT_TABLE_COLUMNS == variants.TABLE_COLUMNS
+    monkeypatch.setattr(_C, "VARIANT_TABLE_COLUMNS", variants.TABLE_COLUMNS - 1)
+    ok, reason = available_backends(torch.device("cuda"))["cuda"]
+    assert not ok and reason.startswith("extension built from other sources than this package")
+
+
 # ---- argument validation before launch --------------------------------------------------------
 
 @needs_build

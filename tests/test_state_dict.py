@@ -395,6 +395,7 @@ def test_a_momentum_dtype_changed_and_changed_back_before_the_parameter_steps_re
     (0, "nesterov", 1, "nesterov must be True or False"),
     (1, "amsgrad", "no", "amsgrad must be True or False"),
     (0, "use_muon", False, "it was saved with use_muon=False, this optimizer's group has use_muon=True"),
+    (0, "use_muon", 1, "use_muon must be True or False, got 1"),
     (0, "ns_coefficients", "nonsense", "unknown preset 'nonsense'"),
     (0, "momentum_dtype", "float33", "momentum_dtype='float33' is not a torch dtype"),
 ])

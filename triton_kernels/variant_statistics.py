@@ -27,7 +27,7 @@ from .fused_update import _TL_DTYPES, _lerp, int_table
 from .launch import launch
 
 # per matrix: param, v (0: none), rows, cols, transposed, neurons on cols, the param's row stride
-TABLE_COLUMNS: tl.constexpr = tl.constexpr(7)
+TABLE_COLUMNS: tl.constexpr = tl.constexpr(variants.TABLE_COLUMNS)
 SUMS: tl.constexpr = tl.constexpr(4)  # per (matrix, block of neurons): Σq, Σs²q, Σs·(W·O), ΣW²
 BLOCK_N = 16
 BLOCK_J = 64

@@ -24,6 +24,7 @@ from types import ModuleType
 
 import torch
 
+from .. import variants
 from . import torch_backend
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
@@ -104,6 +105,9 @@ def _cuda_status(device: torch.device | None) -> tuple[bool, str]:
         from .. import _C
     except ImportError:
         return False, "extension not built (muon_kernels._C is missing; install with nvcc on PATH)"
+    if getattr(_C, "VARIANT_TABLE_COLUMNS", None) != variants.TABLE_COLUMNS:
+        return False, ("extension built from other sources than this package (its variant table layout differs): "
+                       "reinstall the package")
     if device is not None and device.type != "cuda":
         return False, f"cuda backend needs a CUDA tensor, got {device.type}"
     query = _C.device_query()

@@ -256,12 +256,14 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     ``stack`` may be any strided view (normalization reads it through its strides); an fp64 stack
     (fp64 parameters) is normalized by the torch backend, in fp64 (an fp32 copy would turn entries
     beyond fp32's range into inf, the matrix into NaN), and the kernels' own normalization is then
-    the identity: X / max(0·‖X‖ + 1, floor) = X.
+    the identity: X / max(0·‖X‖ + 1, floor) = X with floor = max(0, tiny) (``norm``; the recurrence
+    keeps ``config``: AOL reads its floor).
     The standard recurrence runs in the C++ driver (one call); Gram NS and AOL run the recurrence
     module over ``_padded_ops``; ``path="cublas"`` runs it over cuBLAS's GEMMs on unpadded buffers."""
+    norm = config  # the kernels' normalization
     if stack.dtype == torch.float64:
         stack = torch_backend.normalize(stack, config, torch.float32)
-        config = dataclasses.replace(config, norm_scale=0.0, norm_offset=1.0)
+        norm = dataclasses.replace(config, norm_scale=0.0, norm_offset=1.0, eps=0.0)
     _require((stack, "stack", ALL, False))
     if ns_dtype not in DTYPE_CODES:
         raise ValueError(f"cuda backend: ns_dtype must be one of float32, float16, bfloat16, got {ns_dtype}")
@@ -273,11 +275,11 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
     work = work_dtype(ns_dtype, code)
     mp, np_ = padded(m), padded(n)
     if path == "cublas":
-        x = _normalized(stack, config, workspace.empty((k, m, n), dtype=work, device=stack.device))
+        x = _normalized(stack, norm, workspace.empty((k, m, n), dtype=work, device=stack.device))
         with torch.cuda.device(stack.device):
             return out.copy_(recurrence.run_owned(x, config, ns_dtype, recurrence.batched_gemm_ops))
     if not config.plain:  # Gram NS and AOL: the same kernels from Python, one launch per product
-        return _orthogonalize_ops(stack, config, ns_dtype, work, code, out)
+        return _orthogonalize_ops(stack, config, norm, ns_dtype, work, code, out)
     steps = config.steps
     x = workspace.empty((k, mp, np_) if steps else (0,), dtype=work, device=stack.device)
     y = workspace.empty_like(x)
@@ -291,19 +293,19 @@ def orthogonalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, 
             input=stack.data_ptr(), in_dtype=DTYPE_CODES[stack.dtype], in_strides=stack.stride(), batch=k, rows=m,
             cols=n, x=x.data_ptr(), y=y.data_ptr(), a=a.data_ptr(), b=b.data_ptr(), work_dtype=DTYPE_CODES[work],
             out=out.data_ptr(), out_dtype=DTYPE_CODES[ns_dtype], partial=partial.data_ptr(), denom=denom.data_ptr(),
-            coefficients=[float(v) for step in config.coefficients for v in step], norm_scale=float(config.norm_scale),
-            norm_offset=float(config.norm_offset), floor=float(config.floor), path=code,
+            coefficients=[float(v) for step in config.coefficients for v in step], norm_scale=float(norm.norm_scale),
+            norm_offset=float(norm.norm_offset), floor=float(norm.floor), path=code,
             stream=_stream(stack.device), gram_splits=gram_splits, square_splits=square_splits, **split,
         )
     return out
 
 
-def _orthogonalize_ops(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype, work: torch.dtype,
-                       path: int, out: torch.Tensor) -> torch.Tensor:
-    """Normalize into a zero-padded work buffer, run ``recurrence`` over ``_padded_ops``, copy the
-    unpadded result into ``out``."""
+def _orthogonalize_ops(stack: torch.Tensor, config: NSConfig, norm: NSConfig, ns_dtype: torch.dtype,
+                       work: torch.dtype, path: int, out: torch.Tensor) -> torch.Tensor:
+    """Normalize (as ``norm`` says) into a zero-padded work buffer, run ``recurrence`` over
+    ``_padded_ops``, copy the unpadded result into ``out``."""
     k, m, n = stack.shape
-    x = _normalized(stack, config, workspace.empty((k, padded(m), padded(n)), dtype=work, device=stack.device))
+    x = _normalized(stack, norm, workspace.empty((k, padded(m), padded(n)), dtype=work, device=stack.device))
     with torch.cuda.device(stack.device):
         x = recurrence.run(x, config, ns_dtype, _padded_ops(work, path, stack.device))
     return out.copy_(x[:, :m, :n])

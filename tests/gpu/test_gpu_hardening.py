@@ -142,3 +142,13 @@ def test_fp64_stacks_beyond_fp32s_range(backend, scale, ns_dtype):
     G = torch.randn(3, 96, 160, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEV)
     out = backend.orthogonalize(G * scale, KELLER, ns_dtype)
     _check_against_fp64(out, G, ns_dtype)
+
+
+@pytest.mark.parametrize("preset", ["keller", "turbo"])
+def test_an_fp64_stack_below_eps(backend, preset):
+    """eps above the norm (U / eps): the fp64 normalization happens once (the kernels' own is the
+    identity), not again with the floor eps; AOL (turbo) still reads the group's floor."""
+    G = torch.randn(2, 64, 96, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEV) * 1e-3
+    config = resolve_ns_config(preset, None, 2.0)
+    out = backend.orthogonalize(G, config, torch.float32)
+    assert rel_err(out, reference_ns(G, preset, eps=2.0)) <= 1e-4
