@@ -499,7 +499,7 @@ def test_numbers_torch_cannot_take_are_refused_at_construction(kwargs):
 
 def test_numpy_scalars_are_numbers_for_every_setting():
     """np.float32 was taken for lr and refused for eps, normuon_beta2 and ns_coefficients."""
-    np = pytest.importorskip("numpy")
+    import numpy as np
     values = {"lr": 0.02, "momentum": 0.9, "eps": 1e-7, "normuon_beta2": 0.9, "normuon_eps": 1e-10,
               "adamw_lr": 1e-3, "adamw_betas": (0.9, 0.95)}
     as_numpy = {k: tuple(map(np.float32, v)) if isinstance(v, tuple) else np.float32(v) for k, v in values.items()}
