@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,10 +78,12 @@ def measure(target: dict, result: dict) -> tuple[float | None, str]:
 
 
 # The GPU test files, most important first (a run stopped by its budget loses the tail): the Triton
-# kernels the product runs on, then the step graph, the sanitizer over every kernel, the variants,
-# the measured dispatch, Gram NS, hardening, and the CUDA fallback.
-GPU_TEST_FILES = ("test_triton_gpu.py", "test_graphs_gpu.py", "test_sanitizer.py", "test_variants_gpu.py",
-                  "test_measured_gpu.py", "test_ns_algorithms_gpu.py", "test_gpu_hardening.py", "test_cuda_gpu.py")
+# kernels the product runs on, then the step graph, the variants, the measured dispatch, Gram NS,
+# hardening, the CUDA fallback, and last the sanitizer over every kernel: its four runs (a fresh
+# instrumented process each) are the longest tests, and after the others their Triton kernels are
+# compiled already.
+GPU_TEST_FILES = ("test_triton_gpu.py", "test_graphs_gpu.py", "test_variants_gpu.py", "test_measured_gpu.py",
+                  "test_ns_algorithms_gpu.py", "test_gpu_hardening.py", "test_cuda_gpu.py", "test_sanitizer.py")
 PROGRESS = "pytest-gpu-progress.txt"
 
 
@@ -130,11 +133,17 @@ def _run(cmd: list[str], log: Path, timeout: float, env: dict) -> int:
     # From tests/: `python -m pytest` puts its working directory on sys.path, and from the repository
     # root that would import the source tree's muon_kernels (no _C, no triton_kernels) instead of
     # the installed package.
+    # Its own session, killed as a whole at the timeout: the tests start processes of their own
+    # (compute-sanitizer runs, a resumed training), which would otherwise outlive it and hold the
+    # GPU while the bench measures.
     with log.open("w") as f:
+        child = subprocess.Popen(cmd, cwd=REPO / "tests", stdout=f, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
         try:
-            return subprocess.run(cmd, cwd=REPO / "tests", stdout=f, stderr=subprocess.STDOUT, env=env,
-                                  timeout=timeout).returncode
+            return child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
             f.write(f"\n[gpu-check] stopped after {timeout:.0f} s (its share of the budget)\n")
             return 124
 
@@ -150,11 +159,15 @@ def main(argv=None, runner=_run, clock=time.monotonic) -> int:
     start = clock()
     total = 60.0 * args.minutes
     (out / PROGRESS).unlink(missing_ok=True)
-    env = dict(os.environ, MUON_KERNELS_DEBUG_FILL="nan", MUON_KERNELS_TEST_PROGRESS=str(out / PROGRESS))
+    # The tests' measured dispatch choices (made with NaN-filled buffers) go to a file of their own,
+    # not to the user's cache the bench reads.
+    env = dict(os.environ, MUON_KERNELS_DEBUG_FILL="nan", MUON_KERNELS_TEST_PROGRESS=str(out / PROGRESS),
+               MUON_KERNELS_DISPATCH_CACHE=str(out / "tests-dispatch" / "dispatch.json"))
     # Tests first (correctness before speed), at most 45% of the budget; the bench gets what is left
     # less a reserve for the item that is running when its budget ends, the plots and this summary.
     tests_rc = runner([sys.executable, "-m", "pytest", *gpu_test_paths(), "-q", "-rfEs", "-p", "no:cacheprovider",
                        f"--junitxml={out / 'pytest-gpu.xml'}"], out / "pytest-gpu.txt", 0.45 * total, env)
+    (out / "summary.md").write_text(summary(out, targets))  # the tests' part, should the bench not end
     bench_env = {k: v for k, v in os.environ.items() if k != "MUON_KERNELS_TEST_PROGRESS"}  # no debug fill
     bench_minutes = max(0.5, (total - (clock() - start)) / 60.0 - 1.5)
     bench_rc = runner([sys.executable, str(BENCH / "run.py"), "--out-dir", str(out), "--budget-minutes",

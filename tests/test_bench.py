@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -385,6 +386,12 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
         calls.append((cmd, timeout, env.get("MUON_KERNELS_DEBUG_FILL")))
         clock.now += 100.0
         assert ("MUON_KERNELS_TEST_PROGRESS" in env) == ("pytest" in cmd)
+        # the tests' dispatch choices stay in the output folder, out of the bench's way
+        assert (env.get("MUON_KERNELS_DISPATCH_CACHE") == str(tmp_path / "tests-dispatch" / "dispatch.json")) == (
+            "pytest" in cmd)
+        # a summary of the tests is there before the bench starts
+        summary = tmp_path / "summary.md"
+        assert ("5 tests, 1 failures" in (summary.read_text() if summary.exists() else "")) != ("pytest" in cmd)
         if "pytest" in cmd:
             (tmp_path / "pytest-gpu.xml").write_text(
                 '<testsuites><testsuite tests="5" failures="1" errors="0" skipped="1"/></testsuites>')
@@ -398,7 +405,7 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
     assert gpu_check.main(["--out", str(tmp_path), "--minutes", "8"], runner=runner, clock=clock) == 0
     (tests_cmd, tests_timeout, fill), (bench_cmd, bench_timeout, bench_fill) = calls
     files = [a for a in tests_cmd if a.startswith("gpu/")]
-    assert files[0] == "gpu/test_triton_gpu.py" and files[-1] == "gpu/test_cuda_gpu.py"
+    assert files[0] == "gpu/test_triton_gpu.py" and files[-1] == "gpu/test_sanitizer.py"
     assert sorted(files) == sorted(f"gpu/{p.name}" for p in (Path(__file__).parent / "gpu").glob("test_*.py"))
     assert "pytest" in tests_cmd and fill == "nan" and tests_timeout == pytest.approx(0.45 * 480)
     assert bench_fill is None  # timings without the debug fill
@@ -407,6 +414,31 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "5 tests, 1 failures, 0 errors, 1 skipped" in text
     assert "| 5.2 | ours-auto | met |" in text and "not measured" in text
+
+
+def test_gpu_check_stops_a_step_with_the_processes_it_started(tmp_path):
+    """At its timeout a step is killed with its children (a compute-sanitizer run, a resumed
+    training): nothing it started may hold the GPU while the bench measures."""
+    import gpu_check
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(60)")
+    log = tmp_path / "log.txt"
+    start = time.monotonic()
+    assert gpu_check._run([sys.executable, "-c", script], log, 5.0, dict(os.environ)) == 124
+    assert time.monotonic() - start < 30 and "stopped after 5 s" in log.read_text()
+    child = int(pid_file.read_text())
+    for _ in range(100):  # killed; reaped by init shortly after
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the step's child process {child} outlived the step")
 
 
 def test_gpu_tests_stopped_by_the_budget_still_report_each_outcome(tmp_path):

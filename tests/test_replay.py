@@ -237,6 +237,30 @@ def test_launch_clear_forgets_recordings(calls):
     assert replay.plans() == 0
 
 
+def test_replayed_launches_build_metadata_for_launch_hooks_only(calls):
+    """A launch hook gets each replayed launch's metadata, as from Triton's runner; without one
+    (an empty HookChain) no metadata is built."""
+    from triton import knobs
+
+    fn, make, cfg, dtype = CASES["standard"]
+    stack = make()
+    replay.call(fn, stack, cfg, dtype)
+    replay.call(fn, stack, cfg, dtype)
+    assert replay.plans() == 1
+    calls.clear()
+    replay.call(fn, stack, cfg, dtype)
+    assert calls and all(args[6] is None for _, args in calls)
+    entered = []
+    hook = lambda metadata: entered.append((metadata.get()["name"], metadata.get()["stream"]))  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        calls.clear()
+        replay.call(fn, stack, cfg, dtype)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert replay.plans() == 1 and entered == [(name, args[3]) for name, args in calls]
+
+
 def test_a_triton_backend_step_replays_every_bucket(calls):
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in [(64, 192), (64, 192), (256, 512), (512, 256)]]

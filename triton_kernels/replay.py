@@ -78,13 +78,15 @@ class _Plan:
         made: list = [stack] + [None] * len(self.buffers)  # index 0: the input, i: buffer i - 1
         bases = [stack.data_ptr()] + [0] * len(self.buffers)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        # The hooks are a HookChain (Triton 3.6+; a function or None before): launch metadata only
+        # where a hook will read it (Triton's runner builds it for an empty chain too, ~1 µs a launch).
+        hooked = enter is not None and bool(getattr(enter, "calls", True))
         for compiled, grid, template, fills, allocate, release in self.launches:
             self._allocate(made, bases, allocate)
             args = list(template)
             for position, source, offset in fills:
                 args[position] = bases[source] + offset
-            # As Triton's runner does it (its hooks are a HookChain from Triton 3.9, None before).
-            metadata = compiled.launch_metadata(grid, stream, *args) if enter is not None else None
+            metadata = compiled.launch_metadata(grid, stream, *args) if hooked else None
             compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
                          enter, leave, *args)
             for i in release:  # its memory goes back to the allocator, reusable in this stream's order
