@@ -67,6 +67,7 @@ static_assert(kPad % TensorCoreTiles<CodePath::kSm80>::kBlockM == 0 && kPad % Si
 
 // Grids put the batch on y, whose limit is 65535: launchers split larger batches.
 constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxGridX = 2147483647;
 
 // ---- cp.async (sm_80+) -----------------------------------------------------------------------
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {

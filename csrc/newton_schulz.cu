@@ -361,6 +361,7 @@ void allow_shared_memory(Kernel kernel, int bytes, const char* what) {
 template <typename Kernel, typename Params>
 void launch_batched(Kernel kernel, int64_t grid_x, int threads, int smem, int64_t batch, const Params& params,
                     cudaStream_t stream, const char* what) {
+  require(grid_x <= kMaxGridX, std::string(what) + ": " + std::to_string(grid_x) + " blocks per matrix exceed the grid's x limit");
   for (int64_t offset = 0; offset < batch; offset += kMaxGridY) {
     const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(std::min(kMaxGridY, batch - offset)));
     kernel<<<grid, threads, smem, stream>>>(params, offset);

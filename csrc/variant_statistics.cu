@@ -19,7 +19,8 @@ __device__ __forceinline__ float warp_sum(float x) {
 template <typename S, typename P>
 __global__ void __launch_bounds__(kVariantNeurons * kWarp) variant_statistics_kernel(VariantStatisticsParams p,
                                                                                       int64_t blocks) {
-  const int64_t k = blockIdx.x, nb = blockIdx.y;
+  // (matrix, block of neurons) folded into grid x: y stops at 65,535 blocks (n = 524,280 neurons).
+  const int64_t k = blockIdx.x / blocks, nb = blockIdx.x - k * blocks;
   const int64_t* row = p.table + k * kVariantTableColumns;
   const int64_t rows = row[2], cols = row[3], row_stride = row[6];
   const bool transposed = row[4] != 0, neuron_cols = row[5] != 0;
@@ -76,14 +77,14 @@ void variant_statistics(const VariantStatisticsParams& p, cudaStream_t stream) {
   require(!p.normuon || p.row_scale != nullptr, "variant_statistics: NorMuon needs row_scale");
   require(p.matrices >= 0 && p.m > 0 && p.n >= p.m, "variant_statistics: the stack must be (matrices, m, n), m <= n");
   const int64_t blocks = (p.n + kVariantNeurons - 1) / kVariantNeurons;
-  require(blocks <= kMaxGridY, "variant_statistics: " + std::to_string(blocks) + " neuron blocks exceed the grid's y limit");
-  require(p.matrices <= 2147483647LL, "variant_statistics: too many matrices for one launch");
+  require(p.matrices <= kMaxGridX / blocks, "variant_statistics: " + std::to_string(p.matrices) + " matrices of " +
+                                               std::to_string(blocks) + " neuron blocks exceed the grid's x limit");
   if (p.matrices == 0) return;
   dispatch_dtype(p.ortho_dtype, what, [&](auto s) {
     dispatch_dtype(p.param_dtype, what, [&](auto w) {
       using S = decltype(s);
       using P = decltype(w);
-      const dim3 grid(static_cast<unsigned>(p.matrices), static_cast<unsigned>(blocks));
+      const dim3 grid(static_cast<unsigned>(p.matrices * blocks));
       variant_statistics_kernel<S, P><<<grid, kVariantNeurons * kWarp, 0, stream>>>(p, blocks);
     });
   });

@@ -54,6 +54,10 @@ def fixup_rows(block: int, itemsize: int, arch: int) -> int:
     return min(rows, block)
 
 
+# _triangle_coords computes 8·pid + 1 in int32: at most 2^28 tiles per matrix (m ≈ 1.5 M at 64-wide tiles).
+_TRIANGLE_TILES_MAX = 2**28
+
+
 @triton.jit
 def _triangle_coords(pid):
     """Program id → (i, j) with i <= j, enumerating column by column: pid = j(j+1)/2 + i."""
@@ -225,6 +229,9 @@ def launch_shape(batch: int, m: int, k: int, cfg: MatmulConfig, sms: int) -> tup
     batch, the K split (``cfg.split_k``, or ``split_factor`` when 0), the K range of one slice (a
     multiple of BLOCK_K, so that no slice is empty), and the grid (persistent: at most one per SM)."""
     side = cdiv(m, cfg.block_m)
+    if side * (side + 1) // 2 > _TRIANGLE_TILES_MAX:
+        raise ValueError(f"symmetric_matmul: a {m}×{m} product has more than {_TRIANGLE_TILES_MAX} tiles of "
+                         f"{cfg.block_m}×{cfg.block_m}, which the kernel's int32 tile coordinates cannot address")
     tiles = side * (side + 1) // 2 * batch
     iterations = cdiv(k, cfg.block_k)
     splits = cfg.split_k or split_factor(tiles, iterations, sms)

@@ -7,7 +7,7 @@ adds them up in a fixed order and turns them into the two scalars the fused upda
 hyperball's c, in fp64 as ``variants.gains``): one launch where the same math as torch ops took ~30
 small ones per bucket, each with its host cost.
 
-Programs: one per (matrix, block of BLOCK_N neurons); each walks the other axis in BLOCK_J steps,
+Programs: one per (matrix, block of BLOCK_N neurons), on grid axis 0; each walks the other axis in BLOCK_J steps,
 so the reduction order is fixed (deterministic, no atomics). Neurons are rows of the (out, in)
 matrix, or columns of a weight stored (in, out); the matrix sits in the stack transposed when it
 is tall. A per-matrix table gives its parameter and state addresses and that geometry.
@@ -73,8 +73,12 @@ def _variant_statistics_kernel(
     # four cases is its own loop with literal unit strides (a branch per program: the whole program
     # works on one matrix): with the orientation chosen per element, as before, every load was
     # one instruction per element behind 64-bit address arithmetic.
-    k = tl.program_id(0).to(tl.int64)
-    nb = tl.program_id(1)
+    # (matrix, block) folded into grid axis 0: axis 1 stops at 65,535 blocks (n = 1,048,560 neurons).
+    # Program ids fit int32, so the division stays 32-bit.
+    pid = tl.program_id(0)
+    k32 = pid // BLOCKS
+    nb = pid - k32 * BLOCKS
+    k = k32.to(tl.int64)
     row = Table + k * TABLE_COLUMNS
     transposed = tl.load(row + 4) != 0
     on_rows = transposed == (tl.load(row + 5) != 0)  # neurons on the stack's rows
@@ -139,7 +143,7 @@ def variant_statistics(ortho: torch.Tensor, table: torch.Tensor, row_scale: torc
     k, m, n = ortho.shape
     nb = blocks(n)
     partials = torch.empty((k, nb, SUMS.value), dtype=torch.float32, device=ortho.device)
-    grid = (checked_grid(k, "variant_statistics"), checked_grid(nb, "variant_statistics", axis=1))
+    grid = (checked_grid(k * nb, "variant_statistics"),)
     launch(_variant_statistics_kernel, grid,
         ortho, table, row_scale if row_scale is not None else partials, partials, m, n, nb, 1.0 - beta2, eps,
         PARAM_DTYPE=_TL_DTYPES[param_dtype], NORMUON=normuon, HYPERBALL=hyperball, BLOCK_N=BLOCK_N,
