@@ -92,7 +92,9 @@ def neurons(view: MatrixView) -> tuple[int, bool]:
 
 def on_oriented_columns(view: MatrixView) -> bool:
     """Whether the neurons run along the columns of the oriented (m <= n) matrix in the stack."""
-    return neurons(view)[1] != view.transposed
+    # Not `on_columns != view.transposed`: traced by torch.compile with dynamic shapes, transposed
+    # is a SymBool, and torch 2.11 fails comparing a bool with one ("BooleanAtom not allowed").
+    return (not view.transposed) if neurons(view)[1] else view.transposed
 
 
 def state_shape(view: MatrixView) -> tuple[int, ...]:

@@ -128,7 +128,9 @@ def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) 
     by_group: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(bucket.entries):
         by_group[e.group].append(i)
-    slots = _cpu_slots(bucket) if bucket.device.type == "cpu" else None
+    # Not while torch.compile traces: the compiled step allocates its own buffers, and a stack
+    # cached in the bucket by a traced step came back flattened to 1-D under torch 2.11's Dynamo.
+    slots = _cpu_slots(bucket) if bucket.device.type == "cpu" and not torch.compiler.is_compiling() else None
     stack, targets, scratch = slots or (None, [None] * len(bucket.entries), None)
     updates: list[torch.Tensor | None] = [None] * len(bucket.entries)
     low = bucket.low_precision
