@@ -201,18 +201,33 @@ def check_state_settings(items, state: dict, names) -> None:
                     "optimizer.state[p]); nothing was modified")
 
 
+# A state key of one kind → (the key that marks the other kind's state, the other kind, this kind).
+_OTHER_KIND = {"momentum_buffer": ("exp_avg", "AdamW", "Muon"), "exp_avg": ("momentum_buffer", "Muon", "AdamW")}
+
+
+def _moved_between_kinds(p: torch.Tensor, key: str, names) -> None:
+    marker, other, kind = _OTHER_KIND[key]
+    raise ValueError(f"parameter {names()[id(p)]} is in a{'n' * (kind == 'AdamW')} {kind} group, but its optimizer "
+                     f"state is {other}'s ({marker!r}): it was moved from a{'n' * (other == 'AdamW')} {other} group. "
+                     f"Reset its state (del optimizer.state[p]) to start it afresh with {kind}, or move it back; "
+                     "nothing was modified")
+
+
 def check_state_fits(params: list[torch.Tensor], state: dict, key: str, names, same_dtype: bool = False) -> None:
     """Raise ValueError before a step modifies anything where a parameter's state ``key``
     ("momentum_buffer", AdamW's "exp_avg") no longer has its shape (its ``.data`` was replaced by a
     tensor of another shape) — or, with ``same_dtype`` (AdamW's, whose state torch keeps in the
     parameter's dtype), its dtype (the model was converted, ``model.double()``, after the state was
-    made). ``names()``: each parameter's label by id, built only for the message. ~0.3 µs a
+    made) — or where its state is the other kind's (the parameter was moved between a Muon and an
+    AdamW group). ``names()``: each parameter's label by id, built only for the message. ~0.3 µs a
     parameter: a step runs it over its AdamW parameters (the Muon ones when the plan is rebuilt,
     which a parameter's new shape does)."""
     for p in params:
         st = state.get(p)
         buf = st.get(key) if st else None
         if buf is None:
+            if st and _OTHER_KIND[key][0] in st:
+                _moved_between_kinds(p, key, names)
             continue
         if buf.shape != p.shape:
             raise ValueError(f"parameter {names()[id(p)]}: its optimizer state {key!r} has shape "

@@ -457,23 +457,38 @@ def _device(group, items) -> torch.device | str:
     return items[0].device if dist.get_backend(group) == "nccl" else "cpu"
 
 
-def check_grad_agreement(group, params: list[torch.Tensor], names: dict[int, str], *, replicated: bool) -> None:
-    """A parameter must have a gradient on every rank of ``group`` or on none, else the ranks would
-    issue different collectives and hang. One small all-reduce per step (a second one only to name
-    the culprit); raises the same error on every rank."""
+def check_grad_agreement(group, params: list[torch.Tensor], names, settings: list[tuple[int, tuple]],
+                         setting_names: tuple[str, ...], *, rebuild: bool, replicated: bool) -> bool:
+    """One small all-reduce per step over the ranks of ``group``: a parameter must have a gradient on
+    every rank or on none, else the ranks would issue different collectives and hang; the ranks'
+    Muon settings (``settings``: (group index, portable settings key) per param group, the key's
+    entries named by ``setting_names``) must agree, or each matrix would be stepped with its owner's
+    (or, where a setting changes the plan, one rank would rebuild it alone); returns whether any
+    rank rebuilds its plan (``rebuild``: this rank's decision). A second all-reduce only to name the
+    culprit; raises the same error on every rank. ``names()``: each parameter's label by id."""
     flags = [p.grad is not None for p in params]
-    hi, lo = _spread(group, torch.tensor([len(params), _digest(flags)], dtype=torch.float64,
-                                         device=_device(group, params)))
-    count_differs, flags_differ = (hi != lo).tolist()
+    device = _device(group, params)
+    hi, lo = _spread(group, torch.tensor([len(params), _digest(flags), len(settings), _digest(settings), float(rebuild)],
+                                         dtype=torch.float64, device=device))
+    count_differs, flags_differ, groups_differ, settings_differ, _ = (hi != lo).tolist()
     if count_differs:
         raise RuntimeError(f"ranks hold different numbers of Muon parameters: {_PLAIN_HINT if replicated else _MESH_HINT}")
-    if not flags_differ:
-        return
-    counts = torch.tensor(flags, dtype=torch.int32, device=_device(group, params))
-    dist.all_reduce(counts, group=group)
-    world = dist.get_world_size(group)
-    for p, count in zip(params, counts.tolist()):
-        if 0 < count < world:
-            raise RuntimeError(f"parameter {names[id(p)]} has a gradient on {count} of {world} ranks and None on the "
-                               "others; every rank must produce it (or none): use it in every rank's forward, or "
-                               "zero its grad instead of setting it to None")
+    if groups_differ:
+        raise RuntimeError(f"ranks planned different Muon settings: they hold Muon parameters in different numbers of "
+                           f"param groups; {_SETTINGS_HINT}; nothing was modified")
+    if settings_differ:  # the same number of groups (and of entries per key) on every rank: name the first that differs
+        entries = [(gi, name, value) for gi, key in settings for name, value in zip(setting_names, key)]
+        hi, lo = _spread(group, torch.tensor([_digest(entry) for entry in entries], dtype=torch.float64, device=device))
+        gi, name, _ = entries[int((hi != lo).nonzero()[0, 0])]
+        raise RuntimeError(f"ranks planned different Muon settings: param group {gi}'s {name!r} differs across ranks; "
+                           f"{_SETTINGS_HINT}; nothing was modified")
+    if flags_differ:
+        counts = torch.tensor(flags, dtype=torch.int32, device=device)
+        dist.all_reduce(counts, group=group)
+        world = dist.get_world_size(group)
+        for p, count in zip(params, counts.tolist()):
+            if 0 < count < world:
+                raise RuntimeError(f"parameter {names()[id(p)]} has a gradient on {count} of {world} ranks and None on "
+                                   "the others; every rank must produce it (or none): use it in every rank's forward, "
+                                   "or zero its grad instead of setting it to None")
+    return bool(hi[4])

@@ -159,7 +159,7 @@ class Muon(Optimizer):
         }
         settings.check_muon_settings(defaults)
         self._plan_key: tuple | None = None
-        self._validated: dict[int, tuple] = {}  # group index → settings key of its last successful check
+        self._validated: dict[int, tuple] = {}  # group index → (group, settings key of its last successful check)
         self._buckets: list = []
         self._placements: list = []  # per bucket: how it is computed under torch.distributed
         self._plan_version = 0  # counts plan rebuilds (a captured step graph belongs to one plan)
@@ -209,9 +209,14 @@ class Muon(Optimizer):
                 group.setdefault(key, value)
             group.setdefault("capturable", self.defaults["capturable"])
             settings.check_adamw_group(group)
+        given = set(group)
         super().add_param_group(group)
+        group = self.param_groups[-1]
+        if not group["use_muon"]:  # torch filled in the Muon defaults: an AdamW group holds AdamW's keys
+            for key in (group.keys() - given) & self.defaults.keys():  # (and any it was given), not a
+                del group[key]  # momentum it does not use
         # Checked just now; the record also fixes the group's kind (settings.check_changed_groups).
-        self._validated[len(self.param_groups) - 1] = settings.settings_key(self.param_groups[-1])
+        self._validated[len(self.param_groups) - 1] = (group, settings.settings_key(group))
 
     def _split_by_ndim(self, group: dict) -> list[dict]:
         """A group without ``use_muon``: matrices (ndim >= 2) to Muon, the rest to AdamW."""
@@ -306,18 +311,24 @@ class Muon(Optimizer):
             hook(self)
 
     # ------------------------------------------------------------------ plan
-    def _plan_buckets(self, work: list[tuple[int, dict, list[torch.Tensor]]]):
-        """The buckets of this step's Muon parameters and their placements, rebuilt only when a
-        plan key, a parameter's identity, dtype, device or shape, or the process group changed.
-        The step hands both on as locals, never reading them back from ``self``: under
-        ``torch.compile(opt.step)`` Dynamo (torch 2.13) drops attribute writes on an optimizer made
-        in a compiled frame, so a frame resumed after a graph break would read a stale plan."""
-        key = tuple(
+    def _plan_key_of(self, work: list[tuple[int, dict, list[torch.Tensor]]]) -> tuple:
+        """What the plan of this step's Muon parameters depends on: the plan settings, each
+        parameter's identity, dtype, device and shape, the process group and the workspace cap."""
+        return tuple(
             (gi, *(settings.freeze(group[k]) for k in settings.PLAN_KEYS),
              tuple((id(p), p.dtype, p.device, p.shape) for p in params))
             for gi, group, params in work
         ) + (id(self._replicated()), self.max_workspace_bytes)
-        if key != self._plan_key:  # (a parameter's shape is in the key: its momentum must still fit it)
+
+    def _plan_buckets(self, work: list[tuple[int, dict, list[torch.Tensor]]], key: tuple | None = None,
+                      rebuild: bool = False):
+        """The buckets of this step's Muon parameters and their placements, rebuilt only when the
+        plan key (``key``, else computed) changed or ``rebuild`` (another rank rebuilds). The step
+        hands both on as locals, never reading them back from ``self``: under
+        ``torch.compile(opt.step)`` Dynamo (torch 2.13) drops attribute writes on an optimizer made
+        in a compiled frame, so a frame resumed after a graph break would read a stale plan."""
+        key = self._plan_key_of(work) if key is None else key
+        if rebuild or key != self._plan_key:  # (a parameter's shape is in the key: its momentum must still fit it)
             checkpoint.check_state_fits([p for _, _, params in work for p in params], self.state, "momentum_buffer",
                                         lambda: settings.names(self.param_groups))
             items = []
@@ -455,10 +466,12 @@ class Muon(Optimizer):
                 loss = closure()
         settings.check_changed_groups(self.param_groups, self._validated)
         work = settings.check_grads(self.param_groups)
-        settings.check_distributed_grads(self.param_groups, self._replicated())
+        muon = [w for w in work if w[1]["use_muon"] and w[2]]
+        plan_key = self._plan_key_of(muon)
+        rebuild = settings.check_distributed_grads(self.param_groups, self._replicated(), plan_key != self._plan_key)
         checkpoint.check_state_fits([p for _, group, params in work if not group["use_muon"] for p in params],
                                     self.state, "exp_avg", lambda: settings.names(self.param_groups), same_dtype=True)
-        buckets, placements = self._plan_buckets([w for w in work if w[1]["use_muon"] and w[2]])
+        buckets, placements = self._plan_buckets(muon, plan_key, rebuild)
         key = None if self._graph is None else self._graph_key(work, placements)
         self._init_variant_state(buckets)
         if self._graph is None:

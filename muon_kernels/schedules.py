@@ -11,7 +11,10 @@ then runs over the remaining T - W steps, with t counted from the end of the war
 η is each param group's own initial lr (Muon and AdamW groups alike) and η_min is
 ``min_lr_ratio · η``, so one scheduler serves groups whose lrs differ by orders of magnitude.
 The schedulers are ``torch.optim.lr_scheduler.LRScheduler`` subclasses with closed forms: the lr at
-step t never depends on the lr at step t-1, so a restored ``state_dict`` continues exactly.
+step t never depends on the lr at step t-1, so a restored ``state_dict`` continues exactly (into a
+fresh optimizer too). Like torch's ``LambdaLR`` they do not chain: a change another scheduler
+(``ChainedScheduler``, ``ReduceLROnPlateau``) makes to a group's lr lasts until the next step;
+``SequentialLR`` composes them in time.
 
 Batch size at step t: constant b, or ``b_t = min(cap, round(b0 · δ^⌊t/E⌋))``.
 ``ScheduledBatchSampler`` turns a batch-size schedule into index lists for

@@ -151,29 +151,40 @@ def check_group_keys(group: dict) -> None:
             raise ValueError(f"{key} is an optimizer-wide setting, not a param group's: {fix}")
 
 
-def check_changed_groups(param_groups: list[dict], validated: dict[int, tuple]) -> None:
+def check_changed_groups(param_groups: list[dict], validated: dict[int, tuple[dict, tuple]]) -> None:
     """Re-validate every group whose settings changed since its last check (``validated``: group
-    index → settings key of its last successful check, made when the group was added and updated
-    here), naming the group. A group's kind (``use_muon``) is fixed when it is added."""
+    index → (the group, its settings key at its last successful check), made when the group was
+    added and updated here), naming the group. A group's kind (``use_muon``) is fixed when it is
+    added. A group found at another index (one before it was deleted from ``param_groups``) is
+    found by identity; one that is not the group checked there is checked as new."""
+    by_identity = None
     for gi, group in enumerate(param_groups):
         key = settings_key(group)
-        before = validated.get(gi)
-        if before == key:
+        record = validated.get(gi)
+        if record is not None and record[0] is group and record[1] == key:
             continue
+        if record is None or record[0] is not group:
+            if by_identity is None:
+                by_identity = {id(r[0]): r for r in validated.values()}
+            record = by_identity.get(id(group))
+        before = None if record is None else record[1]
         if before is not None and before[0] != key[0]:
             raise ValueError(f"param group {gi}: use_muon changed from {before[0][1]!r} to {group['use_muon']!r}, but "
                              "a group's kind is fixed when it is added: add a new group with add_param_group instead; "
                              "nothing was modified")
-        try:
-            check_muon_settings(group) if group["use_muon"] else check_adamw_group(group)
-        except ValueError as exc:
-            raise ValueError(f"param group {gi}: {exc}; nothing was modified") from None
-        except KeyError as exc:  # a group put into param_groups by hand, not by add_param_group
-            kind = "a Muon" if group["use_muon"] else "an AdamW"
-            raise ValueError(f"param group {gi} has use_muon={group['use_muon']!r} but no {exc.args[0]!r}, which "
-                             f"{kind} group needs: add groups with add_param_group, which fills in the defaults; "
-                             "nothing was modified") from None
-        validated[gi] = key
+        if before != key:
+            try:
+                check_muon_settings(group) if group["use_muon"] else check_adamw_group(group)
+            except ValueError as exc:
+                raise ValueError(f"param group {gi}: {exc}; nothing was modified") from None
+            except KeyError as exc:  # a group put into param_groups by hand, not by add_param_group
+                kind = "a Muon" if group["use_muon"] else "an AdamW"
+                raise ValueError(f"param group {gi} has use_muon={group['use_muon']!r} but no {exc.args[0]!r}, "
+                                 f"which {kind} group needs: add groups with add_param_group, which fills in the "
+                                 "defaults; nothing was modified") from None
+        validated[gi] = (group, key)
+    for gi in [gi for gi in validated if gi >= len(param_groups)]:  # groups deleted from the list
+        del validated[gi]
 
 
 def check_grads(param_groups: list[dict]) -> list[tuple[int, dict, list[torch.Tensor]]]:
@@ -235,20 +246,36 @@ def names(param_groups: list[dict]) -> dict[int, str]:
     return {id(p): label(g, i, p) for g in param_groups for i, p in enumerate(g["params"])}
 
 
-def check_distributed_grads(param_groups: list[dict], replicated) -> None:
-    """Where ranks orthogonalize together, a Muon gradient must exist on all ranks or on none
-    (``replicated``: the group replicated buckets are split over, or None)."""
+def check_distributed_grads(param_groups: list[dict], replicated, rebuild: bool) -> bool:
+    """Where ranks orthogonalize together, in one small all-reduce per process group per step: a
+    Muon gradient must exist on all ranks or on none, the ranks' Muon settings must agree (a
+    setting changed on one rank only, at any step, is refused on all of them before anything is
+    modified), and the plan is rebuilt on every rank where any rank rebuilds it (``rebuild``: this
+    rank's own decision; the rebuild's checks are collectives, which one rank alone would hang in).
+    ``replicated``: the group replicated buckets are split over, or None. Returns whether to rebuild."""
     if not (dist_muon.dist.is_available() and dist_muon.dist.is_initialized()):
-        return  # single process (DTensors need an initialized process group too): nothing to agree on
-    muon = [p for g in param_groups if g["use_muon"] for p in g["params"] if p.numel() > 0]
-    groups: dict[Any, list[torch.Tensor]] = {}
-    for p in muon:
-        if dist_muon.is_dtensor(p):
-            groups.setdefault(p.device_mesh.get_group() if p.device_mesh.ndim == 1 else None, []).append(p)
-        elif replicated is not None:
-            groups.setdefault(replicated, []).append(p)
-    labels = None
-    for group, params in groups.items():
+        return rebuild  # single process (DTensors need an initialized process group too): nothing to agree on
+    groups: dict[Any, tuple[list[torch.Tensor], dict[int, None]]] = {}
+    for gi, g in enumerate(param_groups):
+        if not g["use_muon"]:
+            continue
+        for p in g["params"]:
+            if p.numel() == 0:
+                continue
+            if dist_muon.is_dtensor(p):
+                key = p.device_mesh.get_group() if p.device_mesh.ndim == 1 else None
+            elif replicated is not None:
+                key = replicated
+            else:
+                continue
+            params, indices = groups.setdefault(key, ([], {}))
+            params.append(p)
+            indices[gi] = None
+    agreed = rebuild
+    for group, (params, indices) in groups.items():
         if group is not None:  # a multi-dim mesh is refused with its own error when the plan is built
-            labels = labels or names(param_groups)
-            dist_muon.check_grad_agreement(group, params, labels, replicated=group is replicated)
+            keys = [(gi, settings_key(param_groups[gi], portable=True)) for gi in indices]
+            agreed |= dist_muon.check_grad_agreement(group, params, lambda: names(param_groups), keys,
+                                                     ("use_muon", *MUON_SETTINGS), rebuild=rebuild,
+                                                     replicated=group is replicated)
+    return agreed

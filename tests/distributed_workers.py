@@ -381,6 +381,41 @@ def settings_per_rank(rank, world, ns_dtype, out):
     return errors
 
 
+def settings_changed_on_one_rank(rank, world, ns_dtype, out):
+    """After a first step alike: a setting changed on one rank only (one that changes the plan, one
+    read every step, the lr) is refused on every rank, the AdamW biases included unmoved; an
+    optimizer-wide plan input changed on one rank (the workspace cap) rebuilds the plan on every
+    rank instead of leaving that rank alone in the rebuild's collectives."""
+    def first_step():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt = make_optimizer(model, ns_dtype)
+        opt.step()
+        return model, opt
+
+    results = {}
+    for key, value in (("ns_steps", 3), ("nesterov", False), ("lr", 0.01)):
+        model, opt = first_step()
+        if rank == 1:
+            opt.param_groups[0][key] = value
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step()
+            results[key] = None
+        except RuntimeError as e:
+            results[key] = str(e)
+        results[key + " unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    model, opt = first_step()
+    if rank == 1:
+        opt.max_workspace_bytes = 1
+    opt.step()
+    results["plan version"] = opt._plan_version
+    results["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return results
+
+
 # Option sets the layouts train with, by scenario name: "train_<ddp|fsdp>_<name>" trains with them,
 # "fsdp_resume_<name>" checkpoints and resumes FSDP2 training with them (full state dicts), and
 # "fsdp_sharded_resume[_<name>]" with a sharded torch.distributed.checkpoint on files.

@@ -202,4 +202,19 @@ def test_ranks_that_bucket_differently_get_an_error_not_a_hang(tmp_path):
 def test_settings_that_differ_across_ranks_are_refused(tmp_path):
     for res in _spawn(tmp_path, "settings_per_rank", 2):
         for key in ("momentum", "momentum_dtype", "ns_steps"):
-            assert "ranks planned different Muon settings" in res[key] and res[key + " unchanged"], key
+            assert f"ranks planned different Muon settings: param group 0's '{key}' differs" in res[key], key
+            assert res[key + " unchanged"], key
+
+
+def test_a_setting_changed_on_one_rank_later_is_refused_on_every_rank(tmp_path):
+    """Changed after the first step on one rank only, a plan setting made that rank rebuild its plan
+    alone: the ranks' collectives no longer matched and hung (the other rank's AdamW half had
+    stepped). Now every step agrees on the settings and on whether to rebuild."""
+    results = _spawn(tmp_path, "settings_changed_on_one_rank", 2)
+    for res in results:
+        for key in ("ns_steps", "nesterov", "lr"):
+            assert f"ranks planned different Muon settings: param group 0's '{key}' differs" in res[key], key
+            assert res[key + " unchanged"], key
+        assert res["plan version"] == 2  # the workspace cap changed on rank 1 rebuilt both ranks' plans
+    for name, value in results[0]["params"].items():
+        assert torch.equal(value, results[1]["params"][name]), name

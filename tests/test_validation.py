@@ -275,6 +275,30 @@ def test_a_parameter_resized_under_its_state_raises_before_anything_changes(whic
     opt.step()
 
 
+@pytest.mark.parametrize("direction", ["muon to adamw", "adamw to muon"])
+def test_a_parameter_moved_between_muon_and_adamw_groups_raises_before_anything_changes(direction):
+    """Its state is the other kind's (a momentum buffer in an AdamW group, AdamW's moments in a Muon
+    group): refused, named, nothing modified; the fix the message names then steps."""
+    torch.manual_seed(0)
+    a, c, bias = nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(6))
+    opt = mk.Muon([{"params": [a], "use_muon": True}, {"params": [c, bias], "use_muon": False}], lr=0.05)
+    for p in (a, c, bias):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    moved, source, target = (a, 0, 1) if direction == "muon to adamw" else (c, 1, 0)
+    opt.param_groups[source]["params"].remove(moved)
+    opt.param_groups[target]["params"].append(moved)
+    before = _snapshot(opt)
+    kind, marker = ("an AdamW", "momentum_buffer") if direction == "muon to adamw" else ("a Muon", "exp_avg")
+    with pytest.raises(ValueError, match=rf"parameter .* is in {kind} group, but its optimizer state is .*'{marker}'"
+                                         r".*del optimizer.state\[p\].*nothing was modified"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt))
+    del opt.state[moved]
+    opt.step()
+    assert ("exp_avg" in opt.state[moved]) == (direction == "muon to adamw")
+
+
 def test_an_empty_group_is_kept_so_later_groups_keep_their_indices():
     """As torch.optim.Muon keeps it: a scheduler's per-group values and a checkpoint's groups line up."""
     w = nn.Parameter(torch.randn(4, 6))
@@ -484,6 +508,54 @@ def test_a_groups_kind_stays_fixed_in_a_copy():
     twin.param_groups[1]["use_muon"] = True  # the bias's AdamW half
     with pytest.raises(ValueError, match="param group 1: use_muon changed from False to True"):
         twin.step()
+
+
+def test_an_adamw_group_holds_adamw_keys_and_momentum_cycling_still_works():
+    """An AdamW group carried every Muon default (momentum=0.95 beside its betas, ns_coefficients,
+    ...), so its settings read as Muon's; now AdamW's keys, and any the caller gave it, only.
+    OneCycleLR's momentum cycling writes ``momentum`` into it (unread: its beta1 stays betas[0])."""
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    opt = mk.Muon(list(model.named_parameters()), lr=0.02)
+    opt.add_param_group({"params": [("scale", nn.Parameter(torch.randn(3)))], "use_muon": False, "note": "extra"})
+    muon, adamw, extra = opt.param_groups
+    assert set(adamw) == {"params", "param_names", "use_muon", "lr", "betas", "eps", "weight_decay", "amsgrad",
+                          "maximize", "capturable"}
+    assert set(extra) == set(adamw) | {"note"}
+    assert {"momentum", "nesterov", "ns_coefficients", "ns_steps"} <= set(muon)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.02, 3e-4, 3e-4], total_steps=10, base_momentum=0.8,
+                                                max_momentum=0.9)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+    assert muon["momentum"] == adamw["momentum"] < 0.9 and adamw["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("edit", ["delete the first", "reverse", "delete in a copy"])
+def test_groups_deleted_or_reordered_by_hand_step_as_torch_steps_them(edit):
+    """torch's optimizers step whatever param_groups holds: a group deleted (stop training some
+    parameters) or the list reordered steps the groups that are there; a group's kind stays fixed
+    wherever it moved to."""
+    opt, a, b, bias = _two_group_optimizer()  # groups: Muon [a], AdamW [bias], Muon [b]
+    if edit == "delete in a copy":
+        opt = copy.deepcopy(opt)
+        a, bias, b = (g["params"][0] for g in opt.param_groups)
+    if edit == "reverse":
+        opt.param_groups.reverse()
+    else:
+        del opt.param_groups[0]
+    frozen = a.detach().clone()
+    for p in (a, b, bias):
+        p.grad = torch.randn_like(p)
+    before = {p: p.detach().clone() for p in (b, bias)}
+    opt.step()
+    assert all(not torch.equal(p, before[p]) for p in (b, bias))
+    assert torch.equal(a, frozen) == (edit != "reverse")
+    adamw = next(i for i, g in enumerate(opt.param_groups) if g["params"][0] is bias)
+    opt.param_groups[adamw]["use_muon"] = True
+    with pytest.raises(ValueError, match=rf"param group {adamw}: use_muon changed from False to True"):
+        opt.step()
 
 
 @pytest.mark.parametrize("kwargs", [{"momentum": Fraction(9, 10)}, {"adamw_lr": Fraction(1, 1000)},
