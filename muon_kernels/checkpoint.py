@@ -105,18 +105,31 @@ def saved_groups(groups: list[dict], state_dict: dict) -> list[dict]:
     return saved_groups
 
 
+def _torch_kind(saved: dict, live: bool) -> bool:
+    """The kind of a group saved without ``use_muon`` (a torch optimizer's): AdamW where it has betas
+    and no momentum (torch.optim.AdamW's, Adam's), Muon where it has momentum and no betas
+    (torch.optim.Muon's), else the live group's."""
+    if "betas" in saved and "momentum" not in saved:
+        return False
+    if "momentum" in saved and "betas" not in saved:
+        return True
+    return live
+
+
 def _merge(current: dict, saved: dict) -> None:
     """``saved`` as it will load into the live group ``current``, checked as a step checks a group:
     the same kind (Muon or AdamW), the same variants, every setting valid. The backend stays the live
     group's: it says where this optimizer runs (a checkpoint saved on a GPU with backend="triton"
     loads into one built with backend="torch" on a CPU), not what it computes."""
-    kind = saved.get("use_muon", current["use_muon"])
+    kind = saved.get("use_muon", _torch_kind(saved, current["use_muon"]))
     if not isinstance(kind, bool):
         raise ValueError(f"use_muon must be True or False, got {kind!r}")
     if kind != current["use_muon"]:
-        raise ValueError(f"it was saved with use_muon={kind!r}, this optimizer's group has use_muon="
-                         f"{current['use_muon']!r}: load it into an optimizer whose groups are of the same kinds, in "
-                         "the same order")
+        saved_as = (f"it was saved with use_muon={kind!r}" if "use_muon" in saved else
+                    "it is a torch optimizer's AdamW-style group (betas, no momentum)" if not kind else
+                    "it is a torch optimizer's momentum group (momentum, no betas)")
+        raise ValueError(f"{saved_as}, this optimizer's group has use_muon={current['use_muon']!r}: load it into an "
+                         "optimizer whose groups are of the same kinds, in the same order")
     if current["use_muon"]:
         variants.check_checkpoint(saved, current)
         saved["backend"] = current["backend"]

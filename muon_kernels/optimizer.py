@@ -157,7 +157,8 @@ class Muon(Optimizer):
             "matrix_view": matrix_view,
             "capturable": capturable or cuda_graph,  # a captured step needs capturable AdamW and scalars
         }
-        settings.check_muon_settings(defaults)
+        # The hyperball's weight_decay = 0 is checked per group (groups may set it; the default is 0.1).
+        settings.check_muon_settings({**defaults, "weight_decay": 0.0} if constraint == "hyperball" else defaults)
         self._plan_key: tuple | None = None
         self._validated: dict[int, tuple] = {}  # group index → (group, settings key of its last successful check)
         self._buckets: list = []
@@ -220,7 +221,6 @@ class Muon(Optimizer):
 
     def _split_by_ndim(self, group: dict) -> list[dict]:
         """A group without ``use_muon``: matrices (ndim >= 2) to Muon, the rest to AdamW."""
-        group = {k: v for k, v in group.items() if k != "param_reasons"}  # per-parameter lists would misalign
         muon = {**group, "params": [], "use_muon": True}
         rest = {k: v for k, v in group.items() if k not in ("lr", "eps", "weight_decay")}
         rest.update(params=[], use_muon=False)

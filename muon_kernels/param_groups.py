@@ -157,18 +157,22 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
     depthwise convolutions (docs/param_groups.md says why). Tensors of ``torch.nn.utils.parametrize``
     (``weight_norm``: ``<layer>.parametrizations.weight.original0/1``) are routed as the layer's
     ``weight``.
-    Each parameter is passed with its name, and each group carries ``param_reasons``, which
-    ``Muon.plan()`` shows. Every trainable parameter lands in exactly one group; empty groups are
+    Each parameter is passed with its name, and each group carries ``param_reasons`` (name →
+    why), which ``Muon.plan()`` shows: by name, so a group split or extended by hand keeps each
+    parameter's own reason. Every trainable parameter lands in exactly one group; empty groups are
     left out. Frozen parameters (``requires_grad=False``) are not included: to train one later,
     unfreeze it and add it with its name — each group of ``param_groups(submodule)``, or
     ``{"params": [(name, p)]}`` (an optimizer with named parameters refuses unnamed ones, as torch
     does).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups routes by module, so it takes the model (an nn.Module), got "
+                        f"{type(model).__name__}: pass the model itself, param_groups(model)")
     heads, notes = _head_modules(model, head)
     embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, _EMBEDDING)}
     embedding_memory = [(_memory(m.weight), name) for name, m in model.named_modules() if isinstance(m, _EMBEDDING)]
     conv1d_cls = _transformers_conv1d()
-    groups: dict[str, dict] = {k: {"params": [], "param_reasons": [], **keys} for k, keys in _GROUP_KEYS.items()}
+    groups: dict[str, dict] = {k: {"params": [], "param_reasons": {}, **keys} for k, keys in _GROUP_KEYS.items()}
     modules = dict(model.named_modules())
     seen: set[int] = set()
     for mname, owner in model.named_modules():
@@ -201,10 +205,11 @@ def param_groups(model: nn.Module, *, head=None) -> list[dict]:
                     split, note = splits.recognise(module, parent, pname_routed, p, conv1d_cls)
                     if split is not None:
                         base, key = key, f"{key}:{sorted(split.items())}"
-                        groups.setdefault(key, {"params": [], "param_reasons": [], **_GROUP_KEYS[base], **split})
+                        groups.setdefault(key, {"params": [], "param_reasons": {}, **_GROUP_KEYS[base], **split})
                     why = f"{why}; {note}" if note else why
-            groups[key]["params"].append((f"{mname}.{pname}" if mname else pname, p))
-            groups[key]["param_reasons"].append(why)
+            name = f"{mname}.{pname}" if mname else pname
+            groups[key]["params"].append((name, p))
+            groups[key]["param_reasons"][name] = why
     out = [g for g in groups.values() if g["params"]]
     if out and notes:
         out[0]["routing_notes"] = notes

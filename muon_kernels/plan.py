@@ -208,9 +208,11 @@ def describe(param_groups: list[dict], buckets: list[Bucket], placements) -> Pla
             where.setdefault(id(e.param), []).append((b, e, layout, owners[j] if owners else None))
     for gi, group in enumerate(param_groups):
         names = group.get("param_names") or [f"group{gi}[{i}]" for i in range(len(group["params"]))]
-        reasons = group.get("param_reasons") or [None] * len(group["params"])
+        reasons = group.get("param_reasons")  # name → why (muon_kernels.param_groups)
+        reasons = reasons if isinstance(reasons, dict) else {}
         rows.notes += [n for n in group.get("routing_notes", ()) if n not in rows.notes]
-        for name, p, reason in zip(names, group["params"], reasons):
+        for name, p in zip(names, group["params"]):
+            reason = reasons.get(name)
             common = (name, tuple(p.shape), p.dtype, p.device)
             if not group["use_muon"]:
                 why = reason or (f"ndim {p.ndim} < 2" if p.ndim < 2 else "group has use_muon=False")

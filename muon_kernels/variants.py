@@ -64,7 +64,8 @@ def check_settings(group: dict) -> None:
         raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {group['constraint']!r}")
     if group["constraint"] == "hyperball" and group["weight_decay"] != 0.0:
         raise ValueError(f"constraint='hyperball' keeps ‖W‖_F fixed, so weight decay would do nothing but change the "
-                         f"step size; pass weight_decay=0 (got {group['weight_decay']})")
+                         f"step size; pass weight_decay=0 (got {group['weight_decay']}; it defaults to 0.1, as "
+                         "torch.optim.Muon's)")
     if group["constraint"] == "hyperball" and group["weight_decay_mode"] != "decoupled":
         raise ValueError("constraint='hyperball' has no weight decay: leave weight_decay_mode='decoupled'")
 

@@ -55,7 +55,7 @@ def test_routing_of_a_mixed_model():
     names = {name for g in groups for name, _ in g["params"]}
     assert names == {name for name, _ in net.named_parameters()}
     for g in groups:
-        assert len(g["param_reasons"]) == len(g["params"])
+        assert set(g["param_reasons"]) == {name for name, _ in g["params"]}
     assert groups[-1]["use_muon"] is False
 
 
@@ -78,7 +78,7 @@ def test_a_head_tied_by_memory_goes_to_adamw_with_the_embedding():
     net.head.weight = nn.Parameter(net.embed.weight.data)
     net.proj.weight = nn.Parameter(net.embed.weight.data[:16])  # the table's first rows
     reasons = {name: (g["use_muon"], why) for g in mk.param_groups(net)
-               for (name, _), why in zip(g["params"], g["param_reasons"])}
+               for name, why in g["param_reasons"].items()}
     assert reasons["head.weight"] == (False, "output head (tied to embed: shares its memory)")
     assert reasons["proj.weight"] == (False, "output head (tied to embed: shares its memory)")
     assert reasons["conv1.weight"][0] is True
@@ -97,6 +97,31 @@ def test_optimizer_steps_every_routed_parameter():
     assert rows[(4, 16, 24)].view == "batch 4×(16×24)" and rows[(4, 16, 24)].method == "Muon"
     assert rows[(16, 16, 5)].view == "flatten 16×80"
     assert rows[(50, 16)].method == "AdamW"
+
+
+def test_plan_lists_every_parameter_of_a_param_groups_group_changed_by_hand():
+    """A param_groups() group split or extended by hand kept its param_reasons: plan() paired them
+    with the wrong parameters (a norm weight "embedding") and dropped the rows past their end."""
+    net = Net()
+    groups = mk.param_groups(net, head=net.head)
+    adamw = next(g for g in groups if not g["use_muon"])
+    extra = ("temperature", nn.Parameter(torch.zeros(3)))
+    first, rest = adamw["params"][:1], adamw["params"][1:]
+    groups = [g for g in groups if g is not adamw] + [{**adamw, "params": first, "lr": 1e-2},
+                                                       {**adamw, "params": rest + [extra]}]
+    reasons = adamw["param_reasons"]
+    opt = mk.Muon(groups, lr=0.02)
+    rows = {r.name: r for r in opt.plan()}
+    assert set(rows) == {n for n, _ in net.named_parameters()} | {"temperature"}
+    for name, why in reasons.items():
+        assert rows[name].why == why, name
+    assert rows["temperature"].why == "ndim 1 < 2"
+
+
+def test_param_groups_of_a_parameter_iterator_says_to_pass_the_model():
+    net = Net()
+    with pytest.raises(TypeError, match=r"takes the model \(an nn.Module\), got generator: pass the model itself"):
+        mk.param_groups(net.parameters())
 
 
 def test_3d_without_matrix_view_is_a_clear_error():
@@ -217,7 +242,7 @@ def test_learned_tokens_and_position_tables_go_to_adamw():
 
     groups = mk.param_groups(Patches())
     routed = {name: (g["use_muon"], why) for g in groups
-              for (name, _), why in zip(g["params"], g["param_reasons"])}
+              for name, why in g["param_reasons"].items()}
     for name in ("cls_token", "position_embeddings", "relative_position_bias_table"):
         assert routed[name] == (False, f"learned token / position table ({name})")
     assert routed["proj.weight"][0] and routed["experts"][0]
@@ -226,7 +251,7 @@ def test_learned_tokens_and_position_tables_go_to_adamw():
 def _routes(model):
     """name → (use_muon, matrix_view, reason) for every parameter param_groups routes."""
     return {name: (g["use_muon"], g.get("matrix_view"), why) for g in mk.param_groups(model)
-            for (name, _), why in zip(g["params"], g["param_reasons"])}
+            for name, why in g["param_reasons"].items()}
 
 
 def test_vectors_stored_as_matrices_go_to_adamw():

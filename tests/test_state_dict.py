@@ -170,6 +170,32 @@ def test_missing_group_keys_get_this_optimizers_values():
     _train(model, fresh, 1, seed=1)
 
 
+def test_a_torch_adamw_checkpoint_is_refused_by_a_muon_group():
+    """An AdamW run resumed with Muon (group counts alike): the AdamW-style group (betas, no
+    momentum) was taken for a Muon one, its lr and moments loaded into the Muon group."""
+    model = _model()
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    adamw = torch.optim.AdamW([{"params": matrices}, {"params": rest, "weight_decay": 0.0}], lr=5e-5)
+    _train(model, adamw, 1, seed=0)
+    ours = mk.Muon(model.parameters(), lr=0.02)
+    before = [dict(g) for g in ours.param_groups]
+    with pytest.raises(ValueError, match=r"param group 0: it is a torch optimizer's AdamW-style group \(betas, no "
+                                         r"momentum\), this optimizer's group has use_muon=True.*nothing was loaded"):
+        ours.load_state_dict(_roundtrip(adamw.state_dict()))
+    assert not ours.state and [dict(g) for g in ours.param_groups] == before
+    # its AdamW half loads into an AdamW group, as torch.optim.AdamW's own checkpoint would
+    half = torch.optim.AdamW(rest, lr=3e-4)
+    _train(model, half, 1, seed=1)
+    both = mk.Muon([{"params": matrices, "use_muon": True}, {"params": rest, "use_muon": False}], lr=0.02)
+    state = both.state_dict()
+    state["param_groups"][1] = {**half.state_dict()["param_groups"][0], "params": state["param_groups"][1]["params"]}
+    state["state"] = {state["param_groups"][1]["params"][i]: v for i, v in half.state_dict()["state"].items()}
+    both.load_state_dict(state)
+    assert both.param_groups[1]["lr"] == 3e-4 and torch.equal(both.state[rest[0]]["exp_avg"],
+                                                               half.state[rest[0]]["exp_avg"])
+
+
 def test_a_torch_optim_muon_checkpoint_into_a_split_group_explains_the_split():
     """The common migration: torch.optim.Muon over the matrices, then one Muon over all parameters
     (split at construction into a Muon and an AdamW group). The group counts differ; the message

@@ -223,6 +223,17 @@ def test_bad_options_name_the_fix(options, message):
         mk.Muon([nn.Parameter(torch.randn(4, 4))], **options)
 
 
+def test_a_constructor_hyperball_takes_the_groups_own_weight_decay():
+    """Groups that set weight_decay=0 may take constraint='hyperball' from the constructor, whose
+    own weight_decay keeps its 0.1 default (a group that takes that default is refused)."""
+    W, b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.zeros(8))
+    opt = mk.Muon([{"params": [W], "use_muon": True, "weight_decay": 0.0}, {"params": [b], "use_muon": False}],
+                  constraint="hyperball")
+    assert opt.param_groups[0]["constraint"] == "hyperball"
+    with pytest.raises(ValueError, match=r"pass weight_decay=0 \(got 0.1; it defaults to 0.1"):
+        mk.Muon([{"params": [W], "use_muon": True}], constraint="hyperball")
+
+
 def test_bad_options_written_into_a_group_modify_nothing():
     W = nn.Parameter(torch.randn(8, 12))
     opt = mk.Muon([W], adaptive="normuon", weight_decay=0.0)
