@@ -42,12 +42,11 @@ def run(depthwise_to: str, seed: int, steps: int) -> dict:
         for g in groups:
             if g["use_muon"]:
                 continue
-            keep = [(i, item) for i, item in enumerate(g["params"]) if not g["param_reasons"][i].startswith("depthwise")]
-            moved += [item for item in g["params"] if item not in [k for _, k in keep]]
-            g["param_reasons"] = [g["param_reasons"][i] for i, _ in keep]
-            g["params"] = [item for _, item in keep]
+            depthwise = [(n, p) for n, p in g["params"] if g["param_reasons"][n].startswith("depthwise")]
+            moved += depthwise
+            g["params"] = [(n, p) for n, p in g["params"] if all(n != m for m, _ in depthwise)]
         groups.insert(0, {"params": moved, "use_muon": True, "matrix_view": "flatten",
-                          "param_reasons": ["depthwise conv (moved to Muon)"] * len(moved)})
+                          "param_reasons": {n: "depthwise conv (moved to Muon)" for n, _ in moved}})
     opt = mk.Muon(groups, lr=0.02, adamw_lr=3e-3, ns_dtype=torch.float32)
     (xt, yt), (xv, yv) = _data()
     g = torch.Generator().manual_seed(seed)

@@ -33,10 +33,18 @@ from .settings import DTYPE_KEYS, label, ns_config
 NS_STEPS_SETTING = "ns_steps_setting"
 
 
+ROUTING_KEYS = ("param_reasons", "routing_notes")  # muon_kernels.param_groups' plan() metadata
+
+
 def portable_groups(groups: list[dict]) -> None:
     """``state_dict()``'s param groups, made readable by torch.optim.Muon and torch.distributed's
-    checkpoint utilities (in place: torch's packing made them copies)."""
+    checkpoint utilities (in place: torch's packing made them copies). ``param_groups()``'s routing
+    reasons and notes stay out: they describe this optimizer's parameters for ``plan()`` (a load
+    keeps the live ones), and torch.distributed.checkpoint would store each reason as its own item,
+    once per parameter of the group with a flattened optimizer state dict."""
     for group in groups:
+        for key in ROUTING_KEYS:
+            group.pop(key, None)
         if group.get("use_muon") and group.get("ns_steps") is None:
             try:
                 group["ns_steps"], group[NS_STEPS_SETTING] = ns_config(group).steps, None
@@ -130,9 +138,15 @@ def _merge(current: dict, saved: dict) -> None:
                     "it is a torch optimizer's momentum group (momentum, no betas)")
         raise ValueError(f"{saved_as}, this optimizer's group has use_muon={current['use_muon']!r}: load it into an "
                          "optimizer whose groups are of the same kinds, in the same order")
+    for key in ROUTING_KEYS:  # the live group's (an older checkpoint saved them, as a list)
+        saved.pop(key, None)
     if current["use_muon"]:
         variants.check_checkpoint(saved, current)
         saved["backend"] = current["backend"]
+    else:  # an older checkpoint's AdamW groups carried every Muon default
+        for key in settings.MUON_SETTINGS:
+            if key not in current:
+                saved.pop(key, None)
     for key, value in current.items():
         saved.setdefault(key, value)
     restore_settings(saved)

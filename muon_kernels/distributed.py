@@ -468,15 +468,17 @@ def check_grad_agreement(group, params: list[torch.Tensor], names, settings: lis
     culprit; raises the same error on every rank. ``names()``: each parameter's label by id."""
     flags = [p.grad is not None for p in params]
     device = _device(group, params)
-    hi, lo = _spread(group, torch.tensor([len(params), _digest(flags), len(settings), _digest(settings), float(rebuild)],
-                                         dtype=torch.float64, device=device))
+    indices = [gi for gi, _ in settings]
+    hi, lo = _spread(group, torch.tensor([len(params), _digest(flags), _digest(indices), _digest(settings),
+                                          float(rebuild)], dtype=torch.float64, device=device))
     count_differs, flags_differ, groups_differ, settings_differ, _ = (hi != lo).tolist()
     if count_differs:
         raise RuntimeError(f"ranks hold different numbers of Muon parameters: {_PLAIN_HINT if replicated else _MESH_HINT}")
     if groups_differ:
-        raise RuntimeError(f"ranks planned different Muon settings: they hold Muon parameters in different numbers of "
-                           f"param groups; {_SETTINGS_HINT}; nothing was modified")
-    if settings_differ:  # the same number of groups (and of entries per key) on every rank: name the first that differs
+        raise RuntimeError(f"ranks planned different Muon settings: their Muon parameters are in different param groups "
+                           f"(here groups {indices}; a group added, deleted or moved on some ranks only?); "
+                           f"{_SETTINGS_HINT}; nothing was modified")
+    if settings_differ:  # the same groups (and entries per key) on every rank: name the first setting that differs
         entries = [(gi, name, value) for gi, key in settings for name, value in zip(setting_names, key)]
         hi, lo = _spread(group, torch.tensor([_digest(entry) for entry in entries], dtype=torch.float64, device=device))
         gi, name, _ = entries[int((hi != lo).nonzero()[0, 0])]

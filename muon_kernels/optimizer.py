@@ -158,7 +158,7 @@ class Muon(Optimizer):
             "capturable": capturable or cuda_graph,  # a captured step needs capturable AdamW and scalars
         }
         # The hyperball's weight_decay = 0 is checked per group (groups may set it; the default is 0.1).
-        settings.check_muon_settings({**defaults, "weight_decay": 0.0} if constraint == "hyperball" else defaults)
+        settings.check_muon_settings({**defaults, "constraint": "none"} if constraint == "hyperball" else defaults)
         self._plan_key: tuple | None = None
         self._validated: dict[int, tuple] = {}  # group index → (group, settings key of its last successful check)
         self._buckets: list = []
@@ -263,7 +263,10 @@ class Muon(Optimizer):
         if cuda_graph is not None:  # an unpickled or copied optimizer: its caches start empty
             self._graph = graphs.StepGraph() if cuda_graph else None
             self._side_streams, self._buckets, self._placements = {}, [], []
-            self.__dict__.setdefault("_validated", {})  # a copy pickled before the records were kept
+            # a copy pickled before the records were kept, or when they were the settings keys alone
+            validated = self.__dict__.get("_validated", {})
+            self._validated = {gi: record if isinstance(record[0], dict) else (self.param_groups[gi], record)
+                               for gi, record in validated.items() if gi < len(self.param_groups)}
             self._plan_key, self._plan_version = None, 0
 
     # ------------------------------------------------------------------ state
@@ -307,6 +310,9 @@ class Muon(Optimizer):
             super().load_state_dict(state_dict)
         checkpoint.restore_state_dtypes(self.param_groups, saved_groups, state_dict["state"], self.state)
         self._plan_key = None
+        # torch made new group dicts, checked by saved_groups as a step checks them: their records
+        # (which also fix each group's kind) are made now.
+        self._validated = {gi: (g, settings.settings_key(g)) for gi, g in enumerate(self.param_groups)}
         for hook in held["_optimizer_load_state_dict_post_hooks"].values():
             hook(self)
 
@@ -322,13 +328,16 @@ class Muon(Optimizer):
 
     def _plan_buckets(self, work: list[tuple[int, dict, list[torch.Tensor]]], key: tuple | None = None,
                       rebuild: bool = False):
-        """The buckets of this step's Muon parameters and their placements, rebuilt only when the
-        plan key (``key``, else computed) changed or ``rebuild`` (another rank rebuilds). The step
+        """The buckets of this step's Muon parameters and their placements, rebuilt only where
+        ``rebuild``: the step passes its plan ``key`` and its decision (its key changed, or another
+        rank rebuilds); without a key, the key is computed and compared with the last plan's. The step
         hands both on as locals, never reading them back from ``self``: under
         ``torch.compile(opt.step)`` Dynamo (torch 2.13) drops attribute writes on an optimizer made
         in a compiled frame, so a frame resumed after a graph break would read a stale plan."""
-        key = self._plan_key_of(work) if key is None else key
-        if rebuild or key != self._plan_key:  # (a parameter's shape is in the key: its momentum must still fit it)
+        if key is None:  # (the step passes its key, already compared: ``rebuild``)
+            key = self._plan_key_of(work)
+            rebuild = rebuild or key != self._plan_key
+        if rebuild:  # (a parameter's shape is in the key: its momentum must still fit it)
             checkpoint.check_state_fits([p for _, _, params in work for p in params], self.state, "momentum_buffer",
                                         lambda: settings.names(self.param_groups))
             items = []

@@ -426,8 +426,10 @@ def test_gpu_check_stops_a_step_with_the_processes_it_started(tmp_path):
               f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(60)")
     log = tmp_path / "log.txt"
     start = time.monotonic()
-    assert gpu_check._run([sys.executable, "-c", script], log, 5.0, dict(os.environ)) == 124
-    assert time.monotonic() - start < 30 and "stopped after 5 s" in log.read_text()
+    # 8 s: the step and its child start (two Python start-ups) and write the pid well before it
+    assert gpu_check._run([sys.executable, "-c", script], log, 8.0, dict(os.environ)) == 124
+    assert time.monotonic() - start < 30 and "stopped after 8 s" in log.read_text()
+    assert pid_file.exists(), "the step was stopped before it started its child: raise the timeout"
     child = int(pid_file.read_text())
     for _ in range(100):  # killed; reaped by init shortly after
         try:

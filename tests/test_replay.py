@@ -250,15 +250,16 @@ def test_replayed_launches_build_metadata_for_launch_hooks_only(calls):
     calls.clear()
     replay.call(fn, stack, cfg, dtype)
     assert calls and all(args[6] is None for _, args in calls)
-    entered = []
-    hook = lambda metadata: entered.append((metadata.get()["name"], metadata.get()["stream"]))  # noqa: E731
-    knobs.runtime.launch_enter_hook.add(hook)
-    try:
-        calls.clear()
-        replay.call(fn, stack, cfg, dtype)
-    finally:
-        knobs.runtime.launch_enter_hook.remove(hook)
-    assert replay.plans() == 1 and entered == [(name, args[3]) for name, args in calls]
+    for chain in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):  # either hook alone
+        entered = []
+        hook = lambda metadata: entered.append((metadata.get()["name"], metadata.get()["stream"]))  # noqa: E731
+        chain.add(hook)
+        try:
+            calls.clear()
+            replay.call(fn, stack, cfg, dtype)
+        finally:
+            chain.remove(hook)
+        assert replay.plans() == 1 and entered == [(name, args[3]) for name, args in calls]
 
 
 def test_a_triton_backend_step_replays_every_bucket(calls):

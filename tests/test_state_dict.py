@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -167,6 +168,30 @@ def test_missing_group_keys_get_this_optimizers_values():
     fresh.load_state_dict(old)
     assert [g["use_muon"] for g in fresh.param_groups] == [True, False]
     assert fresh.param_groups[0]["momentum_form"] == "sgd"
+    _train(model, fresh, 1, seed=1)
+
+
+def test_routing_reasons_stay_out_of_checkpoints_and_older_ones_load_cleanly():
+    """param_groups()' reasons are plan() metadata: not saved (torch.distributed.checkpoint stored
+    each as an item, once per parameter of its group, with a flattened optimizer state dict). A
+    checkpoint that saved them (as a list), with AdamW groups carrying the Muon defaults, loads:
+    the live reasons stay and the AdamW group holds AdamW's keys."""
+    model = _model()
+    opt = mk.Muon(mk.param_groups(model), lr=0.02)
+    _train(model, opt, 1, seed=0)
+    saved = opt.state_dict()
+    assert all("param_reasons" not in g and "routing_notes" not in g for g in saved["param_groups"])
+    reasons = [dict(g["param_reasons"]) for g in opt.param_groups]
+    adamw_keys = [set(g) for g in opt.param_groups]
+    older = copy.deepcopy(saved)
+    for g, live in zip(older["param_groups"], opt.param_groups):
+        g["param_reasons"] = list(live["param_reasons"].values())
+        if not g["use_muon"]:
+            g.update(momentum=0.95, nesterov=True, ns_steps=5, ns_coefficients=(3.4445, -4.775, 2.0315))
+    fresh = mk.Muon(mk.param_groups(model), lr=0.02)
+    fresh.load_state_dict(_roundtrip(older))
+    assert [g["param_reasons"] for g in fresh.param_groups] == reasons
+    assert [set(g) for g in fresh.param_groups] == adamw_keys
     _train(model, fresh, 1, seed=1)
 
 

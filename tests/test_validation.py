@@ -502,9 +502,18 @@ def test_an_optimizer_wide_setting_in_a_group_is_refused(key, value, fix):
     assert len(opt.param_groups) == 1
 
 
-def test_a_groups_kind_stays_fixed_in_a_copy():
+@pytest.mark.parametrize("how", ["deepcopy", "deepcopy of an older copy", "load_state_dict"])
+def test_a_groups_kind_stays_fixed_in_a_copy(how):
+    """Also after a load (torch makes new group dicts) and in a copy pickled when the records were
+    the settings keys alone."""
     opt, a, b, bias = _two_group_optimizer()
-    twin = copy.deepcopy(opt)
+    if how == "load_state_dict":
+        twin = opt
+        twin.load_state_dict(opt.state_dict())
+    else:
+        if how == "deepcopy of an older copy":
+            opt._validated = {gi: key for gi, (_, key) in opt._validated.items()}
+        twin = copy.deepcopy(opt)
     twin.param_groups[1]["use_muon"] = True  # the bias's AdamW half
     with pytest.raises(ValueError, match="param group 1: use_muon changed from False to True"):
         twin.step()

@@ -78,9 +78,9 @@ class _Plan:
         made: list = [stack] + [None] * len(self.buffers)  # index 0: the input, i: buffer i - 1
         bases = [stack.data_ptr()] + [0] * len(self.buffers)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        # The hooks are a HookChain (Triton 3.6+; a function or None before): launch metadata only
-        # where a hook will read it (Triton's runner builds it for an empty chain too, ~1 µs a launch).
-        hooked = enter is not None and bool(getattr(enter, "calls", True))
+        # The hooks are HookChains (Triton 3.6+; a function or None before): launch metadata only
+        # where a hook will read it (Triton's runner builds it for empty chains too, ~1 µs a launch).
+        hooked = any(h is not None and bool(getattr(h, "calls", True)) for h in (enter, leave))
         for compiled, grid, template, fills, allocate, release in self.launches:
             self._allocate(made, bases, allocate)
             args = list(template)
