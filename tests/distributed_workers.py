@@ -409,6 +409,14 @@ def settings_changed_on_one_rank(rank, world, ns_dtype, out):
         results[key + " unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     model, opt = first_step()
     if rank == 1:
+        opt.param_groups.reverse()  # [AdamW, Muon]: the Muon group's index differs across the ranks
+    try:
+        opt.step()
+        results["reordered"] = None
+    except RuntimeError as e:
+        results["reordered"] = str(e)
+    model, opt = first_step()
+    if rank == 1:
         opt.max_workspace_bytes = 1
     opt.step()
     results["plan version"] = opt._plan_version
