@@ -362,22 +362,32 @@ def different_buckets(rank, world, ns_dtype, out):
     return _auto_refuses(model, ns_dtype, then_off=False)
 
 
+def _replicated_pair(ns_dtype, **kw):
+    """Two 8×8 linear layers with all-ones gradients (the same on every rank), and their optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    return model, make_optimizer(model, ns_dtype, **kw)
+
+
+def _refused_step(model, opt, results: dict, key: str) -> None:
+    """A step's error (None if it stepped) as ``results[key]``, and whether it left every parameter as it was."""
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        opt.step()
+        results[key] = None
+    except RuntimeError as e:
+        results[key] = str(e)
+    results[key + " unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def settings_per_rank(rank, world, ns_dtype, out):
     """The same replicated model with a setting that differs on one rank: refused, naming settings."""
     errors = {}
     for key, value in (("momentum", 0.9), ("momentum_dtype", "int8"), ("ns_steps", 3)):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-        for p in model.parameters():
-            p.grad = torch.ones_like(p)
-        opt = make_optimizer(model, ns_dtype, **({key: value} if rank == 1 else {}))
-        before = [p.detach().clone() for p in model.parameters()]
-        try:
-            opt.step()
-            errors[key] = None
-        except RuntimeError as e:
-            errors[key] = str(e)
-        errors[key + " unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        model, opt = _replicated_pair(ns_dtype, **({key: value} if rank == 1 else {}))
+        _refused_step(model, opt, errors, key)
     return errors
 
 
@@ -387,11 +397,7 @@ def settings_changed_on_one_rank(rank, world, ns_dtype, out):
     optimizer-wide plan input changed on one rank (the workspace cap) rebuilds the plan on every
     rank instead of leaving that rank alone in the rebuild's collectives."""
     def first_step():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-        for p in model.parameters():
-            p.grad = torch.ones_like(p)
-        opt = make_optimizer(model, ns_dtype)
+        model, opt = _replicated_pair(ns_dtype)
         opt.step()
         return model, opt
 
@@ -400,21 +406,11 @@ def settings_changed_on_one_rank(rank, world, ns_dtype, out):
         model, opt = first_step()
         if rank == 1:
             opt.param_groups[0][key] = value
-        before = [p.detach().clone() for p in model.parameters()]
-        try:
-            opt.step()
-            results[key] = None
-        except RuntimeError as e:
-            results[key] = str(e)
-        results[key + " unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        _refused_step(model, opt, results, key)
     model, opt = first_step()
     if rank == 1:
         opt.param_groups.reverse()  # [AdamW, Muon]: the Muon group's index differs across the ranks
-    try:
-        opt.step()
-        results["reordered"] = None
-    except RuntimeError as e:
-        results["reordered"] = str(e)
+    _refused_step(model, opt, results, "reordered")
     model, opt = first_step()
     if rank == 1:
         opt.max_workspace_bytes = 1

@@ -215,7 +215,7 @@ def test_a_setting_changed_on_one_rank_later_is_refused_on_every_rank(tmp_path):
         for key in ("ns_steps", "nesterov", "lr"):
             assert f"ranks planned different Muon settings: param group 0's '{key}' differs" in res[key], key
             assert res[key + " unchanged"], key
-        assert "their Muon parameters are in different param groups" in res["reordered"]
+        assert "their Muon parameters are in different param groups" in res["reordered"] and res["reordered unchanged"]
         assert res["plan version"] == 2  # the workspace cap changed on rank 1 rebuilt both ranks' plans
     for name, value in results[0]["params"].items():
         assert torch.equal(value, results[1]["params"][name]), name

@@ -227,12 +227,18 @@ def test_a_replay_that_raises_is_dropped(calls, monkeypatch):
     assert replay.plans() == 0 and forgotten == plan.kept
 
 
-def test_launch_clear_forgets_recordings(calls):
-    fn, make, cfg, dtype = CASES["standard"]
+def _recorded(case: str) -> tuple:
+    """(fn, stack, config, dtype) of CASES[case], its call recorded (the first call) and replayed once."""
+    fn, make, cfg, dtype = CASES[case]
     stack = make()
     replay.call(fn, stack, cfg, dtype)
     replay.call(fn, stack, cfg, dtype)
     assert replay.plans() == 1
+    return fn, stack, cfg, dtype
+
+
+def test_launch_clear_forgets_recordings(calls):
+    _recorded("standard")
     launch.clear()
     assert replay.plans() == 0
 
@@ -242,11 +248,7 @@ def test_replayed_launches_build_metadata_for_launch_hooks_only(calls):
     (an empty HookChain) no metadata is built."""
     from triton import knobs
 
-    fn, make, cfg, dtype = CASES["standard"]
-    stack = make()
-    replay.call(fn, stack, cfg, dtype)
-    replay.call(fn, stack, cfg, dtype)
-    assert replay.plans() == 1
+    fn, stack, cfg, dtype = _recorded("standard")
     calls.clear()
     replay.call(fn, stack, cfg, dtype)
     assert calls and all(args[6] is None for _, args in calls)
