@@ -28,7 +28,7 @@ def grids(monkeypatch):
         monkeypatch.setattr(module, "launch", record)
     for module in (symmetric_matmul, newton_schulz):
         monkeypatch.setattr(module, "sm_count", lambda device: 132)
-        monkeypatch.setattr(module.autotune, "choose", choose)
+    monkeypatch.setattr(symmetric_matmul.autotune, "choose", choose)  # one autotune module serves both
     monkeypatch.setattr(symmetric_matmul, "arch_of", lambda index: 90)
     return recorded
 
