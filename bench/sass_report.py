@@ -271,14 +271,15 @@ def kernel_cases(arch: int):
     r, c = 1024, 4096
     tiles_c = c // 256
     for src in ("fp32", "bf16", "fp16"):
-        args = dict(G=src, Partial="fp32", R=r, C=c, tiles_c=tiles_c, tiles=(r // 64) * tiles_c,
-                    stride_gb=r * c, stride_gr=c, stride_gc=1)
-        elementwise.append(("normalize[sum_squares]", _sum_squares_kernel, args, dict(BLOCK_R=64, BLOCK_C=256),
-                            "64x256w4", src, 4, 1, False, False))
+        shape = dict(R=r, C=c, tiles_c=tiles_c, tiles=(r // 64) * tiles_c, stride_gb=r * c, stride_gr=c, stride_gc=1)
+        args = dict(G=src, Partial="fp32", Norm="fp32", Counter="i32", **shape, norm_scale=1.0, norm_offset=0.0,
+                    floor=1e-7)
+        elementwise.append(("normalize[sum_squares]", _sum_squares_kernel, args,
+                            dict(BLOCK_R=64, BLOCK_C=256, BLOCK_P=1024), "64x256w4", src, 4, 1, False, False))
         for dst in ("bf16", "fp16", "fp32"):
-            args2 = dict(args, Out=dst, norm_scale=1.0, norm_offset=0.0, floor=1e-7)
+            args2 = dict(G=src, Norm="fp32", Out=dst, **shape)
             elementwise.append(("normalize[scale_cast]", _scale_cast_kernel, args2,
-                                dict(BLOCK_R=64, BLOCK_C=256, BLOCK_P=1024), "64x256w4", f"{src}->{dst}", 4, 1, False, False))
+                                dict(BLOCK_R=64, BLOCK_C=256), "64x256w4", f"{src}->{dst}", 4, 1, False, False))
     tables = dict(Meta="i64", Numels="i64", ChunkTensor="i32", ChunkStart="i64")
     # (param, buffer, stack, int8, stochastic): plain buffers, then low-precision momentum
     momentum_cases = [(p, b, b, False, False) for p, b in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"),

@@ -178,17 +178,24 @@ def test_matmul_offsets_are_int64_for_a_65536x32768_view():
 
 
 def test_normalization_divides_and_takes_square_roots_round_to_nearest():
-    from muon_kernels.triton_kernels.newton_schulz import _scale_cast_kernel
+    """The per-matrix reduction's square root (sum-of-squares launch) and the per-element division
+    (scale-and-cast launch) compile to the round-to-nearest instructions, as torch computes them."""
+    from muon_kernels.triton_kernels.newton_schulz import _scale_cast_kernel, _sum_squares_kernel
 
     r, c = 1024, 4096
     tiles_c = c // 256
-    ptx = sass_report.compile_kernel(
-        _scale_cast_kernel,
-        dict(G="fp32", Partial="fp32", Out="bf16", R=r, C=c, tiles_c=tiles_c, tiles=(r // 64) * tiles_c,
-             stride_gb=r * c, stride_gr=c, stride_gc=1, norm_scale=1.0, norm_offset=0.0, floor=1e-7),
+    shape = dict(R=r, C=c, tiles_c=tiles_c, tiles=(r // 64) * tiles_c, stride_gb=r * c, stride_gr=c, stride_gc=1)
+    reduce_ptx = sass_report.compile_kernel(
+        _sum_squares_kernel,
+        dict(G="fp32", Partial="fp32", Norm="fp32", Counter="i32", **shape, norm_scale=1.0, norm_offset=0.0,
+             floor=1e-7),
         dict(BLOCK_R=64, BLOCK_C=256, BLOCK_P=1024), 90, 4, 1).asm["ptx"]
-    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
-    assert not re.search(r"sqrt\.approx|div\.full|div\.approx|rcp\.approx", ptx)
+    scale_ptx = sass_report.compile_kernel(
+        _scale_cast_kernel, dict(G="fp32", Norm="fp32", Out="bf16", **shape),
+        dict(BLOCK_R=64, BLOCK_C=256), 90, 4, 1).asm["ptx"]
+    assert "sqrt.rn.f32" in reduce_ptx and "div.rn.f32" in scale_ptx
+    for ptx in (reduce_ptx, scale_ptx):
+        assert not re.search(r"sqrt\.approx|div\.full|div\.approx|rcp\.approx", ptx)
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -1,7 +1,8 @@
 """Batched Newton–Schulz on a stack of same-shape matrices, a handful of launches per bucket.
 
-Per call: two launches normalize and cast the whole stack (per-tile scaled sums of squares, then a
-deterministic per-matrix reduction fused with the scale-and-cast into the iteration dtype);
+Per call: two launches normalize and cast the whole stack (per-tile scaled sums of squares, each
+matrix's reduced once, in a fixed order, by its last tile to finish; then the scale-and-cast into
+the iteration dtype);
 per step three launches: ``A = X·Xᵀ`` and ``B = b·A + c·A·A`` (symmetric, upper-triangle tiles
 only; split along K, reduced in the same launch, when they have few tiles) and ``X' = a·X + B·X``
 (the a·X term in the epilogue, into a second buffer — no copies). Gram NS runs its own driver,
@@ -49,13 +50,15 @@ def _power_of_two(field):
 
 @triton.jit
 def _sum_squares_kernel(
-    G, Partial,
+    G, Partial, Norm, Counter,
     R, C, tiles_c, tiles,
     stride_gb, stride_gr, stride_gc,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    norm_scale, norm_offset, floor,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Per tile: (s, Σ(x/s)²) with s a power of two near the tile's largest |x| — BLAS nrm2's scaled
-    sum of squares, so no tile overflows (|x| up to fp32's max) or underflows (|x| down to 1e-38)."""
+    sum of squares, so no tile overflows (|x| up to fp32's max) or underflows (|x| down to 1e-38).
+    The matrix's last tile to finish reduces its partials into (1/S, divisor): see _matrix_norm."""
     # The batch is folded into axis 0 (axis 1 stops at 65,535). Program ids fit int32, so the
     # division stays 32-bit (a 64-bit one is a called routine with a stack frame); offsets are int64.
     pid = tl.program_id(0)
@@ -71,40 +74,58 @@ def _sum_squares_kernel(
     y = g * _power_of_two(254 - field)  # exact: a power-of-two scale
     tl.store(Partial + batch * 2 * tiles + t, _power_of_two(field))
     tl.store(Partial + batch * 2 * tiles + tiles + t, tl.sum(tl.sum(y * y, axis=1), axis=0))
+    # The program's stores, then one release-acquire count at the matrix's counter (the split
+    # products' pattern, symmetric_matmul): the program that sees tiles - 1 arrived last, and every
+    # other tile's partial is visible to it.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(Counter + batch, 1, sem="acq_rel", scope="gpu")
+    if arrived == tiles - 1:
+        _matrix_norm(Partial + batch * 2 * tiles, Norm + batch * 2, tiles, norm_scale, norm_offset, floor, BLOCK_P)
+        tl.store(Counter + batch, 0)  # back to zero for the next launch on this stream
 
 
 @triton.jit
-def _scale_cast_kernel(
-    G, Partial, Out,
-    R, C, tiles_c, tiles,
-    stride_gb, stride_gr, stride_gc,
-    norm_scale, norm_offset, floor,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    batch = pid // tiles
-    t = (pid - batch * tiles).to(tl.int64)
-    batch = batch.to(tl.int64)
-    # Every program of a matrix reduces the same partials in the same order: one norm per matrix,
-    # bit-identical across programs and runs, with no atomics. The tiles' sums are rescaled to the
-    # matrix's largest tile scale S (powers of two: exact), and the divisor stays in units of S.
-    base = Partial + batch * 2 * tiles
+def _matrix_norm(Partial, Norm, tiles, norm_scale, norm_offset, floor, BLOCK_P: tl.constexpr):
+    """One matrix's partials, reduced once in a fixed order (whichever program runs this): one norm
+    per matrix, bit-identical across runs, with no float atomics. The tiles' sums are rescaled to
+    the matrix's largest tile scale S (powers of two: exact), and the divisor stays in units of S.
+    Stores (1/S, divisor) for the scale-and-cast launch: each of its programs reads 8 bytes (it used
+    to reduce all the partials itself: 12 bytes per tile per program, ~50 GB of L2 reads for one
+    8192×131072 matrix)."""
     top = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for p0 in range(0, tiles, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        top = tl.maximum(top, tl.load(base + p, mask=p < tiles, other=0.0))
+        # .cg: from L2, never a stale L1 line (other SMs wrote these partials during this launch).
+        top = tl.maximum(top, tl.load(Partial + p, mask=p < tiles, other=0.0, cache_modifier=".cg"))
     inv = _power_of_two(254 - _exponent_field(tl.max(top, axis=0)))  # 1/S
     acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for p0 in range(0, tiles, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        ratio = tl.load(base + p, mask=p < tiles, other=0.0) * inv
-        acc += tl.load(base + tiles + p, mask=p < tiles, other=0.0) * (ratio * ratio)
+        ratio = tl.load(Partial + p, mask=p < tiles, other=0.0, cache_modifier=".cg") * inv
+        acc += tl.load(Partial + tiles + p, mask=p < tiles, other=0.0, cache_modifier=".cg") * (ratio * ratio)
     # Round-to-nearest sqrt and division, as torch computes them (tl.sqrt and / compile to the
     # approximate sqrt.approx / div.full on a GPU, which the CPU interpreter cannot show).
     norm = tl.math.sqrt_rn(tl.sum(acc, axis=0))
     # propagate_nan: a NaN norm must stay NaN (like torch's clamp_min), not be replaced by the floor.
     denom = tl.maximum(norm * tl.cast(norm_scale, tl.float32) + tl.cast(norm_offset, tl.float32) * inv,
                        tl.cast(floor, tl.float32) * inv, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(Norm, inv)
+    tl.store(Norm + 1, denom)
+
+
+@triton.jit
+def _scale_cast_kernel(
+    G, Norm, Out,
+    R, C, tiles_c, tiles,
+    stride_gb, stride_gr, stride_gc,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = pid // tiles
+    t = (pid - batch * tiles).to(tl.int64)
+    batch = batch.to(tl.int64)
+    inv = tl.load(Norm + batch * 2)
+    denom = tl.load(Norm + batch * 2 + 1)
     rows = (t // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (t % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
@@ -205,14 +226,18 @@ def normalize(stack: torch.Tensor, config: NSConfig, ns_dtype: torch.dtype,
     tiles_c = cdiv(c, bc)
     tiles = cdiv(r, br) * tiles_c
     partial = workspace.empty((k, 2, tiles), dtype=torch.float32, device=stack.device)
+    norm = workspace.empty((k, 2), dtype=torch.float32, device=stack.device)
+    counters = workspace.COUNTERS.get(stack.device, k)
     grid = (checked_grid(tiles * k, "normalize"),)
-    launch(_sum_squares_kernel, grid, stack, partial, r, c, tiles_c, tiles, *stack.stride(), BLOCK_R=br, BLOCK_C=bc,
-           enable_fp_fusion=FP_FUSION)
-    launch(_scale_cast_kernel, grid,
-        stack, partial, out, r, c, tiles_c, tiles, *stack.stride(),
-        float(config.norm_scale), float(config.norm_offset), float(config.floor),
-        BLOCK_R=br, BLOCK_C=bc, BLOCK_P=_PARTIALS_BLOCK, enable_fp_fusion=FP_FUSION,
-    )
+    try:
+        launch(_sum_squares_kernel, grid, stack, partial, norm, counters, r, c, tiles_c, tiles, *stack.stride(),
+               float(config.norm_scale), float(config.norm_offset), float(config.floor),
+               BLOCK_R=br, BLOCK_C=bc, BLOCK_P=_PARTIALS_BLOCK, enable_fp_fusion=FP_FUSION)
+    except BaseException:
+        workspace.COUNTERS.forget(counters)  # an interrupted launch may leave some counters above zero
+        raise
+    launch(_scale_cast_kernel, grid, stack, norm, out, r, c, tiles_c, tiles, *stack.stride(),
+           BLOCK_R=br, BLOCK_C=bc, enable_fp_fusion=FP_FUSION)
     return out
 
 

@@ -22,7 +22,7 @@ from oracles import plain_recurrence, reference_ns, rel_err, scalar_map  # noqa:
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 if torch.cuda.is_available():
-    from muon_kernels.triton_kernels.newton_schulz import newton_schulz
+    from muon_kernels.triton_kernels.newton_schulz import newton_schulz, normalize
     from muon_kernels.triton_kernels.small_newton_schulz import small_newton_schulz
     from muon_kernels.triton_kernels.symmetric_matmul import symmetric_matmul
 
@@ -92,6 +92,19 @@ def test_split_products_in_a_cuda_graph_and_on_two_streams_give_the_eager_bits()
         assert torch.equal(symmetric_matmul(X, config=replace(cfg, split_k=8, persistent=True)), plain)
 
     check_streams_and_graph(lambda x: symmetric_matmul(x, config=cfg), Xs, eager)
+
+
+def test_normalization_in_a_cuda_graph_and_on_two_streams_gives_the_eager_bits():
+    """Each matrix's partials are reduced by its last tile to finish, at the same per-stream
+    arrival counters as the split products: eager repeats, graph replays and two streams at once
+    give the same bits, within bf16's rounding of the fp64 quotient."""
+    config = resolve_ns_config("keller", 5, 1e-7)
+    Xs = [_randn(3, 1024, 4096, seed=s).to(DEV, torch.float32) for s in (1, 2)]
+    eager = [normalize(X, config, torch.bfloat16) for X in Xs]
+    for X, out in zip(Xs, eager):
+        assert rel_err(out, X.double() / X.double().norm(dim=(1, 2), keepdim=True)) <= 2.0**-8
+        assert torch.equal(out, normalize(X, config, torch.bfloat16))
+    check_streams_and_graph(lambda x: normalize(x, config, torch.bfloat16), Xs, eager)
 
 
 def test_nan_member_does_not_leak_on_device():

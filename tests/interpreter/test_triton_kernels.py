@@ -90,6 +90,26 @@ def test_normalize_isolates_nan_and_handles_zero_and_tiny():
     assert abs(out[0].double().norm().item() - 1.0) < 1e-5
 
 
+def test_each_matrix_is_reduced_once_in_a_fixed_order_at_counters_left_at_zero(monkeypatch):
+    """The last tile of a matrix to finish reduces its partials (here in several masked rounds of two)
+    into the norm every scale-and-cast program reads; a matrix whose tiles span 2^100 in scale keeps
+    its small tiles; the counters it counted at are zero again, so the next call reduces too."""
+    from muon_kernels import workspace
+    from muon_kernels.triton_kernels import newton_schulz as ns_module
+
+    monkeypatch.setattr(ns_module, "_PARTIALS_BLOCK", 2)
+    G = _randn(3, 50, 70)  # 4 × 3 interpreter tiles per matrix
+    G[1, :16, :32] *= 2.0**50
+    G[1, 16:, 32:] *= 2.0**-50
+    config = resolve_ns_config("keller", 5, 1e-7)
+    out = normalize(G, config, torch.float32)
+    exact = G.double() / G.double().norm(dim=(1, 2), keepdim=True)
+    assert rel_err(out, exact) <= 2 * ROUNDING[torch.float32]
+    assert rel_err(out[1, 16:, 32:], exact[1, 16:, 32:]) <= 2 * ROUNDING[torch.float32]
+    assert not any(c.any() for c in workspace.COUNTERS.by_stream.values())
+    assert torch.equal(normalize(G, config, torch.float32), out)
+
+
 @pytest.mark.parametrize("preset", ["keller", "quintic", "polar_express"])
 def test_fp32_newton_schulz_matches_fp64_recurrence(preset):
     G = _randn(3, 24, 53)
