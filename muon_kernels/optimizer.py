@@ -9,6 +9,7 @@ groups, one batched orthogonalization per bucket of same-shape matrices.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 import torch
@@ -273,15 +274,20 @@ class Muon(Optimizer):
     @contextlib.contextmanager
     def _hooks_held(self, *names: str):
         """torch's own method runs without the hooks ``names`` (attributes of Optimizer): ours runs
-        them around our additions, where torch runs them around its own work."""
-        held = {name: getattr(self, name) for name in names}
-        for name in names:
-            setattr(self, name, {})
-        try:
-            yield held
-        finally:
-            for name, hooks in held.items():
-                setattr(self, name, hooks)
+        them around our additions, where torch runs them around its own work.
+        The swap is made, used and undone under a per-optimizer lock: a thread starting while another
+        holds the hooks would take the empty dicts for the hooks and put them back for good. An RLock,
+        as a hook torch runs in there may call state_dict() itself. It is made on first use (setdefault:
+        atomic, so two threads get the same one), not kept by a copy or pickle (__getstate__)."""
+        with self.__dict__.setdefault("_hooks_lock", threading.RLock()):
+            held = {name: getattr(self, name) for name in names}
+            for name in names:
+                setattr(self, name, {})
+            try:
+                yield held
+            finally:
+                for name, hooks in held.items():
+                    setattr(self, name, hooks)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's layout, readable by torch.optim.Muon and torch.distributed's checkpoint utilities

@@ -7,6 +7,9 @@ takes rank 0's choice (gloo, 2 processes)."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import warnings
 
 import pytest
 import torch
@@ -208,3 +211,65 @@ def test_the_measured_batch_is_a_ranks_share_under_ddp():
     assert measured._batch(bucket, None) == 3
     assert measured._batch(bucket, None, owners=[0, 0, 1]) == 2
     bucket.entries = entries
+
+
+def _bad_records(saved: dict, kind: str) -> str:
+    """The text of a cache file whose records (under the keys a step reads) are malformed as ``kind`` says."""
+    bad = {"string": lambda r: "fast:default", "no ms": lambda r: {"choice": r["choice"]},
+           "no choice": lambda r: {"ms": r["ms"]}, "ms not numbers": lambda r: {**r, "ms": {"fast:default": "1"}}}
+    return json.dumps({key: bad[kind](record) for key, record in saved.items()})
+
+
+@pytest.mark.parametrize("kind", ["truncated", "a list", "string", "no ms", "no choice", "ms not numbers"])
+def test_a_malformed_cache_file_costs_one_warning_and_is_measured_again(monkeypatch, cache, kind):
+    fake = FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
+    model = _model()
+    _step(mk.Muon(model.parameters(), ns_dtype=torch.float32), model)
+    saved = json.loads(cache.read_text())
+    cache.write_text({"truncated": cache.read_text()[:20], "a list": "[]"}.get(kind) or _bad_records(saved, kind))
+    measured._MEMO.clear()  # a new process
+    fake.timed.clear()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _step(opt, model)
+    ignored = "the content (not a JSON object)" if kind in ("truncated", "a list") else f"{len(saved)} malformed entries"
+    assert [str(w.message) for w in caught if "cache file" in str(w.message)] == [
+        f"muon_kernels: ignoring {ignored} of the cache file {cache}; the next write replaces it"]
+    assert fake.timed and {b.backend.NAME for b in opt._buckets} == {"fast"}
+    assert json.loads(cache.read_text()) == saved  # rewritten with the new measurements alone
+
+
+def _write_entries(rank: int, start) -> None:
+    os.getpid = lambda: 42  # containers on nodes sharing an NFS home: every writer has the same pid
+    start.wait()
+    for i in range(25):
+        measured._store(f"rank{rank}-key{i}", {"choice": "torch:default", "ms": {"torch:default": 1.0}, "excluded": {}})
+
+
+def test_concurrent_writers_keep_each_others_entries(cache):
+    """Each write re-reads and merges under a file lock, through a temp file of its own."""
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(4)
+    writers = [context.Process(target=_write_entries, args=(rank, start)) for rank in range(4)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=60)
+    assert [w.exitcode for w in writers] == [0] * 4
+    assert set(json.loads(cache.read_text())) == {f"rank{r}-key{i}" for r in range(4) for i in range(25)}
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["dispatch.json", "dispatch.json.lock"]  # no temp file
+
+
+def test_a_failed_write_leaves_the_file_and_no_temp_file(monkeypatch, cache):
+    measured._store("kept", {"choice": "torch:default", "ms": {"torch:default": 1.0}, "excluded": {}})
+    before = cache.read_text()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    with pytest.warns(UserWarning, match="could not write the dispatch cache"):
+        measured._store("lost", {"choice": "torch:default", "ms": {"torch:default": 1.0}, "excluded": {}})
+    assert cache.read_text() == before
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["dispatch.json", "dispatch.json.lock"]

@@ -1,12 +1,14 @@
 """Opt-in autotuning of the matmul kernels' launch configs (``MUON_KERNELS_AUTOTUNE=1``).
 
 Off, the default: configs come from config.py's fixed table, so results never depend on a race.
-On: the first call of a kernel for a (kernel, arch, dtype, m, n, k) times every config of a small
-per-arch space and keeps the fastest. Trials run on scratch outputs, never on the caller's
-buffers, so no in-place kernel needs ``restore_value``. The choice is written to a JSON file
+On: the first call of a kernel for a (GPU, Triton and muon_kernels versions, kernel, dtype, m, n,
+k) times every config of a small per-arch space and keeps the fastest. Trials run on scratch
+outputs, never on the caller's buffers, so no in-place kernel needs ``restore_value``. The choice is written to a JSON file
 (``MUON_KERNELS_AUTOTUNE_CACHE``, default ``~/.cache/muon_kernels/autotune.json``) and read back by
 every later process, so a run resumed in a new process uses the same configs — the same
-accumulation order, the same bits. Delete the file to tune again (say, after a driver update).
+accumulation order, the same bits (a cached config outside the current space is tuned again; a
+file that cannot be written costs a warning, and the choice holds for the process). Delete the
+file to tune again (say, after a driver update).
 
 The space is small on purpose: every config in it is AOT-compiled for every arch by the tests
 (tensor cores used, shared memory within the arch's limit, no spills), so tuning can only choose
@@ -19,14 +21,15 @@ halves. The symmetric kernel takes square tiles only.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
-import threading
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .. import cache_file
 from ..environment import Switch
 from .config import MatmulConfig, arch_of, is_interpreting, matmul_config, tuning_space
 
@@ -35,7 +38,6 @@ CACHE_ENV = "MUON_KERNELS_AUTOTUNE_CACHE"
 KINDS = ("symmetric", "ns_update")
 _ENABLED = Switch(ENV)  # read per product launch: a test may switch tuning on between calls
 
-_LOCK = threading.Lock()
 # (cache file, key) -> the config chosen in this process: a launch asks on every call, and reading
 # and parsing the JSON file each time cost more than the launch.
 _CHOSEN: dict[tuple[str, str], MatmulConfig] = {}
@@ -49,26 +51,53 @@ def cache_path() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "muon_kernels" / "autotune.json")
 
 
-def _key(kind: str, arch: int, dtype: torch.dtype, m: int, n: int, k: int) -> str:
-    return f"{kind}|sm{arch}|{str(dtype).removeprefix('torch.')}|{m}|{n}|{k}"
+@functools.cache
+def _device_key(device_index: int) -> str:
+    """What a tuned config depends on besides the call: the GPU (GPUs that take one table arch
+    differ in SMs, clocks and shared memory), and the Triton and muon_kernels versions that compile
+    the kernels (a config may spill under one Triton version only: config.py's _EXTRA_16_WARPS)."""
+    import triton
+
+    from .. import __version__
+
+    return (f"{torch.cuda.get_device_name(device_index)}|sm{arch_of(device_index)}|triton {triton.__version__}"
+            f"|muon_kernels {__version__}")
+
+
+def _key(kind: str, device_index: int, dtype: torch.dtype, m: int, n: int, k: int) -> str:
+    return f"{_device_key(device_index)}|{kind}|{str(dtype).removeprefix('torch.')}|{m}|{n}|{k}"
+
+
+def _valid_record(record: object) -> bool:
+    return isinstance(record, dict) and isinstance(record.get("config"), list)
 
 
 def _load() -> dict:
+    return cache_file.read(cache_path(), _valid_record)
+
+
+def _saved(key: str, space: list[MatmulConfig]) -> MatmulConfig | None:
+    """The persisted config for ``key`` if it is one of ``space``: tuning only ever runs configs
+    known to be sound (module docstring), and one with other fields was written by another version."""
+    record = _load().get(key)
+    if record is None:
+        return None
     try:
-        return json.loads(cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
+        cfg = MatmulConfig(*record["config"])
+    except TypeError:
+        return None
+    return cfg if cfg in space else None
 
 
 def _store(key: str, cfg: MatmulConfig, timings: dict[str, float]) -> None:
-    with _LOCK:
-        data = _load()
-        data[key] = {"config": list(dataclasses.astuple(cfg)), "ms": timings}
-        path = cache_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+    """Persist the choice; a cache that cannot be written (read-only home, full disk) costs a
+    warning, never the launch that tuned it."""
+    try:
+        cache_file.update(cache_path(), {key: {"config": list(dataclasses.astuple(cfg)), "ms": timings}},
+                          _valid_record)
+    except Exception as exc:
+        warnings.warn(f"muon_kernels: could not write the autotuning cache ({exc!r}); the choice holds for this "
+                      f"process only (set {CACHE_ENV} to a writable file)", stacklevel=4)
 
 
 def choose(kind: str, device: torch.device, dtype: torch.dtype, m: int, n: int, k: int,
@@ -79,13 +108,15 @@ def choose(kind: str, device: torch.device, dtype: torch.dtype, m: int, n: int, 
     heuristic = matmul_config(device, dtype, m, n, k, kind=kind)
     if not enabled() or is_interpreting() or device.type != "cuda":
         return heuristic
-    arch = arch_of(device.index if device.index is not None else torch.cuda.current_device())
-    key = _key(kind, arch, dtype, m, n, k)
-    if torch.cuda.is_current_stream_capturing() and (str(cache_path()), key) not in _CHOSEN and key not in _load():
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = _key(kind, index, dtype, m, n, k)
+    space = tuning_space(arch_of(index), dtype, kind)
+    capturing = torch.cuda.is_current_stream_capturing()
+    if capturing and (str(cache_path()), key) not in _CHOSEN and _saved(key, space) is None:
         return heuristic  # timing inside a capture is impossible; tune in an eager warm-up step
     from triton.testing import do_bench
 
-    return tuned(key, tuning_space(arch, dtype, kind), trial, do_bench)
+    return tuned(key, space, trial, do_bench)
 
 
 def tuned(key: str, space: list[MatmulConfig], trial: Callable[[MatmulConfig], object],
@@ -96,10 +127,10 @@ def tuned(key: str, space: list[MatmulConfig], trial: Callable[[MatmulConfig], o
     chosen = _CHOSEN.get(memo)
     if chosen is not None:
         return chosen
-    saved = _load().get(key)
+    saved = _saved(key, space)
     if saved is not None:
-        chosen = _CHOSEN[memo] = MatmulConfig(*saved["config"])
-        return chosen
+        _CHOSEN[memo] = saved
+        return saved
     timings = {repr(cfg): float(bench(lambda cfg=cfg: trial(cfg))) for cfg in space}
     best = _CHOSEN[memo] = min(space, key=lambda cfg: timings[repr(cfg)])
     _store(key, best, timings)

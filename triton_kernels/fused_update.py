@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import threading
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -376,6 +377,9 @@ def aligned(layout: Layout, *addresses: int) -> bool:
 _ADDRESS_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _ADDRESS_TABLES_MAX = 8192
 _PINNED_TABLES: dict[tuple, torch.Tensor] = {}
+# Optimizers stepping in threads share the tables: a lookup's move_to_end must not meet another
+# thread's eviction of that key.
+_TABLES_LOCK = threading.Lock()
 
 
 def _capturing(device: torch.device) -> bool:
@@ -394,26 +398,28 @@ def int_table(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """An int64 device copy of ``values`` (addresses and sizes), cached as described above."""
     key = (device, values)
     capturing = _capturing(device)
-    table = _PINNED_TABLES.get(key)
-    if table is None:
-        table = _ADDRESS_TABLES.get(key)
+    with _TABLES_LOCK:
+        table = _PINNED_TABLES.get(key)
+        if table is None:
+            table = _ADDRESS_TABLES.get(key)
+            if table is not None:
+                _ADDRESS_TABLES.move_to_end(key)
         if table is not None:
-            _ADDRESS_TABLES.move_to_end(key)
-    if table is not None:
+            if capturing:
+                _PINNED_TABLES[key] = table
+            return table
         if capturing:
-            _PINNED_TABLES[key] = table
+            raise RuntimeError(
+                "muon_kernels: a parameter, gradient or momentum buffer was reallocated since the last eager step, so "
+                "its address table would have to be copied to the GPU during CUDA-graph capture; run one eager "
+                "opt.step() with the same (static) tensors before capturing, and keep gradients allocated "
+                "(zero_grad(set_to_none=False))"
+            )
+        table = torch.tensor(key[1], dtype=torch.int64).to(device)
+        _ADDRESS_TABLES[key] = table
+        if len(_ADDRESS_TABLES) > _ADDRESS_TABLES_MAX:
+            _ADDRESS_TABLES.popitem(last=False)
         return table
-    if capturing:
-        raise RuntimeError(
-            "muon_kernels: a parameter, gradient or momentum buffer was reallocated since the last eager step, so its "
-            "address table would have to be copied to the GPU during CUDA-graph capture; run one eager opt.step() with "
-            "the same (static) tensors before capturing, and keep gradients allocated (zero_grad(set_to_none=False))"
-        )
-    table = torch.tensor(key[1], dtype=torch.int64).to(device)
-    _ADDRESS_TABLES[key] = table
-    if len(_ADDRESS_TABLES) > _ADDRESS_TABLES_MAX:
-        _ADDRESS_TABLES.popitem(last=False)
-    return table
 
 
 def fused_momentum(grads, bufs, momenta: torch.Tensor, layout: Layout, stack: torch.Tensor, *, ema: bool,

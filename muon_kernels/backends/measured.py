@@ -23,10 +23,8 @@ static dispatch table (backends/__init__.py, crossovers.json) instead.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import threading
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from .. import cache_file
 from ..bucket import Bucket
 from ..ns_config import NSConfig
 from ..recurrence import gram_outside_band
@@ -45,7 +44,6 @@ ENV = "MUON_KERNELS_DISPATCH"
 CACHE_ENV = "MUON_KERNELS_DISPATCH_CACHE"
 # Timed calls per candidate after two warm-up calls (the first compiles Triton kernels): the median.
 REPEATS = 5
-_LOCK = threading.Lock()
 
 
 def mode(requested: str) -> str:
@@ -118,25 +116,25 @@ def _key(bucket: Bucket, batch: int, labels: list[str]) -> str:
 _MEMO: dict[str, dict] = {}
 
 
+def _valid_record(record: object) -> bool:
+    """What choose() and apply() read of a persisted record: a ``choice`` label and ``ms`` per label."""
+    return (isinstance(record, dict) and isinstance(record.get("choice"), str) and isinstance(record.get("ms"), dict)
+            and all(isinstance(ms, (int, float)) and not isinstance(ms, bool) for ms in record["ms"].values()))
+
+
 def _load() -> dict:
     try:
-        return json.loads(cache_path().read_text())
-    except Exception:  # no file, a corrupt one, no home directory: nothing cached
+        path = cache_path()
+    except RuntimeError:  # no home directory: nothing cached
         return {}
+    return cache_file.read(path, _valid_record)
 
 
 def _store(key: str, record: dict) -> None:
     """Persist ``record``; a cache that cannot be written (read-only home, full disk) costs a
     warning, never the step."""
     try:
-        with _LOCK:
-            data = _load()
-            data[key] = record
-            path = cache_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+        cache_file.update(cache_path(), {key: record}, _valid_record)
     except Exception as exc:
         warnings.warn(f"muon_kernels: could not write the dispatch cache ({exc!r}); the choice holds for this "
                       f"process only (set {CACHE_ENV} to a writable file)", stacklevel=3)
