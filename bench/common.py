@@ -113,9 +113,17 @@ def summarize(samples: list[float]) -> dict:
 COMMIT_ENV = "MUON_KERNELS_COMMIT"  # a copy of the tree without .git (a lent GPU machine's) names its commit here
 
 
+COMMIT_PATTERN = re.compile(r"[0-9a-f]{7,40}(-dirty)?")
+
+
 def git_commit() -> str:
     if os.environ.get(COMMIT_ENV):
-        return os.environ[COMMIT_ENV]
+        # It names result files: a short or full sha (git describe --always --dirty), nothing else.
+        given = os.environ[COMMIT_ENV]
+        if not COMMIT_PATTERN.fullmatch(given):
+            raise ValueError(f"{COMMIT_ENV}={given!r}: give the tree's commit as `git rev-parse --short HEAD` "
+                             "prints it (7 to 40 hex digits), with -dirty for a tree with changes")
+        return given
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()

@@ -9,9 +9,12 @@
 3. ``<dir>/summary.md``: test counts, every target of ``bench/targets.json`` with its measured
    value (met, missed, or not measured), and what to commit.
 
-The Makefile target builds ``_C`` for the device's own arch first. Nothing is downloaded.
+The Makefile target builds ``_C`` for the device's own arch first (its log: ``<dir>/build.log``)
+and passes the time it started, so the budget covers the build too. Nothing is downloaded. A
+SIGTERM (``timeout``'s) stops the running phase's whole process group and still writes the
+summary.
 
-    python bench/gpu_check.py --out DIR [--minutes 8.5]
+    python bench/gpu_check.py --out DIR [--minutes 8.5] [--tests-share 0.45] [--started EPOCH]
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from common import git_commit
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -96,8 +101,11 @@ def gpu_test_paths(tests: Path = REPO / "tests" / "gpu") -> list[str]:
 
 def test_counts(junit: Path, progress: Path | None = None) -> dict:
     """From the junit XML; from the progress log where the run was stopped before writing it."""
-    if junit.is_file():
-        root = ET.parse(junit).getroot()
+    try:
+        root = ET.parse(junit).getroot() if junit.is_file() else None
+    except ET.ParseError:  # cut off by a kill mid-write: the progress log still counts
+        root = None
+    if root is not None:
         suites = [root] if root.tag == "testsuite" else list(root)
         return {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     if progress is not None and progress.is_file():
@@ -108,12 +116,20 @@ def test_counts(junit: Path, progress: Path | None = None) -> dict:
     return {"tests": 0, "failures": 0, "errors": 1, "skipped": 0, "note": f"{junit.name} missing"}
 
 
-def summary(out: Path, targets: list[dict]) -> str:
+# What a run writes into its folder besides the bench's JSON and plots: removed at the start, so a
+# rerun into the same folder never reports an earlier run's files.
+OWN_FILES = ("pytest-gpu.xml", "pytest-gpu.txt", PROGRESS, "bench.txt", "summary.md")
+
+
+def summary(out: Path, targets: list[dict], since: float = 0.0, commit: str = "unknown", note: str = "") -> str:
+    """The summary of the run that started at wall time ``since`` (older bench JSON is ignored)."""
     counts = test_counts(out / "pytest-gpu.xml", out / PROGRESS)
-    results = sorted(out.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    results = sorted((p for p in out.glob("*.json") if p.stat().st_mtime >= since), key=lambda p: p.stat().st_mtime)
     result = json.loads(results[-1].read_text()) if results else {}
-    lines = [f"# gpu-check: {result.get('device', 'no bench result')}", "",
+    lines = [f"# gpu-check: {result.get('device', 'no bench result')}", "", f"commit: {commit}", "",
              "tests/gpu: " + ", ".join(f"{v} {k}" for k, v in counts.items()), ""]
+    if note:
+        lines += [note, ""]
     if result:
         lines.append(f"bench: {results[-1].name}, complete={result.get('complete')}, "
                      f"skipped {len(result.get('skipped', []))} items, {len(result.get('errors', []))} failed")
@@ -129,13 +145,21 @@ def summary(out: Path, targets: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class Stopped(Exception):
+    """A SIGTERM reached gpu-check (``timeout`` ran out): the running phase is stopped, the summary written."""
+
+
+def _stop(signum, frame):
+    raise Stopped(f"stopped by signal {signum}")
+
+
 def _run(cmd: list[str], log: Path, timeout: float, env: dict) -> int:
     # From tests/: `python -m pytest` puts its working directory on sys.path, and from the repository
     # root that would import the source tree's muon_kernels (no _C, no triton_kernels) instead of
     # the installed package.
-    # Its own session, killed as a whole at the timeout: the tests start processes of their own
-    # (compute-sanitizer runs, a resumed training), which would otherwise outlive it and hold the
-    # GPU while the bench measures.
+    # Its own session, killed as a whole at the timeout or when gpu-check itself is stopped: the
+    # tests start processes of their own (compute-sanitizer runs, a resumed training), which would
+    # otherwise outlive it and hold the GPU while the next command measures.
     with log.open("w") as f:
         child = subprocess.Popen(cmd, cwd=REPO / "tests", stdout=f, stderr=subprocess.STDOUT, env=env,
                                  start_new_session=True)
@@ -146,33 +170,56 @@ def _run(cmd: list[str], log: Path, timeout: float, env: dict) -> int:
             child.wait()
             f.write(f"\n[gpu-check] stopped after {timeout:.0f} s (its share of the budget)\n")
             return 124
+        except BaseException:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            f.write("\n[gpu-check] stopped with gpu-check itself\n")
+            raise
 
 
 def main(argv=None, runner=_run, clock=time.monotonic) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--minutes", type=float, default=8.5, help="whole budget, tests and bench together")
+    parser.add_argument("--tests-share", type=float, default=0.45, help="the tests' part of the budget (0 to 1)")
+    parser.add_argument("--started", type=float, default=None,
+                        help="wall time (epoch seconds) the budget started at: the Makefile's, before the build")
     args = parser.parse_args(argv)
+    if not 0.0 < args.tests_share < 1.0:
+        parser.error(f"--tests-share must be between 0 and 1, got {args.tests_share}")
     targets = load_targets()
+    commit = git_commit()  # checked now, not after the tests: the bench names its JSON with it
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    since = time.time()
+    for name in OWN_FILES:
+        (out / name).unlink(missing_ok=True)
     start = clock()
-    total = 60.0 * args.minutes
-    (out / PROGRESS).unlink(missing_ok=True)
+    total = 60.0 * args.minutes - (max(0.0, since - args.started) if args.started is not None else 0.0)
     # The tests' measured dispatch choices (made with NaN-filled buffers) go to a file of their own,
     # not to the user's cache the bench reads.
     env = dict(os.environ, MUON_KERNELS_DEBUG_FILL="nan", MUON_KERNELS_TEST_PROGRESS=str(out / PROGRESS),
                MUON_KERNELS_DISPATCH_CACHE=str(out / "tests-dispatch" / "dispatch.json"))
-    # Tests first (correctness before speed), at most 45% of the budget; the bench gets what is left
-    # less a reserve for the item that is running when its budget ends, the plots and this summary.
-    tests_rc = runner([sys.executable, "-m", "pytest", *gpu_test_paths(), "-q", "-rfEs", "-p", "no:cacheprovider",
-                       f"--junitxml={out / 'pytest-gpu.xml'}"], out / "pytest-gpu.txt", 0.45 * total, env)
-    (out / "summary.md").write_text(summary(out, targets))  # the tests' part, should the bench not end
-    bench_env = {k: v for k, v in os.environ.items() if k != "MUON_KERNELS_TEST_PROGRESS"}  # no debug fill
-    bench_minutes = max(0.5, (total - (clock() - start)) / 60.0 - 1.5)
-    bench_rc = runner([sys.executable, str(BENCH / "run.py"), "--out-dir", str(out), "--budget-minutes",
-                       f"{bench_minutes:.2f}"], out / "bench.txt", 60.0 * (bench_minutes + 1.0), bench_env)
-    text = summary(out, targets)
+    previous = signal.signal(signal.SIGTERM, _stop)
+    tests_rc = bench_rc = None
+    note = ""
+    try:
+        # Tests first (correctness before speed), their share of the budget; the bench gets what is
+        # left less a reserve for the item that is running when its budget ends, the plots and this
+        # summary. A file that fails to import costs its own tests, not the run's.
+        tests_rc = runner([sys.executable, "-m", "pytest", *gpu_test_paths(), "-q", "-rfEs", "-p", "no:cacheprovider",
+                           "--continue-on-collection-errors", f"--junitxml={out / 'pytest-gpu.xml'}"],
+                          out / "pytest-gpu.txt", args.tests_share * total, env)
+        (out / "summary.md").write_text(summary(out, targets, since, commit))  # should the bench not end
+        bench_env = {k: v for k, v in os.environ.items() if k != "MUON_KERNELS_TEST_PROGRESS"}  # no debug fill
+        bench_minutes = max(0.5, (total - (clock() - start)) / 60.0 - 1.5)
+        bench_rc = runner([sys.executable, str(BENCH / "run.py"), "--out-dir", str(out), "--budget-minutes",
+                           f"{bench_minutes:.2f}"], out / "bench.txt", 60.0 * (bench_minutes + 1.0), bench_env)
+    except Stopped as exc:
+        note = f"gpu-check was {exc} during the {'tests' if tests_rc is None else 'bench'}."
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    text = summary(out, targets, since, commit, note)
     (out / "summary.md").write_text(text)
     print(text)
     print(f"[gpu-check] tests exit {tests_rc}, bench exit {bench_rc}, {clock() - start:.0f} s; files in {out}")

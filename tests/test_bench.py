@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -416,19 +417,85 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
     assert "| 5.2 | ours-auto | met |" in text and "not measured" in text
 
 
+def _step_with_a_child(pid_file: Path) -> list[str]:
+    """A step that starts a child process (as the sanitizer tests do), writes its pid and waits."""
+    script = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(60)")
+    return [sys.executable, "-c", script]
+
+
 def test_gpu_check_stops_a_step_with_the_processes_it_started(tmp_path):
     """At its timeout a step is killed with its children (a compute-sanitizer run, a resumed
     training): nothing it started may hold the GPU while the bench measures."""
     import gpu_check
 
     pid_file = tmp_path / "child.pid"
-    script = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
-              f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(60)")
     log = tmp_path / "log.txt"
     start = time.monotonic()
     # 8 s: the step and its child start (two Python start-ups) and write the pid well before it
-    assert gpu_check._run([sys.executable, "-c", script], log, 8.0, dict(os.environ)) == 124
+    assert gpu_check._run(_step_with_a_child(pid_file), log, 8.0, dict(os.environ)) == 124
     assert time.monotonic() - start < 30 and "stopped after 8 s" in log.read_text()
+    _assert_gone(pid_file)
+
+
+def test_a_sigterm_stops_the_running_step_with_its_processes(tmp_path):
+    """`timeout` signals gpu-check's process group, not the step's own session: gpu-check's handler
+    stops the step and everything it started, and the run still writes its summary."""
+    import threading
+
+    import gpu_check
+
+    pid_file = tmp_path / "child.pid"
+    previous = signal.signal(signal.SIGTERM, gpu_check._stop)
+    timer = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(gpu_check.Stopped):
+            gpu_check._run(_step_with_a_child(pid_file), tmp_path / "log.txt", 60.0, dict(os.environ))
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert "stopped with gpu-check" in (tmp_path / "log.txt").read_text()
+    _assert_gone(pid_file)
+
+    def stopped_in_the_tests(cmd, log, timeout, env):
+        raise gpu_check.Stopped("stopped by signal 15")
+
+    assert gpu_check.main(["--out", str(tmp_path / "out")], runner=stopped_in_the_tests) == 1
+    assert "stopped by signal 15 during the tests" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_gpu_check_reports_only_its_own_run(tmp_path, monkeypatch):
+    """A rerun into the same folder (a warm machine keeps it) never reports the earlier run's test
+    counts or bench JSON; the budget counts from --started (before the build); the commit label is
+    checked before anything runs and written into the summary."""
+    import gpu_check
+
+    (tmp_path / "pytest-gpu.xml").write_text('<testsuite tests="9" failures="0" errors="0" skipped="0"/>')
+    old = tmp_path / "nvidia-h200-2026-12-03-abc1234.json"
+    old.write_text(json.dumps({"device": "NVIDIA H200", "step_speedups": []}))
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    timeouts = []
+
+    def runner(cmd, log, timeout, env):
+        timeouts.append(timeout)
+        return 124
+
+    monkeypatch.setenv("MUON_KERNELS_COMMIT", "abc1234-dirty")
+    started = time.time() - 60.0
+    assert gpu_check.main(["--out", str(tmp_path), "--minutes", "8", "--started", str(started),
+                           "--tests-share", "0.5"], runner=runner) == 1
+    assert timeouts[0] == pytest.approx(0.5 * (480 - 60), abs=2.0)
+    text = (tmp_path / "summary.md").read_text()
+    assert "no bench result" in text and "commit: abc1234-dirty" in text
+    assert "9 tests" not in text and "pytest-gpu.xml missing" in text
+    monkeypatch.setenv("MUON_KERNELS_COMMIT", "../main")
+    with pytest.raises(ValueError, match="MUON_KERNELS_COMMIT"):
+        gpu_check.main(["--out", str(tmp_path)], runner=runner)
+    assert len(timeouts) == 2  # nothing ran
+
+
+def _assert_gone(pid_file: Path) -> None:
     assert pid_file.exists(), "the step was stopped before it started its child: raise the timeout"
     child = int(pid_file.read_text())
     for _ in range(100):  # killed; reaped by init shortly after
