@@ -1,12 +1,15 @@
 """Build: pure Python + Triton always; the CUDA extension ``muon_kernels._C`` when nvcc is found.
 
-The extension is optional. ``MUON_KERNELS_SKIP_CUDA_BUILD=1`` skips it; no nvcc, or a failed
-build, prints a loud warning and installs the pure-Python package (``available_backends()``
-then says why ``cuda`` is off). ``MUON_KERNELS_CUDA_ARCHS`` (default ``75;80;86;89;90``) picks
-the archs; no GPU is needed to build.
+The extension is optional. ``MUON_KERNELS_SKIP_CUDA_BUILD=1`` skips it, and so does a machine
+without nvcc (``available_backends()`` then says why ``cuda`` is off). Where nvcc is found the build
+must succeed: a failure stops the install with the reason and the way to install without it (pip
+shows a build's output only when it fails, so a warning on success would never be seen).
+``MUON_KERNELS_CUDA_ARCHS`` (default ``75;80;86;89;90``) picks the archs, checked before CMake
+runs; no GPU is needed to build.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +25,17 @@ DEFAULT_ARCHS = "75;80;86;89;90"
 def _warn(message: str) -> None:
     bar = "!" * 78
     print(f"\n{bar}\nmuon_kernels: {message}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def _archs() -> str:
+    """The ';'-separated sm numbers to build for, checked (CMake's own error for a bad entry comes
+    late and names CMAKE_CUDA_ARCHITECTURES, not the variable the user set)."""
+    archs = os.environ.get("MUON_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS)
+    if not re.fullmatch(r"\d{2,3}[af]?(;\d{2,3}[af]?)*", archs) or min(int(a.rstrip("af")) for a in archs.split(";")) < 75:
+        raise SystemExit(f"muon_kernels: MUON_KERNELS_CUDA_ARCHS={archs!r}: give ';'-separated sm numbers "
+                         f"from 75 up (default {DEFAULT_ARCHS}), or MUON_KERNELS_SKIP_CUDA_BUILD=1 to skip the "
+                         "CUDA extension")
+    return archs
 
 
 def _find_nvcc() -> str | None:
@@ -43,15 +57,19 @@ class CMakeBuild(build_ext):
             _warn("nvcc not found (set CUDA_HOME or put nvcc on PATH): installing without the CUDA extension.")
             return
         self.nvcc = nvcc
+        self.archs = _archs()
         try:
             super().run()
         except (subprocess.CalledProcessError, OSError) as exc:
-            _warn(f"building the CUDA extension failed ({exc}); installing without it.")
+            raise SystemExit(
+                f"muon_kernels: building the CUDA extension with {nvcc} failed ({exc}); the output above "
+                "says why. To install without it (the torch and Triton backends need no build), set "
+                "MUON_KERNELS_SKIP_CUDA_BUILD=1.") from exc
 
     def build_extension(self, ext):
         import pybind11
 
-        archs = os.environ.get("MUON_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS)
+        archs = self.archs
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         # A persistent build tree keeps rebuilds incremental across `pip install` runs.
         build_dir = Path(os.environ.get("MUON_KERNELS_BUILD_DIR", ROOT / "build" / "cmake")).resolve()

@@ -63,3 +63,59 @@ def test_wheel_carries_the_extension(tmp_path):
     assert any(n.startswith("muon_kernels/_C.") and n.endswith(".so") for n in names)
     assert {"muon_kernels/backends/cuda_backend.py", "muon_kernels/backends/crossovers.json",
             "muon_kernels/triton_kernels/newton_schulz.py"} <= set(names)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# What a checkout holds besides what the sdist must carry: environments, build trees, caches.
+_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "*.so",
+                                     ".pytest_cache", "gpu-check")
+
+
+def test_sdist_carries_what_builds_the_extension_and_runs_the_suite(tmp_path):
+    """`pip install muon-kernels-*.tar.gz` must build the same _C as a checkout (CMakeLists.txt and
+    csrc/; a source install without them would lack the CUDA extension) and ship the license, the
+    suite's helpers and the benchmarks."""
+    import sys
+    import tarfile
+
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=_NOT_SOURCE)
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=tree, check=True,
+                   capture_output=True, env=dict(os.environ, MUON_KERNELS_SKIP_CUDA_BUILD="1"))
+    (archive,) = (tmp_path / "dist").glob("muon_kernels-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = {str(p.relative_to(ROOT)) for d in ("csrc", "triton_kernels", "tests", "bench", "docs", "muon_kernels")
+              for p in (ROOT / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".so"}
+    wanted |= {"LICENSE", "README.md", "DESIGN.md", "Makefile", "CMakeLists.txt", "pyproject.toml", "setup.py", ".ci/run"}
+    assert not wanted - names, sorted(wanted - names)[:20]
+
+
+def _setup_build_ext(tmp_path, **env) -> subprocess.CompletedProcess:
+    """`setup.py build_ext` with a stand-in nvcc that fails whatever it is asked (CUDA_HOME points at it)."""
+    import sys
+
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'stand-in nvcc: refusing' >&2\nexit 1\n")
+    nvcc.chmod(0o755)
+    return subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                           "--build-temp", str(tmp_path / "temp")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, CUDA_HOME=str(tmp_path / "cuda"),
+                                                MUON_KERNELS_BUILD_DIR=str(tmp_path / "cmake"), **env))
+
+
+@pytest.mark.parametrize("archs", ["foo", "80,90", "70;80", "90;"])
+def test_a_bad_arch_list_stops_the_build_naming_the_variable(tmp_path, archs):
+    run = _setup_build_ext(tmp_path, MUON_KERNELS_CUDA_ARCHS=archs)
+    assert run.returncode != 0
+    assert f"MUON_KERNELS_CUDA_ARCHS={archs!r}" in run.stderr and "MUON_KERNELS_SKIP_CUDA_BUILD=1" in run.stderr
+
+
+def test_a_failing_cuda_build_stops_the_install_and_says_how_to_skip_it(tmp_path):
+    """pip shows a build's output only when it fails: a warning on success would go unseen and the
+    wheel would lack _C. Where nvcc exists the build must succeed or stop."""
+    run = _setup_build_ext(tmp_path, MUON_KERNELS_CUDA_ARCHS="90")
+    assert run.returncode != 0
+    assert "building the CUDA extension with" in run.stderr and "MUON_KERNELS_SKIP_CUDA_BUILD=1" in run.stderr
+    assert not list((tmp_path / "lib").rglob("_C*"))
