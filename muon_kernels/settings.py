@@ -7,6 +7,8 @@ whose settings changed since their last check (a scheduler's or a user's writes 
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -73,14 +75,16 @@ def ns_config(group: dict) -> NSConfig:
 
 
 def check_muon_settings(group: dict) -> None:
-    if not 0.0 <= number("lr", group["lr"], tensor=True):
-        raise ValueError(f"lr must be >= 0, got {float(group['lr'])}")
-    if not 0.0 <= number("weight_decay", group["weight_decay"], tensor=True):
-        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+    if not 0.0 <= number("lr", group["lr"], tensor=True) < math.inf:
+        raise ValueError(f"lr must be a finite number >= 0, got {float(group['lr'])}")
+    if not 0.0 <= number("weight_decay", group["weight_decay"], tensor=True) < math.inf:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {group['weight_decay']}")
     if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {group['weight_decay_mode']!r}")
     if not 0.0 <= number("momentum", group["momentum"], tensor=True) < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+        raise ValueError(f"momentum must be in [0, 1), got {group['momentum']} (at 1 the buffer never takes in a "
+                         "gradient: torch.optim.Muon accepts it and never moves the parameters); the usual value "
+                         "is 0.95")
     if not isinstance(group["nesterov"], bool):
         raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")
     ns_config(group)
@@ -104,15 +108,15 @@ def check_muon_settings(group: dict) -> None:
 
 def check_adamw_settings(lr, betas, eps, weight_decay, where: str) -> None:
     """An AdamW group's settings (``where``: "adamw_" for the constructor's defaults)."""
-    if not 0.0 <= number(f"{where}lr", lr, tensor=True):
-        raise ValueError(f"{where}lr must be >= 0, got {float(lr)}")
+    if not 0.0 <= number(f"{where}lr", lr, tensor=True) < math.inf:
+        raise ValueError(f"{where}lr must be a finite number >= 0, got {float(lr)}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2
             and all(0.0 <= number(f"{where}betas", b, tensor=True) < 1.0 for b in betas)):
         raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas!r}")
     if not 0.0 <= number(f"{where}eps", eps, tensor=True):
         raise ValueError(f"{where}eps must be >= 0, got {eps}")
-    if not 0.0 <= number(f"{where}weight_decay", weight_decay, tensor=True):
-        raise ValueError(f"{where}weight_decay must be >= 0, got {weight_decay}")
+    if not 0.0 <= number(f"{where}weight_decay", weight_decay, tensor=True) < math.inf:
+        raise ValueError(f"{where}weight_decay must be a finite number >= 0, got {weight_decay}")
 
 
 def check_adamw_group(group: dict) -> None:
@@ -242,8 +246,9 @@ def _grad_error(gi: int, group: dict, i: int, p: torch.Tensor, g: torch.Tensor) 
 
 
 def names(param_groups: list[dict]) -> dict[int, str]:
-    """Each parameter's label (by id) for error messages."""
-    return {id(p): label(g, i, p) for g in param_groups for i, p in enumerate(g["params"])}
+    """Each parameter's label (by id) for error messages, with its group (an index counts within one)."""
+    return {id(p): f"{label(g, i, p)} (param group {gi})"
+            for gi, g in enumerate(param_groups) for i, p in enumerate(g["params"])}
 
 
 def check_distributed_grads(param_groups: list[dict], replicated, rebuild: bool) -> bool:

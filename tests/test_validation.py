@@ -34,11 +34,13 @@ def _assert_unchanged(before, after):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"lr": -1.0}, "lr must be >= 0"),
+        ({"lr": -1.0}, "lr must be a finite number >= 0"),
+        ({"lr": float("inf")}, "lr must be a finite number >= 0"),
         ({"lr": torch.tensor([0.1, 0.2])}, "1-element"),
-        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
+        ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0"),
         ({"eps": -1e-7}, "eps must be"),
-        ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0 .*the usual value is 0.95"),
         ({"momentum": -0.1}, r"momentum must be in \[0, 1\)"),
         ({"ns_steps": -1}, r"ns_steps must be an int in \[0, 100\)"),
         ({"ns_steps": 2.5}, r"ns_steps must be an int in \[0, 100\)"),
@@ -55,10 +57,11 @@ def _assert_unchanged(before, after):
         ({"matrix_view": "rows"}, "matrix_view must be one of"),
         ({"nesterov": "yes"}, "nesterov must be True or False"),
         ({"max_workspace_bytes": 0}, "max_workspace_bytes"),
-        ({"adamw_lr": -1.0}, "adamw_lr must be >= 0"),
+        ({"adamw_lr": -1.0}, "adamw_lr must be a finite number >= 0"),
+        ({"adamw_lr": float("inf")}, "adamw_lr must be a finite number >= 0"),
         ({"adamw_betas": (0.9, 1.0)}, r"adamw_betas must be two numbers in \[0, 1\)"),
         ({"adamw_eps": -1.0}, "adamw_eps must be >= 0"),
-        ({"adamw_weight_decay": -1.0}, "adamw_weight_decay must be >= 0"),
+        ({"adamw_weight_decay": -1.0}, "adamw_weight_decay must be a finite number >= 0"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
@@ -236,6 +239,8 @@ def test_settings_that_are_not_numbers_are_refused_at_construction(kwargs):
 @pytest.mark.parametrize("group, key, value, match", [
     (0, "lr", "0.1", "param group 0: lr must be a number"),
     (0, "lr", None, "param group 0: lr must be a number"),
+    (0, "lr", float("inf"), "param group 0: lr must be a finite number"),
+    (1, "lr", float("inf"), "param group 1: lr must be a finite number"),
     (0, "weight_decay", "x", "param group 0: weight_decay must be a number"),
     (1, "eps", "1e-8", "param group 1: eps must be a number"),
     (0, "use_muon", False, r"param group 0: use_muon changed from True to False.*fixed when it is added"),
@@ -266,7 +271,9 @@ def test_a_parameter_resized_under_its_state_raises_before_anything_changes(whic
         p.grad = torch.randn_like(p)
     before = _snapshot(opt)
     key = "momentum_buffer" if which == "muon" else "exp_avg"
-    with pytest.raises(ValueError, match=rf"optimizer state '{key}' has shape .*now has shape .*nothing was modified"):
+    group = next(i for i, g in enumerate(opt.param_groups) if any(p is target for p in g["params"]))
+    with pytest.raises(ValueError, match=rf"\(param group {group}\): its optimizer state '{key}' has shape .*now has "
+                                         r"shape .*nothing was modified"):
         opt.step()
     params, state = _snapshot(opt)
     assert all(torch.equal(x, y) for g0, g1 in zip(before[0], params) for x, y in zip(g0, g1))

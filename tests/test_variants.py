@@ -389,5 +389,5 @@ def test_stale_variant_state_of_a_parameter_that_does_not_step_blocks_nothing():
     opt.step()
     assert opt.state[live]["normuon_v"].shape == (24,)
     frozen.grad = torch.randn(16, 24)
-    with pytest.raises(ValueError, match=r"parameter #0 of shape \(16, 24\): its optimizer state 'normuon_v'"):
+    with pytest.raises(ValueError, match=r"parameter #0 of shape \(16, 24\) \(param group 0\): its optimizer state 'normuon_v'"):
         opt.step()
