@@ -18,6 +18,7 @@ changed and how to keep the graph.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -26,20 +27,24 @@ import torch
 WARN_AFTER = 3
 
 
-_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+# Per thread and device: two threads capturing at once (two optimizers) must not share a stream —
+# a capture cannot begin on a stream that is capturing, and the failed one would leave that stream
+# current in its thread (torch.cuda.graph switches streams before it begins the capture).
+_CAPTURE_STREAMS = threading.local()
 
 
 def capture(run) -> torch.cuda.CUDAGraph:
     """``run``'s kernels captured into a CUDA graph (not executed: replay executes them), on the
     current device (the optimizer makes it its parameters'). Errors of this thread only: a
     data-loader thread's CUDA calls during the capture do not break it. The capture stream is this
-    device's own: ``torch.cuda.graph``'s default one is made once, on whichever device was current
-    the first time."""
+    thread's and device's own: ``torch.cuda.graph``'s default one is made once, on whichever device
+    was current the first time."""
     device = torch.cuda.current_device()
-    if device not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    streams = _CAPTURE_STREAMS.__dict__.setdefault("by_device", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=_CAPTURE_STREAMS[device], capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, stream=streams[device], capture_error_mode="thread_local"):
         run()
     return graph
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 ROW_KEYS = {"item", "shape", "batch", "dtype", "config", "label", "flops"}
 
@@ -74,3 +76,15 @@ def test_spent_budget_keeps_the_json_valid(tmp_path):
     doc, stdout = _run(tmp_path, "--budget-minutes", "0")
     assert doc["complete"] is False and doc["skipped"] and doc["results"] == []
     assert "budget reached" in stdout
+
+
+@pytest.mark.parametrize("content", [None, "{}", "not json"])
+def test_a_tuned_configs_file_that_cannot_be_read_is_refused_naming_the_variable(tmp_path, content):
+    """MUON_KERNELS_TUNED_CONFIGS is set on purpose (a tuning session's winners): a missing or
+    malformed file stops the import with the variable's name, never falls back silently."""
+    path = tmp_path / "winners.json"
+    if content is not None:
+        path.write_text(content)
+    run = subprocess.run([sys.executable, "-c", "import muon_kernels.triton_kernels.config"], capture_output=True,
+                         text=True, env=dict(os.environ, MUON_KERNELS_TUNED_CONFIGS=str(path)), timeout=300)
+    assert run.returncode != 0 and f"MUON_KERNELS_TUNED_CONFIGS={path}: not a readable bench/tune.py JSON" in run.stderr

@@ -210,7 +210,13 @@ def load_tuned(path: str | os.PathLike) -> dict[tuple[int, str, str, str], Matmu
 
 def _tuned() -> dict[tuple[int, str, str, str], MatmulConfig]:
     path = os.environ.get(TUNED_ENV)
-    return {**TUNED, **load_tuned(path)} if path else TUNED
+    if not path:
+        return TUNED
+    try:
+        return {**TUNED, **load_tuned(path)}
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # set on purpose: refuse, never ignore
+        raise ValueError(f"{TUNED_ENV}={path}: not a readable bench/tune.py JSON with a 'winners' list "
+                         f"({exc!r}); point it at the JSON tune.py wrote, or unset it for the built-in table") from exc
 
 
 _TUNED_NOW = _tuned()

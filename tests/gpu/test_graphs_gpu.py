@@ -114,3 +114,38 @@ def test_replaced_state_is_captured_anew_bit_for_bit():
             assert opt._graph.captures == 2
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_two_threads_capture_their_own_graphs_at_once():
+    """Two optimizers stepped in two threads each capture and replay their own graph: the capture
+    stream is per thread, so one capture never begins on a stream the other is capturing (which
+    fails it and leaves that stream current in its thread), and both give the eager bits."""
+    import threading
+
+    def run(seed, graph, out, barrier=None):
+        mats, vecs = _params(seed)
+        opt = _opt(mats, vecs, torch.tensor(0.02, device=DEV), cuda_graph=graph)
+        with torch.cuda.stream(torch.cuda.Stream()):  # each thread's own work stream, as a trainer's
+            for i in range(6):
+                if barrier is not None:
+                    barrier.wait()  # both threads reach each step (the capture at step 2) together
+                _grads(mats + vecs, seed * 10 + i)
+                opt.step()
+            torch.cuda.current_stream().synchronize()
+        out[seed] = ([p.detach().clone() for p in mats + vecs], opt._graph.captures if graph else None,
+                     opt._graph.failed if graph else None)
+
+    eager: dict = {}
+    for seed in (1, 2):
+        run(seed, False, eager)
+    graphed: dict = {}
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=run, args=(seed, True, graphed, barrier)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed in (1, 2):
+        params, captures, failed = graphed[seed]
+        assert captures == 1 and not failed, seed
+        assert all(torch.equal(a, b) for a, b in zip(params, eager[seed][0])), seed
