@@ -31,7 +31,9 @@ def _archs() -> str:
     """The ';'-separated sm numbers to build for, checked (CMake's own error for a bad entry comes
     late and names CMAKE_CUDA_ARCHITECTURES, not the variable the user set)."""
     archs = os.environ.get("MUON_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS)
-    if not re.fullmatch(r"\d{2,3}[af]?(;\d{2,3}[af]?)*", archs) or min(int(a.rstrip("af")) for a in archs.split(";")) < 75:
+    # Plain sm numbers only: _C reports them (build_info) and the dispatcher reads them as ints, with
+    # the newest one's PTX taken to run on newer GPUs, which an arch-specific 90a/100f PTX does not.
+    if not re.fullmatch(r"\d{2,3}(;\d{2,3})*", archs) or min(int(a) for a in archs.split(";")) < 75:
         raise SystemExit(f"muon_kernels: MUON_KERNELS_CUDA_ARCHS={archs!r}: give ';'-separated sm numbers "
                          f"from 75 up (default {DEFAULT_ARCHS}), or MUON_KERNELS_SKIP_CUDA_BUILD=1 to skip the "
                          "CUDA extension")

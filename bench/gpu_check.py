@@ -14,7 +14,7 @@ and passes the time it started, so the budget covers the build too. Nothing is d
 SIGTERM (``timeout``'s) stops the running phase's whole process group and still writes the
 summary.
 
-    python bench/gpu_check.py --out DIR [--minutes 8.5] [--tests-share 0.45] [--started EPOCH]
+    python bench/gpu_check.py --out DIR [--minutes 8.5] [--tests-share 0.45] [--started EPOCH] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -184,6 +184,7 @@ def main(argv=None, runner=_run, clock=time.monotonic) -> int:
     parser.add_argument("--tests-share", type=float, default=0.45, help="the tests' part of the budget (0 to 1)")
     parser.add_argument("--started", type=float, default=None,
                         help="wall time (epoch seconds) the budget started at: the Makefile's, before the build")
+    parser.add_argument("--note", default="", help="a line for the summary (the Makefile's: a failed _C build)")
     args = parser.parse_args(argv)
     if not 0.0 < args.tests_share < 1.0:
         parser.error(f"--tests-share must be between 0 and 1, got {args.tests_share}")
@@ -195,14 +196,18 @@ def main(argv=None, runner=_run, clock=time.monotonic) -> int:
     for name in OWN_FILES:
         (out / name).unlink(missing_ok=True)
     start = clock()
-    total = 60.0 * args.minutes - (max(0.0, since - args.started) if args.started is not None else 0.0)
+    before = max(0.0, since - args.started) if args.started is not None else 0.0  # the build's time
+    notes = [args.note] if args.note else []
+    if before > 60.0 * args.minutes - 60.0:
+        notes.append(f"the build took {before:.0f} s of the {60 * args.minutes:.0f} s budget: one minute left to run in")
+    total = max(60.0, 60.0 * args.minutes - before)
     # The tests' measured dispatch choices (made with NaN-filled buffers) go to a file of their own,
     # not to the user's cache the bench reads.
     env = dict(os.environ, MUON_KERNELS_DEBUG_FILL="nan", MUON_KERNELS_TEST_PROGRESS=str(out / PROGRESS),
                MUON_KERNELS_DISPATCH_CACHE=str(out / "tests-dispatch" / "dispatch.json"))
     previous = signal.signal(signal.SIGTERM, _stop)
     tests_rc = bench_rc = None
-    note = ""
+    note = " ".join(notes)
     try:
         # Tests first (correctness before speed), their share of the budget; the bench gets what is
         # left less a reserve for the item that is running when its budget ends, the plots and this
@@ -210,13 +215,13 @@ def main(argv=None, runner=_run, clock=time.monotonic) -> int:
         tests_rc = runner([sys.executable, "-m", "pytest", *gpu_test_paths(), "-q", "-rfEs", "-p", "no:cacheprovider",
                            "--continue-on-collection-errors", f"--junitxml={out / 'pytest-gpu.xml'}"],
                           out / "pytest-gpu.txt", args.tests_share * total, env)
-        (out / "summary.md").write_text(summary(out, targets, since, commit))  # should the bench not end
+        (out / "summary.md").write_text(summary(out, targets, since, commit, note))  # should the bench not end
         bench_env = {k: v for k, v in os.environ.items() if k != "MUON_KERNELS_TEST_PROGRESS"}  # no debug fill
         bench_minutes = max(0.5, (total - (clock() - start)) / 60.0 - 1.5)
         bench_rc = runner([sys.executable, str(BENCH / "run.py"), "--out-dir", str(out), "--budget-minutes",
                            f"{bench_minutes:.2f}"], out / "bench.txt", 60.0 * (bench_minutes + 1.0), bench_env)
     except Stopped as exc:
-        note = f"gpu-check was {exc} during the {'tests' if tests_rc is None else 'bench'}."
+        note = " ".join([*notes, f"gpu-check was {exc} during the {'tests' if tests_rc is None else 'bench'}."])
     finally:
         signal.signal(signal.SIGTERM, previous)
     text = summary(out, targets, since, commit, note)

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,26 @@ from typing import Callable
 # Threads of one process hold this as well as the file lock: it also orders them where the file
 # system has no locks.
 _THREADS = threading.Lock()
-_WARNED: set[str] = set()  # files whose bad entries were reported: once per file and process
+_WARNED: set[str] = set()  # files whose bad entries (or lock) were reported: once per file and process
+
+
+def _umask() -> int:
+    """This process's umask, read where the kernel shows it (setting it to read it back would change
+    it for a moment under every other thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what a plain open() gives a new file (mkstemp's is 0600)
+LOCK_WAIT_S = 30.0  # a writer stopped while holding the lock holds up the others this long at most
 
 
 def read(path: Path, valid: Callable[[object], bool]) -> dict:
@@ -54,7 +74,8 @@ def update(path: Path, entries: dict, valid: Callable[[object], bool]) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
-                os.fchmod(f.fileno(), 0o644)  # write_text's mode under the usual umask (mkstemp's is 0600)
+                with contextlib.suppress(OSError, AttributeError):  # no fchmod (Windows), or a file system refusing it
+                    os.fchmod(f.fileno(), _FILE_MODE)
                 json.dump(data, f, indent=1, sort_keys=True)
             os.replace(tmp, path)
         except BaseException:
@@ -65,15 +86,27 @@ def update(path: Path, entries: dict, valid: Callable[[object], bool]) -> None:
 @contextlib.contextmanager
 def _locked(path: Path):
     """An exclusive flock on the sidecar ``<path>.lock`` (the data file itself is replaced by each
-    write, so a lock on it would lock the old file). Where there is none to take (a file system
-    without locks, a platform without fcntl), the write goes ahead unlocked: still atomic, but a
-    concurrent writer's new entries may be lost."""
+    write, so a lock on it would lock the old file), waited for at most LOCK_WAIT_S. Where there is
+    none to take (a lock file this user may not open, a file system without locks, a platform
+    without fcntl, a holder that does not let go) the write goes ahead unlocked — still atomic, but
+    a concurrent writer's new entries may be lost — with one warning per file."""
     with contextlib.ExitStack() as held:
         try:
             import fcntl
 
             lock = held.enter_context(open(path.with_name(f"{path.name}.lock"), "a"))
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        except (ImportError, OSError):
-            pass
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise OSError(f"still held by another writer after {LOCK_WAIT_S:.0f} s") from None
+                    time.sleep(0.01)
+        except (ImportError, OSError) as exc:
+            if f"lock:{path}" not in _WARNED:
+                _WARNED.add(f"lock:{path}")
+                warnings.warn(f"muon_kernels: could not lock {path} ({exc!r}); writing it unlocked, so entries "
+                              "another process writes at the same moment may be lost", stacklevel=4)
         yield

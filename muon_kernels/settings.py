@@ -83,7 +83,7 @@ def check_muon_settings(group: dict) -> None:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {group['weight_decay_mode']!r}")
     if not 0.0 <= number("momentum", group["momentum"], tensor=True) < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {group['momentum']} (at 1 the buffer never takes in a "
-                         "gradient: torch.optim.Muon accepts it and never moves the parameters); the usual value "
+                         "gradient: torch.optim.Muon accepts it and then only decays the parameters); the usual value "
                          "is 0.95")
     if not isinstance(group["nesterov"], bool):
         raise ValueError(f"nesterov must be True or False, got {group['nesterov']!r}")

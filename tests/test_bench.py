@@ -489,10 +489,16 @@ def test_gpu_check_reports_only_its_own_run(tmp_path, monkeypatch):
     text = (tmp_path / "summary.md").read_text()
     assert "no bench result" in text and "commit: abc1234-dirty" in text
     assert "9 tests" not in text and "pytest-gpu.xml missing" in text
+    # A build that outlasted the budget leaves a minute, said in the summary with the Makefile's note.
+    assert gpu_check.main(["--out", str(tmp_path), "--minutes", "8", "--started", str(time.time() - 600),
+                           "--note", "the install with _C for sm_90 failed (build.log)"], runner=runner) == 1
+    assert timeouts[2] == pytest.approx(0.45 * 60)
+    text = (tmp_path / "summary.md").read_text()
+    assert "the install with _C for sm_90 failed" in text and "one minute left" in text
     monkeypatch.setenv("MUON_KERNELS_COMMIT", "../main")
     with pytest.raises(ValueError, match="MUON_KERNELS_COMMIT"):
         gpu_check.main(["--out", str(tmp_path)], runner=runner)
-    assert len(timeouts) == 2  # nothing ran
+    assert len(timeouts) == 4  # nothing ran
 
 
 def _assert_gone(pid_file: Path) -> None:

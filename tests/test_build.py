@@ -105,7 +105,7 @@ def _setup_build_ext(tmp_path, **env) -> subprocess.CompletedProcess:
                                                 MUON_KERNELS_BUILD_DIR=str(tmp_path / "cmake"), **env))
 
 
-@pytest.mark.parametrize("archs", ["foo", "80,90", "70;80", "90;"])
+@pytest.mark.parametrize("archs", ["foo", "80,90", "70;80", "90;", "90a"])
 def test_a_bad_arch_list_stops_the_build_naming_the_variable(tmp_path, archs):
     run = _setup_build_ext(tmp_path, MUON_KERNELS_CUDA_ARCHS=archs)
     assert run.returncode != 0

@@ -273,3 +273,31 @@ def test_a_failed_write_leaves_the_file_and_no_temp_file(monkeypatch, cache):
         measured._store("lost", {"choice": "torch:default", "ms": {"torch:default": 1.0}, "excluded": {}})
     assert cache.read_text() == before
     assert sorted(p.name for p in cache.parent.iterdir()) == ["dispatch.json", "dispatch.json.lock"]
+
+
+def test_a_lock_held_too_long_costs_one_warning_and_the_write_still_lands(monkeypatch, cache):
+    """A writer stopped while holding the lock (a SIGSTOPped rank) must not hang every other rank's
+    step: after LOCK_WAIT_S the write goes ahead unlocked, with one warning per file."""
+    import fcntl
+
+    from muon_kernels import cache_file
+
+    monkeypatch.setattr(cache_file, "LOCK_WAIT_S", 0.2)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_name(cache.name + ".lock"), "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file description: flock excludes it too
+        with pytest.warns(UserWarning, match="could not lock .*still held by another writer"):
+            measured._store("a", {"choice": "torch:default", "ms": {"torch:default": 1.0}, "excluded": {}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one warning per file
+            measured._store("b", {"choice": "torch:default", "ms": {"torch:default": 1.0}, "excluded": {}})
+    assert set(json.loads(cache.read_text())) == {"a", "b"}
+
+
+def test_the_cache_file_takes_the_umask_mode(cache):
+    import stat
+
+    from muon_kernels import cache_file
+
+    measured._store("a", {"choice": "torch:default", "ms": {"torch:default": 1.0}, "excluded": {}})
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o666 & ~cache_file._umask()
