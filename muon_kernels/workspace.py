@@ -17,6 +17,7 @@ import math
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .environment import Switch
 
@@ -95,16 +96,17 @@ class Scratch:
 
 
 class ArrivalCounters:
-    """Split products' per-tile arrival counters (the Triton symmetric kernel and the CUDA extension's
-    both sum their K slices in the same launch): int32 zeros that every split launch leaves at zero
-    again (the last slice of each tile resets its counter), so one array serves every launch that is
+    """Arrival counters: per tile of a split product (the Triton symmetric kernel and the CUDA
+    extension's both sum their K slices in the same launch) and per matrix of the Triton
+    normalization (its last tile reduces the matrix's partials): int32 zeros that every launch leaves
+    at zero again (the last arrival resets its counter), so one array serves every launch that is
     ordered after the previous one — the launches of one stream. Kept per (device, stream):
     launches on two streams may run at once and must not count into the same counters. Under CUDA
     graph capture each launch gets fresh zeros instead (the zeroing is captured with it and redone
     on every replay; the array belongs to the graph's memory pool), so a graph never shares
     counters with eager launches or with another graph, whichever stream replays it."""
 
-    MIN_SIZE = 1024  # tiles; more than any product the split rule splits on today's GPUs (< 2 waves)
+    MIN_SIZE = 1024  # counters: more tiles than any product the split rule splits on today's GPUs (< 2 waves)
 
     def __init__(self):
         self.by_stream: dict[tuple, torch.Tensor] = {}
@@ -134,8 +136,12 @@ class ArrivalCounters:
         counters = self.by_stream.get(key)
         if counters is None or counters.numel() < tiles:
             # A bigger array replaces a smaller one: the old one is freed in stream order, after
-            # the launches already enqueued on this stream that use it.
-            counters = self.by_stream[key] = torch.zeros(max(tiles, self.MIN_SIZE), dtype=torch.int32, device=device)
+            # the launches already enqueued on this stream that use it. Made outside any dispatch
+            # mode: it outlives the call, and a call being recorded (triton_kernels.replay) holds
+            # it as a kept tensor rather than failing at its zeroing.
+            with _disable_current_modes():
+                counters = torch.zeros(max(tiles, self.MIN_SIZE), dtype=torch.int32, device=device)
+            self.by_stream[key] = counters
         return counters
 
 

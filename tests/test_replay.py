@@ -148,9 +148,23 @@ def test_a_replayed_call_launches_what_the_plain_call_launches(calls, case):
     assert not any(isinstance(a, torch.Tensor) for _, args in calls for a in args[9:])
 
 
+def test_a_call_that_makes_its_streams_counters_is_recorded(calls, monkeypatch):
+    """The per-stream arrival counters outlive the call that makes them: made outside the
+    recording's watch, they are a kept tensor of its plan, and that first call is recorded."""
+    fn, make, cfg, dtype = CASES["standard"]
+    stack = make()
+    with replay.replays(False):
+        fn(stack, cfg, dtype)  # compiles: a compiling call is never kept
+    monkeypatch.setattr(replay.COUNTERS, "by_stream", {})
+    replay.call(fn, stack, cfg, dtype)
+    assert replay.plans() == 1, replay._failures
+    [plan] = replay._plans.values()
+    assert any(t is c for t in plan.kept for c in replay.COUNTERS.by_stream.values())
+
+
 def test_a_signature_change_records_again(calls):
-    """Each signature gets its own recording (a first call may compile, or make a stream's arrival
-    counters, and is not kept: the next one records)."""
+    """Each signature gets its own recording (a first call may compile, and is not kept: the next
+    one records)."""
     fn, make, cfg, dtype = CASES["standard"]
     stack = make()
     variants = [lambda: (stack, cfg, dtype),

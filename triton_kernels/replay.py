@@ -22,8 +22,9 @@ graph capture (split products need fresh arrival counters there), with ``MUON_KE
 launches off, or ``MUON_KERNELS_REPLAY=0``. Launch hooks get what Triton's runner gives them (no
 kernel here defines ``launch_metadata``, so no hook sees a tensor argument either way). Several
 threads recording at once spoil each other's recordings (the observers are global): their calls
-then stay on the plain path. Tensors a launch reads that the call did not allocate (the split
-products' kept arrival counters) are held by the recording and passed as they were. A result in the
+then stay on the plain path. Tensors a launch reads that the call did not allocate (the per-stream
+arrival counters of the normalization and the split products) are held by the recording and passed
+as they were. A result in the
 memory of a stack the caller gave up (``consume``: newton_schulz.consumed) is rebuilt over the new
 stack's.
 """

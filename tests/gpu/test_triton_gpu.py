@@ -105,6 +105,13 @@ def test_normalization_in_a_cuda_graph_and_on_two_streams_gives_the_eager_bits()
         assert rel_err(out, X.double() / X.double().norm(dim=(1, 2), keepdim=True)) <= 2.0**-8
         assert torch.equal(out, normalize(X, config, torch.bfloat16))
     check_streams_and_graph(lambda x: normalize(x, config, torch.bfloat16), Xs, eager)
+    # One tile per matrix (Triton makes tiles == 1 a constant) in a batch past the counters' first
+    # 1024, and 2048 tiles in one matrix (the reduction's two rounds of 1024).
+    for shape in ((1100, 8, 16), (1, 4096, 8192)):
+        X = _randn(*shape, seed=3).to(DEV, torch.float32)
+        out = normalize(X, config, torch.bfloat16)
+        assert rel_err(out, X.double() / X.double().norm(dim=(1, 2), keepdim=True)) <= 2.0**-8, shape
+        assert torch.equal(out, normalize(X, config, torch.bfloat16)), shape
 
 
 def test_nan_member_does_not_leak_on_device():
