@@ -38,10 +38,10 @@ def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
     for p in params:
         st = state[p]
-        if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if not st:  # made whole: an allocation that fails (an OOM, caught and retried) leaves no partial state
+            st.update(step=torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                      exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                      exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
         elif on_device and st["step"].device != p.device:
             st["step"] = st["step"].to(p.device)
         # torch makes it at a parameter's first step; here also when amsgrad is turned on later

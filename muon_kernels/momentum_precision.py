@@ -266,14 +266,18 @@ def momentum_buffer(state: dict, p: torch.Tensor, group: dict) -> torch.Tensor:
     created at the parameter's first step or converted when the group's momentum_dtype changed."""
     st = state[p]
     dtype = buffer_dtype(group, p.dtype)
+    # Each state change is made whole or not at all: every tensor is allocated before the state
+    # changes, so an allocation that fails (an OOM on the first step, caught and retried) leaves it
+    # as it was, never a buffer without its scales.
     if "momentum_buffer" not in st:
         int8 = dtype == torch.int8
         layout = torch.contiguous_format if int8 else torch.preserve_format  # int8 blocks: runs of a contiguous row
-        st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=layout)
+        made = {"momentum_buffer": torch.zeros_like(p, dtype=dtype, memory_format=layout)}
         if int8:
-            st["momentum_scale"] = new_scales(p)
+            made["momentum_scale"] = new_scales(p)
+        st.update(made)
     elif st["momentum_buffer"].dtype != dtype:
-        st["momentum_buffer"] = convert(st, p, dtype)
+        convert(st, p, dtype)
     return st["momentum_buffer"]
 
 
@@ -293,10 +297,11 @@ def advance_steps(buckets, state: dict) -> None:
 
 
 def convert(state: dict, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The momentum buffer of ``state`` in ``dtype`` (the group's momentum_dtype changed): int8 is
-    dequantized or quantized (nearest) through fp32, its scales dropped or made. An FSDP2 shard
+    """``state``'s momentum buffer converted to ``dtype`` in place of the old one (the group's
+    momentum_dtype changed), and returned: int8 is dequantized or quantized (nearest) through fp32,
+    its scales dropped or made. The state changes only once the new tensors exist. An FSDP2 shard
     (DTensor) converts this rank's rows and keeps its sharding, scales sharded like the momentum."""
-    buf, scale = state["momentum_buffer"], state.pop("momentum_scale", None)
+    buf, scale = state["momentum_buffer"], state.get("momentum_scale")
     if not hasattr(buf, "device_mesh"):
         new, new_scale = _convert(buf, scale, dtype)
     else:
@@ -309,8 +314,11 @@ def convert(state: dict, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             rows, blocks = scale_shape(buf.shape)
             new_scale = DTensor.from_local(new_scale, buf.device_mesh, buf.placements, shape=(rows, blocks),
                                            stride=(blocks, 1))
+    state["momentum_buffer"] = new
     if new_scale is not None:
         state["momentum_scale"] = new_scale
+    else:
+        state.pop("momentum_scale", None)
     return new
 
 

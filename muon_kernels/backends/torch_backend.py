@@ -421,6 +421,12 @@ def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr, w
     if tensor_lr:
         lr = lr.to(device=device, dtype=acc).reshape(())
     decay = 1.0 - lr * weight_decay
+    # The scaled update is made before the first write to a parameter (as torch.optim.Muon orders
+    # it): an allocation that fails (an OOM, caught and retried) must not leave weights decayed
+    # without their update, to be decayed again by the retry. (Cautious decay allocates one factor
+    # tensor per parameter as it goes: making them all first would hold a second copy of the bucket.)
+    steps = torch._foreach_mul([o if o.dtype == p.dtype else o.to(p.dtype) for o, p in zip(outs, params)],
+                               -lr * scale) if tensor_lr else None
     if weight_decay != 0.0 and cautious:
         # Device scalars made by fill kernels: no host-to-device copy, so capturable.
         decay = decay if tensor_lr else torch.full((), decay, dtype=acc, device=device)
@@ -432,8 +438,7 @@ def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr, w
     elif not tensor_lr and decay != 1.0:
         torch._foreach_mul_(params, _scalar(decay, params))
     if tensor_lr:
-        outs = [o if o.dtype == p.dtype else o.to(p.dtype) for o, p in zip(outs, params)]
-        torch._foreach_add_(params, torch._foreach_mul(outs, -lr * scale))
+        torch._foreach_add_(params, steps)
     else:
         torch._foreach_add_(params, outs, alpha=-lr * scale)
 
