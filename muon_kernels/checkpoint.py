@@ -15,6 +15,7 @@ not check shapes, corrupts memory.
 
 from __future__ import annotations
 
+import warnings
 from copy import deepcopy
 from typing import Any
 
@@ -105,12 +106,45 @@ def saved_groups(groups: list[dict], state_dict: dict) -> list[dict]:
             "checkpoint over the matrices, build Muon(matrices, ...) and load it, then add the other "
             "parameters with add_param_group({'params': rest, 'use_muon': False}); nothing was loaded")
     for index, (current, saved) in enumerate(zip(groups, saved_groups)):
+        if len(saved["params"]) != len(current["params"]):
+            raise ValueError(f"state_dict param group {index} has {len(saved['params'])} parameters, this optimizer's "
+                             f"has {len(current['params'])}: state is matched to parameters by position, so the "
+                             "groups must list the same parameters in the same order (add new ones with "
+                             "add_param_group after loading); nothing was loaded")
+        _warn_renamed(index, current, saved)
         try:
             _merge(current, saved)
         except ValueError as exc:
             raise ValueError(f"state_dict param group {index}: {exc}; nothing was loaded") from None
     check_state_shapes(groups, saved_groups, state_dict["state"])
     return saved_groups
+
+
+# Module names that wrappers insert (DDP, torch.compile, FSDP, activation checkpointing): a name with
+# or without them is the same parameter.
+_WRAPPER_PARTS = frozenset(("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"))
+
+
+def _unwrapped(name: str) -> str:
+    return ".".join(part for part in str(name).split(".") if part not in _WRAPPER_PARTS)
+
+
+def _warn_renamed(index: int, current: dict, saved: dict) -> None:
+    """State loads by position, as torch's does: where both groups carry names that disagree (wrapper
+    prefixes aside), same-shape parameters listed in another order would silently swap their state
+    (one of another shape is refused later, by its state's shape). The live names stay the group's:
+    they describe this optimizer's parameters."""
+    live, kept = current.get("param_names"), saved.get("param_names")
+    if not live or not kept or len(live) != len(kept):
+        return
+    moved = [i for i, (a, b) in enumerate(zip(live, kept)) if _unwrapped(a) != _unwrapped(b)]
+    if moved:
+        i = moved[0]
+        warnings.warn(f"state_dict param group {index}: {len(moved)} parameter name(s) differ from the checkpoint's "
+                      f"(position {i}: {live[i]!r} here, {kept[i]!r} saved); state loads by position, as torch's "
+                      "does, so a parameter may have taken another's state: list the parameters in the saved "
+                      "order", stacklevel=4)
+    saved["param_names"] = live
 
 
 def _torch_kind(saved: dict, live: bool) -> bool:

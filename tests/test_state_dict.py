@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -485,3 +486,41 @@ def test_a_checkpoint_keeps_the_loading_optimizers_backend():
     _train(model, opt, 2, seed=2)
     _train(twin_model, twin, 2, seed=2)
     _assert_same(model, opt, twin_model, twin)
+
+
+def _named_optimizer(names):
+    g = torch.Generator().manual_seed(0)
+    params = {name: torch.nn.Parameter(torch.randn(12, 8, generator=g)) for name in names}
+    opt = mk.Muon(list(params.items()), lr=0.02)
+    for p in params.values():
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    return opt, params
+
+
+def test_a_group_of_another_size_is_refused_and_nothing_loads():
+    saved, _ = _named_optimizer(["a", "b", "c"])
+    opt, params = _named_optimizer(["a", "b", "c", "d"])
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0 has 3 parameters, this optimizer's has 4: .*nothing was loaded"):
+        opt.load_state_dict(saved.state_dict())
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(v, after["state"][i][k]) for i, s in before["state"].items() for k, v in s.items())
+
+
+def test_parameters_listed_in_another_order_warn_and_keep_the_live_names():
+    """State loads by position (as torch's does): a checkpoint whose same-shape parameters were
+    listed in another order would hand each one another's momentum. Wrapper prefixes (DDP's
+    ``module.``, torch.compile's ``_orig_mod.``) are the same parameter: no warning."""
+    saved, _ = _named_optimizer(["a", "b"])
+    state = saved.state_dict()
+    opt, _ = _named_optimizer(["b", "a"])
+    with pytest.warns(UserWarning, match=r"param group 0: 2 parameter name\(s\) differ .*'b' here, 'a' saved"):
+        opt.load_state_dict(state)
+    assert opt.param_groups[0]["param_names"] == ["b", "a"]
+    wrapped, _ = _named_optimizer(["module._orig_mod.a", "module._orig_mod.b"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped.load_state_dict(state)
+    assert wrapped.param_groups[0]["param_names"] == ["module._orig_mod.a", "module._orig_mod.b"]

@@ -314,7 +314,10 @@ def split_cost(tiles: int, iterations: int, sms: int, splits: int) -> float:
 def split_factor(tiles: int, iterations: int, sms: int) -> int:
     """The K-split of a product with ``tiles`` output tiles and ``iterations`` BLOCK_K steps on a
     device with ``sms`` SMs: the cheapest under ``split_cost`` (ties: fewer slices), 1 once the
-    tiles fill ``SPLIT_TILE_WAVES`` waves. A fixed rule, so the same device computes the same bits."""
+    tiles fill ``SPLIT_TILE_WAVES`` waves. A fixed rule, so the same device computes the same bits
+    for the same launch; ``tiles`` counts the whole batch, so a matrix in a bucket of another size, or
+    on a GPU with another SM count, may split otherwise and round otherwise (README, "Bit
+    reproducibility")."""
     if tiles <= 0 or tiles >= SPLIT_TILE_WAVES * sms:
         return 1
     candidates = range(1, min(MAX_SPLIT, iterations // MIN_SPLIT_ITERATIONS) + 1)
