@@ -39,9 +39,12 @@ def adamw_step(group: dict, params: list[torch.Tensor], state: dict) -> None:
     for p in params:
         st = state[p]
         if not st:  # made whole: an allocation that fails (an OOM, caught and retried) leaves no partial state
-            st.update(step=torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
-                      exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                      exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+            made = dict(step=torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                        exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                        exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+            if amsgrad:
+                made["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st.update(made)
         elif on_device and st["step"].device != p.device:
             st["step"] = st["step"].to(p.device)
         # torch makes it at a parameter's first step; here also when amsgrad is turned on later

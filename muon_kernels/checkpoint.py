@@ -133,11 +133,14 @@ def _warn_renamed(index: int, current: dict, saved: dict) -> None:
     """State loads by position, as torch's does: where both groups carry names that disagree (wrapper
     prefixes aside), same-shape parameters listed in another order would silently swap their state
     (one of another shape is refused later, by its state's shape). The live names stay the group's:
-    they describe this optimizer's parameters."""
+    they describe this optimizer's parameters. torch.distributed.checkpoint hands in groups whose
+    ``params`` are names, listed in the live order, with the state keyed by them: matched by name,
+    whatever order the saved ``param_names`` (copied from the checkpoint) are in."""
     live, kept = current.get("param_names"), saved.get("param_names")
     if not live or not kept or len(live) != len(kept):
         return
-    moved = [i for i, (a, b) in enumerate(zip(live, kept)) if _unwrapped(a) != _unwrapped(b)]
+    by_name = all(isinstance(p, str) for p in saved["params"])
+    moved = [] if by_name else [i for i, (a, b) in enumerate(zip(live, kept)) if _unwrapped(a) != _unwrapped(b)]
     if moved:
         i = moved[0]
         warnings.warn(f"state_dict param group {index}: {len(moved)} parameter name(s) differ from the checkpoint's "

@@ -72,22 +72,23 @@ def test_a_failed_conversion_away_from_int8_keeps_the_int8_momentum_and_its_scal
     assert opt.state[p]["momentum_buffer"].dtype == torch.float32 and "momentum_scale" not in opt.state[p]
 
 
-def test_adamw_state_made_at_the_first_step_is_whole_or_absent(monkeypatch):
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adamw_state_made_at_the_first_step_is_whole_or_absent(monkeypatch, amsgrad):
     bias = nn.Parameter(torch.randn(16))
-    opt = mk.Muon([{"params": [bias], "use_muon": False}])
+    opt = mk.Muon([{"params": [bias], "use_muon": False, "amsgrad": amsgrad}])
     _grads([bias], 0)
-    # the second zeros_like of the bias (its exp_avg_sq) fails
-    monkeypatch.setattr(torch, "zeros_like", _OOM(torch.zeros_like, 2, lambda t, *a, **k: t is bias))
+    # the last zeros_like of the bias (exp_avg_sq, or amsgrad's max_exp_avg_sq) fails
+    monkeypatch.setattr(torch, "zeros_like", _OOM(torch.zeros_like, 2 + amsgrad, lambda t, *a, **k: t is bias))
     with pytest.raises(torch.OutOfMemoryError):
         opt.step()
     assert not opt.state[bias]
     opt.step()
-    assert {"step", "exp_avg", "exp_avg_sq"} <= opt.state[bias].keys()
+    assert {"step", "exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] * amsgrad)} == opt.state[bias].keys()
 
 
 def test_the_torch_backend_decays_no_weight_whose_update_it_could_not_make(monkeypatch):
     """torch.optim.Muon makes the update before it decays the weight; so does the torch backend
-    (with a tensor lr the scaled update is a new tensor; with a float one it is added in place)."""
+    with a tensor lr, whose scaled update is a new tensor (a float one is an alpha of the add)."""
     ps = [nn.Parameter(torch.randn(24, 16)), nn.Parameter(torch.randn(24, 16))]
     opt = mk.Muon(ps, lr=torch.tensor(0.02), weight_decay=0.1, backend="torch")
     _grads(ps, 0)

@@ -524,3 +524,19 @@ def test_parameters_listed_in_another_order_warn_and_keep_the_live_names():
         warnings.simplefilter("error")
         wrapped.load_state_dict(state)
     assert wrapped.param_groups[0]["param_names"] == ["module._orig_mod.a", "module._orig_mod.b"]
+
+
+def test_a_checkpoint_matched_by_name_does_not_warn():
+    """torch.distributed.checkpoint hands load_state_dict groups whose params are the names in the
+    live order, with the state keyed by name (and param_names copied from the saved group, in the
+    saved order): matched by name, no warning, and the live names stay."""
+    saved, _ = _named_optimizer(["a", "b"])
+    state = saved.state_dict()
+    opt, params = _named_optimizer(["b", "a"])
+    by_name = {"state": {"b": state["state"][1], "a": state["state"][0]},
+               "param_groups": [{**state["param_groups"][0], "params": ["b", "a"], "param_names": ["a", "b"]}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(by_name)
+    assert opt.param_groups[0]["param_names"] == ["b", "a"]
+    assert torch.equal(opt.state[params["a"]]["momentum_buffer"], state["state"][0]["momentum_buffer"])
