@@ -82,7 +82,7 @@ def test_sdist_carries_what_builds_the_extension_and_runs_the_suite(tmp_path):
     shutil.copytree(ROOT, tree, ignore=_NOT_SOURCE)
     subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=tree, check=True,
                    capture_output=True, env=dict(os.environ, MUON_KERNELS_SKIP_CUDA_BUILD="1"))
-    (archive,) = (tmp_path / "dist").glob("muon_kernels-*.tar.gz")
+    (archive,) = (tmp_path / "dist").glob("muon[-_]kernels-*.tar.gz")  # setuptools < 69.3 keeps the hyphen
     with tarfile.open(archive) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     wanted = {str(p.relative_to(ROOT)) for d in ("csrc", "triton_kernels", "tests", "bench", "docs", "muon_kernels")
