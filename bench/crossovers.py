@@ -1,11 +1,11 @@
 """Regenerate backend="auto"'s measured crossovers from committed GPU benchmark results.
 
-For each compute capability with a committed bench/results JSON (the newest per capability, by the
-date in its name ``<device>-<YYYY-MM-DD>-<commit>.json``), the
-crossover is the smallest oriented m from which ``ours-triton`` beats ``ours-torch`` (batched
+For each GPU model (device name) and each compute capability with a committed bench/results JSON
+(the newest per name and per capability, by the date in its name
+``<device>-<YYYY-MM-DD>-<commit>.json``), the crossover is the smallest oriented m from which ``ours-triton`` beats ``ours-torch`` (batched
 cuBLAS) at every measured shape and batch with that m or larger; it is written to
-muon_kernels/backends/crossovers.json, which the dispatcher reads (a capability without an entry
-keeps the conservative default). CPU results and convergence curves are ignored.
+muon_kernels/backends/crossovers.json, which the dispatcher reads: a GPU's own model first, else
+its capability's newest result, else the conservative default. CPU results and convergence curves are ignored.
 
     python bench/crossovers.py [--results bench/results] [--out muon_kernels/backends/crossovers.json]
 """
@@ -21,9 +21,10 @@ from pathlib import Path
 from common import REPO, RESULTS_DIR
 
 OUT = REPO / "muon_kernels" / "backends" / "crossovers.json"
-NOTE = ("Measured backend='auto' crossovers per CUDA compute capability (smallest oriented m from which "
-        "ours-triton beat ours-torch at every measured point), from the newest committed GPU benchmark "
-        "under bench/results/; a capability without an entry keeps the default in muon_kernels/backends/__init__.py.")
+NOTE = ("Measured backend='auto' crossovers per GPU model and per CUDA compute capability (smallest oriented m "
+        "from which ours-triton beat ours-torch at every measured point), from the newest committed GPU benchmark "
+        "under bench/results/; a GPU takes its model's entry, else its capability's, else the default in "
+        "muon_kernels/backends/__init__.py.")
 _DATE = re.compile(r"-(\d{4}-\d{2}-\d{2})(?:-|$)")
 
 
@@ -52,7 +53,8 @@ def crossover(ns_rows: list[dict]) -> int | None:
     return best
 
 
-def table(results_dir: Path) -> dict:
+def _newest(results_dir: Path, key_of) -> dict:
+    """The crossover entry of the newest GPU result per ``key_of(result)``."""
     newest: dict[str, tuple[tuple[str, str], dict, str]] = {}
     for path in sorted(results_dir.glob("*.json")):
         if path.name.startswith("convergence-"):
@@ -60,7 +62,7 @@ def table(results_dir: Path) -> dict:
         result = json.loads(path.read_text())
         if not result.get("capability") or not result.get("ns"):
             continue
-        key = "{}.{}".format(*result["capability"])
+        key = key_of(result)
         when = stamp(path)
         if key not in newest or when >= newest[key][0]:
             newest[key] = (when, result, path.name)
@@ -73,6 +75,17 @@ def table(results_dir: Path) -> dict:
     return out
 
 
+def table(results_dir: Path) -> dict:
+    """Per compute capability ("9.0"): what a GPU without a result of its own takes."""
+    return _newest(results_dir, lambda result: "{}.{}".format(*result["capability"]))
+
+
+def device_table(results_dir: Path) -> dict:
+    """Per device name (torch.cuda.get_device_name): GPUs of one capability differ in memory
+    bandwidth and SM count (an H100 and an H200 are both 9.0), so a GPU's own result comes first."""
+    return _newest(results_dir, lambda result: result["device"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
@@ -80,7 +93,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     by_capability = table(args.results)
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
-    doc.update({"generated_by": "bench/crossovers.py", "note": NOTE, "by_capability": by_capability})
+    doc.update({"generated_by": "bench/crossovers.py", "note": NOTE, "by_device": device_table(args.results),
+                "by_capability": by_capability})
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{args.out}: " + (", ".join(f"sm_{k.replace('.', '')} m >= {v['triton_min_m']}"
                                       for k, v in by_capability.items()) or "no GPU results, defaults kept"))

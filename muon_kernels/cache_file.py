@@ -6,11 +6,17 @@ nodes sharing an NFS home, where process ids repeat): each write re-reads the fi
 entries under a lock, then replaces the file atomically, so no writer drops another's keys and a
 reader sees the old file or the new one. A file damaged by hand or written by another version of
 the package loses only its bad entries, with one warning.
+
+Where the files live: the path in the file's environment variable, else ``$XDG_CACHE_HOME/muon_kernels``,
+else ``~/.cache/muon_kernels``; a process with no home directory (a container's arbitrary user with
+no ``HOME`` and no passwd entry) keeps its choices in memory, with one warning per file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -45,10 +51,51 @@ _FILE_MODE = 0o666 & ~_umask()  # what a plain open() gives a new file (mkstemp'
 LOCK_WAIT_S = 30.0  # a writer stopped while holding the lock holds up the others this long at most
 
 
-def read(path: Path, valid: Callable[[object], bool]) -> dict:
+def location(env: str, name: str) -> Path | None:
+    """Where the cache file ``name`` lives (module docstring); None where there is no home directory
+    to put it in and ``env`` is not set."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG spec: a relative value is invalid and ignored
+        return Path(xdg) / "muon_kernels" / name
+    try:
+        return Path.home() / ".cache" / "muon_kernels" / name
+    except RuntimeError:  # neither HOME nor a passwd entry for this user
+        if f"home:{name}" not in _WARNED:
+            _WARNED.add(f"home:{name}")
+            warnings.warn(f"muon_kernels: no home directory to keep {name} in; the choices it would hold last "
+                          f"for this process only (set {env} or XDG_CACHE_HOME to a writable path)", stacklevel=3)
+        return None
+
+
+@functools.cache
+def code_version() -> str:
+    """This installation's version and a digest of its code, for the cache keys: a choice measured
+    with other kernels (an upgrade, or a development install rebuilt at the same version) is
+    measured again. Read once per process."""
+    from . import __version__
+
+    return f"{__version__}+{code_digest(Path(__file__).resolve().parent)}"
+
+
+def code_digest(root: Path) -> str:
+    """A digest of every module and compiled extension under ``root``: names and contents (~1 ms
+    per MB); bytecode and data files do not count."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted(p for pattern in ("*.py", "*.so", "*.pyd") for p in root.rglob(pattern)):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with contextlib.suppress(OSError):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def read(path: Path | None, valid: Callable[[object], bool]) -> dict:
     """The entries of the JSON object in ``path`` that ``valid`` accepts. No file, or one this
     process cannot read, holds nothing; anything else ignored costs a warning (the next write
     rewrites the file without it)."""
+    if path is None:
+        return {}
     try:
         data = json.loads(path.read_text())
     except OSError:
@@ -64,9 +111,12 @@ def read(path: Path, valid: Callable[[object], bool]) -> dict:
     return entries
 
 
-def update(path: Path, entries: dict, valid: Callable[[object], bool]) -> None:
+def update(path: Path | None, entries: dict, valid: Callable[[object], bool]) -> None:
     """Merge ``entries`` into the file (see the module docstring); raises OSError (or another error
-    of the file system) when it cannot be written."""
+    of the file system) when it cannot be written. No path (no home directory): nothing is written,
+    location() warned."""
+    if path is None:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with _THREADS, _locked(path):
         data = read(path, valid)

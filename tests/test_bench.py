@@ -127,8 +127,37 @@ def test_committed_crossovers_are_generated_from_the_committed_results():
 
     committed = json.loads(crossovers.OUT.read_text())
     assert committed["by_capability"] == crossovers.table(crossovers.RESULTS_DIR)
-    for entry in committed["by_capability"].values():
+    assert committed["by_device"] == crossovers.device_table(crossovers.RESULTS_DIR)
+    for entry in [*committed["by_capability"].values(), *committed["by_device"].values()]:
         assert (crossovers.REPO / entry["source"]).is_file()
+
+
+def test_a_gpu_takes_its_own_models_crossover_before_its_capabilitys(tmp_path, monkeypatch):
+    """An H100 and an H200 share 9.0 but not their bandwidth: each takes its own result; a third 9.0
+    GPU (an H800) takes the newest 9.0 result."""
+    import crossovers
+
+    from muon_kernels import backends
+
+    def result(device, wins_from):
+        return {"device": device, "capability": [9, 0], "commit": device[-4:], "ns": [
+            row for m in (1024, 2048, 4096) for row in (_row(m, m, 1, "ours-triton", 1.0 if m >= wins_from else 3.0),
+                                                        _row(m, m, 1, "ours-torch", 2.0))]}
+
+    (tmp_path / "nvidia-h100-2026-11-23-a.json").write_text(json.dumps(result("NVIDIA H100 80GB HBM3", 1024)))
+    (tmp_path / "h200-2026-12-04-b.json").write_text(json.dumps(result("NVIDIA H200", 4096)))
+    out = tmp_path / "crossovers.json"
+    assert crossovers.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    monkeypatch.setattr(backends, "CROSSOVERS_FILE", out)
+    backends._crossover_table.cache_clear()
+    try:
+        assert backends.triton_min_m((9, 0), "NVIDIA H100 80GB HBM3")[0] == 1024
+        assert backends.triton_min_m((9, 0), "NVIDIA H200")[0] == 4096
+        min_m, source = backends.triton_min_m((9, 0), "NVIDIA H800")
+        assert min_m == 4096 and "measured on NVIDIA H200" in source
+        assert backends.triton_min_m((8, 0), "NVIDIA A100-SXM4-80GB")[0] == backends.AUTO_TRITON_MIN_M
+    finally:
+        backends._crossover_table.cache_clear()
 
 
 def test_crossover_table_reaches_the_dispatcher(tmp_path, monkeypatch):

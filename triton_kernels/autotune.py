@@ -1,10 +1,10 @@
 """Opt-in autotuning of the matmul kernels' launch configs (``MUON_KERNELS_AUTOTUNE=1``).
 
 Off, the default: configs come from config.py's fixed table, so results never depend on a race.
-On: the first call of a kernel for a (GPU, Triton and muon_kernels versions, kernel, dtype, m, n,
-k) times every config of a small per-arch space and keeps the fastest. Trials run on scratch
+On: the first call of a kernel for a (GPU, Triton version and muon_kernels code, kernel, dtype, m,
+n, k) times every config of a small per-arch space and keeps the fastest. Trials run on scratch
 outputs, never on the caller's buffers, so no in-place kernel needs ``restore_value``. The choice is written to a JSON file
-(``MUON_KERNELS_AUTOTUNE_CACHE``, default ``~/.cache/muon_kernels/autotune.json``) and read back by
+(``MUON_KERNELS_AUTOTUNE_CACHE``, default ``~/.cache/muon_kernels/autotune.json``: cache_file.location) and read back by
 every later process, so a run resumed in a new process uses the same configs — the same
 accumulation order, the same bits (a cached config outside the current space is tuned again; a
 file that cannot be written costs a warning, and the choice holds for the process). Delete the
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -47,21 +46,20 @@ def enabled() -> bool:
     return _ENABLED.get() == "1"
 
 
-def cache_path() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "muon_kernels" / "autotune.json")
+def cache_path() -> Path | None:
+    return cache_file.location(CACHE_ENV, "autotune.json")
 
 
 @functools.cache
 def _device_key(device_index: int) -> str:
     """What a tuned config depends on besides the call: the GPU (GPUs that take one table arch
-    differ in SMs, clocks and shared memory), and the Triton and muon_kernels versions that compile
-    the kernels (a config may spill under one Triton version only: config.py's _EXTRA_16_WARPS)."""
+    differ in SMs, clocks and shared memory), and the Triton version and muon_kernels code that
+    compile the kernels (a config may spill under one Triton version only: config.py's
+    _EXTRA_16_WARPS; an edited kernel may prefer another config)."""
     import triton
 
-    from .. import __version__
-
     return (f"{torch.cuda.get_device_name(device_index)}|sm{arch_of(device_index)}|triton {triton.__version__}"
-            f"|muon_kernels {__version__}")
+            f"|muon_kernels {cache_file.code_version()}")
 
 
 def _key(kind: str, device_index: int, dtype: torch.dtype, m: int, n: int, k: int) -> str:

@@ -7,8 +7,8 @@ when the group asked ``ns_algorithm="auto"`` — times each of them on scratch b
 bucket's shape (random data, never the caller's tensors), drops any whose result leaves the
 accuracy band of the torch backend's on the same input (DESIGN.md §5), and keeps the fastest.
 
-The choice is keyed by (device name, compute capability, torch and Triton versions, the fp32 matmul
-precision, dtypes, bucket shape and batch, the recurrence, the candidates) and written to a JSON
+The choice is keyed by (device name, compute capability, torch and Triton versions, the muon_kernels
+code (cache_file.code_version), the fp32 matmul precision, dtypes, bucket shape and batch, the recurrence, the candidates) and written to a JSON
 file beside the opt-in kernel autotuning cache (``MUON_KERNELS_DISPATCH_CACHE``, default
 ``~/.cache/muon_kernels/dispatch.json``; a file that cannot be written costs a warning);
 every later process reads it back, so a resumed run makes the same choice and computes the same
@@ -55,8 +55,8 @@ def mode(requested: str) -> str:
     return value
 
 
-def cache_path() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "muon_kernels" / "dispatch.json")
+def cache_path() -> Path | None:
+    return cache_file.location(CACHE_ENV, "dispatch.json")
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,8 @@ def _key(bucket: Bucket, batch: int, labels: list[str]) -> str:
         triton_version = "-"
     request = bucket.request or bucket.config
     precision = f"fp32 matmul {torch.get_float32_matmul_precision()}, tf32 {torch.backends.cuda.matmul.allow_tf32}"
-    return "|".join([name, arch, f"torch {torch.__version__}", f"triton {triton_version}", precision,
+    return "|".join([name, arch, f"torch {torch.__version__}", f"triton {triton_version}",
+                     f"muon_kernels {cache_file.code_version()}", precision,
                      str(bucket.dtype).removeprefix("torch."), str(bucket.ns_dtype).removeprefix("torch."),
                      f"{batch}x{bucket.m}x{bucket.n}", repr(request), ",".join(labels)])
 
@@ -123,11 +124,7 @@ def _valid_record(record: object) -> bool:
 
 
 def _load() -> dict:
-    try:
-        path = cache_path()
-    except RuntimeError:  # no home directory: nothing cached
-        return {}
-    return cache_file.read(path, _valid_record)
+    return cache_file.read(cache_path(), _valid_record)
 
 
 def _store(key: str, record: dict) -> None:

@@ -334,11 +334,11 @@ def test_launch_count_is_constant_per_bucket(monkeypatch, fill):
 
 def test_auto_dispatch_table_by_shape():
     """The static table (dispatch="table"; the measuring mode is tests/gpu/test_measured_gpu.py's), on
-    both sides of this GPU's crossover: muon_kernels/backends/crossovers.json's where it has the
-    capability (sm_90: m >= 4096, from the H200 run), else the default."""
+    both sides of this GPU's crossover: muon_kernels/backends/crossovers.json's where it has this
+    GPU model or its capability (sm_90: m >= 4096, from the H200 run), else the default."""
     from muon_kernels.backends import triton_min_m
 
-    min_m, _ = triton_min_m(torch.cuda.get_device_capability())
+    min_m, _ = triton_min_m(torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     below, at = (min_m // 2, min_m), (min_m, min_m)
     ps = _params([(64, 256), (768, 3072), below, at])
     rows = {r.shape: r for r in mk.Muon(ps, dispatch="table").plan()}
