@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,24 @@ def test_a_failing_cuda_build_stops_the_install_and_says_how_to_skip_it(tmp_path
     assert run.returncode != 0
     assert "building the CUDA extension with" in run.stderr and "MUON_KERNELS_SKIP_CUDA_BUILD=1" in run.stderr
     assert not list((tmp_path / "lib").rglob("_C*"))
+
+
+def test_an_import_from_the_source_tree_says_to_install(tmp_path):
+    """The repository root on sys.path imports the source ``muon_kernels`` (no triton_kernels inside,
+    no _C): the missing backends say so and how to fix it; the installed package never does."""
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("muon_kernels", "triton_kernels"):
+        shutil.copytree(repo / name, tmp_path / name, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    script = ("import json, muon_kernels as mk; "
+              "print(json.dumps([mk.__file__, mk.available_backends('cpu'), mk.available_backends()]))")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    where, on_cpu, here = json.loads(out.splitlines()[-1])
+    assert Path(where).parent == tmp_path / "muon_kernels"
+    note = f"imported from its source tree {tmp_path}, which has neither: install it (pip install .)"
+    assert not on_cpu["triton"][0] and on_cpu["triton"][1].startswith("muon_kernels.triton_kernels failed to import")
+    assert note in on_cpu["triton"][1]
+    assert not here["cuda"][0] and here["cuda"][1].startswith("extension not built") and note in here["cuda"][1]
+    assert mk.available_backends("cpu")["triton"][0] is (os.environ.get("TRITON_INTERPRET") == "1")
+    assert not any("source tree" in reason for _, reason in mk.available_backends().values())

@@ -72,6 +72,17 @@ def _backend_module(name: str) -> ModuleType | None:
         return None
 
 
+def _source_tree_note() -> str:
+    """Why a backend is missing when this package was imported from its source checkout (the
+    repository root on sys.path): Triton's kernels become ``muon_kernels.triton_kernels`` and the
+    extension is compiled only when the package is installed."""
+    package = Path(__file__).resolve().parent.parent
+    if (package / "triton_kernels").is_dir() or not (package.parent / "triton_kernels").is_dir():
+        return ""
+    return (f"; muon_kernels was imported from its source tree {package.parent}, which has neither: install it "
+            "(pip install .) and import it from outside that directory")
+
+
 def _runnable(name: str) -> ModuleType | None:
     return torch_backend if name == "torch" else _backend_module(name)
 
@@ -90,7 +101,7 @@ def _triton_status(device: torch.device | None) -> tuple[bool, str]:
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if interpreting and (device is None or device.type == "cpu"):
         if _backend_module("triton") is None:
-            return False, "muon_kernels.triton_kernels failed to import"
+            return False, "muon_kernels.triton_kernels failed to import" + _source_tree_note()
         return True, f"triton {triton.__version__} interpreter on the CPU (TRITON_INTERPRET=1; slow, for tests)"
     if device is not None and device.type != "cuda":
         return False, f"triton backend needs a CUDA tensor, got {device.type}"
@@ -100,7 +111,7 @@ def _triton_status(device: torch.device | None) -> tuple[bool, str]:
     if cc < MIN_TRITON_CAPABILITY:
         return False, f"compute capability {cc[0]}.{cc[1]} < {MIN_TRITON_CAPABILITY[0]}.{MIN_TRITON_CAPABILITY[1]}"
     if _backend_module("triton") is None:
-        return False, "muon_kernels.triton_kernels failed to import"
+        return False, "muon_kernels.triton_kernels failed to import" + _source_tree_note()
     return True, f"triton {triton.__version__} on compute capability {cc[0]}.{cc[1]}"
 
 
@@ -108,7 +119,7 @@ def _cuda_status(device: torch.device | None) -> tuple[bool, str]:
     try:
         from .. import _C
     except ImportError:
-        return False, "extension not built (muon_kernels._C is missing; install with nvcc on PATH)"
+        return False, "extension not built (muon_kernels._C is missing; install with nvcc on PATH)" + _source_tree_note()
     if getattr(_C, "VARIANT_TABLE_COLUMNS", None) != variants.TABLE_COLUMNS:
         return False, ("extension built from other sources than this package (its variant table layout differs): "
                        "reinstall the package")
