@@ -9,6 +9,7 @@ from .optimizer import Muon
 from .ns_config import PRESETS, NSConfig
 from .orthogonalize import orthogonalize
 from .param_groups import param_groups
+from .version import __version__
 from .schedules import (
     ConstantBatchSize,
     ConstantLR,
@@ -20,7 +21,6 @@ from .schedules import (
     split_batch,
 )
 
-__version__ = "0.1.0"
 __all__ = [
     "Muon", "NSConfig", "PRESETS", "available_backends", "orthogonalize", "param_groups",
     "ConstantLR", "CosineLR", "PolynomialLR", "DiminishingLR",

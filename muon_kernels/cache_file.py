@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from .version import __version__
+
 # Threads of one process hold this as well as the file lock: it also orders them where the file
 # system has no locks.
 _THREADS = threading.Lock()
@@ -74,8 +76,6 @@ def code_version() -> str:
     """This installation's version and a digest of its code, for the cache keys: a choice measured
     with other kernels (an upgrade, or a development install rebuilt at the same version) is
     measured again. Read once per process."""
-    from . import __version__
-
     return f"{__version__}+{code_digest(Path(__file__).resolve().parent)}"
 
 

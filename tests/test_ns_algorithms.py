@@ -389,3 +389,47 @@ def test_workspace_cap_counts_gram_temporaries():
 
     assert bucket("standard").matrix_bytes() == 4 * 100 * 300 + 2 * (2 * 100 * 300 + 2 * 100 * 100)
     assert bucket("gram").matrix_bytes() == 4 * 100 * 300 + 2 * (2 * 100 * 300 + 5 * 100 * 100)
+
+
+# The coefficient sets as published (DESIGN.md §2; Turbo: thib-s/flash-newton-schulz at cdb03db),
+# written out here: the oracles read muon_kernels.ns_config, so they cannot see a typo there.
+PUBLISHED = {
+    "keller": [(3.4445, -4.7750, 2.0315)],
+    "quintic": [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+                (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)],
+    "polar_express": [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)],
+    "turbo": [(4.6051, -9.6552, 5.6769), (4.7505, -6.0861, 2.1790), (2.7763, -2.3190, 0.5523),
+              (2.4231, -2.2861, 0.8193)],
+}
+
+
+def test_presets_are_the_published_coefficients_and_normalizations():
+    from muon_kernels.ns_config import PRESET_NORMALIZATION
+
+    assert {name: list(coefficients) for name, coefficients in mk.PRESETS.items()} == PUBLISHED
+    assert PRESET_NORMALIZATION == {"keller": (1.0, 0.0), "quintic": (1.0, 0.0), "polar_express": (1.02, 1e-6),
+                                    "turbo": (1.0, 0.0)}
+
+
+def test_polar_express_divides_by_its_safety_factor():
+    """A rank-1 matrix has σ/‖G‖_F = 1 exactly: Polar Express's map starts from 1/1.02 there (its
+    normalization), which the published coefficients send to 0.9035 (from 1: 0.8591)."""
+    G = torch.outer(torch.linspace(1, 2, 16, dtype=torch.float64), torch.linspace(-1, 1, 48, dtype=torch.float64))
+    sigma = 1 / 1.02
+    for a, b, c in PUBLISHED["polar_express"]:
+        sigma = a * sigma + b * sigma ** 3 + c * sigma ** 5
+    out = mk.orthogonalize(G.float(), ns_coefficients="polar_express", ns_dtype=torch.float32).double()
+    assert abs(torch.linalg.svdvals(out)[0].item() - sigma) < 1e-4 and abs(sigma - 0.9035) < 1e-4
+
+
+@pytest.mark.parametrize("device, dtype, threshold", [("cpu", torch.float32, 2), ("cpu", torch.bfloat16, 2),
+                                                      ("cuda", torch.float32, 2), ("cuda", torch.bfloat16, 3)])
+def test_auto_takes_gram_from_the_aspect_threshold_on(device, dtype, threshold):
+    """README: "auto" runs Gram NS where n/m >= the threshold — at it, not only past it."""
+    config = resolve_ns_config("keller", None, 1e-7, "auto")
+    choose = lambda m, n: recurrence.choose_algorithm(config, m, n, dtype, torch.device(device))[0].algorithm  # noqa: E731
+    assert choose(64, 64 * threshold) == "gram" and choose(64, 64 * threshold - 1) == "standard"

@@ -150,6 +150,29 @@ def test_group_without_use_muon_is_split_and_adamw_takes_adamw_settings():
     assert opt.param_groups[-1]["lr"] == 0.5 and opt.param_groups[-1]["betas"] == (0.8, 0.9)
 
 
+
+def test_a_group_dict_without_use_muon_keeps_its_muon_settings_out_of_the_adamw_half():
+    """A group's own lr, eps and weight_decay are Muon's: its biases and norms step with adamw_*
+    (checked against torch.optim.AdamW), never with the group's weight decay."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    theirs = [nn.Parameter(p.detach().clone()) for p in (net[0].bias, net[1].weight, net[1].bias)]
+    opt = mk.Muon([{"params": list(net.parameters()), "lr": 0.05, "eps": 1e-6, "weight_decay": 0.3}],
+                  adamw_lr=1e-2, adamw_eps=1e-8, adamw_weight_decay=0.0)
+    muon, adamw = opt.param_groups
+    assert (muon["lr"], muon["eps"], muon["weight_decay"]) == (0.05, 1e-6, 0.3)
+    assert (adamw["lr"], adamw["eps"], adamw["weight_decay"]) == (1e-2, 1e-8, 0.0)
+    reference = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    for _ in range(3):
+        for p, q in zip(adamw["params"], theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        net[0].weight.grad = torch.randn_like(net[0].weight)
+        opt.step()
+        reference.step()
+    for p, q in zip(adamw["params"], theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
 def test_adamw_groups_match_torch_adamw():
     torch.manual_seed(0)
     ps = [nn.Parameter(torch.randn(7)), nn.Parameter(torch.randn(3))]

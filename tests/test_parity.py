@@ -255,3 +255,67 @@ def test_adamw_groups_match_torch_on_non_contiguous_layouts(layout):
     torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
     if layout == "strided parameter":
         assert not store[1::2].any()  # the rows between the parameter's own are untouched
+
+
+def test_defaults_are_torch_optim_muons():
+    """The constructor's defaults are torch.optim.Muon's (the parity tests pass every value
+    explicitly, so a drifted default would pass them): ns_steps=None runs the preset's own count,
+    torch's 5 for its Keller coefficients."""
+    import inspect
+
+    ours, theirs = inspect.signature(mk.Muon).parameters, inspect.signature(torch.optim.Muon).parameters
+    for name in ("lr", "weight_decay", "momentum", "nesterov", "eps", "adjust_lr_fn"):
+        assert ours[name].default == theirs[name].default, name
+    assert theirs["ns_coefficients"].default == (3.4445, -4.7750, 2.0315) == mk.PRESETS["keller"][0]
+    assert theirs["ns_steps"].default == 5 and ours["ns_steps"].default is None
+    p = torch.nn.Parameter(torch.zeros(4, 8))
+    group = mk.Muon([p]).param_groups[0]
+    config = mk.ns_config.resolve_ns_config(group["ns_coefficients"], group["ns_steps"], group["eps"])
+    assert config.coefficients == ((3.4445, -4.7750, 2.0315),) * 5
+
+
+@pytest.mark.parametrize("form", ["ema", "sgd"])
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("into_outs", [False, True])
+def test_torch_backend_momentum_is_its_formula_over_steps(form, nesterov, into_outs):
+    """Both paths of ``momentum_update`` — new tensors (what a GPU's torch backend takes) and ``outs``
+    (the CPU stack) — against the docstring's formulas in fp64, over 3 steps (after one step U ∝ G
+    for either Nesterov weight, so a swapped weight needs a second)."""
+    from muon_kernels.backends.torch_backend import momentum_update
+
+    mu = 0.9
+    g = torch.Generator().manual_seed(7)
+    grads = [[torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)]
+             for _ in range(3)]
+    bufs = [torch.zeros(5, 6, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)]
+    ref = [b.clone() for b in bufs]
+    for step in grads:
+        outs = [torch.empty_like(b) for b in bufs] if into_outs else None
+        us = momentum_update(bufs, step, momentum=mu, nesterov=nesterov, form=form, outs=outs)
+        us = outs if into_outs else us
+        for i, G in enumerate(step):
+            ref[i] = mu * ref[i] + ((1 - mu) * G if form == "ema" else G)
+            want = (((1 - mu) * G if form == "ema" else G) + mu * ref[i]) if nesterov else ref[i]
+            torch.testing.assert_close(bufs[i], ref[i], rtol=1e-15, atol=1e-15)
+            torch.testing.assert_close(us[i], want, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_decay_and_sgd_momentum_are_torchs_bit_for_bit(dtype):
+    """A zero gradient orthogonalizes to zero, so only the decay moves W: it must be torch.optim.Muon's
+    ``p.mul_(1 - lr·wd)`` bit for bit (a scalar rounded to 16 bits first would double it); the SGD form's
+    ``buf·μ`` likewise ``buf.mul_(μ)``."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(32, 32, generator=g).to(dtype))
+    want = W.detach().clone().mul_(1 - 0.02 * 0.1)
+    W.grad = torch.zeros_like(W)
+    mk.Muon([W], lr=0.02, weight_decay=0.1).step()
+    assert torch.equal(W.detach(), want)
+    V = torch.nn.Parameter(torch.randn(32, 32, generator=g).to(dtype))
+    opt = mk.Muon([V], lr=0.02, weight_decay=0.0, momentum_form="sgd", momentum_dtype=dtype)
+    V.grad = torch.randn(32, 32, generator=g).to(dtype)
+    opt.step()
+    buf = opt.state[V]["momentum_buffer"].clone()
+    V.grad = torch.zeros_like(V)
+    opt.step()
+    assert torch.equal(opt.state[V]["momentum_buffer"], buf.mul_(0.95))

@@ -29,8 +29,9 @@ def _neuron_axis(stored_in_out: bool) -> int:
     return 0 if stored_in_out else 1  # mean over the inputs of each output neuron
 
 
-def _reference(W0, grads, *, normuon=False, hyperball=False, wd=0.0, stored_in_out=False, batch=False):
-    """fp64, per matrix of the view, formula by formula."""
+def _reference(W0, grads, *, normuon=False, hyperball=False, wd=0.0, stored_in_out=False, batch=False, eps=1e-10,
+               with_v=False):
+    """fp64, per matrix of the view, formula by formula; ``with_v``: (W, NorMuon's v)."""
     W = W0.double().clone()
     M = torch.zeros_like(W)
     mats = (lambda t: t) if batch else (lambda t: t.unsqueeze(0))
@@ -46,9 +47,9 @@ def _reference(W0, grads, *, normuon=False, hyperball=False, wd=0.0, stored_in_o
             out, inp = (O.shape[1], O.shape[0]) if stored_in_out else O.shape
             if normuon:
                 V[k] = BETA2 * V[k] + (1 - BETA2) * (O * O).mean(dim=_neuron_axis(stored_in_out))
-                s = 1.0 / (V[k].sqrt() + 1e-10)
+                s = 1.0 / (V[k].sqrt() + eps)
                 scaled = O * (s.unsqueeze(0) if stored_in_out else s.unsqueeze(1))
-                O = scaled * O.norm() / (scaled.norm() + 1e-10)
+                O = scaled * O.norm() / (scaled.norm() + eps)
             if hyperball:
                 step = w - LR * R[k] * O / O.norm()
                 new.append(R[k] * step / step.norm())
@@ -56,7 +57,7 @@ def _reference(W0, grads, *, normuon=False, hyperball=False, wd=0.0, stored_in_o
                 scale = max(1.0, out / inp) ** 0.5
                 new.append(w * (1 - LR * wd) - LR * scale * O)
         W = torch.stack(new) if batch else new[0]
-    return W
+    return (W, V if batch else V[0]) if with_v else W
 
 
 def _run(W0, grads, matrix_view=None, **options):
@@ -90,6 +91,17 @@ def test_normuon_matches_the_formula(shape):
     plain, _ = _run(W0, grads, weight_decay=0.1)
     assert (plain - W).abs().max() > 1e-3
 
+
+
+@pytest.mark.parametrize("eps", [1e-10, 1e-2])
+def test_normuon_state_and_eps_are_the_formulas(eps):
+    """The stored v is the mean over each neuron's inputs (a sum would rescale out of the step but not
+    out of the checkpoint), and ε sits outside the square root — visible with a large normuon_eps."""
+    W0, grads = _data((24, 40))
+    W, opt = _run(W0, grads, adaptive="normuon", weight_decay=0.0, normuon_eps=eps)
+    ref, V = _reference(W0, grads, normuon=True, eps=eps, with_v=True)
+    _close(W, ref, W0)
+    torch.testing.assert_close(opt.state[opt.param_groups[0]["params"][0]]["normuon_v"].double(), V, rtol=1e-4, atol=0)
 
 def test_normuon_neurons_of_weights_stored_in_out_are_columns():
     """transformers' Conv1D stores (in, out): the statistic is per column there."""
