@@ -412,15 +412,16 @@ def test_hooks_see_what_torch_would_show_them():
     assert "extra" not in saved
 
 
-def test_a_momentum_dtype_changed_and_changed_back_before_the_parameter_steps_resumes_bit_identically():
-    """fp32 → int8 while a matrix has no gradient, a checkpoint, then back to fp32: the straight run
-    never converts that buffer. Loading converted it at once (fp32 → int8), and the step after the
-    change back converted it again (int8 → fp32), losing precision the straight run kept."""
+@pytest.mark.parametrize("changed_to", ["int8", torch.bfloat16])
+def test_a_momentum_dtype_changed_and_changed_back_before_the_parameter_steps_resumes_bit_identically(changed_to):
+    """fp32 → int8 (or bf16) while a matrix has no gradient, a checkpoint, then back to fp32: the
+    straight run never converts that buffer. Loading converted it at once (fp32 → int8), and the step
+    after the change back converted it again (int8 → fp32), losing precision the straight run kept."""
     def run(resume: bool):
         model = _model()
         opt = mk.Muon(model.parameters(), lr=0.02)
         _train(model, opt, 2, seed=1)
-        opt.param_groups[0]["momentum_dtype"] = "int8"
+        opt.param_groups[0]["momentum_dtype"] = changed_to
         opt.zero_grad()
         model(torch.randn(16, 12, generator=torch.Generator().manual_seed(5))).pow(2).mean().backward()
         model[0].weight.grad = None  # this matrix keeps its fp32 buffer through the step

@@ -4,7 +4,7 @@ Off, the default: configs come from config.py's fixed table, so results never de
 On: the first call of a kernel for a (GPU, Triton version and muon_kernels code, kernel, dtype, m,
 n, k) times every config of a small per-arch space and keeps the fastest. Trials run on scratch
 outputs, never on the caller's buffers, so no in-place kernel needs ``restore_value``. The choice is written to a JSON file
-(``MUON_KERNELS_AUTOTUNE_CACHE``, default ``~/.cache/muon_kernels/autotune.json``: cache_file.location) and read back by
+(``MUON_KERNELS_AUTOTUNE_CACHE``, default ``~/.cache/muon_kernels/autotune.json``, or under ``$XDG_CACHE_HOME``: cache_file.location) and read back by
 every later process, so a run resumed in a new process uses the same configs — the same
 accumulation order, the same bits (a cached config outside the current space is tuned again; a
 file that cannot be written costs a warning, and the choice holds for the process). Delete the

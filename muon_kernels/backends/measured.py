@@ -10,7 +10,8 @@ accuracy band of the torch backend's on the same input (DESIGN.md §5), and keep
 The choice is keyed by (device name, compute capability, torch and Triton versions, the muon_kernels
 code (cache_file.code_version), the fp32 matmul precision, dtypes, bucket shape and batch, the recurrence, the candidates) and written to a JSON
 file beside the opt-in kernel autotuning cache (``MUON_KERNELS_DISPATCH_CACHE``, default
-``~/.cache/muon_kernels/dispatch.json``; a file that cannot be written costs a warning);
+``~/.cache/muon_kernels/dispatch.json``, or under ``$XDG_CACHE_HOME``: cache_file.location; a file that
+cannot be written costs a warning);
 every later process reads it back, so a resumed run makes the same choice and computes the same
 bits. Nothing is timed while a CUDA graph is being captured or torch.compile traces (the cached
 choice, else the static table, is used and nothing is written), and a measurement that fails

@@ -90,6 +90,32 @@ def test_normalize_isolates_nan_and_handles_zero_and_tiny():
     assert abs(out[0].double().norm().item() - 1.0) < 1e-5
 
 
+
+@pytest.mark.parametrize("preset", ["keller", "polar_express"])
+@pytest.mark.parametrize("eps", [1e-7, 1e-3])
+def test_normalize_divides_by_the_formulas_divisor_at_tiny_norms(preset, eps):
+    """X = G / max(‖G‖·scale + offset, eps) in fp64 (polar_express: scale 1.02, offset 1e-6), at norms
+    where the offset or the eps floor decides: the kernels pre-scale G by a power of two, so both must
+    be scaled with it."""
+    config = resolve_ns_config(preset, None, eps)
+    worst = 0.0
+    for size in (1e-9, 1e-7, 3e-7, 1e-5, 1.0):
+        G = torch.randn(3, 20, 45, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * size
+        out = normalize(G.float(), config, torch.float32).double()
+        ref = torch.stack([M / max(M.norm().item() * config.norm_scale + config.norm_offset, eps) for M in G.float().double()])
+        worst = max(worst, rel_err(out, ref))
+    assert worst <= 1e-6, worst
+
+
+def test_fp16_normalize_is_the_fp64_quotient_rounded_once():
+    """fp16 output: the fp64 quotient rounded once to fp16 (the interpreter rounds fp16 stores to
+    nearest; its bf16 stores truncate, so bf16 is checked on a GPU): a cast before the divide
+    would round twice and differ in about a quarter of the elements."""
+    G = torch.randn(3, 40, 70, generator=torch.Generator().manual_seed(0))
+    out = normalize(G, resolve_ns_config("keller", None, 1e-7), torch.float16)
+    ref = torch.stack([(M.double() / M.double().norm()).to(torch.float16) for M in G])
+    assert (out != ref).double().mean().item() <= 1e-3
+
 def test_each_matrix_is_reduced_once_in_a_fixed_order_at_counters_left_at_zero(monkeypatch):
     """The last tile of a matrix to finish reduces its partials (here in several masked rounds of two)
     into the norm every scale-and-cast program reads; a matrix whose tiles span 2^100 in scale keeps
@@ -272,6 +298,45 @@ def test_fused_momentum_and_update_match_the_torch_path(form, nesterov, dtype, m
         assert a.dtype == b.dtype == (momentum_dtype or dtype)
         assert rel_err(b, a) <= tol
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_update_of_16_bit_weights_is_torchs_two_ops_bit_for_bit(dtype):
+    """torch.optim.Muon on a GPU: ``p.mul_(1 - lr·wd)`` (rounded to the weight's dtype), then
+    ``p.add_(O.to(dtype), alpha=-lr·scale)`` (O cast first, fp32 math, one rounding). The fused kernel
+    must give those bits: a missed rounding of W·decay or of O changes hundreds of elements."""
+    g = torch.Generator().manual_seed(8)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in [(12, 20), (20, 12)]]
+    opt = mk.Muon(ps, lr=0.1, weight_decay=0.5, backend="triton", ns_dtype=torch.float32)
+    [bucket], _ = opt._plan_buckets([(0, opt.param_groups[0], ps)])
+    ortho = torch.randn(bucket.matrices, bucket.m, bucket.n, generator=g)
+    before = [p.detach().clone() for p in ps]
+    with torch.no_grad():
+        bucket.backend.apply_update(bucket, ortho, opt.param_groups, opt.state)
+    decay, checked = torch.tensor(1 - 0.1 * 0.5, dtype=torch.float32), 0
+    for i, (entry, w) in enumerate(zip(bucket.entries, before)):
+        o = (ortho[i].mT if entry.view.transposed else ortho[i]).to(dtype).float()
+        alpha = torch.tensor(-0.1 * entry.scale, dtype=torch.float32)
+        assert torch.equal(entry.param.detach(), ((w.float() * decay).to(dtype).float() + alpha * o).to(dtype))
+        checked += 1
+    assert checked == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_sgd_momentum_of_16_bit_buffers_is_torch_sgds_bit_for_bit(dtype):
+    """momentum_form="sgd" keeps torch.optim.SGD's buffer: ``buf.mul_(μ).add_(g)``, two roundings."""
+    p = torch.nn.Parameter(torch.zeros(24, 40, dtype=dtype))
+    q = torch.nn.Parameter(torch.zeros(24, 40, dtype=dtype))
+    opt = mk.Muon([p], backend="triton", momentum=0.9, momentum_form="sgd", nesterov=False, ns_dtype=torch.float32,
+                  ns_steps=1)
+    sgd = torch.optim.SGD([q], lr=0.0, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        p.grad = (torch.randn(24, 40, generator=g) * 3).to(dtype)
+        q.grad = p.grad.clone()
+        opt.step()
+        sgd.step()
+    assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
 
 @pytest.mark.parametrize("kind", ["channels_last", "fp64"])
 def test_fused_path_falls_back_for_non_contiguous_or_fp64_parameters(kind):
