@@ -121,3 +121,29 @@ def test_nan_filled_work_buffers_change_no_bit(shape, monkeypatch):
     poisoned = step_results()
     for a, b in zip(clean, poisoned):
         assert torch.isfinite(b).all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum_dtype": "int8"}, {"adaptive": "normuon"}])
+def test_fused_kernels_write_nothing_past_a_parameters_end(options):
+    """Parameters that are views into one storage with sentinels between them (a flat-parameter
+    layout): the momentum and update kernels must leave every sentinel as it was — the CPU would not
+    fault on a write one element past a tensor, a GPU would not either."""
+    shapes, gap = [(24, 40), (40, 24), (3, 256)], 37
+    sizes = [r * c for r, c in shapes]
+    storage = torch.full((sum(sizes) + gap * (len(sizes) + 1),), 12345.0)
+    params, offset = [], gap
+    for shape, size in zip(shapes, sizes):
+        params.append(torch.nn.Parameter(storage[offset:offset + size].view(shape)))
+        offset += size + gap
+    opt = mk.Muon(params, lr=0.05, backend="triton", ns_dtype=torch.float32, ns_steps=1, **options)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    sentinels = torch.ones_like(storage, dtype=torch.bool)
+    offset = gap
+    for size in sizes:
+        sentinels[offset:offset + size] = False
+        offset += size + gap
+    assert bool((storage[sentinels] == 12345.0).all()) and not bool((storage[~sentinels] == 12345.0).any())

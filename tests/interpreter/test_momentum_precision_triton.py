@@ -50,3 +50,19 @@ def test_bf16_parameters_with_int8_momentum():
     for a, b in zip(ref, out):
         assert torch.equal(opt.state[b]["momentum_buffer"], ref_opt.state[a]["momentum_buffer"])
         assert torch.equal(opt.state[b]["momentum_scale"], ref_opt.state[a]["momentum_scale"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stochastic_bf16_momentum_keeps_a_nan_whose_payload_would_carry_into_the_sign(backend):
+    """A NaN with every mantissa bit set (0x7FFFFFFF: what a GPU's fp32 arithmetic makes) plus the
+    random low bits overflows into 0x8000xxxx, -0.0: the stored momentum must stay NaN there, like
+    torch's own rounding of a NaN, and every other element must be unaffected."""
+    p = torch.nn.Parameter(torch.zeros(2, 512))
+    opt = mk.Muon([p], lr=0.05, backend=backend, ns_dtype=torch.float32, ns_steps=1, momentum_form="sgd",
+                  momentum_dtype=torch.bfloat16, momentum_rounding="stochastic")
+    grad = torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
+    grad.view(torch.int32)[1, 7] = 0x7FFFFFFF
+    p.grad = grad
+    opt.step()
+    buf = opt.state[p]["momentum_buffer"].float()
+    assert torch.isnan(buf[1, 7]) and torch.isnan(buf).sum() == 1

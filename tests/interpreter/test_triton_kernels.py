@@ -622,3 +622,27 @@ def test_the_interpreter_reads_scalars_whatever_numpy_says():
     from muon_kernels.triton_kernels import config
 
     assert config.is_interpreting() and interpreter._patch_lang_tensor.squeezes_scalars
+
+
+def test_small_path_fp16_rounds_where_the_multi_kernel_path_stores():
+    """On diag(σ) every product is one term per entry, so the fp16 recurrence can be emulated exactly:
+    fp32 arithmetic, rounded to fp16 where the multi-kernel path stores A = X·Xᵀ, B = b·A + c·A·A and
+    X = a·X + B·X. The one-kernel path keeps them in registers and must round them just the same
+    (the interpreter rounds fp16 to nearest; bf16 is checked on a GPU)."""
+    import numpy as np
+
+    sigma = torch.logspace(0, -2.5, 64, dtype=torch.float64)
+    G = torch.zeros(1, 64, 80)
+    G[0, :, :64] = torch.diag(sigma).float()
+    config = resolve_ns_config("keller", 5, 1e-7)
+    out = small_newton_schulz(G, config, torch.float16)
+    x = normalize(G, config, torch.float16)[0].diagonal().numpy()
+    f32, f16 = np.float32, np.float16
+    for a, b, c in config.coefficients:
+        a, b, c = f32(a), f32(b), f32(c)
+        xs = x.astype(f32)
+        A = (xs * xs).astype(f16).astype(f32)
+        B = (b * A + c * (A * A)).astype(f16).astype(f32)
+        x = (a * xs + B * xs).astype(f16)
+    assert np.array_equal(out[0].diagonal().numpy(), x)
+    assert torch.count_nonzero(out[0, :, :64] - torch.diag(out[0].diagonal())) == 0
