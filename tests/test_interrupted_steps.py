@@ -99,3 +99,34 @@ def test_the_torch_backend_decays_no_weight_whose_update_it_could_not_make(monke
     with pytest.raises(torch.OutOfMemoryError):
         opt.step()
     assert all(torch.equal(p, w) for p, w in zip(ps, weights))
+
+
+@pytest.mark.parametrize("lr", [0.02, torch.tensor(0.02)], ids=["float-lr", "tensor-lr"])
+def test_cautious_decay_on_the_torch_backend_leaves_each_weight_whole_or_untouched(monkeypatch, lr):
+    """Cautious decay makes one factor tensor per parameter: when the second one cannot be
+    allocated, the first weight has had its whole step (decay and update, as an uninterrupted step
+    gives it) and the second none of it. (On a CPU a tall matrix is updated on its own; two wide
+    ones of a group share one call.)"""
+    def run(fail):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(16, 24)), nn.Parameter(torch.randn(16, 24))]  # wide: one batch
+        opt = mk.Muon(ps, lr=lr.clone() if torch.is_tensor(lr) else lr, weight_decay=0.5,
+                      weight_decay_mode="cautious", backend="torch")
+        _grads(ps, 0)
+        opt.step()
+        _grads(ps, 1)
+        before = [p.detach().clone() for p in ps]
+        if fail:
+            with monkeypatch.context() as m:
+                m.setattr(torch, "where", _OOM(torch.where, 2))
+                with pytest.raises(torch.OutOfMemoryError):
+                    opt.step()
+        else:
+            opt.step()
+        return before, [p.detach().clone() for p in ps]
+
+    before, stepped = run(fail=False)
+    _, interrupted = run(fail=True)
+    assert not torch.equal(stepped[0], before[0]) and not torch.equal(stepped[1], before[1])
+    assert torch.equal(interrupted[0], stepped[0])  # decay and update, bit for bit
+    assert torch.equal(interrupted[1], before[1])  # nothing

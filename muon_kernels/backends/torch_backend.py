@@ -423,17 +423,24 @@ def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr, w
     decay = 1.0 - lr * weight_decay
     # The scaled update is made before the first write to a parameter (as torch.optim.Muon orders
     # it): an allocation that fails (an OOM, caught and retried) must not leave weights decayed
-    # without their update, to be decayed again by the retry. (Cautious decay allocates one factor
-    # tensor per parameter as it goes: making them all first would hold a second copy of the bucket.)
+    # without their update, to be decayed again by the retry.
     steps = torch._foreach_mul([o if o.dtype == p.dtype else o.to(p.dtype) for o, p in zip(outs, params)],
                                -lr * scale) if tensor_lr else None
     if weight_decay != 0.0 and cautious:
+        # One factor tensor per parameter, made as it goes (all of them first would hold a second
+        # copy of the bucket), so each parameter is decayed and updated before the next factor is
+        # allocated: a failing allocation leaves whole steps behind it, never a lone decay.
         # Device scalars made by fill kernels: no host-to-device copy, so capturable.
         decay = decay if tensor_lr else torch.full((), decay, dtype=acc, device=device)
         one = torch.ones((), dtype=acc, device=device)
-        for p, o in zip(params, outs):
+        for i, (p, o) in enumerate(zip(params, outs)):
             p.mul_(torch.where(_signs_agree(p, o if o.dtype == p.dtype else o.to(p.dtype)), decay, one))
-    elif tensor_lr and weight_decay != 0.0:
+            if tensor_lr:
+                torch._foreach_add_([p], [steps[i]])
+            else:
+                torch._foreach_add_([p], [o], alpha=-lr * scale)
+        return
+    if tensor_lr and weight_decay != 0.0:
         torch._foreach_mul_(params, decay)
     elif not tensor_lr and decay != 1.0:
         torch._foreach_mul_(params, _scalar(decay, params))
