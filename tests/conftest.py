@@ -33,9 +33,10 @@ def pytest_runtest_logreport(report):
 # collected last alphabetically, kept one worker busy for minutes after the other had finished.
 # Started first, they overlap the many short tests. The AOT compiles lead: with a cold Triton cache
 # (a fresh CI machine) each arch takes 1–3.5 minutes; the two longest single tests of the last clean
-# run (sm_90's, which also compiles the persistent and TMA variants, ~150 s; the interpreter's
-# test_triton_kernels.py child with three cold torch.compile runs, ~130 s) go first of all.
+# run (sm_90's, which also compiles the persistent and TMA variants, ~160 s; the interpreter's
+# children with three cold torch.compile runs, ~90 s, and with most kernel tests, ~60 s) go first of all.
 LONGEST_FIRST = ("test_triton_aot.py::test_kernels_compile_use_tensor_cores_fit_and_do_not_spill[90]",
+                 "test_triton_interpreter.py::test_triton_kernels_on_the_cpu_interpreter[test_compiled_step_triton.py]",
                  "test_triton_interpreter.py::test_triton_kernels_on_the_cpu_interpreter[test_triton_kernels.py]",
                  "test_triton_aot.py", "test_triton_interpreter.py", "test_bench.py::test_accuracy_script",
                  "test_tune.py", "test_bench.py::test_benchmark_writes_results", "test_convergence.py")

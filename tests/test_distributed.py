@@ -4,11 +4,8 @@ errors for what it cannot do."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import distributed_workers as workers
 
@@ -23,20 +20,6 @@ FP32_TOLERANCE = 1e-4
 
 def _displacement_error(got: dict, want: dict, start: dict) -> dict:
     return {n: ((got[n] - want[n]).norm() / (want[n] - start[n]).norm()).item() for n in want}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(tmp_path, scenario: str, world: int, ns_dtype=torch.float32) -> list[dict]:
-    mp.spawn(workers.run_scenario, args=(world, _port(), scenario, ns_dtype, str(tmp_path)), nprocs=world)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for r, res in enumerate(results):
-        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
-    return results
 
 
 def _matrices() -> int:
@@ -64,7 +47,7 @@ def _assert_matches_reference(results, world, ns_dtype, options=None, tolerance=
 @pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
 def test_training_equals_one_process(tmp_path, layout, world, ns_dtype):
-    results = _spawn(tmp_path, f"train_{layout}", world, ns_dtype)
+    results = workers.spawn(tmp_path, f"train_{layout}", world, ns_dtype)
     _assert_matches_reference(results, world, ns_dtype)
     # Each matrix orthogonalized once per step in the whole job, and every rank did a share.
     counts = [res["count"] for res in results]
@@ -88,7 +71,7 @@ def test_training_equals_one_process(tmp_path, layout, world, ns_dtype):
 def test_gram_aol_training_equals_one_process(tmp_path, layout):
     """Gram NS + AOL under DDP (replicated) and FSDP2 (sharded): each owner orthogonalizes whole
     matrices, so the job reproduces one process running the same options."""
-    results = _spawn(tmp_path, f"train_{layout}_gram_aol", 2, torch.float32)
+    results = workers.spawn(tmp_path, f"train_{layout}_gram_aol", 2, torch.float32)
     # The model's gradients have rank <= 8 (8 samples), and unrestarted fp32 Gram NS amplifies
     # rounding in null directions (docs/newton_schulz.md): the ranks' all-reduced gradients differ
     # from one process's in the last bits, so the bound is twice the distance Gram's own rounding
@@ -103,7 +86,7 @@ def test_gram_aol_training_equals_one_process(tmp_path, layout):
 
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
 def test_cautious_weight_decay_training_equals_one_process(tmp_path, layout):
-    results = _spawn(tmp_path, f"train_{layout}_cautious", 2, torch.float32)
+    results = workers.spawn(tmp_path, f"train_{layout}_cautious", 2, torch.float32)
     _assert_matches_reference(results, 2, torch.float32, workers.CAUTIOUS)
     assert "cautious weight decay" in results[0]["plan"]
 
@@ -113,7 +96,7 @@ def test_cautious_weight_decay_training_equals_one_process(tmp_path, layout):
 def test_variants_training_equals_one_process(tmp_path, layout, world):
     """NorMuon + hyperball: the sharded layout all-reduces the per-neuron statistics of each rank's
     rows (world 3 splits rows unevenly), so the job reproduces one process."""
-    results = _spawn(tmp_path, f"train_{layout}_variants", world, torch.float32)
+    results = workers.spawn(tmp_path, f"train_{layout}_variants", world, torch.float32)
     _assert_matches_reference(results, world, torch.float32, workers.VARIANTS)
     assert "NorMuon (β2=0.95); hyperball" in results[0]["plan"]
 
@@ -124,7 +107,7 @@ def test_split_pieces_equal_one_process(tmp_path, layout, options):
     """Split pieces under DDP and FSDP2 over 3 ranks: FSDP2 sends each piece's owner the rows of the
     piece each rank holds (a row piece spans ranks; a column piece is a slice of every rank's rows),
     with NorMuon statistics and low-precision momentum on the pieces; the job reproduces one process."""
-    results = _spawn(tmp_path, f"train_{layout}_{options}", 3, torch.float32)
+    results = workers.spawn(tmp_path, f"train_{layout}_{options}", 3, torch.float32)
     _assert_matches_reference(results, 3, torch.float32, getattr(workers, options.upper()))
     assert ("split 6+18" if options == "split" else "split 8+16") in results[0]["plan"]
 
@@ -135,7 +118,7 @@ def test_split_pieces_equal_one_process(tmp_path, layout, options):
 def test_low_precision_momentum_training_equals_one_process(tmp_path, scenario, options):
     """A shard draws its rows' part of the parameter's random stream, and int8 blocks lie within
     rows (so within one rank's shard): sharded training is the one-process run."""
-    results = _spawn(tmp_path, scenario, 2, torch.float32)
+    results = workers.spawn(tmp_path, scenario, 2, torch.float32)
     _assert_matches_reference(results, 2, torch.float32, getattr(workers, options))
     assert "rounding" in results[0]["plan"]
 
@@ -145,7 +128,7 @@ def test_momentum_dtype_changed_mid_training_under_fsdp2_equals_one_process(tmp_
     """Each rank converts its shard's buffer (int8 with its rows' scales) at the next step, a rank
     whose shard of the 1-row head is empty included: the run is the one-process run with the same change."""
     options, new = workers.MOMENTUM_CHANGES[change]
-    results = _spawn(tmp_path, f"fsdp_momentum_{change}", 2)
+    results = workers.spawn(tmp_path, f"fsdp_momentum_{change}", 2)
     _assert_matches_reference(results, 2, torch.float32, options, change=new)
 
 
@@ -158,49 +141,49 @@ def test_fsdp2_checkpoint_resumes_identically(tmp_path, scenario):
     its shards and loads them into a fresh optimizer's own state dict): also with int8 momentum (its
     block scales are DTensors sharded like the momentum), NorMuon + hyperball (v and the radii
     replicated), split pieces of columns and the bf16 buffer with its step counter."""
-    for res in _spawn(tmp_path, scenario, 2):
+    for res in workers.spawn(tmp_path, scenario, 2):
         for name, want in res["straight"].items():
             assert torch.equal(res["resumed"][name], want), name
 
 
 def test_grad_missing_on_some_ranks_is_an_error_everywhere(tmp_path):
-    for res in _spawn(tmp_path, "grad_missing_on_one_rank", 2):
+    for res in workers.spawn(tmp_path, "grad_missing_on_one_rank", 2):
         assert res["error"] is not None and "1 of 2 ranks" in res["error"] and "'2.weight'" not in res["error"]
         assert res["unchanged"]
 
 
 def test_process_group_without_this_rank(tmp_path):
-    results = _spawn(tmp_path, "foreign_process_group", 2)
+    results = workers.spawn(tmp_path, "foreign_process_group", 2)
     assert results[0]["error"] is None
     assert "does not contain this rank" in results[1]["error"]
 
 
 def test_unsupported_layouts_say_which(tmp_path):
-    for res in _spawn(tmp_path, "unsupported_layouts", 2):
+    for res in workers.spawn(tmp_path, "unsupported_layouts", 2):
         assert "2-D mesh" in res["errors"]["hsdp"] and "Replicate" in res["errors"]["hsdp"]
         assert "different device meshes" in res["errors"]["meshes"]
 
 
 def test_per_rank_models_need_distributed_off(tmp_path):
-    for res in _spawn(tmp_path, "per_rank_models", 2):
+    for res in workers.spawn(tmp_path, "per_rank_models", 2):
         assert "distributed='off'" in res["error"] and res["unchanged"]
         assert res["moved"]
 
 
 def test_same_shape_stages_are_told_apart_by_their_gradients(tmp_path):
     """Identical pipeline stages plan the same buckets; their gradients differ, and "auto" says so."""
-    for res in _spawn(tmp_path, "same_shape_stages", 2):
+    for res in workers.spawn(tmp_path, "same_shape_stages", 2):
         assert "gradients of the replicated Muon parameters differ across ranks" in res["error"]
         assert "distributed='off'" in res["error"] and res["unchanged"] and res["moved"]
 
 
 def test_ranks_that_bucket_differently_get_an_error_not_a_hang(tmp_path):
-    for res in _spawn(tmp_path, "different_buckets", 2):
+    for res in workers.spawn(tmp_path, "different_buckets", 2):
         assert "ranks planned different Muon buckets" in res["error"] and res["unchanged"]
 
 
 def test_settings_that_differ_across_ranks_are_refused(tmp_path):
-    for res in _spawn(tmp_path, "settings_per_rank", 2):
+    for res in workers.spawn(tmp_path, "settings_per_rank", 2):
         for key in ("momentum", "momentum_dtype", "ns_steps"):
             assert f"ranks planned different Muon settings: param group 0's '{key}' differs" in res[key], key
             assert res[key + " unchanged"], key
@@ -210,7 +193,7 @@ def test_a_setting_changed_on_one_rank_later_is_refused_on_every_rank(tmp_path):
     """Changed after the first step on one rank only, a plan setting made that rank rebuild its plan
     alone: the ranks' collectives no longer matched and hung (the other rank's AdamW half had
     stepped). Now every step agrees on the settings and on whether to rebuild."""
-    results = _spawn(tmp_path, "settings_changed_on_one_rank", 2)
+    results = workers.spawn(tmp_path, "settings_changed_on_one_rank", 2)
     for res in results:
         for key in ("ns_steps", "nesterov", "lr"):
             assert f"ranks planned different Muon settings: param group 0's '{key}' differs" in res[key], key
