@@ -55,7 +55,7 @@ OUT ?= gpu-check
 GPU_CHECK_MINUTES ?= 8.5
 GPU_CHECK_TESTS_SHARE ?= 0.45
 
-.PHONY: bench test test-old-triton reproduce wheel install build-tools clean gpu-check
+.PHONY: bench test test-environments test-old-triton reproduce wheel install build-tools clean gpu-check
 
 .venv/.torch-installed:
 	$(PYTHON) -m venv .venv
@@ -85,11 +85,18 @@ ifneq ($(OLD_TRITON_ENV),)
 	  $(foreach f,$(OLD_TRITON_INTERPRETER_SKIP),--deselect "tests/test_triton_interpreter.py::test_triton_kernels_on_the_cpu_interpreter[$(f)]")
 endif
 
-# The Triton 3.6 environment is made while the main install builds _C (nvcc keeps both cores busy
-# for about a minute; making an environment mostly waits on unpacking): -j2 over the two.
-test:
-	@$(MAKE) --no-print-directory -j2 install $(OLD_TRITON_ENV)
-	@$(MAKE) --no-print-directory test-old-triton
+# Without a host torch, the Triton 3.6 environment is made while the main install builds _C (nvcc
+# keeps both cores busy for about a minute; making an environment mostly waits on unpacking): -j2
+# over the two, once the main environment's torch is in (so the second one takes pip's cached copy).
+test-environments: $(ENV_DEPS)
+ifneq ($(OLD_TRITON_ENV),)
+	@$(MAKE) --no-print-directory HOST_HAS_TORCH=$(HOST_HAS_TORCH) -j2 install $(OLD_TRITON_ENV)
+	@$(MAKE) --no-print-directory HOST_HAS_TORCH=$(HOST_HAS_TORCH) test-old-triton
+else
+	@$(MAKE) --no-print-directory HOST_HAS_TORCH=$(HOST_HAS_TORCH) install
+endif
+
+test: test-environments
 	@$(PY) -c "import pytest, scipy" 2>/dev/null || { echo "make test needs pytest and scipy in $(PY)'s environment (pip install pytest scipy hypothesis)"; exit 2; }
 	cd tests && $(PY) -m pytest -q $(call XDIST,$(PY)) $(PYTEST_ARGS)
 

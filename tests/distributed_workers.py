@@ -9,8 +9,10 @@ from __future__ import annotations
 import datetime
 import gc
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import socket
+import sys
 import traceback
 
 import torch
@@ -447,11 +449,12 @@ def _scenario(name: str):
     raise KeyError(f"no distributed scenario {name!r}")
 
 
-def run_scenario(rank, world, port, scenario, ns_dtype, out, environment):
+def run_scenario(rank, world, port, scenario, ns_dtype, out, environment, package):
     # The caller's environment at this call, as a spawned process would get it (the fork server's is
     # the one of its start, maybe inside another test's monkeypatch).
     os.environ.clear()
     os.environ.update(environment, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert mk.__file__ == package, f"rank {rank} runs {mk.__file__}, the test {package}"
     torch.set_num_threads(1)
     # A timeout, so a rank that fails mid-collective ends the test instead of hanging it.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -481,13 +484,32 @@ _SERVER_PRELOAD = ["torch", "torch.distributed.checkpoint", "torch.distributed.c
                    __name__]
 
 
+def _start_fork_server() -> None:
+    """Python before 3.12.8 starts the fork server with its working directory first on its path and
+    ignores the caller's sys.path (CPython gh-117378), so it could preload another muon_kernels than
+    the test's (the source tree's, which has no triton_kernels or _C, or the installed one) and skip
+    this module without a word. It starts in this directory with the caller's path as PYTHONPATH."""
+    multiprocessing.set_forkserver_preload(_SERVER_PRELOAD)
+    cwd, python_path = os.getcwd(), os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in sys.path)  # "" is the cwd
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.chdir(cwd)
+        if python_path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = python_path
+
+
 def spawn(tmp_path, scenario: str, world: int, ns_dtype=torch.float32) -> list[dict]:
     """Run ``scenario`` on ``world`` gloo processes; every rank's saved result (a crash fails here)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    multiprocessing.set_forkserver_preload(_SERVER_PRELOAD)  # read when the server starts: the first call
-    args = (world, port, scenario, ns_dtype, str(tmp_path), dict(os.environ))
+    _start_fork_server()
+    args = (world, port, scenario, ns_dtype, str(tmp_path), dict(os.environ), mk.__file__)
     torch.multiprocessing.start_processes(run_scenario, args=args, nprocs=world, start_method="forkserver")
     results = [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(world)]
     for r, res in enumerate(results):

@@ -130,3 +130,21 @@ def test_cautious_decay_on_the_torch_backend_leaves_each_weight_whole_or_untouch
     assert not torch.equal(stepped[0], before[0]) and not torch.equal(stepped[1], before[1])
     assert torch.equal(interrupted[0], stepped[0])  # decay and update, bit for bit
     assert torch.equal(interrupted[1], before[1])  # nothing
+
+
+def test_cautious_decay_widens_a_narrower_update_before_the_decay(monkeypatch):
+    """fp32 weights with a bf16 Newton–Schulz (a CPU's default): the update reaches the add already
+    in fp32 (widened, exactly, before the decay), so the add allocates no conversion after it."""
+    ps = [nn.Parameter(torch.randn(16, 24)), nn.Parameter(torch.randn(16, 24))]
+    opt = mk.Muon(ps, lr=0.02, weight_decay=0.5, weight_decay_mode="cautious", backend="torch")
+    _grads(ps, 0)
+    seen = []
+    real = torch._foreach_add_
+
+    def add(params, others, **kwargs):
+        seen.extend((p.dtype, o.dtype) for p, o in zip(params, others) if torch.is_tensor(o))
+        return real(params, others, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_add_", add)
+    opt.step()
+    assert seen == [(torch.float32, torch.float32)] * 2

@@ -429,12 +429,18 @@ def decay_and_add(params: list[torch.Tensor], outs: list[torch.Tensor], *, lr, w
     if weight_decay != 0.0 and cautious:
         # One factor tensor per parameter, made as it goes (all of them first would hold a second
         # copy of the bucket), so each parameter is decayed and updated before the next factor is
-        # allocated: a failing allocation leaves whole steps behind it, never a lone decay.
+        # allocated: a failing allocation leaves whole steps behind it, never a lone decay. An
+        # update narrower than its weight (a bf16 O for fp32 W, a CPU's default) is widened first,
+        # exactly, rather than inside the add after the decay; a wider one (fp32 O for 16-bit W)
+        # stays as it is: rounding it first would change the add's bits.
         # Device scalars made by fill kernels: no host-to-device copy, so capturable.
         decay = decay if tensor_lr else torch.full((), decay, dtype=acc, device=device)
         one = torch.ones((), dtype=acc, device=device)
         for i, (p, o) in enumerate(zip(params, outs)):
-            p.mul_(torch.where(_signs_agree(p, o if o.dtype == p.dtype else o.to(p.dtype)), decay, one))
+            if o.dtype.itemsize < p.dtype.itemsize:
+                o = o.to(p.dtype)
+            factor = torch.where(_signs_agree(p, o if o.dtype == p.dtype else o.to(p.dtype)), decay, one)
+            p.mul_(factor)
             if tensor_lr:
                 torch._foreach_add_([p], [steps[i]])
             else:
