@@ -477,7 +477,7 @@ def run_scenario(rank, world, port, scenario, ns_dtype, out, environment, packag
 
 # Ranks start from a fork server that imported torch, FSDP2, torch.distributed.checkpoint and this
 # module once per test process. Spawned ranks imported them anew (about 3 CPU-seconds per rank on
-# CI's 2 cores, 2–3 ranks per test, ~50 tests: a third of their CPU time); a plain fork would give
+# CI's 2 cores, 2–3 ranks per test, ~50 tests: most of their CPU time); a plain fork would give
 # each rank the test process's threads and, on a GPU machine, its CUDA context.
 _SERVER_PRELOAD = ["torch", "torch.distributed.checkpoint", "torch.distributed.checkpoint.state_dict",
                    "torch.distributed.device_mesh", "torch.distributed.fsdp", "torch.nn.parallel", "muon_kernels",
