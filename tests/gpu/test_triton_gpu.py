@@ -67,12 +67,12 @@ def test_symmetric_matmul_and_mirrored_tiles_on_device():
     assert torch.equal(out[:, :128, 128:256], out[:, 128:256, :128].mT)
 
 
-
 def test_triangle_coordinates_are_exact_with_the_gpus_approximate_sqrt():
     """tl.sqrt compiles to sqrt.approx here, which can land j one low as well as one high."""
     import triangle_check
 
     triangle_check.check(DEV)
+
 
 def test_split_products_in_a_cuda_graph_and_on_two_streams_give_the_eager_bits():
     """A split product reduces in its own launch: the last slice of a tile to arrive (an integer

@@ -13,8 +13,8 @@ from muon_kernels.ns_config import resolve_ns_config
 from muon_kernels.triton_kernels.fused_update import _lerp
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, normalize
 from muon_kernels.triton_kernels.small_newton_schulz import small_newton_schulz
-import triangle_check
 from oracles import reference_ns, rel_err
+import triangle_check
 
 FP32_TOL = 1e-4
 
@@ -95,11 +95,10 @@ def test_lerp_switches_formula_at_absolute_weight_one_half_like_torch():
     assert torch.equal(out, torch.lerp(a, b, w))
 
 
-
-
 def test_triangle_coordinates_are_exact_at_every_column_boundary():
     """The interpreter's sqrt rounds correctly; tests/gpu runs the same check on a GPU's approximate one."""
     triangle_check.check(torch.device("cpu"))
+
 
 @pytest.mark.parametrize("shape", [(2, 24, 40), (2, 40, 130)])  # the small and the symmetric path
 def test_nan_filled_work_buffers_change_no_bit(shape, monkeypatch):

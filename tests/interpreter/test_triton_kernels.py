@@ -90,7 +90,6 @@ def test_normalize_isolates_nan_and_handles_zero_and_tiny():
     assert abs(out[0].double().norm().item() - 1.0) < 1e-5
 
 
-
 @pytest.mark.parametrize("preset", ["keller", "polar_express"])
 @pytest.mark.parametrize("eps", [1e-7, 1e-3])
 def test_normalize_divides_by_the_formulas_divisor_at_tiny_norms(preset, eps):
@@ -115,6 +114,7 @@ def test_fp16_normalize_is_the_fp64_quotient_rounded_once():
     out = normalize(G, resolve_ns_config("keller", None, 1e-7), torch.float16)
     ref = torch.stack([(M.double() / M.double().norm()).to(torch.float16) for M in G])
     assert (out != ref).double().mean().item() <= 1e-3
+
 
 def test_each_matrix_is_reduced_once_in_a_fixed_order_at_counters_left_at_zero(monkeypatch):
     """The last tile of a matrix to finish reduces its partials (here in several masked rounds of two)
@@ -299,7 +299,6 @@ def test_fused_momentum_and_update_match_the_torch_path(form, nesterov, dtype, m
         assert rel_err(b, a) <= tol
 
 
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_update_of_16_bit_weights_is_torchs_two_ops_bit_for_bit(dtype):
     """torch.optim.Muon on a GPU: ``p.mul_(1 - lr·wd)`` (rounded to the weight's dtype), then
@@ -337,6 +336,7 @@ def test_fused_sgd_momentum_of_16_bit_buffers_is_torch_sgds_bit_for_bit(dtype):
         opt.step()
         sgd.step()
     assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
+
 
 @pytest.mark.parametrize("kind", ["channels_last", "fp64"])
 def test_fused_path_falls_back_for_non_contiguous_or_fp64_parameters(kind):
