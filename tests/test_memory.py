@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import muon_kernels as mk  # noqa: E402
 from muon_kernels import recurrence  # noqa: E402
+from muon_kernels.workspace import Scratch  # noqa: E402
 from muon_kernels.backends import torch_backend  # noqa: E402
 from muon_kernels.ns_config import resolve_ns_config  # noqa: E402
 from step_memory import LiveTensors  # noqa: E402
@@ -196,3 +197,24 @@ def test_a_functionalized_call_keeps_its_stack(ns_dtype):
     eager = torch_backend.orthogonalize(stack.clone(), KELLER, ns_dtype)
     traced = torch.func.functionalize(lambda s: torch_backend.orthogonalize(s, KELLER, ns_dtype, consume=True))
     assert torch.equal(traced(stack.clone()), eager)
+
+
+def test_scratch_hands_out_the_asked_dtype_and_shape_and_only_grows():
+    """One name, one allocation: the same tensor for the same request, a view of its first elements
+    for a smaller one, a new allocation (kept from then on) for a larger one or another dtype — never
+    the old bytes under another dtype; a request under inference mode gets a tensor that is not kept."""
+    scratch = Scratch(torch.device("cpu"))
+    first = scratch("x", (4, 8), torch.float32)
+    assert scratch("x", (4, 8), torch.float32) is first
+    small = scratch("x", (2, 3), torch.float32)
+    assert small.shape == (2, 3) and small.dtype == torch.float32 and small.data_ptr() == first.data_ptr()
+    half = scratch("x", (4, 8), torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.shape == (4, 8)
+    back = scratch("x", (2, 8), torch.float32)
+    assert back.dtype == torch.float32 and back.shape == (2, 8) and back.data_ptr() != first.data_ptr()
+    larger = scratch("x", (8, 8), torch.float32)
+    assert larger.shape == (8, 8) and scratch("x", (8, 8), torch.float32) is larger
+    assert scratch("y", (4, 8), torch.float32).data_ptr() != larger.data_ptr()  # names never share
+    with torch.inference_mode():
+        inside = scratch("z", (4, 4), torch.float32)
+    assert "z" not in scratch.buffers and scratch("z", (4, 4), torch.float32) is not inside

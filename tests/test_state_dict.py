@@ -541,3 +541,30 @@ def test_a_checkpoint_matched_by_name_does_not_warn():
         opt.load_state_dict(by_name)
     assert opt.param_groups[0]["param_names"] == ["b", "a"]
     assert torch.equal(opt.state[params["a"]]["momentum_buffer"], state["state"][0]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum_dtype": "int8"},
+                                     {"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic"}])
+def test_loading_into_an_optimizer_that_has_stepped_resumes_like_a_fresh_one(options):
+    """An optimizer whose plan is built (its buckets hold its state tensors) loads another run's
+    checkpoint: the next steps use the loaded tensors — momentum, int8 scales, rounding counters —
+    exactly as a fresh optimizer loading the same checkpoint does, not the buffers the old plan held."""
+    kwargs = dict(lr=0.02, adamw_weight_decay=0.01, **options)
+    other = _model(seed=5)
+    other_opt = mk.Muon(other.parameters(), **kwargs)
+    _train(other, other_opt, 3, seed=5)
+    saved_model, saved_opt = _roundtrip(other.state_dict()), other_opt.state_dict()
+
+    stepped = _model()
+    opt = mk.Muon(stepped.parameters(), **kwargs)
+    _train(stepped, opt, 2, seed=1)
+    stepped.load_state_dict(saved_model)
+    opt.load_state_dict(_roundtrip(saved_opt))  # each its own tensors: a load keeps the dict's
+
+    fresh = _model(seed=99)
+    fresh.load_state_dict(saved_model)
+    fresh_opt = mk.Muon(fresh.parameters(), **kwargs)
+    fresh_opt.load_state_dict(_roundtrip(saved_opt))
+    _train(stepped, opt, 2, seed=2)
+    _train(fresh, fresh_opt, 2, seed=2)
+    _assert_same(stepped, opt, fresh, fresh_opt)

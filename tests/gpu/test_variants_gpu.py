@@ -1,8 +1,8 @@
 """Optimizer variants on a real GPU (marked ``gpu``; skipped without one), every kernel backend
 against the torch backend on the same device: cautious weight decay; NorMuon and the hyperball
 (statistics kernel + fused update); split pieces; low-precision momentum (int8 and stochastically
-rounded bf16 must store the same bits as the torch reference); and a CUDA-graph replay of a step
-with all of them."""
+rounded bf16 must store the same bits as the torch reference, and int8 keeps 127 where a draw
+rounds to 128); and a CUDA-graph replay of a step with all of them."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from muon_kernels.backends import available_backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cautious_compare  # noqa: E402
+import stochastic_draws  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEV = torch.device("cuda")
@@ -108,6 +109,16 @@ def test_low_precision_momentum_stores_the_reference_bits(backend, options, dtyp
     for p, q in zip(ps, twins):
         for key, value in opts[1].state[q].items():
             assert torch.equal(opts[0].state[p][key], value), key
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_stochastic_int8_stores_127_where_the_draw_rounds_to_128(backend, monkeypatch):
+    """tests/stochastic_draws.py's edge: 127 + (1 - 2^-24) is 128 in fp32; stored as 127, like the
+    torch backend (tests/interpreter/test_momentum_precision_triton.py), not wrapped to -128."""
+    p, opt, _, _ = stochastic_draws.int8_at_the_top(backend, DEV, monkeypatch)
+    assert opt._buckets[0].backend.NAME == backend
+    assert torch.equal(opt.state[p]["momentum_buffer"], torch.full((2, 512), 127, dtype=torch.int8, device=DEV))
+    assert torch.equal(opt.state[p]["momentum_scale"], torch.full((2, 2), 1 / 128, device=DEV))
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -9,6 +9,7 @@ import torch
 
 import muon_kernels as mk
 from muon_kernels import momentum_precision
+import stochastic_draws
 
 # Rows a multiple of 256 long (the fused int8 path: blocks tile the flat buffer), and (7, 300), whose
 # rows end in a partial block (the torch path quantizes it; the bf16 path stays fused).
@@ -66,3 +67,18 @@ def test_stochastic_bf16_momentum_keeps_a_nan_whose_payload_would_carry_into_the
     opt.step()
     buf = opt.state[p]["momentum_buffer"].float()
     assert torch.isnan(buf[1, 7]) and torch.isnan(buf).sum() == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stochastic_int8_stores_127_where_the_draw_rounds_to_128(backend, monkeypatch):
+    """Every element at 127 levels of its block and one drawing the largest fraction: 127 + (1 - 2^-24)
+    is 128 in fp32; it is stored as 127 (not wrapped to int8's -128), the step's U and the parameter
+    too, and the seed really drew those bits."""
+    p, opt, seed, index = stochastic_draws.int8_at_the_top(backend, "cpu", monkeypatch)
+    assert torch.tensor(127.0) + (2**24 - 1) * 2.0**-24 == 128.0
+    assert int(momentum_precision.random_bits(seed, torch.tensor(1), 1024, "cpu")[index]) >> 8 == 2**24 - 1
+    assert opt._buckets[0].backend.NAME == backend
+    assert torch.equal(opt.state[p]["momentum_buffer"], torch.full((2, 512), 127, dtype=torch.int8))
+    assert torch.equal(opt.state[p]["momentum_scale"], torch.full((2, 2), 1 / 128))
+    assert torch.isfinite(p).all() and bool((p < 0).all())  # U: 127/128 everywhere, one sign
+    assert torch.equal(p[0, index], p[0, index + 1])

@@ -238,3 +238,41 @@ def test_gram_driver_launches_and_allocations(monkeypatch):
     assert len(calls) == 17 and calls.count("update") == 3
     assert allocations == [(4, 2, 20, 20), (2, 20, 70)]
     assert torch.isfinite(out).all()
+
+
+def _window(shape, pad=(2, 3)):
+    """(out, inside): ``out`` a window of ``shape`` into a larger buffer filled with a sentinel,
+    ``pad`` rows and columns of it on every side; ``inside`` marks the window in the buffer."""
+    k, r, c = shape
+    buffer = torch.full((k, r + 2 * pad[0], c + 2 * pad[1]), 12345.0)
+    inside = torch.zeros_like(buffer, dtype=torch.bool)
+    inside[:, pad[0]:pad[0] + r, pad[1]:pad[1] + c] = True
+    return buffer[:, pad[0]:pad[0] + r, pad[1]:pad[1] + c], buffer, inside
+
+
+@pytest.mark.parametrize("variant", ["plain", "split3+persistent", "tma+split2+persistent"])
+def test_products_write_their_output_and_nothing_around_it(variant):
+    """Outputs that are windows of a sentinel-filled buffer, sized off the 32-wide tiles: the last
+    tiles' masks (rows, columns, a split's reduction and mirror) keep every write inside — the CPU
+    would not fault on a write past the window, and a GPU writing its neighbour would not either."""
+    cfg = BASE if variant == "plain" else VARIANTS[variant]
+    X, B = _randn(2, 40, 70, seed=3), _randn(2, 40, 40, seed=4)
+    for product, shape, expected in (
+            (lambda out: symmetric_matmul(X, config=cfg, out=out), (2, 40, 40), symmetric_matmul(X, config=cfg)),
+            (lambda out: ns_update(B, X, 3.4445, config=replace(cfg, split_k=0), out=out), (2, 40, 70),
+             ns_update(B, X, 3.4445, config=replace(cfg, split_k=0)))):
+        out, buffer, inside = _window(shape)
+        product(out)
+        assert torch.equal(out, expected)
+        assert bool((buffer[~inside] == 12345.0).all())
+
+
+def test_normalize_writes_its_output_and_nothing_past_it():
+    """``normalize`` writes a contiguous output (rows 37 and columns 70 off the 16×32 interpreter
+    tiles): nothing past its end, and no tile's spill into the next row survives."""
+    G, config = _randn(2, 37, 70, seed=5), resolve_ns_config("keller", 5, 1e-7)
+    flat = torch.full((2 * 37 * 70 + 97,), 12345.0)
+    out = tns.normalize(G, config, torch.float32, out=flat[:2 * 37 * 70].view(2, 37, 70))
+    assert torch.equal(out, tns.normalize(G, config, torch.float32))
+    assert rel_err(out, G.double() / G.double().norm(dim=(1, 2), keepdim=True)) <= 4 * 2.0**-24
+    assert bool((flat[2 * 37 * 70:] == 12345.0).all())
