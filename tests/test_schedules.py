@@ -216,3 +216,52 @@ def test_split_batch_accumulates_the_full_batch_gradient():
     for idx, weight in parts:
         acc += weight * torch.autograd.grad(((x[idx] @ w - y[idx]) ** 2).mean(), w)[0]
     torch.testing.assert_close(acc, full, rtol=1e-13, atol=0)
+
+
+def _lrs(schedule, opt, steps):
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    return out
+
+
+def test_schedule_defaults_and_boundary_settings():
+    """PolynomialLR's default power is linear decay; min_lr_ratio = 1 (documented as valid) is a
+    constant lr; ConstantLR needs no total_steps."""
+    opt = mk.Muon([torch.nn.Parameter(torch.randn(6, 4))], lr=0.02, ns_dtype=torch.float32)
+    assert _lrs(mk.PolynomialLR(opt, 10), opt, 6)[5] == pytest.approx(0.01, rel=1e-12)
+    opt = mk.Muon([torch.nn.Parameter(torch.randn(6, 4))], lr=0.02, ns_dtype=torch.float32)
+    assert _lrs(mk.CosineLR(opt, 10, min_lr_ratio=1.0), opt, 12) == [pytest.approx(0.02, rel=1e-12)] * 12
+    opt = mk.Muon([torch.nn.Parameter(torch.randn(6, 4))], lr=0.02, ns_dtype=torch.float32)
+    assert _lrs(mk.ConstantLR(opt, warmup_steps=2), opt, 4) == pytest.approx([0.01, 0.02, 0.02, 0.02], rel=1e-12)
+
+
+def test_sampler_epochs_order_and_resume_edges():
+    """Epoch e is randperm(seed + e); shuffle=False is index order; a resume at an epoch boundary,
+    past the end, or from a fresh sampler's state continues exactly."""
+    sampler = mk.ScheduledBatchSampler(10, mk.ConstantBatchSize(10), num_steps=2, seed=3)
+    assert list(sampler) == [torch.randperm(10, generator=torch.Generator().manual_seed(3 + e)).tolist()
+                             for e in range(2)]
+    ordered = mk.ScheduledBatchSampler(10, mk.ConstantBatchSize(5), num_steps=4, shuffle=False)
+    assert [i for batch in ordered for i in batch] == list(range(10)) * 2
+    full = list(mk.ScheduledBatchSampler(10, mk.ConstantBatchSize(4), num_steps=8, seed=1))
+    resumed = mk.ScheduledBatchSampler(10, mk.ConstantBatchSize(4), num_steps=8, seed=1)
+    resumed.set_step(5)  # 20 samples consumed: the start of the third epoch
+    assert list(resumed) == full[5:]
+    past = mk.ScheduledBatchSampler(10, mk.ConstantBatchSize(2), num_steps=5)
+    past.set_step(8)
+    assert len(past) == 0 and list(past) == []
+    a = mk.ScheduledBatchSampler(10, mk.ConstantBatchSize(2), num_steps=5)
+    b = mk.ScheduledBatchSampler(10, mk.ConstantBatchSize(2), num_steps=5)
+    b.load_state_dict(a.state_dict())
+    assert list(b) == list(a)
+
+
+def test_sampler_refuses_a_zero_batch_and_a_mismatched_shuffle():
+    with pytest.raises(ValueError, match="positive integers"):
+        list(mk.ScheduledBatchSampler(10, lambda t: 0, num_steps=1))
+    state = mk.ScheduledBatchSampler(10, mk.ConstantBatchSize(2)).state_dict()
+    with pytest.raises(ValueError, match="shuffle"):
+        mk.ScheduledBatchSampler(10, mk.ConstantBatchSize(2), shuffle=False).load_state_dict(state)
