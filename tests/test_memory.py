@@ -218,3 +218,25 @@ def test_scratch_hands_out_the_asked_dtype_and_shape_and_only_grows():
     with torch.inference_mode():
         inside = scratch("z", (4, 4), torch.float32)
     assert "z" not in scratch.buffers and scratch("z", (4, 4), torch.float32) is not inside
+
+
+def _capped_buckets(entries, cap_matrices: int) -> list[int]:
+    """Matrices per bucket of one torch-backend step under a cap of ``cap_matrices`` 32×64 matrices;
+    ``entries``: (shape, matrix_view) per parameter."""
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape, _ in entries]
+    groups = [{"params": [p], "matrix_view": view} for p, (_, view) in zip(params, entries)]
+    probe = mk.Muon(groups, backend="torch")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    probe.step()
+    groups = [{"params": [p], "matrix_view": view} for p, (_, view) in zip(params, entries)]
+    opt = mk.Muon(groups, backend="torch", max_workspace_bytes=cap_matrices * probe._buckets[0].matrix_bytes())
+    opt.step()
+    return [b.matrices for b in opt._buckets]
+
+
+def test_no_bucket_crosses_the_cap_and_an_entry_over_it_stands_alone():
+    """A matrix then a stack of 3 under a cap of 3: two buckets, not one of 4; a stack of 4 (over a
+    cap of 2: an entry is never split) then a matrix: the stack alone, then the matrix."""
+    assert _capped_buckets([((32, 64), None), ((3, 32, 64), "batch")], 3) == [1, 3]
+    assert _capped_buckets([((4, 32, 64), "batch"), ((32, 64), None)], 2) == [4, 1]

@@ -92,7 +92,6 @@ def test_normuon_matches_the_formula(shape):
     assert (plain - W).abs().max() > 1e-3
 
 
-
 @pytest.mark.parametrize("eps", [1e-10, 1e-2])
 def test_normuon_state_and_eps_are_the_formulas(eps):
     """The stored v is the mean over each neuron's inputs (a sum would rescale out of the step but not
@@ -102,6 +101,7 @@ def test_normuon_state_and_eps_are_the_formulas(eps):
     ref, V = _reference(W0, grads, normuon=True, eps=eps, with_v=True)
     _close(W, ref, W0)
     torch.testing.assert_close(opt.state[opt.param_groups[0]["params"][0]]["normuon_v"].double(), V, rtol=1e-4, atol=0)
+
 
 def test_normuon_neurons_of_weights_stored_in_out_are_columns():
     """transformers' Conv1D stores (in, out): the statistic is per column there."""
@@ -403,3 +403,62 @@ def test_stale_variant_state_of_a_parameter_that_does_not_step_blocks_nothing():
     frozen.grad = torch.randn(16, 24)
     with pytest.raises(ValueError, match=r"parameter #0 of shape \(16, 24\) \(param group 0\): its optimizer state 'normuon_v'"):
         opt.step()
+
+
+def test_normuon_beta2_zero_is_allowed_and_hyperball_eps_is_checked():
+    mk.Muon([nn.Parameter(torch.randn(4, 4))], adaptive="normuon", normuon_beta2=0.0)  # [0, 1) is documented
+    with pytest.raises(ValueError, match="hyperball_eps"):
+        mk.Muon([nn.Parameter(torch.randn(4, 4))], constraint="hyperball", weight_decay=0.0, hyperball_eps=0.0)
+
+
+def test_normuon_on_batch_transposed_experts_is_the_transposed_twin():
+    torch.manual_seed(0)
+    stored = nn.Parameter(torch.randn(3, 6, 24))  # (E, in, out)
+    twin = nn.Parameter(stored.detach().mT.clone())  # (E, out, in)
+    opt = mk.Muon([{"params": [stored], "matrix_view": "batch_transposed"}, {"params": [twin], "matrix_view": "batch"}],
+                  lr=0.05, weight_decay=0.0, adaptive="normuon", ns_dtype=torch.float32, backend="torch")
+    for _ in range(3):
+        g = torch.randn(3, 24, 6)
+        twin.grad, stored.grad = g, g.mT.clone()
+        opt.step()
+    assert opt.state[stored]["normuon_v"].shape == opt.state[twin]["normuon_v"].shape == (3, 24)
+    torch.testing.assert_close(opt.state[stored]["normuon_v"], opt.state[twin]["normuon_v"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(stored.detach().mT, twin.detach(), rtol=0, atol=1e-6)
+
+
+def test_the_radius_of_bf16_weights_is_accumulated_in_fp32():
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(64, 256).to(torch.bfloat16))
+    opt = mk.Muon([W], constraint="hyperball", weight_decay=0.0)
+    r = W.detach().float().norm()
+    W.grad = torch.randn_like(W)
+    opt.step()
+    torch.testing.assert_close(opt.state[W]["hyperball_radius"], r, rtol=1e-5, atol=0)
+
+
+def test_turning_on_hyperball_keeps_normuons_state():
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(16, 24))
+    opt = mk.Muon([W], lr=0.02, adaptive="normuon", weight_decay=0.0, ns_dtype=torch.float32)
+    for _ in range(3):
+        W.grad = torch.randn(16, 24)
+        opt.step()
+    v = opt.state[W]["normuon_v"].clone()
+    opt.param_groups[0]["constraint"] = "hyperball"
+    W.grad = torch.randn(16, 24)
+    opt.step()
+    assert (opt.state[W]["normuon_v"] >= 0.9 * v).all()  # lerp(v, q, 0.05), not 0.05·q
+
+
+def test_turning_on_normuon_keeps_an_edited_radius():
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(16, 24))
+    opt = mk.Muon([W], lr=0.02, constraint="hyperball", weight_decay=0.0, ns_dtype=torch.float32)
+    W.grad = torch.randn(16, 24)
+    opt.step()
+    opt.state[W]["hyperball_radius"].fill_(3.0)
+    opt.param_groups[0]["adaptive"] = "normuon"
+    W.grad = torch.randn(16, 24)
+    opt.step()
+    assert float(opt.state[W]["hyperball_radius"]) == 3.0
+    torch.testing.assert_close(W.detach().norm(), torch.tensor(3.0), rtol=2e-6, atol=0)
