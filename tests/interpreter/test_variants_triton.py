@@ -181,3 +181,39 @@ def test_hyperball_on_column_slices_of_wider_matrices(options):
         assert abs(float(b.detach().norm()) - float(r)) <= 1e-5 * float(r)  # on its sphere
     for s, s0 in zip(storage, before):  # the columns around each slice are untouched
         assert torch.equal(s[:, :5], s0[:, :5]) and torch.equal(s[:, -4:], s0[:, -4:])
+
+
+def test_a_normuon_v_replaced_between_steps_is_the_one_the_kernel_updates():
+    """A trainer resetting ``normuon_v`` by hand (a new tensor, the same plan): the statistics table
+    holds state addresses, so it must be rebuilt — the kernel updates the new tensor, like torch."""
+    def run(backend):
+        g = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(12, 20, generator=g))
+        opt = mk.Muon([p], lr=0.05, weight_decay=0.0, backend=backend, adaptive="normuon", ns_dtype=torch.float32)
+        for i in range(3):
+            p.grad = torch.randn(12, 20, generator=g)
+            if i == 2:
+                opt.state[p]["normuon_v"] = torch.zeros(12)
+            opt.step()
+        return p.detach(), opt.state[p]["normuon_v"]
+
+    (ref, ref_v), (out, out_v) = run("torch"), run("triton")
+    assert rel_err(out_v, ref_v) <= 1e-5 and rel_err(out, ref) <= 1e-5
+
+
+def test_a_tensor_lr_applies_each_groups_weight_decay():
+    """Two groups with weight decay 0 and 0.5 in one bucket: a tensor lr steps like the float lr."""
+    results = []
+    for lr in (0.05, torch.tensor(0.05)):
+        g = torch.Generator().manual_seed(1)
+        ps = [torch.nn.Parameter(torch.randn(12, 20, generator=g)) for _ in range(2)]
+        opt = mk.Muon([{"params": [ps[0]], "weight_decay": 0.0}, {"params": [ps[1]], "weight_decay": 0.5}], lr=lr,
+                      backend="triton", ns_dtype=torch.float32, ns_steps=1)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        assert len(opt._buckets) == 1
+        results.append([p.detach() for p in ps])
+    for a, b in zip(*results):
+        assert rel_err(b, a) <= 1e-6
