@@ -568,3 +568,41 @@ def test_loading_into_an_optimizer_that_has_stepped_resumes_like_a_fresh_one(opt
     _train(stepped, opt, 2, seed=2)
     _train(fresh, fresh_opt, 2, seed=2)
     _assert_same(stepped, opt, fresh, fresh_opt)
+
+
+def test_a_checkpoint_saved_with_another_matrix_view_loads_and_steps_alike():
+    """Saved state shapes are judged by the saved settings (transposed view + NorMuon: v per column),
+    which the load restores; both optimizers then step alike."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 8))
+    p.grad = torch.randn(4, 8)
+    saved = mk.Muon([p], adaptive="normuon", matrix_view="transposed", backend="torch")
+    saved.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    q.grad = p.grad.clone()
+    loaded = mk.Muon([q], adaptive="normuon", backend="torch")
+    loaded.load_state_dict(saved.state_dict())
+    assert loaded.param_groups[0]["matrix_view"] == "transposed"
+    saved.step()
+    loaded.step()
+    assert torch.equal(p, q)
+
+
+def test_a_torch_optim_muon_checkpoint_is_refused_by_an_adamw_group():
+    w = torch.nn.Parameter(torch.randn(4, 8))
+    w.grad = torch.randn(4, 8)
+    theirs = torch.optim.Muon([w])
+    theirs.step()
+    ours = mk.Muon([{"params": [w], "use_muon": False}], backend="torch")
+    with pytest.raises(ValueError, match="momentum group"):
+        ours.load_state_dict(theirs.state_dict())
+    assert not ours.state
+
+
+def test_a_variant_turned_off_leaves_no_state_that_blocks_a_view_change():
+    p = torch.nn.Parameter(torch.randn(4, 8))
+    p.grad = torch.randn(4, 8)
+    opt = mk.Muon([p], adaptive="normuon", backend="torch")
+    opt.step()
+    opt.param_groups[0].update(adaptive="none", matrix_view="transposed")
+    opt.step()  # the stale normuon_v (per row) is not checked against the new view

@@ -605,3 +605,35 @@ def test_numpy_scalars_are_numbers_for_every_setting():
             opt.zero_grad()
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
+def test_a_tensor_lr_replaced_by_another_tensor_is_checked_again():
+    p = torch.nn.Parameter(torch.randn(4, 8))
+    p.grad = torch.randn(4, 8)
+    opt = mk.Muon([p], lr=torch.tensor(0.01), backend="torch")
+    opt.step()
+    opt.param_groups[0]["lr"] = torch.tensor(float("nan"))
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
+def test_adamw_settings_at_their_edges():
+    """Three betas and an infinite decay are refused by name; eps = 0 is accepted, as torch's AdamW does."""
+    with pytest.raises(ValueError, match="betas must be two numbers"):
+        mk.Muon([torch.nn.Parameter(torch.randn(4, 8))], adamw_betas=(0.9, 0.95, 0.99))
+    with pytest.raises(ValueError, match="adamw_weight_decay must be a finite"):
+        mk.Muon([torch.nn.Parameter(torch.randn(4, 8))], adamw_weight_decay=float("inf"))
+    b = torch.nn.Parameter(torch.randn(8))
+    b.grad = torch.randn(8)
+    mk.Muon([b], adamw_eps=0.0, backend="torch").step()
+
+
+def test_a_group_appended_by_hand_without_defaults_names_what_it_lacks():
+    p, q = torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(4, 8))
+    p.grad, q.grad = torch.randn(4, 8), torch.randn(4, 8)
+    opt = mk.Muon([p], backend="torch")
+    opt.param_groups.append({"params": [q], "use_muon": True, "lr": 0.02})
+    with pytest.raises(ValueError, match="param group 1 has use_muon=True but no"):
+        opt.step()
