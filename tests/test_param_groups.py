@@ -150,7 +150,6 @@ def test_group_without_use_muon_is_split_and_adamw_takes_adamw_settings():
     assert opt.param_groups[-1]["lr"] == 0.5 and opt.param_groups[-1]["betas"] == (0.8, 0.9)
 
 
-
 def test_a_group_dict_without_use_muon_keeps_its_muon_settings_out_of_the_adamw_half():
     """A group's own lr, eps and weight_decay are Muon's: its biases and norms step with adamw_*
     (checked against torch.optim.AdamW), never with the group's weight decay."""
@@ -172,6 +171,7 @@ def test_a_group_dict_without_use_muon_keeps_its_muon_settings_out_of_the_adamw_
         reference.step()
     for p, q in zip(adamw["params"], theirs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
 
 def test_adamw_groups_match_torch_adamw():
     torch.manual_seed(0)
@@ -316,3 +316,70 @@ def test_parametrized_weights_are_routed_as_their_layers_weight():
 def test_transposed_conv_filters_are_flattened_as_stored_and_say_so():
     routes = _routes(nn.Sequential(nn.ConvTranspose2d(16, 8, 2, stride=2)))
     assert routes["0.weight"] == (True, "flatten", "transposed-conv filter (in, out, k…)")
+
+
+def _group_of(groups, name):
+    return next(g for g in groups for n, _ in g["params"] if n == name)
+
+
+class _Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3), nn.Linear(8, 5)
+        self.stack = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 10))
+
+
+def test_heads_given_as_a_list_or_a_container_all_go_to_adamw():
+    groups = mk.param_groups(_Heads(), head=["a", "b", "stack"])
+    for name in ("a.weight", "b.weight", "stack.0.weight", "stack.2.weight"):
+        assert not _group_of(groups, name)["use_muon"], name
+    assert _group_of(groups, "body.weight")["use_muon"]
+    with pytest.raises(ValueError, match="neither a module"):
+        mk.param_groups(_Heads(), head=42)
+
+
+class _Odd(nn.Module):
+    is_transposed = True  # a layer storing (E, in, out): (4, 16, 1) experts are vectors
+
+    def __init__(self):
+        super().__init__()
+        self.pos_enc, self.posEmbed = nn.Parameter(torch.randn(16, 32)), nn.Parameter(torch.randn(16, 32))
+        self.rel_bias_table = nn.Parameter(torch.randn(49, 4))
+        self.experts = nn.Parameter(torch.randn(4, 16, 1))
+        self.kernel = nn.Parameter(torch.randn(4, 8, 3, 3))
+        self.one_channel, self.grouped = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 16, 3, groups=2)
+
+
+def test_routing_of_tables_experts_free_4d_kernels_and_ordinary_convs():
+    groups = mk.param_groups(_Odd())
+    for name in ("pos_enc", "posEmbed", "rel_bias_table", "experts"):
+        assert not _group_of(groups, name)["use_muon"], name
+    for name in ("kernel", "one_channel.weight", "grouped.weight"):  # not depthwise: filters, flattened
+        group = _group_of(groups, name)
+        assert group["use_muon"] and group["matrix_view"] == "flatten", name
+
+
+class _HeadFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head, self.emb = nn.Linear(8, 10, bias=False), nn.Embedding(10, 8)
+        self.head.weight = self.emb.weight
+
+
+def test_ties_on_the_meta_device_and_in_one_buffer():
+    """Meta tensors have no memory (data_ptr 0): only ties by object count there; views laid back to
+    back in one buffer are not tied; frozen parameters are in no group."""
+    with torch.device("meta"):
+        deferred = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+        tied = _HeadFirst()
+    assert _group_of(mk.param_groups(deferred), "1.weight")["use_muon"]
+    assert not _group_of(mk.param_groups(tied), "head.weight")["use_muon"]
+    buffer = torch.randn(10 * 8 + 8 * 8)
+    adjacent = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8, bias=False))
+    adjacent[0].weight = nn.Parameter(buffer[:80].view(10, 8))
+    adjacent[1].weight = nn.Parameter(buffer[80:].view(8, 8))
+    assert _group_of(mk.param_groups(adjacent), "1.weight")["use_muon"]
+    frozen = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    frozen[0].requires_grad_(False)
+    names = [n for g in mk.param_groups(frozen) for n, _ in g["params"]]
+    assert "0.weight" not in names and "0.bias" not in names and "1.weight" in names
