@@ -275,7 +275,12 @@ def grad_missing_on_one_rank(rank, world, ns_dtype, out):
     for p in model.parameters():
         p.grad = None if p is model[2].weight else torch.ones_like(p)
     opt.step()
-    return {"error": error, "unchanged": unchanged}
+    # A zero-size Muon parameter carries nothing to agree on: a gradient on one rank only is no error.
+    empty, square = nn.Parameter(torch.zeros(0, 8)), nn.Parameter(torch.eye(8))
+    other = mk.Muon([empty, square], lr=0.05, ns_dtype=ns_dtype)
+    empty.grad, square.grad = (torch.zeros(0, 8) if rank == 0 else None), torch.ones(8, 8)
+    other.step()
+    return {"error": error, "unchanged": unchanged, "empty_stepped": not torch.equal(square, torch.eye(8))}
 
 
 def foreign_process_group(rank, world, ns_dtype, out):

@@ -147,9 +147,11 @@ def test_fsdp2_checkpoint_resumes_identically(tmp_path, scenario):
 
 
 def test_grad_missing_on_some_ranks_is_an_error_everywhere(tmp_path):
+    """Refused on every rank, nothing modified; a grad None everywhere, or that of a zero-size
+    parameter on some ranks only, is not."""
     for res in workers.spawn(tmp_path, "grad_missing_on_one_rank", 2):
         assert res["error"] is not None and "1 of 2 ranks" in res["error"] and "'2.weight'" not in res["error"]
-        assert res["unchanged"]
+        assert res["unchanged"] and res["empty_stepped"]
 
 
 def test_process_group_without_this_rank(tmp_path):

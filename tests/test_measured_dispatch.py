@@ -18,7 +18,7 @@ from torch import nn
 import distributed_workers as workers
 import muon_kernels as mk
 from dispatch_fakes import FakeDispatch
-from muon_kernels.backends import measured
+from muon_kernels.backends import measured, torch_backend
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +68,33 @@ def test_the_steps_equal_the_chosen_backend_run_alone(monkeypatch):
         _step(ref, twin, seed)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_the_chosen_path_and_the_given_up_stack_reach_every_call(monkeypatch):
+    """The measured kernel path is what the backend is called with — in one call, and in every chunk
+    of a bucket the workspace cap splits — and the step gives its stack up (``consume``)."""
+    fake = FakeDispatch(monkeypatch, {"only": 1.0})
+    backend, calls = fake.backends["only"], []
+
+    def orthogonalize(stack, config, ns_dtype, path=None, consume=False):
+        calls.append((stack.shape[0], path, consume))
+        return torch_backend.orthogonalize(stack, config, ns_dtype)
+
+    backend.orthogonalize = orthogonalize
+    monkeypatch.setattr(measured, "candidates", lambda bucket: [] if bucket.request is None else [
+        measured.Candidate(backend, path, c) for c in measured.candidate_configs(bucket) for path in ("slow", "fast")])
+    monkeypatch.setattr(measured, "time_candidate", lambda option, run, device: {"slow": 2.0, "fast": 1.0}[option.path])
+    torch.manual_seed(0)
+    stack = nn.Parameter(torch.randn(4, 16, 32))
+    whole = mk.Muon([stack], ns_dtype=torch.float32, matrix_view="batch")
+    for capped, sizes in ((False, [4]), (True, [1, 1, 1, 1])):  # capped: one matrix's workspace
+        opt = whole if not capped else mk.Muon([stack], ns_dtype=torch.float32, matrix_view="batch",
+                                               max_workspace_bytes=whole._buckets[0].matrix_bytes())
+        stack.grad = torch.randn_like(stack)
+        opt.step()  # measures, then steps
+        calls.clear()
+        opt.step()
+        assert calls == [(size, "fast", True) for size in sizes]
 
 
 def test_a_candidate_outside_the_accuracy_band_is_excluded(monkeypatch, cache):

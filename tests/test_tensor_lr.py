@@ -51,3 +51,18 @@ def test_capturable_settings_survive_state_dict():
     fresh = mk.Muon(_params())
     fresh.load_state_dict(opt.state_dict())
     assert all(g["capturable"] for g in fresh.param_groups)
+
+
+@pytest.mark.parametrize("use_muon", [True, False])
+def test_capturable_refuses_an_lr_on_another_device_than_its_parameters(use_muon):
+    """A capture would copy a host lr: refused at the step, naming the group, the parameter and the
+    fix. Meta-device parameters stand in for a GPU's here (the check runs before any arithmetic);
+    tests/gpu/test_gpu_hardening.py checks on a GPU that nothing is modified."""
+    p = torch.nn.Parameter(torch.empty(48, 32, device="meta"))
+    p.grad = torch.empty(48, 32, device="meta")
+    group = {"params": [p], "use_muon": use_muon, **({} if use_muon else {"lr": torch.tensor(0.02)})}
+    opt = mk.Muon([group], lr=torch.tensor(0.02), capturable=True)
+    with pytest.raises(ValueError, match=r"^param group 0 has capturable=True and lr on cpu, but parameter #0 of "
+                                         r"shape \(48, 32\) is on meta: put lr on the parameters' device"):
+        opt.step()
+    assert not opt.state

@@ -161,6 +161,30 @@ def test_zero_size_parameters_are_skipped():
     assert any(r.method == "skip" for r in opt.plan())
 
 
+def test_zero_size_adamw_parameters_step_like_torch_adamw():
+    """AdamW's half is torch.optim.AdamW's: a zero-size parameter there gets its (empty) moments and
+    its step count, as torch's does, so the two state dicts keep the same entries."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 6))
+    ours = [nn.Parameter(torch.zeros(0)), nn.Parameter(torch.randn(6))]
+    theirs = [nn.Parameter(q.detach().clone()) for q in ours]
+    opt = mk.Muon([{"params": [w]}, {"params": ours, "use_muon": False}], backend="torch",
+                  adamw_lr=0.01, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, adamw_weight_decay=0.1)
+    ref = torch.optim.AdamW(theirs, lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)  # as ours
+    for _ in range(2):
+        w.grad = torch.randn(4, 6)
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert opt.state[a].keys() == ref.state[b].keys()
+        for key, value in ref.state[b].items():
+            torch.testing.assert_close(opt.state[a][key], value, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_non_contiguous_and_channels_last_parameters():
     torch.manual_seed(0)
     base = torch.randn(12, 7)

@@ -1,8 +1,9 @@
 """What a first GPU run must prove beyond the per-kernel tests (marked ``gpu``): the shapes that
 matter, element-wise bounds beside the Frobenius ones (a few corrupted elements fail them),
 bit-identical repeats (a cheap race detector: both paths are deterministic by design), batches past
-grid axis 1's 65,535, a fused-update tensor cut between multi-tensor launches, and the one-kernel
-path at its real per-arch byte boundary. ``make gpu-check`` runs these with NaN-filled work buffers.
+grid axis 1's 65,535, a fused-update tensor cut between multi-tensor launches, the one-kernel
+path at its real per-arch byte boundary, a checkpoint read onto the CPU resuming on the GPU, and a
+host lr under capturable=True refused. ``make gpu-check`` runs these with NaN-filled work buffers.
 """
 
 from __future__ import annotations
@@ -152,3 +153,69 @@ def test_an_fp64_stack_below_eps(backend, preset):
     config = resolve_ns_config(preset, None, 2.0)
     out = backend.orthogonalize(G, config, torch.float32)
     assert rel_err(out, reference_ns(G, preset, eps=2.0)) <= 1e-4
+
+
+def _resumable(backend_name):
+    """Two layers on the GPU with every kind of Muon state: int8 momentum (block scales, the
+    stochastic-rounding step counter), NorMuon's second moment and the hyperball radius; AdamW state
+    for the biases."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.Linear(160, 96)).to(DEV)
+    opt = mk.Muon(model.parameters(), lr=0.02, weight_decay=0.0, backend=backend_name, momentum_dtype="int8",
+                  momentum_rounding="stochastic", adaptive="normuon", constraint="hyperball")
+    return model, opt
+
+
+def _grads(model, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g).to(DEV)
+
+
+@pytest.mark.parametrize("backend_name", ["auto", *BACKENDS])
+def test_a_checkpoint_read_onto_the_cpu_resumes_on_the_gpu(backend_name, tmp_path):
+    """``torch.load(..., map_location="cpu")`` then ``load_state_dict``: every Muon state tensor goes
+    back to its parameter's device in the dtype it was saved in (checkpoint.restore_state_dtypes),
+    and the resumed steps equal the uninterrupted ones bit for bit."""
+    model, opt = _resumable(backend_name)
+    twin, resumed = _resumable(backend_name)
+    for seed in range(2):
+        _grads(model, seed)
+        opt.step()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", map_location="cpu")
+    twin.load_state_dict(saved["model"])
+    resumed.load_state_dict(saved["opt"])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        if p.ndim == 2:
+            for key, value in opt.state[p].items():
+                loaded = resumed.state[q][key]
+                assert (loaded.device, loaded.dtype) == (value.device, value.dtype), key
+                assert torch.equal(loaded, value), key
+    for seed in range(2, 4):
+        _grads(model, seed)
+        _grads(twin, seed)
+        opt.step()
+        resumed.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_host_lr_under_capturable_is_refused_before_anything_moves():
+    """capturable=True with a tensor lr on the host (replaced after construction): the step names the
+    group, the parameter and the fix, and changes no parameter and no state."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48)).to(DEV)
+    opt = mk.Muon(model.parameters(), lr=torch.tensor(0.02, device=DEV), capturable=True)
+    _grads(model, 0)
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    opt.param_groups[0]["lr"] = torch.tensor(0.02)
+    _grads(model, 1)
+    with pytest.raises(ValueError, match=r"param group 0 has capturable=True and lr on cpu, but parameter .* is on "
+                                         r"cuda.*put lr on the parameters' device"):
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+        assert opt.state[p].keys() == state[p].keys()
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state[p].items())
