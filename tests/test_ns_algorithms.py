@@ -164,6 +164,32 @@ def test_flop_counts():
         assert recurrence.flops(m, n, gram, torch.float32) == expected
 
 
+@pytest.mark.parametrize("algorithm, restarts", [("standard", None), ("gram", ()), ("gram", (1, 3)), ("gram", (2,)),
+                                                 ("gram", (1, 2, 3, 4))])
+@pytest.mark.parametrize("normalization", ["frobenius", "aol"])
+def test_the_recurrences_run_the_products_flops_counts(algorithm, restarts, normalization, gen):
+    """Every product the recurrence runs, counted at 2·rows·inner·cols FLOPs as it is called, adds up
+    to ``flops``: nothing computed twice (AOL's X·Xᵀ serves the first step) and nothing thrown away
+    (no R update before a restart recomputes R)."""
+    m, n = 8, 24
+    spent = []
+
+    def product(left, right, out):
+        spent.append(2 * left.shape[-2] * left.shape[-1] * right.shape[-1])
+        return out
+
+    ops = recurrence.MatmulOps(
+        gram=lambda X: product(X, X.mT, torch.bmm(X, X.mT)),
+        poly=lambda A, b, c: product(A, A, torch.baddbmm(A, A, A, beta=b, alpha=c)),
+        apply=lambda B, X, a: product(B, X, torch.baddbmm(X, B, X, beta=a)),
+    )
+    config = resolve_ns_config("keller", None, 1e-7, algorithm, normalization, restarts)
+    G = _input((1, m, n), gen)
+    out = recurrence.run(G / G.norm(), config, torch.float32, ops)
+    assert sum(spent) == recurrence.flops(m, n, config, torch.float32)
+    assert rel_err(out[0], reference_ns(G[0], "keller", ns_normalization=normalization)) <= FP32_TOL
+
+
 def test_default_restarts_per_dtype():
     """16-bit: before every second step from step 1; fp32: every 5 steps (docs/newton_schulz.md)."""
     cfg = resolve_ns_config("keller", None, 1e-7, "gram")
@@ -184,6 +210,12 @@ def test_fp32_restarts_needed_beyond_five_steps(gen):
     assert drift > 10 * fixed and fixed <= 10 * std + 1e-5
 
 
+def test_restarts_are_a_set_of_steps():
+    """Order and repeats do not matter: the same config (so the same bucket), whatever the listing."""
+    listed = [resolve_ns_config("keller", None, 1e-7, "gram", None, r) for r in ([3, 1], (1, 3, 3), [1, 3])]
+    assert listed[0] == listed[1] == listed[2] and listed[0].gram_restarts(torch.bfloat16) == (1, 3)
+
+
 def test_presets_and_steps():
     turbo = resolve_ns_config("turbo", None, 1e-7)
     assert turbo.steps == 4 and turbo.normalization == "aol"
@@ -199,6 +231,7 @@ def test_presets_and_steps():
     ({"ns_normalization": "spectral"}, r"ns_normalization must be None .* \('frobenius', 'aol'\)"),
     ({"ns_algorithm": "gram", "ns_gram_restarts": (5,)}, r"ns_gram_restarts=\[5\].*ns_steps is 5"),
     ({"ns_algorithm": "gram", "ns_gram_restarts": (0,)}, r"ns_gram_restarts=\[0\]"),
+    ({"ns_algorithm": "gram", "ns_gram_restarts": [3, 0]}, r"ns_gram_restarts=\[0, 3\]"),  # checked in step order
     ({"ns_algorithm": "gram", "ns_gram_restarts": "2"}, r"ns_gram_restarts must be None or a list"),
     ({"ns_algorithm": "gram", "ns_coefficients": [KELLER[0]] * 2, "ns_steps": 5, "ns_gram_restarts": (2,)},
      r"per-step coefficient list has 2 tuples"),

@@ -45,8 +45,11 @@ def _assert_unchanged(before, after):
         ({"ns_steps": -1}, r"ns_steps must be an int in \[0, 100\)"),
         ({"ns_steps": 2.5}, r"ns_steps must be an int in \[0, 100\)"),
         ({"ns_steps": 100}, r"ns_steps must be an int in \[0, 100\)"),
+        ({"ns_steps": True}, r"ns_steps must be an int in \[0, 100\).*got True"),  # a bool is no step count
         ({"ns_coefficients": "kj"}, r"unknown preset 'kj'.*keller.*polar_express.*quintic"),
         ({"ns_coefficients": (1.0, 2.0)}, "three numbers"),
+        ({"ns_coefficients": ("3.4445", "-4.775", "2.0315")}, "three numbers"),  # strings are not converted
+        ({"ns_coefficients": [(3.4445, -4.775, "2.0315")]}, r"step 0 must be three numbers"),
         ({"ns_coefficients": []}, "non-empty"),
         ({"adjust_lr_fn": "sqrt"}, r"adjust_lr_fn must be one of \(None, 'original', 'match_rms_adamw', 'spectral'\)"),
         ({"backend": "jax"}, r"backend must be one of \('auto', 'torch', 'triton', 'cuda'\)"),
