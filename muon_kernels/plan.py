@@ -20,6 +20,7 @@ from .ns_config import NSConfig
 from .recurrence import choose_algorithm
 from .settings import ADJUST_LR_FNS, label, ns_config
 
+
 def matrix_view(shape: torch.Size | tuple[int, ...], view: str | None, name: str) -> MatrixView:
     """The matrix view of a Muon parameter; raises ValueError when there is none or it is ambiguous.
 

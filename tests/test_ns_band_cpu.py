@@ -16,7 +16,6 @@ from oracles import band, plain_recurrence, rel_err
 CASES = [("gram", "keller"), ("gram", "polar_express"), ("standard", "turbo"), ("gram", "turbo")]
 
 
-
 @functools.lru_cache(maxsize=None)
 def _input() -> torch.Tensor:
     return torch.randn(4, 256, 1024, generator=torch.Generator().manual_seed(8), dtype=torch.float64).float()

@@ -154,7 +154,6 @@ def _(ortho, params, states, table, row_scale, normuon, hyperball, beta2, eps):
     return ortho.new_empty((ortho.shape[0], blocks(ortho.shape[2]), 4), dtype=torch.float32)
 
 
-
 @torch.library.custom_op("muon_kernels::variant_factors", mutates_args=())
 def variant_factors_op(partials: torch.Tensor, alphas: torch.Tensor | None, radius: torch.Tensor | None,
                        normuon: bool, hyperball: bool, normuon_eps: float,
@@ -170,6 +169,7 @@ def variant_factors_op(partials: torch.Tensor, alphas: torch.Tensor | None, radi
 def _(partials, alphas, radius, normuon, hyperball, normuon_eps, hyperball_eps):
     k = partials.shape[0]
     return partials.new_empty((k,)), partials.new_empty((k if hyperball else 0,))
+
 
 # What the backends call (positional arguments; ``mutated`` mirrors each op's ``mutates_args``).
 _newton_schulz_launch = eager_or_traced(newton_schulz_op)

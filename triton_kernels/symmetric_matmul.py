@@ -36,6 +36,7 @@ from .config import (FP_FUSION, MatmulConfig, arch_of, cdiv, checked_grid, persi
 from .descriptors import descriptor, load_tile
 from .launch import launch
 
+
 def fixup_rows(block: int, itemsize: int, arch: int) -> int:
     """Rows of a tile the last-arriving program sums at a time: 16 of a 128-wide tile (8 fp32
     registers a thread at 8 warps), 8 of a 64-wide 16-bit one, 16 of a 64-wide fp32 one (all of it

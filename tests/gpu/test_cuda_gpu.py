@@ -36,6 +36,7 @@ if CUDA_OK:
 def extension_runs_here():
     assert CUDA_OK, f"a CUDA device is present but the cuda backend cannot run on it: {CUDA_WHY}"
 
+
 DEV = torch.device("cuda")
 # Odd sizes (one row, primes, just past a 128 tile), tall and wide, a batch, one multi-tile square.
 SHAPES = [(1, 1, 64), (3, 96, 200), (2, 257, 513), (1, 640, 640), (2, 130, 1000)]
