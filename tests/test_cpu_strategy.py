@@ -107,6 +107,20 @@ def test_scaled_normalization_equals_the_plain_formula_bit_for_bit(ns_dtype, pre
     assert torch.equal(torch_backend.normalize(G, config, ns_dtype), plain)
 
 
+@pytest.mark.parametrize("steps", [4, 5])
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_a_result_is_not_reused_by_the_next_call(ns_dtype, steps):
+    """The thread's scaled-copy buffer serves only a cast copy (a 16-bit iteration): an fp32
+    normalization's output is the recurrence's own spare X, which holds the result after an even
+    number of steps, so reusing it would hand two calls' results one memory."""
+    g = torch.Generator().manual_seed(0)
+    config = resolve_ns_config("keller", steps, 1e-7)
+    first = torch_backend.orthogonalize(torch.randn(3, 16, 40, generator=g), config, ns_dtype)
+    kept = first.clone()
+    second = torch_backend.orthogonalize(torch.randn(3, 16, 40, generator=g), config, ns_dtype)
+    assert torch.equal(first, kept) and first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+
+
 SYMMETRIC_TOLERANCE = {torch.float32: 2**-20, torch.bfloat16: 2**-7}  # relative to Σ|x_ik·x_jk|
 
 

@@ -37,6 +37,30 @@ def test_orthogonalize_is_scale_free_from_1e_minus_30_to_1e30(shape, scale, stor
     assert rel_err(out, ref) <= FP32_TOL + OUTPUT_ROUNDING[storage]
 
 
+@pytest.mark.parametrize("scale", [1e-40, 1e-44, 1e38])
+@pytest.mark.parametrize("shape", [(7, 5), (3, 24, 10)])
+def test_fp32_subnormal_and_near_overflow_stacks_normalize(shape, scale):
+    """Past the power-of-two scaling's exponent range (fp32 subnormals down to 1e-44, entries up to
+    1e38): the scale is clamped to a representable 2^±126, and the result is still the fp64
+    recurrence's on the same (rounded) input."""
+    G = (_randn(*shape) * scale).to(torch.float32)
+    assert torch.isfinite(G).all() and (G != 0).any()
+    out = mk.orthogonalize(G, eps=0.0, ns_dtype=torch.float32, backend="torch")
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference_ns(G.double(), eps=0.0)) <= FP32_TOL
+
+
+def test_the_largest_magnitude_may_be_a_negative_entry():
+    """The scale comes from max |x|, negative entries included: one entry of -1e30 among entries of
+    1e-30 scaled by the positive maximum's 2^100 would overflow to -inf."""
+    G = (_randn(2, 7, 5) * 1e-30).to(torch.float32)
+    G[0, 3, 1] = -1e30
+    G[1] = -G[1].abs()  # no positive entry at all
+    out = mk.orthogonalize(G, eps=0.0, ns_dtype=torch.float32, backend="torch")
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference_ns(G.double(), eps=0.0)) <= FP32_TOL
+
+
 def test_huge_gradient_still_updates_and_tiny_one_with_eps_zero_is_not_nan():
     for scale, eps in ((1e30, 1e-7), (1e-25, 0.0)):
         p = nn.Parameter(torch.ones(1, 5))

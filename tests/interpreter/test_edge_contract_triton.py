@@ -36,6 +36,26 @@ def test_extreme_scales_orthogonalize_like_unit_ones(shape, scale, storage, path
     assert rel_err(out, reference_ns(G.double(), eps=0.0)) <= FP32_TOL
 
 
+@pytest.mark.parametrize("path", ["symmetric", "small"])
+@pytest.mark.parametrize("scale", [1e-40, 1e-44, 1e38, "negative"])
+@pytest.mark.parametrize("shape", [(2, 7, 5), (3, 24, 10)])
+def test_fp32_subnormal_near_overflow_and_negative_largest_entries(shape, scale, path):
+    """The torch backend's edge cases (tests/test_edge_contract.py) on the kernels: fp32 subnormals,
+    entries near fp32's max (tile scales clamped to 2^126), and a largest magnitude that is a
+    negative entry (-1e30 among 1e-30s; a matrix with no positive entry)."""
+    if scale == "negative":
+        G = (_randn(*shape) * 1e-30).float()
+        G[0, 3, 1] = -1e30
+        G[1] = -G[1].abs()
+    else:
+        G = (_randn(*shape) * scale).float()
+    assert torch.isfinite(G).all() and (G != 0).any()
+    run = newton_schulz if path == "symmetric" else small_newton_schulz
+    out = run(G, resolve_ns_config("keller", 5, 0.0), torch.float32)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference_ns(G.double(), eps=0.0)) <= FP32_TOL
+
+
 def test_huge_and_tiny_norms_are_exact_to_fp32_rounding():
     config = resolve_ns_config("keller", 0, 0.0)
     for scale in (1e-38, 1e-30, 1.0, 1e30, 1e37):
