@@ -97,6 +97,15 @@ def test_the_chosen_path_and_the_given_up_stack_reach_every_call(monkeypatch):
         assert calls == [(size, "fast", True) for size in sizes]
 
 
+def test_an_explicit_backend_is_not_measured(monkeypatch):
+    """Only backend="auto" buckets are measured: a group that names its backend keeps it."""
+    fake = FakeDispatch(monkeypatch, {"a": 1.0, "b": 2.0})
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32, backend="torch")
+    _step(opt, model)
+    assert fake.timed == [] and {b.backend.NAME for b in opt._buckets} == {"torch"}
+
+
 def test_a_candidate_outside_the_accuracy_band_is_excluded(monkeypatch, cache):
     FakeDispatch(monkeypatch, {"wrong": 0.1, "right": 1.0}, wrong=("wrong",))
     model = _model()

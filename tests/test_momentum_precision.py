@@ -376,6 +376,21 @@ def test_int8_split_pieces_keep_whole_blocks():
                   "matrix_view": "transposed"}], momentum_dtype="int8")
 
 
+def test_int8_turned_on_after_construction_checks_the_pieces_at_the_step():
+    """The same refusal when momentum_dtype="int8" is set on the group later: at the step, naming the
+    group and the parameter, with nothing modified."""
+    p = nn.Parameter(torch.randn(8, 300))
+    opt = mk.Muon([{"params": [("c", p)], "split_sizes": (100, 100, 100), "matrix_view": "transposed"}])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    before, momentum = p.detach().clone(), opt.state[p]["momentum_buffer"].clone()
+    opt.param_groups[0]["momentum_dtype"] = "int8"
+    with pytest.raises(ValueError, match=r"param group 0: parameter 'c'.*split piece \[0, 100\) of the columns.*"
+                                         r"nothing was modified"):
+        opt.step()
+    assert torch.equal(p, before) and torch.equal(opt.state[p]["momentum_buffer"], momentum)
+
+
 def test_plan_names_the_momentum_precision():
     opt = mk.Muon([nn.Parameter(torch.randn(16, 8))], momentum_dtype="int8", momentum_rounding="stochastic")
     assert "int8 momentum (blocks of 256), stochastic rounding" in opt.plan()[0].why

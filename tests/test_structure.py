@@ -70,6 +70,38 @@ def test_workspace_cap_chunks_buckets_with_identical_results(calls):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("setting", [
+    {"momentum_form": "sgd"}, {"nesterov": False}, {"adaptive": "normuon"},
+    {"constraint": "hyperball", "weight_decay": 0.0}, {"weight_decay_mode": "cautious"},
+    {"momentum_dtype": "int8"}, {"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic"},
+    {"ns_dtype": torch.float32}, {"ns_coefficients": "quintic"}, {"ns_algorithm": "gram"},
+], ids=lambda setting: ",".join(setting))
+def test_groups_that_differ_in_a_per_bucket_setting_are_stepped_apart(setting, calls):
+    """A bucket runs one momentum form, recurrence, variant and momentum precision for all its matrices:
+    two groups of the same shapes that differ in one of them get a bucket each, and each steps exactly
+    as in an optimizer of its own."""
+    def make():
+        torch.manual_seed(0)
+        return [nn.Parameter(torch.randn(24, 40) * 0.1) for _ in range(4)]
+
+    both, alone = make(), make()
+    opt = mk.Muon([{"params": both[:2]}, {"params": both[2:], **setting}], backend="torch")
+    # (the second group stays group 1 behind an empty one: stochastic rounding draws per group index)
+    apart = [mk.Muon([{"params": alone[:2]}], backend="torch"),
+             mk.Muon([{"params": []}, {"params": alone[2:], **setting}], backend="torch")]
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        for p, q in zip(both, alone):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        for o in apart:
+            o.step()
+    assert len(opt._buckets) == 2
+    for p, q in zip(both, alone):
+        assert torch.equal(p, q)
+
+
 def test_plan_cache_follows_changing_gradients(calls):
     model = _gpt_block(layers=2)
     opt = mk.Muon(model.parameters())
