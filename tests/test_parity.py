@@ -73,6 +73,34 @@ def test_matches_torch_optim_muon(nesterov, adjust_lr_fn, weight_decay, momentum
     assert _displacement_err(ours, theirs, start) <= DISPLACEMENT_TOL
 
 
+def test_a_closure_reevaluates_the_loss_with_gradients_enabled_like_torch():
+    """``step(closure)`` as torch's optimizers run it: the closure is called with gradients enabled
+    (step itself runs under no_grad), its loss is returned, and the step uses the gradients it made."""
+    def train(make_opt):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 20, bias=False), torch.nn.Tanh(),
+                                    torch.nn.Linear(20, 6, bias=False))
+        opt = make_opt(model.parameters())
+        x, y = torch.randn(32, 12), torch.randn(32, 6)
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        losses = [opt.step(closure).item() for _ in range(5)]
+        return losses, [p.detach() for p in model.parameters()]
+
+    kwargs = dict(lr=0.02, weight_decay=0.1)
+    (ours, ours_params), (theirs, theirs_params) = (train(lambda ps: mk.Muon(ps, **kwargs)),
+                                                    train(lambda ps: torch.optim.Muon(ps, **kwargs)))
+    assert ours[0] == theirs[0] and ours[-1] < ours[0]
+    assert all(abs(a - b) <= 1e-2 * abs(b) for a, b in zip(ours, theirs))
+    for a, b in zip(ours_params, theirs_params):
+        assert rel_err(a, b) <= 1e-2
+
+
 def _torch_reference_step(params, bufs, grads, *, lr, weight_decay, momentum, nesterov):
     """torch.optim.Muon's own step pieces, fed a copy of the buffer (torch 2.13 normalizes a bf16
     buffer in place when nesterov=False, corrupting it)."""

@@ -309,6 +309,46 @@ def test_a_parameter_resized_under_its_state_raises_before_anything_changes(whic
     opt.step()
 
 
+def test_a_groups_params_as_one_tensor_or_a_set_are_taken_like_torch():
+    """As torch.optim's add_param_group: one tensor is a list of one (not its rows), and a set is
+    refused (its order changes between runs, so state and checkpoints would not line up)."""
+    p, q = nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(8))
+    opt = mk.Muon([{"params": p}, {"params": q, "use_muon": False}])
+    assert [g["params"] for g in opt.param_groups] == [[p], [q]]
+    p.grad, q.grad = torch.randn(6, 8), torch.randn(8)
+    opt.step()
+    assert set(opt.state) == {p, q}
+    with pytest.raises(TypeError, match="params must be an ordered collection"):
+        mk.Muon([{"params": {p, q}}])
+    with pytest.raises(TypeError, match="params must be an ordered collection"):
+        opt.add_param_group({"params": {nn.Parameter(torch.randn(3, 3))}})
+    assert len(opt.param_groups) == 2
+
+
+def test_a_model_cast_between_steps_steps_in_its_new_dtype():
+    """``model.to(torch.bfloat16)`` keeps the Parameter objects and changes their dtype: the next step
+    plans anew and steps as a fresh optimizer of the bf16 model that loaded the checkpoint (whose
+    momentum torch's load casts to the parameter's dtype, as the step converts it)."""
+    torch.manual_seed(0)
+    model, twin = nn.Linear(16, 24, bias=False), nn.Linear(16, 24, bias=False)
+    opt = mk.Muon(model.parameters(), backend="torch")
+    model.weight.grad = torch.randn(24, 16)
+    opt.step()
+    model.to(torch.bfloat16)
+    twin.load_state_dict(model.state_dict())
+    twin.to(torch.bfloat16)
+    fresh = mk.Muon(twin.parameters(), backend="torch")
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for seed in range(2):
+        model.weight.grad = torch.randn(24, 16, generator=torch.Generator().manual_seed(seed)).bfloat16()
+        twin.weight.grad = model.weight.grad.clone()
+        opt.step()
+        fresh.step()
+    assert opt._buckets[0].dtype == torch.bfloat16
+    assert torch.equal(model.weight, twin.weight)
+    assert torch.equal(opt.state[model.weight]["momentum_buffer"], fresh.state[twin.weight]["momentum_buffer"])
+
+
 @pytest.mark.parametrize("direction", ["muon to adamw", "adamw to muon"])
 def test_a_parameter_moved_between_muon_and_adamw_groups_raises_before_anything_changes(direction):
     """Its state is the other kind's (a momentum buffer in an AdamW group, AdamW's moments in a Muon
