@@ -140,15 +140,63 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
 
 
 def test_a_failed_capture_steps_eagerly_from_then_on():
+    """One attempt only, and the warning names the root cause where the capture's end raised over it
+    (a failed capture_end reports "operation failed due to a previous error during capture")."""
+    attempts = []
+
     def broken(run):
-        raise RuntimeError("operation not permitted when stream is capturing")
+        attempts.append(run)
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture")
 
     model = _model()
     opt = _graphed(model)
     opt._graph.capture = broken
-    with pytest.warns(UserWarning, match="capturing the step failed"):
+    with pytest.warns(UserWarning, match=r"capturing the step failed \(RuntimeError\('operation failed due to a "
+                                         r"previous.*raised while handling RuntimeError\('operation not permitted"):
         modes = _modes(opt, model, 4)
-    assert modes == ["eager"] * 4 and opt._graph.failed
+    assert modes == ["eager"] * 4 and opt._graph.failed and len(attempts) == 1
+
+
+def test_eager_steps_are_counted_anew_after_a_capture():
+    """The warning counts eager steps in a row: a capture in between starts the count again."""
+    g = graphs.StepGraph(capture_fn=FakeGraph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        modes = [g.step(lambda key=key: key, lambda: None) for key in ["a", "b", "b", "c", "d"]]
+    assert modes == ["eager", "eager", "capture", "eager", "eager"]
+    with pytest.warns(UserWarning, match="ran eagerly 3 times in a row"):
+        g.step(lambda: "e", lambda: None)
+
+
+class _Placement:
+    def __init__(self, kind):
+        self.kind = kind
+
+
+@pytest.mark.parametrize("kind", ["replicated", "sharded"])
+def test_distributed_buckets_are_not_captured(kind):
+    with pytest.raises(ValueError, match=r"does not capture the collectives of DDP/FSDP2"):
+        graphs.check_capturable([], [_Placement("local"), _Placement(kind)], [])
+
+
+@pytest.mark.parametrize("use_muon, key, value", [
+    (True, "momentum", "tensor"), (True, "weight_decay", "tensor"),
+    (False, "betas", (0.9, "tensor")), (False, "eps", "tensor"), (False, "weight_decay", "tensor"),
+])
+def test_a_setting_a_step_reads_on_the_host_may_not_be_a_device_tensor(use_muon, key, value):
+    """A meta tensor stands in for a CUDA one (any device but the CPU is refused); a host tensor is fine."""
+    def setting(device):
+        as_tensor = lambda v: torch.tensor(0.5, device=device) if v == "tensor" else v  # noqa: E731
+        return tuple(map(as_tensor, value)) if isinstance(value, tuple) else as_tensor(value)
+
+    group = {"capturable": True, "use_muon": use_muon, "momentum": 0.95, "weight_decay": 0.1, "betas": (0.9, 0.95),
+             "eps": 1e-8}
+    graphs.check_capturable([{**group, key: setting("cpu")}], [_Placement("local")], [])
+    with pytest.raises(ValueError, match=rf"param group 0: {key} is a device tensor"):
+        graphs.check_capturable([{**group, key: setting("meta")}], [_Placement("local")], [])
 
 
 def test_a_changed_setting_drops_the_graph_before_it_is_replayed_again():
@@ -247,3 +295,18 @@ def test_launches_go_to_the_tensors_device(monkeypatch):
     assert isinstance(switch, torch.cuda.device) and switch.idx == 0
     assert not isinstance(on_device(torch.device("cuda", 1)), torch.cuda.device)
     assert not isinstance(on_device(torch.device("cpu")), torch.cuda.device)
+
+
+def test_the_key_holds_every_state_tensor_and_the_warning_names_a_rebuilt_plan():
+    """A graph reads every state tensor, 0-d ones included (AdamW's step count, the stochastic
+    rounding's counter): each is in the key. A plan rebuilt every step (an option toggled) is named."""
+    p = nn.Parameter(torch.zeros(2, 3))
+    state = {p: {"momentum_buffer": torch.zeros(2, 3), "momentum_step": torch.zeros((), dtype=torch.int64),
+                 "note": "not a tensor"}}
+    addresses = graphs.state_storages(state, [(0, {}, [p])])
+    assert addresses == tuple(t.data_ptr() for t in list(state[p].values())[:2])
+    storages, settings_key = (1, 2), ("lr", 0.02)
+    assert "bucket plan was rebuilt" in graphs._what_changed((storages, settings_key, (1,)),
+                                                             (storages, settings_key, (2,)))
+    assert "state was replaced" in graphs._what_changed((storages, settings_key, (1,), addresses),
+                                                        (storages, settings_key, (1,), ()))
