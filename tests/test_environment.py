@@ -38,6 +38,9 @@ def test_debug_fill_switch_is_read_per_buffer(monkeypatch):
     assert torch.equal(workspace.poisoned(buf), torch.zeros(4))  # off: a buffer is handed out as it is
     monkeypatch.setenv(workspace.FILL_VARIABLE, "nan")
     assert workspace.poisoned(buf).isnan().all()
+    # integer buffers (int8 momentum temporaries, counters) have no NaN: handed out as they are
+    assert workspace.empty((4,), dtype=torch.int8, device=torch.device("cpu")).dtype == torch.int8
+    assert torch.equal(workspace.poisoned(torch.ones(3, dtype=torch.int32)), torch.ones(3, dtype=torch.int32))
     monkeypatch.setenv(workspace.FILL_VARIABLE, "off")
     buf.zero_()
     assert torch.equal(workspace.poisoned(buf), torch.zeros(4))

@@ -220,6 +220,19 @@ def test_scratch_hands_out_the_asked_dtype_and_shape_and_only_grows():
     assert "z" not in scratch.buffers and scratch("z", (4, 4), torch.float32) is not inside
 
 
+def test_reinterpret_lends_a_dead_tensors_bytes_only_where_they_fit():
+    """A consumed stack's memory as a work buffer: a view over its first bytes in another dtype and
+    shape, never past its end, and never of a non-contiguous tensor (its bytes are not in order)."""
+    from muon_kernels.workspace import reinterpret
+
+    t = torch.randn(4, 6)
+    half = reinterpret(t, torch.bfloat16, (6, 8))  # 96 bytes of 96
+    assert half.shape == (6, 8) and half.dtype == torch.bfloat16 and half.data_ptr() == t.data_ptr()
+    assert reinterpret(t, torch.bfloat16, (7, 7)) is None  # 98 bytes
+    assert reinterpret(t.T, torch.float32, (2, 2)) is None
+    assert reinterpret(t[:, :3], torch.float32, (2, 2)) is None
+
+
 def _capped_buckets(entries, cap_matrices: int) -> list[int]:
     """Matrices per bucket of one torch-backend step under a cap of ``cap_matrices`` 32×64 matrices;
     ``entries``: (shape, matrix_view) per parameter."""

@@ -102,6 +102,9 @@ def test_split_state_dict_round_trip_and_momentum_is_the_parameters():
     ({"split_sizes": (12, 12), "num_heads": 5}, r"num_heads=5 does not divide"),
     ({"split_sizes": (12, -12)}, r"split_sizes must be None or a non-empty tuple of positive ints"),
     ({"num_heads": 0}, r"num_heads must be None or a positive int"),
+    ({"split_sizes": (24, 0)}, r"split_sizes must be None or a non-empty tuple of positive ints"),
+    ({"split_sizes": (True,) * 24}, r"split_sizes must be None or a non-empty tuple of positive ints"),  # bools
+    ({"num_heads": True}, r"num_heads must be None or a positive int, got True"),
 ])
 def test_bad_splits_name_the_parameter_and_the_fix(keys, message):
     with pytest.raises(ValueError, match=message):
@@ -126,6 +129,11 @@ def test_split_refuses_3d_and_hyperball():
                   "split_sizes": (4, 4)}])
     with pytest.raises(ValueError, match="hyperball.*split_sizes"):
         mk.Muon([nn.Parameter(torch.randn(8, 8))], split_sizes=(4, 4), constraint="hyperball", weight_decay=0.0)
+    with pytest.raises(ValueError, match="hyperball.*num_heads"):
+        mk.Muon([nn.Parameter(torch.randn(8, 8))], num_heads=2, constraint="hyperball", weight_decay=0.0)
+    # a conv filter is one flattened matrix, not a stack of outputs to cut
+    with pytest.raises(ValueError, match=r"parameter 'conv'.*cut a 2D matrix along its outputs.*flatten 8×18"):
+        mk.Muon([{"params": [("conv", nn.Parameter(torch.randn(8, 2, 3, 3)))], "split_sizes": (4, 4)}])
 
 
 def test_param_groups_splits_stated_layouts_only():
@@ -144,6 +152,13 @@ def test_param_groups_splits_stated_layouts_only():
     row = rows["query_key_value.weight"]
     assert row.view == "48×16" and "left unsplit" in row.why
 
+    class BaichuanLike(nn.Module):  # the module's own name says it, in capitals: W_pack
+        def __init__(self):
+            super().__init__()
+            self.W_pack = nn.Linear(16, 48, bias=False)
+
+    assert "left unsplit" in mk.Muon(mk.param_groups(BaichuanLike())).plan()[0].why
+
 
 def test_gpt2_c_attn_is_split_and_trains_like_its_blocks():
     transformers = pytest.importorskip("transformers")
@@ -160,3 +175,18 @@ def test_gpt2_c_attn_is_split_and_trains_like_its_blocks():
     model(x, labels=x).loss.backward()
     opt.step()
     assert not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
+
+
+def test_gpt2_cross_attention_c_attn_is_split_into_k_and_v():
+    """A GPT-2 decoder with cross-attention: its crossattention.c_attn is (d, 2d) holding k|v (q_attn
+    is separate), split in two; the self-attention's stays q|k|v."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16,
+                                     add_cross_attention=True)
+    model = transformers.GPT2LMHeadModel(config)
+    split = {n: g["split_sizes"] for g in mk.param_groups(model) if g.get("split_sizes") for n, _ in g["params"]}
+    assert split == {"transformer.h.0.attn.c_attn.weight": (32, 32, 32),
+                     "transformer.h.0.crossattention.c_attn.weight": (32, 32)}
+    rows = {r.name: r for r in mk.Muon(mk.param_groups(model)).plan()}
+    assert rows["transformer.h.0.crossattention.c_attn.weight"].view == "2 pieces: 32×32 stored (in, out)"
+    assert rows["transformer.h.0.crossattention.q_attn.weight"].view == "32×32 stored (in, out)"
