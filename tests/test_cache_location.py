@@ -49,6 +49,14 @@ def test_the_variable_then_xdg_then_home(monkeypatch, tmp_path):
     assert measured.cache_path().parent == autotune.cache_path().parent == tmp_path / "home" / ".cache" / "muon_kernels"
 
 
+def test_a_first_write_makes_the_cache_directory(tmp_path):
+    """~/.cache/muon_kernels need not exist (a fresh machine): the first write makes it."""
+    path = tmp_path / "home" / ".cache" / "muon_kernels" / "dispatch.json"
+    cache_file.update(path, {"key": {"choice": "a", "ms": {"a": 1.0}}}, lambda value: True)
+    cache_file.update(path, {"other": {"choice": "b", "ms": {"b": 2.0}}}, lambda value: True)
+    assert set(json.loads(path.read_text())) == {"key", "other"}
+
+
 def test_no_home_directory_warns_once_and_keeps_the_dispatch_choice_in_memory(monkeypatch, dispatch_cache, tmp_path):
     monkeypatch.delenv(measured.CACHE_ENV)
     _homeless(monkeypatch)

@@ -220,6 +220,44 @@ def test_adamw_groups_honour_amsgrad_and_maximize_as_torch(flags):
         assert set(opt.state[a]) == set(ref.state[b])
 
 
+def test_amsgrad_turned_on_later_starts_its_maximum_from_zeros():
+    """torch.optim.AdamW raises KeyError when amsgrad is switched on after a step; ours makes the
+    maximum then, from zeros: the same bits as a torch AdamW whose max_exp_avg_sq was made as zeros."""
+    g = torch.Generator().manual_seed(4)
+    start = torch.randn(5, 3, generator=g)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    settings = {"lr": 0.01, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+    opt = mk.Muon([{"params": [ours], "use_muon": False, **settings}])
+    ref = torch.optim.AdamW([theirs], **settings, fused=True)
+    for step in range(4):
+        if step == 2:
+            opt.param_groups[0]["amsgrad"] = ref.param_groups[0]["amsgrad"] = True
+            ref.state[theirs]["max_exp_avg_sq"] = torch.zeros_like(theirs)
+        ours.grad = torch.randn(5, 3, generator=g)
+        theirs.grad = ours.grad.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(ours, theirs) and set(opt.state[ours]) == set(ref.state[theirs])
+    assert torch.equal(opt.state[ours]["max_exp_avg_sq"], ref.state[theirs]["max_exp_avg_sq"])
+
+
+def test_complex_adamw_parameters_step_like_torch():
+    """A complex parameter in an AdamW group (a use_muon=False group may hold one: Muon may not) steps
+    as torch.optim.AdamW steps it, its real and imaginary parts as two real values."""
+    g = torch.Generator().manual_seed(5)
+    start = torch.randn(6, dtype=torch.complex64, generator=g)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt = mk.Muon([{"params": [ours], "use_muon": False, "lr": 0.01, "weight_decay": 0.1}])
+    ref = torch.optim.AdamW([theirs], lr=0.01, betas=opt.param_groups[0]["betas"], eps=opt.param_groups[0]["eps"],
+                            weight_decay=0.1)
+    for _ in range(3):
+        ours.grad = torch.randn(6, dtype=torch.complex64, generator=g)
+        theirs.grad = ours.grad.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("amsgrad", 1, "amsgrad must be True or False"),
     ("maximize", "yes", "maximize must be True or False"),
