@@ -76,7 +76,7 @@ def test_workspace_cap_chunks_buckets_with_identical_results(calls):
     {"momentum_dtype": "int8"}, {"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic"},
     {"ns_dtype": torch.float32}, {"ns_coefficients": "quintic"}, {"ns_algorithm": "gram"},
 ], ids=lambda setting: ",".join(setting))
-def test_groups_that_differ_in_a_per_bucket_setting_are_stepped_apart(setting, calls):
+def test_groups_that_differ_in_a_per_bucket_setting_are_stepped_apart(setting):
     """A bucket runs one momentum form, recurrence, variant and momentum precision for all its matrices:
     two groups of the same shapes that differ in one of them get a bucket each, and each steps exactly
     as in an optimizer of its own."""
