@@ -13,6 +13,7 @@ from torch import nn
 
 import muon_kernels as mk
 from muon_kernels import graphs
+from muon_kernels.distributed import Placement
 
 
 class FakeGraph:
@@ -171,15 +172,14 @@ def test_eager_steps_are_counted_anew_after_a_capture():
         g.step(lambda: "e", lambda: None)
 
 
-class _Placement:
-    def __init__(self, kind):
-        self.kind = kind
+def _placement(kind: str) -> Placement:
+    return Placement(kind, None, None)
 
 
 @pytest.mark.parametrize("kind", ["replicated", "sharded"])
 def test_distributed_buckets_are_not_captured(kind):
     with pytest.raises(ValueError, match=r"does not capture the collectives of DDP/FSDP2"):
-        graphs.check_capturable([], [_Placement("local"), _Placement(kind)], [])
+        graphs.check_capturable([], [_placement("local"), _placement(kind)], [])
 
 
 @pytest.mark.parametrize("use_muon, key, value", [
@@ -194,9 +194,9 @@ def test_a_setting_a_step_reads_on_the_host_may_not_be_a_device_tensor(use_muon,
 
     group = {"capturable": True, "use_muon": use_muon, "momentum": 0.95, "weight_decay": 0.1, "betas": (0.9, 0.95),
              "eps": 1e-8}
-    graphs.check_capturable([{**group, key: setting("cpu")}], [_Placement("local")], [])
+    graphs.check_capturable([{**group, key: setting("cpu")}], [_placement("local")], [])
     with pytest.raises(ValueError, match=rf"param group 0: {key} is a device tensor"):
-        graphs.check_capturable([{**group, key: setting("meta")}], [_Placement("local")], [])
+        graphs.check_capturable([{**group, key: setting("meta")}], [_placement("local")], [])
 
 
 def test_a_changed_setting_drops_the_graph_before_it_is_replayed_again():
