@@ -53,19 +53,26 @@ def crossover(ns_rows: list[dict]) -> int | None:
     return best
 
 
-def _newest(results_dir: Path, key_of) -> dict:
-    """The crossover entry of the newest GPU result per ``key_of(result)``."""
-    newest: dict[str, tuple[tuple[str, str], dict, str]] = {}
+def gpu_results(results_dir: Path) -> list[tuple[tuple[str, str], dict, str]]:
+    """(stamp, result, file name) of every GPU benchmark result under ``results_dir``, each file
+    read once: CPU results (no capability), results without NS rows and convergence curves are left out."""
+    found = []
     for path in sorted(results_dir.glob("*.json")):
         if path.name.startswith("convergence-"):
             continue
         result = json.loads(path.read_text())
-        if not result.get("capability") or not result.get("ns"):
-            continue
+        if result.get("capability") and result.get("ns"):
+            found.append((stamp(path), result, path.name))
+    return found
+
+
+def _newest(results: list[tuple[tuple[str, str], dict, str]], key_of) -> dict:
+    """The crossover entry of the newest result per ``key_of(result)``."""
+    newest: dict[str, tuple[tuple[str, str], dict, str]] = {}
+    for when, result, name in results:
         key = key_of(result)
-        when = stamp(path)
         if key not in newest or when >= newest[key][0]:
-            newest[key] = (when, result, path.name)
+            newest[key] = (when, result, name)
     out = {}
     for key, (_, result, name) in sorted(newest.items()):
         m = crossover(result["ns"])
@@ -75,15 +82,23 @@ def _newest(results_dir: Path, key_of) -> dict:
     return out
 
 
+def _capability(result: dict) -> str:
+    return "{}.{}".format(*result["capability"])
+
+
+def _device(result: dict) -> str:
+    return result["device"]
+
+
 def table(results_dir: Path) -> dict:
     """Per compute capability ("9.0"): what a GPU without a result of its own takes."""
-    return _newest(results_dir, lambda result: "{}.{}".format(*result["capability"]))
+    return _newest(gpu_results(results_dir), _capability)
 
 
 def device_table(results_dir: Path) -> dict:
     """Per device name (torch.cuda.get_device_name): GPUs of one capability differ in memory
     bandwidth and SM count (an H100 and an H200 are both 9.0), so a GPU's own result comes first."""
-    return _newest(results_dir, lambda result: result["device"])
+    return _newest(gpu_results(results_dir), _device)
 
 
 def main(argv=None) -> int:
@@ -91,9 +106,10 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    by_capability = table(args.results)
+    results = gpu_results(args.results)  # both tables from one read of the results
+    by_capability = _newest(results, _capability)
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
-    doc.update({"generated_by": "bench/crossovers.py", "note": NOTE, "by_device": device_table(args.results),
+    doc.update({"generated_by": "bench/crossovers.py", "note": NOTE, "by_device": _newest(results, _device),
                 "by_capability": by_capability})
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{args.out}: " + (", ".join(f"sm_{k.replace('.', '')} m >= {v['triton_min_m']}"
