@@ -3,6 +3,7 @@ Newton–Schulz paths, torch's rounding of the EMA weight, torch's lerp branch f
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -115,8 +116,17 @@ def test_lerp_switches_formula_at_absolute_weight_one_half_like_torch():
     assert torch.equal(out, torch.lerp(a, b, w))
 
 
-def test_triangle_coordinates_are_exact_at_every_column_boundary():
-    """The interpreter's sqrt rounds correctly; tests/gpu runs the same check on a GPU's approximate one."""
+@pytest.mark.parametrize("sqrt_error", [0, -1, 1])
+def test_triangle_coordinates_are_exact_at_every_column_boundary(sqrt_error, monkeypatch):
+    """The interpreter's sqrt rounds correctly; a GPU's tl.sqrt (sqrt.approx.f32) may be an ulp off
+    either way, so the check also runs with the interpreter's sqrt pushed one ulp down and one up:
+    each of the kernel's two corrections is then needed (tests/gpu runs it on a GPU's own sqrt)."""
+    if sqrt_error:
+        from triton.runtime.interpreter import InterpreterBuilder
+
+        towards = np.inf if sqrt_error > 0 else -np.inf
+        monkeypatch.setattr(InterpreterBuilder, "create_sqrt",
+                            lambda self, arg: self.unary_op(arg, lambda x: np.nextafter(np.sqrt(x), towards).astype(x.dtype)))
     triangle_check.check(torch.device("cpu"))
 
 
