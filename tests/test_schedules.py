@@ -230,11 +230,11 @@ def _lrs(schedule, opt, steps):
 def test_schedule_defaults_and_boundary_settings():
     """PolynomialLR's default power is linear decay; min_lr_ratio = 1 (documented as valid) is a
     constant lr; ConstantLR needs no total_steps."""
-    opt = mk.Muon([torch.nn.Parameter(torch.randn(6, 4))], lr=0.02, ns_dtype=torch.float32)
+    opt = _optimizer()
     assert _lrs(mk.PolynomialLR(opt, 10), opt, 6)[5] == pytest.approx(0.01, rel=1e-12)
-    opt = mk.Muon([torch.nn.Parameter(torch.randn(6, 4))], lr=0.02, ns_dtype=torch.float32)
+    opt = _optimizer()
     assert _lrs(mk.CosineLR(opt, 10, min_lr_ratio=1.0), opt, 12) == [pytest.approx(0.02, rel=1e-12)] * 12
-    opt = mk.Muon([torch.nn.Parameter(torch.randn(6, 4))], lr=0.02, ns_dtype=torch.float32)
+    opt = _optimizer()
     assert _lrs(mk.ConstantLR(opt, warmup_steps=2), opt, 4) == pytest.approx([0.01, 0.02, 0.02, 0.02], rel=1e-12)
 
 
