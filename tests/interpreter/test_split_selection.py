@@ -47,8 +47,9 @@ def test_split_factor_rules():
 
 
 @pytest.mark.parametrize("batch, m, k", [(1, 1, 9), (2, 40, 33), (1, 70, 2048), (3, 100, 64), (1, 1024, 4096),
-                                         (5, 768, 3072), (1, 4096, 1), (1, 4, 0)])
-@pytest.mark.parametrize("split_k", [0, 1, 2, 3, 7, 16])
+                                         (5, 768, 3072), (1, 4096, 1), (1, 4, 0), (1, 40, 150), (1, 70, 320)])
+# 4 and 6 slices of 5 and 10 K steps round up to 2-step slices: 3 and 5 of them, none empty
+@pytest.mark.parametrize("split_k", [0, 1, 2, 3, 4, 6, 7, 16])
 @pytest.mark.parametrize("persistent", [False, True])
 def test_launch_shape_slices_cover_k_without_empty_slices(batch, m, k, split_k, persistent):
     for cfg, sms in ((replace(LARGE, split_k=split_k, persistent=persistent), H200_SMS),

@@ -60,6 +60,21 @@ def test_split_partials_are_reduced_in_a_fixed_order(monkeypatch):
     assert torch.equal(first, symmetric_matmul(X, config=cfg))
 
 
+def test_the_split_sum_is_the_slices_products_added_in_slice_order():
+    """Bit for bit, not within rounding: a slice's partial is the unsplit kernel's product over that
+    slice of K (the same K steps from a zero accumulator, the last slice masked at K), and the split
+    product is those partials added in fp32 in slice order, (P0 + P1) + P2, then the epilogue (alpha
+    = 1: none). Another fixed order (the slices reversed) would still repeat its bits; not these."""
+    X = _randn(1, 70, 150, seed=8)
+    cfg = replace(BASE, split_k=3)
+    _, splits, k_per_split, _ = launch_shape(1, 70, 150, cfg, INTERPRETER_SMS)
+    assert (splits, k_per_split) == (3, 64)
+    partials = [symmetric_matmul(X[..., s * k_per_split:(s + 1) * k_per_split].contiguous(), config=BASE)
+                for s in range(splits)]
+    assert not torch.equal((partials[0] + partials[1]) + partials[2], (partials[2] + partials[1]) + partials[0])
+    assert torch.equal(symmetric_matmul(X, config=cfg), (partials[0] + partials[1]) + partials[2])
+
+
 def _last_arrivals(tiles: int, splits: int, programs: int) -> list[int]:
     """Per tile, the slice whose program arrives last when the interpreter runs ``programs``
     persistent programs one after another, each striding over the items (slice fastest)."""
