@@ -70,6 +70,16 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
 
 
+def negative_largest_entry(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
+    """An fp32 (k >= 2, m >= 4, n >= 2) stack of entries near 1e-30 whose largest magnitude is a
+    negative entry (-1e30), and whose second matrix has no positive entry: a normalization scaled by
+    the largest positive entry instead of the largest |x| would overflow to -inf."""
+    G = (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1e-30).float()
+    G[0, 3, 1] = -1e30
+    G[1] = -G[1].abs()
+    return G
+
+
 def controlled_spectrum(m: int, n: int, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """U·diag(σ)·Vᵀ with random orthonormal U (m×k), V (n×k), k = min(m, n), in fp64."""
     k = min(m, n)

@@ -14,7 +14,7 @@ from muon_kernels.ns_config import resolve_ns_config
 from muon_kernels.triton_kernels.fused_update import _lerp
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, normalize
 from muon_kernels.triton_kernels.small_newton_schulz import small_newton_schulz
-from oracles import reference_ns, rel_err
+from oracles import negative_largest_entry, reference_ns, rel_err
 import triangle_check
 
 FP32_TOL = 1e-4
@@ -44,12 +44,7 @@ def test_fp32_subnormal_near_overflow_and_negative_largest_entries(shape, scale,
     """The torch backend's edge cases (tests/test_edge_contract.py) on the kernels: fp32 subnormals,
     entries near fp32's max (tile scales clamped to 2^126), and a largest magnitude that is a
     negative entry (-1e30 among 1e-30s; a matrix with no positive entry)."""
-    if scale == "negative":
-        G = (_randn(*shape) * 1e-30).float()
-        G[0, 3, 1] = -1e30
-        G[1] = -G[1].abs()
-    else:
-        G = (_randn(*shape) * scale).float()
+    G = negative_largest_entry(shape) if scale == "negative" else (_randn(*shape) * scale).float()
     assert torch.isfinite(G).all() and (G != 0).any()
     run = newton_schulz if path == "symmetric" else small_newton_schulz
     out = run(G, resolve_ns_config("keller", 5, 0.0), torch.float32)
