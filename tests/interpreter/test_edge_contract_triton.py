@@ -61,6 +61,17 @@ def test_huge_and_tiny_norms_are_exact_to_fp32_rounding():
         assert rel_err(out, exact) <= 4 * 2.0**-24, scale
 
 
+def test_tiles_of_subnormals_count_beside_a_tile_of_normal_entries():
+    """A 1e-36 entry in the first 16×32 tile, subnormals (|x| < 7e-39) in every other tile: each
+    tile's scale is clamped to 2^-126, never 0, so the subnormal tiles' ~0.9% share of ‖G‖² is kept."""
+    G = (_randn(2, 40, 70, seed=3) * 2e-39).float()
+    G[:, 0, 0] = 1e-36
+    assert (G[:, 16:].abs() < torch.finfo(torch.float32).tiny).all()
+    out = normalize(G, resolve_ns_config("keller", 0, 0.0), torch.float32)
+    exact = G.double() / G.double().norm(dim=(-2, -1), keepdim=True)
+    assert rel_err(out, exact) <= 4 * 2.0**-24
+
+
 @pytest.mark.parametrize("path", ["symmetric", "small"])
 @pytest.mark.parametrize("scale", [1e40, 1e300])
 def test_fp64_stacks_beyond_fp32s_range_orthogonalize(path, scale):
