@@ -66,3 +66,11 @@ def test_a_triangle_beyond_int32_tile_coordinates_is_refused():
     assert symmetric_matmul.launch_shape(1, side * 64, 64, cfg, 132)[0] == side * (side + 1) // 2
     with pytest.raises(ValueError, match="int32 tile coordinates"):
         symmetric_matmul.launch_shape(1, (side + 1) * 64, 64, cfg, 132)
+
+
+@pytest.mark.parametrize("axis, limit", [(0, 2**31 - 1), (1, 65535), (2, 65535)])
+def test_a_grid_one_program_past_cudas_limit_is_refused(axis, limit):
+    assert config.checked_grid(limit, "kernel", axis) == limit
+    with pytest.raises(ValueError, match=f"kernel: {limit + 1} programs exceed CUDA's grid limit of {limit} on axis "
+                                         f"{axis}; lower max_workspace_bytes"):
+        config.checked_grid(limit + 1, "kernel", axis)

@@ -125,6 +125,24 @@ def test_tuned_winners_file_and_forced_configs(tmp_path, monkeypatch):
             pass
 
 
+def test_forced_configs_nest_and_restore_the_outer_ones():
+    """bench/tune.py forces one kind inside a block that forces another: leaving the inner block
+    gives back the outer block's configs, and leaving that one the table's."""
+    cuda, other = torch.device("cuda"), replace(INTERPRETER_CONFIG, block_k=16)
+
+    def chosen(kind):
+        return kcfg.matmul_config(cuda, torch.bfloat16, 8, 8, 8, arch=90, kind=kind)
+
+    table = chosen("ns_update")
+    assert table not in (INTERPRETER_CONFIG, other) and not kcfg.forcing()
+    with kcfg.forced(symmetric=INTERPRETER_CONFIG, ns_update=INTERPRETER_CONFIG):
+        with kcfg.forced(ns_update=other):
+            assert (chosen("symmetric"), chosen("ns_update")) == (INTERPRETER_CONFIG, other)
+        assert (chosen("symmetric"), chosen("ns_update")) == (INTERPRETER_CONFIG, INTERPRETER_CONFIG)
+        assert kcfg.forcing()
+    assert chosen("ns_update") == table and not kcfg.forcing()
+
+
 def test_config_labels_are_distinct():
     for arch in kcfg.ARCHS:
         labels = [c.label() for c in kcfg.all_configs(arch).values()]
