@@ -145,7 +145,7 @@ def _variants(args: tuple, constexprs: dict) -> list[tuple[tuple, dict]]:
     """The call with what the key leaves out changed: every float, and every tensor moved to a new
     allocation of another shape with the same dtype and address mod 16. Plus changes Triton does
     specialize on, so the check can fail: each int in each of Triton's int classes, each tensor in
-    another dtype and off 16-byte alignment, a 0 or 1 passed as a bool, and two
+    another dtype and off 16-byte alignment, a 0 or 1 passed as a bool (an argument or a constexpr flag), and two
     constexprs of one type trading names (as two call sites passing them in another order would;
     a key of values without names would merge those)."""
     out = [(args, constexprs)]
@@ -168,6 +168,9 @@ def _variants(args: tuple, constexprs: dict) -> list[tuple[tuple, dict]]:
                 out.append((args[:i] + (fresh[1:],) + args[i + 1:], constexprs))
         elif type(a) is int and a in (0, 1):  # equal as values and as hashes, typed apart by Triton
             out.append((args[:i] + (bool(a),) + args[i + 1:], constexprs))
+    for name, value in constexprs.items():  # a flag given as 1 instead of True: equal, hashed alike, typed apart
+        if type(value) is bool or (type(value) is int and value in (0, 1)):
+            out.append((args, {**constexprs, name: int(value) if type(value) is bool else bool(value)}))
     names = list(constexprs)
     for x, first in enumerate(names):
         for y in range(x + 1, len(names)):
