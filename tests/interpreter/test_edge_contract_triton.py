@@ -114,9 +114,14 @@ def _lerp_kernel(A, B, W, Out, N: tl.constexpr):
 
 
 def test_lerp_switches_formula_at_absolute_weight_one_half_like_torch():
+    """Weights from -2 to 2, and every fourth one exactly ±0.5 (momentum 0.5's EMA weight), where
+    torch takes its second formula: the two round apart on some of these inputs."""
     n = 64
     a, b = _randn(n, seed=1).float() * 3, _randn(n, seed=2).float() * 3
     w = torch.linspace(-2.0, 2.0, n)
+    w[::4] = torch.tensor([0.5, -0.5]).repeat(n // 8)
+    first = (w.double() * (b - a).double() + a.double()).float()  # the formula below |w| = 0.5, one rounding
+    assert not torch.equal(first[::4], torch.lerp(a, b, w)[::4])
     out = torch.empty(n)
     _lerp_kernel[(1,)](a, b, w, out, N=n)
     assert torch.equal(out, torch.lerp(a, b, w))
