@@ -82,3 +82,23 @@ def test_stochastic_int8_stores_127_where_the_draw_rounds_to_128(backend, monkey
     assert torch.equal(opt.state[p]["momentum_scale"], torch.full((2, 2), 1 / 128))
     assert torch.isfinite(p).all() and bool((p < 0).all())  # U: 127/128 everywhere, one sign
     assert torch.equal(p[0, index], p[0, index + 1])
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_int8_blocks_of_zeros_store_zero_values_and_scales(rounding):
+    """Half a matrix of zero gradients (whole 256-element blocks, their momentum still zero): those
+    blocks store scale 0 and int8 zeros, exactly as the reference does, not 0/0 cast to int8."""
+    state = {}
+    for backend in ("torch", "triton"):
+        p = torch.nn.Parameter(torch.randn(2, 512, generator=torch.Generator().manual_seed(3)))
+        opt = mk.Muon([p], lr=0.05, backend=backend, ns_dtype=torch.float32, ns_steps=1, momentum_dtype="int8",
+                      momentum_rounding=rounding)
+        grad = torch.randn(2, 512, generator=torch.Generator().manual_seed(4))
+        grad[1] = 0.0
+        p.grad = grad
+        opt.step()
+        assert opt._buckets[0].backend.NAME == backend
+        state[backend] = (opt.state[p]["momentum_buffer"], opt.state[p]["momentum_scale"])
+    buf, scale = state["triton"]
+    assert torch.equal(buf, state["torch"][0]) and torch.equal(scale, state["torch"][1])
+    assert not buf.view(-1)[512:].any() and not scale.view(-1)[2:].any() and scale.view(-1)[:2].all()
