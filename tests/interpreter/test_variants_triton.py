@@ -217,3 +217,27 @@ def test_a_tensor_lr_applies_each_groups_weight_decay():
         results.append([p.detach() for p in ps])
     for a, b in zip(*results):
         assert rel_err(b, a) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hyperball_update_of_16_bit_weights_is_torchs_three_ops_bit_for_bit(dtype):
+    """The torch backend's hyperball update on 16-bit weights: ``mul_(decay)``, ``add_(g·O, alpha)``,
+    then ``mul_(shrink)``, each rounded to the weight's dtype. The fused kernel, handed the same gain
+    and shrink factors, gives those bits: a missed rounding before the shrink changes many elements."""
+    from muon_kernels.triton_kernels.fused_update import fused_apply_update, make_layout
+
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(2, 12, 20, generator=g).to(dtype)
+    ortho = torch.randn(2, 12, 20, generator=g)
+    gains, shrink = torch.tensor([0.75, 1.25]), torch.tensor([0.9, 1.1])
+    alphas, decays = torch.tensor([-0.3]), torch.tensor([0.95])
+    param = w.clone()
+    fused_apply_update([param], alphas, decays, make_layout([(2, 12, 20, False, False, 20)], w.device), ortho,
+                       gains=gains, shrink=shrink)
+    expected = (w.float() * decays).to(dtype)
+    expected = (expected.float() + alphas * (ortho * gains[:, None, None]).to(dtype).float()).to(dtype)
+    expected = (expected.float() * shrink[:, None, None]).to(dtype)
+    assert torch.equal(param, expected)
+    skipped = (((w.float() * decays).to(dtype).float() + alphas * (ortho * gains[:, None, None]).to(dtype).float())
+               * shrink[:, None, None]).to(dtype)
+    assert not torch.equal(skipped, expected)  # the check can tell the roundings apart
