@@ -53,7 +53,9 @@ __device__ __forceinline__ int64_t stack_index(const MultiTensorArgs& args, int 
 
 // The same operations and roundings as the torch reference: the gradient rounded to the buffer's
 // dtype, lerp_ (or mul_ then add_) on the buffer, then the Nesterov blend, stored in the stack,
-// which has the buffers' dtype (as torch.cat of the buffers would).
+// which has the buffers' dtype (as torch.cat of the buffers would). Every rounding is spelled out
+// (__fmul_rn, __fmaf_rn) so that nvcc's multiply-add contraction cannot fuse torch's mul_ then add_
+// into one FMA: an FMA only where torch's op is one (lerp, add with alpha).
 template <typename G, typename M>
 __global__ void __launch_bounds__(kThreads) fused_momentum_kernel(MultiTensorArgs args, const float* momenta,
                                                                   M* stack, bool ema, bool nesterov) {
@@ -68,11 +70,11 @@ __global__ void __launch_bounds__(kThreads) fused_momentum_kernel(MultiTensorArg
     const int64_t mem = memory_index(args, slot, idx);
     const float g = round_to<M>(to_float(grad[mem]));
     float m = to_float(buf[mem]);
-    m = ema ? lerp(m, g, weight) : round_to<M>(mu * m) + g;
+    m = ema ? lerp(m, g, weight) : round_to<M>(__fmul_rn(mu, m)) + g;
     const M stored = from_float<M>(m);
     buf[mem] = stored;
     m = to_float(stored);
-    const float u = !nesterov ? m : ema ? lerp(g, m, mu) : g + mu * m;
+    const float u = !nesterov ? m : ema ? lerp(g, m, mu) : __fmaf_rn(mu, m, g);
     stack[stack_index(args, slot, idx)] = from_float<M>(u);
   }
 }
@@ -116,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) low_precision_momentum_kernel(MultiT
     const float g = valid ? to_float(grad[mem]) : 0.f;
     float old = 0.f;
     if (valid) old = kInt8 ? static_cast<float>(buf[idx]) * scales[idx / kQuantBlock] : to_float(buf[mem]);
-    const float m = ema ? lerp(old, g, weight) : mu * old + g;
+    const float m = ema ? lerp(old, g, weight) : __fmul_rn(mu, old) + g;
     const uint32_t bits = stochastic ? hash32(static_cast<uint32_t>(idx) ^ key) : 0u;
     float stored;
     if constexpr (kInt8) {
@@ -143,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) low_precision_momentum_kernel(MultiT
       stored = m != m ? m : __uint_as_float((raw + (bits & 0xFFFFu)) & 0xFFFF0000u);
       if (valid) buf[mem] = from_float<M>(stored);
     }
-    const float u = !nesterov ? stored : ema ? lerp(g, stored, mu) : g + mu * stored;
+    const float u = !nesterov ? stored : ema ? lerp(g, stored, mu) : __fmaf_rn(mu, stored, g);
     if (valid) stack[stack_index(args, slot, idx)] = from_float<S>(u);
   }
 }
@@ -174,8 +176,9 @@ __global__ void __launch_bounds__(kThreads) fused_apply_update_kernel(MultiTenso
     const int64_t mem = memory_index(args, slot, idx);
     const float w0 = to_float(param[mem]);
     const bool agree = (w0 >= 0.f) == (o >= 0.f) || w0 == 0.f || o == 0.f;
-    const float w = round_to<P>(w0 * (cautious && !agree ? 1.f : decay));
-    param[mem] = from_float<P>(variant.shrink != nullptr ? round_to<P>(w + alpha * o) * variant.shrink[k] : w + alpha * o);
+    const float w = round_to<P>(__fmul_rn(w0, cautious && !agree ? 1.f : decay));
+    const float updated = __fmaf_rn(alpha, o, w);  // add_(O, alpha): one rounding
+    param[mem] = from_float<P>(variant.shrink != nullptr ? round_to<P>(updated) * variant.shrink[k] : updated);
   }
 }
 

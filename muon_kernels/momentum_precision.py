@@ -474,7 +474,7 @@ def momentum_update(bufs, grads, scales, steps, seeds, *, momentum: float, neste
         if nesterov and form == "ema":
             torch.lerp(g32, u, momentum, out=u)
         elif nesterov:
-            u.mul_(momentum).add_(g32)  # g + μ·M, rounded as the kernels do: the product, then the sum
+            torch.add(g32, u, alpha=momentum, out=u)  # g + μ·M in one rounding, as the kernels and torch.optim.SGD
         for j, i in enumerate(idx):
             piece = u[j * rows:(j + 1) * rows].reshape(bufs[i].shape)
             results[i] = outs[i].copy_(piece) if outs is not None else piece

@@ -110,7 +110,8 @@ def _reference_step(q, scale, bf16, g, *, mu, bits, form):
         y = y.clamp(-127, 127)
         new_q = y.to(torch.int8)
         stored = y * new_scale.repeat_interleave(256, dim=1)[:, :cols]
-    u = torch.lerp(g, stored, mu) if form == "ema" else g + mu * stored
+    # sgd: torch.optim.SGD's Nesterov blend, grad.add(buf, alpha=momentum): g + μ·M in one rounding
+    u = torch.lerp(g, stored, mu) if form == "ema" else torch.add(g, stored, alpha=mu)
     return new_q, new_scale, u
 
 

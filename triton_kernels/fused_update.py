@@ -28,10 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import FP_FUSION, cdiv, checked_grid, is_interpreting
+from .config import cdiv, checked_grid, is_interpreting
 from .launch import launch
 
 BLOCK = 1024
+# No multiply-add contraction in these two kernels (the matmul kernels keep config.FP_FUSION): every
+# rounding is the one the code spells out, a fused multiply-add only where it says ``_fma`` (where
+# torch's op is one: lerp, add with alpha). With contraction on, ptxas fused the SGD buffer's
+# ``μ·M + G`` (torch.optim.SGD's mul_ then add_: two roundings) into one FMA on sm_90, and the CPU
+# interpreter, which never fuses, could not show it (tests/test_triton_aot.py reads the PTX).
+FP_FUSION = False
 # per tensor: offset in the stack, rows, cols, transposed, neurons on columns, row stride in memory
 META_COLUMNS: tl.constexpr = tl.constexpr(6)
 # Elements of one 16-byte access at 16 bits: with ALIGNED every tensor's size and stack offset is a
@@ -271,8 +277,8 @@ def _fused_momentum_kernel(
     if NESTEROV:
         if EMA:
             u = _lerp(g, m.to(tl.float32), mu, EMULATE_RN)
-        else:
-            u = g + mu * m.to(tl.float32)
+        else:  # g + μ·M in one rounding, as torch.add(g, M, alpha=μ) computes it (CPU and CUDA)
+            u = _fma(mu, m.to(tl.float32), g, EMULATE_RN)
     else:
         u = m
     if ALIGNED:
@@ -309,7 +315,7 @@ def _fused_apply_update_kernel(
     if CAUTIOUS:  # decay only where W·O >= 0 (cautious weight decay), from the signs: no underflow
         decay = tl.where(((w >= 0) == (o >= 0)) | (w == 0) | (o == 0), decay, 1.0)
     w = _round(w * decay, PARAM_DTYPE, EMULATE_RN).to(tl.float32)  # W *= 1 - lr·wd, like mul_
-    w = w + tl.load(Alphas + t) * o  # then W += (-lr·scale)·O, rounded like add_
+    w = _fma(tl.load(Alphas + t), o, w, EMULATE_RN)  # then W += (-lr·scale)·O in one rounding, like add_
     if HYPERBALL:  # back onto the sphere: W *= c, like mul_
         w = _round(w, PARAM_DTYPE, EMULATE_RN).to(tl.float32) * tl.load(Shrink + k, mask=mask, other=0.0)
     tl.store(param + mem, _round(w, PARAM_DTYPE, EMULATE_RN), mask=mask)

@@ -136,8 +136,11 @@ def test_triangle_coordinates_are_exact_at_every_column_boundary(sqrt_error, mon
         from triton.runtime.interpreter import InterpreterBuilder
 
         towards = np.inf if sqrt_error > 0 else -np.inf
-        monkeypatch.setattr(InterpreterBuilder, "create_sqrt",
-                            lambda self, arg: self.unary_op(arg, lambda x: np.nextafter(np.sqrt(x), towards).astype(x.dtype)))
+
+        def off_by_an_ulp(x):
+            return np.nextafter(np.sqrt(x), towards).astype(x.dtype)
+
+        monkeypatch.setattr(InterpreterBuilder, "create_sqrt", lambda self, arg: self.unary_op(arg, off_by_an_ulp))
     triangle_check.check(torch.device("cpu"))
 
 

@@ -45,6 +45,19 @@ def test_fused_low_precision_momentum_matches_the_reference_bitwise(options, for
         torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=1e-6)
 
 
+def test_nearest_bf16_momentum_of_fp32_parameters_rounds_the_gradient_first():
+    """bf16 momentum (nearest) of fp32 parameters takes the fused kernel's plain path: the fp32
+    gradient is rounded to bf16 before the lerp, as the torch backend (torch) rounds it."""
+    options = {"momentum_dtype": torch.bfloat16}
+    ref, ref_opt = _run("torch", options)
+    out, opt = _run("triton", options)
+    assert all(b.backend.NAME == "triton" for b in opt._buckets)
+    for a, b in zip(ref, out):
+        assert opt.state[b]["momentum_buffer"].dtype == torch.bfloat16
+        assert torch.equal(opt.state[b]["momentum_buffer"], ref_opt.state[a]["momentum_buffer"])
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=1e-6)
+
+
 def test_bf16_parameters_with_int8_momentum():
     ref, ref_opt = _run("torch", {"momentum_dtype": "int8"}, dtype=torch.bfloat16)
     out, opt = _run("triton", {"momentum_dtype": "int8"}, dtype=torch.bfloat16)
