@@ -489,3 +489,22 @@ def test_opt_in_autotuning_persists_its_choice(tmp_path, monkeypatch):
     assert (tmp_path / "tune.json").read_text() == saved
     ref = reference_ns(G.cpu())
     assert rel_err(first.cpu(), ref) <= 2 * rel_err(plain_recurrence(G.cpu(), torch.bfloat16), ref) + 1e-2
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sgd_momentum_buffers_are_torch_sgds_bit_for_bit_on_the_gpu(backend, dtype):
+    """The fused kernels compiled without multiply-add contraction (Triton FP_FUSION off, CUDA
+    __fmul_rn): the SGD buffer is torch.optim.SGD's ``mul_`` then ``add_`` on the GPU too, not one FMA."""
+    p = torch.nn.Parameter(torch.zeros(256, 512, dtype=dtype, device=DEV))
+    q = torch.nn.Parameter(torch.zeros(256, 512, dtype=dtype, device=DEV))
+    opt = mk.Muon([p], backend=backend, momentum=0.9, momentum_form="sgd", nesterov=True, ns_steps=1)
+    sgd = torch.optim.SGD([q], lr=0.0, momentum=0.9)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for _ in range(4):
+        p.grad = (torch.randn(256, 512, generator=g, device=DEV) * 3).to(dtype)
+        q.grad = p.grad.clone()
+        opt.step()
+        sgd.step()
+    assert opt._buckets[0].backend.NAME == backend
+    assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])

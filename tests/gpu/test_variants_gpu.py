@@ -100,7 +100,11 @@ def test_split_pieces_match_torch_backend(backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("options", [{"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic"},
                                      {"momentum_dtype": "int8"},
-                                     {"momentum_dtype": "int8", "momentum_rounding": "stochastic"}])
+                                     {"momentum_dtype": "int8", "momentum_rounding": "stochastic"},
+                                     # SGD's μ·M + G: rounded twice in the reference, no FMA in the kernels
+                                     {"momentum_dtype": "int8", "momentum_form": "sgd"},
+                                     {"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic",
+                                      "momentum_form": "sgd"}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_momentum_stores_the_reference_bits(backend, options, dtype):
     shapes = [(256, 1000), (1000, 256), (300, 7)]  # numels not multiples of 256: partial last blocks

@@ -322,9 +322,10 @@ def test_fused_update_of_16_bit_weights_is_torchs_two_ops_bit_for_bit(dtype):
     assert checked == 2
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_sgd_momentum_of_16_bit_buffers_is_torch_sgds_bit_for_bit(dtype):
-    """momentum_form="sgd" keeps torch.optim.SGD's buffer: ``buf.mul_(μ).add_(g)``, two roundings."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_sgd_momentum_buffers_are_torch_sgds_bit_for_bit(dtype):
+    """momentum_form="sgd" keeps torch.optim.SGD's buffer: ``buf.mul_(μ).add_(g)``, two roundings
+    (fp32 too: the kernel is compiled without multiply-add contraction, tests/test_triton_aot.py)."""
     p = torch.nn.Parameter(torch.zeros(24, 40, dtype=dtype))
     q = torch.nn.Parameter(torch.zeros(24, 40, dtype=dtype))
     opt = mk.Muon([p], backend="triton", momentum=0.9, momentum_form="sgd", nesterov=False, ns_dtype=torch.float32,
