@@ -586,6 +586,7 @@ def test_vector_path_only_for_contiguous_multiple_of_8_tensors_at_aligned_addres
     good = make_layout([(1, 16, 24, False, False, 24), (2, 24, 16, True, False, 16)], cpu)
     assert good.vectorizable and aligned(good, 4096, 8192, 1 << 20)
     assert not aligned(good, 4096, 8192 + 4)  # one address 4 bytes off (a view inside a flat buffer)
+    assert not aligned(good, 4096 + 8, 8192)  # 8 bytes off: an 8-byte access, not a 16-byte one
     assert not make_layout([(1, 16, 24, False, False, 24), (1, 3, 5, False, False, 5)], cpu).vectorizable  # 15 elements
     assert not make_layout([(1, 16, 8, False, False, 24)], cpu).vectorizable  # a column piece of a 16×24 matrix
 
