@@ -48,3 +48,22 @@ def test_torch_backend_variants_make_no_host_copy(options):
     with no_host_to_device_copies():
         for _ in range(2):
             opt.step()
+
+
+def test_address_tables_are_a_bounded_lru(monkeypatch):
+    """A step reuses its tables (no copy to the device); past the bound the least recently used
+    table goes, never one a lookup just used, and never the newest."""
+    from collections import OrderedDict
+
+    from muon_kernels.triton_kernels import fused_update
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fused_update, "_ADDRESS_TABLES", OrderedDict())
+    monkeypatch.setattr(fused_update, "_ADDRESS_TABLES_MAX", 3)
+    first = fused_update.int_table((1,), cpu)
+    for values in ((2,), (3,)):
+        fused_update.int_table(values, cpu)
+    assert fused_update.int_table((1,), cpu) is first  # a hit: the same device copy, now the most recent
+    fused_update.int_table((4,), cpu)
+    assert list(fused_update._ADDRESS_TABLES) == [(cpu, (3,)), (cpu, (1,)), (cpu, (4,))]
+    assert fused_update.int_table((1,), cpu) is first

@@ -591,6 +591,14 @@ def test_vector_path_only_for_contiguous_multiple_of_8_tensors_at_aligned_addres
     assert not make_layout([(1, 16, 8, False, False, 24)], cpu).vectorizable  # a column piece of a 16×24 matrix
 
 
+def test_32_bit_indices_only_while_the_stack_and_one_masked_block_stay_below_2_to_the_31():
+    from muon_kernels.triton_kernels.fused_update import _block, index32
+
+    edge = 2**31 - _block()  # the last program's masked lanes reach numel + block - 1
+    assert index32(torch.empty(edge - 1, device="meta"))
+    assert not index32(torch.empty(edge, device="meta"))
+
+
 def test_the_interpreter_reads_scalars_whatever_numpy_says():
     """Triton 3.6's interpreter converted a scalar loop bound with int(1-element array), which numpy
     >= 2.4 refuses (every kernel with a runtime range failed); config squeezes it first, as 3.9 does.
