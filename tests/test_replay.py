@@ -225,6 +225,21 @@ def test_a_call_that_runs_other_torch_ops_is_never_replayed(calls, monkeypatch, 
     assert replay.plans() == 0 and len(recordings) == replay.ATTEMPTS
 
 
+def test_a_call_that_allocates_outside_the_workspace_is_never_replayed(calls):
+    """A buffer made with torch.empty rather than workspace.empty is not in the recording: a replay
+    would not make it (a launch given it would get the recording's stale address), so no plan is kept."""
+    fn, make, cfg, dtype = CASES["unsplit"]
+
+    def allocating(stack, cfg, dtype):
+        torch.empty(16)
+        return fn(stack, cfg, dtype)
+
+    stack = make()
+    for _ in range(replay.ATTEMPTS + 1):
+        replay.call(allocating, stack, cfg, dtype)
+    assert replay.plans() == 0
+
+
 def test_a_replay_that_raises_is_dropped(calls, monkeypatch):
     fn, make, cfg, dtype = CASES["standard"]
     stack = make()
