@@ -47,7 +47,7 @@ def test_fused_low_precision_momentum_matches_the_reference_bitwise(options, for
 
 def test_nearest_bf16_momentum_of_fp32_parameters_rounds_the_gradient_first():
     """bf16 momentum (nearest) of fp32 parameters takes the fused kernel's plain path: the fp32
-    gradient is rounded to bf16 before the lerp, as the torch backend (torch) rounds it."""
+    gradient is rounded to bf16 before the lerp, as the torch backend rounds it."""
     options = {"momentum_dtype": torch.bfloat16}
     ref, ref_opt = _run("torch", options)
     out, opt = _run("triton", options)
