@@ -103,22 +103,12 @@ def _specialize(fn, args: dict, constexprs: dict):
     return {n: signature[n] for n in fn.arg_names}, consts, attrs
 
 
-def launch_fp_fusion(fn) -> bool:
-    """The ``enable_fp_fusion`` the package's launcher passes for ``fn``: the fused momentum and
-    update kernels' and the variant factors' own (no contraction), else the matmul kernels'."""
-    if fn in (fused_update._fused_momentum_kernel, fused_update._fused_apply_update_kernel):
-        return fused_update.FP_FUSION
-    if fn is variant_statistics._variant_factors_kernel:
-        return variant_statistics.FACTORS_FP_FUSION
-    return kcfg.FP_FUSION
-
-
 def compile_kernel(fn, args: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
     """``fn`` compiled for ``arch`` as the package launches it (its fp-fusion setting included)."""
     signature, consts, attrs = _specialize(fn, args, constexprs)
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={
-        "num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": launch_fp_fusion(fn)})
+        "num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": kcfg.fp_fusion(fn)})
 
 
 def _code(cubin: bytes) -> bytes:

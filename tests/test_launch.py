@@ -65,6 +65,19 @@ def test_every_kernel_is_covered(launches):
     assert {k.__name__ for k, *_ in seen} == {k.__name__ for k in launch_overhead.jit_kernels()}
 
 
+def test_every_launch_passes_its_kernels_fp_fusion(launches):
+    """Each launch compiles with the contraction setting ``config.fp_fusion`` gives its kernel (the
+    registry bench/sass_report.py and the AOT tests compile with): off exactly for the kernels that
+    round as torch does, op by op (momentum, update, the variant factors), on for the rest."""
+    from muon_kernels.triton_kernels import config
+
+    seen, _ = launches
+    assert {k.__name__ for k, *_ in seen if not config.fp_fusion(k)} == {
+        "_fused_momentum_kernel", "_fused_apply_update_kernel", "_variant_factors_kernel"}
+    for kernel, _grid, _args, constexprs in seen:
+        assert constexprs["enable_fp_fusion"] is config.fp_fusion(kernel), kernel.__name__
+
+
 def _same(a, b) -> bool:
     """Launcher arguments equal: tensors by identity, NaN floats alike, launch metadata (a fresh
     LazyDict per call) by its contents, the rest by value."""

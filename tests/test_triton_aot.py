@@ -179,7 +179,7 @@ def test_matmul_offsets_are_int64_for_a_65536x32768_view():
 
 @pytest.mark.parametrize("buffer", ["fp32", "bf16", "int8"])
 def test_momentum_and_update_kernels_round_as_written(buffer):
-    """No multiply-add contraction in the fused momentum and update kernels (fused_update.FP_FUSION):
+    """No multiply-add contraction in the fused momentum and update kernels (config.rounds_as_written):
     every fp32 multiply and add keeps its own rounding (``.rn``), and an FMA appears only where the
     code asks for one (``_fma``: SGD's Nesterov blend g + μ·M and add_'s W + α·O, as torch computes
     them). With contraction, ptxas fused the SGD buffer's μ·M + G (torch.optim.SGD: mul_ then add_,

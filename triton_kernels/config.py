@@ -82,6 +82,21 @@ class MatmulConfig:
 # Pinned rather than left to the Triton default, which flips from fused to unfused multiply-adds in
 # Triton 3.10: results must not change with the installed Triton version.
 FP_FUSION = True
+# Kernels compiled without multiply-add contraction (``rounds_as_written``; each says why beside its
+# definition). One registry, read by every launcher and by bench/sass_report.py, so the compiled
+# code the SASS report and the AOT tests read is the code a launch runs.
+_ROUNDED_AS_WRITTEN: set = set()
+
+
+def rounds_as_written(kernel):
+    """Decorator above ``@triton.jit``: ``kernel`` launches with contraction off (``fp_fusion``)."""
+    _ROUNDED_AS_WRITTEN.add(kernel)
+    return kernel
+
+
+def fp_fusion(kernel) -> bool:
+    """The ``enable_fp_fusion`` every launch of ``kernel`` passes."""
+    return FP_FUSION and kernel not in _ROUNDED_AS_WRITTEN
 
 # Per-block shared-memory limits (bytes) by compute capability (DESIGN.md §5).
 # sm_100 (B200) has Hopper's 227 KB, sm_120 (RTX 50xx) the 99 KB of sm_86/89.

@@ -28,16 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import cdiv, checked_grid, is_interpreting
+from .config import cdiv, checked_grid, fp_fusion, is_interpreting, rounds_as_written
 from .launch import launch
 
 BLOCK = 1024
-# No multiply-add contraction in these two kernels (the matmul kernels keep config.FP_FUSION): every
-# rounding is the one the code spells out, a fused multiply-add only where it says ``_fma`` (where
-# torch's op is one: lerp, add with alpha). With contraction on, ptxas fused the SGD buffer's
-# ``μ·M + G`` (torch.optim.SGD's mul_ then add_: two roundings) into one FMA on sm_90, and the CPU
-# interpreter, which never fuses, could not show it (tests/test_triton_aot.py reads the PTX).
-FP_FUSION = False
+# The momentum and update kernels round as written (``config.rounds_as_written``: no multiply-add
+# contraction; the matmul kernels keep config.FP_FUSION): every rounding is the one the code spells
+# out, a fused multiply-add only where it says ``_fma`` (where torch's op is one: lerp, add with
+# alpha). With contraction on, ptxas fused the SGD buffer's ``μ·M + G`` (torch.optim.SGD's mul_ then
+# add_: two roundings) into one FMA on sm_90, and the CPU interpreter, which never fuses, could not
+# show it (tests/test_triton_aot.py reads the PTX).
 # per tensor: offset in the stack, rows, cols, transposed, neurons on columns, row stride in memory
 META_COLUMNS: tl.constexpr = tl.constexpr(6)
 # Elements of one 16-byte access at 16 bits: with ALIGNED every tensor's size and stack offset is a
@@ -229,6 +229,7 @@ def _low_precision_store(m, buf, idx, mem, numel, mask, bits, ScalePtrs, t, BLOC
         return rounded
 
 
+@rounds_as_written
 @triton.jit
 def _fused_momentum_kernel(
     GradPtrs, BufPtrs, Meta, Numels, Momenta, ChunkTensor, ChunkStart, Stack, Seeds, StepPtrs, ScalePtrs,
@@ -288,6 +289,7 @@ def _fused_momentum_kernel(
                                                                      EMULATE_RN), mask=mask)
 
 
+@rounds_as_written
 @triton.jit
 def _fused_apply_update_kernel(
     ParamPtrs, Meta, Numels, Alphas, Decays, ChunkTensor, ChunkStart, Ortho, RowScale, Gains, Shrink, NMAX,
@@ -450,7 +452,7 @@ def fused_momentum(grads, bufs, momenta: torch.Tensor, layout: Layout, stack: to
         _addresses(list(scales), device) if int8 else momenta,
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], BUF_DTYPE=_TL_DTYPES[bufs[0].dtype], EMA=ema, NESTEROV=nesterov,
         BLOCK=_block(), EMULATE_RN=is_interpreting(), INDEX32=index32(stack), INT8=int8, STOCHASTIC=stochastic,
-        ALIGNED=vector, enable_fp_fusion=FP_FUSION,
+        ALIGNED=vector, enable_fp_fusion=fp_fusion(_fused_momentum_kernel),
     )
 
 
@@ -474,5 +476,6 @@ def fused_apply_update(params, alphas: torch.Tensor, decays: torch.Tensor, layou
         placeholder if gains is None else gains, placeholder if shrink is None else shrink, ortho.shape[-1],
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=_block(), EMULATE_RN=is_interpreting(), CAUTIOUS=cautious,
         NORMUON=row_scale is not None, HYPERBALL=shrink is not None, INDEX32=index32(ortho),
-        ALIGNED=aligned(layout, *param_ptrs, ortho.data_ptr()), enable_fp_fusion=FP_FUSION,
+        ALIGNED=aligned(layout, *param_ptrs, ortho.data_ptr()),
+        enable_fp_fusion=fp_fusion(_fused_apply_update_kernel),
     )

@@ -22,15 +22,13 @@ import triton
 import triton.language as tl
 
 from .. import variants
-from .config import FP_FUSION, cdiv, checked_grid, is_interpreting
+from .config import cdiv, checked_grid, fp_fusion, is_interpreting, rounds_as_written
 from .fused_update import _TL_DTYPES, _lerp, int_table
 from .launch import launch
 
 # per matrix: param, v (0: none), rows, cols, transposed, neurons on cols, the param's row stride
 TABLE_COLUMNS: tl.constexpr = tl.constexpr(variants.TABLE_COLUMNS)
 SUMS: tl.constexpr = tl.constexpr(4)  # per (matrix, block of neurons): Σq, Σs²q, Σs·(W·O), ΣW²
-# No contraction in the factors kernel: torch computes each product and sum of variants.gains separately.
-FACTORS_FP_FUSION = False
 BLOCK_N = 16
 BLOCK_J = 64
 _BLOCK_J_INTERPRETER = 16
@@ -150,7 +148,7 @@ def variant_statistics(ortho: torch.Tensor, table: torch.Tensor, row_scale: torc
         ortho, table, row_scale if row_scale is not None else partials, partials, m, n, nb, 1.0 - beta2, eps,
         PARAM_DTYPE=_TL_DTYPES[param_dtype], NORMUON=normuon, HYPERBALL=hyperball, BLOCK_N=BLOCK_N,
         BLOCK_J=_BLOCK_J_INTERPRETER if is_interpreting() else BLOCK_J, EMULATE_RN=is_interpreting(),
-        enable_fp_fusion=FP_FUSION,
+        enable_fp_fusion=fp_fusion(_variant_statistics_kernel),
     )
     return partials
 
@@ -161,6 +159,8 @@ def _pick(values, j: tl.constexpr):
     return tl.sum(tl.where(tl.arange(0, SUMS) == j, values, 0.0), axis=0).to(tl.float64)
 
 
+# Rounds as written: torch computes each product and sum of variants.gains separately.
+@rounds_as_written
 @triton.jit
 def _variant_factors_kernel(
     Partials, Alphas, Radius, Eps, Gains, Shrink, BLOCKS,
@@ -218,6 +218,6 @@ def variant_factors(partials: torch.Tensor, alphas: torch.Tensor | None, radius:
         partials, alphas if hyperball else gains, radius if hyperball else gains,
         _eps_pair(float(normuon_eps), float(hyperball_eps), partials.device), gains,
         shrink if hyperball else gains, nb, NORMUON=normuon, HYPERBALL=hyperball,
-        CHUNK=min(64, triton.next_power_of_2(nb)), enable_fp_fusion=FACTORS_FP_FUSION,
+        CHUNK=min(64, triton.next_power_of_2(nb)), enable_fp_fusion=fp_fusion(_variant_factors_kernel),
     )
     return gains, shrink
