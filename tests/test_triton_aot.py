@@ -177,35 +177,23 @@ def test_matmul_offsets_are_int64_for_a_65536x32768_view():
         assert re.search(r"arith\.muli [^\n]*: tensor<[0-9x]+xi64>", ttir), f"{name}: no int64 index products"
 
 
-@pytest.mark.parametrize("buffer", ["fp32", "bf16", "int8"])
-def test_momentum_and_update_kernels_round_as_written(buffer):
-    """No multiply-add contraction in the fused momentum and update kernels (config.rounds_as_written):
-    every fp32 multiply and add keeps its own rounding (``.rn``), and an FMA appears only where the
-    code asks for one (``_fma``: SGD's Nesterov blend g + μ·M and add_'s W + α·O, as torch computes
-    them). With contraction, ptxas fused the SGD buffer's μ·M + G (torch.optim.SGD: mul_ then add_,
+def test_kernels_without_contraction_round_as_written():
+    """The kernels registered by ``config.rounds_as_written`` (fused momentum and update, the variant
+    factors), in every variant the SASS report compiles: no contractible multiply or add in their PTX
+    (every fp32/fp64 multiply and add keeps its own rounding, ``.rn``), and an FMA only where the code
+    asks for one (``_fma``: SGD's Nesterov blend g + μ·M and add_'s W + α·O, as torch computes them;
+    lerp). With contraction, ptxas fused the SGD buffer's μ·M + G (torch.optim.SGD: mul_ then add_,
     two roundings) into one FMA on sm_90, which the CPU interpreter cannot show."""
-    import triton.language as tl
+    from muon_kernels.triton_kernels import config
 
-    from muon_kernels.triton_kernels import fused_update
-
-    tables = dict(Meta="i64", Numels="i64", ChunkTensor="i32", ChunkStart="i64")
-    types = {"fp32": tl.float32, "bf16": tl.bfloat16, "int8": tl.int8}
-    int8 = buffer == "int8"
-    momentum = sass_report.compile_kernel(
-        fused_update._fused_momentum_kernel,
-        dict(GradPtrs="i64", BufPtrs="i64", Momenta="fp32", Stack="bf16" if buffer == "bf16" else "fp32", Seeds="i64",
-             StepPtrs="i64", ScalePtrs="i64", **tables),
-        dict(GRAD_DTYPE=tl.float32, BUF_DTYPE=types[buffer], EMA=False, NESTEROV=True, BLOCK=fused_update.BLOCK,
-             EMULATE_RN=False, INDEX32=True, INT8=int8, STOCHASTIC=False, ALIGNED=False), 90, 4, 1).asm["ptx"]
-    update = sass_report.compile_kernel(
-        fused_update._fused_apply_update_kernel,
-        dict(ParamPtrs="i64", Alphas="fp32", Decays="fp32", Ortho="fp32", RowScale="fp32", Gains="fp32",
-             Shrink="fp32", NMAX=4096, **tables),
-        dict(PARAM_DTYPE=types["bf16" if buffer == "bf16" else "fp32"], BLOCK=fused_update.BLOCK, EMULATE_RN=False,
-             CAUTIOUS=False, NORMUON=False, HYPERBALL=True, INDEX32=True, ALIGNED=False), 90, 4, 1).asm["ptx"]
-    for ptx in (momentum, update):
-        assert not re.search(r"\b(?:mul|add|sub)\.f32\b", ptx)  # no contractible multiply or add
-        assert "mul.rn.f32" in ptx and "fma.rn.f32" in ptx
+    cases = [c for c in sass_report.kernel_cases(90) if not config.fp_fusion(c[1])]
+    assert {c[1].__name__ for c in cases} == {"_fused_momentum_kernel", "_fused_apply_update_kernel",
+                                              "_variant_factors_kernel"}
+    for name, fn, args, consts, _, dtype, warps, stages, _, _ in cases:
+        ptx = sass_report.compile_kernel(fn, args, consts, 90, warps, stages).asm["ptx"]
+        assert not re.search(r"\b(?:mul|add|sub)\.f(?:32|64)\b", ptx), (name, dtype)  # none contractible
+        if name.startswith(("fused_momentum[sgd", "fused_apply_update")):
+            assert "mul.rn.f32" in ptx and "fma.rn.f32" in ptx, (name, dtype)
 
 
 def test_normalization_divides_and_takes_square_roots_round_to_nearest():
