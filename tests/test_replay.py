@@ -378,3 +378,22 @@ def test_a_replay_holds_no_more_memory_than_the_plain_call(calls, case):
         out = replay.call(fn, stack, cfg, dtype)
     del out
     assert replay.plans() == 1 and live.peak_bytes == peaks[0]
+
+
+def test_a_result_that_views_a_buffer_with_other_strides_keeps_its_strides(calls):
+    """A call whose result is a transposed view of a square buffer it made (same shape, dtype and
+    start as the buffer, other strides) replays to the same view, not to the buffer itself."""
+    fn, _, cfg, dtype = CASES["unsplit"]
+
+    def transposed(stack, cfg, dtype):
+        return fn(stack, cfg, dtype).mT
+
+    stack = torch.randn(2, 128, 128)
+    with replay.replays(False):
+        fn(stack, cfg, dtype)  # compiles
+        names = _pointer_positions(calls)
+        plain = _launches(calls, transposed, stack, cfg, dtype)
+    assert plain[2].stride() != plain[2].contiguous().stride()
+    _launches(calls, lambda *a: replay.call(transposed, *a), stack, cfg, dtype)
+    assert replay.plans() == 1, replay._failures
+    _compare(plain, _launches(calls, lambda *a: replay.call(transposed, *a), stack, cfg, dtype), stack, names)
