@@ -34,13 +34,15 @@ from common import git_commit
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 TARGETS = BENCH / "targets.json"
-TARGET_KINDS = ("step_speedup", "ns_speedup", "update_fraction")
+TARGET_KINDS = ("step_speedup", "step_ratio", "ns_speedup", "ns_auto_floor", "update_fraction")
 
 
 def load_targets(path: Path = TARGETS) -> list[dict]:
     """The target list, checked: every entry has a name, a known kind, its keys and a number to meet."""
     targets = json.loads(path.read_text())["targets"]
-    needs = {"step_speedup": ("model",), "ns_speedup": ("shape", "batch", "reference"), "update_fraction": ("model",)}
+    needs = {"step_speedup": ("model",), "step_ratio": ("model", "impl", "base"),
+             "ns_speedup": ("shape", "batch", "reference"), "ns_auto_floor": ("reference",),
+             "update_fraction": ("model",)}
     for t in targets:
         if t.get("kind") not in TARGET_KINDS:
             raise ValueError(f"{path}: target {t.get('name')!r} has kind {t.get('kind')!r}, not one of {TARGET_KINDS}")
@@ -61,9 +63,29 @@ def measure(target: dict, result: dict) -> tuple[float | None, str]:
                                              "-triton-dispatch")))]
         best = max(rows, key=lambda r: r["speedup"], default=None)
         return (best["speedup"], best["impl"]) if best else (None, "not measured")
+    names = target.get("reference")
+    names = names if isinstance(names, list) else [names]
+    if target["kind"] == "step_ratio":  # a variant's step against the default step of its backend: base ms / ms
+        ms = {r["impl"]: r["ms"] for r in result.get("step", [])
+              if r["model"] == target["model"] and r.get("width_divisor", 1) == 1}
+        if target["impl"] not in ms or target["base"] not in ms:
+            return None, "not measured"
+        return ms[target["base"]] / ms[target["impl"]], f"{target['impl']} vs {target['base']}"
+    if target["kind"] == "ns_auto_floor":  # the worst Newton–Schulz point of backend="auto"
+        ratios = []
+        for r in result.get("ns", []):
+            if r["impl"] != "ours-auto":
+                continue
+            refs = [q["ms"] for q in result["ns"]
+                    if q["impl"] in names and q["shape"] == r["shape"] and q["batch"] == r["batch"]]
+            if refs:
+                ratios.append((min(refs) / r["ms"], r["shape"], r["batch"]))
+        if not ratios:
+            return None, "not measured"
+        worst, (m, n), batch = min(ratios)
+        return worst, f"ours-auto at {m}x{n} x {batch}, the worst of {len(ratios)} points"
     if target["kind"] == "ns_speedup":
         here = [r for r in result.get("ns", []) if r["shape"] == target["shape"] and r["batch"] == target["batch"]]
-        names = target["reference"] if isinstance(target["reference"], list) else [target["reference"]]
         ref = min((r for r in here if r["impl"] in names), key=lambda r: r["ms"], default=None)
         # Same work as the reference: the standard recurrence (no -aol rows, which change the
         # preconditioning; -gram rows only where the target allows Gram NS; never the forced sm75

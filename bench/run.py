@@ -134,12 +134,13 @@ def _ns_table(rows, speedups) -> str:
     return table(out, ["shape", "batch", *impls, "ours vs best reference", "bf16 mm TF"])
 
 
-def _floor(model: str, width_divisor: int, ceilings: dict) -> dict:
-    """The step section's floor for ``model`` (its fp32 parameters, every layer) on this device."""
+def _floors(model: str, width_divisor: int, ceilings: dict) -> list[dict]:
+    """The step section's floors for ``model`` (every layer) on this device: fp32 and bf16 parameters."""
     matrices, vectors = layer_shapes(model, width_divisor)
     layers = MODELS[model]["layers"]
-    return {"model": model, "width_divisor": width_divisor,
-            **phases.floor(matrices * layers, vectors * layers, 4, ceilings)}
+    return [{"model": model, "width_divisor": width_divisor, "param_dtype": dtype,
+             **phases.floor(matrices * layers, vectors * layers, param_bytes, ceilings)}
+            for dtype, param_bytes in (("fp32", 4), ("bf16", 2))]
 
 
 def _phase_table(rows: list[dict]) -> str:
@@ -191,7 +192,7 @@ def _run_item(section: str, what, result: dict, device, quick: bool, warmup: int
                  progress=progress, group=(group or [None])[0], phases=with_phases, on_row=on_row)
         if result["ceilings"] and not any(f["model"] == model and f["width_divisor"] == width_divisor
                                           for f in result["floors"]):
-            result["floors"].append(_floor(model, width_divisor, result["ceilings"]))
+            result["floors"] += _floors(model, width_divisor, result["ceilings"])
 
 
 def main(argv=None, clock=time.monotonic) -> int:
@@ -298,7 +299,7 @@ def main(argv=None, clock=time.monotonic) -> int:
               "gap = wall − all kernel time)")
         print(_phase_table(result["step"]))
         for f in result["floors"]:
-            print(f"floor {step.label(f)}: {f['floor_ms']:.3g} ms = NS {f['ns_ms_symmetric']:.3g} "
+            print(f"floor {step.label(f)}, {f.get('param_dtype', 'fp32')} parameters: {f['floor_ms']:.3g} ms = NS {f['ns_ms_symmetric']:.3g} "
                   f"({f['ns_tflop_symmetric']:.3g} TFLOP with symmetric products; {f['ns_ms_naive']:.3g} naive) + "
                   f"elementwise {f['elementwise_ms']:.3g} ({f['elementwise_gb']:.3g} GB) + AdamW {f['adamw_ms']:.3g} "
                   f"at {result['ceilings']['bf16_mm_tflops']:.3g} TFLOP/s and {result['ceilings']['copy_gbps']:.4g} GB/s "

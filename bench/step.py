@@ -15,32 +15,51 @@ from common import MODELS, layer_shapes, summarize, through_triton_dispatch, tim
 from phases import breakdown
 
 
-def make_params(model: str, layers: int, width_divisor: int, device: torch.device, seed: int = 0):
+def make_params(model: str, layers: int, width_divisor: int, device: torch.device, seed: int = 0,
+                dtype: torch.dtype = torch.float32):
     """Parameters and gradients drawn on ``device`` itself (LLaMA-1B's 2.1 G numbers took 7–10 s per
-    row from the CPU generator and a host copy): the same values for every row on one device."""
+    row from the CPU generator and a host copy): the same values for every row on one device; in
+    ``dtype`` (the fp32 draws, rounded), gradients too."""
     g = torch.Generator(device=device).manual_seed(seed)
     matrices, vectors = layer_shapes(model, width_divisor)
     mats, vecs = [], []
     for _ in range(layers):
-        mats += [torch.nn.Parameter(torch.randn(s, generator=g, device=device) / s[1] ** 0.5) for s in matrices]
-        vecs += [torch.nn.Parameter(torch.zeros(n, device=device)) for n in vectors]
+        mats += [torch.nn.Parameter((torch.randn(s, generator=g, device=device) / s[1] ** 0.5).to(dtype))
+                 for s in matrices]
+        vecs += [torch.nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) for n in vectors]
     for p in mats + vecs:
-        p.grad = torch.randn(p.shape, generator=g, device=device)
+        p.grad = torch.randn(p.shape, generator=g, device=device).to(dtype)
     return mats, vecs
+
+
+# Rows whose name ends so step bf16 parameters (and gradients), against the reference row of the
+# same name; every other row steps fp32 parameters. Issue 26's targets name both for the GPT-2 models
+# (BF16_PARAM_MODELS); LLaMA-1B's rows take 13–15 s each on an H200, so its budget keeps fp32 only.
+BF16_PARAMS = "-bf16-params"
+BF16_PARAM_MODELS = ("gpt2-small", "gpt2-medium")
+
+
+def param_dtype(impl: str) -> str:
+    """The parameter dtype a step row's implementation steps: "bf16" or "fp32"."""
+    return "bf16" if impl.endswith(BF16_PARAMS) else "fp32"
 
 
 # The rows a short GPU session must bring back first for each model (bench/run.py runs them as one
 # work item, the rest of the model's rows as a later one): the reference, what a user gets (and the
-# same with the step replayed as a CUDA graph), and the Triton backend alone.
-DEFAULT_IMPLS = ("torch.optim.Muon", "ours-auto", "ours-auto-graph", "ours-triton")
+# same with the step replayed as a CUDA graph), the Triton backend alone, then the reference and
+# what a user gets again with bf16 parameters (last: a run cut inside the group loses them first).
+DEFAULT_IMPLS = ("torch.optim.Muon", "ours-auto", "ours-auto-graph", "ours-triton",
+                 "torch.optim.Muon" + BF16_PARAMS, "ours-auto" + BF16_PARAMS)
 GROUPS = ("default", "rest")
 
 
-def implementations(device: torch.device, quick: bool, width_divisor: int = 1, group: str | None = None):
+def implementations(device: torch.device, quick: bool, width_divisor: int = 1, group: str | None = None,
+                    model: str | None = None):
     """(name, build(mats, vecs) -> step callable) for everything that can run on ``device``. A CPU
     at full width runs only the default and the NS-precision/algorithm rows (a step takes seconds
     there; the variant rows' cost shows at ÷8 and ÷4). ``group``: None for every row, "default" for
-    ``DEFAULT_IMPLS`` (in that order), "rest" for the others."""
+    ``DEFAULT_IMPLS`` (in that order), "rest" for the others. ``model``: the bf16-parameter rows only
+    for BF16_PARAM_MODELS (every model's when None)."""
     if group not in (None, *GROUPS):
         raise ValueError(f"group must be None or one of {GROUPS}, got {group!r}")
 
@@ -90,6 +109,10 @@ def implementations(device: torch.device, quick: bool, width_divisor: int = 1, g
             impls.append(("ours-auto-triton-dispatch", _triton_dispatch(ours("auto"))))
         # ns_algorithm="auto": Gram NS where measured faster (or above the table's aspect ratio)
         impls.append(("ours-auto-gram", ours("auto", ns_algorithm="auto")))
+        if model is None or model in BF16_PARAM_MODELS:
+            # bf16 parameters and gradients (momentum in bf16 on both sides: each keeps the parameter's dtype)
+            impls.append(("torch.optim.Muon" + BF16_PARAMS, reference))
+            impls.append(("ours-auto" + BF16_PARAMS, ours("auto")))
     if device.type == "cpu":
         impls.append(("ours-torch-gram", ours("torch", ns_algorithm="auto")))
         impls.append(("ours-torch-fp32", ours("torch", ns_dtype=torch.float32)))
@@ -160,9 +183,10 @@ def _scaled(breakdown: dict, scale: float) -> dict:
 def _one_by_one(device, model, run_layers, width_divisor, quick, warmup, repeat, progress, group=None, phases=False):
     """GPU: each implementation on its own parameters, timed with CUDA events, its peak memory, and
     with ``phases`` its per-phase breakdown."""
-    for name, build in implementations(device, quick, width_divisor, group):
+    for name, build in implementations(device, quick, width_divisor, group, model):
         progress(f"step {model} {name}")
-        mats, vecs = make_params(model, run_layers, width_divisor, device)
+        mats, vecs = make_params(model, run_layers, width_divisor, device,
+                                 dtype=torch.bfloat16 if param_dtype(name) == "bf16" else torch.float32)
         step = build(mats, vecs)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -218,13 +242,15 @@ def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat
 
 
 def speedups(results: list[dict]) -> list[dict]:
-    """Each implementation's ratio to torch.optim.Muon at the same model and width: against its own
-    interleaved twin where it has one (CPU), else against that model's reference row."""
-    key = lambda r: (r["model"], r.get("width_divisor", 1))  # noqa: E731
-    ref = {key(r): r["ms"] for r in results if r["impl"] == "torch.optim.Muon"}
+    """Each implementation's ratio to torch.optim.Muon at the same model, width and parameter dtype:
+    against its own interleaved twin where it has one (CPU), else against that model's reference row
+    (``torch.optim.Muon-bf16-params`` for a bf16-parameter row)."""
+    key = lambda r: (r["model"], r.get("width_divisor", 1), param_dtype(r["impl"]))  # noqa: E731
+    references = ("torch.optim.Muon", "torch.optim.Muon" + BF16_PARAMS)
+    ref = {key(r): r["ms"] for r in results if r["impl"] in references}
     return [{"model": r["model"], "width_divisor": r.get("width_divisor", 1), "impl": r["impl"],
              "speedup": r.get("paired_reference_ms", ref.get(key(r))) / r["ms"]}
-            for r in results if r["impl"] != "torch.optim.Muon" and ("paired_reference_ms" in r or key(r) in ref)]
+            for r in results if r["impl"] not in references and ("paired_reference_ms" in r or key(r) in ref)]
 
 
 def label(row: dict) -> str:

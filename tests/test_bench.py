@@ -207,9 +207,11 @@ def test_work_plan_puts_the_gpu_targets_first():
     for t in targets:
         if t["kind"] == "step_speedup":
             assert ("step", (t["model"], 1, "default")) in first
+        elif t["kind"] == "step_ratio":  # variant rows: the first of the "rest" groups
+            assert plan[9] == ("step", (t["model"], 1, "rest"))
         elif t["kind"] == "ns_speedup":
             assert ("ns", (*t["shape"], t["batch"])) in first
-        else:
+        elif t["kind"] == "update_fraction":
             assert ("update", t["model"]) in first
     assert len(plan) == len(set(plan))  # nothing twice
     steps = [what for section, what in plan if section == "step"]
@@ -256,6 +258,34 @@ def test_step_ratios_come_from_the_interleaved_twin():
             {"model": "gpt2-small", "width_divisor": 1, "impl": "ours-torch", "ms": 50.0}]
     assert step.speedups(rows) == [{"model": "gpt2-small", "width_divisor": 4, "impl": "ours-torch", "speedup": 3.0},
                                    {"model": "gpt2-small", "width_divisor": 1, "impl": "ours-torch", "speedup": 2.0}]
+    # a bf16-parameter row against the reference on bf16 parameters, never the fp32 one
+    rows += [{"model": "gpt2-small", "width_divisor": 1, "impl": "torch.optim.Muon-bf16-params", "ms": 80.0},
+             {"model": "gpt2-small", "width_divisor": 1, "impl": "ours-auto-bf16-params", "ms": 20.0},
+             {"model": "llama-1b", "width_divisor": 1, "impl": "torch.optim.Muon", "ms": 10.0},
+             {"model": "llama-1b", "width_divisor": 1, "impl": "ours-auto-bf16-params", "ms": 5.0}]
+    assert step.speedups(rows)[2:] == [
+        {"model": "gpt2-small", "width_divisor": 1, "impl": "ours-auto-bf16-params", "speedup": 4.0}]
+
+
+def test_bf16_parameter_rows_step_bf16_parameters():
+    import torch
+
+    import step
+
+    assert (step.param_dtype("ours-auto-bf16-params"), step.param_dtype("ours-auto")) == ("bf16", "fp32")
+    mats, vecs = step.make_params("gpt2-small", 1, 16, torch.device("cpu"), dtype=torch.bfloat16)
+    fp32, _ = step.make_params("gpt2-small", 1, 16, torch.device("cpu"))
+    for p in mats + vecs:
+        assert p.dtype == p.grad.dtype == torch.bfloat16
+    assert all(torch.equal(p, q.to(torch.bfloat16)) for p, q in zip(mats, fp32))  # the same draws, rounded
+    # a GPU run's default group ends with the pair, reference first, for the GPT-2 models only
+    assert step.DEFAULT_IMPLS[-2:] == ("torch.optim.Muon-bf16-params", "ours-auto-bf16-params")
+    cuda = torch.device("cuda")  # names only: building the table touches no device
+    for model in ("gpt2-small", "gpt2-medium", "llama-1b"):
+        default = [name for name, _ in step.implementations(cuda, quick=False, group="default", model=model)]
+        rest = [name for name, _ in step.implementations(cuda, quick=False, group="rest", model=model)]
+        bf16 = [name for name in default + rest if step.param_dtype(name) == "bf16"]
+        assert bf16 == (list(step.DEFAULT_IMPLS[-2:]) if model in step.BF16_PARAM_MODELS else []), model
 
 
 class FakeClock:
@@ -378,8 +408,28 @@ def test_targets_parse_and_measure():
                {"shape": [1024, 4096], "batch": 1, "impl": "ours-triton-gram", "ms": 0.2}],
         "update": [{"model": "gpt2-small", "impl": "ours-triton", "fraction_of_copy": 0.7}],
     }
+    result["step_speedups"].append({"model": "gpt2-small", "impl": "ours-auto-bf16-params", "speedup": 5.5})
+    result["step"] = [{"model": "gpt2-small", "width_divisor": 1, "impl": "ours-triton", "ms": 3.0},
+                      {"model": "gpt2-small", "width_divisor": 1, "impl": "ours-triton-cautious", "ms": 3.2},
+                      {"model": "gpt2-small", "width_divisor": 4, "impl": "ours-triton-normuon-hyperball", "ms": 1.0},
+                      {"model": "gpt2-small", "width_divisor": 1, "impl": "ours-triton-normuon-hyperball", "ms": 4.0},
+                      {"model": "gpt2-small", "width_divisor": 1, "impl": "ours-torch-int8-momentum", "ms": 9.0}]
+    result["ns"] += [{"shape": [4096, 4096], "batch": 1, "impl": "ours-auto", "ms": 12.0},
+                     {"shape": [1024, 4096], "batch": 1, "impl": "ours-auto", "ms": 0.6}]
     measured = {t["name"]: gpu_check.measure(t, result) for t in targets}
     assert measured["Muon.step() GPT-2 small, backend=auto, vs torch.optim.Muon + AdamW"] == (4.1, "ours-auto")
+    assert measured["Muon.step() GPT-2 small, bf16 parameters, backend=auto, vs torch.optim.Muon + AdamW"] == (
+        5.5, "ours-auto-bf16-params")
+    # variants against their backend's default row, full width only
+    assert measured["GPT-2 small step, cautious weight decay within 10% of the default (Triton)"] == (
+        pytest.approx(3.0 / 3.2), "ours-triton-cautious vs ours-triton")
+    assert measured["GPT-2 small step, NorMuon + hyperball within 10% of the default (Triton)"][0] == 0.75
+    assert measured["GPT-2 small step, int8 momentum within 10% of the default (Triton)"] == (None, "not measured")
+    assert measured["GPT-2 small step, int8 momentum no slower than the default (torch backend)"] == (
+        None, "not measured")  # no ours-torch row
+    # backend="auto"'s worst point: 1024x4096 (0.3 / 0.6), not 4096² (11.7 / 12.0)
+    assert measured["Newton-Schulz, backend=auto, worst bench point vs the faster reference"] == (
+        0.5, "ours-auto at 1024x4096 x 1, the worst of 2 points")
     assert measured["Muon.step() LLaMA-1B, backend=auto, vs torch.optim.Muon + AdamW"] == (None, "not measured")
     # against the faster reference (torch.optim.Muon's 11.7 ms here)
     assert measured["Newton-Schulz 4096x4096"] == (pytest.approx(1.17), "ours-triton vs torch.optim.Muon")
