@@ -84,19 +84,20 @@ class MatmulConfig:
 FP_FUSION = True
 # Kernels compiled without multiply-add contraction (``rounds_as_written``; each says why beside its
 # definition). One registry, read by every launcher and by bench/sass_report.py, so the compiled
-# code the SASS report and the AOT tests read is the code a launch runs.
-_ROUNDED_AS_WRITTEN: set = set()
+# code the SASS report and the AOT tests read is the code a launch runs. By id, as launch.py keys its
+# sites: hashing a JITFunction takes a lock (~0.4 µs a launch); the kernels are module globals.
+_ROUNDED_AS_WRITTEN: set[int] = set()
 
 
 def rounds_as_written(kernel):
     """Decorator above ``@triton.jit``: ``kernel`` launches with contraction off (``fp_fusion``)."""
-    _ROUNDED_AS_WRITTEN.add(kernel)
+    _ROUNDED_AS_WRITTEN.add(id(kernel))
     return kernel
 
 
 def fp_fusion(kernel) -> bool:
     """The ``enable_fp_fusion`` every launch of ``kernel`` passes."""
-    return FP_FUSION and kernel not in _ROUNDED_AS_WRITTEN
+    return FP_FUSION and id(kernel) not in _ROUNDED_AS_WRITTEN
 
 # Per-block shared-memory limits (bytes) by compute capability (DESIGN.md §5).
 # sm_100 (B200) has Hopper's 227 KB, sm_120 (RTX 50xx) the 99 KB of sm_86/89.

@@ -32,12 +32,6 @@ from .config import cdiv, checked_grid, fp_fusion, is_interpreting, rounds_as_wr
 from .launch import launch
 
 BLOCK = 1024
-# The momentum and update kernels round as written (``config.rounds_as_written``: no multiply-add
-# contraction; the matmul kernels keep config.FP_FUSION): every rounding is the one the code spells
-# out, a fused multiply-add only where it says ``_fma`` (where torch's op is one: lerp, add with
-# alpha). With contraction on, ptxas fused the SGD buffer's ``μ·M + G`` (torch.optim.SGD's mul_ then
-# add_: two roundings) into one FMA on sm_90, and the CPU interpreter, which never fuses, could not
-# show it (tests/test_triton_aot.py reads the PTX).
 # per tensor: offset in the stack, rows, cols, transposed, neurons on columns, row stride in memory
 META_COLUMNS: tl.constexpr = tl.constexpr(6)
 # Elements of one 16-byte access at 16 bits: with ALIGNED every tensor's size and stack offset is a
@@ -229,6 +223,12 @@ def _low_precision_store(m, buf, idx, mem, numel, mask, bits, ScalePtrs, t, BLOC
         return rounded
 
 
+# This kernel and the update kernel round as written (``config.rounds_as_written``: no multiply-add
+# contraction; the matmul kernels keep config.FP_FUSION): every rounding is the one the code spells
+# out, a fused multiply-add only where it says ``_fma`` (where torch's op is one: lerp, add with
+# alpha). With contraction on, ptxas fused the SGD buffer's ``μ·M + G`` (torch.optim.SGD's mul_ then
+# add_: two roundings) into one FMA on sm_90, and the CPU interpreter, which never fuses, could not
+# show it (tests/test_triton_aot.py reads the PTX).
 @rounds_as_written
 @triton.jit
 def _fused_momentum_kernel(
