@@ -428,6 +428,32 @@ def settings_changed_on_one_rank(rank, world, ns_dtype, out):
     return results
 
 
+def rebuild_over_two_groups(rank, world, ns_dtype, out):
+    """Three ranks, two process groups of different members: plain (replicated) matrices over all
+    three, and a matrix sharded on a mesh of ranks 0 and 1 only, listed last. Rank 2 alone changes a
+    plan input (the workspace cap): the replicated group's check says "rebuild", the mesh's (where no
+    rank changed anything) says "no"; every rank must still rebuild, or rank 2 would run the rebuild's
+    collectives alone and hang."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = DeviceMesh("cpu", [0, 1])  # made on every rank: its process group is a collective of all
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 8)) for _ in range(2)]
+    sharded = torch.randn(16, 8)
+    if rank < 2:
+        params.append(nn.Parameter(distribute_tensor(sharded, mesh, [Shard(0)])))
+    opt = make_optimizer(nn.ParameterList(params), ns_dtype)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        if step == 1 and rank == 2:
+            opt.max_workspace_bytes = 1
+        opt.step()
+    return {"plan version": opt._plan_version,
+            "params": [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in params]}
+
+
 # Option sets the layouts train with, by scenario name: "train_<ddp|fsdp>_<name>" trains with them,
 # "fsdp_resume_<name>" checkpoints and resumes FSDP2 training with them (full state dicts), and
 # "fsdp_sharded_resume[_<name>]" with a sharded torch.distributed.checkpoint on files.

@@ -204,3 +204,14 @@ def test_a_setting_changed_on_one_rank_later_is_refused_on_every_rank(tmp_path):
         assert res["plan version"] == 2  # the workspace cap changed on rank 1 rebuilt both ranks' plans
     for name, value in results[0]["params"].items():
         assert torch.equal(value, results[1]["params"][name]), name
+
+
+def test_a_rebuild_on_one_rank_rebuilds_every_rank_across_process_groups(tmp_path):
+    """The "rebuild" answers of several process groups are combined, not the last one taken: rank 2
+    (only in the replicated group) rebuilds, so ranks 0 and 1 (also on a mesh of their own, checked
+    last) must rebuild too."""
+    results = workers.spawn(tmp_path, "rebuild_over_two_groups", 3)
+    assert [res["plan version"] for res in results] == [2, 2, 2]
+    for res in results[1:]:
+        for a, b in zip(res["params"], results[0]["params"]):
+            assert torch.equal(a, b)
