@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import replace
 
 import torch
@@ -124,15 +125,37 @@ _M1, _M2 = 0x7FEB352D, 0x846CA68B - 2**32  # lowbias32's multipliers as int32
 
 
 def _lowbias32(x: torch.Tensor, shifted: torch.Tensor | None = None) -> torch.Tensor:
-    """lowbias32 (C. Wellons), a bijection of 32-bit values, on int32 ``x`` (overwritten); one
-    temporary (``shifted``, x's shape) for the shifted copies: a CPU pays page faults for every
+    """lowbias32 (C. Wellons), a bijection of 32-bit values, on contiguous int32 ``x`` (overwritten);
+    one temporary (``shifted``, x's shape) for the shifted copy: a CPU pays page faults for every
     fresh large buffer, more than the arithmetic costs."""
     shifted = torch.empty_like(x) if shifted is None else shifted
-    for shift, mask, multiplier in ((16, 0xFFFF, _M1), (15, 0x1FFFF, _M2), (16, 0xFFFF, None)):
-        x ^= torch.bitwise_right_shift(x, shift, out=shifted).bitwise_and_(mask)
-        if multiplier is not None:
-            x *= multiplier
+    _xor_high_half(x, shifted)
+    x *= _M1
+    x ^= _logical_right_shift(x, 15, shifted)
+    x *= _M2
+    _xor_high_half(x, shifted)
     return x
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _xor_high_half(x: torch.Tensor, shifted: torch.Tensor) -> None:
+    """``x ^= x >>> 16`` in place: the high 16 bits stay, the low 16 take their xor with them. On a
+    little-endian machine (every platform torch ships for) that is one op on each value's two int16
+    halves instead of a shift, a mask and an xor: two passes over memory instead of six per use,
+    ~25% of a 4M-element hash on the development CPU."""
+    if _LITTLE_ENDIAN:
+        halves = x.view(-1).view(torch.int16).view(-1, 2)  # [:, 0]: the low 16 bits, [:, 1]: the high
+        halves[:, 0] ^= halves[:, 1]
+    else:
+        x ^= _logical_right_shift(x, 16, shifted)
+
+
+def _logical_right_shift(x: torch.Tensor, shift: int, out: torch.Tensor) -> torch.Tensor:
+    """``x >>> shift`` of int32 ``x``, into ``out``: torch's int32 shift is arithmetic, so the copies
+    of the sign bit are masked off."""
+    return torch.bitwise_right_shift(x, shift, out=out).bitwise_and_((1 << (32 - shift)) - 1)
 
 
 def _as_int32(x: torch.Tensor) -> torch.Tensor:

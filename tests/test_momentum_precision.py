@@ -74,8 +74,12 @@ def _bits(seed: int, step: int, numel: int, offset: int) -> torch.Tensor:
     return _lowbias32(torch.arange(offset, offset + numel) ^ key)
 
 
-def test_int32_hash_is_the_uint32_hash_everywhere():
-    """Random and extreme 32-bit inputs, steps and offsets past 2^31 (int32 wrap-around)."""
+@pytest.mark.parametrize("little_endian", [True, False])
+def test_int32_hash_is_the_uint32_hash_everywhere(monkeypatch, little_endian):
+    """Random and extreme 32-bit inputs, steps and offsets past 2^31 (int32 wrap-around); both ways of
+    xoring the high half into the low one (int16 halves; shift and mask where big-endian)."""
+    monkeypatch.setattr(mp, "_LITTLE_ENDIAN", little_endian)
+    assert mp.hash32(torch.tensor(2**31 + 7)).item() == _lowbias32(torch.tensor(2**31 + 7)).item()  # 0-d
     g = torch.Generator().manual_seed(3)
     xs = torch.cat([torch.randint(0, 2**32, (100_000,), generator=g, dtype=torch.int64),
                     torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 0xFFFF, 0x10000, 2**40 + 5])])
