@@ -494,7 +494,7 @@ def test_opt_in_autotuning_persists_its_choice(tmp_path, monkeypatch):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sgd_momentum_buffers_are_torch_sgds_bit_for_bit_on_the_gpu(backend, dtype):
-    """The fused kernels compiled without multiply-add contraction (Triton FP_FUSION off, CUDA
+    """The fused kernels compiled without multiply-add contraction (Triton: config.rounds_as_written, CUDA
     __fmul_rn): the SGD buffer is torch.optim.SGD's ``mul_`` then ``add_`` on the GPU too, not one FMA."""
     p = torch.nn.Parameter(torch.zeros(256, 512, dtype=dtype, device=DEV))
     q = torch.nn.Parameter(torch.zeros(256, 512, dtype=dtype, device=DEV))
