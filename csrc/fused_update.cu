@@ -88,6 +88,10 @@ __device__ __forceinline__ uint32_t hash32(uint32_t x) {
   return x ^ (x >> 16);
 }
 
+// fmaxf drops a NaN: an int8 block's scale must be NaN where the block holds one, as torch's amax
+// is in the reference (momentum_precision.py), and the Triton kernel's propagating max.
+__device__ __forceinline__ float max_keeping_nan(float a, float b) { return a != a ? a : b != b ? b : fmaxf(a, b); }
+
 constexpr int kQuantBlock = 256;  // int8 momentum: one fp32 scale per 256 values
 static_assert(kChunk % kQuantBlock == 0 && kThreads % kQuantBlock == 0, "chunks must hold whole quantization blocks");
 
@@ -123,17 +127,19 @@ __global__ void __launch_bounds__(kThreads) low_precision_momentum_kernel(MultiT
     float stored;
     if constexpr (kInt8) {
       float a = valid ? fabsf(m) : 0.f;
-      for (int offset = 16; offset > 0; offset /= 2) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, offset));
+      for (int offset = 16; offset > 0; offset /= 2) a = max_keeping_nan(a, __shfl_xor_sync(0xffffffffu, a, offset));
       if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = a;
       __syncthreads();
       const int first = threadIdx.x / kQuantBlock * (kQuantBlock / 32);
       float amax = 0.f;
-      for (int w = first; w < first + kQuantBlock / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+      for (int w = first; w < first + kQuantBlock / 32; ++w) amax = max_keeping_nan(amax, warp_max[w]);
       __syncthreads();  // warp_max is rewritten next iteration
       const float scale = amax / 127.f;
       float y = m / (scale > 0.f ? scale : 1.f);
       y = stochastic ? floorf(y + static_cast<float>(bits >> 8) * 5.9604644775390625e-08f) : floorf(y + 0.5f);
-      y = fminf(fmaxf(y, -127.f), 127.f);
+      // A NaN (a block with a NaN or an infinity: its scale is NaN or inf) is stored as 0, what torch's
+      // float -> int8 conversion gives it; fminf/fmaxf alone would make it -127.
+      y = y != y ? 0.f : fminf(fmaxf(y, -127.f), 127.f);
       if (valid) {
         buf[idx] = static_cast<int8_t>(y);
         if (threadIdx.x % kQuantBlock == 0) scales[idx / kQuantBlock] = scale;

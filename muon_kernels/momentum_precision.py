@@ -21,7 +21,11 @@ largest value, so an outlier costs precision in 256 values instead of a row of t
 choice of 8-bit optimizers, Dettmers et al. 2022). Blocks within rows: FSDP2 shards rows, so every
 block and its scale stay on one rank (the scales are sharded like the momentum), and split pieces
 along the rows keep whole blocks. Where a row is a multiple of 256 long (transformer widths), the
-blocks tile the flat buffer and the fused kernels quantize them in registers.
+blocks tile the flat buffer and the fused kernels quantize them in registers. A block that holds a
+NaN or an infinity keeps it: its scale is NaN (or inf), so each of its values dequantizes to NaN and
+the next steps stay non-finite, as an fp32 momentum would (a NaN is never quantized to a finite
+-127·scale); its int8 values are the usual rounding of m / scale (0 for a scale of inf; a NaN scale
+counts as 1, like a zero one) with a NaN stored as 0. Every backend stores those bits.
 """
 
 from __future__ import annotations

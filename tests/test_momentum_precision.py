@@ -13,6 +13,7 @@ from torch import nn
 import muon_kernels as mk
 from muon_kernels.workspace import Scratch
 from muon_kernels import momentum_precision as mp
+import non_finite_momentum
 import stochastic_draws
 
 
@@ -179,6 +180,29 @@ def test_int8_blocks_bound_the_error_by_their_own_maximum(stochastic):
             assert (back[r, lo:hi] - block).abs().max() <= bound
             assert scale[r, b] == pytest.approx(block.abs().max().item() / 127, rel=1e-6)
     assert (back[1, 256:] - m[1, 256:]).abs().max() < 0.05  # the outlier's row keeps a fine grid elsewhere
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("options", [{}, {"momentum_rounding": "stochastic"}, {"momentum_form": "sgd"}])
+def test_a_non_finite_gradient_keeps_its_int8_block_non_finite(value, options):
+    """A NaN or an infinity in one block of the gradient: that block's scale is NaN (inf the first
+    step for an infinity), every value of it dequantizes to NaN at this step and the next — the
+    momentum stays non-finite, as an fp32 momentum would, never a finite -127·scale — and its NaN is
+    stored as 0; the other three blocks store what a run without it stores."""
+    states = non_finite_momentum.steps("torch", "cpu", value, options)
+    clean = non_finite_momentum.steps("torch", "cpu", None, options)
+    row, col = non_finite_momentum.BAD
+    for step, ((q, scale), (clean_q, clean_scale)) in enumerate(zip(states, clean)):
+        bad = scale[row, col // mp.QUANT_BLOCK]
+        assert bool(bad.isnan()) if step or value != value else bad.item() == float("inf")
+        assert bool(mp.dequantize(q, scale)[row, :mp.QUANT_BLOCK].isnan().all())
+        assert q[non_finite_momentum.BAD].item() == 0
+        others = torch.ones_like(scale, dtype=torch.bool)
+        others[row, col // mp.QUANT_BLOCK] = False
+        assert torch.equal(scale[others], clean_scale[others])
+        assert torch.equal(q.view(2, 2, mp.QUANT_BLOCK)[others], clean_q.view(2, 2, mp.QUANT_BLOCK)[others])
+    # the reference stores a NaN as 0 through torch's float → int8 conversion: 0 on this device too
+    assert not torch.full((1024,), float("nan")).to(torch.int8).any()
 
 
 def test_stochastic_int8_is_unbiased():

@@ -196,20 +196,29 @@ def _hash32(x):
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    """``tl.max``'s combine drops a NaN on a GPU (``max.f32``; the interpreter's ``nanmax`` too): an int8
+    block's scale must be NaN where the block holds one, as torch's ``amax`` is in the reference."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _low_precision_store(m, buf, idx, mem, numel, mask, bits, ScalePtrs, t, BLOCK: tl.constexpr,
                          INT8: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Store fp32 momentum ``m`` as int8 + block scales or as stochastically rounded bf16 (the
     reference's arithmetic: muon_kernels/momentum_precision.py); returns the stored value in fp32."""
     if INT8:
         QB: tl.constexpr = 256
-        scale = tl.div_rn(tl.max(tl.reshape(tl.abs(m), (BLOCK // QB, QB)), axis=1), 127.0)
+        scale = tl.div_rn(tl.reduce(tl.reshape(tl.abs(m), (BLOCK // QB, QB)), 1, _max_keeping_nan), 127.0)
         scale_e = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK // QB, QB)), (BLOCK,))
         y = tl.div_rn(m, tl.where(scale_e > 0, scale_e, 1.0))
         if STOCHASTIC:
             y = tl.floor(y + (bits >> 8).to(tl.float32) * 5.9604644775390625e-08)  # + U[0, 1), 24 bits
         else:
             y = tl.floor(y + 0.5)
-        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+        # A NaN (a block with a NaN or an infinity: its scale is NaN or inf) is stored as 0, what torch's
+        # float → int8 conversion gives it; the clamp alone would make it -127 (max.f32 drops a NaN).
+        y = tl.where(y == y, tl.minimum(tl.maximum(y, -127.0), 127.0), 0.0)
         tl.store(buf + idx, y.to(tl.int8), mask=mask)
         first = tl.min(tl.reshape(idx, (BLOCK // QB, QB)), axis=1)  # each block's first element
         scale_ptr = tl.load(ScalePtrs + t).to(tl.pointer_type(tl.float32))

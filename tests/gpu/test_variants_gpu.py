@@ -17,6 +17,7 @@ from muon_kernels.backends import available_backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cautious_compare  # noqa: E402
+import non_finite_momentum  # noqa: E402
 import stochastic_draws  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -113,6 +114,20 @@ def test_low_precision_momentum_stores_the_reference_bits(backend, options, dtyp
     for p, q in zip(ps, twins):
         for key, value in opts[1].state[q].items():
             assert torch.equal(opts[0].state[p][key], value), key
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("options", [{}, {"momentum_rounding": "stochastic"}])
+def test_int8_momentum_of_a_non_finite_gradient_stores_the_reference_bits(backend, value, options):
+    """tests/non_finite_momentum.py on the GPU, where ``max.f32`` drops a NaN: the kernels' block
+    maximum and clamp keep the torch backend's bits (a NaN block's scale NaN, the NaN stored as 0),
+    and torch's own CUDA float → int8 conversion stores a NaN as 0, as the CPU's does."""
+    ok, why = available_backends(DEV)[backend]
+    assert ok, f"backend {backend} unavailable on this GPU: {why}"
+    reference = non_finite_momentum.steps("torch", DEV, value, options)
+    non_finite_momentum.assert_same_bits(non_finite_momentum.steps(backend, DEV, value, options), reference)
+    assert not torch.full((1024,), float("nan"), device=DEV).to(torch.int8).any()
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

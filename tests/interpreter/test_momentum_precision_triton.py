@@ -9,6 +9,7 @@ import torch
 
 import muon_kernels as mk
 from muon_kernels import momentum_precision
+import non_finite_momentum
 import stochastic_draws
 
 # Rows a multiple of 256 long (the fused int8 path: blocks tile the flat buffer), and (7, 300), whose
@@ -80,6 +81,16 @@ def test_stochastic_bf16_momentum_keeps_a_nan_whose_payload_would_carry_into_the
     opt.step()
     buf = opt.state[p]["momentum_buffer"].float()
     assert torch.isnan(buf[1, 7]) and torch.isnan(buf).sum() == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("options", [{}, {"momentum_rounding": "stochastic"}, {"momentum_form": "sgd"}])
+def test_int8_momentum_of_a_non_finite_gradient_stores_the_reference_bits(value, options):
+    """A NaN or an infinity in one block (tests/non_finite_momentum.py): the kernel's block maximum
+    keeps the NaN (``tl.max`` drops it) and stores the NaN as 0 (the clamp alone made it -127), as
+    the torch reference does, at that step and the next."""
+    reference = non_finite_momentum.steps("torch", "cpu", value, options)
+    non_finite_momentum.assert_same_bits(non_finite_momentum.steps("triton", "cpu", value, options), reference)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
