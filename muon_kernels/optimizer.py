@@ -463,7 +463,7 @@ class Muon(Optimizer):
 
     def _init_variant_state(self, buckets) -> None:
         """NorMuon's v and the hyperball radii of parameters stepping for the first time, before
-        anything is modified (a zero-norm hyperball matrix raises here)."""
+        anything is modified (a hyperball matrix of norm 0, NaN or inf raises here)."""
         entries = [(e.param, e.view, b.variant, e.part) for b in buckets for e in b.entries
                    if (b.variant.normuon and "normuon_v" not in self.state.get(e.param, {}))
                    or (b.variant.hyperball and "hyperball_radius" not in self.state.get(e.param, {}))]

@@ -123,7 +123,7 @@ def frobenius_norms(p: torch.Tensor, view: MatrixView) -> torch.Tensor:
 def init_state(entries, state, names: dict[int, str]) -> None:
     """``entries``: (param, view, variant, split piece or None). Create NorMuon's v (zeros) and
     record hyperball radii for parameters stepping for the first
-    time. Every radius is checked before any is stored: a zero-norm matrix raises ValueError and
+    time. Every radius is checked before any is stored: a matrix of norm 0, NaN or inf raises ValueError and
     leaves the state as it was (one host read, on the first step only)."""
     vs, radii = {}, {}
     for p, view, v, part in entries:
@@ -133,10 +133,13 @@ def init_state(entries, state, names: dict[int, str]) -> None:
         if v.hyperball and "hyperball_radius" not in st:
             radii[p] = (frobenius_norms(p, view), view, names[id(p)])
     for p, (norms, view, name) in radii.items():
-        if not bool((norms > 0).all()):
+        usable = (norms > 0) & torch.isfinite(norms)
+        if not bool(usable.all()):
+            norm = norms[~usable].reshape(-1)[0].item()
             raise ValueError(f"parameter {name}: constraint='hyperball' keeps each matrix on the sphere of its initial "
-                             "Frobenius norm, but a matrix of it has norm 0; initialize it (e.g. nn.init) before the "
-                             "first step or put it in a group with constraint='none'")
+                             f"Frobenius norm, but a matrix of it has norm {norm}; initialize it (e.g. nn.init) so that "
+                             "every matrix has a finite, nonzero norm before the first step or put it in a group "
+                             "with constraint='none'")
     for p, shape in vs.items():
         state[p]["normuon_v"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
     for p, (norms, view, _) in radii.items():

@@ -260,14 +260,20 @@ def test_bad_options_written_into_a_group_modify_nothing():
 
 
 @pytest.mark.parametrize("adaptive", ["none", "normuon"])
-def test_zero_norm_matrix_under_hyperball_raises_and_modifies_nothing(adaptive):
+@pytest.mark.parametrize("entry, norm", [(0.0, "0.0"), (float("nan"), "nan"), (float("inf"), "inf"),
+                                         (3e38, "inf")])  # 3e38: finite entries whose fp32 norm overflows
+def test_a_matrix_without_a_finite_nonzero_norm_under_hyperball_raises_and_modifies_nothing(adaptive, entry, norm):
+    """The radius is the initial norm: 0 (nothing to scale to), NaN or inf (every later step would be
+    NaN) are refused, naming the parameter and the norm, before anything is stored."""
     live = nn.Parameter(torch.randn(8, 12))
     dead = nn.Parameter(torch.zeros(8, 12))
+    if entry:
+        dead.data[:2] = entry
     opt = mk.Muon([("live", live), ("dead", dead)], constraint="hyperball", adaptive=adaptive, weight_decay=0.0)
     for p in (live, dead):
         p.grad = torch.randn_like(p)
     before = live.detach().clone()
-    with pytest.raises(ValueError, match="parameter 'dead'.*norm 0"):
+    with pytest.raises(ValueError, match=f"parameter 'dead'.*has norm {norm}; .*finite, nonzero norm"):
         opt.step()
     assert torch.equal(live.detach(), before)
     assert len(opt.state) == 0 and opt.state_dict()["state"] == {}  # not even an empty entry (NorMuon's v)
