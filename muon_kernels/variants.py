@@ -135,7 +135,7 @@ def init_state(entries, state, names: dict[int, str]) -> None:
     for p, (norms, view, name) in radii.items():
         usable = (norms > 0) & torch.isfinite(norms)
         if not bool(usable.all()):
-            norm = norms[~usable].reshape(-1)[0].item()
+            norm = norms[~usable][0].item()  # boolean indexing: a flat tensor
             raise ValueError(f"parameter {name}: constraint='hyperball' keeps each matrix on the sphere of its initial "
                              f"Frobenius norm, but a matrix of it has norm {norm}; initialize it (e.g. nn.init) so that "
                              "every matrix has a finite, nonzero norm before the first step or put it in a group "

@@ -192,15 +192,16 @@ def test_a_non_finite_gradient_keeps_its_int8_block_non_finite(value, options):
     states = non_finite_momentum.steps("torch", "cpu", value, options)
     clean = non_finite_momentum.steps("torch", "cpu", None, options)
     row, col = non_finite_momentum.BAD
+    block = (row, col // mp.QUANT_BLOCK)  # the bad element's block: (row, block of the row)
     for step, ((q, scale), (clean_q, clean_scale)) in enumerate(zip(states, clean)):
-        bad = scale[row, col // mp.QUANT_BLOCK]
-        assert bool(bad.isnan()) if step or value != value else bad.item() == float("inf")
-        assert bool(mp.dequantize(q, scale)[row, :mp.QUANT_BLOCK].isnan().all())
+        assert bool(scale[block].isnan()) if step or value != value else scale[block].item() == float("inf")
+        assert bool(mp.dequantize(q, scale).view(*scale.shape, mp.QUANT_BLOCK)[block].isnan().all())
         assert q[non_finite_momentum.BAD].item() == 0
         others = torch.ones_like(scale, dtype=torch.bool)
-        others[row, col // mp.QUANT_BLOCK] = False
+        others[block] = False
+        blocks = lambda x: x.view(*scale.shape, mp.QUANT_BLOCK)[others]  # noqa: E731
         assert torch.equal(scale[others], clean_scale[others])
-        assert torch.equal(q.view(2, 2, mp.QUANT_BLOCK)[others], clean_q.view(2, 2, mp.QUANT_BLOCK)[others])
+        assert torch.equal(blocks(q), blocks(clean_q))
     # the reference stores a NaN as 0 through torch's float → int8 conversion: 0 on this device too,
     # on its vectorized path and the scalar one of short tensors and tails
     assert not any(torch.full((n,), float("nan")).to(torch.int8).any() for n in (1, 7, 1024 + 3))
