@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) fused_momentum_kernel(MultiTensorArg
   }
 }
 
-// lowbias32: the integer hash of muon_kernels/momentum_precision.py, on uint32.
+// lowbias32: the integer hash of muon_kernels/random_bits.py, on uint32.
 __device__ __forceinline__ uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;

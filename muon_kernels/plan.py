@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import momentum_precision, splits, variants
+from . import momentum_precision, random_bits, splits, variants
 from .backends import elementwise_backend, select_backend
 from .bucket import MATRIX_VIEWS, Bucket, Entry, LowPrecision, MatrixView, Variant
 from .ns_config import NSConfig
@@ -125,7 +125,7 @@ def group_items(group_index: int, group: dict, params: list[torch.Tensor]):
                 1.0 if variant.hyperball else lr_scale(*view.lr_shape, group["adjust_lr_fn"]),
                 momentum_precision.stack_dtype(group, p.dtype), config, group["ns_dtype"], group["nesterov"],
                 group["momentum_form"], group["backend"], group["weight_decay_mode"] == "cautious", variant, low, part,
-                momentum_precision.entry_seed(group_index, index[id(p)], part) if low.stochastic else 0,
+                random_bits.entry_seed(group_index, index[id(p)], part) if low.stochastic else 0,
             )
 
 

@@ -1,5 +1,6 @@
 """The momentum's random bits picked on purpose: the hash (lowbias32, DESIGN.md's stochastic
-rounding: bits = hash(index ^ hash(seed ^ hash(step)))) in Python integers, and its inverse, which
+rounding: bits = hash(index ^ hash(seed ^ hash(step)))) in Python integers and in int64 tensors
+(the definitions the package's int32 hash must match), and its inverse, which
 gives the seed under which a chosen element draws chosen bits at a chosen step. Random tests almost
 never reach the extreme draws (1 in 2^18 for a fraction that rounds 127 up to 128); these reach them
 every time."""
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import muon_kernels as mk
-from muon_kernels import momentum_precision
+from muon_kernels import random_bits
 
 _MASK = 0xFFFFFFFF
 _A, _B = 0x7FEB352D, 0x846CA68B
@@ -22,6 +23,23 @@ def lowbias32(x: int) -> int:
     x ^= x >> 15
     x = (x * _B) & _MASK
     return x ^ (x >> 16)
+
+
+def lowbias32_tensor(x: torch.Tensor) -> torch.Tensor:
+    """uint32 lowbias32 in int64 arithmetic (products wrap modulo 2^64; their low 32 bits are the
+    uint32 products), the definition the package's int32 version must match."""
+    x = x & _MASK
+    x = x ^ (x >> 16)
+    x = (x * _A) & _MASK
+    x = x ^ (x >> 15)
+    x = (x * _B) & _MASK
+    return x ^ (x >> 16)
+
+
+def bits(seed: int, step: int, numel: int, offset: int) -> torch.Tensor:
+    """The 32 random bits (int64) of elements [offset, offset + numel) at (seed, step), by the definition."""
+    key = lowbias32_tensor(lowbias32_tensor(torch.tensor(step)) ^ seed)
+    return lowbias32_tensor(torch.arange(offset, offset + numel) ^ key)
 
 
 def lowbias32_inverse(y: int) -> int:
@@ -53,7 +71,7 @@ def int8_at_the_top(backend: str, device, monkeypatch) -> tuple[torch.nn.Paramet
     optimizer, the seed and the index."""
     index = 300  # in the second block of the first row
     seed = seed_drawing(_MASK, index, step=1)
-    monkeypatch.setattr(momentum_precision, "entry_seed", lambda *args: seed)
+    monkeypatch.setattr(random_bits, "entry_seed", lambda *args: seed)
     p = torch.nn.Parameter(torch.zeros(2, 512, device=device))
     opt = mk.Muon([p], lr=0.01, backend=backend, ns_dtype=torch.float32, ns_steps=1, momentum_form="sgd",
                   momentum_dtype="int8", momentum_rounding="stochastic")

@@ -13,6 +13,7 @@ from torch import nn
 import muon_kernels as mk
 from muon_kernels.workspace import Scratch
 from muon_kernels import momentum_precision as mp
+from muon_kernels.random_bits import random_bits
 import non_finite_momentum
 import stochastic_draws
 
@@ -34,7 +35,7 @@ def test_stochastic_bf16_picks_a_neighbour_with_the_right_probability():
     hits = torch.zeros(4096, dtype=torch.float64)
     draws = 400
     for step in range(draws):
-        bits = mp.random_bits(7, torch.tensor(step), 4096, "cpu")
+        bits = random_bits(7, torch.tensor(step), 4096, "cpu")
         r = mp.stochastic_bf16(x, bits).float()
         assert bool(((r == down) | (r == up)).all())
         hits += (r == up).double() * (up != down).double()
@@ -43,51 +44,7 @@ def test_stochastic_bf16_picks_a_neighbour_with_the_right_probability():
     assert err <= 4 * (0.25 / draws / 4096) ** 0.5
     # Exactly representable values never move.
     exact = x.to(torch.bfloat16).float()
-    assert torch.equal(mp.stochastic_bf16(exact, mp.random_bits(1, torch.tensor(3), 4096, "cpu")).float(), exact)
-
-
-def test_random_bits_are_a_fixed_function_of_seed_step_and_index():
-    a = mp.random_bits(5, torch.tensor(2), 1000, "cpu")
-    assert torch.equal(a, mp.random_bits(5, torch.tensor(2), 1000, "cpu"))
-    assert not torch.equal(a, mp.random_bits(5, torch.tensor(3), 1000, "cpu"))
-    assert not torch.equal(a, mp.random_bits(6, torch.tensor(2), 1000, "cpu"))
-    assert torch.equal(a[500:], mp.random_bits(5, torch.tensor(2), 500, "cpu", offset=500))  # a shard's bits
-    assert a.unique().numel() == 1000 and int(a.min()) >= 0 and int(a.max()) < 2**32
-    # lowbias32 on known inputs (uint32 arithmetic in Python integers: tests/stochastic_draws.py)
-    xs = [0, 1, 2**31, 2**32 - 1, 123456789]
-    assert mp.hash32(torch.tensor(xs)).tolist() == [stochastic_draws.lowbias32(x) for x in xs]
-
-
-def _lowbias32(x: torch.Tensor) -> torch.Tensor:
-    """uint32 lowbias32 in int64 arithmetic (products wrap modulo 2^64; their low 32 bits are the
-    uint32 products), the definition the package's int32 version must match."""
-    m = 0xFFFFFFFF
-    x = x & m
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & m
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & m
-    return x ^ (x >> 16)
-
-
-def _bits(seed: int, step: int, numel: int, offset: int) -> torch.Tensor:
-    key = _lowbias32(_lowbias32(torch.tensor(step)) ^ seed)
-    return _lowbias32(torch.arange(offset, offset + numel) ^ key)
-
-
-@pytest.mark.parametrize("little_endian", [True, False])
-def test_int32_hash_is_the_uint32_hash_everywhere(monkeypatch, little_endian):
-    """Random and extreme 32-bit inputs, steps and offsets past 2^31 (int32 wrap-around); both ways of
-    xoring the high half into the low one (int16 halves; shift and mask where big-endian)."""
-    monkeypatch.setattr(mp, "_LITTLE_ENDIAN", little_endian)
-    assert mp.hash32(torch.tensor(2**31 + 7)).item() == _lowbias32(torch.tensor(2**31 + 7)).item()  # 0-d
-    g = torch.Generator().manual_seed(3)
-    xs = torch.cat([torch.randint(0, 2**32, (100_000,), generator=g, dtype=torch.int64),
-                    torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 0xFFFF, 0x10000, 2**40 + 5])])
-    assert torch.equal(mp.hash32(xs), _lowbias32(xs))
-    for seed, step, offset in [(0, 0, 0), (2**31 - 1, 2**33 + 7, 2**31 - 100), (12345, 2**31, 3)]:
-        assert torch.equal(mp.random_bits(seed, torch.tensor(step), 1000, "cpu", offset=offset),
-                           _bits(seed, step, 1000, offset))
+    assert torch.equal(mp.stochastic_bf16(exact, random_bits(1, torch.tensor(3), 4096, "cpu")).float(), exact)
 
 
 def _reference_step(q, scale, bf16, g, *, mu, bits, form):
@@ -149,7 +106,7 @@ def test_momentum_update_is_its_definition_bit_for_bit(monkeypatch, form, kind, 
                                    [torch.tensor(step)] * 5, seeds, momentum=0.9, nesterov=True, form=form,
                                    mode=mode, offsets=offsets)  # U returned: its own tensors
         for i, s in enumerate(shapes):
-            bits = _bits(seeds[i], step, s[0] * s[1], offsets[i]).view(s) if stochastic else None
+            bits = stochastic_draws.bits(seeds[i], step, s[0] * s[1], offsets[i]).view(s) if stochastic else None
             q, sc = ref[i]
             new_q, new_scale, u = _reference_step(q if int8 else None, sc, None if int8 else q, grads[i], mu=0.9,
                                                   bits=bits, form=form)
@@ -168,7 +125,7 @@ def test_int8_blocks_bound_the_error_by_their_own_maximum(stochastic):
     g = torch.Generator().manual_seed(1)
     m = torch.randn(3, 600, generator=g)
     m[1, 10] = 1000.0  # an outlier costs precision in its own block only
-    bits = mp.random_bits(3, torch.tensor(1), m.numel(), "cpu").view(3, 600) if stochastic else None
+    bits = random_bits(3, torch.tensor(1), m.numel(), "cpu").view(3, 600) if stochastic else None
     q, scale = mp.quantize(m, bits)
     assert q.dtype == torch.int8 and q.shape == (3, 600) and scale.shape == (3, 3)
     back = mp.dequantize(q, scale)
@@ -212,7 +169,7 @@ def test_stochastic_int8_is_unbiased():
     m[0, 0] = 1.0  # scale 1/127: 0.3 sits between levels 38 and 39 (0.3·127 = 38.1)
     total = torch.zeros(1, 256, dtype=torch.float64)
     for step in range(2000):
-        q, scale = mp.quantize(m, mp.random_bits(2, torch.tensor(step), 256, "cpu").view(1, 256))
+        q, scale = mp.quantize(m, random_bits(2, torch.tensor(step), 256, "cpu").view(1, 256))
         total += mp.dequantize(q, scale).double()
     mean = (total / 2000)[0, 1:].mean().item()
     assert abs(mean - 0.3) < 4 * (0.1 * 0.9 / 2000 / 255) ** 0.5 / 127 + 1e-6
@@ -354,13 +311,6 @@ def test_converting_an_fsdp2_shard_keeps_its_sharding():
         assert ((back.to_local().float() - values.float()).abs() <= step * 0.51 + 2e-2 * values.float().abs()).all()
     finally:
         dist.destroy_process_group()
-
-
-def test_seeds_of_any_size_hash_their_low_32_bits():
-    step = torch.tensor(5)
-    assert torch.equal(mp.random_bits(2**33 + 9, step, 64, "cpu"), mp.random_bits(9, step, 64, "cpu"))
-    assert torch.equal(mp.random_bits(-1, step, 64, "cpu"), mp.random_bits(2**32 - 1, step, 64, "cpu"))
-    assert torch.equal(mp.random_bits(2**31 + 3, step, 64, "cpu"), _bits(2**31 + 3, 5, 64, 0))
 
 
 def test_a_step_under_inference_mode_leaves_later_steps_working():

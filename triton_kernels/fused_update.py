@@ -187,7 +187,7 @@ def _lerp(a, b, w, EMULATE_RN: tl.constexpr):
 
 @triton.jit
 def _hash32(x):
-    """lowbias32 on uint32 (muon_kernels/momentum_precision.py: the same function in torch)."""
+    """lowbias32 on uint32 (muon_kernels/random_bits.py: the same function in torch)."""
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D
     x = x ^ (x >> 15)

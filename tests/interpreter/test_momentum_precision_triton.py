@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import muon_kernels as mk
-from muon_kernels import momentum_precision
+from muon_kernels import momentum_precision, random_bits
 import non_finite_momentum
 import stochastic_draws
 
@@ -100,7 +100,7 @@ def test_stochastic_int8_stores_127_where_the_draw_rounds_to_128(backend, monkey
     too, and the seed really drew those bits."""
     p, opt, seed, index = stochastic_draws.int8_at_the_top(backend, "cpu", monkeypatch)
     assert torch.tensor(127.0) + (2**24 - 1) * 2.0**-24 == 128.0
-    assert int(momentum_precision.random_bits(seed, torch.tensor(1), 1024, "cpu")[index]) >> 8 == 2**24 - 1
+    assert int(random_bits.random_bits(seed, torch.tensor(1), 1024, "cpu")[index]) >> 8 == 2**24 - 1
     assert opt._buckets[0].backend.NAME == backend
     assert torch.equal(opt.state[p]["momentum_buffer"], torch.full((2, 512), 127, dtype=torch.int8))
     assert torch.equal(opt.state[p]["momentum_scale"], torch.full((2, 2), 1 / 128))
