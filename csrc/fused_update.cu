@@ -93,6 +93,9 @@ __device__ __forceinline__ uint32_t hash32(uint32_t x) {
 __device__ __forceinline__ float max_keeping_nan(float a, float b) { return a != a ? a : b != b ? b : fmaxf(a, b); }
 
 constexpr int kQuantBlock = 256;  // int8 momentum: one fp32 scale per 256 values
+// A block's scale is max|m| times fl32(1/127), the torch reference's constant (momentum_precision.py
+// INV_127): torch on a GPU divides by a Python number as a product by its reciprocal, so all multiply.
+constexpr float kInv127 = 0x1.020408p-7f;
 static_assert(kChunk % kQuantBlock == 0 && kThreads % kQuantBlock == 0, "chunks must hold whole quantization blocks");
 
 // Low-precision momentum (M: int8_t or __nv_bfloat16): the reference's arithmetic
@@ -134,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) low_precision_momentum_kernel(MultiT
       float amax = 0.f;
       for (int w = first; w < first + kQuantBlock / 32; ++w) amax = max_keeping_nan(amax, warp_max[w]);
       __syncthreads();  // warp_max is rewritten next iteration
-      const float scale = amax / 127.f;
+      const float scale = __fmul_rn(amax, kInv127);
       float y = m / (scale > 0.f ? scale : 1.f);
       y = stochastic ? floorf(y + static_cast<float>(bits >> 8) * 5.9604644775390625e-08f) : floorf(y + 0.5f);
       // A NaN (a block with a NaN or an infinity: its scale is NaN or inf) is stored as 0, what torch's

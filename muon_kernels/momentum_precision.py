@@ -14,7 +14,7 @@ run draws the same bits.
 
 **int8** (``momentum_dtype="int8"``): symmetric absmax quantization per block of 256 consecutive
 values of a row (the buffer seen as (shape[0], rest); a row's last block may be shorter),
-``scale = max|m| / 127``, ``q = round(m / scale)`` (nearest, ties up, or stochastic), state
+``scale = max|m| / 127`` (as ``max|m| · fl32(1/127)``), ``q = round(m / scale)`` (nearest, ties up, or stochastic), state
 ``momentum_buffer`` (int8) and ``momentum_scale`` (fp32, (shape[0], blocks per row)): 1 + 4/256
 bytes per value, 3.94× less than fp32. Blocks, not whole rows: a block bounds the error by its own
 largest value, so an outlier costs precision in 256 values instead of a row of thousands (the
@@ -42,6 +42,11 @@ from .workspace import Scratch
 ROUNDINGS = ("nearest", "stochastic")
 INT8 = "int8"
 QUANT_BLOCK = 256
+# An int8 block's scale is max|m| times fl32(1/127), not max|m| / 127: a GPU's torch divides by a
+# Python number as a multiplication by its reciprocal (ATen's CUDA division, "may lose one bit":
+# ~4% of scales differ by an ulp) while a CPU divides, and a product is rounded alike everywhere —
+# CPU, CUDA, Inductor and the kernels, which multiply by this same constant (0x1.020408p-7).
+INV_127 = 0.0078740157186985015869140625
 
 
 def check_settings(group: dict) -> None:
@@ -151,7 +156,7 @@ def _quantize_(m: torch.Tensor, bits: torch.Tensor | None) -> tuple[torch.Tensor
     scale = torch.empty(scale_shape(m.shape), dtype=torch.float32, device=m.device)
     for v, cols in parts:  # max |m| per block without an |m| temporary (negation is exact)
         torch.maximum(v.amax(dim=2), v.amin(dim=2).neg_(), out=scale[:, cols])
-    scale.div_(127.0)
+    scale.mul_(INV_127)
     safe = torch.where(scale > 0, scale, 1.0)
     for v, cols in parts:
         v.div_(safe[:, cols].unsqueeze(2))

@@ -4,11 +4,13 @@ unbiasedness, against fp64 momentum over 12 steps, and for exact resumes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import muon_kernels as mk
 from muon_kernels.workspace import Scratch
@@ -16,6 +18,8 @@ from muon_kernels import momentum_precision as mp
 from muon_kernels.random_bits import random_bits
 import non_finite_momentum
 import stochastic_draws
+
+aten = torch.ops.aten
 
 
 def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +69,9 @@ def _reference_step(q, scale, bf16, g, *, mu, bits, form):
         blocks = -(-cols // 256)
         padded = torch.zeros(rows, blocks * 256)
         padded[:, :cols] = m
-        new_scale = padded.abs().view(rows, blocks, 256).amax(dim=2) / 127
+        # max|m| / 127 as a product by fl32(1/127): the same rounding on every device (a GPU's torch
+        # divides by a number as a product by its reciprocal, a CPU's divides)
+        new_scale = padded.abs().view(rows, blocks, 256).amax(dim=2) * torch.tensor(1 / 127, dtype=torch.float32)
         per = torch.where(new_scale > 0, new_scale, torch.ones(())).repeat_interleave(256, dim=1)[:, :cols]
         y = m / per
         y = torch.floor(y + 0.5) if bits is None else torch.floor(y + (bits >> 8).float() * 2.0**-24)
@@ -77,13 +83,42 @@ def _reference_step(q, scale, bf16, g, *, mu, bits, form):
     return new_q, new_scale, u
 
 
+class _GpuDivision(TorchDispatchMode):
+    """A GPU's torch arithmetic for a division by a Python number, on the CPU: ATen's CUDA kernel
+    (BinaryDivTrueKernel.cu) multiplies by the reciprocal, fl(1/b) in the tensor's math type (fp32
+    for fp32, bf16 and fp16), where a CPU divides. The torch backend on a GPU is the kernels' oracle,
+    so its bits must not depend on which of the two the device does."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func in (aten.div.Tensor, aten.div_.Tensor, aten.div.out) and isinstance(args[1], (int, float))
+                and args[0].is_floating_point()):
+            math_dtype = torch.float64 if args[0].dtype == torch.float64 else torch.float32
+            inverse = float(torch.tensor(1.0 / args[1], dtype=math_dtype))
+            mul = {aten.div.Tensor: aten.mul.Tensor, aten.div_.Tensor: aten.mul_.Tensor, aten.div.out: aten.mul.out}
+            return mul[func](args[0], inverse, **kwargs)
+        return func(*args, **kwargs)
+
+
+def test_the_gpu_division_emulation_differs_from_a_cpu_division():
+    """The emulation is live: a division by 127 rounds otherwise in ~4% of fp32 values."""
+    x = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 10
+    with _GpuDivision():
+        emulated = x / 127.0
+    assert torch.equal(emulated, x * torch.tensor(1 / 127, dtype=torch.float32))
+    assert 0.01 < (emulated != x / 127.0).float().mean().item() < 0.1
+
+
 @pytest.mark.parametrize("form", ["ema", "sgd"])
 @pytest.mark.parametrize("kind", ["int8", "int8-stochastic", "bf16-stochastic"])
 @pytest.mark.parametrize("stacked", [False, True], ids=["tensor-by-tensor", "stacked-chunks"])
-def test_momentum_update_is_its_definition_bit_for_bit(monkeypatch, form, kind, stacked):
+@pytest.mark.parametrize("division", ["cpu", "gpu"])
+def test_momentum_update_is_its_definition_bit_for_bit(monkeypatch, form, kind, stacked, division):
     """Three steps of five tensors (rows of 600: a padded block; of 512: whole blocks; a shard's rows
     at an offset), against ``_reference_step``: buffers, scales and U bit for bit. ``stacked``: the
-    chunks a GPU runs (same-shape tensors as one matrix, two tensors per chunk here), on the CPU."""
+    chunks a GPU runs (same-shape tensors as one matrix, two tensors per chunk here), on the CPU.
+    ``division="gpu"``: the package's steps run with a GPU's division by a number (``_GpuDivision``)."""
+    device_arithmetic = _GpuDivision() if division == "gpu" else contextlib.nullcontext()
     if stacked:
         monkeypatch.setattr(mp, "_chunks", mp.stacked_chunks)
         monkeypatch.setattr(mp, "CHUNK_ELEMENTS", 2 * 3 * 600)
@@ -100,11 +135,12 @@ def test_momentum_update_is_its_definition_bit_for_bit(monkeypatch, form, kind, 
     for step in range(1, 4):
         grads = [torch.randn(s, generator=g) * 3 for s in shapes]
         outs = [torch.full(s, float("nan")) for s in shapes]
-        mp.momentum_update(bufs, grads, scales, [torch.tensor(step)] * 5, seeds, momentum=0.9, nesterov=True,
-                           form=form, mode=mode, outs=outs, offsets=offsets)
-        fresh = mp.momentum_update([b.clone() for b in bufs], grads, [sc.clone() for sc in scales],
-                                   [torch.tensor(step)] * 5, seeds, momentum=0.9, nesterov=True, form=form,
-                                   mode=mode, offsets=offsets)  # U returned: its own tensors
+        with device_arithmetic:
+            mp.momentum_update(bufs, grads, scales, [torch.tensor(step)] * 5, seeds, momentum=0.9, nesterov=True,
+                               form=form, mode=mode, outs=outs, offsets=offsets)
+            fresh = mp.momentum_update([b.clone() for b in bufs], grads, [sc.clone() for sc in scales],
+                                       [torch.tensor(step)] * 5, seeds, momentum=0.9, nesterov=True, form=form,
+                                       mode=mode, offsets=offsets)  # U returned: its own tensors
         for i, s in enumerate(shapes):
             bits = stochastic_draws.bits(seeds[i], step, s[0] * s[1], offsets[i]).view(s) if stochastic else None
             q, sc = ref[i]

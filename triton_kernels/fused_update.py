@@ -38,6 +38,10 @@ META_COLUMNS: tl.constexpr = tl.constexpr(6)
 # multiple of this and every address a multiple of 16 bytes (``aligned`` checks), so the kernels'
 # loads and stores may be vectors (LDG.128/STG.128) instead of one instruction per element.
 VECTOR: tl.constexpr = tl.constexpr(8)
+# int8 momentum: a block's scale is max|m| times fl32(1/127) — the torch reference's constant
+# (momentum_precision.INV_127): a GPU's torch divides by a Python number as a product by its
+# reciprocal, so the reference multiplies and so does this kernel, to store the same bits.
+INV_127: tl.constexpr = tl.constexpr(0.0078740157186985015869140625)
 _BLOCK_INTERPRETER = 256  # at least one int8 quantization block (256) per program
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.int8: tl.int8}
 
@@ -209,7 +213,7 @@ def _low_precision_store(m, buf, idx, mem, numel, mask, bits, ScalePtrs, t, BLOC
     reference's arithmetic: muon_kernels/momentum_precision.py); returns the stored value in fp32."""
     if INT8:
         QB: tl.constexpr = 256
-        scale = tl.div_rn(tl.reduce(tl.reshape(tl.abs(m), (BLOCK // QB, QB)), 1, _max_keeping_nan), 127.0)
+        scale = tl.reduce(tl.reshape(tl.abs(m), (BLOCK // QB, QB)), 1, _max_keeping_nan) * INV_127
         scale_e = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK // QB, QB)), (BLOCK,))
         y = tl.div_rn(m, tl.where(scale_e > 0, scale_e, 1.0))
         if STOCHASTIC:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import muon_kernels as mk
+from muon_kernels import momentum_precision
 from muon_kernels.backends import available_backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -107,10 +108,18 @@ def test_split_pieces_match_torch_backend(backend, monkeypatch):
                                      {"momentum_dtype": torch.bfloat16, "momentum_rounding": "stochastic",
                                       "momentum_form": "sgd"}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_momentum_stores_the_reference_bits(backend, options, dtype):
-    shapes = [(256, 1000), (1000, 256), (300, 7)]  # numels not multiples of 256: partial last blocks
+@pytest.mark.parametrize("blocks", ["partial", "whole"])
+def test_low_precision_momentum_stores_the_reference_bits(backend, options, dtype, blocks):
+    """Three steps against the torch backend on the device, every state tensor bit for bit. Rows of
+    whole int8 blocks are quantized in the kernels' registers (the fused path; its block scales are
+    max|m| · fl32(1/127) as the reference's: a GPU's torch divides by a number as a product by its
+    reciprocal); rows with a partial last block take the torch path inside the kernel backend."""
+    shapes = ([(512, 768), (768, 512)] if blocks == "whole"
+              else [(256, 1000), (1000, 256), (300, 7)])  # numels not multiples of 256: partial last blocks
     ps, twins, opts = _pair(backend, shapes, dtype, options)
     _steps(ps, twins, opts, shapes, dtype)
+    fused = [momentum_precision.kernel_blocks(b) for b in opts[0]._buckets]
+    assert fused == [blocks == "whole"] * len(fused) and fused, fused
     for p, q in zip(ps, twins):
         for key, value in opts[1].state[q].items():
             assert torch.equal(opts[0].state[p][key], value), key

@@ -46,6 +46,25 @@ def test_fused_low_precision_momentum_matches_the_reference_bitwise(options, for
         torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=1e-6)
 
 
+def test_int8_block_scales_are_max_times_the_fp32_reciprocal_of_127():
+    """The fused kernel's block scales are max|m| · fl32(1/127), as the reference's: a GPU's torch
+    divides by a number as a product by its reciprocal, so every backend multiplies. The data holds
+    blocks where a division would round otherwise (checked), so a kernel that divided fails here."""
+    g = torch.Generator().manual_seed(7)
+    p = torch.nn.Parameter(torch.zeros(64, 1024))
+    grad = torch.randn(p.shape, generator=g)
+    opt = mk.Muon([p], lr=0.05, momentum=0.95, backend="triton", ns_dtype=torch.float32, ns_steps=1,
+                  momentum_dtype="int8")
+    p.grad = grad
+    opt.step()
+    assert momentum_precision.kernel_blocks(opt._buckets[0])
+    m = torch.lerp(torch.zeros_like(grad), grad, 0.05)  # the first step's momentum, from zero
+    largest = m.abs().view(64, 4, 256).amax(dim=2)
+    product = largest * torch.tensor(1 / 127, dtype=torch.float32)
+    assert (product != largest / 127).any()  # the data tells a product from a division (3 of 256 blocks)
+    assert torch.equal(opt.state[p]["momentum_scale"], product)
+
+
 def test_nearest_bf16_momentum_of_fp32_parameters_rounds_the_gradient_first():
     """bf16 momentum (nearest) of fp32 parameters takes the fused kernel's plain path: the fp32
     gradient is rounded to bf16 before the lerp, as the torch backend rounds it."""
