@@ -27,25 +27,32 @@ import torch
 WARN_AFTER = 3
 
 
-# Per thread and device: two threads capturing at once (two optimizers) must not share a stream —
-# a capture cannot begin on a stream that is capturing, and the failed one would leave that stream
-# current in its thread (torch.cuda.graph switches streams before it begins the capture).
-_CAPTURE_STREAMS = threading.local()
+# One capture at a time in the process, as torch.cuda.graph requires: entering one synchronizes the
+# device and empties the allocator's cache, which invalidates another thread's capture under way
+# (CUDA: synchronizing a device while a stream of it captures is invalid), so the captures of two
+# optimizers stepped in two threads take turns. One capture stream per device, made under the lock.
+_CAPTURE_LOCK = threading.Lock()
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def capture(run) -> torch.cuda.CUDAGraph:
     """``run``'s kernels captured into a CUDA graph (not executed: replay executes them), on the
     current device (the optimizer makes it its parameters'). Errors of this thread only: a
     data-loader thread's CUDA calls during the capture do not break it. The capture stream is this
-    thread's and device's own: ``torch.cuda.graph``'s default one is made once, on whichever device
-    was current the first time."""
+    device's own: ``torch.cuda.graph``'s default one is made once, on whichever device was current
+    the first time."""
     device = torch.cuda.current_device()
-    streams = _CAPTURE_STREAMS.__dict__.setdefault("by_device", {})
-    if device not in streams:
-        streams[device] = torch.cuda.Stream(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=streams[device], capture_error_mode="thread_local"):
-        run()
+    with _CAPTURE_LOCK:
+        stream = _CAPTURE_STREAMS.get(device)
+        if stream is None:
+            stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+        graph = torch.cuda.CUDAGraph()
+        # The outer stream context restores the caller's stream: torch.cuda.graph's exit ends the
+        # capture first, and a failed capture raises there, before it switches back — the eager
+        # fallback and all the thread's later work would run on the capture stream, which does not
+        # synchronize with the legacy default stream as the caller's may.
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            run()
     return graph
 
 

@@ -5,6 +5,9 @@ capture and replay, bit for bit against eager steps, is tests/gpu/test_graphs_gp
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 import warnings
 
 import pytest
@@ -159,6 +162,104 @@ def test_a_failed_capture_steps_eagerly_from_then_on():
                                          r"previous.*raised while handling RuntimeError\('operation not permitted"):
         modes = _modes(opt, model, 4)
     assert modes == ["eager"] * 4 and opt._graph.failed and len(attempts) == 1
+
+
+class _FakeCuda:
+    """The CUDA calls of ``graphs.capture`` on a CPU, around torch's real ``torch.cuda.graph`` context
+    manager (its order of operations is what matters): streams as names, current per thread like
+    torch's; a graph whose ``capture_end`` raises when the captured work raised, as
+    cudaStreamEndCapture does after an operation invalidated the capture; the captures under way."""
+
+    def __init__(self, monkeypatch):
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.under_way = self.most_at_once = 0
+        fake = self
+
+        class Context:
+            def __init__(self, stream):
+                self.stream = stream
+
+            def __enter__(self):
+                self.previous = fake.current()
+                fake.local.stream = self.stream
+
+            def __exit__(self, *args):
+                fake.local.stream = self.previous
+
+        class Graph:
+            def capture_begin(self, *args, **kwargs):
+                with fake.lock:
+                    fake.under_way += 1
+                    fake.most_at_once = max(fake.most_at_once, fake.under_way)
+
+            def capture_end(self):
+                with fake.lock:
+                    fake.under_way -= 1
+                if sys.exc_info()[0] is not None:  # the captured work raised: the capture is invalid
+                    raise RuntimeError("operation failed due to a previous error during capture")
+
+            def replay(self):
+                pass
+
+        monkeypatch.setattr(graphs, "_CAPTURE_STREAMS", {})
+        monkeypatch.setattr(torch.cuda, "graph", torch.cuda.graphs.graph)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "stream", Context)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: f"capture stream {device}")
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: None, raising=False)  # absent from CPU builds
+
+    def current(self) -> str:
+        return getattr(self.local, "stream", "caller's stream")
+
+
+def test_a_failed_capture_gives_the_thread_its_stream_back(monkeypatch):
+    """torch.cuda.graph's exit ends the capture before it restores the stream, and a failed capture
+    raises there: the eager fallback and every later step must still run on the caller's stream, not
+    on the capture stream (which does not synchronize with the legacy default stream)."""
+    cuda = _FakeCuda(monkeypatch)
+    ran_on = []
+
+    def run():
+        ran_on.append(cuda.current())
+        if len(ran_on) == 2:  # the captured call: a host sync inside the capture
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    g = graphs.StepGraph()  # the real capture function
+    with pytest.warns(UserWarning, match="capturing the step failed"):
+        modes = [g.step(lambda: "key", run) for _ in range(3)]
+    assert modes == ["eager"] * 3 and g.failed
+    assert ran_on == ["caller's stream", "capture stream 0", "caller's stream", "caller's stream"]
+    assert cuda.current() == "caller's stream"
+
+
+def test_captures_in_two_threads_take_turns(monkeypatch):
+    """Only one capture under way in the process at a time (torch.cuda.graph's rule: entering one
+    synchronizes the device, which invalidates another thread's capture): two optimizers' captures
+    started together run one after the other, each on the capture stream, each thread's stream kept."""
+    cuda = _FakeCuda(monkeypatch)
+    barrier = threading.Barrier(2)
+    seen: dict[int, tuple] = {}
+
+    def work(i):
+        def run():
+            time.sleep(0.05)  # long enough for the other thread to try its own capture meanwhile
+            seen[i] = (cuda.current(),)
+
+        barrier.wait()
+        graphs.capture(run)
+        seen[i] += (cuda.current(),)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert cuda.most_at_once == 1 and cuda.under_way == 0
+    assert seen == {i: ("capture stream 0", "caller's stream") for i in range(2)}
 
 
 def test_eager_steps_are_counted_anew_after_a_capture():

@@ -117,9 +117,9 @@ def test_replaced_state_is_captured_anew_bit_for_bit():
 
 
 def test_two_threads_capture_their_own_graphs_at_once():
-    """Two optimizers stepped in two threads each capture and replay their own graph: the capture
-    stream is per thread, so one capture never begins on a stream the other is capturing (which
-    fails it and leaves that stream current in its thread), and both give the eager bits."""
+    """Two optimizers stepped in two threads each capture and replay their own graph: their captures
+    take turns (entering one synchronizes the device, which would invalidate the other's under way),
+    and both give the eager bits."""
     import threading
 
     def run(seed, graph, out, barrier=None):
@@ -149,3 +149,33 @@ def test_two_threads_capture_their_own_graphs_at_once():
         params, captures, failed = graphed[seed]
         assert captures == 1 and not failed, seed
         assert all(torch.equal(a, b) for a, b in zip(params, eager[seed][0])), seed
+
+
+def test_a_failed_capture_steps_eagerly_on_the_callers_stream():
+    """A capture that fails (here a device synchronize inside it) warns once, steps eagerly with the
+    eager steps' bits, and leaves the caller's stream current: torch.cuda.graph's exit raises at the
+    capture's end, before it switches streams back, and graphs.capture restores the stream itself."""
+    import warnings
+
+    from muon_kernels import graphs
+
+    runs = []
+    for graph in (False, True):
+        mats, vecs = _params()
+        opt = _opt(mats, vecs, torch.tensor(0.02, device=DEV), cuda_graph=graph)
+        if graph:
+            opt._graph.capture = lambda run: graphs.capture(lambda: (run(), torch.cuda.synchronize()))
+        caller = torch.cuda.Stream()
+        with torch.cuda.stream(caller), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(4):
+                _grads(mats + vecs, i)
+                opt.step()
+                assert torch.cuda.current_stream() == caller, i
+            caller.synchronize()
+        if graph:
+            assert opt._graph.failed and opt._graph.captures == 0
+            assert sum("capturing the step failed" in str(w.message) for w in caught) == 1
+        runs.append([p.detach().clone() for p in mats + vecs])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
