@@ -179,8 +179,9 @@ def symmetric_matmul(x: torch.Tensor, *, alpha: float = 1.0, d: torch.Tensor | N
                              f"got {tuple(d.shape)}")
     k, m, n = x.shape
     out = workspace.empty((k, padded(m), padded(m)), dtype=x.dtype, device=x.device)
-    if x.numel() == 0:
-        return out[:, :m, :m]
+    if x.numel() == 0:  # no columns: x·xᵀ is zero (no rows or matrices: the result is empty)
+        result = out[:, :m, :m]
+        return result.zero_() if d is None or beta == 0 else torch.mul(d, beta, out=result)
     xp = _zero_padded(x, padded(m), padded(n))
     dp = _zero_padded(d, padded(m), padded(m)) if d is not None else None
     with torch.cuda.device(x.device):

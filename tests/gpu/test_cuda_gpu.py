@@ -120,6 +120,16 @@ def test_strided_input_and_zero_steps_normalize_like_torch(path):
         torch.testing.assert_close(ours, torch_backend.normalize(stack, config, torch.float32), rtol=1e-6, atol=0)
 
 
+def test_symmetric_matmul_of_no_columns_is_beta_d(path, monkeypatch):
+    """x of shape (k, m, 0): x·xᵀ is zero, so the result is beta·d (zero without d), written over the
+    work buffer (NaN-filled here), never its previous contents."""
+    monkeypatch.setenv("MUON_KERNELS_DEBUG_FILL", "nan")
+    X = torch.empty(2, 5, 0, device=DEV)
+    D = torch.randn(2, 5, 5, device=DEV)
+    assert torch.equal(cuda_backend.symmetric_matmul(X, alpha=0.5, d=D, beta=1.5), D * 1.5)
+    assert torch.equal(cuda_backend.symmetric_matmul(X, alpha=0.5), torch.zeros(2, 5, 5, device=DEV))
+
+
 @pytest.mark.parametrize("shape", [(2, 100, 37), (1, 300, 700), (3, 256, 256)])
 def test_symmetric_matmul_kernel(path, shape):
     for dtype in _kernel_dtypes(path):
