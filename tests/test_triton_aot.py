@@ -196,6 +196,29 @@ def test_kernels_without_contraction_round_as_written():
             assert "mul.rn.f32" in ptx and "fma.rn.f32" in ptx, (name, dtype)
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_split_fixups_publish_their_partials_before_arriving(arch):
+    """The kernels whose programs meet at an arrival counter (split X·Xᵀ and b·R+c·R·R+a·I, the
+    normalization's sum of squares): every thread's partial stores, then a CTA barrier, then one
+    gpu-scope acquire-release atomic; the last to arrive reads the partials only after a barrier that
+    shares the atomic's result, and through L2 (``.cg``: not a stale L1 line). The CPU interpreter,
+    running programs one at a time, cannot show a missing fence; this reads the PTX a GPU runs."""
+    names = set()
+    for name, fn, args, consts, _, dtype, warps, stages, _, _ in sass_report.kernel_cases(arch):
+        if "split" not in name and name != "normalize[sum_squares]":
+            continue
+        names.add(name)
+        lines = sass_report.compile_kernel(fn, args, consts, arch, warps, stages).asm["ptx"].splitlines()
+        atoms = [i for i, line in enumerate(lines) if re.search(r"\batom\.", line)]
+        assert len(atoms) == 1 and re.search(r"atom\.global\.gpu\.acq_rel\.add", lines[atoms[0]]), (name, dtype)
+        arrive = atoms[0]
+        last_store = max(i for i in range(arrive) if "st.global" in lines[i])
+        assert any("bar.sync" in line for line in lines[last_store:arrive]), f"{name} {dtype}: no barrier before arriving"
+        reads = [i for i in range(arrive, len(lines)) if "ld.global.cg" in lines[i]]
+        assert reads and any("bar.sync" in line for line in lines[arrive:reads[0]]), f"{name} {dtype}: partial reads"
+    assert {"symmetric_matmul[split X·Xᵀ]", "symmetric_matmul[split b·R+c·R·R+a·I]", "normalize[sum_squares]"} <= names
+
+
 def test_normalization_divides_and_takes_square_roots_round_to_nearest():
     """The per-matrix reduction's square root (sum-of-squares launch) and the per-element division
     (scale-and-cast launch) compile to the round-to-nearest instructions, as torch computes them."""
