@@ -339,6 +339,41 @@ def test_backend_wrappers_name_the_bad_tensor_before_launch():
 
 
 @needs_build
+def test_an_empty_fsdp2_shard_steps_on_the_torch_path(monkeypatch):
+    """An FSDP2 rank that holds no rows of a matrix (a 1×24 matrix over two ranks: torch.chunk gives
+    rank 1 none) steps its shard bucket on the torch path: the extension refuses an empty matrix
+    view, and that rank alone raised mid-step while the others went on into the collectives. Rank 0's
+    rows still go to the extension (whose launch fails here only for want of a driver)."""
+    import contextlib
+
+    from muon_kernels import distributed
+    from muon_kernels.backends import cuda_backend
+    from muon_kernels.bucket import Bucket, Entry, MatrixView
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # CPU tensors stand in
+    monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
+    p = torch.randn(1, 24)
+    bucket = Bucket(device=torch.device("cpu"), dtype=torch.float32, m=1, n=24, config=None, ns_dtype=torch.float32,
+                    nesterov=True, momentum_form="ema", backend=cuda_backend, why="",
+                    entries=[Entry(group=0, param=p, view=MatrixView(1, 1, 24, "2d"), scale=1.0)])
+    groups = [{"momentum": 0.95, "lr": 0.02, "weight_decay": 0.1}]
+
+    def rows_of(rank):
+        shard = distributed.shard_bucket(bucket, 2, rank)
+        return shard, [e.piece(torch.randn(1, 24)) for e in shard.entries], [e.piece(torch.zeros(1, 24))
+                                                                           for e in shard.entries]
+
+    shard, grads, bufs = rows_of(1)
+    stack = cuda_backend.momentum_stack(shard, grads, bufs, groups, {})
+    assert stack.numel() == 0
+    before = p.clone()
+    cuda_backend.apply_update(shard, stack, groups, {})
+    assert torch.equal(p, before)
+    with pytest.raises(RuntimeError, match="fused_momentum: launch failed"):
+        cuda_backend.momentum_stack(*rows_of(0), groups, {})
+
+
+@needs_build
 def test_code_path_switch_is_validated(monkeypatch):
     from muon_kernels.backends import cuda_backend
 

@@ -364,8 +364,17 @@ def _variant_factors(bucket: Bucket, ortho: torch.Tensor, params, alphas: torch.
     return pointers, (row_scale, gains, shrink)
 
 
+def _empty_shard(bucket: Bucket) -> bool:
+    """Whether an entry has no elements: an FSDP2 rank's shard of a matrix with fewer rows (or
+    experts) than ranks. The extension's tables take no empty view (its checks refuse one, and a
+    stack of only such entries has no memory to point at): the torch path steps that bucket."""
+    return any(e.view.numel == 0 for e in bucket.entries)
+
+
 def momentum_stack(bucket: Bucket, grads, bufs, groups: list[dict], state=None) -> torch.Tensor:
     """One launch per 32 tensors: momentum, Nesterov and the (transposing) copy into the stack."""
+    if _empty_shard(bucket):
+        return torch_backend.momentum_stack(bucket, grads, bufs, groups, state)
     buf_dtypes, grad_dtypes = {b.dtype for b in bufs}, {g.dtype for g in grads}
     low = bucket.low_precision
     if low.active:
@@ -410,7 +419,8 @@ def apply_update(bucket: Bucket, ortho: torch.Tensor, groups: list[dict], state=
     """One launch per 32 tensors: W = W·(1 - lr·wd) - lr·scale·O for every parameter of the bucket
     (the decay only where W·O >= 0 with cautious weight decay)."""
     params = [e.target for e in bucket.entries]
-    if not fusable(params) or len({p.dtype for p in params}) != 1 or ortho.dtype not in DTYPE_CODES:
+    if (_empty_shard(bucket) or not fusable(params) or len({p.dtype for p in params}) != 1
+            or ortho.dtype not in DTYPE_CODES):
         return torch_backend.apply_update(bucket, ortho, groups, state)
     ortho = ortho.contiguous()
     alphas, decays = update_scalars(bucket, groups)

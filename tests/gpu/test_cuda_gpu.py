@@ -120,6 +120,32 @@ def test_strided_input_and_zero_steps_normalize_like_torch(path):
         torch.testing.assert_close(ours, torch_backend.normalize(stack, config, torch.float32), rtol=1e-6, atol=0)
 
 
+def test_shard_buckets_of_a_rank_without_rows_and_of_one_with_them(path):
+    """FSDP2 shard buckets of a 1×24 matrix over two ranks, stepped by the extension's backend: rank 1
+    holds no rows (the torch path: the extension refuses an empty view) and steps without error,
+    rank 0's row goes through the kernels; each equal to the torch backend on the same shard."""
+    from muon_kernels import distributed
+    from muon_kernels.bucket import Bucket, Entry, MatrixView
+
+    groups = [{"momentum": 0.95, "lr": 0.02, "weight_decay": 0.1}]
+    start, grad = torch.randn(1, 24, device=DEV), torch.randn(1, 24, device=DEV)
+    for rank in (1, 0):
+        results = []
+        for backend in (cuda_backend, torch_backend):
+            p, buf = start.clone(), torch.ones(1, 24, device=DEV)
+            bucket = Bucket(device=DEV, dtype=torch.float32, m=1, n=24, config=None, ns_dtype=torch.float32,
+                            nesterov=True, momentum_form="ema", backend=backend, why="",
+                            entries=[Entry(group=0, param=p, view=MatrixView(1, 1, 24, "2d"), scale=1.0)])
+            shard = distributed.shard_bucket(bucket, 2, rank)
+            [e] = shard.entries
+            stack = backend.momentum_stack(shard, [e.piece(grad)], [e.piece(buf)], groups, {})
+            backend.apply_update(shard, stack, groups, {})
+            results.append((stack, buf, p))
+        assert results[0][0].numel() == (0 if rank else 24)
+        for ours, theirs in zip(*results):
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+
+
 def test_symmetric_matmul_of_no_columns_is_beta_d(path, monkeypatch):
     """x of shape (k, m, 0): x·xᵀ is zero, so the result is beta·d (zero without d), written over the
     work buffer (NaN-filled here), never its previous contents."""
