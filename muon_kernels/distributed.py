@@ -452,9 +452,21 @@ def _spread(group, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return both[:len(values)], -both[len(values):]
 
 
-def _device(group, items) -> torch.device | str:
-    """Where a small control tensor for ``group`` lives: the device of ``items`` (tensors or buckets) for NCCL."""
-    return items[0].device if dist.get_backend(group) == "nccl" else "cpu"
+def control_device(group, device: torch.device) -> torch.device:
+    """Where a small control tensor for ``group`` lives: the host where the group has a backend for
+    CPU tensors (gloo, torch's default "cpu:gloo,cuda:nccl" pair), else ``device`` (NCCL alone, named
+    "nccl" or "cuda:nccl", or another accelerator's backend: none takes a CPU tensor). Asked of the
+    group, not read from its name: "cuda:nccl" is not "nccl"."""
+    try:
+        (group if group is not None else dist.group.WORLD)._get_backend(torch.device("cpu"))
+    except RuntimeError:  # "No backend type associated with device type cpu"
+        return device
+    return torch.device("cpu")
+
+
+def _device(group, items) -> torch.device:
+    """``control_device`` for ``items`` (tensors or buckets, all on one device)."""
+    return control_device(group, items[0].device)
 
 
 def check_grad_agreement(group, params: list[torch.Tensor], names, settings: list[tuple[int, tuple]],

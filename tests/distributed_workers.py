@@ -293,6 +293,18 @@ def foreign_process_group(rank, world, ns_dtype, out):
     return {"error": error}
 
 
+def control_devices(rank, world, ns_dtype, out):
+    """Where control tensors go per kind of group: the host where the group has a CPU backend, else
+    the parameters' device ("meta" stands for the accelerator: a "cuda:gloo" group is the CPU
+    machine's NCCL-like group, with no backend for CPU tensors)."""
+    from muon_kernels.distributed import control_device
+
+    meta = torch.device("meta")
+    groups = {"world": None, "gloo": dist.new_group(backend="gloo"), "cuda:gloo": dist.new_group(backend="cuda:gloo"),
+              "cpu:gloo,cuda:gloo": dist.new_group(backend="cpu:gloo,cuda:gloo")}
+    return {name: str(control_device(group, meta)) for name, group in groups.items()}
+
+
 def unsupported_layouts(rank, world, ns_dtype, out):
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import fully_shard

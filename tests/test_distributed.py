@@ -160,6 +160,13 @@ def test_process_group_without_this_rank(tmp_path):
     assert "does not contain this rank" in results[1]["error"]
 
 
+def test_control_tensors_go_where_the_group_has_a_backend_for_them(tmp_path):
+    """A group with a CPU backend takes its control tensors on the host; one without (NCCL alone,
+    whether named "nccl" or "cuda:nccl"; here "cuda:gloo") on the parameters' device."""
+    for res in workers.spawn(tmp_path, "control_devices", 2):
+        assert res == {"world": "cpu", "gloo": "cpu", "cuda:gloo": "meta", "cpu:gloo,cuda:gloo": "cpu"}
+
+
 def test_unsupported_layouts_say_which(tmp_path):
     for res in workers.spawn(tmp_path, "unsupported_layouts", 2):
         assert "2-D mesh" in res["errors"]["hsdp"] and "Replicate" in res["errors"]["hsdp"]

@@ -57,6 +57,31 @@ def test_the_fastest_candidate_wins_and_persists(monkeypatch, cache):
     assert fake.timed == [] and {b.backend.NAME for b in again._buckets} == {"fast"}
 
 
+@pytest.mark.parametrize("setting", ["cuda.matmul", "global"])
+def test_tf32_set_through_torchs_newer_api_is_keyed_not_fatal(monkeypatch, cache, setting):
+    """Once ``torch.backends.cuda.matmul.fp32_precision`` (or the global ``torch.backends.fp32_precision``)
+    is set, torch's legacy getters raise ("mix of the legacy and new APIs"): the cache key reads the
+    API in use, so the first step measures instead of raising, and "tf32" and "ieee" are timed apart."""
+    FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
+    target = torch.backends.cuda.matmul if setting == "cuda.matmul" else torch.backends
+    if not hasattr(target, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} predates the fp32_precision settings")
+    before, keys = target.fp32_precision, []
+    try:
+        for value in ("tf32", "ieee"):
+            target.fp32_precision = value
+            measured._MEMO.clear()
+            model = _model()
+            opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+            _step(opt, model)
+            assert {b.backend.NAME for b in opt._buckets} == {"fast"}
+            keys.append(set(json.loads(cache.read_text())))
+    finally:
+        target.fp32_precision = before
+    assert keys[0] and keys[1] - keys[0] and any("tf32" in key for key in keys[0])
+    torch.get_float32_matmul_precision()  # the legacy API reads again: nothing left set
+
+
 def test_the_steps_equal_the_chosen_backend_run_alone(monkeypatch):
     """The measured bucket computes exactly what that backend's math gives (here: the torch backend's)."""
     FakeDispatch(monkeypatch, {"a": 2.0, "b": 1.0})

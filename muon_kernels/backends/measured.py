@@ -95,6 +95,17 @@ def candidate_configs(bucket: Bucket) -> list[NSConfig]:
     return [replace(bucket.request, algorithm=a) for a in algorithms]
 
 
+def _matmul_precision() -> str:
+    """How cuBLAS runs fp32 matmuls (the torch candidates' speed depends on it), through whichever of
+    torch's two APIs is in use: once ``torch.backends[.cuda.matmul].fp32_precision`` is set, reading
+    the legacy ``get_float32_matmul_precision()``/``allow_tf32`` raises ("mix of the legacy and new APIs")."""
+    try:
+        return f"fp32 matmul {torch.get_float32_matmul_precision()}, tf32 {torch.backends.cuda.matmul.allow_tf32}"
+    except RuntimeError:
+        return (f"fp32_precision {getattr(torch.backends, 'fp32_precision', '-')}, "
+                f"cuda matmul {getattr(torch.backends.cuda.matmul, 'fp32_precision', '-')}")
+
+
 def _key(bucket: Bucket, batch: int, labels: list[str]) -> str:
     device = bucket.device
     cuda = device.type == "cuda"
@@ -106,9 +117,8 @@ def _key(bucket: Bucket, batch: int, labels: list[str]) -> str:
     except ImportError:
         triton_version = "-"
     request = bucket.request or bucket.config
-    precision = f"fp32 matmul {torch.get_float32_matmul_precision()}, tf32 {torch.backends.cuda.matmul.allow_tf32}"
     return "|".join([name, arch, f"torch {torch.__version__}", f"triton {triton_version}",
-                     f"muon_kernels {cache_file.code_version()}", precision,
+                     f"muon_kernels {cache_file.code_version()}", _matmul_precision(),
                      str(bucket.dtype).removeprefix("torch."), str(bucket.ns_dtype).removeprefix("torch."),
                      f"{batch}x{bucket.m}x{bucket.n}", repr(request), ",".join(labels)])
 
@@ -254,6 +264,8 @@ def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_byte
         return
     import torch.distributed as dist
 
+    from ..distributed import control_device
+
     shared: dict[object, list[int]] = {}
     for i, b in enumerate(buckets):
         group = placements[i].group if collectives else None
@@ -268,7 +280,7 @@ def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_byte
                              measuring=lead) for i in idx}
         if not any(_capturing(buckets[i].device) for i in idx):  # never a collective inside a capture
             picks = torch.tensor([_index(options[i], records[i]) for i in idx], dtype=torch.int64)
-            picks = picks.to(buckets[idx[0]].device if dist.get_backend(group) == "nccl" else "cpu")
+            picks = picks.to(control_device(group, buckets[idx[0]].device))
             dist.broadcast(picks, src=dist.get_global_rank(group, 0), group=group)
             for i, pick in zip(idx, picks.tolist()):
                 if pick < 0:
