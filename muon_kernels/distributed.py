@@ -51,6 +51,14 @@ def replicated_group(mode: str, process_group):
     return group if dist.get_world_size(group) > 1 else None
 
 
+def ranks_alone(mode: str) -> int:
+    """How many ranks step their plain parameters each on its own: the world under "off" (1 otherwise,
+    or without torch.distributed)."""
+    if mode == "off" and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def check_process_group(mode: str, process_group) -> None:
     if mode not in DISTRIBUTED_MODES:
         raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES}, got {mode!r}")

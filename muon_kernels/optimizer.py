@@ -44,8 +44,9 @@ class Muon(Optimizer):
         ns_steps: None (the preset's own count; 5 for tuples) or an int in [0, 100).
         adjust_lr_fn: None/"original", "match_rms_adamw" or "spectral" (the per-shape lr scale).
     Keyword-only (README "Options beyond torch.optim.Muon" has the details):
-        backend: "auto", "torch", "triton", "cuda"; dispatch: "measure" (time every path per bucket on
-            a GPU, keep the fastest) or "table".
+        backend: "auto", "torch", "triton", "cuda"; dispatch: "auto" (time every path per bucket on
+            a GPU, keep the fastest; the table where ranks step alone: distributed="off" with
+            several ranks), "measure" (there too) or "table".
         ns_algorithm ("standard", "gram", "auto"), ns_normalization (None, "frobenius", "aol"),
             ns_gram_restarts, ns_dtype (bf16, fp16, fp32): how each bucket is orthogonalized
             (docs/newton_schulz.md).
@@ -97,7 +98,7 @@ class Muon(Optimizer):
         momentum_form: str = "ema",
         matrix_view: str | None = None,
         max_workspace_bytes: int | None = 2**30,
-        dispatch: str = "measure",
+        dispatch: str = "auto",
         distributed: str = "auto",
         process_group=None,
         capturable: bool = False,
@@ -357,7 +358,8 @@ class Muon(Optimizer):
             placements = dist_muon.place(buckets, settings.names(self.param_groups), self._replicated(),
                                          verify=[settings.settings_key(g, portable=True) for g in self.param_groups])
             buckets, placements = self._within_cap(buckets, placements)
-            measured.resolve(buckets, placements, self.dispatch, self.max_workspace_bytes)
+            measured.resolve(buckets, placements, self.dispatch, self.max_workspace_bytes,
+                             ranks_alone=dist_muon.ranks_alone(self.distributed))
             self._buckets, self._placements = buckets, placements
             self._plan_key = key
             self._plan_version += 1
@@ -380,7 +382,8 @@ class Muon(Optimizer):
         buckets = build_buckets([it for gi, g, ps in work for it in group_items(gi, g, ps)])
         buckets, placements = self._within_cap(buckets, dist_muon.place(buckets, settings.names(self.param_groups),
                                                                          self._replicated()))
-        measured.resolve(buckets, placements, self.dispatch, self.max_workspace_bytes, collectives=False)
+        measured.resolve(buckets, placements, self.dispatch, self.max_workspace_bytes, collectives=False,
+                         ranks_alone=dist_muon.ranks_alone(self.distributed))
         return describe(self.param_groups, buckets, [(p.kind, p.owners) for p in placements])
 
     # ------------------------------------------------------------------ step

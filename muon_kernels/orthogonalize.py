@@ -22,7 +22,7 @@ def orthogonalize(
     ns_algorithm: str = "standard",
     ns_normalization: str | None = None,
     ns_gram_restarts: tuple[int, ...] | None = None,
-    dispatch: str = "measure",
+    dispatch: str = "auto",
 ) -> torch.Tensor:
     """Approximate the polar factor of ``G`` by Newton–Schulz; same shape and dtype as ``G``.
 
@@ -39,8 +39,8 @@ def orthogonalize(
     steps in ``ns_gram_restarts``; None: per-dtype defaults) or "auto" (Gram from an aspect
     ratio per device and dtype: measured on CPUs, the FLOP model's on GPUs). ``ns_normalization``:
     "frobenius" or "aol" (Turbo-Muon's diagonal preconditioning); None: the preset's own. docs/newton_schulz.md has the math and the measurements.
-    ``dispatch``: how ``backend="auto"`` chooses on a GPU — "measure" (time every path on the first
-    call for this shape, persist the fastest: muon_kernels/backends/measured.py) or "table".
+    ``dispatch``: how ``backend="auto"`` chooses on a GPU — "auto" or "measure" (time every path on
+    the first call for this shape, persist the fastest: muon_kernels/backends/measured.py) or "table".
     """
     if not isinstance(G, torch.Tensor) or G.ndim < 2:
         raise ValueError(

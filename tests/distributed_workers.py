@@ -207,6 +207,36 @@ def measured_dispatch(rank, world, ns_dtype, out):
     return {"params": _full(model.module), "chosen": [b.backend.NAME for b in opt._buckets], "timed": fake.timed}
 
 
+def _measured_alone(rank, out, dispatch):
+    """distributed="off" on every rank (each steps the same model on its own), stand-in backends whose
+    made-up times disagree between ranks, each rank with its own cache file."""
+    from dispatch_fakes import FakeDispatch
+    from muon_kernels.backends import measured
+
+    class Patch:
+        @staticmethod
+        def setattr(obj, name, value):
+            setattr(obj, name, value)
+
+    os.environ[measured.CACHE_ENV] = os.path.join(out, f"dispatch-alone-rank{rank}.json")
+    fake = FakeDispatch(Patch, {"fast": 1.0, "slow": 2.0} if rank == 0 else {"fast": 2.0, "slow": 1.0})
+    model = make_model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32, distributed="off", dispatch=dispatch)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return {"chosen": [b.backend.NAME for b in opt._buckets], "timed": fake.timed,
+            "why": [b.why for b in opt._buckets]}
+
+
+def measured_alone_auto(rank, world, ns_dtype, out):
+    return _measured_alone(rank, out, "auto")
+
+
+def measured_alone_measure(rank, world, ns_dtype, out):
+    return _measured_alone(rank, out, "measure")
+
+
 def fsdp_resume(rank, world, ns_dtype, out, optimizer_options=None, sharded=False):
     """Train 2 steps, checkpoint model + optimizer, restore them into fresh objects, train 2 more;
     compare with 4 uninterrupted steps. The checkpoint: full state dicts in memory, or (``sharded``)

@@ -235,6 +235,18 @@ def test_every_rank_takes_rank_0s_choice(tmp_path):
         assert torch.equal(results[0]["params"][name], results[1]["params"][name])
 
 
+def test_ranks_stepping_alone_keep_the_table_unless_told_to_measure(tmp_path):
+    """distributed="off" with two ranks: each steps its plain parameters on its own, so no rank can
+    share its choice, and timings that disagree would give replicas different kernels. "auto" (the
+    default) keeps the table on both and says why in plan(); "measure" measures on each rank — and
+    here the ranks choose differently, which is the hazard "auto" avoids."""
+    for res in workers.spawn(tmp_path, "measured_alone_auto", 2):
+        assert res["timed"] == [] and set(res["chosen"]) == {"torch"}
+        assert all("not measured: distributed='off' on 2 ranks" in why for why in res["why"])
+    chosen = [res["chosen"] for res in workers.spawn(tmp_path, "measured_alone_measure", 2)]
+    assert set(chosen[0]) == {"fast"} and set(chosen[1]) == {"slow"}
+
+
 def test_a_failed_measurement_keeps_the_table_with_a_warning(monkeypatch, cache):
     FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
 

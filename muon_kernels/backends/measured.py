@@ -18,8 +18,13 @@ choice, else the static table, is used and nothing is written), and a measuremen
 falls back to the table with a warning; under DDP/FSDP2 rank 0 of each process group measures and
 every rank takes its choice (one broadcast per plan), so all ranks run the same kernels.
 
+``dispatch="auto"`` (the default) measures except where no rank could share its choice: under
+``distributed="off"`` with several ranks, each steps its plain parameters on its own, and ranks
+that hold the same ones (replicas a user keeps in step by hand) would pick kernels of their own
+from their own timings — near-ties fall either way — and drift apart bit by bit; there the table
+stands. ``dispatch="measure"`` measures there too (ranks whose parameters differ: pipeline stages);
 ``dispatch="table"`` (``Muon``/``orthogonalize``), or ``MUON_KERNELS_DISPATCH=table``, keeps the
-static dispatch table (backends/__init__.py, crossovers.json) instead.
+static dispatch table (backends/__init__.py, crossovers.json) everywhere.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from ..ns_config import NSConfig
 from ..recurrence import gram_outside_band
 from ..workspace import on_device
 
-MODES = ("measure", "table")
+MODES = ("auto", "measure", "table")
 ENV = "MUON_KERNELS_DISPATCH"
 CACHE_ENV = "MUON_KERNELS_DISPATCH_CACHE"
 # Timed calls per candidate after two warm-up calls (the first compiles Triton kernels): the median.
@@ -243,7 +248,7 @@ def apply(bucket: Bucket, options: list[Candidate], record: dict) -> None:
 
 def resolve_one(bucket: Bucket, batch: int, dispatch: str) -> None:
     """Apply the measured choice to one "auto" bucket called on ``batch`` matrices (this process alone)."""
-    if mode(dispatch) != "measure":
+    if mode(dispatch) == "table":
         return
     options = candidates(bucket)
     if len(options) > 1:
@@ -253,14 +258,16 @@ def resolve_one(bucket: Bucket, batch: int, dispatch: str) -> None:
 
 
 def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_bytes: int | None = None,
-            collectives: bool = True) -> None:
+            collectives: bool = True, ranks_alone: int = 1) -> None:
     """Apply measured choices to every "auto" bucket with more than one candidate, timed on the
     batch one call of the step takes (the first chunk under ``max_workspace_bytes`` of the bucket,
     or under DDP/FSDP2 of a rank's share).
     ``placements`` (muon_kernels/distributed.py): buckets computed over a process group take the
     choice of its rank 0, broadcast (``collectives``; plan() alone passes False and shows each
-    rank's own)."""
-    if mode(dispatch) != "measure":
+    rank's own). ``ranks_alone``: how many ranks step their local buckets on their own
+    (``distributed="off"``); above one, "auto" keeps the table for them (the module docstring)."""
+    chosen = mode(dispatch)
+    if chosen == "table":
         return
     import torch.distributed as dist
 
@@ -269,7 +276,11 @@ def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_byte
     shared: dict[object, list[int]] = {}
     for i, b in enumerate(buckets):
         group = placements[i].group if collectives else None
-        if group is None:
+        if group is None and chosen == "auto" and ranks_alone > 1 and placements[i].kind == "local":
+            if len(candidates(b)) > 1:
+                b.why += (f"; table, not measured: distributed='off' on {ranks_alone} ranks, each timing alone could "
+                          "choose other kernels for parameters they hold alike (dispatch='measure' to measure anyway)")
+        elif group is None:
             resolve_one(b, _batch(b, max_workspace_bytes), dispatch)
         elif len(candidates(b)) > 1:
             shared.setdefault(group, []).append(i)
