@@ -142,6 +142,60 @@ def test_a_candidate_outside_the_accuracy_band_is_excluded(monkeypatch, cache):
         assert "wrong:default" not in record["ms"]
 
 
+def test_accuracy_is_checked_on_the_first_and_last_matrices_of_the_batch(monkeypatch, cache):
+    """The fp64 reference covers two matrices, not the batch (its copy and work buffers took ~5× the
+    measured step's memory), and a path wrong only on the batch's last matrix is still excluded."""
+    fake = FakeDispatch(monkeypatch, {"tail": 0.1, "right": 1.0})
+    good = fake.backends["tail"].orthogonalize
+
+    def wrong_at_the_end(stack, config, ns_dtype, path=None, consume=False):
+        out = good(stack, config, ns_dtype)
+        out[-1] *= 2
+        return out
+
+    fake.backends["tail"].orthogonalize = wrong_at_the_end
+    fp64_batches = []
+    plain = torch_backend.orthogonalize
+
+    def spy(stack, config, ns_dtype, *args, **kwargs):
+        if ns_dtype == torch.float64:
+            fp64_batches.append(stack.shape[0])
+        return plain(stack, config, ns_dtype, *args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "orthogonalize", spy)
+    torch.manual_seed(0)  # three weights, 32×16, 16×32, 32×16: one bucket of three 16×32 matrices
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 32))
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    _step(opt, model)
+    assert [b.matrices for b in opt._buckets] == [3] and {b.backend.NAME for b in opt._buckets} == {"right"}
+    assert fp64_batches == [2]  # the first and the last matrix
+    [record] = json.loads(cache.read_text()).values()
+    assert "band" in record["excluded"]["tail:default"]
+
+
+def test_a_candidate_out_of_memory_is_excluded_and_nothing_is_persisted(monkeypatch, cache):
+    """Running out of memory says what this process had free, not what the path can do: the other
+    candidates still compete, the choice holds for this process, and the next one measures again."""
+    fake = FakeDispatch(monkeypatch, {"big": 0.5, "small": 1.0})
+    timer = fake.time
+
+    def out_of_memory_for_big(option, run, device):
+        if option.backend.NAME == "big":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return timer(option, run, device)
+
+    monkeypatch.setattr(measured, "time_candidate", out_of_memory_for_big)
+    model = _model()
+    opt = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    _step(opt, model)
+    assert {b.backend.NAME for b in opt._buckets} == {"small"}
+    assert not cache.exists() or json.loads(cache.read_text()) == {}
+    measured._MEMO.clear()
+    fake.timed.clear()
+    _step(mk.Muon(model.parameters(), ns_dtype=torch.float32), model)
+    assert fake.timed == ["small:default"]  # measured again: nothing was read back
+
+
 def test_gram_and_standard_compete_only_when_the_group_asked_auto(monkeypatch):
     fake = FakeDispatch(monkeypatch, {"x": 1.0, "y": 1.5})
     model = _model()

@@ -174,6 +174,11 @@ def time_candidate(option: Candidate, run: Callable[[], torch.Tensor], device: t
     return statistics.median(times)
 
 
+# A record that excluded a candidate for running out of memory is not persisted: memory is what
+# this process had free then, not a property of the path (the next process measures again).
+_OUT_OF_MEMORY = "OutOfMemoryError"
+
+
 def measure(bucket: Bucket, batch: int, options: list[Candidate]) -> dict:
     """Time every candidate on a scratch stack of ``batch`` matrices of the bucket's shape; returns
     the record that is persisted: ``choice`` (a label), ``ms`` per label, ``excluded`` (label: why)."""
@@ -182,29 +187,31 @@ def measure(bucket: Bucket, batch: int, options: list[Candidate]) -> dict:
     # The accuracy band (DESIGN.md §5), from the same input: the recurrence in fp64 is the reference;
     # a candidate may be off it by 2× the torch backend's own error in the iteration dtype + 1e-2
     # (16-bit) or + 1e-4 (fp32). Tied to torch's own error, the band follows the matmul precision
-    # the user set (TF32 allowed or not), which the cache key records too.
+    # the user set (TF32 allowed or not), which the cache key records too. Checked on the batch's
+    # first and last matrices (each is orthogonalized on its own; the last catches a path that goes
+    # wrong past the first): an fp64 copy of the whole batch and its work buffers took ~5× the
+    # memory of the step being measured.
     from . import torch_backend
 
+    sample = [0, batch - 1] if batch > 1 else [0]
     references, bounds, ms, excluded = {}, {}, {}, {}
     for option in options:
         algorithm = option.config.algorithm
         if algorithm not in references:
-            ref = torch_backend.orthogonalize(stack.double(), option.config, torch.float64)
-            own = torch_backend.orthogonalize(stack, option.config, bucket.ns_dtype)
+            ref = torch_backend.orthogonalize(stack[sample].double(), option.config, torch.float64)
+            own = torch_backend.orthogonalize(stack[sample], option.config, bucket.ns_dtype)
             references[algorithm] = ref
             bounds[algorithm] = 2 * _rel_err(own, ref) + (1e-4 if bucket.ns_dtype == torch.float32 else 1e-2)
-        try:
-            out = option.backend.orthogonalize(stack, option.config, bucket.ns_dtype, path=option.path)
-            err = _rel_err(out, references[algorithm])
-        except Exception as exc:  # a path that cannot run this shape here is not a candidate
-            excluded[option.label] = f"{type(exc).__name__}: {exc}"[:200]
-            continue
-        if not err <= bounds[algorithm]:
-            excluded[option.label] = f"error {err:.2e} > band {bounds[algorithm]:.2e}"
-            continue
         run = lambda o=option: o.backend.orthogonalize(stack, o.config, bucket.ns_dtype, path=o.path)  # noqa: E731
-        with on_device(bucket.device):  # the events on the stream the kernels run on
-            ms[option.label] = float(time_candidate(option, run, bucket.device))
+        try:
+            err = _rel_err(run()[sample], references[algorithm])
+            if err <= bounds[algorithm]:
+                with on_device(bucket.device):  # the events on the stream the kernels run on
+                    ms[option.label] = float(time_candidate(option, run, bucket.device))
+            else:
+                excluded[option.label] = f"error {err:.2e} > band {bounds[algorithm]:.2e}"
+        except Exception as exc:  # a path that cannot run this shape here (or not in this memory)
+            excluded[option.label] = f"{type(exc).__name__}: {exc}"[:200]
     return {"choice": min(ms, key=ms.get) if ms else None, "ms": ms, "excluded": excluded}
 
 
@@ -224,7 +231,8 @@ def choose(bucket: Bucket, batch: int, options: list[Candidate], measuring: bool
             warnings.warn(f"muon_kernels: measuring the {bucket.m}x{bucket.n} bucket's paths failed ({exc!r}); "
                           "using the static dispatch table for it", stacklevel=2)
             return None
-        if record["choice"] is not None:
+        if record["choice"] is not None and not any(why.startswith(_OUT_OF_MEMORY)
+                                                     for why in record["excluded"].values()):
             _store(key, record)
     if record is not None:
         _MEMO[key] = record
