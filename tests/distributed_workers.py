@@ -182,9 +182,10 @@ def train_fsdp_fused(rank, world, ns_dtype, out):
     return train_fsdp(rank, world, ns_dtype, out, {"backend": "triton"})
 
 
-def measured_dispatch(rank, world, ns_dtype, out):
+def measured_dispatch(rank, world, ns_dtype, out, ms=None):
     """backend="auto" measuring under DDP with stand-in backends (tests/dispatch_fakes.py) whose
-    made-up times disagree between ranks; each rank has its own cache file."""
+    made-up times disagree between ranks (``ms``: per rank, each rank's candidates and times); each
+    rank has its own cache file."""
     from torch.nn.parallel import DistributedDataParallel
 
     from dispatch_fakes import FakeDispatch
@@ -196,7 +197,8 @@ def measured_dispatch(rank, world, ns_dtype, out):
             setattr(obj, name, value)
 
     os.environ[measured.CACHE_ENV] = os.path.join(out, f"dispatch-rank{rank}.json")
-    fake = FakeDispatch(Patch, {"fast": 1.0, "slow": 2.0} if rank == 0 else {"fast": 2.0, "slow": 1.0})
+    ms = ms or [{"fast": 1.0, "slow": 2.0}, {"fast": 2.0, "slow": 1.0}]
+    fake = FakeDispatch(Patch, ms[rank])
     model = DistributedDataParallel(make_model())
     opt = make_optimizer(model.module, ns_dtype)
     x, y = _local_batch(rank, world)
@@ -205,6 +207,11 @@ def measured_dispatch(rank, world, ns_dtype, out):
         opt.step()
         opt.zero_grad()
     return {"params": _full(model.module), "chosen": [b.backend.NAME for b in opt._buckets], "timed": fake.timed}
+
+
+def measured_dispatch_other_candidates(rank, world, ns_dtype, out):
+    """Rank 1 lists other candidates than rank 0, in another order (another GPU model or install)."""
+    return measured_dispatch(rank, world, ns_dtype, out, [{"fast": 1.0, "slow": 2.0}, {"other": 0.5, "fast": 2.0}])
 
 
 def _measured_alone(rank, out, dispatch):

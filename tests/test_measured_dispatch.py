@@ -301,6 +301,14 @@ def test_ranks_stepping_alone_keep_the_table_unless_told_to_measure(tmp_path):
     assert set(chosen[0]) == {"fast"} and set(chosen[1]) == {"slow"}
 
 
+def test_rank_0s_choice_reaches_ranks_that_list_other_candidates(tmp_path):
+    """Rank 1 lists ("other", "fast"), rank 0 ("fast", "slow"): the broadcast names rank 0's choice
+    by its label, not by its place in rank 0's list (which named "other" on rank 1)."""
+    results = workers.spawn(tmp_path, "measured_dispatch_other_candidates", 2)
+    assert [set(res["chosen"]) for res in results] == [{"fast"}, {"fast"}]
+    assert results[0]["timed"] and not results[1]["timed"]
+
+
 def test_a_failed_measurement_keeps_the_table_with_a_warning(monkeypatch, cache):
     FakeDispatch(monkeypatch, {"slow": 3.0, "fast": 1.0})
 

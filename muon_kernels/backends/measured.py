@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import statistics
 import warnings
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -290,22 +291,25 @@ def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_byte
                           "choose other kernels for parameters they hold alike (dispatch='measure' to measure anyway)")
         elif group is None:
             resolve_one(b, _batch(b, max_workspace_bytes), dispatch)
-        elif len(candidates(b)) > 1:
+        else:  # every bucket: the ranks' lists agree (the plan is verified alike), whatever their candidates
             shared.setdefault(group, []).append(i)
     for group, idx in shared.items():
         options = {i: candidates(buckets[i]) for i in idx}
         lead = dist.get_rank(group) == 0
         records = {i: choose(buckets[i], _batch(buckets[i], max_workspace_bytes, placements[i].owners), options[i],
-                             measuring=lead) for i in idx}
+                             measuring=lead) if len(options[i]) > 1 else None for i in idx}
         if not any(_capturing(buckets[i].device) for i in idx):  # never a collective inside a capture
-            picks = torch.tensor([_index(options[i], records[i]) for i in idx], dtype=torch.int64)
+            # Rank 0's choice by label (a code of it), not by position: ranks on other GPU models or
+            # software can list other candidates; one without rank 0's keeps its table.
+            picks = torch.tensor([_label_code(records[i]) for i in idx], dtype=torch.int64)
             picks = picks.to(control_device(group, buckets[idx[0]].device))
             dist.broadcast(picks, src=dist.get_global_rank(group, 0), group=group)
-            for i, pick in zip(idx, picks.tolist()):
-                if pick < 0:
+            for i, code in zip(idx, picks.tolist()):
+                pick = next((o.label for o in options[i] if _label_code({"choice": o.label}) == code), None)
+                if pick is None:
                     records[i] = None
-                elif _index(options[i], records[i]) != pick:  # rank 0's choice (its times are rank 0's)
-                    records[i] = {"choice": options[i][pick].label, "ms": {}, "excluded": {}}
+                elif records[i] is None or records[i]["choice"] != pick:  # rank 0's (its times are rank 0's)
+                    records[i] = {"choice": pick, "ms": {}, "excluded": {}}
         for i in idx:
             if records[i] is not None:
                 apply(buckets[i], options[i], records[i])
@@ -325,6 +329,6 @@ def _batch(bucket: Bucket, max_workspace_bytes: int | None, owners: list[int] | 
     return stop - start
 
 
-def _index(options: list[Candidate], record: dict | None) -> int:
-    labels = [o.label for o in options]
-    return labels.index(record["choice"]) if record and record.get("choice") in labels else -1
+def _label_code(record: dict | None) -> int:
+    """A record's choice as an int64 for the broadcast (CRC-32 of its label), -1 for none."""
+    return zlib.crc32(record["choice"].encode()) if record and record.get("choice") else -1
