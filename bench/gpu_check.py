@@ -1,9 +1,10 @@
 """`make gpu-check OUT=<dir>`: everything a lent GPU must run, as one command under a time budget.
 
 1. the GPU tests (``tests/gpu``, most important file first: ``GPU_TEST_FILES``) with every kernel
-   work buffer NaN-filled (``MUON_KERNELS_DEBUG_FILL=nan``), compute-sanitizer included where it is
-   installed, reported to ``<dir>/pytest-gpu.xml`` and ``pytest-gpu.txt``, and test by test, as
-   each ends, to ``pytest-gpu-progress.txt`` (what survives a run its budget stops);
+   work buffer NaN-filled (``MUON_KERNELS_DEBUG_FILL=nan``), reported to ``<dir>/pytest-gpu.xml``
+   and ``pytest-gpu.txt``; beside them, from the start, in a second process, the CUDA extension's
+   tests and compute-sanitizer's runs (``SIDE_TEST_FILES``: ``pytest-gpu-side.xml``/``.txt``); both
+   test by test, as each ends, to ``pytest-gpu-progress.txt`` (what survives a run its budget stops);
 2. ``bench/run.py --budget-minutes`` into ``<dir>`` (priority order, valid JSON when stopped early)
    and its plots;
 3. ``<dir>/summary.md``: test counts, every target of ``bench/targets.json`` with its measured
@@ -25,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -106,46 +108,58 @@ def measure(target: dict, result: dict) -> tuple[float | None, str]:
 
 # The GPU test files, most important first (a run stopped by its budget loses the tail): the Triton
 # kernels the product runs on, then the step graph, the variants, the measured dispatch, Gram NS,
-# hardening, the CUDA fallback, and last the sanitizer over every kernel: its four runs (a fresh
-# instrumented process each) are the longest tests, and after the others their Triton kernels are
-# compiled already.
+# hardening. This process is bound by Triton compiling its kernels, one at a time on one core (cold,
+# over 190 s of the tests' ~230 s share in the first run, with fewer tests).
 GPU_TEST_FILES = ("test_triton_gpu.py", "test_graphs_gpu.py", "test_variants_gpu.py", "test_measured_gpu.py",
-                  "test_ns_algorithms_gpu.py", "test_gpu_hardening.py", "test_cuda_gpu.py", "test_sanitizer.py")
+                  "test_ns_algorithms_gpu.py", "test_gpu_hardening.py")
+# Run from the start in a second process beside it, so a budget cut never reaches them last: the CUDA
+# extension's tests (no Triton compile; the first GPU run of its rewritten kernels), then the
+# sanitizer's four runs over every kernel (each a fresh instrumented process, the longest tests).
+# No test asserts a time, so the two processes sharing the GPU changes no outcome; the bench, which
+# measures, starts after both.
+SIDE_TEST_FILES = ("test_cuda_gpu.py", "test_sanitizer.py")
 PROGRESS = "pytest-gpu-progress.txt"
+JUNIT, SIDE_JUNIT = "pytest-gpu.xml", "pytest-gpu-side.xml"
 
 
-def gpu_test_paths(tests: Path = REPO / "tests" / "gpu") -> list[str]:
-    """Every tests/gpu file, in GPU_TEST_FILES' order, then any file it does not list."""
+def gpu_test_paths(tests: Path = REPO / "tests" / "gpu") -> tuple[list[str], list[str]]:
+    """(the main process's files: GPU_TEST_FILES' order, then any file neither list names; the side
+    process's: SIDE_TEST_FILES'), every tests/gpu file in one of them."""
     present = sorted(p.name for p in tests.glob("test_*.py"))
-    return [f"gpu/{name}" for name in [*(f for f in GPU_TEST_FILES if f in present),
-                                       *(f for f in present if f not in GPU_TEST_FILES)]]
+    listed = (*GPU_TEST_FILES, *SIDE_TEST_FILES)
+    main = [*(f for f in GPU_TEST_FILES if f in present), *(f for f in present if f not in listed)]
+    return [f"gpu/{name}" for name in main], [f"gpu/{name}" for name in SIDE_TEST_FILES if name in present]
 
 
-def test_counts(junit: Path, progress: Path | None = None) -> dict:
-    """From the junit XML; from the progress log where the run was stopped before writing it."""
-    try:
-        root = ET.parse(junit).getroot() if junit.is_file() else None
-    except ET.ParseError:  # cut off by a kill mid-write: the progress log still counts
-        root = None
-    if root is not None:
-        suites = [root] if root.tag == "testsuite" else list(root)
+def test_counts(junits: list[Path], progress: Path | None = None) -> dict:
+    """Summed over the junit XMLs; from the progress log (both processes write it) where a run was
+    stopped before writing its XML."""
+    roots = []
+    for junit in junits:
+        try:
+            roots.append(ET.parse(junit).getroot() if junit.is_file() else None)
+        except ET.ParseError:  # cut off by a kill mid-write: the progress log still counts
+            roots.append(None)
+    if roots and all(root is not None for root in roots):
+        suites = [s for root in roots for s in ([root] if root.tag == "testsuite" else list(root))]
         return {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     if progress is not None and progress.is_file():
         outcomes = [line.split("\t", 1)[0] for line in progress.read_text().splitlines() if line]
         return {"tests": len(outcomes), "failures": outcomes.count("failed"), "errors": outcomes.count("error"),
                 "skipped": outcomes.count("skipped"),
                 "note": f"stopped before the end: counted from {progress.name}, which lists each test"}
-    return {"tests": 0, "failures": 0, "errors": 1, "skipped": 0, "note": f"{junit.name} missing"}
+    missing = [j.name for j, root in zip(junits, roots) if root is None]
+    return {"tests": 0, "failures": 0, "errors": 1, "skipped": 0, "note": f"{', '.join(missing)} missing"}
 
 
 # What a run writes into its folder besides the bench's JSON and plots: removed at the start, so a
 # rerun into the same folder never reports an earlier run's files.
-OWN_FILES = ("pytest-gpu.xml", "pytest-gpu.txt", PROGRESS, "bench.txt", "summary.md")
+OWN_FILES = (JUNIT, "pytest-gpu.txt", SIDE_JUNIT, "pytest-gpu-side.txt", PROGRESS, "bench.txt", "summary.md")
 
 
 def summary(out: Path, targets: list[dict], since: float = 0.0, commit: str = "unknown", note: str = "") -> str:
     """The summary of the run that started at wall time ``since`` (older bench JSON is ignored)."""
-    counts = test_counts(out / "pytest-gpu.xml", out / PROGRESS)
+    counts = test_counts([out / JUNIT, out / SIDE_JUNIT], out / PROGRESS)
     results = sorted((p for p in out.glob("*.json") if p.stat().st_mtime >= since), key=lambda p: p.stat().st_mtime)
     result = json.loads(results[-1].read_text()) if results else {}
     lines = [f"# gpu-check: {result.get('device', 'no bench result')}", "", f"commit: {commit}", "",
@@ -162,7 +176,7 @@ def summary(out: Path, targets: list[dict], since: float = 0.0, commit: str = "u
         verdict = "not measured" if value is None else ("met" if value >= t["min"] else "MISSED")
         shown = "-" if value is None else f"{value:.3g}"
         lines.append(f"| {t['name']} | >= {t['min']} | {shown} | {by} | {verdict} |")
-    lines += ["", f"Commit under bench/results/: the JSON, the PNGs, pytest-gpu.xml/txt, {PROGRESS} and this summary; then run",
+    lines += ["", f"Commit under bench/results/: the JSON, the PNGs, pytest-gpu.xml/txt, pytest-gpu-side.xml/txt, {PROGRESS} and this summary; then run",
               "`python bench/crossovers.py` and summarise in bench/README.md (misses included)."]
     return "\n".join(lines) + "\n"
 
@@ -175,6 +189,21 @@ def _stop(signum, frame):
     raise Stopped(f"stopped by signal {signum}")
 
 
+# Every step's process running now (two at once while the tests run): a SIGTERM reaches the main
+# thread only, which stops them all.
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _stop_all() -> None:
+    with _LIVE_LOCK:
+        for child in _LIVE:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def _run(cmd: list[str], log: Path, timeout: float, env: dict) -> int:
     # From tests/: `python -m pytest` puts its working directory on sys.path, and from the repository
     # root that would import the source tree's muon_kernels (no _C, no triton_kernels) instead of
@@ -185,6 +214,8 @@ def _run(cmd: list[str], log: Path, timeout: float, env: dict) -> int:
     with log.open("w") as f:
         child = subprocess.Popen(cmd, cwd=REPO / "tests", stdout=f, stderr=subprocess.STDOUT, env=env,
                                  start_new_session=True)
+        with _LIVE_LOCK:
+            _LIVE.add(child)
         try:
             return child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -197,6 +228,14 @@ def _run(cmd: list[str], log: Path, timeout: float, env: dict) -> int:
             child.wait()
             f.write("\n[gpu-check] stopped with gpu-check itself\n")
             raise
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(child)
+
+
+def _pytest(paths: list[str], junit: Path) -> list[str]:
+    return [sys.executable, "-m", "pytest", *paths, "-q", "-rfEs", "-p", "no:cacheprovider",
+            "--continue-on-collection-errors", f"--junitxml={junit}"]
 
 
 def main(argv=None, runner=_run, clock=time.monotonic) -> int:
@@ -231,12 +270,33 @@ def main(argv=None, runner=_run, clock=time.monotonic) -> int:
     tests_rc = bench_rc = None
     note = " ".join(notes)
     try:
-        # Tests first (correctness before speed), their share of the budget; the bench gets what is
-        # left less a reserve for the item that is running when its budget ends, the plots and this
-        # summary. A file that fails to import costs its own tests, not the run's.
-        tests_rc = runner([sys.executable, "-m", "pytest", *gpu_test_paths(), "-q", "-rfEs", "-p", "no:cacheprovider",
-                           "--continue-on-collection-errors", f"--junitxml={out / 'pytest-gpu.xml'}"],
-                          out / "pytest-gpu.txt", args.tests_share * total, env)
+        # Tests first (correctness before speed), their share of the budget, in two processes at
+        # once (SIDE_TEST_FILES); the bench gets what is left less a reserve for the item that is
+        # running when its budget ends, the plots and this summary. A file that fails to import
+        # costs its own tests, not the run's.
+        main_paths, side_paths = gpu_test_paths()
+        side_rc: list = [None]
+
+        def side():
+            try:
+                side_rc[0] = runner(_pytest(side_paths, out / SIDE_JUNIT), out / "pytest-gpu-side.txt",
+                                    args.tests_share * total, env)
+            except BaseException as exc:  # stopped with gpu-check: reported by the main thread
+                side_rc[0] = exc
+
+        side_thread = threading.Thread(target=side, daemon=True)
+        side_thread.start()
+        try:
+            main_rc = runner(_pytest(main_paths, out / JUNIT), out / "pytest-gpu.txt", args.tests_share * total, env)
+            side_thread.join()
+        except BaseException:  # a SIGTERM (Stopped) reaches this thread only: stop the side process too
+            _stop_all()
+            side_thread.join()
+            raise
+        if not isinstance(side_rc[0], int):
+            notes.append(f"The side tests' process raised {side_rc[0]!r}.")
+            note = " ".join(notes)
+        tests_rc = main_rc or (side_rc[0] if isinstance(side_rc[0], int) else 1)
         (out / "summary.md").write_text(summary(out, targets, since, commit, note))  # should the bench not end
         bench_env = {k: v for k, v in os.environ.items() if k != "MUON_KERNELS_TEST_PROGRESS"}  # no debug fill
         bench_minutes = max(0.5, (total - (clock() - start)) / 60.0 - 1.5)

@@ -462,17 +462,21 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
     clock = FakeClock()
     calls = []
 
-    def runner(cmd, log, timeout, env):
+    def runner(cmd, log, timeout, env):  # called from two threads while the tests run
+        side = "gpu/test_cuda_gpu.py" in cmd
         calls.append((cmd, timeout, env.get("MUON_KERNELS_DEBUG_FILL")))
-        clock.now += 100.0
+        if not side:  # the side tests run beside the main ones: they take no time of their own
+            clock.now += 100.0
         assert ("MUON_KERNELS_TEST_PROGRESS" in env) == ("pytest" in cmd)
         # the tests' dispatch choices stay in the output folder, out of the bench's way
         assert (env.get("MUON_KERNELS_DISPATCH_CACHE") == str(tmp_path / "tests-dispatch" / "dispatch.json")) == (
             "pytest" in cmd)
         # a summary of the tests is there before the bench starts
         summary = tmp_path / "summary.md"
-        assert ("5 tests, 1 failures" in (summary.read_text() if summary.exists() else "")) != ("pytest" in cmd)
-        if "pytest" in cmd:
+        assert ("8 tests, 1 failures" in (summary.read_text() if summary.exists() else "")) != ("pytest" in cmd)
+        if side:
+            (tmp_path / "pytest-gpu-side.xml").write_text('<testsuite tests="3" failures="0" errors="0" skipped="0"/>')
+        elif "pytest" in cmd:
             (tmp_path / "pytest-gpu.xml").write_text(
                 '<testsuites><testsuite tests="5" failures="1" errors="0" skipped="1"/></testsuites>')
         else:
@@ -483,16 +487,21 @@ def test_gpu_check_splits_its_budget_and_summarizes(tmp_path):
         return 0
 
     assert gpu_check.main(["--out", str(tmp_path), "--minutes", "8"], runner=runner, clock=clock) == 0
-    (tests_cmd, tests_timeout, fill), (bench_cmd, bench_timeout, bench_fill) = calls
+    tests, (bench_cmd, _, bench_fill) = calls[:2], calls[2]
+    (side_cmd, side_timeout, side_fill), = [c for c in tests if "gpu/test_cuda_gpu.py" in c[0]]
+    (tests_cmd, tests_timeout, fill), = [c for c in tests if "gpu/test_cuda_gpu.py" not in c[0]]
     files = [a for a in tests_cmd if a.startswith("gpu/")]
-    assert files[0] == "gpu/test_triton_gpu.py" and files[-1] == "gpu/test_sanitizer.py"
-    assert sorted(files) == sorted(f"gpu/{p.name}" for p in (Path(__file__).parent / "gpu").glob("test_*.py"))
-    assert "pytest" in tests_cmd and fill == "nan" and tests_timeout == pytest.approx(0.45 * 480)
+    side_files = [a for a in side_cmd if a.startswith("gpu/")]
+    assert files[0] == "gpu/test_triton_gpu.py" and side_files == ["gpu/test_cuda_gpu.py", "gpu/test_sanitizer.py"]
+    assert sorted(files + side_files) == sorted(f"gpu/{p.name}" for p in (Path(__file__).parent / "gpu").glob("test_*.py"))
+    assert "pytest" in tests_cmd and fill == side_fill == "nan"
+    assert tests_timeout == side_timeout == pytest.approx(0.45 * 480)
+    assert "pytest-gpu-side.xml" in " ".join(side_cmd) and "pytest-gpu.xml" in " ".join(tests_cmd)
     assert bench_fill is None  # timings without the debug fill
     budget = float(bench_cmd[bench_cmd.index("--budget-minutes") + 1])
     assert budget == pytest.approx((480 - 100) / 60 - 1.5, abs=0.01)
     text = (tmp_path / "summary.md").read_text()
-    assert "5 tests, 1 failures, 0 errors, 1 skipped" in text
+    assert "8 tests, 1 failures, 0 errors, 1 skipped" in text  # both processes' XMLs
     assert "| 5.2 | ours-auto | met |" in text and "not measured" in text
 
 
@@ -544,6 +553,32 @@ def test_a_sigterm_stops_the_running_step_with_its_processes(tmp_path):
     assert "stopped by signal 15 during the tests" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_a_sigterm_during_the_tests_stops_both_test_processes(tmp_path):
+    """The signal reaches gpu-check's main thread, which runs the main tests' step while a thread
+    waits on the side tests' one: both steps and what they started are stopped, the summary written."""
+    import threading
+
+    import gpu_check
+
+    pids = {"main": tmp_path / "main.pid", "side": tmp_path / "side.pid"}
+
+    def runner(cmd, log, timeout, env):  # each test process replaced by a step that starts a child
+        which = "side" if "gpu/test_cuda_gpu.py" in cmd else "main"
+        return gpu_check._run(_step_with_a_child(pids[which]), log, timeout, env)
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # main() installs its own handler
+    timer = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        assert gpu_check.main(["--out", str(tmp_path / "out"), "--minutes", "5"], runner=runner) == 1
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert "stopped by signal 15 during the tests" in (tmp_path / "out" / "summary.md").read_text()
+    for pid_file in pids.values():
+        _assert_gone(pid_file)
+
+
 def test_gpu_check_reports_only_its_own_run(tmp_path, monkeypatch):
     """A rerun into the same folder (a warm machine keeps it) never reports the earlier run's test
     counts or bench JSON; the budget counts from --started (before the build); the commit label is
@@ -567,17 +602,17 @@ def test_gpu_check_reports_only_its_own_run(tmp_path, monkeypatch):
     assert timeouts[0] == pytest.approx(0.5 * (480 - 60), abs=2.0)
     text = (tmp_path / "summary.md").read_text()
     assert "no bench result" in text and "commit: abc1234-dirty" in text
-    assert "9 tests" not in text and "pytest-gpu.xml missing" in text
+    assert "9 tests" not in text and "pytest-gpu.xml, pytest-gpu-side.xml missing" in text
     # A build that outlasted the budget leaves a minute, said in the summary with the Makefile's note.
     assert gpu_check.main(["--out", str(tmp_path), "--minutes", "8", "--started", str(time.time() - 600),
                            "--note", "the install with _C for sm_90 failed (build.log)"], runner=runner) == 1
-    assert timeouts[2] == pytest.approx(0.45 * 60)
+    assert timeouts[3] == timeouts[4] == pytest.approx(0.45 * 60)  # the second run's two test processes
     text = (tmp_path / "summary.md").read_text()
     assert "the install with _C for sm_90 failed" in text and "one minute left" in text
     monkeypatch.setenv("MUON_KERNELS_COMMIT", "../main")
     with pytest.raises(ValueError, match="MUON_KERNELS_COMMIT"):
         gpu_check.main(["--out", str(tmp_path)], runner=runner)
-    assert len(timeouts) == 4  # nothing ran
+    assert len(timeouts) == 6  # nothing ran
 
 
 def _assert_gone(pid_file: Path) -> None:
@@ -618,7 +653,7 @@ def test_gpu_tests_stopped_by_the_budget_still_report_each_outcome(tmp_path):
     assert [(o, n.split("::")[-1]) for o, n, *_ in lines] == [("passed", "test_ok"), ("failed", "test_bad"),
                                                               ("skipped", "test_skipped")]
     assert "wrong bits" in lines[1][3] and "needs a CUDA device" in lines[2][3]
-    counts = gpu_check.test_counts(out / "pytest-gpu.xml", out / gpu_check.PROGRESS)
+    counts = gpu_check.test_counts([out / "pytest-gpu.xml"], out / gpu_check.PROGRESS)
     assert (counts["tests"], counts["failures"], counts["skipped"]) == (3, 1, 1) and "stopped" in counts["note"]
 
 
