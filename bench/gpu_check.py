@@ -220,17 +220,27 @@ def _run(cmd: list[str], log: Path, timeout: float, env: dict) -> int:
             return child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+            _reap(child)
             f.write(f"\n[gpu-check] stopped after {timeout:.0f} s (its share of the budget)\n")
             return 124
         except BaseException:
             os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+            _reap(child)
             f.write("\n[gpu-check] stopped with gpu-check itself\n")
             raise
         finally:
             with _LIVE_LOCK:
                 _LIVE.discard(child)
+
+
+def _reap(child: subprocess.Popen) -> None:
+    """Wait for a killed child by its pid, not ``Popen.wait``: a SIGTERM whose handler raised inside
+    ``wait(timeout=…)`` can leave Popen's internal lock taken (CPython), and a second ``wait()``
+    then blocks for good (seen twice in ~1,000 signals)."""
+    try:
+        os.waitpid(child.pid, 0)
+    except ChildProcessError:  # reaped already
+        pass
 
 
 def _pytest(paths: list[str], junit: Path) -> list[str]:
