@@ -176,7 +176,8 @@ def summary(out: Path, targets: list[dict], since: float = 0.0, commit: str = "u
         verdict = "not measured" if value is None else ("met" if value >= t["min"] else "MISSED")
         shown = "-" if value is None else f"{value:.3g}"
         lines.append(f"| {t['name']} | >= {t['min']} | {shown} | {by} | {verdict} |")
-    lines += ["", f"Commit under bench/results/: the JSON, the PNGs, pytest-gpu.xml/txt, pytest-gpu-side.xml/txt, {PROGRESS} and this summary; then run",
+    lines += ["", "Commit under bench/results/: the JSON, the PNGs, pytest-gpu.xml/txt, pytest-gpu-side.xml/txt, "
+              f"{PROGRESS} and this summary; then run",
               "`python bench/crossovers.py` and summarise in bench/README.md (misses included)."]
     return "\n".join(lines) + "\n"
 

@@ -8,13 +8,14 @@ rounding's step counters (``advance_steps``).
 from the stored one and the gradient at its own precision, then rounded to bf16 up or down with
 probability proportional to the distance (add 16 random bits below the bf16 mantissa, truncate),
 so the rounding error has mean zero and small updates (1 - μ = 5% of a gradient) are not lost to
-round-to-nearest. The random bits (``random_bits``) are a hash of (entry seed, step, element index): the seed comes
-from the parameter's place in the optimizer, the step is ``state["momentum_step"]``, so a resumed
-run draws the same bits.
+round-to-nearest. The random bits (``random_bits``) are a hash of (entry seed, step, element
+index): the seed comes from the parameter's place in the optimizer, the step is
+``state["momentum_step"]``, so a resumed run draws the same bits.
 
 **int8** (``momentum_dtype="int8"``): symmetric absmax quantization per block of 256 consecutive
 values of a row (the buffer seen as (shape[0], rest); a row's last block may be shorter),
-``scale = max|m| / 127`` (as ``max|m| · fl32(1/127)``), ``q = round(m / scale)`` (nearest, ties up, or stochastic), state
+``scale = max|m| / 127`` (as ``max|m| · fl32(1/127)``: ``INV_127``), ``q = round(m / scale)``
+(nearest, ties up, or stochastic), state
 ``momentum_buffer`` (int8) and ``momentum_scale`` (fp32, (shape[0], blocks per row)): 1 + 4/256
 bytes per value, 3.94× less than fp32. Blocks, not whole rows: a block bounds the error by its own
 largest value, so an outlier costs precision in 256 values instead of a row of thousands (the
@@ -386,8 +387,8 @@ def momentum_update(bufs, grads, scales, steps, seeds, *, momentum: float, neste
             m.mul_(momentum).add_(g32)
         bits = None
         if mode.stochastic:
-            keys = (all_keys[idx[0]:idx[0] + 1] if len(idx) == 1
-                    else all_keys.index_select(0, random_bits.device_constants(tuple(idx), torch.int64, all_keys.device)))
+            keys = (all_keys[idx[0]:idx[0] + 1] if len(idx) == 1 else all_keys.index_select(
+                0, random_bits.device_constants(tuple(idx), torch.int64, all_keys.device)))
             flat = (len(idx), rows * cols)
             bits = random_bits.bits32(keys, [offsets[i] for i in idx], rows * cols, scratch("bits", flat, torch.int32),
                            scratch("shifted", flat, torch.int32)).view(shape)
