@@ -98,6 +98,22 @@ def _entry_shape(e) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def check_carries(group, device: torch.device, name_of, sharded: bool) -> None:
+    """ValueError where ``group`` has no backend for ``device``, whose tensors Muon's collectives
+    carry (``name_of()``: a parameter there, named only for the error: the step asks every time):
+    parameters on the host (FSDP2's CPU offload) over NCCL alone. Raised before the first
+    collective, on every rank alike."""
+    try:
+        group._get_backend(device)
+    except RuntimeError:
+        fix = ("init_process_group('cpu:gloo,cuda:nccl') gives a group both (FSDP2 with CPU offload steps on the "
+               "host)" if sharded else "pass a process_group that has one, or distributed='off' where every rank "
+               "should step its own parameters")
+        raise ValueError(f"parameter {name_of()} is on {device}, but its process group's backend "
+                         f"({dist.get_backend(group)}) has none for {device.type} tensors, which Muon's "
+                         f"collectives carry: {fix}; nothing was modified") from None
+
+
 def bucket_layout(bucket: Bucket, names: dict[int, str], replicated) -> tuple[str, object]:
     """("sharded", mesh group) / ("replicated", group) / ("local", None); raises ValueError on a
     bucket that mixes meshes or DTensors with plain tensors, or a shard layout it cannot handle."""
@@ -164,6 +180,9 @@ def place(buckets: list[Bucket], names: dict[int, str], replicated, verify: list
     (``settings.settings_key(group, portable=True)``), to check with one collective per group that
     every rank planned the same buckets with the same settings (``check_same_plan``)."""
     kinds = [bucket_layout(b, names, replicated) for b in buckets]
+    for b, (kind, group) in zip(buckets, kinds):  # before any collective: each would fail on its own
+        if kind != "local":
+            check_carries(group, b.device, lambda b=b: names[id(b.entries[0].param)], sharded=kind == "sharded")
     placements = [Placement(kind, group, None) for kind, group in kinds]
     for group in dict.fromkeys(g for kind, g in kinds if kind != "local"):
         idx = [i for i, (kind, g) in enumerate(kinds) if kind != "local" and g is group]
@@ -486,6 +505,9 @@ def check_grad_agreement(group, params: list[torch.Tensor], names, settings: lis
     (or, where a setting changes the plan, one rank would rebuild it alone); returns whether any
     rank rebuilds its plan (``rebuild``: this rank's decision). A second all-reduce only to name the
     culprit; raises the same error on every rank. ``names()``: each parameter's label by id."""
+    for device in dict.fromkeys(p.device for p in params):
+        check_carries(group, device, lambda d=device: names()[id(next(p for p in params if p.device == d))],
+                      not replicated)
     flags = [p.grad is not None for p in params]
     device = _device(group, params)
     indices = [gi for gi, _ in settings]

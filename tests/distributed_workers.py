@@ -330,6 +330,24 @@ def foreign_process_group(rank, world, ns_dtype, out):
     return {"error": error}
 
 
+def group_without_a_cpu_backend(rank, world, ns_dtype, out):
+    """CPU parameters replicated over a group with no backend for CPU tensors ("cuda:gloo", as NCCL
+    alone): refused at the first step on every rank, before any collective, nothing modified."""
+    group = dist.new_group(backend="cuda:gloo")
+    model = make_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, ns_dtype, process_group=group)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+        error = None
+    except ValueError as e:
+        error = str(e)
+    unchanged = all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    return {"error": error, "unchanged": unchanged, "state": len(opt.state)}
+
+
 def control_devices(rank, world, ns_dtype, out):
     """Where control tensors go per kind of group: the host where the group has a CPU backend, else
     the parameters' device ("meta" stands for the accelerator: a "cuda:gloo" group is the CPU

@@ -167,6 +167,13 @@ def test_control_tensors_go_where_the_group_has_a_backend_for_them(tmp_path):
         assert res == {"world": "cpu", "gloo": "cpu", "cuda:gloo": "meta", "cpu:gloo,cuda:gloo": "cpu"}
 
 
+def test_a_group_without_a_backend_for_the_parameters_device_is_refused(tmp_path):
+    for res in workers.spawn(tmp_path, "group_without_a_cpu_backend", 2):
+        assert res["error"] is not None and "has none for cpu tensors" in res["error"], res["error"]
+        assert "(cuda:gloo)" in res["error"] and "distributed='off'" in res["error"]
+        assert res["unchanged"] and res["state"] == 0
+
+
 def test_unsupported_layouts_say_which(tmp_path):
     for res in workers.spawn(tmp_path, "unsupported_layouts", 2):
         assert "2-D mesh" in res["errors"]["hsdp"] and "Replicate" in res["errors"]["hsdp"]
