@@ -98,20 +98,27 @@ def _entry_shape(e) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _serves(group, device: torch.device) -> bool:
+    """Whether ``group`` has a backend for ``device``'s tensors (asked of the group, not read from its
+    name: "cuda:nccl" is not "nccl")."""
+    try:
+        (group if group is not None else dist.group.WORLD)._get_backend(device)
+    except RuntimeError:  # "No backend type associated with device type cpu"
+        return False
+    return True
+
+
 def check_carries(group, device: torch.device, name_of, sharded: bool) -> None:
     """ValueError where ``group`` has no backend for ``device``, whose tensors Muon's collectives
-    carry (``name_of()``: a parameter there, named only for the error: the step asks every time):
-    parameters on the host (FSDP2's CPU offload) over NCCL alone. Raised before the first
-    collective, on every rank alike."""
-    try:
-        group._get_backend(device)
-    except RuntimeError:
+    carry (``name_of()``: a parameter there, named only for the error): parameters on the host
+    (FSDP2's CPU offload) over NCCL alone. Raised before the first collective, on every rank alike."""
+    if not _serves(group, device):
         fix = ("init_process_group('cpu:gloo,cuda:nccl') gives a group both (FSDP2 with CPU offload steps on the "
                "host)" if sharded else "pass a process_group that has one, or distributed='off' where every rank "
                "should step its own parameters")
         raise ValueError(f"parameter {name_of()} is on {device}, but its process group's backend "
                          f"({dist.get_backend(group)}) has none for {device.type} tensors, which Muon's "
-                         f"collectives carry: {fix}; nothing was modified") from None
+                         f"collectives carry: {fix}; nothing was modified")
 
 
 def bucket_layout(bucket: Bucket, names: dict[int, str], replicated) -> tuple[str, object]:
@@ -482,13 +489,9 @@ def _spread(group, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def control_device(group, device: torch.device) -> torch.device:
     """Where a small control tensor for ``group`` lives: the host where the group has a backend for
     CPU tensors (gloo, torch's default "cpu:gloo,cuda:nccl" pair), else ``device`` (NCCL alone, named
-    "nccl" or "cuda:nccl", or another accelerator's backend: none takes a CPU tensor). Asked of the
-    group, not read from its name: "cuda:nccl" is not "nccl"."""
-    try:
-        (group if group is not None else dist.group.WORLD)._get_backend(torch.device("cpu"))
-    except RuntimeError:  # "No backend type associated with device type cpu"
-        return device
-    return torch.device("cpu")
+    "nccl" or "cuda:nccl", or another accelerator's backend: none takes a CPU tensor)."""
+    cpu = torch.device("cpu")
+    return cpu if _serves(group, cpu) else device
 
 
 def _device(group, items) -> torch.device:
@@ -505,9 +508,10 @@ def check_grad_agreement(group, params: list[torch.Tensor], names, settings: lis
     (or, where a setting changes the plan, one rank would rebuild it alone); returns whether any
     rank rebuilds its plan (``rebuild``: this rank's decision). A second all-reduce only to name the
     culprit; raises the same error on every rank. ``names()``: each parameter's label by id."""
-    for device in dict.fromkeys(p.device for p in params):
-        check_carries(group, device, lambda d=device: names()[id(next(p for p in params if p.device == d))],
-                      not replicated)
+    if rebuild:  # devices are in the plan key: checked where this rank's plan changes, not every step
+        for device in dict.fromkeys(p.device for p in params):
+            check_carries(group, device, lambda d=device: names()[id(next(p for p in params if p.device == d))],
+                          not replicated)
     flags = [p.grad is not None for p in params]
     device = _device(group, params)
     indices = [gi for gi, _ in settings]

@@ -182,6 +182,14 @@ def train_fsdp_fused(rank, world, ns_dtype, out):
     return train_fsdp(rank, world, ns_dtype, out, {"backend": "triton"})
 
 
+class _Patch:
+    """monkeypatch's setattr for FakeDispatch in a worker (no pytest fixture there; the process ends)."""
+
+    @staticmethod
+    def setattr(obj, name, value):
+        setattr(obj, name, value)
+
+
 def measured_dispatch(rank, world, ns_dtype, out, ms=None):
     """backend="auto" measuring under DDP with stand-in backends (tests/dispatch_fakes.py) whose
     made-up times disagree between ranks (``ms``: per rank, each rank's candidates and times); each
@@ -191,14 +199,9 @@ def measured_dispatch(rank, world, ns_dtype, out, ms=None):
     from dispatch_fakes import FakeDispatch
     from muon_kernels.backends import measured
 
-    class Patch:
-        @staticmethod
-        def setattr(obj, name, value):
-            setattr(obj, name, value)
-
     os.environ[measured.CACHE_ENV] = os.path.join(out, f"dispatch-rank{rank}.json")
     ms = ms or [{"fast": 1.0, "slow": 2.0}, {"fast": 2.0, "slow": 1.0}]
-    fake = FakeDispatch(Patch, ms[rank])
+    fake = FakeDispatch(_Patch, ms[rank])
     model = DistributedDataParallel(make_model())
     opt = make_optimizer(model.module, ns_dtype)
     x, y = _local_batch(rank, world)
@@ -220,13 +223,8 @@ def _measured_alone(rank, out, dispatch):
     from dispatch_fakes import FakeDispatch
     from muon_kernels.backends import measured
 
-    class Patch:
-        @staticmethod
-        def setattr(obj, name, value):
-            setattr(obj, name, value)
-
     os.environ[measured.CACHE_ENV] = os.path.join(out, f"dispatch-alone-rank{rank}.json")
-    fake = FakeDispatch(Patch, {"fast": 1.0, "slow": 2.0} if rank == 0 else {"fast": 2.0, "slow": 1.0})
+    fake = FakeDispatch(_Patch, {"fast": 1.0, "slow": 2.0} if rank == 0 else {"fast": 2.0, "slow": 1.0})
     model = make_model()
     opt = mk.Muon(model.parameters(), ns_dtype=torch.float32, distributed="off", dispatch=dispatch)
     for p in model.parameters():

@@ -301,11 +301,11 @@ def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_byte
         if not any(_capturing(buckets[i].device) for i in idx):  # never a collective inside a capture
             # Rank 0's choice by label (a code of it), not by position: ranks on other GPU models or
             # software can list other candidates; one without rank 0's keeps its table.
-            picks = torch.tensor([_label_code(records[i]) for i in idx], dtype=torch.int64)
+            picks = torch.tensor([_label_code(records[i] and records[i]["choice"]) for i in idx], dtype=torch.int64)
             picks = picks.to(control_device(group, buckets[idx[0]].device))
             dist.broadcast(picks, src=dist.get_global_rank(group, 0), group=group)
             for i, code in zip(idx, picks.tolist()):
-                pick = next((o.label for o in options[i] if _label_code({"choice": o.label}) == code), None)
+                pick = next((o.label for o in options[i] if _label_code(o.label) == code), None)
                 if pick is None:
                     records[i] = None
                 elif records[i] is None or records[i]["choice"] != pick:  # rank 0's (its times are rank 0's)
@@ -329,6 +329,6 @@ def _batch(bucket: Bucket, max_workspace_bytes: int | None, owners: list[int] | 
     return stop - start
 
 
-def _label_code(record: dict | None) -> int:
-    """A record's choice as an int64 for the broadcast (CRC-32 of its label), -1 for none."""
-    return zlib.crc32(record["choice"].encode()) if record and record.get("choice") else -1
+def _label_code(label: str | None) -> int:
+    """A candidate's label as an int64 for the broadcast (its CRC-32), -1 for none."""
+    return zlib.crc32(label.encode()) if label else -1
