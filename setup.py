@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -40,6 +41,54 @@ def _archs() -> str:
     return archs
 
 
+# Ninja prints a finished command's output under its "[k/n] ..." status line, a failed one's after
+# "FAILED: ...". ptxas's resource report of every kernel still compiling follows, so in a log shown by
+# its tail (pip's, CI's) the error itself is hundreds of lines up: it is repeated at the end.
+_NINJA_STATUS = re.compile(r"^\[\d+/\d+\] ")
+_LOW_DISK_BYTES = 2 << 30
+
+
+def _failed_commands(lines: list[str], max_lines: int = 40) -> list[str]:
+    """The blocks of a Ninja log that belong to failed commands, each cut to its last ``max_lines``."""
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    for line in lines:
+        if line.startswith("FAILED: "):
+            current = [line]
+            blocks.append(current)
+        elif current is not None and (_NINJA_STATUS.match(line) or line.startswith("ninja: ")):
+            current = None
+        elif current is not None:
+            current.append(line)
+    return ["".join(block[:1] + block[1:][-max_lines:]).rstrip() for block in blocks]
+
+
+def _low_disk(paths) -> list[str]:
+    """A note for each of ``paths`` (the build tree, nvcc's temporary folder) with under 2 GiB free."""
+    notes = []
+    for path in paths:
+        free = shutil.disk_usage(path).free
+        if free < _LOW_DISK_BYTES:
+            notes.append(f"only {free / 2**30:.1f} GiB free under {path}: nvcc and ptxas fail on a full disk")
+    return notes
+
+
+def _run_build(command: list[str], build_dir: Path) -> None:
+    """Run ``command``, its output passed through as it comes; on failure raise with the failed
+    commands' own output (and a full disk, if that may be why) as the message's last lines."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as process:
+        lines = []
+        for line in process.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+    sys.stdout.flush()
+    if process.returncode:
+        found = _failed_commands(lines) + _low_disk([build_dir, tempfile.gettempdir()])
+        raise subprocess.CalledProcessError(process.returncode, command,
+                                            output="\n\n".join(found) if found else None)
+
+
 def _find_nvcc() -> str | None:
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home and Path(home, "bin", "nvcc").is_file():
@@ -63,9 +112,11 @@ class CMakeBuild(build_ext):
         try:
             super().run()
         except (subprocess.CalledProcessError, OSError) as exc:
+            why = getattr(exc, "output", None)
             raise SystemExit(
-                f"muon_kernels: building the CUDA extension with {nvcc} failed ({exc}); the output above "
-                "says why. To install without it (the torch and Triton backends need no build), set "
+                f"muon_kernels: building the CUDA extension with {nvcc} failed ({exc}); "
+                + (f"what failed, repeated from the output above:\n{why}\n" if why else "the output above says why. ")
+                + "To install without it (the torch and Triton backends need no build), set "
                 "MUON_KERNELS_SKIP_CUDA_BUILD=1.") from exc
 
     def build_extension(self, ext):
@@ -88,8 +139,8 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
         ]
-        subprocess.run(configure, check=True)
-        subprocess.run(["cmake", "--build", str(build_dir), "--target", "_C"], check=True)
+        _run_build(configure, build_dir)
+        _run_build(["cmake", "--build", str(build_dir), "--target", "_C"], build_dir)
 
 
 setup(

@@ -93,16 +93,25 @@ def test_sdist_carries_what_builds_the_extension_and_runs_the_suite(tmp_path):
     assert not wanted - names, sorted(wanted - names)[:20]
 
 
-def _setup_build_ext(tmp_path, **env) -> subprocess.CompletedProcess:
-    """`setup.py build_ext` with a stand-in nvcc that fails whatever it is asked (CUDA_HOME points at it)."""
+def _setup_build_ext(tmp_path, cmake: str | None = None, before: str = "", **env) -> subprocess.CompletedProcess:
+    """`setup.py build_ext` with a stand-in nvcc that fails whatever it is asked (CUDA_HOME points at it),
+    ``cmake`` (a shell script's body) as the cmake on PATH if given, and ``before`` run in setup.py's
+    process first."""
     import sys
 
     nvcc = tmp_path / "cuda" / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True)
     nvcc.write_text("#!/bin/sh\necho 'stand-in nvcc: refusing' >&2\nexit 1\n")
     nvcc.chmod(0o755)
-    return subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
-                           "--build-temp", str(tmp_path / "temp")], cwd=ROOT, capture_output=True, text=True,
+    if cmake is not None:
+        stand_in = tmp_path / "tools" / "cmake"
+        stand_in.parent.mkdir()
+        stand_in.write_text("#!/bin/sh\n" + cmake)
+        stand_in.chmod(0o755)
+        env["PATH"] = f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}"
+    argv = ["setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp", str(tmp_path / "temp")]
+    script = f"{before}\nimport runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path('setup.py', run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, CUDA_HOME=str(tmp_path / "cuda"),
                                                 MUON_KERNELS_BUILD_DIR=str(tmp_path / "cmake"), **env))
 
@@ -121,6 +130,48 @@ def test_a_failing_cuda_build_stops_the_install_and_says_how_to_skip_it(tmp_path
     assert run.returncode != 0
     assert "building the CUDA extension with" in run.stderr and "MUON_KERNELS_SKIP_CUDA_BUILD=1" in run.stderr
     assert not list((tmp_path / "lib").rglob("_C*"))
+
+
+# Ninja's log of a build whose second command fails: the error, then the resource reports of the
+# commands still running (ptxas --resource-usage, a few lines per kernel and arch).
+_NINJA_LOG = """[1/5] Building CXX object CMakeFiles/_C.dir/csrc/bindings.cpp.o
+[2/5] Building CUDA object CMakeFiles/_C.dir/csrc/fused_update.cu.o
+FAILED: CMakeFiles/_C.dir/csrc/fused_update.cu.o
+/usr/local/cuda/bin/nvcc -c csrc/fused_update.cu -o CMakeFiles/_C.dir/csrc/fused_update.cu.o
+nvcc error   : 'ptxas' died due to signal 9 (Kill signal)
+[3/5] Building CUDA object CMakeFiles/_C.dir/csrc/newton_schulz.cu.o
+"""
+_PTXAS_NOISE = "ptxas info    : Used 127 registers, used 1 barriers"
+
+
+def test_a_failed_build_ends_its_message_with_the_failed_command_and_a_full_disk(tmp_path):
+    """CI and pip show a failed build by its tail, where ptxas's reports of the commands still running
+    had pushed the error out of sight (a build on a full disk): the failed command's own output, and a
+    disk short of space, end the message."""
+    (tmp_path / "ninja.log").write_text(_NINJA_LOG)
+    cmake = ('case "$*" in *--build*) ;; *) exit 0 ;; esac\n'
+             f"cat '{tmp_path / 'ninja.log'}'\n"
+             f"i=0; while [ $i -lt 400 ]; do echo '{_PTXAS_NOISE}'; i=$((i+1)); done\n"
+             "echo 'ninja: build stopped: subcommand failed.'\nexit 1\n")
+    low_disk = "import shutil\nshutil.disk_usage = lambda path: shutil._ntuple_diskusage(100 << 30, 99 << 30, 1 << 29)"
+    run = _setup_build_ext(tmp_path, cmake=cmake, before=low_disk, MUON_KERNELS_CUDA_ARCHS="90")
+    assert run.returncode != 0
+    assert run.stdout.count(_PTXAS_NOISE) == 400  # the build's output still passes through, whole
+    message = run.stderr[run.stderr.index("building the CUDA extension with"):]
+    assert _PTXAS_NOISE not in message
+    failed = message.index("FAILED: CMakeFiles/_C.dir/csrc/fused_update.cu.o")
+    assert message.index("'ptxas' died due to signal 9") > failed
+    assert "newton_schulz" not in message and "[3/5]" not in message
+    assert message.index(f"only 0.5 GiB free under {tmp_path / 'cmake'}") > failed
+    assert "MUON_KERNELS_SKIP_CUDA_BUILD=1" in message
+
+
+def test_a_failed_build_with_room_on_disk_says_nothing_of_it(tmp_path):
+    (tmp_path / "ninja.log").write_text(_NINJA_LOG)
+    cmake = 'case "$*" in *--build*) ;; *) exit 0 ;; esac\n' f"cat '{tmp_path / 'ninja.log'}'\nexit 1\n"
+    run = _setup_build_ext(tmp_path, cmake=cmake, MUON_KERNELS_CUDA_ARCHS="90")
+    assert run.returncode != 0 and "'ptxas' died due to signal 9" in run.stderr
+    assert ("GiB free" in run.stderr) == (shutil.disk_usage(tmp_path).free < 2 << 30)
 
 
 def test_an_import_from_the_source_tree_says_to_install(tmp_path):
