@@ -359,7 +359,7 @@ class Muon(Optimizer):
                                          verify=[settings.settings_key(g, portable=True) for g in self.param_groups])
             buckets, placements = self._within_cap(buckets, placements)
             measured.resolve(buckets, placements, self.dispatch, self.max_workspace_bytes,
-                             ranks_alone=dist_muon.ranks_alone(self.distributed))
+                             ranks_alone=dist_muon.ranks_alone(self.distributed), replayed=self._graph is not None)
             self._buckets, self._placements = buckets, placements
             self._plan_key = key
             self._plan_version += 1
@@ -383,7 +383,7 @@ class Muon(Optimizer):
         buckets, placements = self._within_cap(buckets, dist_muon.place(buckets, settings.names(self.param_groups),
                                                                          self._replicated()))
         measured.resolve(buckets, placements, self.dispatch, self.max_workspace_bytes, collectives=False,
-                         ranks_alone=dist_muon.ranks_alone(self.distributed))
+                         ranks_alone=dist_muon.ranks_alone(self.distributed), replayed=self._graph is not None)
         return describe(self.param_groups, buckets, [(p.kind, p.owners) for p in placements])
 
     # ------------------------------------------------------------------ step

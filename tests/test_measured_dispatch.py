@@ -18,6 +18,7 @@ from torch import nn
 import distributed_workers as workers
 import muon_kernels as mk
 from dispatch_fakes import FakeDispatch
+from muon_kernels import graphs
 from muon_kernels.backends import measured, torch_backend
 
 
@@ -229,6 +230,105 @@ def test_plan_shows_the_times_and_the_choice(monkeypatch):
     text = str(mk.Muon(model.named_parameters(), ns_dtype=torch.float32).plan())
     row = next(line for line in text.splitlines() if line.startswith("0.weight"))
     assert " fast " in row and "auto (measured): fast:default 1 ms, slow:default 3 ms" in row
+
+
+class _FakeGraph:
+    """``graphs.capture``'s stand-in on a CPU: the captured function is called under a "capturing"
+    flag (a stand-in backend may refuse it), and replay calls it again."""
+
+    capturing = False
+
+    def __init__(self, run):
+        type(self).capturing = True
+        try:
+            run()
+        finally:
+            type(self).capturing = False
+        self.run = run
+
+    def replay(self):
+        self.run()
+
+
+def _graphed(params):
+    """A Muon as if made with cuda_graph=True (which refuses CPU parameters): its step graph's own
+    capture is a stand-in too (graphs.StepGraph, tests/test_step_graph.py)."""
+    opt = mk.Muon(params, ns_dtype=torch.float32, capturable=True)
+    opt._graph = graphs.StepGraph(capture_fn=_FakeGraph)
+    return opt
+
+
+def _replay_aware_timer(monkeypatch, eager: dict, replayed: dict, timed: list):
+    def time(option, run, device):
+        replay = isinstance(getattr(run, "__self__", None), _FakeGraph)
+        timed.append((option.backend.NAME, replay))
+        run()
+        return (replayed if replay else eager)[option.backend.NAME]
+
+    monkeypatch.setattr(measured, "time_candidate", time)
+
+
+def test_a_graphed_step_times_graph_replays_and_keys_them_apart(monkeypatch, cache):
+    """Under cuda_graph=True the step is replayed, so its candidates are timed as replays of a captured
+    graph (two eager calls first: compiles and work buffers outside the capture): a path of many
+    launches that loses eagerly may win there. Eager and replay timings are persisted under keys
+    of their own, and plan() says which timing chose."""
+    fake = FakeDispatch(monkeypatch, {"launchy": 0, "few": 0})
+    monkeypatch.setattr(measured.graphs, "capture", _FakeGraph)
+    calls, timed = [], []
+    for name, backend in fake.backends.items():
+        def counted(stack, config, ns_dtype, path=None, consume=False, name=name, inner=backend.orthogonalize):
+            calls.append((name, _FakeGraph.capturing))
+            return inner(stack, config, ns_dtype, path)
+
+        backend.orthogonalize = counted
+    _replay_aware_timer(monkeypatch, {"launchy": 2.0, "few": 1.0}, {"launchy": 0.5, "few": 1.0}, timed)
+    model = _model()
+    eager = mk.Muon(model.parameters(), ns_dtype=torch.float32)
+    _step(eager, model)
+    assert {b.backend.NAME for b in eager._buckets} == {"few"} and not any(replay for _, replay in timed)
+    n = len(eager._buckets)
+    timed.clear()
+    calls.clear()
+    graphed = _graphed(model.parameters())
+    _step(graphed, model)
+    assert {b.backend.NAME for b in graphed._buckets} == {"launchy"}
+    assert sorted(timed) == sorted([("launchy", True), ("few", True)] * n)
+    # Per candidate: the accuracy check, two eager calls, the capture; then the timer's replays.
+    for name in ("launchy", "few"):
+        mine = [capturing for who, capturing in calls if who == name]
+        assert mine[:4 * n].count(True) == n and mine[:4 * n].count(False) == 3 * n
+    saved = json.loads(cache.read_text())
+    assert len(saved) == 2 * n
+    assert sorted(key.rsplit("|", 1)[1] for key in saved) == ["eager calls"] * n + ["graph replays"] * n
+    assert {r["timed"]: r["choice"] for r in saved.values()} == {"eager calls": "few:default",
+                                                                "graph replays": "launchy:default"}
+    text = str(_graphed(model.named_parameters()).plan())
+    row = next(line for line in text.splitlines() if line.startswith("0.weight"))
+    assert "auto (measured, graph replays): launchy:default 0.5 ms, few:default 1 ms" in row
+
+
+def test_a_path_that_cannot_be_captured_is_not_chosen_for_a_graphed_step(monkeypatch, cache):
+    """A candidate whose call fails under capture would make the whole step's capture fail (every
+    step eager from then on): excluded, with the reason, though it is the fastest eagerly."""
+    fake = FakeDispatch(monkeypatch, {"syncs": 0, "capturable": 0})
+    monkeypatch.setattr(measured.graphs, "capture", _FakeGraph)
+    inner = fake.backends["syncs"].orthogonalize
+
+    def syncs(stack, config, ns_dtype, path=None, consume=False):
+        if _FakeGraph.capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return inner(stack, config, ns_dtype, path)
+
+    fake.backends["syncs"].orthogonalize = syncs
+    _replay_aware_timer(monkeypatch, {"syncs": 1.0, "capturable": 2.0}, {"syncs": 0.1, "capturable": 2.0}, [])
+    model = _model()
+    opt = _graphed(model.parameters())
+    _step(opt, model)
+    assert {b.backend.NAME for b in opt._buckets} == {"capturable"}
+    for record in json.loads(cache.read_text()).values():
+        assert set(record["ms"]) == {"capturable:default"}
+        assert record["excluded"] == {"syncs:default": "RuntimeError: operation not permitted when stream is capturing"}
 
 
 def test_nothing_is_timed_inside_a_capture(monkeypatch, cache):

@@ -13,9 +13,12 @@ file beside the opt-in kernel autotuning cache (``MUON_KERNELS_DISPATCH_CACHE``,
 ``~/.cache/muon_kernels/dispatch.json``, or under ``$XDG_CACHE_HOME``: cache_file.location; a file that
 cannot be written costs a warning);
 every later process reads it back, so a resumed run makes the same choice and computes the same
-bits. Nothing is timed while a CUDA graph is being captured or torch.compile traces (the cached
-choice, else the static table, is used and nothing is written), and a measurement that fails
-falls back to the table with a warning; under DDP/FSDP2 rank 0 of each process group measures and
+bits. Under ``Muon(cuda_graph=True)`` each candidate is timed as the step will run it: captured once
+in a CUDA graph and replayed, without the host time of its launches (eager timing favours paths of
+fewer launches, whose host time a replay removes anyway); a candidate that cannot be captured is
+excluded, and the key records which timing it holds. Nothing is timed while a CUDA graph is being
+captured or torch.compile traces (the cached choice, else the static table, is used and nothing is
+written), and a measurement that fails falls back to the table with a warning; under DDP/FSDP2 rank 0 of each process group measures and
 every rank takes its choice (one broadcast per plan), so all ranks run the same kernels.
 
 ``dispatch="auto"`` (the default) measures except where no rank could share its choice: under
@@ -40,7 +43,7 @@ from typing import Callable
 
 import torch
 
-from .. import cache_file
+from .. import cache_file, graphs
 from ..bucket import Bucket
 from ..ns_config import NSConfig
 from ..recurrence import gram_outside_band
@@ -112,7 +115,7 @@ def _matmul_precision() -> str:
                 f"cuda matmul {getattr(torch.backends.cuda.matmul, 'fp32_precision', '-')}")
 
 
-def _key(bucket: Bucket, batch: int, labels: list[str]) -> str:
+def _key(bucket: Bucket, batch: int, labels: list[str], replayed: bool = False) -> str:
     device = bucket.device
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else device.type
@@ -126,7 +129,8 @@ def _key(bucket: Bucket, batch: int, labels: list[str]) -> str:
     return "|".join([name, arch, f"torch {torch.__version__}", f"triton {triton_version}",
                      f"muon_kernels {cache_file.code_version()}", _matmul_precision(),
                      str(bucket.dtype).removeprefix("torch."), str(bucket.ns_dtype).removeprefix("torch."),
-                     f"{batch}x{bucket.m}x{bucket.n}", repr(request), ",".join(labels)])
+                     f"{batch}x{bucket.m}x{bucket.n}", repr(request), ",".join(labels),
+                     "graph replays" if replayed else "eager calls"])
 
 
 # What this process has read or measured, by key: a process reads the file once per key, not on
@@ -180,9 +184,19 @@ def time_candidate(option: Candidate, run: Callable[[], torch.Tensor], device: t
 _OUT_OF_MEMORY = "OutOfMemoryError"
 
 
-def measure(bucket: Bucket, batch: int, options: list[Candidate]) -> dict:
-    """Time every candidate on a scratch stack of ``batch`` matrices of the bucket's shape; returns
-    the record that is persisted: ``choice`` (a label), ``ms`` per label, ``excluded`` (label: why)."""
+def _replays(run: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """``run`` captured in a CUDA graph, after two eager calls (Triton compiles; work buffers and
+    recorded launches are made outside the capture, as the optimizer's warm-up step makes them):
+    the graph's replay, which the timing calls instead."""
+    run()
+    run()
+    return graphs.capture(run).replay
+
+
+def measure(bucket: Bucket, batch: int, options: list[Candidate], replayed: bool = False) -> dict:
+    """Time every candidate on a scratch stack of ``batch`` matrices of the bucket's shape, as eager
+    calls or (``replayed``) as replays of a captured CUDA graph; returns the record that is
+    persisted: ``choice`` (a label), ``ms`` per label, ``excluded`` (label: why), ``timed``."""
     g = torch.Generator(device="cpu").manual_seed(0)
     stack = torch.randn((batch, bucket.m, bucket.n), generator=g).to(bucket.device, bucket.dtype)
     # The accuracy band (DESIGN.md §5), from the same input: the recurrence in fp64 is the reference;
@@ -207,27 +221,31 @@ def measure(bucket: Bucket, batch: int, options: list[Candidate]) -> dict:
         try:
             err = _rel_err(run()[sample], references[algorithm])
             if err <= bounds[algorithm]:
-                with on_device(bucket.device):  # the events on the stream the kernels run on
-                    ms[option.label] = float(time_candidate(option, run, bucket.device))
+                with on_device(bucket.device):  # the events (and a capture) on the kernels' device
+                    timed = _replays(run) if replayed else run
+                    ms[option.label] = float(time_candidate(option, timed, bucket.device))
             else:
                 excluded[option.label] = f"error {err:.2e} > band {bounds[algorithm]:.2e}"
         except Exception as exc:  # a path that cannot run this shape here (or not in this memory)
             excluded[option.label] = f"{type(exc).__name__}: {exc}"[:200]
-    return {"choice": min(ms, key=ms.get) if ms else None, "ms": ms, "excluded": excluded}
+    return {"choice": min(ms, key=ms.get) if ms else None, "ms": ms, "excluded": excluded,
+            "timed": "graph replays" if replayed else "eager calls"}
 
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def choose(bucket: Bucket, batch: int, options: list[Candidate], measuring: bool) -> dict | None:
-    """The record for this bucket called on ``batch`` matrices at a time: cached, else measured (and
-    persisted) when ``measuring``; None when there is neither (the static table stands)."""
-    key = _key(bucket, batch, [o.label for o in options])
+def choose(bucket: Bucket, batch: int, options: list[Candidate], measuring: bool,
+           replayed: bool = False) -> dict | None:
+    """The record for this bucket called on ``batch`` matrices at a time (timed as graph replays
+    when ``replayed``): cached, else measured (and persisted) when ``measuring``; None when there is
+    neither (the static table stands)."""
+    key = _key(bucket, batch, [o.label for o in options], replayed)
     record = _MEMO.get(key) or _load().get(key)
     if record is None and measuring and not _capturing(bucket.device) and not torch.compiler.is_compiling():
         try:
-            record = measure(bucket, batch, options)
+            record = measure(bucket, batch, options, replayed)
         except Exception as exc:  # measuring is an optimization: the static table still works
             warnings.warn(f"muon_kernels: measuring the {bucket.m}x{bucket.n} bucket's paths failed ({exc!r}); "
                           "using the static dispatch table for it", stacklevel=2)
@@ -248,33 +266,36 @@ def apply(bucket: Bucket, options: list[Candidate], record: dict) -> None:
     elementwise = bucket.elementwise  # the fused kernels of an "auto" bucket (None: they follow the NS backend)
     bucket.backend, bucket.path, bucket.config = choice.backend, choice.path, choice.config
     bucket.elementwise = None if elementwise is choice.backend else elementwise
-    bucket.why = f"auto (measured): {times}" + (f"; momentum and update on the {elementwise.NAME} fused kernels"
-                                                if bucket.elementwise is not None else "")
+    how = ", graph replays" if record.get("timed") == "graph replays" else ""
+    bucket.why = f"auto (measured{how}): {times}" + (f"; momentum and update on the {elementwise.NAME} fused kernels"
+                                                     if bucket.elementwise is not None else "")
     if bucket.request is not None and bucket.request.algorithm == "auto":
         bucket.algorithm = f"auto (measured): {'Gram' if choice.config.algorithm == 'gram' else 'standard'} NS"
     bucket.cache.clear()
 
 
-def resolve_one(bucket: Bucket, batch: int, dispatch: str) -> None:
-    """Apply the measured choice to one "auto" bucket called on ``batch`` matrices (this process alone)."""
+def resolve_one(bucket: Bucket, batch: int, dispatch: str, replayed: bool = False) -> None:
+    """Apply the measured choice to one "auto" bucket called on ``batch`` matrices (this process
+    alone; timed as graph replays when ``replayed``)."""
     if mode(dispatch) == "table":
         return
     options = candidates(bucket)
     if len(options) > 1:
-        record = choose(bucket, batch, options, measuring=True)
+        record = choose(bucket, batch, options, measuring=True, replayed=replayed)
         if record is not None:
             apply(bucket, options, record)
 
 
 def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_bytes: int | None = None,
-            collectives: bool = True, ranks_alone: int = 1) -> None:
+            collectives: bool = True, ranks_alone: int = 1, replayed: bool = False) -> None:
     """Apply measured choices to every "auto" bucket with more than one candidate, timed on the
     batch one call of the step takes (the first chunk under ``max_workspace_bytes`` of the bucket,
     or under DDP/FSDP2 of a rank's share).
     ``placements`` (muon_kernels/distributed.py): buckets computed over a process group take the
     choice of its rank 0, broadcast (``collectives``; plan() alone passes False and shows each
     rank's own). ``ranks_alone``: how many ranks step their local buckets on their own
-    (``distributed="off"``); above one, "auto" keeps the table for them (the module docstring)."""
+    (``distributed="off"``); above one, "auto" keeps the table for them (the module docstring).
+    ``replayed``: the step is replayed from a CUDA graph (``cuda_graph=True``), and so are the timings."""
     chosen = mode(dispatch)
     if chosen == "table":
         return
@@ -290,14 +311,14 @@ def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_byte
                 b.why += (f"; table, not measured: distributed='off' on {ranks_alone} ranks, each timing alone could "
                           "choose other kernels for parameters they hold alike (dispatch='measure' to measure anyway)")
         elif group is None:
-            resolve_one(b, _batch(b, max_workspace_bytes), dispatch)
+            resolve_one(b, _batch(b, max_workspace_bytes), dispatch, replayed)
         else:  # every bucket: the ranks' lists agree (the plan is verified alike), whatever their candidates
             shared.setdefault(group, []).append(i)
     for group, idx in shared.items():
         options = {i: candidates(buckets[i]) for i in idx}
         lead = dist.get_rank(group) == 0
         records = {i: choose(buckets[i], _batch(buckets[i], max_workspace_bytes, placements[i].owners), options[i],
-                             measuring=lead) if len(options[i]) > 1 else None for i in idx}
+                             measuring=lead, replayed=replayed) if len(options[i]) > 1 else None for i in idx}
         if not any(_capturing(buckets[i].device) for i in idx):  # never a collective inside a capture
             # Rank 0's choice by label (a code of it), not by position: ranks on other GPU models or
             # software can list other candidates; one without rank 0's keeps its table.

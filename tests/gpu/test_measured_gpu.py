@@ -74,3 +74,24 @@ def test_measured_orthogonalize_stays_in_the_band(shape):
     bound = 2 * rel_err(plain_recurrence(G, torch.bfloat16, "keller", None), ref) + 1e-2
     out = mk.orthogonalize(G.to(DEV), ns_dtype=torch.bfloat16).cpu()
     assert out.dtype == G.dtype and rel_err(out, ref) <= bound
+
+
+def test_a_graphed_step_is_measured_as_graph_replays_and_still_captures(cache):
+    """cuda_graph=True: every candidate is timed as replays of a captured graph (a path that cannot be
+    captured is excluded), the records say so under keys of their own, and the step built on the
+    choices captures once and replays."""
+    ps = _params(SHAPES[:2])
+    opt = mk.Muon(ps, lr=0.02, cuda_graph=True)
+    for seed in range(3):  # eager (measures), captured, replayed: gradients keep their storage
+        g = torch.Generator().manual_seed(seed)
+        for p in ps:
+            grad = torch.randn(p.shape, generator=g).to(DEV)
+            p.grad = grad if p.grad is None else p.grad.copy_(grad)
+        opt.step()
+    records = json.loads(cache.read_text())
+    assert len(records) == 2 and all(key.endswith("|graph replays") for key in records)
+    for record in records.values():
+        assert record["timed"] == "graph replays" and all(ms > 0 for ms in record["ms"].values())
+        assert len(record["ms"]) >= 2 and record["choice"] == min(record["ms"], key=record["ms"].get)
+    assert all("auto (measured, graph replays)" in b.why for b in opt._buckets)
+    assert not opt._graph.failed and opt._graph.captures == 1
