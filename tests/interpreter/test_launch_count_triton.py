@@ -8,10 +8,10 @@ Per step, with ``ns_steps`` = s:
   a·X + B·X), fused update: 4 + 3·s;
 - small bucket: fused momentum, sum of squares, scale-and-cast, the one-kernel NS, fused update: 5.
 Under ``MUON_KERNELS_DEBUG_FILL=nan`` every work buffer taken from ``workspace.empty`` is also
-filled (one ``fill_`` each, and again each time it is reused): the stack, the normalized X and its
-partials, and every product's output — one call's A = X·Xᵀ, B = p(A) and the two m×n buffers
-a·X + B·X alternates between, refilled before each product (3 + 3·s for the symmetric bucket;
-stack, X, partials and the output for the small one: 4).
+filled (one ``fill_`` each, and again each time it is reused): the stack, the normalized X, its
+partials and per-matrix norms, and every product's output — one call's A = X·Xᵀ, B = p(A) and the
+two m×n buffers a·X + B·X alternates between, refilled before each product (4 + 3·s for the
+symmetric bucket; stack, X, partials, norms and the output for the small one: 5).
 """
 
 from __future__ import annotations
