@@ -440,8 +440,10 @@ class Muon(Optimizer):
 
     def _adamw_stream(self, adamw: list, buckets) -> torch.cuda.Stream | None:
         """The side stream for the AdamW half: when overlapping is on, there is Muon work to overlap,
-        and every AdamW parameter is on one CUDA device."""
-        if not (self.overlap_adamw and adamw and buckets):
+        and every AdamW parameter is on one CUDA device — not while torch.compile traces the step
+        (Dynamo's support for making and switching streams inside a traced frame varies by torch
+        version; AdamW on the caller's stream gives the same bits)."""
+        if not (self.overlap_adamw and adamw and buckets) or torch.compiler.is_compiling():
             return None
         devices = {p.device for _, params in adamw for p in params}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":

@@ -386,6 +386,29 @@ def test_the_adamw_side_stream_is_joined_when_the_step_raises(monkeypatch):
     assert side.waited == ["main"] and main.waited == ["side"]
 
 
+def test_the_adamw_side_stream_is_used_on_one_cuda_device_and_never_while_compiling(monkeypatch):
+    """AdamW overlaps the Muon half on a side stream (one per device, made once) where every AdamW
+    parameter is on one CUDA device — but not while torch.compile traces the step: making and
+    entering a stream inside a traced frame is what Dynamo supports least, and the caller's stream
+    gives the same bits."""
+    import types
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or _FakeStream("side", device))
+    opt = mk.Muon(_model().parameters(), lr=0.02)
+    cuda0, cuda1 = (types.SimpleNamespace(device=torch.device("cuda", i)) for i in (0, 1))
+    buckets = ["a bucket"]
+    first = opt._adamw_stream([({}, [cuda0, cuda0])], buckets)
+    assert first is not None and opt._adamw_stream([({}, [cuda0])], buckets) is first and len(made) == 1
+    assert opt._adamw_stream([({}, [cuda0, cuda1])], buckets) is None  # two devices: the caller's stream
+    assert opt._adamw_stream([({}, [cuda0])], []) is None  # no Muon work to overlap
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert opt._adamw_stream([({}, [cuda0])], buckets) is None
+    opt.overlap_adamw = False
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert opt._adamw_stream([({}, [cuda0])], buckets) is None
+
+
 def test_launches_go_to_the_tensors_device(monkeypatch):
     """Triton launches (and a capture) go to the current device: a call on another GPU's tensors
     makes that GPU current for the call; on the current device or a CPU nothing is switched."""
