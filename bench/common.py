@@ -69,6 +69,29 @@ def time_call(fn, *, device: torch.device, warmup: int, repeat: int, before=None
     return samples
 
 
+def each_row(items, measure, device: torch.device, on_error=None):
+    """``measure(name, build)`` for each (name, build) of ``items``, yielding its row as it is done. A
+    row that raises is handed to ``on_error(name, exc)`` and the next row runs (None: the exception
+    propagates): in a one-shot GPU window a backend's failure must not cost the rows after it. After
+    a failure the device's cached memory is released, once the traceback no longer holds the row's
+    tensors."""
+    for name, build in items:
+        try:
+            row = measure(name, build)
+        except Exception as exc:
+            if on_error is None:
+                raise
+            on_error(name, exc)
+            row = None
+        if row is not None:
+            yield row
+        elif device.type == "cuda":
+            try:
+                torch.cuda.empty_cache()
+            except Exception:  # a sticky CUDA error: the next row reports its own failure
+                pass
+
+
 def with_environment(name: str, value: str, fn):
     """fn() with the environment variable ``name`` set to ``value``, restored afterwards (the
     kernels read their switches per call: the debug fill, the CUDA code path)."""

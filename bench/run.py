@@ -167,7 +167,13 @@ def _phase_table(rows: list[dict]) -> str:
 def _run_item(section: str, what, result: dict, device, quick: bool, warmup: int, repeat: int, progress,
               with_phases: bool, widths, out_dir, compiled: bool = True) -> None:
     """One work item's rows into ``result`` (``compiled``: the NS section's torch.compile row, left out
-    of budgeted runs)."""
+    of budgeted runs). A step or update row that raises is recorded under ``errors`` and the item's
+    other rows still run."""
+    def row_failed(impl, exc):
+        where = [*what, impl] if isinstance(what, tuple) else [what, impl]
+        result["errors"].append([section, where, repr(exc)[:500]])
+        print(f"\n{section} {where} failed: {exc!r}", file=sys.stderr)
+
     if section == "ns":
         rows, notes = newton_schulz.run(device, quick=quick, warmup=warmup, repeat=repeat, progress=progress,
                                         todo=[what], compiled=compiled)
@@ -179,7 +185,7 @@ def _run_item(section: str, what, result: dict, device, quick: bool, warmup: int
                                                      todo=[what])
     elif section == "update":
         result["update"] += update.run(device, model=what, width_divisor=max(widths), warmup=warmup,
-                                       repeat=repeat, progress=progress)
+                                       repeat=repeat, progress=progress, on_error=row_failed)
     else:
         model, width_divisor, *group = what  # (model, width) on a CPU, (model, width, group) on a GPU
 
@@ -189,7 +195,8 @@ def _run_item(section: str, what, result: dict, device, quick: bool, warmup: int
             write_results(result, out_dir)
 
         step.run(device, models=[model], width_divisor=width_divisor, quick=quick, warmup=warmup, repeat=repeat,
-                 progress=progress, group=(group or [None])[0], phases=with_phases, on_row=on_row)
+                 progress=progress, group=(group or [None])[0], phases=with_phases, on_row=on_row,
+                 on_error=row_failed)
         if result["ceilings"] and not any(f["model"] == model and f["width_divisor"] == width_divisor
                                           for f in result["floors"]):
             result["floors"] += _floors(model, width_divisor, result["ceilings"])

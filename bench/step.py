@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import muon_kernels as mk
-from common import MODELS, layer_shapes, summarize, through_triton_dispatch, time_call
+from common import MODELS, each_row, layer_shapes, summarize, through_triton_dispatch, time_call
 from phases import breakdown
 
 
@@ -142,12 +142,13 @@ CPU_FULL_WIDTH_LAYER_LIMIT = {"llama-1b": 1, "llama-7b": 1}
 
 
 def run(device: torch.device, *, models: list[str], width_divisor: int, quick: bool, warmup: int, repeat: int,
-        progress, group: str | None = None, phases: bool | None = None, on_row=None) -> list[dict]:
+        progress, group: str | None = None, phases: bool | None = None, on_row=None, on_error=None) -> list[dict]:
     """Rows for ``models``; ``group`` (GPU only) restricts them as ``implementations`` does. A CPU
     run pairs every row with its own reference twin, so it always takes every row at once.
     ``phases`` (default: on a GPU) adds each row's per-phase breakdown (bench/phases.py).
     ``on_row(row)`` is called as each row is done (a budgeted run writes it at once: a LLaMA-1B
-    group of rows takes minutes, and a run stopped inside it would lose them all)."""
+    group of rows takes minutes, and a run stopped inside it would lose them all). ``on_error(impl,
+    exc)``: a row that raises is reported there and the next row runs (None: it raises)."""
     phases = device.type == "cuda" if phases is None else phases
     if group is not None and device.type == "cpu":
         raise ValueError("the CPU step section interleaves every row with its reference: run it with group=None")
@@ -159,7 +160,8 @@ def run(device: torch.device, *, models: list[str], width_divisor: int, quick: b
             run_layers = min(run_layers, CPU_FULL_WIDTH_LAYER_LIMIT.get(model, layers))
         measure = _interleaved if device.type == "cpu" else _one_by_one
         scale = layers / run_layers
-        for row in measure(device, model, run_layers, width_divisor, quick, warmup, repeat, progress, group, phases):
+        for row in measure(device, model, run_layers, width_divisor, quick, warmup, repeat, progress, group, phases,
+                           on_error):
             stats = {k: v * scale for k, v in summarize(row["samples"]).items()}
             if "phases" in row:
                 row["phases"] = _scaled(row["phases"], scale)
@@ -180,47 +182,61 @@ def _scaled(breakdown: dict, scale: float) -> dict:
     return out
 
 
-def _one_by_one(device, model, run_layers, width_divisor, quick, warmup, repeat, progress, group=None, phases=False):
+def _one_by_one(device, model, run_layers, width_divisor, quick, warmup, repeat, progress, group=None, phases=False,
+                on_error=None):
     """GPU: each implementation on its own parameters, timed with CUDA events, its peak memory, and
-    with ``phases`` its per-phase breakdown."""
-    for name, build in implementations(device, quick, width_divisor, group, model):
+    with ``phases`` its per-phase breakdown; a row that raises goes to ``on_error``."""
+    def measure(name, build):
         progress(f"step {model} {name}")
-        mats, vecs = make_params(model, run_layers, width_divisor, device,
-                                 dtype=torch.bfloat16 if param_dtype(name) == "bf16" else torch.float32)
-        step = build(mats, vecs)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for _ in range(warmup):
-            step()
-        torch.cuda.synchronize()
-        first_steps = torch.cuda.max_memory_allocated() - base
-        # The steady state's peak: optimizer state (allocated by now) and each step's transients, not
-        # the first step's one-off work (the measured dispatch's trial runs, compilation).
-        torch.cuda.reset_peak_memory_stats()
-        samples = time_call(step, device=device, warmup=0, repeat=repeat)
-        row = {"impl": name, "samples": samples, "extra_memory_bytes": torch.cuda.max_memory_allocated() - base,
-               "first_steps_extra_memory_bytes": first_steps}
-        graph = getattr(getattr(step, "__self__", None), "_graph", None)
-        if graph is not None:  # a graph row that could not capture is eager steps: say so in the row
-            row["graph_captures"], row["graph_failed"] = graph.captures, graph.failed
-            # A captured graph keeps its transients in its private pool (reserved, not allocated, while
-            # it replays): what it holds is its capture's peak, in the warm-up steps.
-            row["extra_memory_bytes"] = max(row["extra_memory_bytes"], first_steps)
-        if phases:
-            row["phases"] = breakdown(step, device)
-        yield row
-        del step, mats, vecs
+        return _timed_row(device, name, build, model, run_layers, width_divisor, warmup, repeat, phases)
+
+    yield from each_row(implementations(device, quick, width_divisor, group, model), measure, device, on_error)
 
 
-def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat, progress, group=None, phases=False):
+def _timed_row(device, name, build, model, run_layers, width_divisor, warmup, repeat, phases) -> dict:
+    """One GPU row (``_one_by_one``); its parameters and optimizer are freed when it returns."""
+    mats, vecs = make_params(model, run_layers, width_divisor, device,
+                             dtype=torch.bfloat16 if param_dtype(name) == "bf16" else torch.float32)
+    step = build(mats, vecs)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    first_steps = torch.cuda.max_memory_allocated() - base
+    # The steady state's peak: optimizer state (allocated by now) and each step's transients, not
+    # the first step's one-off work (the measured dispatch's trial runs, compilation).
+    torch.cuda.reset_peak_memory_stats()
+    samples = time_call(step, device=device, warmup=0, repeat=repeat)
+    row = {"impl": name, "samples": samples, "extra_memory_bytes": torch.cuda.max_memory_allocated() - base,
+           "first_steps_extra_memory_bytes": first_steps}
+    opt = getattr(step, "__self__", None)  # ours: the optimizer (the reference rows are plain functions)
+    graph = getattr(opt, "_graph", None)
+    if graph is not None:  # a graph row that could not capture is eager steps: say so in the row
+        row["graph_captures"], row["graph_failed"] = graph.captures, graph.failed
+        # A captured graph keeps its transients in its private pool (reserved, not allocated, while
+        # it replays): what it holds is its capture's peak, in the warm-up steps.
+        row["extra_memory_bytes"] = max(row["extra_memory_bytes"], first_steps)
+    if isinstance(opt, mk.Muon):  # what each bucket ran: an "auto" row's measured choice (a graph row's may differ)
+        row["plan"] = [{"shape": [b.m, b.n], "matrices": b.matrices, "backend": b.backend.NAME, "path": b.path,
+                        "why": b.why} for b in opt._buckets]
+    if phases:
+        row["phases"] = breakdown(step, device)
+    return row
+
+
+def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat, progress, group=None, phases=False,
+                 on_error=None):
     """CPU: wall clock drifts with the machine's load and clock, so every implementation is timed
     alternating step by step with its own torch.optim.Muon + AdamW twin; its ratio comes from those
-    paired samples (``paired_reference_ms``), and the reference row pools every pairing."""
+    paired samples (``paired_reference_ms``), and the reference row pools every pairing (a row that
+    raises goes to ``on_error``, its pairing left out)."""
     (ref_name, ref_build), *others = implementations(device, quick, width_divisor)
-    pooled, rows, reference_phases = [], [], None
+    pooled, reference_phases = [], []
     where = label({"model": model, "width_divisor": width_divisor})
-    for name, build in others:
+
+    def measure(name, build):
         progress(f"step {where} {name} (interleaved with {ref_name})")
         steps = [ref_build(*make_params(model, run_layers, width_divisor, device)),
                  build(*make_params(model, run_layers, width_divisor, device))]
@@ -230,15 +246,18 @@ def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat
         for _ in range(repeat):
             for step, out in zip(steps, samples):
                 out += time_call(step, device=device, warmup=0, repeat=1)
-        pooled += samples[0]
-        rows.append({"impl": name, "samples": samples[1], "paired_reference_samples": samples[0],
-                     "extra_memory_bytes": None})
+        row = {"impl": name, "samples": samples[1], "paired_reference_samples": samples[0], "extra_memory_bytes": None}
         if phases:
-            rows[-1]["phases"] = breakdown(steps[1], device)
-            reference_phases = reference_phases or breakdown(steps[0], device)
-        del steps
+            row["phases"] = breakdown(steps[1], device)
+            reference_phases[:] = reference_phases or [breakdown(steps[0], device)]
+        pooled.extend(samples[0])
+        return row
+
+    rows = list(each_row(others, measure, device, on_error))
+    if not pooled:  # every row failed: no reference samples either
+        return []
     reference = {"impl": ref_name, "samples": pooled, "extra_memory_bytes": None}
-    return [{**reference, "phases": reference_phases} if phases else reference, *rows]
+    return [{**reference, "phases": reference_phases[0]} if phases else reference, *rows]
 
 
 def speedups(results: list[dict]) -> list[dict]:

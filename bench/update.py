@@ -14,7 +14,7 @@ import torch
 
 import muon_kernels as mk
 from muon_kernels import momentum_precision, settings
-from common import MODELS, summarize, time_call
+from common import MODELS, each_row, summarize, time_call
 from step import LAYER_LIMIT, make_params
 
 
@@ -63,22 +63,26 @@ def copy_gbps(nbytes: int, device: torch.device, warmup: int, repeat: int) -> fl
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
-def run(device: torch.device, *, model: str, width_divisor: int, warmup: int, repeat: int, progress) -> list[dict]:
+def run(device: torch.device, *, model: str, width_divisor: int, warmup: int, repeat: int, progress,
+        on_error=None) -> list[dict]:
     """Rows per implementation; a model over ``step.LAYER_LIMIT`` runs that many layers (a bandwidth
-    fraction needs no more; LLaMA-7B's 32 layers with their copy buffers do not fit an 80 GB GPU)."""
+    fraction needs no more; LLaMA-7B's 32 layers with their copy buffers do not fit an 80 GB GPU).
+    ``on_error(impl, exc)``: a row that raises is reported there and the next row runs (None: it raises)."""
     layers = min(MODELS[model]["layers"], LAYER_LIMIT.get(model, MODELS[model]["layers"]))
     mats, _ = make_params(model, layers, width_divisor, device)
     nbytes = _bytes(mats)
     copy = copy_gbps(nbytes, device, warmup, repeat)
-    impls = [(f"ours-{name}", _ours(name, mats)) for name, (ok, _) in mk.available_backends(device).items() if ok]
-    impls.append(("torch.optim.Muon", _torch_muon(mats)))
-    rows = []
-    for name, fn in impls:
+    impls = [(f"ours-{name}", lambda name=name: _ours(name, mats))
+             for name, (ok, _) in mk.available_backends(device).items() if ok]
+    impls.append(("torch.optim.Muon", lambda: _torch_muon(mats)))
+
+    def measure(name, build):
         progress(f"update {model} {name}")
-        samples = time_call(fn, device=device, warmup=warmup, repeat=repeat)
+        samples = time_call(build(), device=device, warmup=warmup, repeat=repeat)
         stats = summarize(samples)
         gbps = nbytes / (stats["ms"] * 1e-3) / 1e9
-        rows.append({"model": model, "width_divisor": width_divisor, "impl": name, **stats, "bytes": nbytes,
-                     "layers": MODELS[model]["layers"], "layers_run": layers,
-                     "gbps": gbps, "copy_gbps": copy, "fraction_of_copy": gbps / copy, "samples": samples})
-    return rows
+        return {"model": model, "width_divisor": width_divisor, "impl": name, **stats, "bytes": nbytes,
+                "layers": MODELS[model]["layers"], "layers_run": layers,
+                "gbps": gbps, "copy_gbps": copy, "fraction_of_copy": gbps / copy, "samples": samples}
+
+    return list(each_row(impls, measure, device, on_error))

@@ -390,6 +390,80 @@ def test_a_failing_item_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert [r["impl"] for r in result["step"]] == ["torch.optim.Muon"]  # the row done before it stays
 
 
+def _failing_build(mats, vecs):
+    raise RuntimeError("this backend's first GPU run failed")
+
+
+def test_a_failing_step_row_costs_only_itself(tmp_path, monkeypatch):
+    """In a one-shot GPU window a row that raises (a backend running there for the first time) must
+    not cost the rows after it in its item: it is recorded under ``errors`` with its implementation,
+    the item's other rows and the reference still come back, and the run goes on."""
+    import run
+    import step
+
+    every = step.implementations
+
+    def with_a_failing_row(device, quick, width_divisor=1, group=None, model=None):
+        impls = dict(every(device, quick, width_divisor, group, model))
+        return [("torch.optim.Muon", impls["torch.optim.Muon"]), ("ours-broken", _failing_build),
+                ("ours-torch", impls["ours-torch"])]
+
+    monkeypatch.setattr(step, "implementations", with_a_failing_row)
+    monkeypatch.setitem(sys.modules, "plots", type(sys)("plots"))
+    sys.modules["plots"].draw = lambda result, stem: []
+    argv = ["--sections", "step", "--out-dir", str(tmp_path), "--models", "gpt2-small", "--width-divisor", "8",
+            "--no-phases"]
+    assert run.main(argv) == 0
+    [path] = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert [e[:2] for e in result["errors"]] == [["step", ["gpt2-small", 8, "ours-broken"]]]
+    assert "first GPU run failed" in result["errors"][0][2] and result["complete"] is False
+    assert [r["impl"] for r in result["step"]] == ["torch.optim.Muon", "ours-torch"]
+    assert [r["impl"] for r in result["step_speedups"]] == ["ours-torch"]
+    # Without on_error the row's exception propagates, as before.
+    with pytest.raises(RuntimeError, match="first GPU run failed"):
+        step.run(torch.device("cpu"), models=["gpt2-small"], width_divisor=8, quick=True, warmup=0, repeat=1,
+                 progress=lambda text: None, phases=False)
+
+
+def test_a_gpu_step_row_records_what_each_bucket_ran(monkeypatch):
+    """The GPU rows (timed one by one; torch.cuda's memory counters stubbed here) say which backend and
+    kernel path each bucket ran, and why: an "auto" row's measured choice, which a graph row makes
+    from graph replays and so may differ. A failing row in the middle costs only itself."""
+    import step
+
+    impls = dict(step.implementations(torch.device("cpu"), True, 8))
+    monkeypatch.setattr(step, "implementations", lambda *args: [
+        ("torch.optim.Muon", impls["torch.optim.Muon"]), ("ours-broken", _failing_build),
+        ("ours-torch", impls["ours-torch"])])
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: 0)
+    failed = []
+    rows = list(step._one_by_one(torch.device("cpu"), "gpt2-small", 1, 8, True, 1, 1, lambda text: None,
+                                 on_error=lambda impl, exc: failed.append(impl)))
+    assert [r["impl"] for r in rows] == ["torch.optim.Muon", "ours-torch"] and failed == ["ours-broken"]
+    assert "plan" not in rows[0]
+    # GPT-2 small ÷8, one layer: the attention output 96², the fused QKV 288×96 and the MLP's two
+    # matrices, 384×96 and 96×384, in one bucket (each oriented wide).
+    plan = rows[1]["plan"]
+    assert sorted((tuple(b["shape"]), b["matrices"], b["backend"]) for b in plan) == [
+        ((96, 96), 1, "torch"), ((96, 288), 1, "torch"), ((96, 384), 2, "torch")]
+    assert all(b["why"] for b in plan)
+
+
+def test_a_failing_update_row_costs_only_itself(monkeypatch):
+    import update
+
+    failed = []
+    monkeypatch.setattr(update, "_ours", _failing_build)
+    rows = update.run(torch.device("cpu"), model="gpt2-small", width_divisor=8, warmup=0, repeat=1,
+                      progress=lambda text: None, on_error=lambda impl, exc: failed.append((impl, str(exc))))
+    assert failed == [("ours-torch", "this backend's first GPU run failed")]
+    assert [r["impl"] for r in rows] == ["torch.optim.Muon"] and rows[0]["gbps"] > 0
+
+
 def test_targets_parse_and_measure():
     import gpu_check
 
