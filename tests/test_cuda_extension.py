@@ -227,6 +227,29 @@ def test_cuda_backend_reports_why_it_cannot_run_here():
 
 
 @needs_build
+def test_the_device_query_runs_once_per_process(monkeypatch):
+    """Each backend probe (every orthogonalize() call on a GPU probes every backend) read the driver
+    and every device's properties again through cudaGetDeviceProperties: host time on each call. The
+    driver and devices do not change while a process runs: the query is made once."""
+    from muon_kernels import _C
+    from muon_kernels import backends
+
+    calls, query = [], _C.device_query
+
+    def counted():
+        calls.append(1)
+        return query()
+
+    monkeypatch.setattr(_C, "device_query", counted)
+    backends._device_query.cache_clear()
+    try:
+        first = [available_backends()["cuda"] for _ in range(3)]
+        assert len(calls) == 1 and first[0] == first[1] == first[2]
+    finally:
+        backends._device_query.cache_clear()
+
+
+@needs_build
 def test_an_extension_with_another_variant_table_layout_is_not_used(monkeypatch):
     """The statistics table's layout is shared by Python and _C (7 columns since the row stride): a
     _C built from older sources (an in-place build) would read it 6 at a time — other entries'

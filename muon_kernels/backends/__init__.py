@@ -115,6 +115,16 @@ def _triton_status(device: torch.device | None) -> tuple[bool, str]:
     return True, f"triton {triton.__version__} on compute capability {cc[0]}.{cc[1]}"
 
 
+@functools.lru_cache(maxsize=None)
+def _device_query() -> dict:
+    """The extension's query of the driver and devices, once per process: they do not change while it
+    runs, and the query calls cudaGetDeviceProperties for every device, host time that every
+    backend probe (each ``orthogonalize`` call on a GPU probes them) would pay again."""
+    from .. import _C
+
+    return _C.device_query()
+
+
 def _cuda_status(device: torch.device | None) -> tuple[bool, str]:
     try:
         from .. import _C
@@ -125,7 +135,7 @@ def _cuda_status(device: torch.device | None) -> tuple[bool, str]:
                        "reinstall the package")
     if device is not None and device.type != "cuda":
         return False, f"cuda backend needs a CUDA tensor, got {device.type}"
-    query = _C.device_query()
+    query = _device_query()
     if query["driver_version"] == 0:
         return False, "no CUDA device (no NVIDIA driver found)"
     if query["error"] == "cudaErrorInsufficientDriver":
