@@ -25,10 +25,14 @@ Per shape (priority order: the shapes we lose at first, bench/README.md "Kernel 
   ``product-cublas`` rows: the same three products on cuBLAS's batched GEMM (``bmm``/``baddbmm``),
   the reference each kernel is judged against (and what the "symmetric-cublas" path uses for a·X + B·X).
 
-Timing: ``triton.testing.do_bench`` medians (CUDA events, L2 flushed before each repetition) and,
-for ``ns`` rows, ``do_bench_cudagraph`` medians too: the difference is host launch overhead; and
-``host_us``, the host's time to enqueue one call (5 calls, no sync between them), so a row whose
-``host_us`` exceeds its ``ms`` is host-bound.
+Timing: medians of CUDA-event timings with the L2 flushed and waited for before each repetition
+(bench/common.time_call: ``triton.testing.do_bench`` queues its start event behind the flush, so a
+host-bound call read as its host time minus the flush's ~60–90 µs), and, for ``ns`` rows,
+``do_bench_cudagraph`` medians too (no flush: replays with a warm L2), so ``ms − ms_graph`` is the
+host launch overhead plus the cold-L2 cost; and ``host_us``, the host's time to enqueue one call
+(5 calls, no sync between them), so a row whose ``host_us`` exceeds its ``ms`` is host-bound.
+``ours-replayed`` rows say whether the call was recorded (``recorded``): one that cannot be
+recorded times the plain path.
 Everything goes into ONE JSON, ``DIR/tune-<device>-<date>.json``, rewritten after every item so it
 stays valid when ``--budget-minutes`` stops the run (``complete: false``, ``skipped: [...]``).
 ``winners`` holds, per (arch, dtype, kind, shape class), the fastest product config where it beat
@@ -45,6 +49,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -64,8 +69,8 @@ from muon_kernels.triton_kernels import replay  # noqa: E402
 from muon_kernels.triton_kernels.newton_schulz import newton_schulz, ns_update  # noqa: E402
 from muon_kernels.triton_kernels.symmetric_matmul import launch_shape, symmetric_matmul  # noqa: E402
 from muon_kernels.workspace import FILL_VARIABLE  # noqa: E402
-from common import git_commit, through_triton_dispatch, with_environment  # noqa: E402
-from newton_schulz import COEFFICIENTS, STEPS, naive_flops, plain_recurrence, torch_muon_routine  # noqa: E402
+from common import git_commit, through_triton_dispatch, time_call, with_environment  # noqa: E402
+from newton_schulz import COEFFICIENTS, STEPS, _flush_l2, naive_flops, plain_recurrence, torch_muon_routine  # noqa: E402
 
 SCHEMA = 1
 # (m, n, batch), oriented m <= n, in priority order: where we lose first (the issue's H200 table).
@@ -91,18 +96,28 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
 
 
+# Eager timing on a GPU: repetitions for about TIMED_MS of device time, within REPEATS.
+TIMED_MS = 40.0
+REPEATS = (5, 100)
+
+
 class Timer:
-    """Medians in ms: do_bench / do_bench_cudagraph on a GPU, wall clock (a smoke value) on a CPU."""
+    """Medians in ms: flushed CUDA-event timings and do_bench_cudagraph on a GPU, wall clock (a smoke
+    value) on a CPU."""
 
     def __init__(self, device: torch.device, smoke: bool):
+        self.device = device
         self.cuda = device.type == "cuda"
         self.smoke = smoke
+        self.flush = _flush_l2(device)
 
     def eager(self, fn) -> float:
         if self.cuda:
-            from triton.testing import do_bench
-
-            return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+            # Two warm-up calls, one flushed timing to size the run, then the timed repetitions.
+            estimate = time_call(fn, device=self.device, warmup=2, repeat=1, before=self.flush)[0]
+            repeat = min(REPEATS[1], max(REPEATS[0], int(TIMED_MS / max(estimate, 1e-3))))
+            return float(statistics.median(time_call(fn, device=self.device, warmup=0, repeat=repeat,
+                                                     before=self.flush)))
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
@@ -265,6 +280,7 @@ def ns_item(run: Run, m: int, n: int, batch: int) -> None:
         row = {"item": "ns", "shape": [m, n], "batch": batch, "dtype": str(dtype).removeprefix("torch."),
                "impl": impl, "algorithm": algorithm, "config": dataclasses.asdict(cfg) if cfg else None,
                "label": cfg.label() if cfg else "table", "flops": flops}
+        plans_before = replay.plans()
         try:
             first = _poisoned(fn)
             row["rel_err"] = rel_err(first, ref)
@@ -272,6 +288,8 @@ def ns_item(run: Run, m: int, n: int, batch: int) -> None:
             row["ok"] = bool(torch.isfinite(first).all()) and row["rel_err"] <= bound[dtype]
             row["repeatable"] = bool(torch.equal(first, fn()))
             row["ms"] = timer.eager(fn)
+            if impl == "ours-replayed":  # a new recording since this row began (this shape's own key)
+                row["recorded"] = replay.plans() > plans_before
             row["host_us"] = timer.host(fn)
             row["ms_graph"] = None if run.smoke else _try(lambda: timer.graph(fn))
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12

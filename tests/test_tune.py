@@ -38,6 +38,10 @@ def test_smoke_run_writes_the_schema_and_winners_config_reads(tmp_path):
     assert {r["impl"] for r in ns} >= {"ours", "ours-replayed", "ours-gram", "ours-gram-restart2", "ours-cublas",
                                        "ours-symmetric-cublas", "cublas-recurrence"}
     assert all(r["host_us"] > 0 for r in ns if "error" not in r)
+    # Whether the replayed row was recorded: never under the interpreter (replay is off there), so
+    # its time is the plain path's, and the row says so.
+    assert [r["recorded"] for r in ns if r["impl"] == "ours-replayed"] == [False] * len(
+        [r for r in ns if r["impl"] == "ours-replayed"]) != []
     assert {r["product"] for r in products} == {"gram", "poly", "update"}
     cublas = [r for r in doc["results"] if r["item"] == "product-cublas"]
     assert {(tuple(r["shape"]), r["batch"], r["product"]) for r in cublas} == \
@@ -88,3 +92,27 @@ def test_a_tuned_configs_file_that_cannot_be_read_is_refused_naming_the_variable
     run = subprocess.run([sys.executable, "-c", "import muon_kernels.triton_kernels.config"], capture_output=True,
                          text=True, env=dict(os.environ, MUON_KERNELS_TUNED_CONFIGS=str(path)), timeout=300)
     assert run.returncode != 0 and f"MUON_KERNELS_TUNED_CONFIGS={path}: not a readable bench/tune.py JSON" in run.stderr
+
+
+def test_gpu_timings_wait_for_the_l2_flush(monkeypatch):
+    """On a GPU every eager timing flushes the L2 and waits for it before its start event
+    (common.time_call's ``before``): triton's do_bench queued the start event behind the flush, so a
+    host-bound call read as its host time minus the flush's. The run is sized from one flushed timing."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import tune
+    finally:
+        sys.path.remove(str(BENCH))
+    flush, calls = object(), []
+
+    def fake_time_call(fn, *, device, warmup, repeat, before=None):
+        calls.append((warmup, repeat, before))
+        return [0.5] * repeat
+
+    monkeypatch.setattr(tune, "_flush_l2", lambda device: flush)
+    monkeypatch.setattr(tune, "time_call", fake_time_call)
+    timer = tune.Timer(torch.device("cuda"), smoke=False)
+    assert timer.eager(lambda: None) == 0.5
+    assert calls == [(2, 1, flush), (0, int(tune.TIMED_MS / 0.5), flush)]
