@@ -41,9 +41,11 @@ def _archs() -> str:
     return archs
 
 
-# Ninja prints a finished command's output under its "[k/n] ..." status line, a failed one's after
-# "FAILED: ...". ptxas's resource report of every kernel still compiling follows, so in a log shown by
-# its tail (pip's, CI's) the error itself is hundreds of lines up: it is repeated at the end.
+# Ninja prints a finished command's output under its "[k/n] ..." status line (NINJA_STATUS, set for
+# the build so a user's own format cannot change it), a failed one's after "FAILED: ...". ptxas's
+# resource report of every kernel still compiling follows, so in a log shown by its tail (pip's,
+# CI's) the error itself is hundreds of lines up: it is repeated at the end.
+_NINJA_STATUS_FORMAT = "[%f/%t] "
 _NINJA_STATUS = re.compile(r"^\[\d+/\d+\] ")
 _LOW_DISK_BYTES = 2 << 30
 
@@ -76,8 +78,8 @@ def _low_disk(paths) -> list[str]:
 def _run_build(command: list[str], build_dir: Path) -> None:
     """Run ``command``, its output passed through as it comes; on failure raise with the failed
     commands' own output (and a full disk, if that may be why) as the message's last lines."""
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace") as process:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                          env=dict(os.environ, NINJA_STATUS=_NINJA_STATUS_FORMAT)) as process:
         lines = []
         for line in process.stdout:
             sys.stdout.write(line)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -86,6 +87,7 @@ def each_row(items, measure, device: torch.device, on_error=None):
         if row is not None:
             yield row
         elif device.type == "cuda":
+            gc.collect()  # a traceback in a reference cycle (Dynamo's errors) would still hold the row's tensors
             try:
                 torch.cuda.empty_cache()
             except Exception:  # a sticky CUDA error: the next row reports its own failure

@@ -359,7 +359,7 @@ class Muon(Optimizer):
                                          verify=[settings.settings_key(g, portable=True) for g in self.param_groups])
             buckets, placements = self._within_cap(buckets, placements)
             measured.resolve(buckets, placements, self.dispatch, self.max_workspace_bytes,
-                             ranks_alone=dist_muon.ranks_alone(self.distributed), replayed=self._graph is not None)
+                             ranks_alone=dist_muon.ranks_alone(self.distributed), replayed=self._replays())
             self._buckets, self._placements = buckets, placements
             self._plan_key = key
             self._plan_version += 1
@@ -383,7 +383,7 @@ class Muon(Optimizer):
         buckets, placements = self._within_cap(buckets, dist_muon.place(buckets, settings.names(self.param_groups),
                                                                          self._replicated()))
         measured.resolve(buckets, placements, self.dispatch, self.max_workspace_bytes, collectives=False,
-                         ranks_alone=dist_muon.ranks_alone(self.distributed), replayed=self._graph is not None)
+                         ranks_alone=dist_muon.ranks_alone(self.distributed), replayed=self._replays())
         return describe(self.param_groups, buckets, [(p.kind, p.owners) for p in placements])
 
     # ------------------------------------------------------------------ step
@@ -437,6 +437,11 @@ class Muon(Optimizer):
             bucket.apply_update(dist_muon.finish_replicated(handle), self.param_groups, self.state)
         for bucket, placement, handle in scatters:
             dist_muon.finish_sharded(bucket, placement, handle, self.param_groups, self.state)
+
+    def _replays(self) -> bool:
+        """Whether steps are replayed from a CUDA graph (what the measured dispatch times): with
+        ``cuda_graph=True``, until a capture has failed (every step eager from then on)."""
+        return self._graph is not None and not self._graph.failed
 
     def _adamw_stream(self, adamw: list, buckets) -> torch.cuda.Stream | None:
         """The side stream for the AdamW half: when overlapping is on, there is Muon work to overlap,

@@ -167,9 +167,12 @@ def test_a_failed_build_ends_its_message_with_the_failed_command_and_a_full_disk
 
 
 def test_a_failed_build_with_room_on_disk_says_nothing_of_it(tmp_path):
+    """Also with a user's own NINJA_STATUS: the build sets the status-line format the summary reads."""
     (tmp_path / "ninja.log").write_text(_NINJA_LOG)
-    cmake = 'case "$*" in *--build*) ;; *) exit 0 ;; esac\n' f"cat '{tmp_path / 'ninja.log'}'\nexit 1\n"
-    run = _setup_build_ext(tmp_path, cmake=cmake, MUON_KERNELS_CUDA_ARCHS="90")
+    cmake = ('case "$*" in *--build*) ;; *) exit 0 ;; esac\n'
+             '[ "$NINJA_STATUS" = "[%f/%t] " ] || { echo "NINJA_STATUS=$NINJA_STATUS"; exit 3; }\n'
+             f"cat '{tmp_path / 'ninja.log'}'\nexit 1\n")
+    run = _setup_build_ext(tmp_path, cmake=cmake, MUON_KERNELS_CUDA_ARCHS="90", NINJA_STATUS="%p %e: ")
     assert run.returncode != 0 and "'ptxas' died due to signal 9" in run.stderr
     assert ("GiB free" in run.stderr) == (shutil.disk_usage(tmp_path).free < 2 << 30)
 

@@ -294,10 +294,11 @@ def test_a_graphed_step_times_graph_replays_and_keys_them_apart(monkeypatch, cac
     _step(graphed, model)
     assert {b.backend.NAME for b in graphed._buckets} == {"launchy"}
     assert sorted(timed) == sorted([("launchy", True), ("few", True)] * n)
-    # Per candidate: the accuracy check, two eager calls, the capture; then the timer's replays.
+    # Per candidate and bucket: the accuracy check, two eager calls, the capture, one replay whose
+    # result is checked against the band, then the timer's replay (one, here); the step's own calls after.
     for name in ("launchy", "few"):
         mine = [capturing for who, capturing in calls if who == name]
-        assert mine[:4 * n].count(True) == n and mine[:4 * n].count(False) == 3 * n
+        assert mine[:6 * n] == [False, False, False, True, False, False] * n and True not in mine[6 * n:]
     saved = json.loads(cache.read_text())
     assert len(saved) == 2 * n
     assert sorted(key.rsplit("|", 1)[1] for key in saved) == ["eager calls"] * n + ["graph replays"] * n
@@ -329,6 +330,64 @@ def test_a_path_that_cannot_be_captured_is_not_chosen_for_a_graphed_step(monkeyp
     for record in json.loads(cache.read_text()).values():
         assert set(record["ms"]) == {"capturable:default"}
         assert record["excluded"] == {"syncs:default": "RuntimeError: operation not permitted when stream is capturing"}
+
+
+def test_a_path_whose_replayed_result_leaves_the_band_is_not_chosen(monkeypatch, cache):
+    """The band is checked on the replayed result too: a path that captures without error but computes
+    otherwise when replayed is excluded, with the replayed error."""
+    fake = FakeDispatch(monkeypatch, {"drifts": 0, "steady": 0})
+    monkeypatch.setattr(measured.graphs, "capture", _FakeGraph)
+    inner = fake.backends["drifts"].orthogonalize
+
+    def drifts(stack, config, ns_dtype, path=None, consume=False):
+        out = inner(stack, config, ns_dtype, path)
+        return out * 2 if _FakeGraph.capturing else out
+
+    fake.backends["drifts"].orthogonalize = drifts
+    _replay_aware_timer(monkeypatch, {"drifts": 1.0, "steady": 2.0}, {"drifts": 0.1, "steady": 2.0}, [])
+    model = _model()
+    opt = _graphed(model.parameters())
+    _step(opt, model)
+    assert {b.backend.NAME for b in opt._buckets} == {"steady"}
+    for record in json.loads(cache.read_text()).values():
+        assert set(record["ms"]) == {"steady:default"}
+        assert record["excluded"]["drifts:default"].startswith("replayed: error ")
+
+
+def test_each_candidates_graph_is_released_before_the_next_is_captured(monkeypatch, cache):
+    """A measurement graph's private memory pool cannot be freed during a later capture: each
+    candidate's graph goes before the next candidate is captured, and none outlives the measurement."""
+    import weakref
+
+    FakeDispatch(monkeypatch, {"a": 0, "b": 0, "c": 0})
+    live, seen = weakref.WeakSet(), []
+
+    class Tracked(_FakeGraph):
+        def __init__(self, run):
+            seen.append(len(live))
+            live.add(self)
+            super().__init__(run)
+
+    monkeypatch.setattr(measured.graphs, "capture", Tracked)
+    _replay_aware_timer(monkeypatch, {"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 1.0, "b": 2.0, "c": 3.0}, [])
+    model = _model()
+    _step(_graphed(model.parameters()), model)
+    assert len(seen) >= 3 and seen == [0] * len(seen) and len(live) == 0
+
+
+def test_after_a_failed_capture_the_dispatch_is_timed_eagerly(monkeypatch, cache):
+    """A graphed optimizer whose capture failed steps eagerly from then on: a plan it builds later is
+    timed as eager calls, as its steps run."""
+    FakeDispatch(monkeypatch, {"launchy": 0, "few": 0})
+    monkeypatch.setattr(measured.graphs, "capture", _FakeGraph)
+    timed = []
+    _replay_aware_timer(monkeypatch, {"launchy": 2.0, "few": 1.0}, {"launchy": 0.5, "few": 1.0}, timed)
+    model = _model()
+    opt = _graphed(model.parameters())
+    opt._graph.failed = True
+    _step(opt, model)
+    assert {b.backend.NAME for b in opt._buckets} == {"few"} and timed and not any(replay for _, replay in timed)
+    assert all(key.endswith("|eager calls") for key in json.loads(cache.read_text()))
 
 
 def test_nothing_is_timed_inside_a_capture(monkeypatch, cache):

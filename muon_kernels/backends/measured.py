@@ -15,8 +15,8 @@ cannot be written costs a warning);
 every later process reads it back, so a resumed run makes the same choice and computes the same
 bits. Under ``Muon(cuda_graph=True)`` each candidate is timed as the step will run it: captured once
 in a CUDA graph and replayed, without the host time of its launches (eager timing favours paths of
-fewer launches, whose host time a replay removes anyway); a candidate that cannot be captured is
-excluded, and the key records which timing it holds. Nothing is timed while a CUDA graph is being
+fewer launches, whose host time a replay removes anyway); a candidate that cannot be captured, or
+whose replayed result leaves the band, is excluded, and the key records which timing it holds. Nothing is timed while a CUDA graph is being
 captured or torch.compile traces (the cached choice, else the static table, is used and nothing is
 written), and a measurement that fails falls back to the table with a warning; under DDP/FSDP2 rank 0 of each process group measures and
 every rank takes its choice (one broadcast per plan), so all ranks run the same kernels.
@@ -184,13 +184,24 @@ def time_candidate(option: Candidate, run: Callable[[], torch.Tensor], device: t
 _OUT_OF_MEMORY = "OutOfMemoryError"
 
 
-def _replays(run: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    """``run`` captured in a CUDA graph, after two eager calls (Triton compiles; work buffers and
-    recorded launches are made outside the capture, as the optimizer's warm-up step makes them):
-    the graph's replay, which the timing calls instead."""
+def _replay_time(option: Candidate, run: Callable[[], torch.Tensor], device: torch.device,
+                 check: Callable[[torch.Tensor], str | None]) -> tuple[float | None, str | None]:
+    """(median ms, None) of ``run``'s replays from a CUDA graph captured after two eager calls (Triton
+    compiles; work buffers and recorded launches are made outside the capture, as the optimizer's
+    warm-up step makes them); or (None, why) where the replayed result fails ``check`` — a path
+    that captures but computes otherwise on replay is not chosen for a replayed step. The graph and
+    its memory pool are released before the caller captures the next candidate."""
     run()
     run()
-    return graphs.capture(run).replay
+    outs: list[torch.Tensor] = []
+    graph = graphs.capture(lambda: outs.append(run()))
+    try:
+        graph.replay()  # the captured call's output is written by its replays, not by the capture
+        why = check(outs[0])
+        return (None, why) if why else (float(time_candidate(option, graph.replay, device)), None)
+    finally:
+        outs.clear()
+        del graph
 
 
 def measure(bucket: Bucket, batch: int, options: list[Candidate], replayed: bool = False) -> dict:
@@ -218,14 +229,24 @@ def measure(bucket: Bucket, batch: int, options: list[Candidate], replayed: bool
             references[algorithm] = ref
             bounds[algorithm] = 2 * _rel_err(own, ref) + (1e-4 if bucket.ns_dtype == torch.float32 else 1e-2)
         run = lambda o=option: o.backend.orthogonalize(stack, o.config, bucket.ns_dtype, path=o.path)  # noqa: E731
+
+        def outside_band(out: torch.Tensor, algorithm=algorithm, how: str = "") -> str | None:
+            err = _rel_err(out[sample], references[algorithm])
+            return f"{how}error {err:.2e} > band {bounds[algorithm]:.2e}" if err > bounds[algorithm] else None
+
         try:
-            err = _rel_err(run()[sample], references[algorithm])
-            if err <= bounds[algorithm]:
+            why = outside_band(run())
+            if why is None:
                 with on_device(bucket.device):  # the events (and a capture) on the kernels' device
-                    timed = _replays(run) if replayed else run
-                    ms[option.label] = float(time_candidate(option, timed, bucket.device))
+                    if replayed:
+                        took, why = _replay_time(option, run, bucket.device,
+                                                 lambda out: outside_band(out, how="replayed: "))
+                    else:
+                        took = float(time_candidate(option, run, bucket.device))
+            if why is None:
+                ms[option.label] = took
             else:
-                excluded[option.label] = f"error {err:.2e} > band {bounds[algorithm]:.2e}"
+                excluded[option.label] = why
         except Exception as exc:  # a path that cannot run this shape here (or not in this memory)
             excluded[option.label] = f"{type(exc).__name__}: {exc}"[:200]
     return {"choice": min(ms, key=ms.get) if ms else None, "ms": ms, "excluded": excluded,

@@ -76,22 +76,40 @@ def test_measured_orthogonalize_stays_in_the_band(shape):
     assert out.dtype == G.dtype and rel_err(out, ref) <= bound
 
 
-def test_a_graphed_step_is_measured_as_graph_replays_and_still_captures(cache):
+def test_a_graphed_step_is_measured_as_graph_replays_and_still_captures(cache, monkeypatch):
     """cuda_graph=True: every candidate is timed as replays of a captured graph (a path that cannot be
-    captured is excluded), the records say so under keys of their own, and the step built on the
-    choices captures once and replays."""
+    captured, or whose replayed result leaves the band, is excluded), the records say so under keys of
+    their own, and the step built on the choices captures once, replays, and computes the bits an
+    eager optimizer running the same kernels computes."""
+    captures = []
+    capture = measured.graphs.capture
+    monkeypatch.setattr(measured.graphs, "capture", lambda run: captures.append(1) or capture(run))
+
+    def run(opt, ps):
+        for seed in range(3):  # eager (measures), captured, replayed: gradients keep their storage
+            g = torch.Generator().manual_seed(seed)
+            for p in ps:
+                grad = torch.randn(p.shape, generator=g).to(DEV)
+                p.grad = grad if p.grad is None else p.grad.copy_(grad)
+            opt.step()
+        return [p.detach().clone() for p in ps]
+
     ps = _params(SHAPES[:2])
     opt = mk.Muon(ps, lr=0.02, cuda_graph=True)
-    for seed in range(3):  # eager (measures), captured, replayed: gradients keep their storage
-        g = torch.Generator().manual_seed(seed)
-        for p in ps:
-            grad = torch.randn(p.shape, generator=g).to(DEV)
-            p.grad = grad if p.grad is None else p.grad.copy_(grad)
-        opt.step()
+    graphed = run(opt, ps)
     records = json.loads(cache.read_text())
     assert len(records) == 2 and all(key.endswith("|graph replays") for key in records)
     for record in records.values():
         assert record["timed"] == "graph replays" and all(ms > 0 for ms in record["ms"].values())
         assert len(record["ms"]) >= 2 and record["choice"] == min(record["ms"], key=record["ms"].get)
+    assert len(captures) == sum(len(r["ms"]) for r in records.values())  # each timed candidate was captured
     assert all("auto (measured, graph replays)" in b.why for b in opt._buckets)
     assert not opt._graph.failed and opt._graph.captures == 1
+    # An eager optimizer reading the same records (its key made the graph's) runs the same kernels.
+    key = measured._key
+    monkeypatch.setattr(measured, "_key", lambda bucket, batch, labels, replayed=False: key(bucket, batch, labels, True))
+    twin_ps = _params(SHAPES[:2])
+    twin = mk.Muon(twin_ps, lr=0.02)
+    eager = run(twin, twin_ps)
+    assert [(b.backend, b.path) for b in twin._buckets] == [(b.backend, b.path) for b in opt._buckets]
+    assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
