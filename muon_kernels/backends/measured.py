@@ -16,9 +16,10 @@ every later process reads it back, so a resumed run makes the same choice and co
 bits. Under ``Muon(cuda_graph=True)`` each candidate is timed as the step will run it: captured once
 in a CUDA graph and replayed, without the host time of its launches (eager timing favours paths of
 fewer launches, whose host time a replay removes anyway); a candidate that cannot be captured, or
-whose replayed result leaves the band, is excluded, and the key records which timing it holds. Nothing is timed while a CUDA graph is being
-captured or torch.compile traces (the cached choice, else the static table, is used and nothing is
-written), and a measurement that fails falls back to the table with a warning; under DDP/FSDP2 rank 0 of each process group measures and
+whose replayed result leaves the band, is excluded, and the key records which timing it holds.
+Nothing is timed while a CUDA graph is being captured or torch.compile traces (the cached choice,
+else the static table, is used and nothing is written), and a measurement that fails falls back to
+the table with a warning; under DDP/FSDP2 rank 0 of each process group measures and
 every rank takes its choice (one broadcast per plan), so all ranks run the same kernels.
 
 ``dispatch="auto"`` (the default) measures except where no rank could share its choice: under

@@ -107,7 +107,8 @@ def test_a_graphed_step_is_measured_as_graph_replays_and_still_captures(cache, m
     assert not opt._graph.failed and opt._graph.captures == 1
     # An eager optimizer reading the same records (its key made the graph's) runs the same kernels.
     key = measured._key
-    monkeypatch.setattr(measured, "_key", lambda bucket, batch, labels, replayed=False: key(bucket, batch, labels, True))
+    monkeypatch.setattr(measured, "_key",
+                        lambda bucket, batch, labels, replayed=False: key(bucket, batch, labels, True))
     twin_ps = _params(SHAPES[:2])
     twin = mk.Muon(twin_ps, lr=0.02)
     eager = run(twin, twin_ps)
