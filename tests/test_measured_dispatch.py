@@ -309,49 +309,36 @@ def test_a_graphed_step_times_graph_replays_and_keys_them_apart(monkeypatch, cac
     assert "auto (measured, graph replays): launchy:default 0.5 ms, few:default 1 ms" in row
 
 
-def test_a_path_that_cannot_be_captured_is_not_chosen_for_a_graphed_step(monkeypatch, cache):
-    """A candidate whose call fails under capture would make the whole step's capture fail (every
-    step eager from then on): excluded, with the reason, though it is the fastest eagerly."""
-    fake = FakeDispatch(monkeypatch, {"syncs": 0, "capturable": 0})
+def _raises_under_capture(out):
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.mark.parametrize("misbehaves, why", [
+    (_raises_under_capture, "RuntimeError: operation not permitted when stream is capturing"),
+    (lambda out: out * 2, "replayed: error "),
+], ids=["cannot-be-captured", "replays-otherwise"])
+def test_a_path_that_misbehaves_under_capture_is_not_chosen_for_a_graphed_step(monkeypatch, cache, misbehaves, why):
+    """A candidate whose call fails under capture would make the whole step's capture fail (every step
+    eager from then on), and one that captures but computes otherwise when replayed (the band is
+    checked on the replayed result too) would be wrong: either is excluded, with the reason, though
+    it is the fastest."""
+    fake = FakeDispatch(monkeypatch, {"bad": 0, "good": 0})
     monkeypatch.setattr(measured.graphs, "capture", _FakeGraph)
-    inner = fake.backends["syncs"].orthogonalize
+    inner = fake.backends["bad"].orthogonalize
 
-    def syncs(stack, config, ns_dtype, path=None, consume=False):
-        if _FakeGraph.capturing:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        return inner(stack, config, ns_dtype, path)
-
-    fake.backends["syncs"].orthogonalize = syncs
-    _replay_aware_timer(monkeypatch, {"syncs": 1.0, "capturable": 2.0}, {"syncs": 0.1, "capturable": 2.0}, [])
-    model = _model()
-    opt = _graphed(model.parameters())
-    _step(opt, model)
-    assert {b.backend.NAME for b in opt._buckets} == {"capturable"}
-    for record in json.loads(cache.read_text()).values():
-        assert set(record["ms"]) == {"capturable:default"}
-        assert record["excluded"] == {"syncs:default": "RuntimeError: operation not permitted when stream is capturing"}
-
-
-def test_a_path_whose_replayed_result_leaves_the_band_is_not_chosen(monkeypatch, cache):
-    """The band is checked on the replayed result too: a path that captures without error but computes
-    otherwise when replayed is excluded, with the replayed error."""
-    fake = FakeDispatch(monkeypatch, {"drifts": 0, "steady": 0})
-    monkeypatch.setattr(measured.graphs, "capture", _FakeGraph)
-    inner = fake.backends["drifts"].orthogonalize
-
-    def drifts(stack, config, ns_dtype, path=None, consume=False):
+    def bad(stack, config, ns_dtype, path=None, consume=False):
         out = inner(stack, config, ns_dtype, path)
-        return out * 2 if _FakeGraph.capturing else out
+        return misbehaves(out) if _FakeGraph.capturing else out
 
-    fake.backends["drifts"].orthogonalize = drifts
-    _replay_aware_timer(monkeypatch, {"drifts": 1.0, "steady": 2.0}, {"drifts": 0.1, "steady": 2.0}, [])
+    fake.backends["bad"].orthogonalize = bad
+    _replay_aware_timer(monkeypatch, {"bad": 1.0, "good": 2.0}, {"bad": 0.1, "good": 2.0}, [])
     model = _model()
     opt = _graphed(model.parameters())
     _step(opt, model)
-    assert {b.backend.NAME for b in opt._buckets} == {"steady"}
+    assert {b.backend.NAME for b in opt._buckets} == {"good"}
     for record in json.loads(cache.read_text()).values():
-        assert set(record["ms"]) == {"steady:default"}
-        assert record["excluded"]["drifts:default"].startswith("replayed: error ")
+        assert set(record["ms"]) == {"good:default"}
+        assert set(record["excluded"]) == {"bad:default"} and record["excluded"]["bad:default"].startswith(why)
 
 
 def test_each_candidates_graph_is_released_before_the_next_is_captured(monkeypatch, cache):
