@@ -233,10 +233,11 @@ def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat
     paired samples (``paired_reference_ms``), and the reference row pools every pairing (a row that
     raises goes to ``on_error``, its pairing left out)."""
     (ref_name, ref_build), *others = implementations(device, quick, width_divisor)
-    pooled, reference_phases = [], []
+    pooled, reference_phases = [], None
     where = label({"model": model, "width_divisor": width_divisor})
 
     def measure(name, build):
+        nonlocal reference_phases
         progress(f"step {where} {name} (interleaved with {ref_name})")
         steps = [ref_build(*make_params(model, run_layers, width_divisor, device)),
                  build(*make_params(model, run_layers, width_divisor, device))]
@@ -249,7 +250,7 @@ def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat
         row = {"impl": name, "samples": samples[1], "paired_reference_samples": samples[0], "extra_memory_bytes": None}
         if phases:
             row["phases"] = breakdown(steps[1], device)
-            reference_phases[:] = reference_phases or [breakdown(steps[0], device)]
+            reference_phases = reference_phases or breakdown(steps[0], device)
         pooled.extend(samples[0])
         return row
 
@@ -257,7 +258,7 @@ def _interleaved(device, model, run_layers, width_divisor, quick, warmup, repeat
     if not pooled:  # every row failed: no reference samples either
         return []
     reference = {"impl": ref_name, "samples": pooled, "extra_memory_bytes": None}
-    return [{**reference, "phases": reference_phases[0]} if phases else reference, *rows]
+    return [{**reference, "phases": reference_phases} if phases else reference, *rows]
 
 
 def speedups(results: list[dict]) -> list[dict]:

@@ -116,6 +116,11 @@ def _matmul_precision() -> str:
                 f"cuda matmul {getattr(torch.backends.cuda.matmul, 'fp32_precision', '-')}")
 
 
+def _timing(replayed: bool) -> str:
+    """How a record's candidates were timed: the last field of its key, and its ``timed``."""
+    return "graph replays" if replayed else "eager calls"
+
+
 def _key(bucket: Bucket, batch: int, labels: list[str], replayed: bool = False) -> str:
     device = bucket.device
     cuda = device.type == "cuda"
@@ -130,8 +135,7 @@ def _key(bucket: Bucket, batch: int, labels: list[str], replayed: bool = False) 
     return "|".join([name, arch, f"torch {torch.__version__}", f"triton {triton_version}",
                      f"muon_kernels {cache_file.code_version()}", _matmul_precision(),
                      str(bucket.dtype).removeprefix("torch."), str(bucket.ns_dtype).removeprefix("torch."),
-                     f"{batch}x{bucket.m}x{bucket.n}", repr(request), ",".join(labels),
-                     "graph replays" if replayed else "eager calls"])
+                     f"{batch}x{bucket.m}x{bucket.n}", repr(request), ",".join(labels), _timing(replayed)])
 
 
 # What this process has read or measured, by key: a process reads the file once per key, not on
@@ -251,7 +255,7 @@ def measure(bucket: Bucket, batch: int, options: list[Candidate], replayed: bool
         except Exception as exc:  # a path that cannot run this shape here (or not in this memory)
             excluded[option.label] = f"{type(exc).__name__}: {exc}"[:200]
     return {"choice": min(ms, key=ms.get) if ms else None, "ms": ms, "excluded": excluded,
-            "timed": "graph replays" if replayed else "eager calls"}
+            "timed": _timing(replayed)}
 
 
 def _capturing(device: torch.device) -> bool:
@@ -288,7 +292,7 @@ def apply(bucket: Bucket, options: list[Candidate], record: dict) -> None:
     elementwise = bucket.elementwise  # the fused kernels of an "auto" bucket (None: they follow the NS backend)
     bucket.backend, bucket.path, bucket.config = choice.backend, choice.path, choice.config
     bucket.elementwise = None if elementwise is choice.backend else elementwise
-    how = ", graph replays" if record.get("timed") == "graph replays" else ""
+    how = f", {_timing(True)}" if record.get("timed") == _timing(True) else ""
     bucket.why = f"auto (measured{how}): {times}" + (f"; momentum and update on the {elementwise.NAME} fused kernels"
                                                      if bucket.elementwise is not None else "")
     if bucket.request is not None and bucket.request.algorithm == "auto":
