@@ -242,15 +242,24 @@ def kernel_cases(arch: int):
                 matmul.append(_symmetric_case("symmetric_matmul[split b·R+c·R·R+a·I]", m=m, k=n, split=True,
                                               has_d=True, shift=True, **symmetric))
                 # Persistence is a launch choice on sm_90+ (config.PERSISTENT_MIN_ARCH; bench/tune.py
-                # times it): its kernel has the outer item loop, compiled once per config and precision.
-                if dtype != "fp16" and arch >= kcfg.PERSISTENT_MIN_ARCH:
+                # times it, split or not): its kernel has the outer item loop, compiled once per config
+                # and precision, with and without the split, each with the epilogues the plain kernel has.
+                persistent = dtype != "fp16" and arch >= kcfg.PERSISTENT_MIN_ARCH
+                if persistent:
                     matmul.append(_symmetric_case("symmetric_matmul[persistent, split X·Xᵀ]", m=m, k=n,
                                                   split=True, persistent=True, **symmetric))
                     matmul.append(_symmetric_case("symmetric_matmul[persistent, split b·R+c·R·R+a·I]", m=m, k=n,
                                                   split=True, has_d=True, shift=True, persistent=True, **symmetric))
+                    matmul.append(_symmetric_case("symmetric_matmul[persistent X·Xᵀ]", m=m, k=n, persistent=True,
+                                                  **symmetric))
+                    matmul.append(_symmetric_case("symmetric_matmul[persistent b·A+c·A·A]", m=m, k=m, has_d=True,
+                                                  persistent=True, **symmetric))
                 if table:
                     matmul.append(_symmetric_case("symmetric_matmul[b·R+c·R·R+a·I]", m=m, k=m, has_d=True,
                                                   shift=True, **symmetric))
+                    if persistent:
+                        matmul.append(_symmetric_case("symmetric_matmul[persistent b·R+c·R·R+a·I]", m=m, k=m,
+                                                      has_d=True, shift=True, persistent=True, **symmetric))
             matmul.append(_update_case("ns_update[a·X+B·X]", m=m, n=n, **case))
             if dtype != "fp16" and arch >= kcfg.PERSISTENT_MIN_ARCH:
                 matmul.append(_update_case("ns_update[persistent a·X+B·X]", m=m, n=n, persistent=True, **case))

@@ -29,7 +29,8 @@ def test_kernels_compile_use_tensor_cores_fit_and_do_not_spill(arch):
     rows = sass_report.report(arch)
     names = {r.name for r in rows}
     persistent = {"symmetric_matmul[persistent, split X·Xᵀ]", "symmetric_matmul[persistent, split b·R+c·R·R+a·I]",
-                  "ns_update[persistent a·X+B·X]"}
+                  "symmetric_matmul[persistent X·Xᵀ]", "symmetric_matmul[persistent b·A+c·A·A]",
+                  "symmetric_matmul[persistent b·R+c·R·R+a·I]", "ns_update[persistent a·X+B·X]"}
     assert names == (persistent if arch >= PERSISTENT_MIN_ARCH else set()) | {
                      "symmetric_matmul[X·Xᵀ]", "symmetric_matmul[b·A+c·A·A]",
                      "symmetric_matmul[b·R+c·R·R+a·I]", "symmetric_matmul[split X·Xᵀ]",
