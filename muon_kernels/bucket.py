@@ -109,6 +109,11 @@ class LowPrecision:
         return f"{kind}, {'stochastic' if self.stochastic else 'nearest'} rounding" if self.active else ""
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 shard), told by its attributes (no torch.distributed import)."""
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (FSDP2), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t

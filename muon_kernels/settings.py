@@ -12,11 +12,12 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from . import distributed as dist_muon
-from . import momentum_precision, splits, variants
+from . import momentum_precision, rank_agreement, splits, variants
 from .adamw import ADAMW_FLAGS, ADAMW_KEYS
 from .backends import BACKEND_NAMES
+from .bucket import is_dtensor
 from .ns_config import NSConfig, check_ns_dtype, resolve_ns_config
 from .real_number import number
 
@@ -258,7 +259,7 @@ def check_distributed_grads(param_groups: list[dict], replicated, rebuild: bool)
     modified), and the plan is rebuilt on every rank where any rank rebuilds it (``rebuild``: this
     rank's own decision; the rebuild's checks are collectives, which one rank alone would hang in).
     ``replicated``: the group replicated buckets are split over, or None. Returns whether to rebuild."""
-    if not (dist_muon.dist.is_available() and dist_muon.dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()):
         return rebuild  # single process (DTensors need an initialized process group too): nothing to agree on
     groups: dict[Any, tuple[list[torch.Tensor], dict[int, None]]] = {}
     for gi, g in enumerate(param_groups):
@@ -267,7 +268,7 @@ def check_distributed_grads(param_groups: list[dict], replicated, rebuild: bool)
         for p in g["params"]:
             if p.numel() == 0:
                 continue
-            if dist_muon.is_dtensor(p):
+            if is_dtensor(p):
                 key = p.device_mesh.get_group() if p.device_mesh.ndim == 1 else None
             elif replicated is not None:
                 key = replicated
@@ -280,7 +281,7 @@ def check_distributed_grads(param_groups: list[dict], replicated, rebuild: bool)
     for group, (params, indices) in groups.items():
         if group is not None:  # a multi-dim mesh is refused with its own error when the plan is built
             keys = [(gi, settings_key(param_groups[gi], portable=True)) for gi in indices]
-            agreed |= dist_muon.check_grad_agreement(group, params, lambda: names(param_groups), keys,
+            agreed |= rank_agreement.check_grad_agreement(group, params, lambda: names(param_groups), keys,
                                                      ("use_muon", *MUON_SETTINGS), rebuild=rebuild,
                                                      replicated=group is replicated)
     return agreed

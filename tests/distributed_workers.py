@@ -350,7 +350,7 @@ def control_devices(rank, world, ns_dtype, out):
     """Where control tensors go per kind of group: the host where the group has a CPU backend, else
     the parameters' device ("meta" stands for the accelerator: a "cuda:gloo" group is the CPU
     machine's NCCL-like group, with no backend for CPU tensors)."""
-    from muon_kernels.distributed import control_device
+    from muon_kernels.rank_agreement import control_device
 
     meta = torch.device("meta")
     groups = {"world": None, "gloo": dist.new_group(backend="gloo"), "cuda:gloo": dist.new_group(backend="cuda:gloo"),

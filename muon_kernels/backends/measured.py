@@ -327,7 +327,7 @@ def resolve(buckets: list[Bucket], placements, dispatch: str, max_workspace_byte
         return
     import torch.distributed as dist
 
-    from ..distributed import control_device
+    from ..rank_agreement import control_device
 
     shared: dict[object, list[int]] = {}
     for i, b in enumerate(buckets):
