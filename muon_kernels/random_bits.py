@@ -16,9 +16,20 @@ _MASK32 = 0xFFFFFFFF
 
 
 def entry_seed(group_index: int, param_index: int, part) -> int:
-    """A 31-bit seed per (parameter, split piece), stable across processes and resumes."""
+    """A 31-bit seed per (parameter, split piece), stable across processes and resumes: ``hash32`` of
+    the place, on the host in Python integers (no tensor: a plan built inside ``torch.compile``
+    traced a one-element hash, which torch 2.11's Inductor failed to lower, and synced on ``.item()``)."""
     value = (group_index * 1_000_003 + param_index) * 65_537 + (part[1] if part else 0)
-    return int(hash32(torch.tensor(value & _MASK32)).item()) & 0x7FFFFFFF
+    return _host_lowbias32(value & _MASK32) & 0x7FFFFFFF
+
+
+def _host_lowbias32(x: int) -> int:
+    """``_lowbias32`` of one value in [0, 2^32), in Python integers (products kept to 32 bits)."""
+    x ^= x >> 16
+    x = x * (_M1 & _MASK32) & _MASK32
+    x ^= x >> 15
+    x = x * (_M2 & _MASK32) & _MASK32
+    return x ^ x >> 16
 
 
 # The kernels hash in uint32. torch has no uint32 arithmetic on every device, so the reference runs

@@ -44,3 +44,27 @@ def test_seeds_of_any_size_hash_their_low_32_bits():
     assert torch.equal(rb.random_bits(2**33 + 9, step, 64, "cpu"), rb.random_bits(9, step, 64, "cpu"))
     assert torch.equal(rb.random_bits(-1, step, 64, "cpu"), rb.random_bits(2**32 - 1, step, 64, "cpu"))
     assert torch.equal(rb.random_bits(2**31 + 3, step, 64, "cpu"), bits(2**31 + 3, 5, 64, 0))
+
+
+def test_entry_seeds_are_the_hash_of_the_place_computed_without_a_tensor():
+    """A seed is lowbias32 of (group, parameter, piece) by the definition, the 31 low bits kept — the
+    same seeds as ever, so resumed runs draw the same bits — and it is made on the host without a
+    single tensor operation: a plan built inside torch.compile traced the one-element hash, which
+    torch 2.11's Inductor could not lower (a view of the int32 value as int16 halves)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    places = [(0, 0, None), (1, 7, None), (3, 2, (0, 128, 64)), (5000, 70_000, (1, 2**20, 256)), (2**20, 3, None)]
+    with Ops() as ops:
+        seeds = [rb.entry_seed(*place) for place in places]
+    assert ops.seen == []
+    for (group, index, part), seed in zip(places, seeds):
+        value = (group * 1_000_003 + index) * 65_537 + (part[1] if part else 0)
+        assert seed == stochastic_draws.lowbias32(value) & 0x7FFFFFFF
+    assert len(set(seeds)) == len(seeds)

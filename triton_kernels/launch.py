@@ -104,7 +104,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
             observe((compiled, grid, args, tail))
         return
     compiled = _dispatch(kernel, grid, args, constexprs)
-    if hasattr(compiled, "result"):  # Triton 3.9's async compile mode hands back a FutureKernel
+    if hasattr(compiled, "result"):  # Triton's async compile mode (3.6 on) hands back a FutureKernel
         compiled = compiled.result()
     # None: a jit_cache_hook (or a warm-up) skipped the launch; nothing to call directly next time.
     if isinstance(compiled, CompiledKernel) and len(site.entries) < MAX_ENTRIES:
