@@ -16,7 +16,7 @@ _MASK32 = 0xFFFFFFFF
 
 
 def entry_seed(group_index: int, param_index: int, part) -> int:
-    """A 31-bit seed per (parameter, split piece), stable across processes and resumes: ``hash32`` of
+    """A 31-bit seed per (parameter, split piece), stable across processes and resumes: lowbias32 of
     the place, on the host in Python integers (no tensor: a plan built inside ``torch.compile``
     traced a one-element hash, which torch 2.11's Inductor failed to lower, and synced on ``.item()``)."""
     value = (group_index * 1_000_003 + param_index) * 65_537 + (part[1] if part else 0)
@@ -83,11 +83,6 @@ def _as_int32(x: torch.Tensor) -> torch.Tensor:
 
 def _unsigned(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int64) & _MASK32
-
-
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on the low 32 bits of integer ``x``, as int64 in [0, 2^32)."""
-    return _unsigned(_lowbias32(_as_int32(x)))
 
 
 @functools.cache
