@@ -215,10 +215,7 @@ def radius_vector(bucket: Bucket, radii: list[torch.Tensor], dtype: torch.dtype 
     a step launches no cat for them. Inside a CUDA-graph capture the cat is captured as before, so a
     replay reads the radius tensors themselves."""
     capturing = bucket.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    try:
-        stamp = None if capturing else [(id(r), r._version) for r in radii]
-    except RuntimeError:  # an inference tensor keeps no version counter: no reuse
-        stamp = None
+    stamp = None if capturing else _version_stamp(radii)
     cached = bucket.cache.get(("radii", dtype))
     if stamp is not None and cached is not None and cached[0] == stamp:
         return cached[2]
@@ -226,6 +223,21 @@ def radius_vector(bucket: Bucket, radii: list[torch.Tensor], dtype: torch.dtype 
     if stamp is not None:  # the radii themselves are kept, so no id in the stamp can be reused
         bucket.cache[("radii", dtype)] = (stamp, list(radii), vec)
     return vec
+
+
+def _version_stamp(radii: list[torch.Tensor]) -> list[tuple[int, int]] | None:
+    """(id, version) of each radius, or None where one keeps no version counter (an inference
+    tensor): no reuse then. A function of its own, a plain loop: under torch 2.11's Dynamo on Python
+    3.12 (the GPU machine's), the comprehension inside ``radius_vector``'s ``try`` could not be
+    resumed after its graph break (InternalTorchDynamoError: KeyError: stamp), so no compiled
+    hyperball step ran there."""
+    stamp = []
+    for r in radii:
+        try:
+            stamp.append((id(r), r._version))
+        except RuntimeError:
+            return None
+    return stamp
 
 
 def gains(bucket: Bucket, sums: torch.Tensor, alphas: torch.Tensor | None,

@@ -275,3 +275,26 @@ def test_the_cycle_finder_finds_a_type_only_cycle(tmp_path):
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     assert graph == {"p.a": {"p.b"}, "p.b": {"p.a"}}
     assert _cycles(graph) == [["p.a", "p.b"]]
+
+
+# ---------------------------------------------------------------- code Dynamo must trace
+def _comprehensions_in_try(source: str) -> list[int]:
+    """Lines of list/set/dict comprehensions inside a ``try`` body (Python 3.12 inlines them, PEP 709)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Try):
+            lines += [n.lineno for b in node.body for n in ast.walk(b)
+                      if isinstance(n, (ast.ListComp, ast.SetComp, ast.DictComp))]
+    return lines
+
+
+def test_no_comprehension_inside_a_try_in_the_package():
+    """The GPU machine runs Python 3.12 with torch 2.11, whose Dynamo could not resume a compiled step
+    after a graph break at a list comprehension inside a ``try`` (variants.radius_vector: a
+    hyperball step under torch.compile failed with InternalTorchDynamoError: KeyError). The suite
+    runs on 3.11 and a newer torch, which do not fail, so the shape itself is refused here; a
+    comprehension goes in a helper or a loop outside the ``try``."""
+    assert _comprehensions_in_try("try:\n    x = [i for i in y]\nexcept E:\n    pass\n") == [2]  # the walk sees one
+    found = {str(path.relative_to(REPO)): lines for path in _modules().values() if path is not None
+             for lines in [_comprehensions_in_try(path.read_text())] if lines}
+    assert found == {}
