@@ -282,6 +282,6 @@ def check_distributed_grads(param_groups: list[dict], replicated, rebuild: bool)
         if group is not None:  # a multi-dim mesh is refused with its own error when the plan is built
             keys = [(gi, settings_key(param_groups[gi], portable=True)) for gi in indices]
             agreed |= rank_agreement.check_grad_agreement(group, params, lambda: names(param_groups), keys,
-                                                     ("use_muon", *MUON_SETTINGS), rebuild=rebuild,
-                                                     replicated=group is replicated)
+                                                          ("use_muon", *MUON_SETTINGS), rebuild=rebuild,
+                                                          replicated=group is replicated)
     return agreed
