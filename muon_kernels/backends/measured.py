@@ -33,7 +33,6 @@ static dispatch table (backends/__init__.py, crossovers.json) everywhere.
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import warnings
@@ -122,12 +121,8 @@ def _timing(replayed: bool) -> str:
     return "graph replays" if replayed else "eager calls"
 
 
-@functools.lru_cache(maxsize=None)
-def _device_key(device: torch.device) -> str:
-    """The part of a key fixed for a device within a process: its name and arch, the torch, Triton
-    and muon_kernels versions. Made once per device: ``orthogonalize`` builds a key on every call
-    (on the development CPU the whole key took 18 µs, 11 µs with this part made once; a GPU adds
-    the two device queries)."""
+def _key(bucket: Bucket, batch: int, labels: list[str], replayed: bool = False) -> str:
+    device = bucket.device
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else device.type
     arch = "sm{}{}".format(*torch.cuda.get_device_capability(device)) if cuda else "-"
@@ -136,13 +131,9 @@ def _device_key(device: torch.device) -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "-"
-    return "|".join([name, arch, f"torch {torch.__version__}", f"triton {triton_version}",
-                     f"muon_kernels {cache_file.code_version()}"])
-
-
-def _key(bucket: Bucket, batch: int, labels: list[str], replayed: bool = False) -> str:
     request = bucket.request or bucket.config
-    return "|".join([_device_key(bucket.device), _matmul_precision(),
+    return "|".join([name, arch, f"torch {torch.__version__}", f"triton {triton_version}",
+                     f"muon_kernels {cache_file.code_version()}", _matmul_precision(),
                      str(bucket.dtype).removeprefix("torch."), str(bucket.ns_dtype).removeprefix("torch."),
                      f"{batch}x{bucket.m}x{bucket.n}", repr(request), ",".join(labels), _timing(replayed)])
 
