@@ -174,7 +174,7 @@ def _on_sm75_path(fn):
     return with_environment(PATH_ENV, "sm75", fn)
 
 
-def _flush_l2(device: torch.device):
+def flush_l2(device: torch.device):
     """A write over a buffer larger than any L2, so each NS timing starts from a cold cache."""
     if device.type != "cuda":
         return None
@@ -202,7 +202,7 @@ def run(device: torch.device, *, quick: bool, warmup: int, repeat: int, progress
     """Every (m, n, batch) of ``todo`` (default: the whole sweep, ``points``) for every implementation
     (``compiled``: with the torch.compile row)."""
     impls, notes = implementations(device, compiled)
-    flush = _flush_l2(device)
+    flush = flush_l2(device)
     rows = []
     todo = points(device, quick) if todo is None else todo
     peaks: dict[tuple[int, int], float] = {}

@@ -70,7 +70,7 @@ from muon_kernels.triton_kernels.newton_schulz import newton_schulz, ns_update  
 from muon_kernels.triton_kernels.symmetric_matmul import launch_shape, symmetric_matmul  # noqa: E402
 from muon_kernels.workspace import FILL_VARIABLE  # noqa: E402
 from common import git_commit, through_triton_dispatch, time_call, with_environment  # noqa: E402
-from newton_schulz import COEFFICIENTS, STEPS, _flush_l2, naive_flops, plain_recurrence, torch_muon_routine  # noqa: E402
+from newton_schulz import COEFFICIENTS, STEPS, flush_l2, naive_flops, plain_recurrence, torch_muon_routine  # noqa: E402
 
 SCHEMA = 1
 # (m, n, batch), oriented m <= n, in priority order: where we lose first (the H200 table).
@@ -109,7 +109,7 @@ class Timer:
         self.device = device
         self.cuda = device.type == "cuda"
         self.smoke = smoke
-        self.flush = _flush_l2(device)
+        self.flush = flush_l2(device)
 
     def eager(self, fn) -> float:
         if self.cuda:

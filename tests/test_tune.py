@@ -111,7 +111,7 @@ def test_gpu_timings_wait_for_the_l2_flush(monkeypatch):
         calls.append((warmup, repeat, before))
         return [0.5] * repeat
 
-    monkeypatch.setattr(tune, "_flush_l2", lambda device: flush)
+    monkeypatch.setattr(tune, "flush_l2", lambda device: flush)
     monkeypatch.setattr(tune, "time_call", fake_time_call)
     timer = tune.Timer(torch.device("cuda"), smoke=False)
     assert timer.eager(lambda: None) == 0.5
