@@ -208,6 +208,8 @@ class _FakeCuda:
         monkeypatch.setattr(torch.cuda, "stream", Context)
         monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: f"capture stream {device}")
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        # torch 2.14's torch.cuda.graph asks for the capturing stream after capture_begin
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake.current())
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
         monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
         monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: None, raising=False)  # absent from CPU builds
