@@ -175,8 +175,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _dequantize_into(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``dequantize`` written into contiguous fp32 ``out``: int8 times fp32 converts and multiplies in
-    one pass."""
+    """``dequantize`` written into contiguous fp32 ``out``. On a GPU int8 times fp32 converts and
+    multiplies in one pass; a CPU's mixed-dtype product takes a slow path, so there the values are
+    converted first and multiplied in place (the conversion is exact: the same values; bench/README.md,
+    CPU strategy)."""
+    if out.device.type == "cpu":
+        return _dequantize_(out.copy_(q), scale)
     q = q.contiguous()
     for (v, cols), (o, _) in zip(_parts(q), _parts(out)):
         torch.mul(v, scale[:, cols].unsqueeze(2), out=o)
@@ -400,10 +404,17 @@ def momentum_update(bufs, grads, scales, steps, seeds, *, momentum: float, neste
         else:
             u = _stochastic_bf16_(m, bits)  # each value exactly a bf16: the stored M, in fp32
             _write(bufs, idx, u, buf.dtype)
+        # A lone tensor with a contiguous fp32 slot takes the Nesterov blend there: a copy pass fewer.
+        direct = (outs is not None and nesterov and len(idx) == 1 and outs[idx[0]].dtype == torch.float32
+                  and outs[idx[0]].is_contiguous())
+        blend = outs[idx[0]].view(shape) if direct else u
         if nesterov and form == "ema":
-            torch.lerp(g32, u, momentum, out=u)
+            torch.lerp(g32, u, momentum, out=blend)
         elif nesterov:
-            torch.add(g32, u, alpha=momentum, out=u)  # g + μ·M in one rounding, as the kernels and torch.optim.SGD
+            torch.add(g32, u, alpha=momentum, out=blend)  # g + μ·M in one rounding, as the kernels and torch.optim.SGD
+        if direct:
+            results[idx[0]] = outs[idx[0]]
+            continue
         for j, i in enumerate(idx):
             piece = u[j * rows:(j + 1) * rows].reshape(bufs[i].shape)
             results[i] = outs[i].copy_(piece) if outs is not None else piece

@@ -116,12 +116,15 @@ def test_the_gpu_division_emulation_differs_from_a_cpu_division():
 def test_momentum_update_is_its_definition_bit_for_bit(monkeypatch, form, kind, stacked, division):
     """Three steps of five tensors (rows of 600: a padded block; of 512: whole blocks; a shard's rows
     at an offset), against ``_reference_step``: buffers, scales and U bit for bit. ``stacked``: the
-    chunks a GPU runs (same-shape tensors as one matrix, two tensors per chunk here), on the CPU.
-    ``division="gpu"``: the package's steps run with a GPU's division by a number (``_GpuDivision``)."""
+    chunks a GPU runs (same-shape tensors as one matrix, two tensors per chunk here), on the CPU;
+    otherwise each tensor alone, as a CPU steps its large ones. ``division="gpu"``: the package's
+    steps run with a GPU's division by a number (``_GpuDivision``)."""
     device_arithmetic = _GpuDivision() if division == "gpu" else contextlib.nullcontext()
     if stacked:
         monkeypatch.setattr(mp, "_chunks", mp.stacked_chunks)
         monkeypatch.setattr(mp, "CHUNK_ELEMENTS", 2 * 3 * 600)
+    else:  # each tensor alone, as a CPU steps its large ones (the Nesterov blend written into its slot)
+        monkeypatch.setattr(mp, "CPU_ALONE_ELEMENTS", 1)
     int8, stochastic = kind.startswith("int8"), kind.endswith("stochastic")
     mode = mp.LowPrecision(int8, stochastic)
     g = torch.Generator().manual_seed(4)
