@@ -501,6 +501,36 @@ def test_a_setting_that_fits_no_parameter_names_its_group_and_changes_nothing(gr
     _assert_unchanged(before, after)
 
 
+def test_a_triton_older_than_the_kernels_need_is_refused_with_the_fix(monkeypatch):
+    """torch 2.9 pins triton 3.5, whose PTX and launcher internals differ from what the kernels rely
+    on (its run of this suite failed the interpreter, PTX and launch tests): backend='triton' is
+    refused, naming the version and the fix, before anything changes; 3.6 is accepted."""
+    import triton
+
+    from muon_kernels import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # where the Triton backend runs on this CPU
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert backends._triton_status(torch.device("cpu"))[0]
+    monkeypatch.setattr(triton, "__version__", "3.5.1")
+    fix = r"triton 3\.5\.1 is older than the 3\.6 the kernels need: pip install 'triton>=3\.6'"
+    assert backends._triton_status(torch.device("cpu")) == (False, fix.replace("\\", "") + " (torch 2.10 and later pin one)")
+    W = nn.Parameter(torch.randn(8, 16))
+    W.grad = torch.randn_like(W)
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run on cpu: " + fix):
+        mk.Muon([W], lr=0.02, backend="triton")
+    opt = mk.Muon([W], lr=0.02)
+    opt.step()
+    opt.param_groups[0]["backend"] = "triton"
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param group 0: backend='triton' cannot run on cpu: " + fix +
+                       r".*nothing was modified"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt))
+    with pytest.raises(ValueError, match=fix):
+        mk.orthogonalize(W.grad, backend="triton")
+
+
 @pytest.mark.parametrize("named", [False, True])
 def test_a_parameter_listed_twice_in_a_group_is_refused(named):
     """torch.optim warns that this will become an error and steps such a parameter twice (momentum

@@ -19,6 +19,7 @@ import functools
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +30,10 @@ from . import torch_backend
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 MIN_TRITON_CAPABILITY = (8, 0)
+# The Triton releases the kernels are built and tested for: 3.5 (which torch 2.9 pins) differs in
+# what the kernels rely on (the normalization's round-to-nearest square root in PTX, the launcher
+# internals the direct launches call, the interpreter's), so it is refused rather than half-working.
+MIN_TRITON_VERSION = (3, 6)
 MIN_CUDA_CAPABILITY = (7, 5)
 # backend="auto" on a CUDA device with usable Triton, per oriented bucket shape (m <= n):
 #   a matrix that fits one CTA (small_newton_schulz.fits)  → triton, one kernel for all steps;
@@ -93,11 +98,23 @@ def _capability(device: torch.device | None) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device if device is not None and device.type == "cuda" else None)
 
 
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0" or "3.7.0+git1a2b3c"."""
+    parts = []
+    for part in (version.split(".") + ["0"])[:2]:
+        digits = re.match(r"\d*", part).group()
+        parts.append(int(digits or 0))
+    return parts[0], parts[1]
+
+
 def _triton_status(device: torch.device | None) -> tuple[bool, str]:
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as exc:
         return False, f"triton is not importable ({exc})"
+    if _release(triton.__version__) < MIN_TRITON_VERSION:
+        return False, (f"triton {triton.__version__} is older than the {'.'.join(map(str, MIN_TRITON_VERSION))} "
+                       "the kernels need: pip install 'triton>=3.6' (torch 2.10 and later pin one)")
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if interpreting and (device is None or device.type == "cpu"):
         if _backend_module("triton") is None:
