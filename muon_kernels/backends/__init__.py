@@ -113,8 +113,9 @@ def _triton_status(device: torch.device | None) -> tuple[bool, str]:
     except ImportError as exc:
         return False, f"triton is not importable ({exc})"
     if _release(triton.__version__) < MIN_TRITON_VERSION:
-        return False, (f"triton {triton.__version__} is older than the {'.'.join(map(str, MIN_TRITON_VERSION))} "
-                       "the kernels need: pip install 'triton>=3.6' (torch 2.10 and later pin one)")
+        minimum = ".".join(map(str, MIN_TRITON_VERSION))
+        return False, (f"triton {triton.__version__} is older than the {minimum} the kernels need: "
+                       f"pip install 'triton>={minimum}' (torch 2.10 and later pin one)")
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if interpreting and (device is None or device.type == "cpu"):
         if _backend_module("triton") is None:
