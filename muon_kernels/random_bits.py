@@ -64,7 +64,9 @@ def _xor_high_half(x: torch.Tensor, shifted: torch.Tensor) -> None:
     4 × 768×3072 values ran 1.55× faster on the development CPU (bench/README.md, CPU strategy)."""
     if _LITTLE_ENDIAN:
         halves = x.view(-1).view(torch.int16).view(-1, 2)  # [:, 0]: the low 16 bits, [:, 1]: the high
-        halves[:, 0] ^= halves[:, 1]
+        # a method call, not ``^=`` on a subscript: Python would write the result back through
+        # ``__setitem__``, a copy_ of the view onto itself (no kernel, ~3-5 µs of host time)
+        halves[:, 0].bitwise_xor_(halves[:, 1])
     else:
         x ^= _logical_right_shift(x, 16, shifted)
 
