@@ -108,15 +108,22 @@ def bits32(keys: torch.Tensor, offsets, numel: int, out: torch.Tensor | None = N
     ``out``/``shifted``: int32 (k, numel) buffers to use."""
     k = keys.shape[0]
     out = torch.empty((k, numel), dtype=torch.int32, device=keys.device) if out is None else out
-    if max(offsets) + numel <= 2**31:
-        torch.arange(numel, dtype=torch.int32, device=keys.device, out=out[0])
-        out[1:] = out[0]
-        if any(offsets):
-            out += device_constants(tuple(offsets), torch.int32, keys.device).unsqueeze(1)
-    else:  # a tensor of over 2^31 elements: count in int64, keep the low 32 bits
+    shifted = torch.empty_like(out) if shifted is None else shifted
+    keys = keys.unsqueeze(1)
+    if max(offsets) + numel > 2**31:  # a tensor of over 2^31 elements: count in int64, keep the low 32 bits
         out.copy_(_as_int32(torch.arange(numel, dtype=torch.int64, device=keys.device)
                             + device_constants(tuple(offsets), torch.int64, keys.device).unsqueeze(1)))
-    out ^= keys.unsqueeze(1)
+        out ^= keys
+        return _lowbias32(out, shifted)
+    # One index row, in ``shifted`` (the hash overwrites it), broadcast over the k rows by the op
+    # that writes them: without offsets, index ^ key is one pass over the (k, numel) bits instead of
+    # a copy of the row into every row and an in-place xor.
+    index = torch.arange(numel, dtype=torch.int32, device=keys.device, out=shifted[0])
+    if any(offsets):
+        torch.add(index, device_constants(tuple(offsets), torch.int32, keys.device).unsqueeze(1), out=out)
+        out ^= keys
+    else:
+        torch.bitwise_xor(index, keys, out=out)
     return _lowbias32(out, shifted)
 
 
