@@ -98,6 +98,7 @@ def _capability(device: torch.device | None) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device if device is not None and device.type == "cuda" else None)
 
 
+@functools.cache  # parsed once per version string, not on every status probe
 def _release(version: str) -> tuple[int, int]:
     """(major, minor) of a version string such as "3.6.0" or "3.7.0+git1a2b3c"."""
     parts = []
